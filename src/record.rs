@@ -1,0 +1,531 @@
+//! ONC RPC record marking over a byte stream (RFC 5531 section 11), in both
+//! directions, without sockets.
+//!
+//! Owns: splitting the incoming byte stream into records (fragments joined,
+//! fragment boundaries invisible), streaming one large opaque per record
+//! straight through instead of buffering it, and turning outgoing records
+//! (byte pieces and file pieces) into fragments written until `WouldBlock`.
+//! Must not touch: what the bytes mean. The caller's `classify` closure
+//! looks at the head of a record and says how much of it to buffer.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+
+use byteorder::{BigEndian, ByteOrder};
+
+/// The last-fragment bit of a record mark.
+pub const LAST_FRAGMENT: u32 = 0x8000_0000;
+/// Largest fragment we send: what libtirpc uses by default.
+pub const MAX_OUT_FRAGMENT: usize = 65532;
+
+/// What the classifier wants done with the record whose head it has seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Buffer the head until it holds at least this many bytes, then ask again.
+    NeedMore(usize),
+    /// Buffer the whole record (up to the decoder's `max_whole`).
+    Whole,
+    /// The record's tail is one opaque whose 4-byte length sits at this
+    /// offset of the head: emit `StreamStart`, then the data as it arrives.
+    Stream { len_at: usize },
+}
+
+/// One thing the decoder found in the stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A whole buffered record (fragments joined).
+    Record(Vec<u8>),
+    /// The head of a streamed record, up to and including the opaque's length.
+    StreamStart { head: Vec<u8>, len: u32 },
+    /// Some bytes of the streamed opaque (never the padding).
+    StreamData(&'a [u8]),
+    /// The streamed record is complete.
+    StreamEnd,
+    /// The record ended before its streamed opaque did.
+    Truncated,
+    /// The record broke a size limit; the decoder accepts nothing more.
+    TooLarge { head: Vec<u8>, what: &'static str },
+}
+
+#[derive(Debug)]
+enum Phase {
+    Head { shape: Shape },
+    Stream { left: u64, pad: usize },
+    /// Bytes after a streamed opaque, up to the end of the record.
+    Tail,
+    Failed,
+}
+
+/// Incremental record decoder. Feeding a stream in any chunking yields the
+/// same events (apart from how `StreamData` is split).
+#[derive(Debug)]
+pub struct RecordDecoder {
+    max_whole: usize,
+    max_stream: u64,
+    mark: [u8; 4],
+    mark_len: usize,
+    frag_left: usize,
+    last_fragment: bool,
+    in_record: bool,
+    head: Vec<u8>,
+    phase: Phase,
+}
+
+impl RecordDecoder {
+    /// `max_whole` bounds buffered records; `max_stream` bounds streamed opaques.
+    pub fn new(max_whole: usize, max_stream: u64) -> Self {
+        RecordDecoder {
+            max_whole,
+            max_stream,
+            mark: [0; 4],
+            mark_len: 0,
+            frag_left: 0,
+            last_fragment: false,
+            in_record: false,
+            head: Vec::new(),
+            phase: Phase::Head { shape: Shape::NeedMore(0) },
+        }
+    }
+
+    /// True when no partial record is buffered (a clean place to stop).
+    pub fn at_boundary(&self) -> bool {
+        !self.in_record && self.mark_len == 0
+    }
+
+    pub fn failed(&self) -> bool {
+        matches!(self.phase, Phase::Failed)
+    }
+
+    fn record_ends_here(&self) -> bool {
+        self.in_record && self.frag_left == 0 && self.last_fragment && self.mark_len == 0
+    }
+
+    fn reset_record(&mut self) {
+        self.in_record = false;
+        self.last_fragment = false;
+        self.phase = Phase::Head { shape: Shape::NeedMore(0) };
+    }
+
+    /// Consume bytes from `input` until an event is ready or the input is
+    /// used up. Returns how many bytes were consumed; call again with the rest.
+    pub fn decode<'a>(
+        &mut self,
+        input: &'a [u8],
+        classify: &mut dyn FnMut(&[u8]) -> Shape,
+    ) -> (usize, Option<Event<'a>>) {
+        let mut pos = 0;
+        loop {
+            if self.failed() {
+                return (input.len(), None);
+            }
+            // Events that need no more input.
+            if let Some(ev) = self.step_without_input(classify) {
+                return (pos, Some(ev));
+            }
+            if pos == input.len() {
+                return (pos, None);
+            }
+            // Need a fragment header?
+            if self.frag_left == 0 && !(self.in_record && self.last_fragment) {
+                let n = (4 - self.mark_len).min(input.len() - pos);
+                self.mark[self.mark_len..self.mark_len + n].copy_from_slice(&input[pos..pos + n]);
+                self.mark_len += n;
+                pos += n;
+                if self.mark_len == 4 {
+                    let word = BigEndian::read_u32(&self.mark);
+                    self.mark_len = 0;
+                    self.frag_left = (word & !LAST_FRAGMENT) as usize;
+                    self.last_fragment = word & LAST_FRAGMENT != 0;
+                    self.in_record = true;
+                }
+                continue;
+            }
+            let avail = self.frag_left.min(input.len() - pos);
+            match &mut self.phase {
+                Phase::Head { shape } => {
+                    let want = match *shape {
+                        Shape::NeedMore(n) => n.saturating_sub(self.head.len()),
+                        Shape::Whole => avail,
+                        Shape::Stream { len_at } => (len_at + 4).saturating_sub(self.head.len()),
+                    };
+                    let n = want.min(avail);
+                    if self.head.len() + n > self.max_whole {
+                        self.phase = Phase::Failed;
+                        let head = std::mem::take(&mut self.head);
+                        return (input.len(), Some(Event::TooLarge { head, what: "record" }));
+                    }
+                    self.head.extend_from_slice(&input[pos..pos + n]);
+                    self.frag_left -= n;
+                    pos += n;
+                }
+                Phase::Stream { left, pad } => {
+                    if *left > 0 {
+                        let n = (avail as u64).min(*left) as usize;
+                        *left -= n as u64;
+                        self.frag_left -= n;
+                        let data = &input[pos..pos + n];
+                        return (pos + n, Some(Event::StreamData(data)));
+                    }
+                    let n = avail.min(*pad);
+                    *pad -= n;
+                    self.frag_left -= n;
+                    pos += n;
+                    if *pad == 0 {
+                        self.phase = Phase::Tail;
+                    }
+                }
+                Phase::Tail => {
+                    self.frag_left -= avail;
+                    pos += avail;
+                }
+                Phase::Failed => unreachable!("checked above"),
+            }
+        }
+    }
+
+    /// Decisions that depend only on buffered state.
+    fn step_without_input(&mut self, classify: &mut dyn FnMut(&[u8]) -> Shape) -> Option<Event<'static>> {
+        match self.phase {
+            Phase::Head { shape } => {
+                // Ask the classifier whenever its last wish has been met.
+                let satisfied = match shape {
+                    Shape::NeedMore(n) => self.head.len() >= n,
+                    _ => false,
+                };
+                if satisfied && self.in_record {
+                    let next = classify(&self.head);
+                    self.phase = Phase::Head { shape: next };
+                    if next != shape {
+                        return self.step_without_input(classify);
+                    }
+                }
+                if let Shape::Stream { len_at } = shape {
+                    if self.head.len() >= len_at + 4 {
+                        let len = BigEndian::read_u32(&self.head[len_at..len_at + 4]);
+                        let head = std::mem::take(&mut self.head);
+                        if u64::from(len) > self.max_stream {
+                            self.phase = Phase::Failed;
+                            return Some(Event::TooLarge { head, what: "archive" });
+                        }
+                        self.phase = Phase::Stream {
+                            left: u64::from(len),
+                            pad: crate::xdr::padding(len as usize),
+                        };
+                        return Some(Event::StreamStart { head, len });
+                    }
+                }
+                if self.record_ends_here() {
+                    let head = std::mem::take(&mut self.head);
+                    self.reset_record();
+                    return Some(Event::Record(head));
+                }
+                None
+            }
+            Phase::Stream { left: 0, pad: 0 } => {
+                self.phase = Phase::Tail;
+                self.step_without_input(classify)
+            }
+            Phase::Stream { .. } if self.record_ends_here() => {
+                self.reset_record();
+                Some(Event::Truncated)
+            }
+            Phase::Tail if self.record_ends_here() => {
+                self.reset_record();
+                Some(Event::StreamEnd)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One part of an outgoing record.
+#[derive(Debug)]
+pub enum Piece {
+    Bytes(Vec<u8>),
+    /// `len` bytes read from the file's current position. If the file turns
+    /// out shorter, the rest is sent as zeros so the framing stays right.
+    File { file: File, len: u64 },
+}
+
+impl Piece {
+    fn len(&self) -> u64 {
+        match self {
+            Piece::Bytes(b) => b.len() as u64,
+            Piece::File { len, .. } => *len,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct OutRecord {
+    pieces: VecDeque<Piece>,
+    left: u64,
+}
+
+/// Queue of outgoing records, written as fragments with bounded staging.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    records: VecDeque<OutRecord>,
+    staged: Vec<u8>,
+    sent: usize,
+}
+
+impl Outbox {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queue one record made of these pieces.
+    pub fn push(&mut self, pieces: Vec<Piece>) {
+        let left = pieces.iter().map(Piece::len).sum();
+        self.records.push_back(OutRecord { pieces: pieces.into(), left });
+    }
+
+    /// Queue a record that is just bytes.
+    pub fn push_bytes(&mut self, bytes: Vec<u8>) {
+        self.push(vec![Piece::Bytes(bytes)]);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.sent == self.staged.len()
+    }
+
+    /// Stage the next fragment. Returns false when nothing is left.
+    fn refill(&mut self) -> io::Result<bool> {
+        self.staged.clear();
+        self.sent = 0;
+        let Some(rec) = self.records.front_mut() else {
+            return Ok(false);
+        };
+        // Drop empty pieces; a record always ends on a non-empty fragment
+        // unless it is empty as a whole.
+        while rec.pieces.front().is_some_and(|p| p.len() == 0) {
+            rec.pieces.pop_front();
+        }
+        let Some(piece) = rec.pieces.front_mut() else {
+            // An empty record: one empty last fragment.
+            self.staged.extend_from_slice(&LAST_FRAGMENT.to_be_bytes());
+            self.records.pop_front();
+            return Ok(true);
+        };
+        let n = piece.len().min(MAX_OUT_FRAGMENT as u64) as usize;
+        rec.left -= n as u64;
+        let mark = n as u32 | if rec.left == 0 { LAST_FRAGMENT } else { 0 };
+        self.staged.extend_from_slice(&mark.to_be_bytes());
+        match piece {
+            Piece::Bytes(b) => {
+                self.staged.extend_from_slice(&b[..n]);
+                b.drain(..n);
+            }
+            Piece::File { file, len } => {
+                let start = self.staged.len();
+                self.staged.resize(start + n, 0);
+                let mut filled = 0;
+                while filled < n {
+                    match file.read(&mut self.staged[start + filled..start + n]) {
+                        Ok(0) => break, // shorter than promised: zeros remain
+                        Ok(k) => filled += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                *len -= n as u64;
+            }
+        }
+        if rec.left == 0 {
+            self.records.pop_front();
+        }
+        Ok(true)
+    }
+
+    /// Write until everything is sent (`Ok(true)`) or the writer would block
+    /// (`Ok(false)`).
+    pub fn write_to(&mut self, w: &mut impl Write) -> io::Result<bool> {
+        loop {
+            if self.sent == self.staged.len() && !self.refill()? {
+                return Ok(true);
+            }
+            match w.write(&self.staged[self.sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Frame `payload` as one record of a single last fragment.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    out.extend_from_slice(&(payload.len() as u32 | LAST_FRAGMENT).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Collected events with stream data joined, for comparing chunkings.
+    #[derive(Debug, PartialEq, Eq, Clone)]
+    enum Seen {
+        Record(Vec<u8>),
+        Stream { head: Vec<u8>, data: Vec<u8> },
+        Truncated,
+        TooLarge,
+    }
+
+    /// Classifier: a record whose first word is 1 streams an opaque at offset 4.
+    fn classify(head: &[u8]) -> Shape {
+        if head.len() < 4 {
+            return Shape::NeedMore(4);
+        }
+        if head[..4] == [0, 0, 0, 1] {
+            Shape::Stream { len_at: 4 }
+        } else {
+            Shape::Whole
+        }
+    }
+
+    fn run(chunks: &[&[u8]], max_whole: usize) -> Vec<Seen> {
+        let mut d = RecordDecoder::new(max_whole, 1 << 20);
+        let mut seen = Vec::new();
+        let mut cls = classify;
+        for chunk in chunks {
+            let mut rest: &[u8] = chunk;
+            loop {
+                let (n, ev) = d.decode(rest, &mut cls);
+                rest = &rest[n..];
+                match ev {
+                    Some(Event::Record(r)) => seen.push(Seen::Record(r)),
+                    Some(Event::StreamStart { head, .. }) => seen.push(Seen::Stream { head, data: vec![] }),
+                    Some(Event::StreamData(d)) => match seen.last_mut() {
+                        Some(Seen::Stream { data, .. }) => data.extend_from_slice(d),
+                        _ => panic!("data outside a stream"),
+                    },
+                    Some(Event::StreamEnd) => {}
+                    Some(Event::Truncated) => seen.push(Seen::Truncated),
+                    Some(Event::TooLarge { .. }) => seen.push(Seen::TooLarge),
+                    None => break,
+                }
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn two_fragments_make_one_record() {
+        // null-two-fragments.txt: 00 00 00 10 then 80 00 00 18.
+        let mut wire = vec![0, 0, 0, 4, 9, 9, 9, 9];
+        wire.extend_from_slice(&[0x80, 0, 0, 2, 7, 7]);
+        assert_eq!(run(&[&wire], 100), vec![Seen::Record(vec![9, 9, 9, 9, 7, 7])]);
+    }
+
+    #[test]
+    fn streamed_opaque_skips_padding_and_frame_marks() {
+        // word 1, opaque "abcde" + 3 pad, split into fragments inside the data.
+        let payload = [0, 0, 0, 1, 0, 0, 0, 5, b'a', b'b', b'c', b'd', b'e', 0, 0, 0];
+        let mut wire = vec![0, 0, 0, 10];
+        wire.extend_from_slice(&payload[..10]);
+        wire.extend_from_slice(&[0x80, 0, 0, 6]);
+        wire.extend_from_slice(&payload[10..]);
+        assert_eq!(
+            run(&[&wire], 100),
+            vec![Seen::Stream { head: payload[..8].to_vec(), data: b"abcde".to_vec() }]
+        );
+    }
+
+    #[test]
+    fn record_ending_inside_stream_is_truncated() {
+        let payload = [0, 0, 0, 1, 0, 0, 0, 9, b'a'];
+        assert_eq!(run(&[&frame(&payload)], 100)[1], Seen::Truncated);
+    }
+
+    #[test]
+    fn oversized_record_fails_once() {
+        let rec = frame(&[5u8; 64]);
+        assert_eq!(run(&[&rec, &rec], 32), vec![Seen::TooLarge]);
+    }
+
+    #[test]
+    fn outbox_splits_files_into_fragments_and_marks_the_last() {
+        let mut tmp = tempfile::tempfile().unwrap();
+        tmp.write_all(&vec![7u8; MAX_OUT_FRAGMENT + 10]).unwrap();
+        use std::io::Seek;
+        tmp.seek(io::SeekFrom::Start(0)).unwrap();
+        let mut out = Outbox::new();
+        out.push(vec![
+            Piece::Bytes(vec![0, 0, 0, 1, 0, 1, 0, 6]),
+            Piece::File { file: tmp, len: (MAX_OUT_FRAGMENT + 10) as u64 },
+            Piece::Bytes(vec![0, 0]),
+        ]);
+        let mut wire = Vec::new();
+        assert!(out.write_to(&mut wire).unwrap());
+        assert!(out.is_empty());
+        // Four fragments; only the last has the top bit.
+        let marks: Vec<u32> = {
+            let mut v = vec![];
+            let mut p = 0;
+            while p < wire.len() {
+                let m = BigEndian::read_u32(&wire[p..]);
+                v.push(m);
+                p += 4 + (m & !LAST_FRAGMENT) as usize;
+            }
+            v
+        };
+        assert_eq!(marks, vec![8, MAX_OUT_FRAGMENT as u32, 10, 2 | LAST_FRAGMENT]);
+        assert_eq!(
+            run(&[&wire], 100),
+            vec![Seen::Stream { head: vec![0, 0, 0, 1, 0, 1, 0, 6], data: vec![7u8; MAX_OUT_FRAGMENT + 10] }]
+        );
+    }
+
+    fn arb_records() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        prop::collection::vec(
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 4..40).prop_map(|mut v| {
+                    v[..4].copy_from_slice(&[0, 0, 0, 2]);
+                    v
+                }),
+                prop::collection::vec(any::<u8>(), 0..300).prop_map(|data| {
+                    let mut w = crate::xdr::XdrWriter::new();
+                    w.u32(1).opaque(&data);
+                    w.into_bytes()
+                }),
+            ],
+            1..6,
+        )
+    }
+
+    /// Frame records with fragment splits at the given fractions.
+    fn frame_split(rec: &[u8], cut: usize) -> Vec<u8> {
+        let cut = if rec.is_empty() { 0 } else { cut % rec.len() };
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&(cut as u32).to_be_bytes());
+        wire.extend_from_slice(&rec[..cut]);
+        wire.extend_from_slice(&frame(&rec[cut..]));
+        wire
+    }
+
+    proptest! {
+        #[test]
+        fn chunking_and_fragmenting_change_nothing(
+            recs in arb_records(),
+            cuts in prop::collection::vec(any::<usize>(), 6),
+            chunk in 1usize..50,
+        ) {
+            let whole: Vec<u8> = recs.iter().flat_map(|r| frame(r)).collect();
+            let split: Vec<u8> = recs.iter().zip(cuts.iter().cycle()).flat_map(|(r, c)| frame_split(r, *c)).collect();
+            let expected = run(&[&whole], 1000);
+            let chunks: Vec<&[u8]> = split.chunks(chunk).collect();
+            prop_assert_eq!(run(&chunks, 1000), expected.clone());
+            let bytes: Vec<&[u8]> = whole.chunks(1).collect();
+            prop_assert_eq!(run(&bytes, 1000), expected.clone());
+            prop_assert_eq!(expected.len(), recs.len());
+        }
+    }
+}

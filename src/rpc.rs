@@ -1,0 +1,263 @@
+//! ONC RPC v2 messages (RFC 5531): call headers, reply headers, and the
+//! error replies every server owes its callers.
+//!
+//! Owns: the call header (xid, versions, credential and verifier, accepted
+//! as AUTH_NONE or AUTH_SYS), the shape of a record's head while it is still
+//! arriving (`call_shape`), every reply header, and the rules that turn a
+//! call for the wrong program/version/procedure into the right reply.
+//! Must not touch: procedure arguments (see `proto`) or sockets.
+
+use crate::record::Shape;
+use crate::xdr::{padding, XdrError, XdrReader, XdrWriter};
+
+pub const RPC_VERSION: u32 = 2;
+pub const MSG_CALL: u32 = 0;
+pub const MSG_REPLY: u32 = 1;
+pub const AUTH_NONE: u32 = 0;
+pub const AUTH_SYS: u32 = 1;
+/// RFC 5531 caps an opaque_auth body at 400 bytes.
+pub const MAX_AUTH_BODY: usize = 400;
+
+/// accept_stat values of a MSG_ACCEPTED reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptStat {
+    Success = 0,
+    ProgUnavail = 1,
+    ProgMismatch = 2,
+    ProcUnavail = 3,
+    GarbageArgs = 4,
+    SystemErr = 5,
+}
+
+/// auth_stat values of an AUTH_ERROR rejection.
+pub const AUTH_BADCRED: u32 = 1;
+pub const AUTH_TOOWEAK: u32 = 5;
+
+/// The parts of a call header a server dispatches on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallHeader {
+    pub xid: u32,
+    pub rpcvers: u32,
+    pub prog: u32,
+    pub vers: u32,
+    pub proc_num: u32,
+    pub cred_flavor: u32,
+    /// Offset of the procedure's arguments within the record.
+    pub args_at: usize,
+}
+
+impl CallHeader {
+    /// Decode the header from the front of a record.
+    pub fn decode(record: &[u8]) -> Result<CallHeader, XdrError> {
+        let mut r = XdrReader::new(record);
+        let xid = r.u32()?;
+        let msg_type = r.u32()?;
+        if msg_type != MSG_CALL {
+            return Err(XdrError::Invalid(format!("expected a CALL, got message type {msg_type}")));
+        }
+        let rpcvers = r.u32()?;
+        let prog = r.u32()?;
+        let vers = r.u32()?;
+        let proc_num = r.u32()?;
+        let cred_flavor = r.u32()?;
+        r.opaque(MAX_AUTH_BODY)?;
+        let _verf_flavor = r.u32()?;
+        r.opaque(MAX_AUTH_BODY)?;
+        Ok(CallHeader { xid, rpcvers, prog, vers, proc_num, cred_flavor, args_at: r.position() })
+    }
+}
+
+/// How a record that starts with a call header should be buffered.
+/// `stream_at(prog, vers, proc)` gives, for procedures whose last argument is
+/// a large opaque, the offset of its length word within the arguments.
+pub fn call_shape(head: &[u8], stream_at: impl Fn(u32, u32, u32) -> Option<usize>) -> Shape {
+    let word = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]) as usize;
+    if head.len() < 32 {
+        return Shape::NeedMore(32);
+    }
+    let cred_len = word(28);
+    if cred_len > MAX_AUTH_BODY {
+        return Shape::Whole; // decoding will reject it
+    }
+    let verf_len_at = 32 + cred_len + padding(cred_len) + 4;
+    if head.len() < verf_len_at + 4 {
+        return Shape::NeedMore(verf_len_at + 4);
+    }
+    let verf_len = word(verf_len_at);
+    if verf_len > MAX_AUTH_BODY {
+        return Shape::Whole;
+    }
+    let args_at = verf_len_at + 4 + verf_len + padding(verf_len);
+    match stream_at(word(12) as u32, word(16) as u32, word(20) as u32) {
+        Some(off) if word(8) == RPC_VERSION as usize && word(4) == MSG_CALL as usize => {
+            Shape::Stream { len_at: args_at + off }
+        }
+        _ => Shape::Whole,
+    }
+}
+
+/// A program this server serves, for dispatch checks.
+#[derive(Debug, Clone, Copy)]
+pub struct Program {
+    pub prog: u32,
+    pub vers: u32,
+    /// Highest procedure number served.
+    pub max_proc: u32,
+}
+
+/// Check a call header against the served programs. `Err` carries the
+/// complete error reply to send.
+pub fn admit(h: &CallHeader, programs: &[Program]) -> Result<(), Vec<u8>> {
+    if h.rpcvers != RPC_VERSION {
+        let mut w = reply_head(h.xid, 1);
+        w.u32(0).u32(RPC_VERSION).u32(RPC_VERSION); // RPC_MISMATCH, low, high
+        return Err(w.into_bytes());
+    }
+    if h.cred_flavor != AUTH_NONE && h.cred_flavor != AUTH_SYS {
+        let mut w = reply_head(h.xid, 1);
+        w.u32(1).u32(AUTH_TOOWEAK); // AUTH_ERROR
+        return Err(w.into_bytes());
+    }
+    let Some(p) = programs.iter().find(|p| p.prog == h.prog) else {
+        return Err(accepted(h.xid, AcceptStat::ProgUnavail).into_bytes());
+    };
+    if p.vers != h.vers {
+        let mut w = accepted(h.xid, AcceptStat::ProgMismatch);
+        w.u32(p.vers).u32(p.vers);
+        return Err(w.into_bytes());
+    }
+    if h.proc_num > p.max_proc {
+        return Err(accepted(h.xid, AcceptStat::ProcUnavail).into_bytes());
+    }
+    Ok(())
+}
+
+/// The reply to a record whose header could not even be decoded, if it has
+/// an xid to answer: AUTH_BADCRED for a bad credential, GARBAGE_ARGS otherwise.
+pub fn garbage_reply(record: &[u8]) -> Option<Vec<u8>> {
+    let xid = XdrReader::new(record).u32().ok()?;
+    Some(accepted(xid, AcceptStat::GarbageArgs).into_bytes())
+}
+
+fn reply_head(xid: u32, reply_stat: u32) -> XdrWriter {
+    let mut w = XdrWriter::new();
+    w.u32(xid).u32(MSG_REPLY).u32(reply_stat);
+    w
+}
+
+/// A MSG_ACCEPTED reply header with an AUTH_NONE verifier and this status.
+/// For `Success` the caller appends the results.
+pub fn accepted(xid: u32, stat: AcceptStat) -> XdrWriter {
+    let mut w = reply_head(xid, 0);
+    w.u32(AUTH_NONE).u32(0).u32(stat as u32);
+    w
+}
+
+/// The header of a call with AUTH_NONE credentials; append the arguments.
+pub fn call(xid: u32, prog: u32, vers: u32, proc_num: u32) -> XdrWriter {
+    let mut w = XdrWriter::new();
+    w.u32(xid).u32(MSG_CALL).u32(RPC_VERSION).u32(prog).u32(vers).u32(proc_num);
+    w.u32(AUTH_NONE).u32(0).u32(AUTH_NONE).u32(0);
+    w
+}
+
+/// Length of a success reply header: xid, REPLY, ACCEPTED, verf (2), SUCCESS.
+pub const SUCCESS_HEADER_LEN: usize = 24;
+
+/// What a reply says, up to its results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyOutcome {
+    /// Results follow at this offset.
+    Success { results_at: usize },
+    /// The call was accepted but not executed.
+    Failed(String),
+    /// The call was rejected.
+    Denied(String),
+}
+
+/// Decode a reply header: its xid and outcome.
+pub fn decode_reply(record: &[u8]) -> Result<(u32, ReplyOutcome), XdrError> {
+    let mut r = XdrReader::new(record);
+    let xid = r.u32()?;
+    let msg_type = r.u32()?;
+    if msg_type != MSG_REPLY {
+        return Err(XdrError::Invalid(format!("expected a REPLY, got message type {msg_type}")));
+    }
+    match r.u32()? {
+        0 => {
+            r.u32()?;
+            r.opaque(MAX_AUTH_BODY)?;
+            let outcome = match r.u32()? {
+                0 => ReplyOutcome::Success { results_at: r.position() },
+                1 => ReplyOutcome::Failed("the server does not serve this program".into()),
+                2 => {
+                    let (lo, hi) = (r.u32()?, r.u32()?);
+                    ReplyOutcome::Failed(format!("program version mismatch: server has {lo}..={hi}"))
+                }
+                3 => ReplyOutcome::Failed("the server does not know this procedure".into()),
+                4 => ReplyOutcome::Failed("the server could not decode the arguments".into()),
+                n => ReplyOutcome::Failed(format!("the server failed (accept_stat {n})")),
+            };
+            Ok((xid, outcome))
+        }
+        1 => {
+            let why = match r.u32()? {
+                0 => {
+                    let (lo, hi) = (r.u32()?, r.u32()?);
+                    format!("RPC version mismatch: server speaks {lo}..={hi}")
+                }
+                _ => format!("authentication error {}", r.u32()?),
+            };
+            Ok((xid, ReplyOutcome::Denied(why)))
+        }
+        n => Err(XdrError::Invalid(format!("unknown reply_stat {n}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cloud() -> [Program; 1] {
+        [Program { prog: 0x2000_C10D, vers: 1, max_proc: 4 }]
+    }
+
+    fn header(rpcvers: u32, prog: u32, vers: u32, proc_num: u32) -> CallHeader {
+        let mut raw = call(0xabcd, prog, vers, proc_num).into_bytes();
+        raw[8..12].copy_from_slice(&rpcvers.to_be_bytes());
+        CallHeader::decode(&raw).unwrap()
+    }
+
+    #[test]
+    fn wrong_rpc_version_is_rpc_mismatch_2_2() {
+        let reply = admit(&header(3, 0x2000_C10D, 1, 0), &cloud()).unwrap_err();
+        let words: Vec<u32> = reply.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(words, vec![0xabcd, 1, 1, 0, 2, 2]);
+    }
+
+    #[test]
+    fn wrong_version_is_prog_mismatch_1_1() {
+        let reply = admit(&header(2, 0x2000_C10D, 0, 0), &cloud()).unwrap_err();
+        assert_eq!(&reply[20..], &[0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn unknown_program_and_procedure() {
+        let r = admit(&header(2, 0x2000_C10E, 1, 0), &cloud()).unwrap_err();
+        assert_eq!(&r[20..], &[0, 0, 0, 1]);
+        let r = admit(&header(2, 0x2000_C10D, 1, 42), &cloud()).unwrap_err();
+        assert_eq!(&r[20..], &[0, 0, 0, 3]);
+        assert!(admit(&header(2, 0x2000_C10D, 1, 4), &cloud()).is_ok());
+    }
+
+    #[test]
+    fn shape_waits_for_credentials_then_streams() {
+        let mut w = call(1, 5, 1, 1);
+        w.u32(2).u32(10);
+        let raw = w.into_bytes();
+        let at = |p, v, n| (p == 5 && v == 1 && n == 1).then_some(4);
+        assert_eq!(call_shape(&raw[..10], at), Shape::NeedMore(32));
+        assert_eq!(call_shape(&raw[..32], at), Shape::NeedMore(40));
+        assert_eq!(call_shape(&raw, at), Shape::Stream { len_at: 44 });
+    }
+}
