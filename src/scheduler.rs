@@ -180,16 +180,16 @@ impl Scheduler {
 
     /// A node's replica process ended: record how, and free the node (to the
     /// back of the FIFO). Unknown or stale reports are ignored.
-    pub fn replica_finished(&mut self, node: NodeId, result: &RunResult) {
-        let Some((ticket, idx)) = self.busy.remove(&node) else {
-            return;
-        };
+    /// Returns the replica, if the node was running one.
+    pub fn replica_finished(&mut self, node: NodeId, result: &RunResult) -> Option<(Ticket, u32)> {
+        let (ticket, idx) = self.busy.remove(&node)?;
         self.free.push_back(node);
         if let Some(r) = self.jobs.get_mut(&ticket).and_then(|j| j.replicas.get_mut(idx as usize)) {
             r.state = if result.state.is_final() { result.state } else { JobState::Invalid };
             r.exit_code = result.exit_code;
             r.message = result.message.clone();
         }
+        Some((ticket, idx))
     }
 
     /// A node can no longer be reached: fail its replica and never use it again.
@@ -197,9 +197,7 @@ impl Scheduler {
         if self.lost.contains(&node) {
             return;
         }
-        if self.busy.contains_key(&node) {
-            self.replica_finished(node, &RunResult::invalid(why));
-        }
+        self.replica_finished(node, &RunResult::invalid(why));
         self.free.retain(|&n| n != node);
         self.lost.push(node);
     }
@@ -359,7 +357,7 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Submit(n) => { let _ = s.submit(n); }
-                    Op::Finish(n) => s.replica_finished(n, &ok()),
+                    Op::Finish(n) => { s.replica_finished(n, &ok()); }
                     Op::Close(t) => { s.close(t); }
                 }
                 start_order.extend(s.start_ready().into_iter().map(|st| st.ticket));

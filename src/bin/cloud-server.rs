@@ -1,0 +1,172 @@
+//! `cloud-server`: the main server and its side nodes in one reactor.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use cloudinfra::config::NodesFile;
+use cloudinfra::extract::ExtractLimits;
+use cloudinfra::server::{Server, ServerConfig};
+use cloudinfra::spawn::JobLimits;
+use nix::unistd::{Gid, Uid, User};
+
+/// Main server of the cloudinfra job cluster: owns the side nodes listed in
+/// the nodes file, runs each replica's `make run` on its own node, and
+/// answers deploy/status/retrieve over ONC RPC (docs/cloud.x).
+///
+/// Sizes accept K, M and G suffixes (powers of 1024). See docs/LIMITS.md,
+/// "What a job may and may not do", for what every limit means.
+#[derive(Parser, Debug)]
+#[command(name = "cloud-server", version)]
+struct Args {
+    /// Nodes file: first line N, then N lines each with one unique port.
+    #[arg(long, default_value = "cloud_nodes.txt")]
+    nodes: PathBuf,
+    /// Address clients connect to (port 0 picks a free port; the ready line shows it).
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: SocketAddr,
+    /// Where node workspaces (output_<port>/) and the main server's spool live.
+    #[arg(long, default_value = "work")]
+    work_dir: PathBuf,
+    /// Jobs that may wait for nodes before deploys get "queue full".
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Largest archive a deploy may send.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    max_archive: u64,
+    /// Total bytes an archive may unpack to (stops gzip bombs early).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    max_extract: u64,
+    /// Entries (files + directories) an archive may hold.
+    #[arg(long, default_value_t = 10_000)]
+    max_entries: usize,
+    /// Longest path inside an archive, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    max_path: usize,
+    /// Wall-clock seconds a replica may run before SIGTERM to its group.
+    #[arg(long, default_value_t = 300)]
+    time_limit: u64,
+    /// Seconds between that SIGTERM and SIGKILL.
+    #[arg(long, default_value_t = 2)]
+    kill_grace: u64,
+    /// CPU seconds per process (RLIMIT_CPU; SIGXCPU when exceeded).
+    #[arg(long, default_value_t = 300)]
+    max_cpu: u64,
+    /// Address space per process (RLIMIT_AS).
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    max_memory: u64,
+    /// Open files per process (RLIMIT_NOFILE).
+    #[arg(long, default_value_t = 256)]
+    max_open_files: u64,
+    /// Largest file a replica may write (RLIMIT_FSIZE; SIGXFSZ when exceeded).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    max_file_size: u64,
+    /// Processes per replica user (RLIMIT_NPROC; binds only non-root users).
+    #[arg(long, default_value_t = 128)]
+    max_procs: u64,
+    /// Captured output kept per replica; the rest is dropped after a marker line.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    max_output: u64,
+    /// When root and slot uids are off: the user replicas run as.
+    #[arg(long, default_value = "nobody")]
+    run_as: String,
+    /// When root: node i runs replicas as uid and gid BASE+i (no passwd entry needed).
+    #[arg(long, default_value_t = 61000)]
+    slot_uids: u32,
+    /// Run every node's replicas as --run-as instead of per-node slot uids.
+    #[arg(long)]
+    no_slot_uids: bool,
+    /// Let replicas use the host network (default: an empty network namespace).
+    #[arg(long)]
+    allow_network: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size (use e.g. 4096, 64K, 16M, 2G)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("cloud-server: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Who each node's replicas run as, and a summary for the ready line.
+fn identities(args: &Args, n: usize) -> Result<(Vec<Option<(Uid, Gid)>>, bool, String), String> {
+    if !Uid::effective().is_root() {
+        let me = User::from_uid(Uid::effective()).ok().flatten().map_or("this user".into(), |u| u.name);
+        return Ok((
+            vec![None; n],
+            false,
+            format!("not root: replicas run as {me}, without slot uids, RLIMIT_NPROC or network isolation"),
+        ));
+    }
+    if args.no_slot_uids {
+        let user = User::from_name(&args.run_as)
+            .map_err(|e| format!("cannot look up --run-as user '{}': {e}", args.run_as))?
+            .ok_or_else(|| format!("--run-as user '{}' does not exist: create it or pick another", args.run_as))?;
+        if user.uid.is_root() {
+            return Err("--run-as must not be root: replicas run code the server did not write".into());
+        }
+        let summary = format!("replicas run as {} (uid {})", user.name, user.uid);
+        return Ok((vec![Some((user.uid, user.gid)); n], false, summary));
+    }
+    let base = args.slot_uids;
+    if base == 0 || base.checked_add(n as u32).is_none() {
+        return Err(format!("--slot-uids {base} is not a usable uid base"));
+    }
+    let ids = (0..n as u32).map(|i| Some((Uid::from_raw(base + i), Gid::from_raw(base + i)))).collect();
+    Ok((ids, true, format!("replicas run as slot uids {}..{}", base, base + n as u32 - 1)))
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let nodes = NodesFile::load(&args.nodes)?;
+    let (identities, slot_uids, who) = identities(&args, nodes.ports.len())?;
+    let root = Uid::effective().is_root();
+    let isolate_network = root && !args.allow_network;
+    let net = if isolate_network { "network isolated (loopback only)" } else { "host network" };
+    let cfg = ServerConfig {
+        nodes_path: args.nodes.clone(),
+        nodes,
+        listen: args.listen,
+        work_dir: args.work_dir.clone(),
+        max_queue: args.max_queue,
+        max_archive: args.max_archive,
+        limits: JobLimits {
+            extract: ExtractLimits { max_bytes: args.max_extract, max_entries: args.max_entries, max_path: args.max_path },
+            cpu_seconds: args.max_cpu,
+            address_space: args.max_memory,
+            open_files: args.max_open_files,
+            file_size: args.max_file_size,
+            processes: args.max_procs,
+        },
+        time_limit: Duration::from_secs(args.time_limit),
+        kill_grace: Duration::from_secs(args.kill_grace),
+        max_output: args.max_output,
+        identities,
+        slot_uids,
+        isolate_network,
+        sandbox_summary: format!("{who}, {net}"),
+    };
+    let mut server = Server::start(cfg)?;
+    eprintln!("{}", server.ready_line());
+    server.run().map_err(|e| format!("the reactor failed: {e}"))?;
+    eprintln!("cloud-server: stopped; every replica killed and reaped");
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! `cloud`: the client programs. Called as `deploy`, `status` or `retrieve`
+//! (links to this binary, as in the original), or as `cloud <command>`.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use cloudinfra::client::{pack_directory, Client, ClientError};
+use cloudinfra::proto::{JobState, JobStatus};
+
+const DEFAULT_SERVER: &str = "127.0.0.1:9000";
+
+#[derive(Parser, Debug)]
+#[command(name = "cloud", version, about = "Client of the cloudinfra job cluster")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Deploy a job: an archive (.tar.gz with a makefile whose `run` target
+    /// runs it) or a directory (packed on the fly), on <replicas> nodes.
+    /// Prints "Job ticket#: <n>".
+    Deploy(DeployArgs),
+    /// Show a job's state and one line per replica.
+    Status(StatusArgs),
+    /// Wait for every replica, write <dir>/output_<port>.txt for each, then
+    /// close the ticket. Without <dir>: close the ticket at once (running
+    /// replicas are killed, outputs discarded).
+    Retrieve(RetrieveArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(about = "Deploy a job: cloud deploy <replicas> <archive.tar.gz | directory>")]
+struct DeployArgs {
+    /// Number of replicas (1 to the number of nodes).
+    replicas: u32,
+    /// A .tar.gz of sources with a makefile, or a directory to pack.
+    archive: PathBuf,
+    #[command(flatten)]
+    server: ServerArg,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(about = "Show a job's status: cloud status <ticket> [--json]")]
+struct StatusArgs {
+    ticket: u32,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArg,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(about = "Collect outputs: cloud retrieve <ticket> [<dir>]")]
+struct RetrieveArgs {
+    ticket: u32,
+    /// Directory for output_<port>.txt files; omit it to close the ticket now.
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArg,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServerArg {
+    /// Main server address (default: $CLOUD_SERVER or 127.0.0.1:9000).
+    #[arg(long, env = "CLOUD_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+}
+
+fn main() -> ExitCode {
+    let mut argv: Vec<String> = std::env::args().collect();
+    let invoked = argv.first().map(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()));
+    // Called as `deploy`, `status` or `retrieve`: treat the name as the subcommand.
+    if let Some(Some(name)) = invoked {
+        if matches!(name.as_str(), "deploy" | "status" | "retrieve") {
+            argv[0] = name;
+            argv.insert(0, "cloud".into());
+        }
+    }
+    let cli = Cli::parse_from(argv);
+    let (name, result) = match cli.command {
+        Command::Deploy(a) => ("deploy", deploy(a)),
+        Command::Status(a) => ("status", status(a)),
+        Command::Retrieve(a) => ("retrieve", retrieve(a)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("{name}: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn connect(s: &ServerArg) -> Result<Client, String> {
+    Client::connect(&s.server).map_err(|e| e.to_string())
+}
+
+fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
+    let meta = fs::metadata(&a.archive).map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
+    let (file, len) = if meta.is_dir() {
+        pack_directory(&a.archive).map_err(|e| format!("cannot pack directory {}: {e}", a.archive.display()))?
+    } else {
+        let f = File::open(&a.archive).map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
+        (f, meta.len())
+    };
+    if len > u64::from(u32::MAX) {
+        return Err(format!("{} is {len} bytes; an archive must be under 4 GiB", a.archive.display()));
+    }
+    let mut client = connect(&a.server)?;
+    let ticket = client.deploy(a.replicas, file, len).map_err(|e| e.to_string())?;
+    println!("Job ticket#: {ticket}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(a: StatusArgs) -> Result<ExitCode, String> {
+    let mut client = connect(&a.server)?;
+    let st = client.status(a.ticket).map_err(|e| e.to_string())?;
+    if a.json {
+        println!("{}", status_json(&st));
+    } else {
+        print!("{}", status_text(&st));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_json(st: &JobStatus) -> serde_json::Value {
+    serde_json::json!({
+        "ticket": st.ticket,
+        "status": st.state.name(),
+        "queue_position": st.queue_position,
+        "replicas": st.replicas.iter().map(|r| serde_json::json!({
+            "replica": r.replica,
+            "node": r.node,
+            "status": r.state.name(),
+            "exit_code": r.exit_code,
+            "message": r.message,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn status_text(st: &JobStatus) -> String {
+    let mut out = format!("ticket {}: {}", st.ticket, st.state.name());
+    if st.state == JobState::Waiting {
+        out.push_str(&format!(" (queue position {})", st.queue_position));
+    }
+    out.push('\n');
+    for r in &st.replicas {
+        let node = if r.node.is_empty() { "-" } else { &r.node };
+        let code = if r.state.is_final() { r.exit_code.to_string() } else { "-".into() };
+        out.push_str(&format!("  replica {}  {node}  {}  exit {code}  {}\n", r.replica, r.state.name(), r.message));
+    }
+    out
+}
+
+fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
+    let mut client = connect(&a.server)?;
+    let Some(dir) = a.dir else {
+        client.close(a.ticket).map_err(|e| e.to_string())?;
+        println!("ticket {} closed", a.ticket);
+        return Ok(ExitCode::SUCCESS);
+    };
+    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let outputs = client.retrieve(a.ticket, true).map_err(|e: ClientError| e.to_string())?;
+    let mut all_ok = true;
+    for out in &outputs {
+        let port = out.status.node.rsplit(':').next().unwrap_or("unknown");
+        let path = dir.join(format!("output_{port}.txt"));
+        write_durably(&path, &out.output).map_err(|e| format!("cannot write {}: {e}; the ticket stays open, retry", path.display()))?;
+        let s = &out.status;
+        println!("replica {} ({}): {} exit {} {} -> {}", s.replica, s.node, s.state.name(), s.exit_code, s.message, path.display());
+        all_ok &= s.state == JobState::Completed;
+    }
+    // Only now that every file is safely on disk may the ticket go.
+    client.close(a.ticket).map_err(|e| e.to_string())?;
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Write to a temp file, fsync, rename: a crash never leaves half a file.
+fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("txt.part");
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        if let Ok(d) = File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,414 @@
+//! The main server's brain, sans-I/O: client calls and node replies in,
+//! replies, node calls and file removals out (the style of quinn-proto).
+//!
+//! Owns: the scheduler, spooled archives of waiting jobs, fetched outputs,
+//! deferred RETRIEVE callers, and what each event means for them.
+//! Must not touch: sockets, the reactor, processes. File *paths* are
+//! decided here; opening, writing and deleting them is the caller's job,
+//! done in the order the actions come out.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+
+use crate::proto::{CloudStat, JobState, JobStatus, ReplicaStatus, RunArgs, RunResult};
+use crate::scheduler::{NodeId, Scheduler, Ticket};
+
+/// A connection, by its reactor token.
+pub type ConnId = usize;
+
+/// Who to answer: a connection and the call's xid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub conn: ConnId,
+    pub xid: u32,
+}
+
+pub type Failure = (CloudStat, String);
+
+/// One replica's output ready to send: its status and the spooled file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRef {
+    pub status: ReplicaStatus,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Deploy(Result<Ticket, Failure>),
+    Status(Result<JobStatus, Failure>),
+    Retrieve(Result<Vec<OutputRef>, Failure>),
+    Close(Result<(), Failure>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeCall {
+    /// Run one replica from this archive.
+    Run { args: RunArgs, archive: PathBuf },
+    /// Send the replica's output; spool it into `into`.
+    Fetch { ticket: Ticket, replica: u32, into: PathBuf },
+    /// Kill the ticket's processes if any and remove its workspace.
+    Drop { ticket: Ticket },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Reply { to: Caller, reply: Reply },
+    Node { node: NodeId, call: NodeCall },
+    RemoveFile(PathBuf),
+}
+
+#[derive(Debug)]
+enum Fetch {
+    Pending,
+    Done(Result<PathBuf, String>),
+}
+
+pub struct Coordinator {
+    sched: Scheduler,
+    node_names: Vec<String>,
+    spool: PathBuf,
+    archives: HashMap<Ticket, PathBuf>,
+    fetches: HashMap<(Ticket, u32), Fetch>,
+    retrievers: HashMap<Ticket, Vec<Caller>>,
+    actions: VecDeque<Action>,
+}
+
+impl Coordinator {
+    /// `node_names[i]` is how node i is shown ("127.0.0.1:9001").
+    pub fn new(node_names: Vec<String>, max_queue: usize, spool: PathBuf) -> Self {
+        Coordinator {
+            sched: Scheduler::new(node_names.len(), max_queue),
+            node_names,
+            spool,
+            archives: HashMap::new(),
+            fetches: HashMap::new(),
+            retrievers: HashMap::new(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Next thing to do, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
+    }
+
+    fn reply(&mut self, to: Caller, reply: Reply) {
+        self.actions.push_back(Action::Reply { to, reply });
+    }
+
+    /// A DEPLOY whose archive has been spooled to `archive`.
+    pub fn deploy(&mut self, to: Caller, replicas: u32, archive: PathBuf) {
+        match self.sched.submit(replicas) {
+            Ok(ticket) => {
+                log::info!("ticket {ticket}: accepted, {replicas} replica(s), WAITING");
+                self.archives.insert(ticket, archive);
+                self.reply(to, Reply::Deploy(Ok(ticket)));
+                self.start_ready();
+            }
+            Err(e) => {
+                let stat = match e {
+                    crate::scheduler::SubmitError::BadReplicas { .. } => CloudStat::BadReplicas,
+                    crate::scheduler::SubmitError::QueueFull { .. } => CloudStat::QueueFull,
+                };
+                self.actions.push_back(Action::RemoveFile(archive));
+                self.reply(to, Reply::Deploy(Err((stat, e.to_string()))));
+            }
+        }
+    }
+
+    fn start_ready(&mut self) {
+        for start in self.sched.start_ready() {
+            let Some(archive) = self.archives.remove(&start.ticket) else {
+                continue;
+            };
+            let replicas = start.nodes.len() as u32;
+            for (i, &node) in start.nodes.iter().enumerate() {
+                log::info!("ticket {}: replica {i} -> node {}, RUNNING", start.ticket, self.node_names[node]);
+                let args = RunArgs { ticket: start.ticket, replica: i as u32, replicas };
+                self.actions.push_back(Action::Node { node, call: NodeCall::Run { args, archive: archive.clone() } });
+            }
+            self.actions.push_back(Action::RemoveFile(archive));
+        }
+    }
+
+    fn no_such_ticket(ticket: Ticket) -> Failure {
+        (CloudStat::NoSuchTicket, format!("no such ticket: {ticket} (never issued, or already closed)"))
+    }
+
+    fn replica_status(&self, ticket: Ticket) -> Option<Vec<ReplicaStatus>> {
+        let job = self.sched.job(ticket)?;
+        Some(
+            job.replicas
+                .iter()
+                .enumerate()
+                .map(|(i, r)| ReplicaStatus {
+                    replica: i as u32,
+                    node: r.node.map(|n| self.node_names[n].clone()).unwrap_or_default(),
+                    state: r.state,
+                    exit_code: r.exit_code,
+                    message: r.message.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    pub fn job_status(&self, ticket: Ticket) -> Result<JobStatus, Failure> {
+        let job = self.sched.job(ticket).ok_or_else(|| Self::no_such_ticket(ticket))?;
+        Ok(JobStatus {
+            ticket,
+            state: job.state(),
+            queue_position: self.sched.queue_position(ticket),
+            replicas: self.replica_status(ticket).unwrap_or_default(),
+        })
+    }
+
+    pub fn status(&mut self, to: Caller, ticket: Ticket) {
+        let st = self.job_status(ticket);
+        self.reply(to, Reply::Status(st));
+    }
+
+    pub fn retrieve(&mut self, to: Caller, ticket: Ticket, wait: bool) {
+        let Some(job) = self.sched.job(ticket) else {
+            return self.reply(to, Reply::Retrieve(Err(Self::no_such_ticket(ticket))));
+        };
+        if !job.finished() && !wait {
+            let state = job.state().name();
+            let msg = format!("job {ticket} is {state}: outputs are not ready; retry later, or retrieve with wait");
+            return self.reply(to, Reply::Retrieve(Err((CloudStat::NotReady, msg))));
+        }
+        self.retrievers.entry(ticket).or_default().push(to);
+        if job.finished() {
+            self.fetch_outputs(ticket);
+        }
+    }
+
+    /// Ask nodes for outputs not fetched yet; answer retrievers once all are in.
+    fn fetch_outputs(&mut self, ticket: Ticket) {
+        let Some(job) = self.sched.job(ticket) else { return };
+        let mut all_done = true;
+        let mut calls = Vec::new();
+        for (i, r) in job.replicas.iter().enumerate() {
+            let key = (ticket, i as u32);
+            match self.fetches.get(&key) {
+                Some(Fetch::Done(_)) => {}
+                Some(Fetch::Pending) => all_done = false,
+                None => {
+                    all_done = false;
+                    if let Some(node) = r.node {
+                        let into = self.spool.join(format!("out-{ticket}-{i}"));
+                        calls.push((key, node, NodeCall::Fetch { ticket, replica: i as u32, into }));
+                    } else {
+                        self.fetches.insert(key, Fetch::Done(Err("never ran".into())));
+                    }
+                }
+            }
+        }
+        for (key, node, call) in calls {
+            self.fetches.insert(key, Fetch::Pending);
+            self.actions.push_back(Action::Node { node, call });
+        }
+        if !all_done {
+            return;
+        }
+        let Some(callers) = self.retrievers.remove(&ticket) else { return };
+        let statuses = self.replica_status(ticket).unwrap_or_default();
+        let mut outs = Vec::with_capacity(statuses.len());
+        for mut status in statuses {
+            match self.fetches.get(&(ticket, status.replica)) {
+                Some(Fetch::Done(Ok(path))) => outs.push(OutputRef { status, path: path.clone() }),
+                Some(Fetch::Done(Err(why))) => {
+                    status.message = format!("{} (output lost: {why})", status.message);
+                    outs.push(OutputRef { status, path: PathBuf::new() });
+                }
+                _ => unreachable!("all fetches are done"),
+            }
+        }
+        for to in callers {
+            self.reply(to, Reply::Retrieve(Ok(outs.clone())));
+        }
+    }
+
+    /// A node's NODE_RUN came back: its replica's process has ended.
+    pub fn run_finished(&mut self, node: NodeId, result: RunResult) {
+        if let Some((ticket, replica)) = self.sched.replica_finished(node, &result) {
+            log::info!(
+                "ticket {ticket}: replica {replica} on {} {}: {}",
+                self.node_names[node],
+                result.state.name(),
+                result.message
+            );
+            if self.sched.job(ticket).is_some_and(|j| j.finished()) && self.retrievers.contains_key(&ticket) {
+                self.fetch_outputs(ticket);
+            }
+        }
+        self.start_ready();
+    }
+
+    /// A NODE_FETCH came back, spooled (or failed).
+    pub fn fetched(&mut self, ticket: Ticket, replica: u32, result: Result<PathBuf, String>) {
+        if self.sched.job(ticket).is_none() {
+            if let Ok(path) = result {
+                self.actions.push_back(Action::RemoveFile(path));
+            }
+            return;
+        }
+        self.fetches.insert((ticket, replica), Fetch::Done(result));
+        self.fetch_outputs(ticket);
+    }
+
+    pub fn close(&mut self, to: Caller, ticket: Ticket) {
+        let Some(closed) = self.sched.close(ticket) else {
+            return self.reply(to, Reply::Close(Err(Self::no_such_ticket(ticket))));
+        };
+        log::info!("ticket {ticket}: closed");
+        if let Some(archive) = self.archives.remove(&ticket) {
+            self.actions.push_back(Action::RemoveFile(archive));
+        }
+        for node in closed.nodes {
+            self.actions.push_back(Action::Node { node, call: NodeCall::Drop { ticket } });
+        }
+        let keys: Vec<_> = self.fetches.keys().filter(|k| k.0 == ticket).copied().collect();
+        for key in keys {
+            if let Some(Fetch::Done(Ok(path))) = self.fetches.remove(&key) {
+                self.actions.push_back(Action::RemoveFile(path));
+            }
+        }
+        for waiter in self.retrievers.remove(&ticket).unwrap_or_default() {
+            let msg = format!("ticket {ticket} was closed while waiting for its outputs");
+            self.reply(waiter, Reply::Retrieve(Err((CloudStat::NoSuchTicket, msg))));
+        }
+        self.reply(to, Reply::Close(Ok(())));
+        self.start_ready();
+    }
+
+    /// A client connection went away: forget its deferred calls.
+    pub fn conn_closed(&mut self, conn: ConnId) {
+        for callers in self.retrievers.values_mut() {
+            callers.retain(|c| c.conn != conn);
+        }
+        self.retrievers.retain(|_, c| !c.is_empty());
+    }
+
+    /// A node link broke: its replica fails and the node is not used again.
+    pub fn node_lost(&mut self, node: NodeId) {
+        let why = format!("lost contact with node {}", self.node_names[node]);
+        log::error!("{why}");
+        self.sched.node_lost(node, &why);
+        for (&(ticket, replica), f) in self.fetches.iter_mut() {
+            let on_node = self
+                .sched
+                .job(ticket)
+                .and_then(|j| j.replicas.get(replica as usize))
+                .is_some_and(|r| r.node == Some(node));
+            if on_node && matches!(f, Fetch::Pending) {
+                *f = Fetch::Done(Err(why.clone()));
+            }
+        }
+        let tickets: Vec<Ticket> = self.retrievers.keys().copied().collect();
+        for t in tickets {
+            if self.sched.job(t).is_some_and(|j| j.finished()) {
+                self.fetch_outputs(t);
+            }
+        }
+        self.start_ready();
+    }
+
+    /// Every job, for shutdown: the nodes to tell to drop.
+    pub fn tickets(&self) -> Vec<Ticket> {
+        self.sched.tickets().collect()
+    }
+
+    pub fn job_state(&self, ticket: Ticket) -> Option<JobState> {
+        self.sched.job(ticket).map(|j| j.state())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coord(nodes: usize) -> Coordinator {
+        let names = (0..nodes).map(|i| format!("127.0.0.1:{}", 9001 + i)).collect();
+        Coordinator::new(names, 10, PathBuf::from("/spool"))
+    }
+
+    fn drain(c: &mut Coordinator) -> Vec<Action> {
+        std::iter::from_fn(|| c.poll_action()).collect()
+    }
+
+    const A: Caller = Caller { conn: 1, xid: 10 };
+    const B: Caller = Caller { conn: 2, xid: 20 };
+
+    #[test]
+    fn deploy_runs_replicas_then_removes_the_spooled_archive() {
+        let mut c = coord(2);
+        c.deploy(A, 2, "/spool/in".into());
+        let acts = drain(&mut c);
+        assert_eq!(acts[0], Action::Reply { to: A, reply: Reply::Deploy(Ok(1)) });
+        assert!(matches!(&acts[1], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.replica == 0 && args.replicas == 2));
+        assert!(matches!(&acts[2], Action::Node { node: 1, call: NodeCall::Run { .. } }));
+        assert_eq!(acts[3], Action::RemoveFile("/spool/in".into()));
+    }
+
+    #[test]
+    fn waiting_retrieve_is_answered_after_the_last_replica_and_its_fetch() {
+        let mut c = coord(1);
+        c.deploy(A, 1, "/spool/in".into());
+        drain(&mut c);
+        c.retrieve(B, 1, true);
+        assert!(drain(&mut c).is_empty(), "deferred while running");
+        c.run_finished(0, RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() });
+        let acts = drain(&mut c);
+        let Action::Node { node: 0, call: NodeCall::Fetch { ticket: 1, replica: 0, into } } = &acts[0] else {
+            panic!("{acts:?}")
+        };
+        c.fetched(1, 0, Ok(into.clone()));
+        let acts = drain(&mut c);
+        let Action::Reply { to, reply: Reply::Retrieve(Ok(outs)) } = &acts[0] else { panic!("{acts:?}") };
+        assert_eq!(*to, B);
+        assert_eq!(outs[0].status.state, JobState::Completed);
+    }
+
+    #[test]
+    fn retrieve_without_wait_on_running_job_is_not_ready() {
+        let mut c = coord(1);
+        c.deploy(A, 1, "/spool/in".into());
+        drain(&mut c);
+        c.retrieve(B, 1, false);
+        let acts = drain(&mut c);
+        assert!(matches!(&acts[0], Action::Reply { reply: Reply::Retrieve(Err((CloudStat::NotReady, _))), .. }));
+    }
+
+    #[test]
+    fn close_drops_on_nodes_and_answers_parked_retrievers() {
+        let mut c = coord(1);
+        c.deploy(A, 1, "/spool/in".into());
+        drain(&mut c);
+        c.retrieve(B, 1, true);
+        c.close(A, 1);
+        let acts = drain(&mut c);
+        assert_eq!(acts[0], Action::Node { node: 0, call: NodeCall::Drop { ticket: 1 } });
+        assert!(matches!(&acts[1], Action::Reply { to: B, reply: Reply::Retrieve(Err((CloudStat::NoSuchTicket, _))) }));
+        assert_eq!(acts[2], Action::Reply { to: A, reply: Reply::Close(Ok(())) });
+        c.status(A, 1);
+        assert!(matches!(&drain(&mut c)[0], Action::Reply { reply: Reply::Status(Err((CloudStat::NoSuchTicket, _))), .. }));
+    }
+
+    #[test]
+    fn queued_job_reports_position_and_starts_when_nodes_free() {
+        let mut c = coord(1);
+        c.deploy(A, 1, "/spool/a".into());
+        c.deploy(B, 1, "/spool/b".into());
+        drain(&mut c);
+        assert_eq!(c.job_status(2).unwrap().queue_position, 1);
+        assert_eq!(c.job_status(2).unwrap().state, JobState::Waiting);
+        c.run_finished(0, RunResult::invalid("make run exited with status 2"));
+        let acts = drain(&mut c);
+        assert!(matches!(&acts[0], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.ticket == 2));
+        assert_eq!(c.job_state(1), Some(JobState::Invalid));
+    }
+}

@@ -1,0 +1,299 @@
+//! Safe extraction of a job's `.tar.gz` into its fresh workspace.
+//!
+//! Owns: the rules for what an archive may create. Only regular files and
+//! directories, strictly inside the workspace; no absolute paths, no `..`,
+//! no links, devices, FIFOs or sockets; permission bits limited to 0777
+//! with setuid/setgid/sticky dropped; limits on total bytes (checked while
+//! inflating, so a gzip bomb stops early), entry count and path length.
+//! Must not touch: processes or sockets. It runs in the forked child before
+//! exec, but is plain code so tests call it directly.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use flate2::read::GzDecoder;
+
+/// Limits on what one archive may unpack to.
+#[derive(Debug, Clone, Copy)]
+pub struct ExtractLimits {
+    /// Total bytes of file contents.
+    pub max_bytes: u64,
+    pub max_entries: usize,
+    /// Longest path inside the archive, in bytes.
+    pub max_path: usize,
+}
+
+impl Default for ExtractLimits {
+    fn default() -> Self {
+        ExtractLimits { max_bytes: 256 << 20, max_entries: 10_000, max_path: 1024 }
+    }
+}
+
+/// What was unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extracted {
+    pub files: usize,
+    pub dirs: usize,
+    pub bytes: u64,
+}
+
+/// Unpack `archive` (gzip-compressed tar) into the existing directory `dest`.
+/// The error is one line for the replica's message.
+pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> Result<Extracted, String> {
+    let mut magic = [0u8; 2];
+    match archive.read_exact(&mut magic) {
+        Ok(()) if magic == [0x1f, 0x8b] => {}
+        Ok(()) => return Err("bad archive: not a gzip file (deploy expects a .tar.gz)".into()),
+        Err(_) => return Err("bad archive: the file is empty or truncated".into()),
+    }
+    let gz = GzDecoder::new(io::Cursor::new(magic).chain(archive));
+    let mut tar = tar::Archive::new(gz);
+    let mut done = Extracted { files: 0, dirs: 0, bytes: 0 };
+    let entries = tar.entries().map_err(|e| describe(&e))?;
+    let mut count = 0usize;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| describe(&e))?;
+        count += 1;
+        if count > limits.max_entries {
+            return Err(format!("bad archive: more than {} entries (limit --max-entries)", limits.max_entries));
+        }
+        let raw_path = entry.path().map_err(|e| describe(&e))?.into_owned();
+        let kind = entry.header().entry_type();
+        if kind.is_pax_global_extensions() {
+            continue; // metadata only (git archive writes one)
+        }
+        let rel = checked_path(&raw_path, limits)?;
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
+        let target = dest.join(&rel);
+        if kind.is_dir() {
+            if rel.as_os_str().is_empty() {
+                continue; // "./"
+            }
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode | 0o700)
+                .create(&target)
+                .map_err(|e| format!("bad archive: cannot create directory {}: {e}", rel.display()))?;
+            done.dirs += 1;
+        } else if kind.is_file() || kind == tar::EntryType::Continuous {
+            let declared = entry.header().size().unwrap_or(u64::MAX);
+            if declared > limits.max_bytes - done.bytes {
+                return Err(format!(
+                    "bad archive: {} declares {declared} bytes, over the {} byte extraction limit (--max-extract)",
+                    rel.display(),
+                    limits.max_bytes
+                ));
+            }
+            if let Some(parent) = target.parent() {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent)
+                    .map_err(|e| format!("bad archive: cannot create directory for {}: {e}", rel.display()))?;
+            }
+            let mut out = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode | 0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&target)
+                .map_err(|e| format!("bad archive: cannot create {}: {e}", rel.display()))?;
+            let budget = limits.max_bytes - done.bytes;
+            let copied = copy_limited(&mut entry, &mut out, budget).map_err(|e| match e {
+                CopyError::Limit => format!(
+                    "bad archive: contents exceed the {} byte extraction limit (--max-extract)",
+                    limits.max_bytes
+                ),
+                CopyError::Read(e) => describe(&e),
+                CopyError::Write(e) => format!("cannot write {}: {e}", rel.display()),
+            })?;
+            done.bytes += copied;
+            done.files += 1;
+        } else {
+            return Err(format!(
+                "bad archive: {} is a {}; only regular files and directories are allowed",
+                rel.display(),
+                kind_name(kind)
+            ));
+        }
+    }
+    Ok(done)
+}
+
+/// A relative path with only normal components, within the length limit.
+fn checked_path(path: &Path, limits: &ExtractLimits) -> Result<PathBuf, String> {
+    let len = path.as_os_str().len();
+    if len > limits.max_path {
+        return Err(format!("bad archive: a path of {len} bytes is longer than the limit of {}", limits.max_path));
+    }
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(format!("bad archive: {} contains '..'; paths must stay inside the workspace", path.display()))
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!("bad archive: {} is an absolute path; paths must be relative", path.display()))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn kind_name(kind: tar::EntryType) -> &'static str {
+    use tar::EntryType::*;
+    match kind {
+        Symlink => "symbolic link",
+        Link => "hard link",
+        Char => "character device",
+        Block => "block device",
+        Fifo => "FIFO",
+        _ => "special entry",
+    }
+}
+
+fn describe(e: &io::Error) -> String {
+    let text = e.to_string();
+    if e.kind() == io::ErrorKind::UnexpectedEof || text.contains("unexpected end") || text.contains("failed to fill whole buffer") {
+        "bad archive: truncated (the .tar.gz ends early)".into()
+    } else if text.contains("gzip") || text.contains("deflate") || text.contains("corrupt") {
+        format!("bad archive: corrupt gzip data ({text})")
+    } else {
+        format!("bad archive: not a valid tar file ({text})")
+    }
+}
+
+enum CopyError {
+    Limit,
+    Read(io::Error),
+    Write(io::Error),
+}
+
+fn copy_limited(from: &mut impl Read, to: &mut impl Write, budget: u64) -> Result<u64, CopyError> {
+    let mut buf = [0u8; 16 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Read(e)),
+        };
+        total += n as u64;
+        if total > budget {
+            return Err(CopyError::Limit);
+        }
+        to.write_all(&buf[..n]).map_err(CopyError::Write)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn gz(tar_bytes: &[u8]) -> Vec<u8> {
+        let mut e = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(tar_bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// A tar with one entry whose name is written raw (bypassing the tar
+    /// crate's own path checks), as a hostile client would.
+    fn raw_entry(name: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>) -> Vec<u8> {
+        let mut h = tar::Header::new_old();
+        let bytes = h.as_old_mut();
+        bytes.name[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(l) = link {
+            bytes.linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    fn try_extract(archive: &[u8]) -> (tempfile::TempDir, Result<Extracted, String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        fs::create_dir(&ws).unwrap();
+        let r = extract(archive, &ws, &ExtractLimits { max_bytes: 1 << 20, max_entries: 100, max_path: 200 });
+        (dir, r)
+    }
+
+    #[test]
+    fn normal_archive_unpacks_and_drops_setuid() {
+        let tarball = gz(&raw_entry("sub/run.sh", tar::EntryType::Regular, 0o4755, b"echo hi\n", None));
+        let (dir, r) = try_extract(&tarball);
+        assert_eq!(r.unwrap(), Extracted { files: 1, dirs: 0, bytes: 8 });
+        let meta = fs::metadata(dir.path().join("ws/sub/run.sh")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
+    }
+
+    #[test]
+    fn hostile_entries_are_refused_and_nothing_escapes() {
+        use tar::EntryType::*;
+        let cases = [
+            (raw_entry("../escape", Regular, 0o644, b"x", None), "'..'"),
+            (raw_entry("/tmp/abs-escape", Regular, 0o644, b"x", None), "absolute"),
+            (raw_entry("link", Symlink, 0o777, b"", Some("/etc/passwd")), "symbolic link"),
+            (raw_entry("hard", Link, 0o644, b"", Some("../../x")), "hard link"),
+            (raw_entry("dev", Char, 0o644, b"", None), "character device"),
+            (raw_entry("fifo", Fifo, 0o644, b"", None), "FIFO"),
+        ];
+        for (tarball, why) in cases {
+            let (dir, r) = try_extract(&gz(&tarball));
+            let err = r.unwrap_err();
+            assert!(err.contains(why), "{err} should mention {why}");
+            assert!(!dir.path().join("escape").exists());
+            assert_eq!(fs::read_dir(dir.path().join("ws")).unwrap().count(), 0);
+        }
+    }
+
+    #[test]
+    fn gzip_bomb_stops_at_the_limit() {
+        // Declares a small size per entry but many entries of zeros.
+        let mut t = tar::Builder::new(Vec::new());
+        for i in 0..50 {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(64 * 1024);
+            h.set_mode(0o644);
+            h.set_cksum();
+            t.append_data(&mut h, format!("f{i}"), &vec![0u8; 64 * 1024][..]).unwrap();
+        }
+        let (_d, r) = try_extract(&gz(&t.into_inner().unwrap()));
+        assert!(r.unwrap_err().contains("extraction limit"));
+    }
+
+    #[test]
+    fn not_gzip_and_truncated_say_so() {
+        let (_d, r) = try_extract(b"PK\x03\x04 this is a zip");
+        assert!(r.unwrap_err().contains("not a gzip"));
+        let good = gz(&raw_entry("a", tar::EntryType::Regular, 0o644, &[1u8; 5000], None));
+        let (_d, r) = try_extract(&good[..good.len() / 2]);
+        assert!(r.unwrap_err().contains("truncated"), "truncated gzip");
+    }
+
+    #[test]
+    fn long_paths_and_many_entries_are_limited() {
+        let deep = "d/".repeat(120) + "f";
+        let mut t = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(&mut h, &deep, &b"x"[..]).unwrap();
+        let (_d, r) = try_extract(&gz(&t.into_inner().unwrap()));
+        assert!(r.unwrap_err().contains("longer than the limit"));
+    }
+}

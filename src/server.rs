@@ -1,0 +1,1076 @@
+//! The reactor: one thread, one `mio::Poll`, every socket and pipe.
+//!
+//! Owns: the poll, the slab of connections and child pipes (slab key +
+//! `FIRST_KEY` = token), listeners, the signalfd (SIGCHLD, SIGINT,
+//! SIGTERM), reading until `WouldBlock` into the record decoders, writing
+//! outboxes until `WouldBlock` (a client with an unsent reply is not read:
+//! backpressure), spooling streamed archives and outputs to disk, reaping
+//! children, the poll timeout from the nodes' deadlines, and startup and
+//! shutdown.
+//! Must not touch: job rules (the `coordinator` decides), process setup
+//! (`spawn`), a node's replica bookkeeping (`node`). Each event is turned
+//! into a call on one of those and their answers into bytes.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use slab::Slab;
+
+use crate::config::NodesFile;
+use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
+use crate::node::{Finished, Node, NodeConfig};
+use crate::proto::{self, CloudStat, RunArgs, RunResult, CLOUD_PROGRAM, NODE_PROGRAM};
+use crate::record::{Event, Outbox, Piece, RecordDecoder, Shape};
+use crate::rpc::{self, AcceptStat, CallHeader, ReplyOutcome};
+use crate::scheduler::NodeId;
+use crate::spawn::{JobLimits, Sandbox};
+use crate::xdr::{XdrReader, XdrWriter};
+
+const SIGNALS: Token = Token(0);
+const CLIENTS: Token = Token(1);
+/// Node listener i has token 2 + i; slab keys start after them.
+const NODE_LISTENER_BASE: usize = 2;
+/// Largest buffered (non-streamed) record: calls and small replies.
+const MAX_RECORD: usize = 64 * 1024;
+
+/// What the operator chose on the command line.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub nodes: NodesFile,
+    pub nodes_path: PathBuf,
+    pub listen: SocketAddr,
+    pub work_dir: PathBuf,
+    pub max_queue: usize,
+    pub max_archive: u64,
+    pub limits: JobLimits,
+    pub time_limit: Duration,
+    pub kill_grace: Duration,
+    pub max_output: u64,
+    /// Per-node identity: `None` runs as the server's own user.
+    pub identities: Vec<Option<(nix::unistd::Uid, nix::unistd::Gid)>>,
+    /// Whether each node's uid is its own (so a uid-wide kill is safe).
+    pub slot_uids: bool,
+    pub isolate_network: bool,
+    /// How replicas run, for the ready line.
+    pub sandbox_summary: String,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Run,
+    Fetch { ticket: u32, replica: u32, into: PathBuf },
+    Drop,
+}
+
+#[derive(Debug)]
+enum Role {
+    /// A client of the main server.
+    Client,
+    /// A node's end of the link from the main server.
+    NodeInbound(NodeId),
+    /// The main server's end of the link to a node.
+    NodeLink { node: NodeId, pending: HashMap<u32, Pending>, connected: bool },
+}
+
+/// Where a streamed opaque goes.
+#[derive(Debug)]
+enum Sink {
+    None,
+    /// An archive or output spooled to a file.
+    File { xid: u32, what: Streamed, file: Option<File>, path: PathBuf, error: Option<String> },
+    /// A streamed call that will be refused: swallow it, then send `reply`.
+    Discard { reply: Vec<u8> },
+}
+
+#[derive(Debug)]
+enum Streamed {
+    Deploy { replicas: u32 },
+    Run { args: RunArgs },
+    Fetch { ticket: u32, replica: u32 },
+}
+
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    token: Token,
+    role: Role,
+    decoder: RecordDecoder,
+    outbox: Outbox,
+    sink: Sink,
+    /// Close once the outbox is sent.
+    closing: bool,
+    writable: bool,
+}
+
+#[derive(Debug)]
+enum Source {
+    Conn(Box<Conn>),
+    /// The output pipe of node i's running replica.
+    ChildOutput(NodeId),
+    /// Placeholder while a connection is being handled.
+    Taken,
+}
+
+pub struct Server {
+    poll: Poll,
+    slab: Slab<Source>,
+    clients: TcpListener,
+    node_listeners: Vec<TcpListener>,
+    signals: SignalFd,
+    nodes: Vec<Node>,
+    child_keys: Vec<Option<usize>>,
+    links: Vec<Option<usize>>,
+    coord: Coordinator,
+    spool: PathBuf,
+    node_names: Vec<String>,
+    local_addr: SocketAddr,
+    max_archive: u64,
+    next_xid: u32,
+    next_spool: u64,
+    rbuf: Vec<u8>,
+    dead: Vec<usize>,
+    shutdown: bool,
+    summary: String,
+}
+
+fn first_key(nodes: usize) -> usize {
+    NODE_LISTENER_BASE + nodes
+}
+
+impl Server {
+    /// Bind every port, start the nodes and link them to the main server.
+    /// Errors are one line for the operator.
+    pub fn start(cfg: ServerConfig) -> Result<Server, String> {
+        let n = cfg.nodes.ports.len();
+        fs::create_dir_all(&cfg.work_dir)
+            .map_err(|e| format!("cannot create work dir {}: {e}", cfg.work_dir.display()))?;
+        let spool = cfg.work_dir.join("spool");
+        let _ = fs::remove_dir_all(&spool);
+        fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
+
+        let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
+        let mut clients = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
+        let local_addr = clients.local_addr().map_err(|e| e.to_string())?;
+        let mut node_listeners = Vec::with_capacity(n);
+        let mut nodes = Vec::with_capacity(n);
+        let mut node_names = Vec::with_capacity(n);
+        for (i, &port) in cfg.nodes.ports.iter().enumerate() {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let where_ = format!("{} line {}", cfg.nodes_path.display(), cfg.nodes.line_of(i));
+            let l = TcpListener::bind(addr).map_err(|e| bind_error(e, addr, &where_))?;
+            node_listeners.push(l);
+            node_names.push(addr.to_string());
+            let dir = cfg.work_dir.join(format!("output_{port}"));
+            let _ = fs::remove_dir_all(&dir); // stale workspaces of an earlier run
+            let node = Node::new(NodeConfig {
+                port,
+                dir: dir.clone(),
+                limits: cfg.limits.clone(),
+                sandbox: Sandbox { identity: cfg.identities[i], isolate_network: cfg.isolate_network },
+                time_limit: cfg.time_limit,
+                kill_grace: cfg.kill_grace,
+                max_output: cfg.max_output,
+                sweep_uid: cfg.slot_uids,
+            })
+            .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
+            nodes.push(node);
+        }
+
+        // Signals arrive as readable events, never as handlers.
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGCHLD);
+        mask.add(Signal::SIGINT);
+        mask.add(Signal::SIGTERM);
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+            .map_err(|e| format!("cannot block signals: {e}"))?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| format!("cannot create signalfd: {e}"))?;
+        // Orphaned descendants of replicas are re-parented to us, so we reap them.
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            log::warn!("cannot become a child subreaper: {e}");
+        }
+
+        let reg = poll.registry();
+        reg.register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)
+            .and_then(|_| reg.register(&mut clients, CLIENTS, Interest::READABLE))
+            .map_err(|e| format!("cannot register with epoll: {e}"))?;
+        for (i, l) in node_listeners.iter_mut().enumerate() {
+            reg.register(l, Token(NODE_LISTENER_BASE + i), Interest::READABLE)
+                .map_err(|e| format!("cannot register with epoll: {e}"))?;
+        }
+
+        let coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone());
+        let mut server = Server {
+            poll,
+            slab: Slab::new(),
+            clients,
+            node_listeners,
+            signals,
+            nodes,
+            child_keys: vec![None; n],
+            links: vec![None; n],
+            coord,
+            spool,
+            node_names,
+            local_addr,
+            max_archive: cfg.max_archive,
+            next_xid: 1,
+            next_spool: 0,
+            rbuf: vec![0; 64 * 1024],
+            dead: Vec::new(),
+            shutdown: false,
+            summary: cfg.sandbox_summary.clone(),
+        };
+        server.link_nodes()?;
+        Ok(server)
+    }
+
+    /// Connect the main server to every node and wait until all links are up.
+    fn link_nodes(&mut self) -> Result<(), String> {
+        for i in 0..self.nodes.len() {
+            let addr = self.node_listeners[i].local_addr().map_err(|e| e.to_string())?;
+            let stream = TcpStream::connect(addr).map_err(|e| format!("cannot connect to node {addr}: {e}"))?;
+            let role = Role::NodeLink { node: i, pending: HashMap::new(), connected: false };
+            let key = self.add_conn(stream, role, true).map_err(|e| format!("cannot register link: {e}"))?;
+            self.links[i] = Some(key);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut events = Events::with_capacity(64);
+        while !self.all_linked() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("the main server could not connect to its nodes within 10s".into());
+            }
+            match self.poll.poll(&mut events, Some(left)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("epoll failed: {e}")),
+            }
+            for ev in events.iter() {
+                self.dispatch(ev.token());
+            }
+            self.settle();
+            if self.shutdown {
+                return Err("interrupted while starting".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn all_linked(&self) -> bool {
+        let linked = self.links.iter().all(|k| {
+            matches!(k.and_then(|k| self.slab.get(k)), Some(Source::Conn(c)) if matches!(c.role, Role::NodeLink { connected: true, .. }))
+        });
+        let inbound = self.slab.iter().filter(|(_, s)| matches!(s, Source::Conn(c) if matches!(c.role, Role::NodeInbound(_)))).count();
+        linked && inbound == self.nodes.len()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The one line printed when the server is ready.
+    pub fn ready_line(&self) -> String {
+        format!(
+            "cloud-server: listening on {} with {} nodes: {}; {}",
+            self.local_addr,
+            self.nodes.len(),
+            self.node_names.join(" "),
+            self.summary
+        )
+    }
+
+    /// Serve until SIGINT or SIGTERM, then stop every replica.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(256);
+        while !self.shutdown {
+            let timeout = self.next_timeout();
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for ev in events.iter() {
+                self.dispatch(ev.token());
+            }
+            let now = Instant::now();
+            for node in &mut self.nodes {
+                if node.deadline().is_some_and(|d| d <= now) {
+                    node.on_timer(now);
+                }
+            }
+            self.settle();
+        }
+        self.stop();
+        Ok(())
+    }
+
+    /// Poll timeout: until the earliest node deadline, or forever.
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.nodes.iter().filter_map(|n| n.deadline()).min().map(|d| d.saturating_duration_since(now))
+    }
+
+    fn dispatch(&mut self, token: Token) {
+        match token {
+            SIGNALS => self.on_signals(),
+            CLIENTS => self.accept(None),
+            Token(t) if t < first_key(self.nodes.len()) => self.accept(Some(t - NODE_LISTENER_BASE)),
+            Token(t) => {
+                let key = t - first_key(self.nodes.len());
+                match self.slab.get(key) {
+                    Some(Source::Conn(_)) => self.conn_event(key),
+                    Some(Source::ChildOutput(i)) => {
+                        let i = *i;
+                        self.nodes[i].drain_output();
+                    }
+                    _ => {} // stale event for a closed source
+                }
+            }
+        }
+    }
+
+    /// Run coordinator actions and close dead connections until quiet.
+    fn settle(&mut self) {
+        loop {
+            let mut busy = false;
+            while let Some(action) = self.coord.poll_action() {
+                busy = true;
+                self.perform(action);
+            }
+            while let Some(key) = self.dead.pop() {
+                busy = true;
+                self.close_conn(key);
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    fn accept(&mut self, node: Option<NodeId>) {
+        loop {
+            let res = match node {
+                None => self.clients.accept(),
+                Some(i) => self.node_listeners[i].accept(),
+            };
+            match res {
+                Ok((stream, peer)) => {
+                    let role = match node {
+                        None => Role::Client,
+                        Some(i) => Role::NodeInbound(i),
+                    };
+                    log::debug!("accepted {peer} as {role:?}");
+                    let _ = stream.set_nodelay(true);
+                    if let Err(e) = self.add_conn(stream, role, false) {
+                        log::warn!("cannot register connection from {peer}: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // e.g. EMFILE: leave the rest in the backlog for later.
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn add_conn(&mut self, mut stream: TcpStream, role: Role, writable: bool) -> io::Result<usize> {
+        let entry = self.slab.vacant_entry();
+        let key = entry.key();
+        let token = Token(key + first_key(self.nodes.len()));
+        let interest = if writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        self.poll.registry().register(&mut stream, token, interest)?;
+        let (max_whole, max_stream) = match role {
+            Role::Client => (MAX_RECORD, self.max_archive),
+            Role::NodeInbound(_) => (MAX_RECORD, self.max_archive),
+            Role::NodeLink { .. } => (MAX_RECORD, u64::from(u32::MAX)),
+        };
+        entry.insert(Source::Conn(Box::new(Conn {
+            stream,
+            token,
+            role,
+            decoder: RecordDecoder::new(max_whole, max_stream),
+            outbox: Outbox::new(),
+            sink: Sink::None,
+            closing: false,
+            writable,
+        })));
+        Ok(key)
+    }
+
+    fn take_conn(&mut self, key: usize) -> Option<Box<Conn>> {
+        match self.slab.get_mut(key) {
+            Some(s @ Source::Conn(_)) => match std::mem::replace(s, Source::Taken) {
+                Source::Conn(c) => Some(c),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn conn_event(&mut self, key: usize) {
+        let Some(mut conn) = self.take_conn(key) else { return };
+        if let Role::NodeLink { connected, node, .. } = &mut conn.role {
+            if !*connected {
+                match conn.stream.take_error() {
+                    Ok(None) if conn.stream.peer_addr().is_ok() => {
+                        *connected = true;
+                        log::debug!("link to node {} is up", self.node_names[*node]);
+                    }
+                    Ok(None) => {} // still connecting
+                    Ok(Some(e)) | Err(e) => {
+                        log::error!("cannot connect to node {}: {e}", self.node_names[*node]);
+                        conn.closing = true;
+                    }
+                }
+            }
+        }
+        loop {
+            let paused = self.conn_read(key, &mut conn);
+            self.flush(&mut conn);
+            // A client paused for backpressure whose reply is now sent may
+            // have more calls waiting in the socket: read on.
+            if !(paused && conn.outbox.is_empty() && !conn.closing) {
+                break;
+            }
+        }
+        self.slab[key] = Source::Conn(conn);
+        self.check_done(key);
+    }
+
+    /// Read until WouldBlock, EOF or backpressure. Returns true if paused
+    /// for backpressure.
+    fn conn_read(&mut self, key: usize, conn: &mut Conn) -> bool {
+        let mut buf = std::mem::take(&mut self.rbuf);
+        let mut paused = false;
+        loop {
+            if conn.closing {
+                break;
+            }
+            if matches!(conn.role, Role::Client) && !conn.outbox.is_empty() {
+                paused = true;
+                break;
+            }
+            match conn.stream.read(&mut buf) {
+                Ok(0) => {
+                    if !conn.decoder.at_boundary() {
+                        log::debug!("connection {key}: peer closed in the middle of a record");
+                    }
+                    conn.closing = true;
+                    self.peer_closed(conn);
+                    break;
+                }
+                Ok(n) => self.feed(key, conn, &buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("connection {key}: read error: {e}");
+                    conn.closing = true;
+                    self.peer_closed(conn);
+                    break;
+                }
+            }
+        }
+        self.rbuf = buf;
+        paused
+    }
+
+    fn peer_closed(&mut self, conn: &mut Conn) {
+        if let Sink::File { path, .. } = std::mem::replace(&mut conn.sink, Sink::None) {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    fn feed(&mut self, key: usize, conn: &mut Conn, mut data: &[u8]) {
+        loop {
+            let (n, ev) = {
+                let Conn { decoder, role, .. } = conn;
+                let mut classify = |head: &[u8]| classify(role, head);
+                decoder.decode(data, &mut classify)
+            };
+            data = &data[n..];
+            match ev {
+                None => return,
+                Some(ev) => self.on_record_event(key, conn, ev),
+            }
+        }
+    }
+
+    fn on_record_event(&mut self, key: usize, conn: &mut Conn, ev: Event) {
+        match ev {
+            Event::Record(rec) => match conn.role {
+                Role::Client => self.client_call(key, conn, &rec),
+                Role::NodeInbound(i) => self.node_call(i, conn, &rec),
+                Role::NodeLink { node, .. } => self.node_reply(node, conn, &rec),
+            },
+            Event::StreamStart { head, len } => self.stream_start(key, conn, &head, len),
+            Event::StreamData(data) => {
+                if let Sink::File { file: Some(f), error, path, .. } = &mut conn.sink {
+                    if let Err(e) = f.write_all(data) {
+                        log::error!("cannot write {}: {e}", path.display());
+                        *error = Some(format!("the server cannot store the data: {e}"));
+                        let _ = fs::remove_file(&*path);
+                        conn.sink = match std::mem::replace(&mut conn.sink, Sink::None) {
+                            Sink::File { xid, what, path, error, .. } => Sink::File { xid, what, file: None, path, error },
+                            other => other,
+                        };
+                    }
+                }
+            }
+            Event::StreamEnd => self.stream_end(key, conn),
+            Event::Truncated => {
+                match std::mem::replace(&mut conn.sink, Sink::None) {
+                    Sink::File { xid, path, what, .. } => {
+                        let _ = fs::remove_file(&path);
+                        match what {
+                            Streamed::Fetch { ticket, replica } => {
+                                self.coord.fetched(ticket, replica, Err("the node's reply was cut short".into()))
+                            }
+                            _ => conn.outbox.push_bytes(rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()),
+                        }
+                    }
+                    Sink::Discard { reply } => conn.outbox.push_bytes(reply),
+                    Sink::None => {}
+                }
+            }
+            Event::TooLarge { head, what } => {
+                log::warn!("connection {key}: {what} over the limit; answering and closing");
+                if let Ok(xid) = XdrReader::new(&head).u32() {
+                    if !matches!(conn.role, Role::NodeLink { .. }) {
+                        let msg = match what {
+                            "archive" => format!(
+                                "archive too large: the limit is {} bytes (cloud-server --max-archive)",
+                                self.max_archive
+                            ),
+                            _ => format!("request too large: the limit is {MAX_RECORD} bytes per call"),
+                        };
+                        let mut w = rpc::accepted(xid, AcceptStat::Success);
+                        proto::encode_error(&mut w, CloudStat::TooLarge, &msg);
+                        conn.outbox.push_bytes(w.into_bytes());
+                    }
+                }
+                conn.closing = true;
+            }
+        }
+    }
+
+    fn stream_start(&mut self, key: usize, conn: &mut Conn, head: &[u8], len: u32) {
+        if matches!(conn.role, Role::NodeLink { .. }) {
+            return self.fetch_stream_start(conn, head);
+        }
+        let Ok(h) = CallHeader::decode(head) else { return };
+        let programs: &[rpc::Program] = match conn.role {
+            Role::Client => &[CLOUD_PROGRAM],
+            _ => &[NODE_PROGRAM],
+        };
+        if let Err(reply) = rpc::admit(&h, programs) {
+            conn.sink = Sink::Discard { reply };
+            return;
+        }
+        let mut r = XdrReader::new(&head[h.args_at..]);
+        let what = match conn.role {
+            Role::Client => match r.u32() {
+                Ok(replicas) => Streamed::Deploy { replicas },
+                Err(_) => return,
+            },
+            _ => match RunArgs::decode(&mut r) {
+                Ok(args) => Streamed::Run { args },
+                Err(_) => return,
+            },
+        };
+        let opened = match (&what, &conn.role) {
+            (Streamed::Run { args }, Role::NodeInbound(i)) => self.nodes[*i].prepare_archive(args.ticket),
+            _ => {
+                self.next_spool += 1;
+                let path = self.spool.join(format!("incoming-{key}-{}", self.next_spool));
+                create_spool(&path).map(|f| (f, path))
+            }
+        };
+        log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", h.xid);
+        conn.sink = match opened {
+            Ok((file, path)) => Sink::File { xid: h.xid, what, file: Some(file), path, error: None },
+            Err(e) => {
+                log::error!("cannot spool an archive: {e}");
+                Sink::File {
+                    xid: h.xid,
+                    what,
+                    file: None,
+                    path: PathBuf::new(),
+                    error: Some(format!("the server cannot store the archive: {e}")),
+                }
+            }
+        };
+    }
+
+    /// A NODE_FETCH reply starts streaming the output into its spool file.
+    fn fetch_stream_start(&mut self, conn: &mut Conn, head: &[u8]) {
+        let Role::NodeLink { pending, .. } = &mut conn.role else { return };
+        let Ok(xid) = XdrReader::new(head).u32() else { return };
+        let Some(Pending::Fetch { ticket, replica, into }) = pending.remove(&xid) else { return };
+        let stat = XdrReader::new(&head[rpc::SUCCESS_HEADER_LEN..]).u32().unwrap_or(u32::MAX);
+        let what = Streamed::Fetch { ticket, replica };
+        conn.sink = if stat != CloudStat::Ok as u32 {
+            // The output opaque holds the node's error message.
+            Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some("the node has no output".into()) }
+        } else {
+            match create_spool(&into) {
+                Ok(file) => Sink::File { xid, what, file: Some(file), path: into, error: None },
+                Err(e) => Sink::File { xid, what, file: None, path: into, error: Some(e.to_string()) },
+            }
+        };
+    }
+
+    fn stream_end(&mut self, key: usize, conn: &mut Conn) {
+        match std::mem::replace(&mut conn.sink, Sink::None) {
+            Sink::None => {}
+            Sink::Discard { reply } => conn.outbox.push_bytes(reply),
+            Sink::File { xid, what, file, path, error } => {
+                drop(file);
+                match what {
+                    Streamed::Fetch { ticket, replica } => {
+                        self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err));
+                    }
+                    Streamed::Deploy { replicas } => match error {
+                        Some(msg) => {
+                            let _ = fs::remove_file(&path);
+                            let reply = Reply::Deploy(Err((CloudStat::Internal, msg)));
+                            conn.outbox.push(encode_reply(xid, reply));
+                        }
+                        None => self.coord.deploy(Caller { conn: key, xid }, replicas, path),
+                    },
+                    Streamed::Run { args } => {
+                        let Role::NodeInbound(i) = conn.role else { return };
+                        let started = match error {
+                            Some(msg) => Err(RunResult::invalid(msg)),
+                            None => self.nodes[i].start(args, (key, xid), Instant::now()),
+                        };
+                        match started {
+                            Ok(fd) => self.watch_child(i, fd),
+                            Err(result) => conn.outbox.push_bytes(run_reply(xid, &result)),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn watch_child(&mut self, node: NodeId, fd: std::os::fd::RawFd) {
+        let entry = self.slab.vacant_entry();
+        let token = Token(entry.key() + first_key(self.nodes.len()));
+        match self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE) {
+            Ok(()) => {
+                self.child_keys[node] = Some(entry.key());
+                entry.insert(Source::ChildOutput(node));
+            }
+            Err(e) => log::error!("cannot watch a replica's output: {e}"),
+        }
+        // Output written before registration is read now.
+        self.nodes[node].drain_output();
+    }
+
+    /// A buffered call from a client of the main server.
+    fn client_call(&mut self, key: usize, conn: &mut Conn, rec: &[u8]) {
+        let Some(h) = admitted(conn, rec, &[CLOUD_PROGRAM]) else { return };
+        let caller = Caller { conn: key, xid: h.xid };
+        let mut r = XdrReader::new(&rec[h.args_at..]);
+        log::debug!("connection {key}: call xid {:#x} proc {}", h.xid, h.proc_num);
+        let ok = match h.proc_num {
+            proto::CLOUD_NULL => {
+                conn.outbox.push_bytes(rpc::accepted(h.xid, AcceptStat::Success).into_bytes());
+                true
+            }
+            proto::STATUS => r.u32().map(|t| self.coord.status(caller, t)).is_ok(),
+            proto::RETRIEVE => proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, t, w)).is_ok(),
+            proto::CLOSE => r.u32().map(|t| self.coord.close(caller, t)).is_ok(),
+            _ => false, // a DEPLOY too short to stream
+        };
+        if !ok {
+            conn.outbox.push_bytes(rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes());
+        }
+    }
+
+    /// A buffered call from the main server to node i.
+    fn node_call(&mut self, i: NodeId, conn: &mut Conn, rec: &[u8]) {
+        let Some(h) = admitted(conn, rec, &[NODE_PROGRAM]) else { return };
+        let mut r = XdrReader::new(&rec[h.args_at..]);
+        let reply = match (h.proc_num, r.u32()) {
+            (proto::NODE_NULL, _) => vec![Piece::Bytes(rpc::accepted(h.xid, AcceptStat::Success).into_bytes())],
+            (proto::NODE_FETCH, Ok(ticket)) => {
+                let mut w = rpc::accepted(h.xid, AcceptStat::Success);
+                match self.nodes[i].fetch(ticket) {
+                    Ok((file, len)) => {
+                        w.u32(CloudStat::Ok as u32).u32(len as u32);
+                        let mut pad = XdrWriter::new();
+                        pad.pad(len as usize);
+                        vec![Piece::Bytes(w.into_bytes()), Piece::File { file, len }, Piece::Bytes(pad.into_bytes())]
+                    }
+                    Err(msg) => {
+                        w.u32(CloudStat::NoSuchTicket as u32).opaque(msg.as_bytes());
+                        vec![Piece::Bytes(w.into_bytes())]
+                    }
+                }
+            }
+            (proto::NODE_DROP, Ok(ticket)) => {
+                self.nodes[i].drop_ticket(ticket);
+                let mut w = rpc::accepted(h.xid, AcceptStat::Success);
+                w.u32(CloudStat::Ok as u32);
+                vec![Piece::Bytes(w.into_bytes())]
+            }
+            _ => vec![Piece::Bytes(rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes())],
+        };
+        conn.outbox.push(reply);
+    }
+
+    /// A buffered reply from node `node` to the main server.
+    fn node_reply(&mut self, node: NodeId, conn: &mut Conn, rec: &[u8]) {
+        let Role::NodeLink { pending, .. } = &mut conn.role else { return };
+        let (xid, outcome) = match rpc::decode_reply(rec) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("garbled reply from node {}: {e}", self.node_names[node]);
+                conn.closing = true;
+                return;
+            }
+        };
+        let Some(call) = pending.remove(&xid) else {
+            log::warn!("reply from node {} to an unknown xid {xid:#x}", self.node_names[node]);
+            return;
+        };
+        let results = match outcome {
+            ReplyOutcome::Success { results_at } => Ok(&rec[results_at..]),
+            ReplyOutcome::Failed(why) | ReplyOutcome::Denied(why) => Err(why),
+        };
+        match call {
+            Pending::Run => {
+                let result = results
+                    .and_then(|b| RunResult::decode(&mut XdrReader::new(b)).map_err(|e| e.to_string()))
+                    .unwrap_or_else(|why| RunResult::invalid(format!("node {}: {why}", self.node_names[node])));
+                self.coord.run_finished(node, result);
+            }
+            Pending::Fetch { ticket, replica, .. } => {
+                let why = results.err().unwrap_or_else(|| "the node sent no output".into());
+                self.coord.fetched(ticket, replica, Err(why));
+            }
+            Pending::Drop => {}
+        }
+    }
+
+    /// Carry out one coordinator action.
+    fn perform(&mut self, action: Action) {
+        match action {
+            Action::Reply { to, reply } => {
+                if matches!(&reply, Reply::Deploy(Ok(_)) | Reply::Close(Ok(_))) {
+                    log::debug!("connection {}: xid {:#x}: {reply:?}", to.conn, to.xid);
+                }
+                let pieces = encode_reply(to.xid, reply);
+                self.send(to.conn, pieces);
+            }
+            Action::RemoveFile(path) => {
+                if let Err(e) = fs::remove_file(&path) {
+                    log::warn!("cannot remove {}: {e}", path.display());
+                }
+            }
+            Action::Node { node, call } => self.call_node(node, call),
+        }
+    }
+
+    fn call_node(&mut self, node: NodeId, call: NodeCall) {
+        let xid = self.next_xid;
+        self.next_xid = self.next_xid.wrapping_add(1);
+        let (proc_num, pending, pieces) = match call {
+            NodeCall::Run { args, archive } => {
+                let opened = File::open(&archive).and_then(|f| f.metadata().map(|m| (f, m.len())));
+                let (file, len) = match opened {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let msg = format!("the spooled archive is gone: {e}");
+                        // Report it as the node would, so the node is freed.
+                        self.coord.run_finished(node, RunResult::invalid(msg));
+                        return;
+                    }
+                };
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_RUN);
+                args.encode(&mut w);
+                w.u32(len as u32);
+                let mut pad = XdrWriter::new();
+                pad.pad(len as usize);
+                let pieces = vec![Piece::Bytes(w.into_bytes()), Piece::File { file, len }, Piece::Bytes(pad.into_bytes())];
+                (proto::NODE_RUN, Pending::Run, pieces)
+            }
+            NodeCall::Fetch { ticket, replica, into } => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_FETCH);
+                w.u32(ticket);
+                (proto::NODE_FETCH, Pending::Fetch { ticket, replica, into }, vec![Piece::Bytes(w.into_bytes())])
+            }
+            NodeCall::Drop { ticket } => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_DROP);
+                w.u32(ticket);
+                (proto::NODE_DROP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
+            }
+        };
+        log::debug!("node {}: call xid {xid:#x} proc {proc_num}", self.node_names[node]);
+        let Some(key) = self.links[node] else {
+            if let Pending::Run = pending {
+                self.coord.run_finished(node, RunResult::invalid("the node is unreachable"));
+            }
+            return;
+        };
+        if let Some(Source::Conn(c)) = self.slab.get_mut(key) {
+            if let Role::NodeLink { pending: p, .. } = &mut c.role {
+                p.insert(xid, pending);
+            }
+        }
+        self.send(key, pieces);
+    }
+
+    /// Queue a record on a connection and write what can be written.
+    fn send(&mut self, key: usize, pieces: Vec<Piece>) {
+        let Some(mut conn) = self.take_conn(key) else {
+            log::debug!("connection {key} is gone; dropping a message");
+            return;
+        };
+        conn.outbox.push(pieces);
+        self.flush(&mut conn);
+        self.slab[key] = Source::Conn(conn);
+        self.check_done(key);
+    }
+
+    /// Write until WouldBlock and keep WRITABLE interest only while needed.
+    fn flush(&mut self, conn: &mut Conn) {
+        match conn.outbox.write_to(&mut conn.stream) {
+            Ok(_) => {}
+            Err(e) => {
+                log::debug!("write error: {e}");
+                conn.outbox = Outbox::new();
+                conn.closing = true;
+            }
+        }
+        let connecting = matches!(conn.role, Role::NodeLink { connected: false, .. });
+        let want = !conn.outbox.is_empty() || connecting;
+        if want != conn.writable {
+            let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            if let Err(e) = self.poll.registry().reregister(&mut conn.stream, conn.token, interest) {
+                log::warn!("reregister failed: {e}");
+            }
+            conn.writable = want;
+        }
+    }
+
+    fn check_done(&mut self, key: usize) {
+        if let Some(Source::Conn(c)) = self.slab.get(key) {
+            if c.closing && c.outbox.is_empty() {
+                self.dead.push(key);
+            }
+        }
+    }
+
+    fn close_conn(&mut self, key: usize) {
+        let Some(Source::Conn(mut conn)) = self.slab.try_remove(key) else { return };
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.peer_closed(&mut conn);
+        log::debug!("connection {key} closed ({:?})", conn.role);
+        match conn.role {
+            Role::Client => self.coord.conn_closed(key),
+            Role::NodeLink { node, .. } => {
+                self.links[node] = None;
+                self.coord.node_lost(node);
+            }
+            Role::NodeInbound(_) => {}
+        }
+    }
+
+    fn on_signals(&mut self) {
+        let mut reap = false;
+        loop {
+            match self.signals.read_signal() {
+                Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(Signal::SIGCHLD) => reap = true,
+                    Ok(sig) => {
+                        eprintln!("cloud-server: {sig}: stopping");
+                        self.shutdown = true;
+                    }
+                    Err(_) => {}
+                },
+                Ok(None) => break,
+                Err(nix::Error::EINTR) => {}
+                Err(e) => {
+                    log::error!("signalfd read failed: {e}");
+                    break;
+                }
+            }
+        }
+        if reap {
+            self.reap();
+        }
+    }
+
+    /// waitpid(-1, WNOHANG) until nothing is left to reap: replicas,
+    /// sweep helpers and adopted orphans alike.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => return,
+                Ok(status) => {
+                    let Some(pid) = status.pid() else { return };
+                    for i in 0..self.nodes.len() {
+                        if let Some(fin) = self.nodes[i].on_exit(pid, status) {
+                            self.finish_replica(i, fin);
+                        }
+                    }
+                }
+                Err(nix::Error::EINTR) => {}
+                Err(_) => return, // ECHILD
+            }
+        }
+    }
+
+    fn finish_replica(&mut self, node: NodeId, fin: Finished) {
+        if let Some(key) = self.child_keys[node].take() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fin.pipe.as_raw_fd()));
+            self.slab.try_remove(key);
+        }
+        drop(fin.pipe);
+        let (key, xid) = fin.reply_to;
+        self.send(key, vec![Piece::Bytes(run_reply(xid, &fin.result))]);
+    }
+
+    /// Kill every replica, reap them, remove workspaces and the spool.
+    fn stop(&mut self) {
+        let pids: Vec<_> = self.nodes.iter_mut().filter_map(|n| n.shutdown()).collect();
+        for pid in pids {
+            let _ = waitpid(pid, None);
+        }
+        self.reap();
+        for node in &self.nodes {
+            let _ = fs::remove_dir_all(&node.cfg.dir);
+        }
+        let _ = fs::remove_dir_all(&self.spool);
+    }
+}
+
+/// Decode and admit a call header, queueing the error reply if it fails.
+fn admitted(conn: &mut Conn, rec: &[u8], programs: &[rpc::Program]) -> Option<CallHeader> {
+    let h = match CallHeader::decode(rec) {
+        Ok(h) => h,
+        Err(_) => {
+            match rpc::garbage_reply(rec) {
+                Some(reply) => conn.outbox.push_bytes(reply),
+                None => conn.closing = true,
+            }
+            return None;
+        }
+    };
+    if let Err(reply) = rpc::admit(&h, programs) {
+        conn.outbox.push_bytes(reply);
+        return None;
+    }
+    Some(h)
+}
+
+/// How to buffer a record arriving on a connection of this role.
+fn classify(role: &Role, head: &[u8]) -> Shape {
+    match role {
+        Role::Client | Role::NodeInbound(_) => rpc::call_shape(head, proto::call_stream_at),
+        Role::NodeLink { pending, .. } => {
+            let at = rpc::SUCCESS_HEADER_LEN;
+            if head.len() < at + 4 {
+                return Shape::NeedMore(at + 4);
+            }
+            let word = |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+            let is_fetch = matches!(pending.get(&word(0)), Some(Pending::Fetch { .. }));
+            // Accepted, empty verifier, SUCCESS: the fetch_res follows.
+            if is_fetch && word(8) == 0 && word(16) == 0 && word(20) == 0 {
+                Shape::Stream { len_at: at + proto::FETCH_OUTPUT_AT }
+            } else {
+                Shape::Whole
+            }
+        }
+    }
+}
+
+fn create_spool(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+}
+
+fn run_reply(xid: u32, result: &RunResult) -> Vec<u8> {
+    let mut w = rpc::accepted(xid, AcceptStat::Success);
+    result.encode(&mut w);
+    w.into_bytes()
+}
+
+/// Encode a CLOUD_PROG result; RETRIEVE outputs are streamed from their files.
+pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
+    let mut w = rpc::accepted(xid, AcceptStat::Success);
+    let ok = CloudStat::Ok as u32;
+    let err = match reply {
+        Reply::Deploy(Ok(ticket)) => {
+            w.u32(ok).u32(ticket);
+            None
+        }
+        Reply::Status(Ok(st)) => {
+            w.u32(ok);
+            st.encode(&mut w);
+            None
+        }
+        Reply::Close(Ok(())) => {
+            w.u32(ok);
+            None
+        }
+        Reply::Retrieve(Ok(outs)) => return retrieve_pieces(w, outs),
+        Reply::Deploy(Err(e)) | Reply::Status(Err(e)) | Reply::Retrieve(Err(e)) | Reply::Close(Err(e)) => Some(e),
+    };
+    if let Some((stat, msg)) = err {
+        proto::encode_error(&mut w, stat, &msg);
+    }
+    vec![Piece::Bytes(w.into_bytes())]
+}
+
+fn retrieve_pieces(mut w: XdrWriter, outs: Vec<OutputRef>) -> Vec<Piece> {
+    w.u32(CloudStat::Ok as u32).u32(outs.len() as u32);
+    let mut pieces = Vec::new();
+    for out in outs {
+        let opened = File::open(&out.path).and_then(|f| f.metadata().map(|m| (f, m.len())));
+        let mut status = out.status;
+        match opened {
+            Ok((file, len)) => {
+                status.encode(&mut w);
+                w.u32(len as u32);
+                pieces.push(Piece::Bytes(std::mem::take(&mut w).into_bytes()));
+                pieces.push(Piece::File { file, len });
+                w.pad(len as usize);
+            }
+            Err(e) => {
+                if !out.path.as_os_str().is_empty() {
+                    status.message = format!("{} (output unavailable: {e})", status.message);
+                }
+                status.encode(&mut w);
+                w.u32(0);
+            }
+        }
+    }
+    pieces.push(Piece::Bytes(w.into_bytes()));
+    pieces
+}
+
+fn bind_error(e: io::Error, addr: SocketAddr, where_: &str) -> String {
+    if e.kind() == io::ErrorKind::AddrInUse {
+        format!("port {} ({where_}) is already in use: stop what uses it or pick another port", addr.port())
+    } else {
+        format!("cannot listen on {addr} ({where_}): {e}")
+    }
+}

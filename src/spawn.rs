@@ -1,0 +1,364 @@
+//! Starting and stopping a replica's processes, close to the metal.
+//!
+//! Owns: `pipe2` + `fork`; in the child: a new session (so a process group
+//! of its own), stdin from /dev/null, stdout and stderr onto one pipe, a
+//! clean environment, resource limits, an empty network namespace, the
+//! slot user's identity, safe extraction of the archive, and
+//! `exec make run`. Setup failures travel back on a close-on-exec status
+//! pipe, so the parent can tell "make failed" from "never got to make".
+//! Also: killing a replica's process group and sweeping every process of a
+//! slot uid, and decoding wait statuses into replica results.
+//! Must not touch: the reactor, sockets, job bookkeeping.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sched::CloneFlags;
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{killpg, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::{ForkResult, Gid, Pid, Uid};
+
+use crate::extract::{extract, ExtractLimits};
+use crate::proto::{JobState, RunResult};
+
+/// Limits applied to every replica; each is a server option.
+#[derive(Debug, Clone)]
+pub struct JobLimits {
+    pub extract: ExtractLimits,
+    /// RLIMIT_CPU, seconds.
+    pub cpu_seconds: u64,
+    /// RLIMIT_AS, bytes.
+    pub address_space: u64,
+    /// RLIMIT_NOFILE.
+    pub open_files: u64,
+    /// RLIMIT_FSIZE, bytes.
+    pub file_size: u64,
+    /// RLIMIT_NPROC (only binds a non-root uid).
+    pub processes: u64,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        JobLimits {
+            extract: ExtractLimits::default(),
+            cpu_seconds: 600,
+            address_space: 2 << 30,
+            open_files: 256,
+            file_size: 256 << 20,
+            processes: 256,
+        }
+    }
+}
+
+/// Who a replica runs as, and whether it gets a network of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sandbox {
+    /// Drop to this uid/gid before extraction (only when the server is root).
+    pub identity: Option<(Uid, Gid)>,
+    /// unshare(CLONE_NEWNET): loopback only.
+    pub isolate_network: bool,
+}
+
+/// Everything the child needs to start one replica.
+#[derive(Debug)]
+pub struct SpawnSpec<'a> {
+    pub archive: &'a Path,
+    /// Created by the child, owned by the sandbox identity, mode 0700.
+    pub workspace: &'a Path,
+    pub env: Vec<(String, String)>,
+    pub limits: &'a JobLimits,
+    pub sandbox: Sandbox,
+}
+
+/// A started replica.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: Pid,
+    /// Read end of the stdout+stderr pipe, non-blocking.
+    pub output: OwnedFd,
+    /// Read end of the setup-status pipe: empty at EOF if exec succeeded.
+    pub status: OwnedFd,
+}
+
+/// Exit code the child uses when setup (extraction, limits) failed.
+pub const SETUP_FAILED: i32 = 125;
+
+/// Fork a child that sets itself up and execs `make run`.
+pub fn spawn(spec: &SpawnSpec) -> nix::Result<Spawned> {
+    // Prepare everything that allocates from strings before forking.
+    let make = CString::new("make").expect("no NUL");
+    let argv = [make.clone(), CString::new("run").expect("no NUL")];
+    let envp: Vec<CString> = spec
+        .env
+        .iter()
+        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+        .collect();
+    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (st_r, st_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    // SAFETY: the server is single-threaded, so the child may allocate and
+    // run ordinary Rust code between fork and exec; it never returns into
+    // the reactor (every path ends in exec or _exit).
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Child => {
+            drop(out_r);
+            drop(st_r);
+            let err = child_setup(spec, out_w, &make, &argv, &envp);
+            let mut st = File::from(st_w);
+            let _ = writeln!(st, "{}", err.message);
+            // SAFETY: _exit is async-signal-safe and skips the parent's atexit
+            // handlers and stdio buffers, which belong to the server.
+            unsafe { libc::_exit(err.code) }
+        }
+        ForkResult::Parent { child } => {
+            drop(out_w);
+            drop(st_w);
+            fcntl(out_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+            fcntl(st_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+            Ok(Spawned { pid: child, output: out_r, status: st_r })
+        }
+    }
+}
+
+struct ChildError {
+    code: i32,
+    message: String,
+}
+
+fn fail(code: i32, message: String) -> ChildError {
+    ChildError { code, message }
+}
+
+/// Runs in the child. Returns only on failure.
+fn child_setup(spec: &SpawnSpec, out_w: OwnedFd, make: &CString, argv: &[CString], envp: &[CString]) -> ChildError {
+    let setup = |what: &str, e: nix::Error| fail(SETUP_FAILED, format!("replica setup failed: {what}: {e}"));
+    // Signals: the server blocks some for its signalfd and Rust ignores
+    // SIGPIPE; the job must start with the defaults.
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    for sig in [Signal::SIGPIPE, Signal::SIGINT, Signal::SIGTERM, Signal::SIGCHLD] {
+        // SAFETY: restoring the default disposition installs no handler.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+    }
+    if let Err(e) = nix::unistd::setsid() {
+        return setup("setsid", e);
+    }
+    // stdout and stderr share one pipe, so their lines stay in order.
+    if let Err(e) = nix::unistd::dup2_stdout(&out_w).and_then(|_| nix::unistd::dup2_stderr(&out_w)) {
+        return setup("dup2", e);
+    }
+    drop(out_w);
+    match File::open("/dev/null") {
+        Ok(null) => {
+            if let Err(e) = nix::unistd::dup2_stdin(&null) {
+                return setup("stdin", e);
+            }
+        }
+        Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: /dev/null: {e}")),
+    }
+    // Nothing else leaks into the job: mark every other descriptor CLOEXEC.
+    // SAFETY: close_range only changes descriptor flags.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+
+    // Open what we need while still privileged.
+    let archive = match File::open(spec.archive) {
+        Ok(f) => f,
+        Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: archive: {e}")),
+    };
+    if let Err(e) = make_workspace(spec.workspace, spec.sandbox.identity) {
+        return fail(SETUP_FAILED, format!("replica setup failed: workspace: {e}"));
+    }
+    let workspace = match File::open(spec.workspace) {
+        Ok(d) => d,
+        Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: workspace: {e}")),
+    };
+    if spec.sandbox.isolate_network {
+        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNET) {
+            return setup("network namespace", e);
+        }
+        loopback_up();
+    }
+    let l = spec.limits;
+    let limits = [
+        (Resource::RLIMIT_CPU, l.cpu_seconds, "CPU time"),
+        (Resource::RLIMIT_AS, l.address_space, "address space"),
+        (Resource::RLIMIT_NOFILE, l.open_files, "open files"),
+        (Resource::RLIMIT_FSIZE, l.file_size, "file size"),
+        (Resource::RLIMIT_NPROC, l.processes, "processes"),
+        (Resource::RLIMIT_CORE, 0, "core size"),
+    ];
+    for (res, v, what) in limits {
+        if let Err(e) = setrlimit(res, v, v) {
+            return setup(what, e);
+        }
+    }
+    if let Some((uid, gid)) = spec.sandbox.identity {
+        if let Err(e) = nix::unistd::setgroups(&[gid])
+            .and_then(|_| nix::unistd::setgid(gid))
+            .and_then(|_| nix::unistd::setuid(uid))
+        {
+            return setup("dropping privileges", e);
+        }
+    }
+    // fchdir: the workspace was opened while privileged, so the job's user
+    // does not need to be able to traverse the work dir's ancestors.
+    if let Err(e) = nix::unistd::fchdir(&workspace) {
+        return setup("chdir", e);
+    }
+    drop(workspace);
+    if let Err(msg) = extract(archive, Path::new("."), &l.extract) {
+        return fail(SETUP_FAILED, msg);
+    }
+    let e = nix::unistd::execvpe(make, argv, envp).unwrap_err();
+    let code = if e == nix::Error::ENOENT { 127 } else { 126 };
+    fail(code, format!("cannot run make: {e}"))
+}
+
+fn make_workspace(path: &Path, identity: Option<(Uid, Gid)>) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(path)?;
+    if let Some((uid, gid)) = identity {
+        nix::unistd::chown(path, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// Bring up `lo` in a fresh network namespace (best effort).
+fn loopback_up() {
+    // SAFETY: plain socket + ioctl on a zeroed ifreq whose name is "lo";
+    // the kernel reads and writes only that struct.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req);
+        }
+        libc::close(fd);
+    }
+}
+
+/// Send `sig` to a replica's process group (its pgid is its pid). ESRCH
+/// (already gone) is fine.
+pub fn signal_group(pgid: Pid, sig: Signal) {
+    match killpg(pgid, sig) {
+        Ok(()) | Err(nix::Error::ESRCH) => {}
+        Err(e) => log::warn!("killpg({pgid}, {sig}) failed: {e}"),
+    }
+}
+
+/// Kill every process running as `uid`, including ones that left the
+/// replica's session: a forked helper takes that uid and calls kill(-1).
+/// Only safe when the uid belongs to one node. The helper is reaped by the
+/// server's normal SIGCHLD path.
+pub fn kill_all_of_uid(uid: Uid) -> nix::Result<Pid> {
+    // SAFETY: single-threaded server; the child only calls setuid, kill and
+    // _exit, all async-signal-safe.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Child => {
+            // SAFETY: raw syscalls; the child never returns.
+            unsafe {
+                if libc::setgroups(0, std::ptr::null()) == 0 && libc::setuid(uid.as_raw()) == 0 {
+                    libc::kill(-1, libc::SIGKILL);
+                    libc::_exit(0);
+                }
+                libc::_exit(1)
+            }
+        }
+        ForkResult::Parent { child } => Ok(child),
+    }
+}
+
+/// Read what the child wrote on its status pipe (empty if exec succeeded).
+pub fn read_setup_error(status: &OwnedFd) -> String {
+    let mut f = File::from(status.try_clone().expect("dup of an open pipe"));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    while buf.len() < 4096 {
+        match f.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&buf).trim().to_string()
+}
+
+/// Why a replica was stopped by the server, if it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    TimeLimit { seconds: u64, killed: bool },
+    Closed,
+    Shutdown,
+}
+
+/// Turn how the child ended into the replica's result.
+pub fn classify_exit(status: WaitStatus, setup_error: &str, stopped: Option<&StopReason>) -> RunResult {
+    if let Some(reason) = stopped {
+        let message = match reason {
+            StopReason::TimeLimit { seconds, killed: false } => {
+                format!("time limit of {seconds}s exceeded (--time-limit): stopped with SIGTERM")
+            }
+            StopReason::TimeLimit { seconds, killed: true } => format!(
+                "time limit of {seconds}s exceeded (--time-limit): ignored SIGTERM, killed with SIGKILL"
+            ),
+            StopReason::Closed => "killed: the ticket was closed".into(),
+            StopReason::Shutdown => "killed: the server shut down".into(),
+        };
+        return RunResult { state: JobState::Invalid, exit_code: exit_code(status), message };
+    }
+    if !setup_error.is_empty() {
+        return RunResult { state: JobState::Invalid, exit_code: exit_code(status), message: setup_error.into() };
+    }
+    match status {
+        WaitStatus::Exited(_, 0) => RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() },
+        WaitStatus::Exited(_, code) => RunResult {
+            state: JobState::Invalid,
+            exit_code: code,
+            message: format!("make run exited with status {code}"),
+        },
+        WaitStatus::Signaled(_, sig, _) => {
+            let hint = match sig {
+                Signal::SIGXCPU => " (CPU time limit, --max-cpu)",
+                Signal::SIGXFSZ => " (file size limit, --max-file-size)",
+                _ => "",
+            };
+            RunResult {
+                state: JobState::Invalid,
+                exit_code: 128 + sig as i32,
+                message: format!("make run was killed by signal {}{hint}", sig.as_str()),
+            }
+        }
+        other => RunResult::invalid(format!("make run ended unexpectedly: {other:?}")),
+    }
+}
+
+fn exit_code(status: WaitStatus) -> i32 {
+    match status {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        _ => -1,
+    }
+}
+
+/// The environment of a replica: nothing of the server's.
+pub fn replica_env(workspace: &Path, ticket: u32, replica: u32, replicas: u32, port: u16) -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ("HOME".into(), String::from_utf8_lossy(workspace.as_os_str().as_bytes()).into_owned()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("CLOUD_TICKET".into(), ticket.to_string()),
+        ("CLOUD_REPLICA".into(), replica.to_string()),
+        ("CLOUD_REPLICAS".into(), replicas.to_string()),
+        ("CLOUD_NODE_PORT".into(), port.to_string()),
+    ]
+}
