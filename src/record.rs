@@ -50,8 +50,13 @@ pub enum Event<'a> {
 
 #[derive(Debug)]
 enum Phase {
-    Head { shape: Shape },
-    Stream { left: u64, pad: usize },
+    Head {
+        shape: Shape,
+    },
+    Stream {
+        left: u64,
+        pad: usize,
+    },
     /// Bytes after a streamed opaque, up to the end of the record.
     Tail,
     Failed,
@@ -84,7 +89,9 @@ impl RecordDecoder {
             last_fragment: false,
             in_record: false,
             head: Vec::new(),
-            phase: Phase::Head { shape: Shape::NeedMore(0) },
+            phase: Phase::Head {
+                shape: Shape::NeedMore(0),
+            },
         }
     }
 
@@ -104,7 +111,9 @@ impl RecordDecoder {
     fn reset_record(&mut self) {
         self.in_record = false;
         self.last_fragment = false;
-        self.phase = Phase::Head { shape: Shape::NeedMore(0) };
+        self.phase = Phase::Head {
+            shape: Shape::NeedMore(0),
+        };
     }
 
     /// Consume bytes from `input` until an event is ready or the input is
@@ -153,7 +162,13 @@ impl RecordDecoder {
                     if self.head.len() + n > self.max_whole {
                         self.phase = Phase::Failed;
                         let head = std::mem::take(&mut self.head);
-                        return (input.len(), Some(Event::TooLarge { head, what: "record" }));
+                        return (
+                            input.len(),
+                            Some(Event::TooLarge {
+                                head,
+                                what: "record",
+                            }),
+                        );
                     }
                     self.head.extend_from_slice(&input[pos..pos + n]);
                     self.frag_left -= n;
@@ -185,7 +200,10 @@ impl RecordDecoder {
     }
 
     /// Decisions that depend only on buffered state.
-    fn step_without_input(&mut self, classify: &mut dyn FnMut(&[u8]) -> Shape) -> Option<Event<'static>> {
+    fn step_without_input(
+        &mut self,
+        classify: &mut dyn FnMut(&[u8]) -> Shape,
+    ) -> Option<Event<'static>> {
         match self.phase {
             Phase::Head { shape } => {
                 // Ask the classifier whenever its last wish has been met.
@@ -206,7 +224,10 @@ impl RecordDecoder {
                         let head = std::mem::take(&mut self.head);
                         if u64::from(len) > self.max_stream {
                             self.phase = Phase::Failed;
-                            return Some(Event::TooLarge { head, what: "archive" });
+                            return Some(Event::TooLarge {
+                                head,
+                                what: "archive",
+                            });
                         }
                         self.phase = Phase::Stream {
                             left: u64::from(len),
@@ -245,7 +266,10 @@ pub enum Piece {
     Bytes(Vec<u8>),
     /// `len` bytes read from the file's current position. If the file turns
     /// out shorter, the rest is sent as zeros so the framing stays right.
-    File { file: File, len: u64 },
+    File {
+        file: File,
+        len: u64,
+    },
 }
 
 impl Piece {
@@ -279,7 +303,10 @@ impl Outbox {
     /// Queue one record made of these pieces.
     pub fn push(&mut self, pieces: Vec<Piece>) {
         let left = pieces.iter().map(Piece::len).sum();
-        self.records.push_back(OutRecord { pieces: pieces.into(), left });
+        self.records.push_back(OutRecord {
+            pieces: pieces.into(),
+            left,
+        });
     }
 
     /// Queue a record that is just bytes.
@@ -402,7 +429,9 @@ mod tests {
                 rest = &rest[n..];
                 match ev {
                     Some(Event::Record(r)) => seen.push(Seen::Record(r)),
-                    Some(Event::StreamStart { head, .. }) => seen.push(Seen::Stream { head, data: vec![] }),
+                    Some(Event::StreamStart { head, .. }) => {
+                        seen.push(Seen::Stream { head, data: vec![] })
+                    }
                     Some(Event::StreamData(d)) => match seen.last_mut() {
                         Some(Seen::Stream { data, .. }) => data.extend_from_slice(d),
                         _ => panic!("data outside a stream"),
@@ -422,20 +451,28 @@ mod tests {
         // null-two-fragments.txt: 00 00 00 10 then 80 00 00 18.
         let mut wire = vec![0, 0, 0, 4, 9, 9, 9, 9];
         wire.extend_from_slice(&[0x80, 0, 0, 2, 7, 7]);
-        assert_eq!(run(&[&wire], 100), vec![Seen::Record(vec![9, 9, 9, 9, 7, 7])]);
+        assert_eq!(
+            run(&[&wire], 100),
+            vec![Seen::Record(vec![9, 9, 9, 9, 7, 7])]
+        );
     }
 
     #[test]
     fn streamed_opaque_skips_padding_and_frame_marks() {
         // word 1, opaque "abcde" + 3 pad, split into fragments inside the data.
-        let payload = [0, 0, 0, 1, 0, 0, 0, 5, b'a', b'b', b'c', b'd', b'e', 0, 0, 0];
+        let payload = [
+            0, 0, 0, 1, 0, 0, 0, 5, b'a', b'b', b'c', b'd', b'e', 0, 0, 0,
+        ];
         let mut wire = vec![0, 0, 0, 10];
         wire.extend_from_slice(&payload[..10]);
         wire.extend_from_slice(&[0x80, 0, 0, 6]);
         wire.extend_from_slice(&payload[10..]);
         assert_eq!(
             run(&[&wire], 100),
-            vec![Seen::Stream { head: payload[..8].to_vec(), data: b"abcde".to_vec() }]
+            vec![Seen::Stream {
+                head: payload[..8].to_vec(),
+                data: b"abcde".to_vec()
+            }]
         );
     }
 
@@ -460,7 +497,10 @@ mod tests {
         let mut out = Outbox::new();
         out.push(vec![
             Piece::Bytes(vec![0, 0, 0, 1, 0, 1, 0, 6]),
-            Piece::File { file: tmp, len: (MAX_OUT_FRAGMENT + 10) as u64 },
+            Piece::File {
+                file: tmp,
+                len: (MAX_OUT_FRAGMENT + 10) as u64,
+            },
             Piece::Bytes(vec![0, 0]),
         ]);
         let mut wire = Vec::new();
@@ -477,10 +517,16 @@ mod tests {
             }
             v
         };
-        assert_eq!(marks, vec![8, MAX_OUT_FRAGMENT as u32, 10, 2 | LAST_FRAGMENT]);
+        assert_eq!(
+            marks,
+            vec![8, MAX_OUT_FRAGMENT as u32, 10, 2 | LAST_FRAGMENT]
+        );
         assert_eq!(
             run(&[&wire], 100),
-            vec![Seen::Stream { head: vec![0, 0, 0, 1, 0, 1, 0, 6], data: vec![7u8; MAX_OUT_FRAGMENT + 10] }]
+            vec![Seen::Stream {
+                head: vec![0, 0, 0, 1, 0, 1, 0, 6],
+                data: vec![7u8; MAX_OUT_FRAGMENT + 10]
+            }]
         );
     }
 

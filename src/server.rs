@@ -69,7 +69,11 @@ pub struct ServerConfig {
 #[derive(Debug)]
 enum Pending {
     Run,
-    Fetch { ticket: u32, replica: u32, into: PathBuf },
+    Fetch {
+        ticket: u32,
+        replica: u32,
+        into: PathBuf,
+    },
     Drop,
 }
 
@@ -80,7 +84,11 @@ enum Role {
     /// A node's end of the link from the main server.
     NodeInbound(NodeId),
     /// The main server's end of the link to a node.
-    NodeLink { node: NodeId, pending: HashMap<u32, Pending>, connected: bool },
+    NodeLink {
+        node: NodeId,
+        pending: HashMap<u32, Pending>,
+        connected: bool,
+    },
 }
 
 /// Where a streamed opaque goes.
@@ -88,9 +96,17 @@ enum Role {
 enum Sink {
     None,
     /// An archive or output spooled to a file.
-    File { xid: u32, what: Streamed, file: Option<File>, path: PathBuf, error: Option<String> },
+    File {
+        xid: u32,
+        what: Streamed,
+        file: Option<File>,
+        path: PathBuf,
+        error: Option<String>,
+    },
     /// A streamed call that will be refused: swallow it, then send `reply`.
-    Discard { reply: Vec<u8> },
+    Discard {
+        reply: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -157,10 +173,12 @@ impl Server {
             .map_err(|e| format!("cannot create work dir {}: {e}", cfg.work_dir.display()))?;
         let spool = cfg.work_dir.join("spool");
         let _ = fs::remove_dir_all(&spool);
-        fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
+        fs::create_dir_all(&spool)
+            .map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
 
         let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
-        let mut clients = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
+        let mut clients =
+            TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
         let local_addr = clients.local_addr().map_err(|e| e.to_string())?;
         let mut node_listeners = Vec::with_capacity(n);
         let mut nodes = Vec::with_capacity(n);
@@ -177,7 +195,10 @@ impl Server {
                 port,
                 dir: dir.clone(),
                 limits: cfg.limits.clone(),
-                sandbox: Sandbox { identity: cfg.identities[i], isolate_network: cfg.isolate_network },
+                sandbox: Sandbox {
+                    identity: cfg.identities[i],
+                    isolate_network: cfg.isolate_network,
+                },
                 time_limit: cfg.time_limit,
                 kill_grace: cfg.kill_grace,
                 max_output: cfg.max_output,
@@ -202,9 +223,13 @@ impl Server {
         }
 
         let reg = poll.registry();
-        reg.register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)
-            .and_then(|_| reg.register(&mut clients, CLIENTS, Interest::READABLE))
-            .map_err(|e| format!("cannot register with epoll: {e}"))?;
+        reg.register(
+            &mut SourceFd(&signals.as_raw_fd()),
+            SIGNALS,
+            Interest::READABLE,
+        )
+        .and_then(|_| reg.register(&mut clients, CLIENTS, Interest::READABLE))
+        .map_err(|e| format!("cannot register with epoll: {e}"))?;
         for (i, l) in node_listeners.iter_mut().enumerate() {
             reg.register(l, Token(NODE_LISTENER_BASE + i), Interest::READABLE)
                 .map_err(|e| format!("cannot register with epoll: {e}"))?;
@@ -239,10 +264,19 @@ impl Server {
     /// Connect the main server to every node and wait until all links are up.
     fn link_nodes(&mut self) -> Result<(), String> {
         for i in 0..self.nodes.len() {
-            let addr = self.node_listeners[i].local_addr().map_err(|e| e.to_string())?;
-            let stream = TcpStream::connect(addr).map_err(|e| format!("cannot connect to node {addr}: {e}"))?;
-            let role = Role::NodeLink { node: i, pending: HashMap::new(), connected: false };
-            let key = self.add_conn(stream, role, true).map_err(|e| format!("cannot register link: {e}"))?;
+            let addr = self.node_listeners[i]
+                .local_addr()
+                .map_err(|e| e.to_string())?;
+            let stream = TcpStream::connect(addr)
+                .map_err(|e| format!("cannot connect to node {addr}: {e}"))?;
+            let role = Role::NodeLink {
+                node: i,
+                pending: HashMap::new(),
+                connected: false,
+            };
+            let key = self
+                .add_conn(stream, role, true)
+                .map_err(|e| format!("cannot register link: {e}"))?;
             self.links[i] = Some(key);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -272,7 +306,11 @@ impl Server {
         let linked = self.links.iter().all(|k| {
             matches!(k.and_then(|k| self.slab.get(k)), Some(Source::Conn(c)) if matches!(c.role, Role::NodeLink { connected: true, .. }))
         });
-        let inbound = self.slab.iter().filter(|(_, s)| matches!(s, Source::Conn(c) if matches!(c.role, Role::NodeInbound(_)))).count();
+        let inbound = self
+            .slab
+            .iter()
+            .filter(|(_, s)| matches!(s, Source::Conn(c) if matches!(c.role, Role::NodeInbound(_))))
+            .count();
         linked && inbound == self.nodes.len()
     }
 
@@ -319,14 +357,20 @@ impl Server {
     /// Poll timeout: until the earliest node deadline, or forever.
     fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
-        self.nodes.iter().filter_map(|n| n.deadline()).min().map(|d| d.saturating_duration_since(now))
+        self.nodes
+            .iter()
+            .filter_map(|n| n.deadline())
+            .min()
+            .map(|d| d.saturating_duration_since(now))
     }
 
     fn dispatch(&mut self, token: Token) {
         match token {
             SIGNALS => self.on_signals(),
             CLIENTS => self.accept(None),
-            Token(t) if t < first_key(self.nodes.len()) => self.accept(Some(t - NODE_LISTENER_BASE)),
+            Token(t) if t < first_key(self.nodes.len()) => {
+                self.accept(Some(t - NODE_LISTENER_BASE))
+            }
             Token(t) => {
                 let key = t - first_key(self.nodes.len());
                 match self.slab.get(key) {
@@ -392,8 +436,14 @@ impl Server {
         let entry = self.slab.vacant_entry();
         let key = entry.key();
         let token = Token(key + first_key(self.nodes.len()));
-        let interest = if writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-        self.poll.registry().register(&mut stream, token, interest)?;
+        let interest = if writable {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        self.poll
+            .registry()
+            .register(&mut stream, token, interest)?;
         let (max_whole, max_stream) = match role {
             Role::Client => (MAX_RECORD, self.max_archive),
             Role::NodeInbound(_) => (MAX_RECORD, self.max_archive),
@@ -423,8 +473,13 @@ impl Server {
     }
 
     fn conn_event(&mut self, key: usize) {
-        let Some(mut conn) = self.take_conn(key) else { return };
-        if let Role::NodeLink { connected, node, .. } = &mut conn.role {
+        let Some(mut conn) = self.take_conn(key) else {
+            return;
+        };
+        if let Role::NodeLink {
+            connected, node, ..
+        } = &mut conn.role
+        {
             if !*connected {
                 match conn.stream.take_error() {
                     Ok(None) if conn.stream.peer_addr().is_ok() => {
@@ -519,34 +574,56 @@ impl Server {
             },
             Event::StreamStart { head, len } => self.stream_start(key, conn, &head, len),
             Event::StreamData(data) => {
-                if let Sink::File { file: Some(f), error, path, .. } = &mut conn.sink {
+                if let Sink::File {
+                    file: Some(f),
+                    error,
+                    path,
+                    ..
+                } = &mut conn.sink
+                {
                     if let Err(e) = f.write_all(data) {
                         log::error!("cannot write {}: {e}", path.display());
                         *error = Some(format!("the server cannot store the data: {e}"));
                         let _ = fs::remove_file(&*path);
                         conn.sink = match std::mem::replace(&mut conn.sink, Sink::None) {
-                            Sink::File { xid, what, path, error, .. } => Sink::File { xid, what, file: None, path, error },
+                            Sink::File {
+                                xid,
+                                what,
+                                path,
+                                error,
+                                ..
+                            } => Sink::File {
+                                xid,
+                                what,
+                                file: None,
+                                path,
+                                error,
+                            },
                             other => other,
                         };
                     }
                 }
             }
             Event::StreamEnd => self.stream_end(key, conn),
-            Event::Truncated => {
-                match std::mem::replace(&mut conn.sink, Sink::None) {
-                    Sink::File { xid, path, what, .. } => {
-                        let _ = fs::remove_file(&path);
-                        match what {
-                            Streamed::Fetch { ticket, replica } => {
-                                self.coord.fetched(ticket, replica, Err("the node's reply was cut short".into()))
-                            }
-                            _ => conn.outbox.push_bytes(rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()),
-                        }
+            Event::Truncated => match std::mem::replace(&mut conn.sink, Sink::None) {
+                Sink::File {
+                    xid, path, what, ..
+                } => {
+                    let _ = fs::remove_file(&path);
+                    match what {
+                        Streamed::Fetch { ticket, replica } => self.coord.fetched(
+                            ticket,
+                            replica,
+                            Err("the node's reply was cut short".into()),
+                        ),
+                        _ => conn
+                            .outbox
+                            .push_bytes(rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()),
                     }
-                    Sink::Discard { reply } => conn.outbox.push_bytes(reply),
-                    Sink::None => {}
                 }
-            }
+                Sink::Discard { reply } => conn.outbox.push_bytes(reply),
+                Sink::None => {}
+            },
             Event::TooLarge { head, what } => {
                 log::warn!("connection {key}: {what} over the limit; answering and closing");
                 if let Ok(xid) = XdrReader::new(&head).u32() {
@@ -572,7 +649,9 @@ impl Server {
         if matches!(conn.role, Role::NodeLink { .. }) {
             return self.fetch_stream_start(conn, head);
         }
-        let Ok(h) = CallHeader::decode(head) else { return };
+        let Ok(h) = CallHeader::decode(head) else {
+            return;
+        };
         let programs: &[rpc::Program] = match conn.role {
             Role::Client => &[CLOUD_PROGRAM],
             _ => &[NODE_PROGRAM],
@@ -593,16 +672,29 @@ impl Server {
             },
         };
         let opened = match (&what, &conn.role) {
-            (Streamed::Run { args }, Role::NodeInbound(i)) => self.nodes[*i].prepare_archive(args.ticket),
+            (Streamed::Run { args }, Role::NodeInbound(i)) => {
+                self.nodes[*i].prepare_archive(args.ticket)
+            }
             _ => {
                 self.next_spool += 1;
-                let path = self.spool.join(format!("incoming-{key}-{}", self.next_spool));
+                let path = self
+                    .spool
+                    .join(format!("incoming-{key}-{}", self.next_spool));
                 create_spool(&path).map(|f| (f, path))
             }
         };
-        log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", h.xid);
+        log::debug!(
+            "connection {key}: xid {:#x}: receiving a {len} byte archive",
+            h.xid
+        );
         conn.sink = match opened {
-            Ok((file, path)) => Sink::File { xid: h.xid, what, file: Some(file), path, error: None },
+            Ok((file, path)) => Sink::File {
+                xid: h.xid,
+                what,
+                file: Some(file),
+                path,
+                error: None,
+            },
             Err(e) => {
                 log::error!("cannot spool an archive: {e}");
                 Sink::File {
@@ -618,18 +710,49 @@ impl Server {
 
     /// A NODE_FETCH reply starts streaming the output into its spool file.
     fn fetch_stream_start(&mut self, conn: &mut Conn, head: &[u8]) {
-        let Role::NodeLink { pending, .. } = &mut conn.role else { return };
-        let Ok(xid) = XdrReader::new(head).u32() else { return };
-        let Some(Pending::Fetch { ticket, replica, into }) = pending.remove(&xid) else { return };
-        let stat = XdrReader::new(&head[rpc::SUCCESS_HEADER_LEN..]).u32().unwrap_or(u32::MAX);
+        let Role::NodeLink { pending, .. } = &mut conn.role else {
+            return;
+        };
+        let Ok(xid) = XdrReader::new(head).u32() else {
+            return;
+        };
+        let Some(Pending::Fetch {
+            ticket,
+            replica,
+            into,
+        }) = pending.remove(&xid)
+        else {
+            return;
+        };
+        let stat = XdrReader::new(&head[rpc::SUCCESS_HEADER_LEN..])
+            .u32()
+            .unwrap_or(u32::MAX);
         let what = Streamed::Fetch { ticket, replica };
         conn.sink = if stat != CloudStat::Ok as u32 {
             // The output opaque holds the node's error message.
-            Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some("the node has no output".into()) }
+            Sink::File {
+                xid,
+                what,
+                file: None,
+                path: PathBuf::new(),
+                error: Some("the node has no output".into()),
+            }
         } else {
             match create_spool(&into) {
-                Ok(file) => Sink::File { xid, what, file: Some(file), path: into, error: None },
-                Err(e) => Sink::File { xid, what, file: None, path: into, error: Some(e.to_string()) },
+                Ok(file) => Sink::File {
+                    xid,
+                    what,
+                    file: Some(file),
+                    path: into,
+                    error: None,
+                },
+                Err(e) => Sink::File {
+                    xid,
+                    what,
+                    file: None,
+                    path: into,
+                    error: Some(e.to_string()),
+                },
             }
         };
     }
@@ -638,11 +761,18 @@ impl Server {
         match std::mem::replace(&mut conn.sink, Sink::None) {
             Sink::None => {}
             Sink::Discard { reply } => conn.outbox.push_bytes(reply),
-            Sink::File { xid, what, file, path, error } => {
+            Sink::File {
+                xid,
+                what,
+                file,
+                path,
+                error,
+            } => {
                 drop(file);
                 match what {
                     Streamed::Fetch { ticket, replica } => {
-                        self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err));
+                        self.coord
+                            .fetched(ticket, replica, error.map_or(Ok(path), Err));
                     }
                     Streamed::Deploy { replicas } => match error {
                         Some(msg) => {
@@ -653,7 +783,9 @@ impl Server {
                         None => self.coord.deploy(Caller { conn: key, xid }, replicas, path),
                     },
                     Streamed::Run { args } => {
-                        let Role::NodeInbound(i) = conn.role else { return };
+                        let Role::NodeInbound(i) = conn.role else {
+                            return;
+                        };
                         let started = match error {
                             Some(msg) => Err(RunResult::invalid(msg)),
                             None => self.nodes[i].start(args, (key, xid), Instant::now()),
@@ -671,7 +803,11 @@ impl Server {
     fn watch_child(&mut self, node: NodeId, fd: std::os::fd::RawFd) {
         let entry = self.slab.vacant_entry();
         let token = Token(entry.key() + first_key(self.nodes.len()));
-        match self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE) {
+        match self
+            .poll
+            .registry()
+            .register(&mut SourceFd(&fd), token, Interest::READABLE)
+        {
             Ok(()) => {
                 self.child_keys[node] = Some(entry.key());
                 entry.insert(Source::ChildOutput(node));
@@ -684,31 +820,48 @@ impl Server {
 
     /// A buffered call from a client of the main server.
     fn client_call(&mut self, key: usize, conn: &mut Conn, rec: &[u8]) {
-        let Some(h) = admitted(conn, rec, &[CLOUD_PROGRAM]) else { return };
-        let caller = Caller { conn: key, xid: h.xid };
+        let Some(h) = admitted(conn, rec, &[CLOUD_PROGRAM]) else {
+            return;
+        };
+        let caller = Caller {
+            conn: key,
+            xid: h.xid,
+        };
         let mut r = XdrReader::new(&rec[h.args_at..]);
-        log::debug!("connection {key}: call xid {:#x} proc {}", h.xid, h.proc_num);
+        log::debug!(
+            "connection {key}: call xid {:#x} proc {}",
+            h.xid,
+            h.proc_num
+        );
         let ok = match h.proc_num {
             proto::CLOUD_NULL => {
-                conn.outbox.push_bytes(rpc::accepted(h.xid, AcceptStat::Success).into_bytes());
+                conn.outbox
+                    .push_bytes(rpc::accepted(h.xid, AcceptStat::Success).into_bytes());
                 true
             }
             proto::STATUS => r.u32().map(|t| self.coord.status(caller, t)).is_ok(),
-            proto::RETRIEVE => proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, t, w)).is_ok(),
+            proto::RETRIEVE => proto::decode_retrieve_args(&mut r)
+                .map(|(t, w)| self.coord.retrieve(caller, t, w))
+                .is_ok(),
             proto::CLOSE => r.u32().map(|t| self.coord.close(caller, t)).is_ok(),
             _ => false, // a DEPLOY too short to stream
         };
         if !ok {
-            conn.outbox.push_bytes(rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes());
+            conn.outbox
+                .push_bytes(rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes());
         }
     }
 
     /// A buffered call from the main server to node i.
     fn node_call(&mut self, i: NodeId, conn: &mut Conn, rec: &[u8]) {
-        let Some(h) = admitted(conn, rec, &[NODE_PROGRAM]) else { return };
+        let Some(h) = admitted(conn, rec, &[NODE_PROGRAM]) else {
+            return;
+        };
         let mut r = XdrReader::new(&rec[h.args_at..]);
         let reply = match (h.proc_num, r.u32()) {
-            (proto::NODE_NULL, _) => vec![Piece::Bytes(rpc::accepted(h.xid, AcceptStat::Success).into_bytes())],
+            (proto::NODE_NULL, _) => vec![Piece::Bytes(
+                rpc::accepted(h.xid, AcceptStat::Success).into_bytes(),
+            )],
             (proto::NODE_FETCH, Ok(ticket)) => {
                 let mut w = rpc::accepted(h.xid, AcceptStat::Success);
                 match self.nodes[i].fetch(ticket) {
@@ -716,7 +869,11 @@ impl Server {
                         w.u32(CloudStat::Ok as u32).u32(len as u32);
                         let mut pad = XdrWriter::new();
                         pad.pad(len as usize);
-                        vec![Piece::Bytes(w.into_bytes()), Piece::File { file, len }, Piece::Bytes(pad.into_bytes())]
+                        vec![
+                            Piece::Bytes(w.into_bytes()),
+                            Piece::File { file, len },
+                            Piece::Bytes(pad.into_bytes()),
+                        ]
                     }
                     Err(msg) => {
                         w.u32(CloudStat::NoSuchTicket as u32).opaque(msg.as_bytes());
@@ -730,14 +887,18 @@ impl Server {
                 w.u32(CloudStat::Ok as u32);
                 vec![Piece::Bytes(w.into_bytes())]
             }
-            _ => vec![Piece::Bytes(rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes())],
+            _ => vec![Piece::Bytes(
+                rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes(),
+            )],
         };
         conn.outbox.push(reply);
     }
 
     /// A buffered reply from node `node` to the main server.
     fn node_reply(&mut self, node: NodeId, conn: &mut Conn, rec: &[u8]) {
-        let Role::NodeLink { pending, .. } = &mut conn.role else { return };
+        let Role::NodeLink { pending, .. } = &mut conn.role else {
+            return;
+        };
         let (xid, outcome) = match rpc::decode_reply(rec) {
             Ok(r) => r,
             Err(e) => {
@@ -747,7 +908,10 @@ impl Server {
             }
         };
         let Some(call) = pending.remove(&xid) else {
-            log::warn!("reply from node {} to an unknown xid {xid:#x}", self.node_names[node]);
+            log::warn!(
+                "reply from node {} to an unknown xid {xid:#x}",
+                self.node_names[node]
+            );
             return;
         };
         let results = match outcome {
@@ -757,12 +921,20 @@ impl Server {
         match call {
             Pending::Run => {
                 let result = results
-                    .and_then(|b| RunResult::decode(&mut XdrReader::new(b)).map_err(|e| e.to_string()))
-                    .unwrap_or_else(|why| RunResult::invalid(format!("node {}: {why}", self.node_names[node])));
+                    .and_then(|b| {
+                        RunResult::decode(&mut XdrReader::new(b)).map_err(|e| e.to_string())
+                    })
+                    .unwrap_or_else(|why| {
+                        RunResult::invalid(format!("node {}: {why}", self.node_names[node]))
+                    });
                 self.coord.run_finished(node, result);
             }
-            Pending::Fetch { ticket, replica, .. } => {
-                let why = results.err().unwrap_or_else(|| "the node sent no output".into());
+            Pending::Fetch {
+                ticket, replica, ..
+            } => {
+                let why = results
+                    .err()
+                    .unwrap_or_else(|| "the node sent no output".into());
                 self.coord.fetched(ticket, replica, Err(why));
             }
             Pending::Drop => {}
@@ -808,24 +980,48 @@ impl Server {
                 w.u32(len as u32);
                 let mut pad = XdrWriter::new();
                 pad.pad(len as usize);
-                let pieces = vec![Piece::Bytes(w.into_bytes()), Piece::File { file, len }, Piece::Bytes(pad.into_bytes())];
+                let pieces = vec![
+                    Piece::Bytes(w.into_bytes()),
+                    Piece::File { file, len },
+                    Piece::Bytes(pad.into_bytes()),
+                ];
                 (proto::NODE_RUN, Pending::Run, pieces)
             }
-            NodeCall::Fetch { ticket, replica, into } => {
+            NodeCall::Fetch {
+                ticket,
+                replica,
+                into,
+            } => {
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_FETCH);
                 w.u32(ticket);
-                (proto::NODE_FETCH, Pending::Fetch { ticket, replica, into }, vec![Piece::Bytes(w.into_bytes())])
+                (
+                    proto::NODE_FETCH,
+                    Pending::Fetch {
+                        ticket,
+                        replica,
+                        into,
+                    },
+                    vec![Piece::Bytes(w.into_bytes())],
+                )
             }
             NodeCall::Drop { ticket } => {
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_DROP);
                 w.u32(ticket);
-                (proto::NODE_DROP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
+                (
+                    proto::NODE_DROP,
+                    Pending::Drop,
+                    vec![Piece::Bytes(w.into_bytes())],
+                )
             }
         };
-        log::debug!("node {}: call xid {xid:#x} proc {proc_num}", self.node_names[node]);
+        log::debug!(
+            "node {}: call xid {xid:#x} proc {proc_num}",
+            self.node_names[node]
+        );
         let Some(key) = self.links[node] else {
             if let Pending::Run = pending {
-                self.coord.run_finished(node, RunResult::invalid("the node is unreachable"));
+                self.coord
+                    .run_finished(node, RunResult::invalid("the node is unreachable"));
             }
             return;
         };
@@ -859,11 +1055,25 @@ impl Server {
                 conn.closing = true;
             }
         }
-        let connecting = matches!(conn.role, Role::NodeLink { connected: false, .. });
+        let connecting = matches!(
+            conn.role,
+            Role::NodeLink {
+                connected: false,
+                ..
+            }
+        );
         let want = !conn.outbox.is_empty() || connecting;
         if want != conn.writable {
-            let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            if let Err(e) = self.poll.registry().reregister(&mut conn.stream, conn.token, interest) {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if let Err(e) = self
+                .poll
+                .registry()
+                .reregister(&mut conn.stream, conn.token, interest)
+            {
                 log::warn!("reregister failed: {e}");
             }
             conn.writable = want;
@@ -879,7 +1089,9 @@ impl Server {
     }
 
     fn close_conn(&mut self, key: usize) {
-        let Some(Source::Conn(mut conn)) = self.slab.try_remove(key) else { return };
+        let Some(Source::Conn(mut conn)) = self.slab.try_remove(key) else {
+            return;
+        };
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.peer_closed(&mut conn);
         log::debug!("connection {key} closed ({:?})", conn.role);
@@ -940,7 +1152,10 @@ impl Server {
 
     fn finish_replica(&mut self, node: NodeId, fin: Finished) {
         if let Some(key) = self.child_keys[node].take() {
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fin.pipe.as_raw_fd()));
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&fin.pipe.as_raw_fd()));
             self.slab.try_remove(key);
         }
         drop(fin.pipe);
@@ -990,11 +1205,14 @@ fn classify(role: &Role, head: &[u8]) -> Shape {
             if head.len() < at + 4 {
                 return Shape::NeedMore(at + 4);
             }
-            let word = |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+            let word =
+                |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
             let is_fetch = matches!(pending.get(&word(0)), Some(Pending::Fetch { .. }));
             // Accepted, empty verifier, SUCCESS: the fetch_res follows.
             if is_fetch && word(8) == 0 && word(16) == 0 && word(20) == 0 {
-                Shape::Stream { len_at: at + proto::FETCH_OUTPUT_AT }
+                Shape::Stream {
+                    len_at: at + proto::FETCH_OUTPUT_AT,
+                }
             } else {
                 Shape::Whole
             }
@@ -1004,7 +1222,11 @@ fn classify(role: &Role, head: &[u8]) -> Shape {
 
 fn create_spool(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
 }
 
 fn run_reply(xid: u32, result: &RunResult) -> Vec<u8> {
@@ -1032,7 +1254,10 @@ pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
             None
         }
         Reply::Retrieve(Ok(outs)) => return retrieve_pieces(w, outs),
-        Reply::Deploy(Err(e)) | Reply::Status(Err(e)) | Reply::Retrieve(Err(e)) | Reply::Close(Err(e)) => Some(e),
+        Reply::Deploy(Err(e))
+        | Reply::Status(Err(e))
+        | Reply::Retrieve(Err(e))
+        | Reply::Close(Err(e)) => Some(e),
     };
     if let Some((stat, msg)) = err {
         proto::encode_error(&mut w, stat, &msg);
@@ -1069,7 +1294,10 @@ fn retrieve_pieces(mut w: XdrWriter, outs: Vec<OutputRef>) -> Vec<Piece> {
 
 fn bind_error(e: io::Error, addr: SocketAddr, where_: &str) -> String {
     if e.kind() == io::ErrorKind::AddrInUse {
-        format!("port {} ({where_}) is already in use: stop what uses it or pick another port", addr.port())
+        format!(
+            "port {} ({where_}) is already in use: stop what uses it or pick another port",
+            addr.port()
+        )
     } else {
         format!("cannot listen on {addr} ({where_}): {e}")
     }

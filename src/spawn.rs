@@ -120,7 +120,11 @@ pub fn spawn(spec: &SpawnSpec) -> nix::Result<Spawned> {
             drop(st_w);
             fcntl(out_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
             fcntl(st_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
-            Ok(Spawned { pid: child, output: out_r, status: st_r })
+            Ok(Spawned {
+                pid: child,
+                output: out_r,
+                status: st_r,
+            })
         }
     }
 }
@@ -135,12 +139,25 @@ fn fail(code: i32, message: String) -> ChildError {
 }
 
 /// Runs in the child. Returns only on failure.
-fn child_setup(spec: &SpawnSpec, out_w: OwnedFd, make: &CString, argv: &[CString], envp: &[CString]) -> ChildError {
-    let setup = |what: &str, e: nix::Error| fail(SETUP_FAILED, format!("replica setup failed: {what}: {e}"));
+fn child_setup(
+    spec: &SpawnSpec,
+    out_w: OwnedFd,
+    make: &CString,
+    argv: &[CString],
+    envp: &[CString],
+) -> ChildError {
+    let setup = |what: &str, e: nix::Error| {
+        fail(SETUP_FAILED, format!("replica setup failed: {what}: {e}"))
+    };
     // Signals: the server blocks some for its signalfd and Rust ignores
     // SIGPIPE; the job must start with the defaults.
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    for sig in [Signal::SIGPIPE, Signal::SIGINT, Signal::SIGTERM, Signal::SIGCHLD] {
+    for sig in [
+        Signal::SIGPIPE,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGCHLD,
+    ] {
         // SAFETY: restoring the default disposition installs no handler.
         let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
     }
@@ -148,7 +165,8 @@ fn child_setup(spec: &SpawnSpec, out_w: OwnedFd, make: &CString, argv: &[CString
         return setup("setsid", e);
     }
     // stdout and stderr share one pipe, so their lines stay in order.
-    if let Err(e) = nix::unistd::dup2_stdout(&out_w).and_then(|_| nix::unistd::dup2_stderr(&out_w)) {
+    if let Err(e) = nix::unistd::dup2_stdout(&out_w).and_then(|_| nix::unistd::dup2_stderr(&out_w))
+    {
         return setup("dup2", e);
     }
     drop(out_w);
@@ -158,11 +176,23 @@ fn child_setup(spec: &SpawnSpec, out_w: OwnedFd, make: &CString, argv: &[CString
                 return setup("stdin", e);
             }
         }
-        Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: /dev/null: {e}")),
+        Err(e) => {
+            return fail(
+                SETUP_FAILED,
+                format!("replica setup failed: /dev/null: {e}"),
+            )
+        }
     }
     // Nothing else leaks into the job: mark every other descriptor CLOEXEC.
     // SAFETY: close_range only changes descriptor flags.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
 
     // Open what we need while still privileged.
     let archive = match File::open(spec.archive) {
@@ -170,11 +200,19 @@ fn child_setup(spec: &SpawnSpec, out_w: OwnedFd, make: &CString, argv: &[CString
         Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: archive: {e}")),
     };
     if let Err(e) = make_workspace(spec.workspace, spec.sandbox.identity) {
-        return fail(SETUP_FAILED, format!("replica setup failed: workspace: {e}"));
+        return fail(
+            SETUP_FAILED,
+            format!("replica setup failed: workspace: {e}"),
+        );
     }
     let workspace = match File::open(spec.workspace) {
         Ok(d) => d,
-        Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: workspace: {e}")),
+        Err(e) => {
+            return fail(
+                SETUP_FAILED,
+                format!("replica setup failed: workspace: {e}"),
+            )
+        }
     };
     if spec.sandbox.isolate_network {
         if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNET) {
@@ -302,7 +340,11 @@ pub enum StopReason {
 }
 
 /// Turn how the child ended into the replica's result.
-pub fn classify_exit(status: WaitStatus, setup_error: &str, stopped: Option<&StopReason>) -> RunResult {
+pub fn classify_exit(
+    status: WaitStatus,
+    setup_error: &str,
+    stopped: Option<&StopReason>,
+) -> RunResult {
     if let Some(reason) = stopped {
         let message = match reason {
             StopReason::TimeLimit { seconds, killed: false } => {
@@ -314,13 +356,25 @@ pub fn classify_exit(status: WaitStatus, setup_error: &str, stopped: Option<&Sto
             StopReason::Closed => "killed: the ticket was closed".into(),
             StopReason::Shutdown => "killed: the server shut down".into(),
         };
-        return RunResult { state: JobState::Invalid, exit_code: exit_code(status), message };
+        return RunResult {
+            state: JobState::Invalid,
+            exit_code: exit_code(status),
+            message,
+        };
     }
     if !setup_error.is_empty() {
-        return RunResult { state: JobState::Invalid, exit_code: exit_code(status), message: setup_error.into() };
+        return RunResult {
+            state: JobState::Invalid,
+            exit_code: exit_code(status),
+            message: setup_error.into(),
+        };
     }
     match status {
-        WaitStatus::Exited(_, 0) => RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() },
+        WaitStatus::Exited(_, 0) => RunResult {
+            state: JobState::Completed,
+            exit_code: 0,
+            message: "make run exited with status 0".into(),
+        },
         WaitStatus::Exited(_, code) => RunResult {
             state: JobState::Invalid,
             exit_code: code,
@@ -351,10 +405,19 @@ fn exit_code(status: WaitStatus) -> i32 {
 }
 
 /// The environment of a replica: nothing of the server's.
-pub fn replica_env(workspace: &Path, ticket: u32, replica: u32, replicas: u32, port: u16) -> Vec<(String, String)> {
+pub fn replica_env(
+    workspace: &Path,
+    ticket: u32,
+    replica: u32,
+    replicas: u32,
+    port: u16,
+) -> Vec<(String, String)> {
     vec![
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
-        ("HOME".into(), String::from_utf8_lossy(workspace.as_os_str().as_bytes()).into_owned()),
+        (
+            "HOME".into(),
+            String::from_utf8_lossy(workspace.as_os_str().as_bytes()).into_owned(),
+        ),
         ("LANG".into(), "C.UTF-8".into()),
         ("CLOUD_TICKET".into(), ticket.to_string()),
         ("CLOUD_REPLICA".into(), replica.to_string()),

@@ -131,7 +131,9 @@ impl<'a> XdrReader<'a> {
         match self.u32()? {
             0 => Ok(false),
             1 => Ok(true),
-            other => Err(XdrError::Invalid(format!("bool must be 0 or 1, got {other}"))),
+            other => Err(XdrError::Invalid(format!(
+                "bool must be 0 or 1, got {other}"
+            ))),
         }
     }
 
@@ -154,7 +156,8 @@ impl<'a> XdrReader<'a> {
     /// A string of at most `max` bytes; must be UTF-8.
     pub fn string(&mut self, max: usize) -> Result<String, XdrError> {
         let bytes = self.opaque(max)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| XdrError::Invalid("string is not UTF-8".into()))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| XdrError::Invalid("string is not UTF-8".into()))
     }
 
     /// Fails unless every byte was consumed.
@@ -162,7 +165,10 @@ impl<'a> XdrReader<'a> {
         if self.remaining() == 0 {
             Ok(())
         } else {
-            Err(XdrError::Invalid(format!("{} unexpected trailing bytes", self.remaining())))
+            Err(XdrError::Invalid(format!(
+                "{} unexpected trailing bytes",
+                self.remaining()
+            )))
         }
     }
 }
@@ -193,14 +199,23 @@ mod tests {
         assert_eq!(XdrReader::new(&[0, 0]).u32(), Err(XdrError::Short));
         let bytes = [0, 0, 0, 5, b'a', b'b', b'c', b'd', b'e', 0, 0, 0];
         assert_eq!(XdrReader::new(&bytes).opaque(5).unwrap(), b"abcde");
-        assert!(matches!(XdrReader::new(&bytes).opaque(4), Err(XdrError::Invalid(_))));
+        assert!(matches!(
+            XdrReader::new(&bytes).opaque(4),
+            Err(XdrError::Invalid(_))
+        ));
         assert_eq!(XdrReader::new(&bytes[..10]).opaque(5), Err(XdrError::Short));
-        assert!(matches!(XdrReader::new(&[0, 0, 0, 2]).bool(), Err(XdrError::Invalid(_))));
+        assert!(matches!(
+            XdrReader::new(&[0, 0, 0, 2]).bool(),
+            Err(XdrError::Invalid(_))
+        ));
     }
 
     #[test]
     fn nonzero_padding_is_rejected() {
         let bytes = [0, 0, 0, 1, b'a', 1, 0, 0];
-        assert!(matches!(XdrReader::new(&bytes).opaque(8), Err(XdrError::Invalid(_))));
+        assert!(matches!(
+            XdrReader::new(&bytes).opaque(8),
+            Err(XdrError::Invalid(_))
+        ));
     }
 }

@@ -91,8 +91,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size (use e.g. 4096, 64K, 16M, 2G)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (use e.g. 4096, 64K, 16M, 2G)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 fn main() -> ExitCode {
@@ -107,40 +110,77 @@ fn main() -> ExitCode {
     }
 }
 
-/// Who each node's replicas run as, and a summary for the ready line.
-fn identities(args: &Args, n: usize) -> Result<(Vec<Option<(Uid, Gid)>>, bool, String), String> {
+/// Who each node's replicas run as.
+struct Identities {
+    per_node: Vec<Option<(Uid, Gid)>>,
+    /// Each node has a uid of its own.
+    slot_uids: bool,
+    /// For the ready line.
+    summary: String,
+}
+
+fn identities(args: &Args, n: usize) -> Result<Identities, String> {
     if !Uid::effective().is_root() {
-        let me = User::from_uid(Uid::effective()).ok().flatten().map_or("this user".into(), |u| u.name);
-        return Ok((
-            vec![None; n],
-            false,
-            format!("not root: replicas run as {me}, without slot uids, RLIMIT_NPROC or network isolation"),
-        ));
+        let me = User::from_uid(Uid::effective())
+            .ok()
+            .flatten()
+            .map_or("this user".into(), |u| u.name);
+        return Ok(Identities {
+            per_node: vec![None; n],
+            slot_uids: false,
+            summary: format!("not root: replicas run as {me}, without slot uids, RLIMIT_NPROC or network isolation"),
+        });
     }
     if args.no_slot_uids {
         let user = User::from_name(&args.run_as)
             .map_err(|e| format!("cannot look up --run-as user '{}': {e}", args.run_as))?
-            .ok_or_else(|| format!("--run-as user '{}' does not exist: create it or pick another", args.run_as))?;
+            .ok_or_else(|| {
+                format!(
+                    "--run-as user '{}' does not exist: create it or pick another",
+                    args.run_as
+                )
+            })?;
         if user.uid.is_root() {
-            return Err("--run-as must not be root: replicas run code the server did not write".into());
+            return Err(
+                "--run-as must not be root: replicas run code the server did not write".into(),
+            );
         }
         let summary = format!("replicas run as {} (uid {})", user.name, user.uid);
-        return Ok((vec![Some((user.uid, user.gid)); n], false, summary));
+        return Ok(Identities {
+            per_node: vec![Some((user.uid, user.gid)); n],
+            slot_uids: false,
+            summary,
+        });
     }
     let base = args.slot_uids;
     if base == 0 || base.checked_add(n as u32).is_none() {
         return Err(format!("--slot-uids {base} is not a usable uid base"));
     }
-    let ids = (0..n as u32).map(|i| Some((Uid::from_raw(base + i), Gid::from_raw(base + i)))).collect();
-    Ok((ids, true, format!("replicas run as slot uids {}..{}", base, base + n as u32 - 1)))
+    let ids = (0..n as u32)
+        .map(|i| Some((Uid::from_raw(base + i), Gid::from_raw(base + i))))
+        .collect();
+    let summary = format!(
+        "replicas run as slot uids {}..{}",
+        base,
+        base + n as u32 - 1
+    );
+    Ok(Identities {
+        per_node: ids,
+        slot_uids: true,
+        summary,
+    })
 }
 
 fn run(args: Args) -> Result<(), String> {
     let nodes = NodesFile::load(&args.nodes)?;
-    let (identities, slot_uids, who) = identities(&args, nodes.ports.len())?;
+    let ids = identities(&args, nodes.ports.len())?;
     let root = Uid::effective().is_root();
     let isolate_network = root && !args.allow_network;
-    let net = if isolate_network { "network isolated (loopback only)" } else { "host network" };
+    let net = if isolate_network {
+        "network isolated (loopback only)"
+    } else {
+        "host network"
+    };
     let cfg = ServerConfig {
         nodes_path: args.nodes.clone(),
         nodes,
@@ -149,7 +189,11 @@ fn run(args: Args) -> Result<(), String> {
         max_queue: args.max_queue,
         max_archive: args.max_archive,
         limits: JobLimits {
-            extract: ExtractLimits { max_bytes: args.max_extract, max_entries: args.max_entries, max_path: args.max_path },
+            extract: ExtractLimits {
+                max_bytes: args.max_extract,
+                max_entries: args.max_entries,
+                max_path: args.max_path,
+            },
             cpu_seconds: args.max_cpu,
             address_space: args.max_memory,
             open_files: args.max_open_files,
@@ -159,14 +203,16 @@ fn run(args: Args) -> Result<(), String> {
         time_limit: Duration::from_secs(args.time_limit),
         kill_grace: Duration::from_secs(args.kill_grace),
         max_output: args.max_output,
-        identities,
-        slot_uids,
+        identities: ids.per_node,
+        slot_uids: ids.slot_uids,
         isolate_network,
-        sandbox_summary: format!("{who}, {net}"),
+        sandbox_summary: format!("{}, {net}", ids.summary),
     };
     let mut server = Server::start(cfg)?;
     eprintln!("{}", server.ready_line());
-    server.run().map_err(|e| format!("the reactor failed: {e}"))?;
+    server
+        .run()
+        .map_err(|e| format!("the reactor failed: {e}"))?;
     eprintln!("cloud-server: stopped; every replica killed and reaped");
     Ok(())
 }

@@ -1,0 +1,46 @@
+# cloudinfra: the original workflow (cloudapps, runserver, rundeploy), plus
+# test, demo, bench and clean. See README.md.
+
+CARGO ?= cargo
+RELEASE := target/release
+CLIENT_LINKS := client/cloud client/deploy client/status client/retrieve
+
+.PHONY: all cloudapps runserver rundeploy test demo bench clean
+
+all: cloudapps
+
+# Release binaries, the client programs in client/, and client/client.tar.gz.
+cloudapps:
+	$(CARGO) build --release --bins
+	ln -sf ../$(RELEASE)/cloud client/cloud
+	ln -sf cloud client/deploy
+	ln -sf cloud client/status
+	ln -sf cloud client/retrieve
+	tar czf client/client.tar.gz -C client/sample .
+
+# The server in the foreground, with ./cloud_nodes.txt (Ctrl-C stops it).
+runserver: cloudapps
+	$(RELEASE)/cloud-server --nodes cloud_nodes.txt
+
+# Deploy the sample with one replica (needs `make runserver` elsewhere).
+rundeploy: cloudapps
+	cd client && ./deploy 1 client.tar.gz
+
+# Everything CI checks: formatting, lints, unit, integration and interop tests.
+test:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --all-targets
+
+# A guided tour: server in the background, 2 replicas, status, retrieve.
+demo: cloudapps
+	sh client/demo.sh
+
+# Throughput against a plain `xargs -P4` pipeline, peak RSS, syscalls per job.
+bench:
+	$(CARGO) bench --bench pipeline
+
+clean:
+	$(CARGO) clean
+	rm -f $(CLIENT_LINKS) client/client.tar.gz
+	rm -rf work client/outdir client/demo-out

@@ -1,0 +1,45 @@
+#!/bin/sh
+# `make demo`: start a server in the background, deploy the sample with 2
+# replicas, show its status, retrieve the outputs, print them, stop, clean.
+set -eu
+cd "$(dirname "$0")/.."
+SERVER=target/release/cloud-server
+LOG=$(mktemp)
+WORK=$(mktemp -d)
+PORT=${DEMO_PORT:-9000}
+export CLOUD_SERVER=127.0.0.1:$PORT
+cleanup() {
+    [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+    rm -rf "$WORK" "$LOG" client/demo-out
+}
+trap cleanup EXIT INT TERM
+
+echo "== starting cloud-server (nodes from cloud_nodes.txt, clients on $CLOUD_SERVER)"
+"$SERVER" --nodes cloud_nodes.txt --listen "127.0.0.1:$PORT" --work-dir "$WORK" 2>"$LOG" &
+PID=$!
+# Wait for the ready line (or for the server to give up with its reason).
+tries=0
+until grep -q "listening on" "$LOG"; do
+    if ! kill -0 "$PID" 2>/dev/null; then cat "$LOG"; exit 1; fi
+    tries=$((tries + 1)); [ $tries -gt 100 ] && { echo "server did not start"; cat "$LOG"; exit 1; }
+    sleep 0.1
+done
+head -n 1 "$LOG"
+
+cd client
+echo; echo "== ./deploy 2 client.tar.gz"
+TICKET=$(./deploy 2 client.tar.gz | sed -n 's/^Job ticket#: //p')
+echo "Job ticket#: $TICKET"
+echo; echo "== ./status $TICKET"
+./status "$TICKET"
+echo; echo "== ./retrieve $TICKET demo-out   (waits for both replicas, then closes the ticket)"
+./retrieve "$TICKET" demo-out
+for f in demo-out/output_*.txt; do
+    echo; echo "== $f"; cat "$f"
+done
+echo; echo "== ./status $TICKET --json   (the ticket is closed now)"
+./status "$TICKET" --json || true
+cd ..
+echo; echo "== stopping the server"
+kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+tail -n 1 "$LOG"

@@ -1,0 +1,350 @@
+//! Test harness: a real `cloud-server` on free ports, the real client
+//! programs, job archives built from strings, and a TCP "gate" that jobs
+//! connect to so tests learn, by events, when a job really runs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const SERVER: &str = env!("CARGO_BIN_EXE_cloud-server");
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_cloud");
+
+pub struct Cluster {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub ports: Vec<u16>,
+    pub dir: tempfile::TempDir,
+    pub log: Arc<Mutex<String>>,
+    log_reader: Option<std::thread::JoinHandle<()>>,
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    // Hold all listeners at once so the kernel hands out distinct ports.
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    ls.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+impl Cluster {
+    pub fn start(nodes: usize) -> Cluster {
+        Self::start_with(nodes, &[])
+    }
+
+    /// Start a server with `nodes` nodes on free ports and extra flags.
+    /// Retries if a port was taken between picking and binding.
+    pub fn start_with(nodes: usize, extra: &[&str]) -> Cluster {
+        for _attempt in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let ports = free_ports(nodes);
+            let mut text = format!("{nodes}\n");
+            for p in &ports {
+                text.push_str(&format!("{p}\n"));
+            }
+            let nodes_file = dir.path().join("nodes.txt");
+            std::fs::write(&nodes_file, text).expect("write nodes file");
+            // Servers running side by side must not share slot uids (a
+            // uid-wide kill in one would hit the other's replicas): derive
+            // the base from this cluster's first port, which is unique while held.
+            let slot_base = (1_000_000 + u32::from(ports[0]) * 64).to_string();
+            let mut child = Command::new(SERVER)
+                .args(["--slot-uids", &slot_base])
+                .arg("--nodes")
+                .arg(&nodes_file)
+                .args(["--listen", "127.0.0.1:0", "--work-dir"])
+                .arg(dir.path().join("work"))
+                .args(extra)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn cloud-server");
+            let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
+            let mut first = String::new();
+            let mut got = String::new();
+            // The ready line is the server's first line; an error line means it gave up.
+            while lines.read_line(&mut first).unwrap_or(0) > 0 {
+                if first.contains("listening on") || first.starts_with("cloud-server:") {
+                    got = first.clone();
+                    break;
+                }
+                first.clear();
+            }
+            if let Some(addr) = got
+                .split("listening on ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+            {
+                let addr: SocketAddr = addr.parse().expect("address in ready line");
+                let log = Arc::new(Mutex::new(got.clone()));
+                let sink = log.clone();
+                let reader = std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = lines.read(&mut buf) {
+                        sink.lock()
+                            .unwrap()
+                            .push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                });
+                return Cluster {
+                    child,
+                    addr,
+                    ports,
+                    dir,
+                    log,
+                    log_reader: Some(reader),
+                };
+            }
+            let _ = child.wait();
+            if !got.contains("already in use") {
+                panic!("cloud-server did not start: {got}");
+            }
+        }
+        panic!("could not find free ports for cloud-server");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn work(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    /// Run a client program (`deploy`, `status`, `retrieve`) against this server.
+    pub fn cloud(&self, args: &[&str]) -> Output {
+        Command::new(CLIENT)
+            .args(args)
+            .arg("--server")
+            .arg(self.addr.to_string())
+            .output()
+            .expect("run cloud client")
+    }
+
+    pub fn cloud_spawn(&self, args: &[&str]) -> Child {
+        Command::new(CLIENT)
+            .args(args)
+            .arg("--server")
+            .arg(self.addr.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cloud client")
+    }
+
+    /// Deploy and return the ticket.
+    pub fn deploy(&self, replicas: u32, archive: &Path) -> u32 {
+        let out = self.cloud(&["deploy", &replicas.to_string(), archive.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "deploy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let first = stdout.lines().next().unwrap_or("");
+        first
+            .strip_prefix("Job ticket#: ")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("bad deploy output {stdout:?}"))
+    }
+
+    pub fn status_json(&self, ticket: u32) -> serde_json::Value {
+        let out = self.cloud(&["status", &ticket.to_string(), "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    /// Wait (by asking, as a user would) until the job is in `state`.
+    pub fn wait_status(
+        &self,
+        ticket: u32,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = self.status_json(ticket);
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting on status: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Retrieve into a fresh directory: (exit success, outputs by port).
+    pub fn retrieve(&self, ticket: u32) -> (bool, Vec<(u16, String)>) {
+        let out_dir = self.dir.path().join(format!("out-{ticket}"));
+        let out = self.cloud(&["retrieve", &ticket.to_string(), out_dir.to_str().unwrap()]);
+        let mut files = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&out_dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let port = name
+                    .trim_start_matches("output_")
+                    .trim_end_matches(".txt")
+                    .parse()
+                    .unwrap_or(0);
+                files.push((port, std::fs::read_to_string(e.path()).unwrap_or_default()));
+            }
+        }
+        files.sort();
+        (out.status.success(), files)
+    }
+
+    /// Processes whose parent is the server.
+    pub fn children(&self) -> Vec<(u32, char)> {
+        let me = self.pid();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some(after) = stat.rsplit_once(") ").map(|x| x.1) else {
+                continue;
+            };
+            let mut f = after.split(' ');
+            let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+            let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            if ppid == me {
+                out.push((pid, state));
+            }
+        }
+        out
+    }
+
+    /// Wait until the server has no children at all (every replica reaped).
+    pub fn wait_no_children(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.children().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "server still has children: {:?}",
+                self.children()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, as Ctrl-C would, and wait for a clean exit.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let status = self.child.wait().ok();
+        // The server's stderr is complete once the reader sees EOF.
+        if let Some(r) = self.log_reader.take() {
+            let _ = r.join();
+        }
+        status
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Build a .tar.gz from (path, contents) pairs; returns its path.
+pub fn archive(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let path = dir.join(name);
+    let f = std::fs::File::create(&path).expect("create archive");
+    let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for (name, body) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, body.as_bytes())
+            .expect("append");
+    }
+    tar.into_inner().expect("tar").finish().expect("gzip");
+    path
+}
+
+/// An archive whose makefile's `run` recipe is `recipe` (lines, bash).
+pub fn job(dir: &Path, name: &str, recipe: &[&str]) -> PathBuf {
+    let mut mk = String::from("SHELL := /bin/bash\nrun:\n");
+    for line in recipe {
+        mk.push('\t');
+        mk.push_str(line);
+        mk.push('\n');
+    }
+    archive(dir, name, &[("Makefile", &mk)])
+}
+
+/// A TCP gate: jobs connect and say hello; the test decides when they go on.
+pub struct Gate {
+    pub listener: TcpListener,
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate {
+            listener: TcpListener::bind("127.0.0.1:0").expect("bind gate"),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().unwrap().port()
+    }
+
+    /// Recipe lines: connect, announce `who`, block until the test sends a line.
+    pub fn wait_recipe(&self, who: &str) -> Vec<String> {
+        vec![format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{}; echo {who} >&3; read -r go <&3; echo released {who}",
+            self.port()
+        )]
+    }
+
+    /// Accept the next job that arrives and read its announcement.
+    pub fn arrive(&self) -> (String, TcpStream) {
+        self.listener.set_nonblocking(false).unwrap();
+        let (s, _) = self.listener.accept().expect("gate accept");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).expect("job announces itself");
+        (line.trim().to_string(), s)
+    }
+
+    /// True if no job is waiting to be accepted right now.
+    pub fn nobody_waiting(&self) -> bool {
+        self.listener.set_nonblocking(true).unwrap();
+        let r =
+            matches!(self.listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        self.listener.set_nonblocking(false).unwrap();
+        r
+    }
+}
+
+pub fn release(mut s: TcpStream) {
+    let _ = s.write_all(b"go\n");
+}
