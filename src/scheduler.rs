@@ -30,10 +30,10 @@ pub enum SubmitError {
 impl std::fmt::Display for SubmitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SubmitError::BadReplicas { asked, nodes } => write!(
-                f,
-                "cannot run {asked} replicas: this cluster has {nodes} nodes; ask for 1 to {nodes}"
-            ),
+            SubmitError::BadReplicas { asked, nodes } => {
+                let plural = if *nodes == 1 { "" } else { "s" };
+                write!(f, "cannot run {asked} replicas: this cluster has {nodes} node{plural}; ask for 1 to {nodes}")
+            }
             SubmitError::QueueFull { max } => {
                 write!(
                     f,
