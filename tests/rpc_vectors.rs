@@ -356,7 +356,13 @@ fn live_server_answers_the_captured_calls() {
     let mut r = XdrReader::new(&got[rpc::SUCCESS_HEADER_LEN..]);
     assert_eq!(proto::decode_stat(&mut r).unwrap(), Ok(()));
     let ticket = r.u32().unwrap();
-    let st = c.wait_status(ticket, |s| s["status"] == "INVALID");
+    let st = c.wait_status(ticket, |s| {
+        s["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == "INVALID")
+    });
     assert!(
         st["replicas"][0]["message"]
             .as_str()

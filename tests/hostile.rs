@@ -1,0 +1,550 @@
+//! Hostile archives and hostile jobs: each fails on its own replica with a
+//! clear message, the workspace boundary holds, jobs beside it finish
+//! normally, and nothing is left behind (processes, zombies, fds, files).
+//! Tests that need root (slot uids, RLIMIT_NPROC, network namespaces) say
+//! so when skipped; CI runs as root.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+fn need_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test} needs root, and CI runs as root");
+    }
+    eprintln!("SKIPPED {test}: needs root (slot uids, RLIMIT_NPROC, network namespaces)");
+    false
+}
+
+const LIMITS: &[&str] = &[
+    "--time-limit",
+    "3",
+    "--kill-grace",
+    "1",
+    "--max-output",
+    "64K",
+    "--max-file-size",
+    "1M",
+    "--max-memory",
+    "64M",
+    "--max-procs",
+    "64",
+    "--max-extract",
+    "1M",
+    "--max-entries",
+    "100",
+    "--max-path",
+    "200",
+];
+
+/// Processes (other than the test's) whose real uid is in [lo, hi).
+fn processes_with_uid(lo: u32, hi: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse::<u32>().ok());
+        if uid.is_some_and(|u| u >= lo && u < hi) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn slot_range(c: &Cluster) -> (u32, u32) {
+    let base = 1_000_000 + u32::from(c.ports[0]) * 64;
+    (base, base + c.ports.len() as u32)
+}
+
+/// Wait for a job to end; return its replica 0 status object.
+fn finished(c: &Cluster, t: u32) -> serde_json::Value {
+    let st = c.wait_status(t, |s| {
+        s["status"] == "COMPLETED" || s["status"] == "INVALID"
+    });
+    st["replicas"][0].clone()
+}
+
+fn raw_tar_entry(name: &str, kind: u8, mode: u32, data: &[u8], link: &str) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    {
+        let b = h.as_old_mut();
+        b.name[..name.len()].copy_from_slice(name.as_bytes());
+        b.linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+fn gz(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// A tar.gz: a working Makefile plus the hostile entries, then the end marker.
+fn hostile_archive(dir: &Path, name: &str, entries: &[Vec<u8>]) -> PathBuf {
+    let mk = b"run:\n\t@echo this should not run\n";
+    let mut tar = raw_tar_entry("Makefile", b'0', 0o644, mk, "");
+    for e in entries {
+        tar.extend_from_slice(e);
+    }
+    tar.extend_from_slice(&[0u8; 1024]);
+    let path = dir.join(name);
+    std::fs::write(&path, gz(&tar)).unwrap();
+    path
+}
+
+#[test]
+fn hostile_archives_are_refused_with_clear_messages_and_nothing_escapes() {
+    let c = Cluster::start_with(4, LIMITS);
+    let d = c.dir.path();
+    let canary = format!("cloud-canary-{}", c.ports[0]);
+    let mut cases: Vec<(PathBuf, &str)> = vec![
+        (
+            hostile_archive(
+                d,
+                "traversal.tar.gz",
+                &[raw_tar_entry(
+                    &format!("../../../../{canary}"),
+                    b'0',
+                    0o644,
+                    b"x",
+                    "",
+                )],
+            ),
+            "'..'",
+        ),
+        (
+            hostile_archive(
+                d,
+                "abs.tar.gz",
+                &[raw_tar_entry(
+                    &format!("/tmp/{canary}"),
+                    b'0',
+                    0o644,
+                    b"x",
+                    "",
+                )],
+            ),
+            "absolute",
+        ),
+        (
+            hostile_archive(
+                d,
+                "symlink.tar.gz",
+                &[raw_tar_entry("evil", b'2', 0o777, b"", "/etc")],
+            ),
+            "symbolic link",
+        ),
+        (
+            hostile_archive(
+                d,
+                "hardlink.tar.gz",
+                &[raw_tar_entry("hard", b'1', 0o644, b"", "/etc/passwd")],
+            ),
+            "hard link",
+        ),
+        (
+            hostile_archive(
+                d,
+                "device.tar.gz",
+                &[raw_tar_entry("dev", b'3', 0o644, b"", "")],
+            ),
+            "character device",
+        ),
+        (
+            hostile_archive(
+                d,
+                "fifo.tar.gz",
+                &[raw_tar_entry("fifo", b'6', 0o644, b"", "")],
+            ),
+            "FIFO",
+        ),
+        (
+            hostile_archive(
+                d,
+                "deep.tar.gz",
+                &[raw_tar_entry(
+                    &"d/".repeat(49).to_string(),
+                    b'5',
+                    0o755,
+                    b"",
+                    "",
+                )],
+            ),
+            "ok",
+        ),
+    ];
+    // Deeply nested paths beyond --max-path (200) need a GNU long name.
+    let mut t = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_cksum();
+    t.append_data(&mut h, "n/".repeat(150) + "f", &b"x"[..])
+        .unwrap();
+    let deep = d.join("toodeep.tar.gz");
+    std::fs::write(&deep, gz(&t.into_inner().unwrap())).unwrap();
+    cases.push((deep, "longer than the limit"));
+    // Gzip bomb: 8 MiB of zeros compress to a few KiB; --max-extract is 1M.
+    let mut t = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(8 << 20);
+    h.set_mode(0o644);
+    h.set_cksum();
+    t.append_data(&mut h, "bomb", std::io::repeat(0).take_bytes(8 << 20))
+        .unwrap();
+    let bomb = d.join("bomb.tar.gz");
+    std::fs::write(&bomb, gz(&t.into_inner().unwrap())).unwrap();
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 64 * 1024);
+    cases.push((bomb, "extraction limit"));
+    // A tar header that declares a huge size.
+    let mut huge = raw_tar_entry("huge", b'0', 0o644, b"", "");
+    let size = format!("{:011o}\0", 1u64 << 32);
+    huge[124..136].copy_from_slice(size.as_bytes());
+    let mut h = tar::Header::new_old();
+    h.as_mut_bytes().copy_from_slice(&huge[..512]);
+    h.set_cksum();
+    huge[..512].copy_from_slice(h.as_bytes());
+    cases.push((
+        hostile_archive(d, "hugedecl.tar.gz", &[huge]),
+        "extraction limit",
+    ));
+    let not_gzip = d.join("notgzip.tar.gz");
+    std::fs::write(&not_gzip, b"PK\x03\x04 definitely a zip file").unwrap();
+    cases.push((not_gzip, "not a gzip"));
+    let good = std::fs::read(job(d, "tmp.tar.gz", &["echo fine"])).unwrap();
+    let trunc = d.join("truncated.tar.gz");
+    std::fs::write(&trunc, &good[..good.len() / 2]).unwrap();
+    cases.push((trunc, "truncated"));
+    let empty = d.join("empty.tar.gz");
+    std::fs::write(&empty, b"").unwrap();
+    cases.push((empty, "empty or truncated"));
+
+    // A normal job beside every hostile one.
+    let normal = job(d, "normal.tar.gz", &["@echo normal job fine"]);
+    let mut tickets = Vec::new();
+    for (path, why) in &cases {
+        tickets.push((c.deploy(1, path), *why, path.clone()));
+        tickets.push((c.deploy(1, &normal), "normal", normal.clone()));
+    }
+    for (t, why, path) in tickets {
+        let r = finished(&c, t);
+        let msg = r["message"].as_str().unwrap().to_string();
+        match why {
+            "normal" => assert_eq!(r["status"], "COMPLETED", "{msg}"),
+            "ok" => assert_eq!(r["status"], "COMPLETED", "{}: {msg}", path.display()),
+            _ => {
+                assert_eq!(r["status"], "INVALID", "{}: {msg}", path.display());
+                assert!(
+                    msg.contains(why),
+                    "{}: message {msg:?} should say {why:?}",
+                    path.display()
+                );
+                assert!(msg.starts_with("bad archive"), "{msg}");
+            }
+        }
+        let (ok, outs) = c.retrieve(t);
+        assert_eq!(ok, why == "normal" || why == "ok");
+        if why == "normal" {
+            assert_eq!(outs[0].1, "normal job fine\n");
+        }
+    }
+    // Nothing was written outside a workspace.
+    assert!(!Path::new(&format!("/tmp/{canary}")).exists());
+    for dir in [c.dir.path().to_path_buf(), c.work(), PathBuf::from("/")] {
+        assert!(!dir.join(&canary).exists(), "{}", dir.display());
+    }
+    // Closed tickets leave no files in node workspaces.
+    for p in &c.ports {
+        let left: Vec<_> = std::fs::read_dir(c.work().join(format!("output_{p}")))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "node {p} kept {left:?}");
+    }
+}
+
+#[test]
+fn setuid_bits_are_dropped() {
+    let c = Cluster::start_with(1, LIMITS);
+    let mk = b"run:\n\t@stat -c %a tool\n";
+    let tar = [
+        raw_tar_entry("Makefile", b'0', 0o644, mk, ""),
+        raw_tar_entry("tool", b'0', 0o6755, b"#!/bin/sh\n", ""),
+        vec![0u8; 1024],
+    ]
+    .concat();
+    let path = c.dir.path().join("suid.tar.gz");
+    std::fs::write(&path, gz(&tar)).unwrap();
+    let t = c.deploy(1, &path);
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok);
+    assert_eq!(outs[0].1.trim(), "755");
+}
+
+#[test]
+fn hostile_jobs_fail_alone_and_leave_nothing_behind() {
+    if !need_root("hostile_jobs_fail_alone_and_leave_nothing_behind") {
+        return;
+    }
+    let c = Cluster::start_with(4, LIMITS);
+    let d = c.dir.path();
+    let fds_before = c.fd_count();
+    let cases: Vec<(&str, Vec<String>, &str, &str)> = vec![
+        ("loop", vec!["while :; do :; done".into()], "INVALID", "time limit of 3s exceeded"),
+        ("ignore-term", vec!["trap '' TERM; exec bash -c \"trap '' TERM; while :; do :; done\"".into()], "INVALID", "time limit"),
+        ("forkbomb", vec!["bomb() { bomb | bomb & }; bomb; sleep 1000".into()], "INVALID", "time limit"),
+        ("memory", vec!["a=x; while :; do a=$$a$$a; done".into()], "INVALID", "make run exited"),
+        ("flood", vec!["@head -c 1000000 /dev/zero | tr '\\0' a".into()], "COMPLETED", ""),
+        ("disk", vec!["@dd if=/dev/zero of=big bs=64k count=100 2>/dev/null || true; stat -c 'size %s' big".into()], "COMPLETED", ""),
+        ("daemon", vec!["setsid bash -c 'sleep 1000 & disown' < /dev/null > /dev/null 2>&1; echo daemon left".into()], "COMPLETED", ""),
+        ("closed-stdout", vec!["exec >&- 2>&-; sleep 1000".into()], "INVALID", "time limit"),
+        ("crash", vec!["kill -SEGV $$$$".into()], "INVALID", "make run exited"),
+    ];
+    let normal = job(d, "normal.tar.gz", &["@echo normal job fine"]);
+    let mut tickets = Vec::new();
+    for (name, recipe, _, _) in &cases {
+        let lines: Vec<&str> = recipe.iter().map(String::as_str).collect();
+        let a = job(d, &format!("{name}.tar.gz"), &lines);
+        tickets.push(c.deploy(1, &a));
+        tickets.push(c.deploy(1, &normal));
+    }
+    for (i, (name, _, state, msg)) in cases.iter().enumerate() {
+        let r = finished(&c, tickets[2 * i]);
+        assert_eq!(r["status"], *state, "{name}: {r}");
+        assert!(r["message"].as_str().unwrap().contains(msg), "{name}: {r}");
+        let (_, outs) = c.retrieve(tickets[2 * i]);
+        let out = &outs[0].1;
+        match *name {
+            "flood" => {
+                assert!(
+                    out.len() <= 64 * 1024 + 200,
+                    "flood output is capped: {} bytes",
+                    out.len()
+                );
+                assert!(
+                    out.contains("output truncated at 65536 bytes"),
+                    "marker line"
+                );
+            }
+            "disk" => assert!(
+                out.contains("size 1048576"),
+                "file size capped at 1M: {out}"
+            ),
+            "ignore-term" => assert!(r["message"].as_str().unwrap().contains("SIG"), "{r}"),
+            _ => {}
+        }
+        let n = finished(&c, tickets[2 * i + 1]);
+        assert_eq!(n["status"], "COMPLETED", "normal job beside {name}");
+        let (ok, outs) = c.retrieve(tickets[2 * i + 1]);
+        assert!(ok && outs[0].1 == "normal job fine\n");
+    }
+    c.wait_no_children();
+    let (lo, hi) = slot_range(&c);
+    assert!(
+        processes_with_uid(lo, hi).is_empty(),
+        "replica processes remain: {:?}",
+        processes_with_uid(lo, hi)
+    );
+    assert_eq!(
+        c.fd_count(),
+        fds_before,
+        "the server leaked file descriptors"
+    );
+}
+
+#[test]
+fn jobs_cannot_reach_the_cluster_or_other_tenants() {
+    if !need_root("jobs_cannot_reach_the_cluster_or_other_tenants") {
+        return;
+    }
+    let c = Cluster::start_with(2, &["--time-limit", "60"]);
+    let d = c.dir.path();
+    // Tenant A on node 0: writes a secret, then idles until closed.
+    let a = job(
+        d,
+        "a.tar.gz",
+        &["@echo s3cret > secret.txt; chmod 644 secret.txt; sleep 1000"],
+    );
+    let ta = c.deploy(1, &a);
+    let secret = c
+        .work()
+        .join(format!("output_{}/{ta}/work/secret.txt", c.ports[0]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !secret.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tenant A never wrote its secret"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (lo, _) = slot_range(&c);
+    let victim = processes_with_uid(lo, lo + 1)[0];
+    // Tenant B on node 1: tries to read A's files, signal A, and reach the
+    // main server and a node over the network.
+    let recipe = [
+        format!("@-cat {}", secret.display()),
+        format!("@-ls {}", secret.parent().unwrap().display()),
+        format!("@-kill -9 {victim}"),
+        format!(
+            "@-exec 3<>/dev/tcp/127.0.0.1/{} && echo reached main server",
+            c.addr.port()
+        ),
+        format!(
+            "@-exec 3<>/dev/tcp/127.0.0.1/{} && echo reached a node",
+            c.ports[0]
+        ),
+        "@echo done".into(),
+    ];
+    let b = job(
+        d,
+        "b.tar.gz",
+        &recipe.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let tb = c.deploy(1, &b);
+    let (_, outs) = c.retrieve(tb);
+    let out = &outs[0].1;
+    assert!(!out.contains("s3cret"), "B read A's secret: {out}");
+    assert!(out.contains("Permission denied"), "{out}");
+    assert!(
+        out.contains("Operation not permitted"),
+        "B could signal A: {out}"
+    );
+    assert!(!out.contains("reached"), "B reached the cluster: {out}");
+    assert!(out.contains("done"));
+    assert_eq!(c.status_json(ta)["status"], "RUNNING", "A survived B");
+    let close = c.cloud(&["retrieve", &ta.to_string()]);
+    assert!(close.status.success());
+    c.wait_no_children();
+    assert!(processes_with_uid(lo, lo + 2).is_empty());
+}
+
+#[test]
+fn the_environment_is_clean_and_fds_are_not_inherited() {
+    let c = Cluster::start(1);
+    let a = job(
+        c.dir.path(),
+        "env.tar.gz",
+        &[
+            "@env | sort | grep -v '^MAKE\\|^MFLAGS\\|^SHLVL\\|^_=\\|^PWD\\|^OLDPWD'",
+            "@ls /proc/self/fd | sort -n | tr '\\n' ' '",
+        ],
+    );
+    let t = c.deploy(1, &a);
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok);
+    let out = &outs[0].1;
+    let names: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|x| x.0))
+        .collect();
+    for n in &names {
+        assert!(
+            [
+                "PATH",
+                "HOME",
+                "LANG",
+                "CLOUD_TICKET",
+                "CLOUD_REPLICA",
+                "CLOUD_REPLICAS",
+                "CLOUD_NODE_PORT"
+            ]
+            .contains(n),
+            "unexpected variable {n} in {out}"
+        );
+    }
+    assert!(names.contains(&"CLOUD_TICKET") && names.contains(&"HOME"));
+    // ls itself opens one directory fd (3); nothing else beyond 0, 1, 2.
+    let fds = out.lines().last().unwrap().trim();
+    assert_eq!(fds, "0 1 2 3", "{out}");
+}
+
+#[test]
+fn hundreds_of_mixed_jobs_leak_nothing() {
+    let c = Cluster::start_with(4, &["--time-limit", "1", "--kill-grace", "1"]);
+    let d = c.dir.path();
+    let fds_before = c.fd_count();
+    let ok = job(d, "ok.tar.gz", &["@echo ok"]);
+    let fail = job(d, "fail.tar.gz", &["@exit 3"]);
+    let crash = job(d, "crash.tar.gz", &["@kill -KILL $$$$"]);
+    let slow = job(d, "slow.tar.gz", &["@sleep 30"]);
+    let bad = d.join("bad.tar.gz");
+    std::fs::write(&bad, b"not an archive").unwrap();
+    let mut tickets = Vec::new();
+    for i in 0..200 {
+        let (a, close_early) = match i % 10 {
+            0 => (&slow, false),
+            1 => (&slow, true),
+            2 => (&fail, false),
+            3 => (&crash, false),
+            4 => (&bad, false),
+            _ => (&ok, false),
+        };
+        let t = c.deploy(1, a);
+        if close_early {
+            assert!(c.cloud(&["retrieve", &t.to_string()]).status.success());
+        } else {
+            tickets.push((t, i % 10));
+        }
+        // Keep the queue bounded: collect the oldest now and then.
+        if tickets.len() > 16 {
+            let (t, kind) = tickets.remove(0);
+            let (okay, _) = c.retrieve(t);
+            assert_eq!(okay, kind >= 5, "ticket {t} kind {kind}");
+        }
+    }
+    for (t, kind) in tickets {
+        let (okay, _) = c.retrieve(t);
+        assert_eq!(okay, kind >= 5, "ticket {t} kind {kind}");
+    }
+    c.wait_no_children();
+    assert_eq!(c.fd_count(), fds_before, "file descriptors leaked");
+    for p in &c.ports {
+        let left: Vec<_> = std::fs::read_dir(c.work().join(format!("output_{p}")))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "node {p} kept {left:?}");
+    }
+    let spool: Vec<_> = std::fs::read_dir(c.work().join("spool"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(spool.is_empty(), "spool kept {spool:?}");
+    if is_root() {
+        let (lo, hi) = slot_range(&c);
+        assert!(processes_with_uid(lo, hi).is_empty());
+    }
+}
+
+trait TakeBytes: std::io::Read + Sized {
+    fn take_bytes(self, n: u64) -> std::io::Take<Self> {
+        self.take(n)
+    }
+}
+impl<R: std::io::Read> TakeBytes for R {}
