@@ -73,9 +73,14 @@ impl Client {
         let xid = self.xid;
         let mut out = Outbox::new();
         out.push(pieces(rpc::call(xid, CLOUD_PROG, CLOUD_VERS, proc_num)));
-        out.write_to(&mut self.stream)
-            .map_err(|e| self.transport(e))?;
-        let record = self.read_record()?;
+        let sent = out.write_to(&mut self.stream);
+        // A server that refuses a call mid-stream (CLOUD_TOO_LARGE) answers
+        // and closes: its reply explains the broken pipe better than we can.
+        let record = match (sent, self.read_record()) {
+            (_, Ok(record)) => record,
+            (Err(e), Err(_)) => return Err(self.transport(e)),
+            (Ok(_), Err(e)) => return Err(e),
+        };
         let (rxid, outcome) = rpc::decode_reply(&record).map_err(|e| self.transport(e))?;
         if rxid != xid {
             return Err(self.transport(format!(

@@ -1,0 +1,215 @@
+//! Bad input on the wire never panics the server and never hurts other
+//! clients: each gets the RFC's error reply or a clear CLOUD_* status.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use cloudinfra::proto::{self, CloudStat};
+use cloudinfra::record::{frame, Event, RecordDecoder, Shape};
+use cloudinfra::rpc;
+use cloudinfra::xdr::XdrReader;
+use common::*;
+
+fn read_reply(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut d = RecordDecoder::new(1 << 20, 0);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let (_, Some(Event::Record(r))) = d.decode(&buf[..n], &mut |_| Shape::Whole) {
+            return Some(r);
+        }
+    }
+}
+
+fn words(b: &[u8]) -> Vec<u32> {
+    b.chunks(4)
+        .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// Reads until the server closes the connection.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn null_works(c: &Cluster) {
+    let mut s = TcpStream::connect(c.addr).unwrap();
+    s.write_all(&frame(&rpc::call(77, proto::CLOUD_PROG, 1, 0).into_bytes()))
+        .unwrap();
+    let r = read_reply(&mut s).expect("NULL answered");
+    assert_eq!(words(&r), vec![77, 1, 0, 0, 0, 0]);
+}
+
+#[test]
+fn oversized_archive_gets_too_large_then_the_connection_closes() {
+    let c = Cluster::start_with(1, &["--max-archive", "1K"]);
+    let mut s = TcpStream::connect(c.addr).unwrap();
+    let mut w = rpc::call(5, proto::CLOUD_PROG, 1, proto::DEPLOY);
+    w.u32(1).u32(1 << 20);
+    let mut head = w.into_bytes();
+    let mut wire = ((head.len() as u32 + (1 << 20)) | 0x8000_0000)
+        .to_be_bytes()
+        .to_vec();
+    wire.append(&mut head);
+    s.write_all(&wire).unwrap();
+    let r = read_reply(&mut s).expect("a reply before closing");
+    let mut x = XdrReader::new(&r[rpc::SUCCESS_HEADER_LEN..]);
+    let Err((stat, msg)) = proto::decode_stat(&mut x).unwrap() else {
+        panic!("expected an error")
+    };
+    assert_eq!(stat, CloudStat::TooLarge);
+    assert!(msg.contains("--max-archive"), "{msg}");
+    assert!(closed_by_server(&mut s));
+    // The client program says the same in one line.
+    let big = c.dir.path().join("big.tar.gz");
+    std::fs::write(&big, vec![0u8; 4096]).unwrap();
+    let out = c.cloud(&["deploy", "1", big.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("archive too large"));
+    null_works(&c);
+}
+
+#[test]
+fn garbage_bytes_close_only_that_connection() {
+    let c = Cluster::start(1);
+    let mut bad = TcpStream::connect(c.addr).unwrap();
+    bad.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let filler = vec![b'x'; 100 * 1024];
+    let _ = bad.write_all(&filler);
+    null_works(&c);
+    assert!(closed_by_server(&mut bad));
+    null_works(&c);
+}
+
+#[test]
+fn bad_arguments_and_credentials_get_rfc_errors() {
+    let c = Cluster::start(1);
+    let mut s = TcpStream::connect(c.addr).unwrap();
+    // STATUS without its ticket: GARBAGE_ARGS.
+    s.write_all(&frame(
+        &rpc::call(9, proto::CLOUD_PROG, 1, proto::STATUS).into_bytes(),
+    ))
+    .unwrap();
+    assert_eq!(words(&read_reply(&mut s).unwrap()), vec![9, 1, 0, 0, 0, 4]);
+    // RETRIEVE with a bool of 7: GARBAGE_ARGS.
+    let mut w = rpc::call(10, proto::CLOUD_PROG, 1, proto::RETRIEVE);
+    w.u32(1).u32(7);
+    s.write_all(&frame(&w.into_bytes())).unwrap();
+    assert_eq!(words(&read_reply(&mut s).unwrap()), vec![10, 1, 0, 0, 0, 4]);
+    // AUTH_DH credentials: MSG_DENIED, AUTH_ERROR, AUTH_TOOWEAK.
+    let mut call = rpc::call(11, proto::CLOUD_PROG, 1, 0).into_bytes();
+    call[24..28].copy_from_slice(&3u32.to_be_bytes());
+    s.write_all(&frame(&call)).unwrap();
+    assert_eq!(words(&read_reply(&mut s).unwrap()), vec![11, 1, 1, 1, 5]);
+    // A DEPLOY of 0 replicas: CLOUD_BAD_REPLICAS.
+    let mut w = rpc::call(12, proto::CLOUD_PROG, 1, proto::DEPLOY);
+    w.u32(0).opaque(b"x");
+    s.write_all(&frame(&w.into_bytes())).unwrap();
+    let r = read_reply(&mut s).unwrap();
+    assert_eq!(
+        words(&r[rpc::SUCCESS_HEADER_LEN..rpc::SUCCESS_HEADER_LEN + 4]),
+        vec![2]
+    );
+    // The connection is still good.
+    s.write_all(&frame(&rpc::call(13, proto::CLOUD_PROG, 1, 0).into_bytes()))
+        .unwrap();
+    assert_eq!(words(&read_reply(&mut s).unwrap()), vec![13, 1, 0, 0, 0, 0]);
+}
+
+#[test]
+fn a_client_that_vanishes_mid_archive_leaves_nothing_and_hurts_no_one() {
+    let c = Cluster::start(1);
+    let mut stalled = TcpStream::connect(c.addr).unwrap();
+    let mut w = rpc::call(5, proto::CLOUD_PROG, 1, proto::DEPLOY);
+    w.u32(1).u32(1 << 20);
+    let head = w.into_bytes();
+    let mut wire = ((head.len() as u32 + (1 << 20)) | 0x8000_0000)
+        .to_be_bytes()
+        .to_vec();
+    wire.extend_from_slice(&head);
+    wire.extend_from_slice(&[1u8; 5000]);
+    stalled.write_all(&wire).unwrap();
+    // While that client stalls mid-record, others are served.
+    let t = c.deploy(1, &job(c.dir.path(), "ok.tar.gz", &["@echo served"]));
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok && outs[0].1 == "served\n");
+    drop(stalled);
+    null_works(&c);
+    let spool = c.work().join("spool");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_dir(&spool).unwrap().count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partial archive left in the spool"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn queue_full_is_a_clear_error() {
+    let c = Cluster::start_with(1, &["--max-queue", "1", "--allow-network"]);
+    let gate = Gate::new();
+    let blocker = job(
+        c.dir.path(),
+        "b.tar.gz",
+        &gate
+            .wait_recipe("b")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let t1 = c.deploy(1, &blocker);
+    let (_, conn) = gate.arrive();
+    let quick = job(c.dir.path(), "q.tar.gz", &["@echo q"]);
+    let t2 = c.deploy(1, &quick);
+    let out = c.cloud(&["deploy", "1", quick.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("queue full"), "{err}");
+    release(conn);
+    assert!(c.retrieve(t1).0);
+    assert!(c.retrieve(t2).0);
+}
+
+#[test]
+fn bad_nodes_files_are_refused_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    for (text, want) in [
+        ("2\n9001\n".to_string(), "announces 2 nodes"),
+        ("1\nnine\n".to_string(), "line 2: 'nine' is not a port"),
+        (format!("1\n{port}\n"), "already in use"),
+    ] {
+        let f = dir.path().join("nodes.txt");
+        std::fs::write(&f, &text).unwrap();
+        let out = std::process::Command::new(SERVER)
+            .arg("--nodes")
+            .arg(&f)
+            .args(["--listen", "127.0.0.1:0", "--work-dir"])
+            .arg(dir.path().join("w"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{err:?} should contain {want:?}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+    drop(taken);
+}
