@@ -269,6 +269,7 @@ impl Server {
                 .map_err(|e| e.to_string())?;
             let stream = TcpStream::connect(addr)
                 .map_err(|e| format!("cannot connect to node {addr}: {e}"))?;
+            let _ = stream.set_nodelay(true);
             let role = Role::NodeLink {
                 node: i,
                 pending: HashMap::new(),

@@ -86,14 +86,24 @@ pub struct Spawned {
     pub status: OwnedFd,
 }
 
+/// The only PATH a replica gets, and where `make` is looked up.
+pub const REPLICA_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
 /// Exit code the child uses when setup (extraction, limits) failed.
 pub const SETUP_FAILED: i32 = 125;
 
 /// Fork a child that sets itself up and execs `make run`.
 pub fn spawn(spec: &SpawnSpec) -> nix::Result<Spawned> {
     // Prepare everything that allocates from strings before forking.
-    let make = CString::new("make").expect("no NUL");
-    let argv = [make.clone(), CString::new("run").expect("no NUL")];
+    // execvpe would search the *server's* PATH; search the replica's own.
+    let make: Vec<CString> = REPLICA_PATH
+        .split(':')
+        .filter_map(|dir| CString::new(format!("{dir}/make")).ok())
+        .collect();
+    let argv = [
+        CString::new("make").expect("no NUL"),
+        CString::new("run").expect("no NUL"),
+    ];
     let envp: Vec<CString> = spec
         .env
         .iter()
@@ -142,7 +152,7 @@ fn fail(code: i32, message: String) -> ChildError {
 fn child_setup(
     spec: &SpawnSpec,
     out_w: OwnedFd,
-    make: &CString,
+    make: &[CString],
     argv: &[CString],
     envp: &[CString],
 ) -> ChildError {
@@ -251,9 +261,19 @@ fn child_setup(
     if let Err(msg) = extract(archive, Path::new("."), &l.extract) {
         return fail(SETUP_FAILED, msg);
     }
-    let e = nix::unistd::execvpe(make, argv, envp).unwrap_err();
-    let code = if e == nix::Error::ENOENT { 127 } else { 126 };
-    fail(code, format!("cannot run make: {e}"))
+    let mut err = nix::Error::ENOENT;
+    for path in make {
+        match nix::unistd::execve(path, argv, envp) {
+            Err(nix::Error::ENOENT) => {}
+            Err(e) => err = e,
+            Ok(never) => match never {},
+        }
+    }
+    let code = if err == nix::Error::ENOENT { 127 } else { 126 };
+    fail(
+        code,
+        format!("cannot run make (searched {REPLICA_PATH}): {err}"),
+    )
 }
 
 fn make_workspace(path: &Path, identity: Option<(Uid, Gid)>) -> std::io::Result<()> {
@@ -413,7 +433,7 @@ pub fn replica_env(
     port: u16,
 ) -> Vec<(String, String)> {
     vec![
-        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ("PATH".into(), REPLICA_PATH.into()),
         (
             "HOME".into(),
             String::from_utf8_lossy(workspace.as_os_str().as_bytes()).into_owned(),
