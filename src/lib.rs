@@ -1,4 +1,29 @@
 //! cloudinfra: a one-thread job cluster speaking ONC RPC.
+//!
+//! A main server owns N side nodes; clients deploy a `.tar.gz` with a
+//! makefile, each replica runs `make run` on its own node, and clients
+//! retrieve every replica's output. See docs/ARCHITECTURE.md.
+//!
+//! Bytes and messages (sans-I/O):
+//! - [`xdr`]: XDR primitives (RFC 4506).
+//! - [`record`]: record marking, streaming decoder and fragmenting outbox.
+//! - [`rpc`]: ONC RPC v2 headers and error replies (RFC 5531).
+//! - [`proto`]: CLOUD_PROG and NODE_PROG from docs/cloud.x.
+//!
+//! Decisions (sans-I/O):
+//! - [`scheduler`]: free-node FIFO, wait queue, job table.
+//! - [`coordinator`]: the main server's logic; events in, actions out.
+//!
+//! Processes and files:
+//! - [`node`]: a side node and its running replica.
+//! - [`spawn`]: fork, sandbox, exec `make run`, kill, classify exits.
+//! - [`extract`]: safe archive extraction.
+//!
+//! The reactor and the edges:
+//! - [`server`]: the single-threaded mio reactor that drives all of the above.
+//! - [`config`]: `cloud_nodes.txt`.
+//! - [`client`]: a blocking client for the command-line programs.
+
 pub mod client;
 pub mod config;
 pub mod coordinator;
