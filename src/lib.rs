@@ -5,24 +5,24 @@
 //! retrieve every replica's output. See docs/ARCHITECTURE.md.
 //!
 //! Bytes and messages (sans-I/O):
-//! - [`xdr`]: XDR primitives (RFC 4506).
-//! - [`record`]: record marking, streaming decoder and fragmenting outbox.
-//! - [`rpc`]: ONC RPC v2 headers and error replies (RFC 5531).
-//! - [`proto`]: CLOUD_PROG and NODE_PROG from docs/cloud.x.
+//! - [`xdr`] - XDR primitives (RFC 4506).
+//! - [`record`] - record marking, streaming decoder and fragmenting outbox.
+//! - [`rpc`] - ONC RPC v2 headers and error replies (RFC 5531).
+//! - [`proto`] - CLOUD_PROG and NODE_PROG from docs/cloud.x.
 //!
 //! Decisions (sans-I/O):
-//! - [`scheduler`]: free-node FIFO, wait queue, job table.
-//! - [`coordinator`]: the main server's logic; events in, actions out.
+//! - [`scheduler`] - free-node FIFO, wait queue, job table.
+//! - [`coordinator`] - the main server's logic; events in, actions out.
 //!
 //! Processes and files:
-//! - [`node`]: a side node and its running replica.
-//! - [`spawn`]: fork, sandbox, exec `make run`, kill, classify exits.
-//! - [`extract`]: safe archive extraction.
+//! - [`node`] - a side node and its running replica.
+//! - [`spawn`] - fork, sandbox, exec `make run`, kill, classify exits.
+//! - [`extract`] - safe archive extraction.
 //!
 //! The reactor and the edges:
-//! - [`server`]: the single-threaded mio reactor that drives all of the above.
-//! - [`config`]: `cloud_nodes.txt`.
-//! - [`client`]: a blocking client for the command-line programs.
+//! - [`server`] - the single-threaded mio reactor that drives all of the above.
+//! - [`config`] - `cloud_nodes.txt`.
+//! - [`client`] - a blocking client for the command-line programs.
 
 pub mod client;
 pub mod config;
