@@ -70,6 +70,11 @@ pub struct Finished {
 pub struct Node {
     pub cfg: NodeConfig,
     running: Option<Running>,
+    /// Uid-sweep helpers not yet reaped.
+    sweeps: Vec<Pid>,
+    /// A replica that has ended, waiting for `sweeps` to drain:
+    /// (result, ticket, remove its folder).
+    finishing: Option<(Finished, u32, bool)>,
     buf: Vec<u8>,
 }
 
@@ -82,6 +87,8 @@ impl Node {
         Ok(Node {
             cfg,
             running: None,
+            sweeps: Vec::new(),
+            finishing: None,
             buf: vec![0; 64 * 1024],
         })
     }
@@ -286,13 +293,17 @@ impl Node {
     }
 
     /// SIGKILL the replica's group and, with a node-own uid, every process of it.
-    fn kill_everything(&self) {
+    /// The node is not reused (its RUN reply is held back) until every
+    /// sweep helper has been reaped: a late `kill(-1)` would hit the next
+    /// replica of the same uid.
+    fn kill_everything(&mut self) {
         let Some(r) = &self.running else { return };
         spawn::signal_group(r.pid, Signal::SIGKILL);
         if self.cfg.sweep_uid {
             if let Some((uid, _)) = self.cfg.sandbox.identity {
-                if let Err(e) = spawn::kill_all_of_uid(uid) {
-                    log::warn!("node {}: cannot sweep uid {uid}: {e}", self.cfg.port);
+                match spawn::kill_all_of_uid(uid) {
+                    Ok(helper) => self.sweeps.push(helper),
+                    Err(e) => log::warn!("node {}: cannot sweep uid {uid}: {e}", self.cfg.port),
                 }
             }
         }
@@ -300,6 +311,10 @@ impl Node {
 
     /// A child was reaped. If it was our replica, finish it.
     pub fn on_exit(&mut self, pid: Pid, status: WaitStatus) -> Option<Finished> {
+        if let Some(i) = self.sweeps.iter().position(|&h| h == pid) {
+            self.sweeps.swap_remove(i);
+            return self.complete();
+        }
         if self.running_pid() != Some(pid) {
             return None;
         }
@@ -315,15 +330,27 @@ impl Node {
             r.ticket,
             status
         );
-        let _ = fs::remove_file(self.archive_path(r.ticket));
-        if r.stop == Some(StopReason::Closed) {
-            self.remove_ticket(r.ticket);
-        }
-        Some(Finished {
+        let finished = Finished {
             reply_to: r.reply_to,
             result,
             pipe: r.output,
-        })
+        };
+        self.finishing = Some((finished, r.ticket, r.stop == Some(StopReason::Closed)));
+        self.complete()
+    }
+
+    /// Hand out the finished replica once no sweep is outstanding, after
+    /// removing its archive (and its whole folder if the ticket was closed).
+    fn complete(&mut self) -> Option<Finished> {
+        if !self.sweeps.is_empty() {
+            return None;
+        }
+        let (finished, ticket, closed) = self.finishing.take()?;
+        let _ = fs::remove_file(self.archive_path(ticket));
+        if closed {
+            self.remove_ticket(ticket);
+        }
+        Some(finished)
     }
 
     /// The ticket's output file and its length.
@@ -347,7 +374,10 @@ impl Node {
                 r.stop = Some(StopReason::Closed);
                 self.kill_everything();
             }
-            _ => self.remove_ticket(ticket),
+            _ => match self.finishing.as_mut() {
+                Some((_, t, closed)) if *t == ticket => *closed = true,
+                _ => self.remove_ticket(ticket),
+            },
         }
     }
 
@@ -364,11 +394,16 @@ impl Node {
         }
     }
 
-    /// Server shutdown: kill the running replica; returns its pid to reap.
-    pub fn shutdown(&mut self) -> Option<Pid> {
-        let r = self.running.as_mut()?;
-        r.stop = Some(StopReason::Shutdown);
-        self.kill_everything();
+    /// Server shutdown: kill the running replica; returns the children to
+    /// reap (the replica and any sweep helpers).
+    pub fn shutdown(&mut self) -> Vec<Pid> {
+        if let Some(r) = self.running.as_mut() {
+            r.stop = Some(StopReason::Shutdown);
+            self.kill_everything();
+        }
         self.running_pid()
+            .into_iter()
+            .chain(self.sweeps.iter().copied())
+            .collect()
     }
 }

@@ -1166,7 +1166,7 @@ impl Server {
 
     /// Kill every replica, reap them, remove workspaces and the spool.
     fn stop(&mut self) {
-        let pids: Vec<_> = self.nodes.iter_mut().filter_map(|n| n.shutdown()).collect();
+        let pids: Vec<_> = self.nodes.iter_mut().flat_map(|n| n.shutdown()).collect();
         for pid in pids {
             let _ = waitpid(pid, None);
         }

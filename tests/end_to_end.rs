@@ -287,14 +287,9 @@ fn retrieve_without_a_directory_closes_a_running_job_and_kills_it() {
     );
     c.wait_no_children();
     let ticket_dir = c.work().join(format!("output_{}/{t}", c.ports[0]));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while ticket_dir.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "workspace of a closed ticket remains"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until("the closed ticket's workspace is gone", || {
+        !ticket_dir.exists()
+    });
     // The node is free again.
     let t2 = c.deploy(1, &job(c.dir.path(), "after.tar.gz", &["echo after"]));
     assert!(c.retrieve(t2).0);

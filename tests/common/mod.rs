@@ -345,6 +345,29 @@ impl Gate {
     }
 }
 
+/// Wait (up to 20 s) for a condition the server reaches asynchronously.
+pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Entries left in every node's directory.
+pub fn node_leftovers(c: &Cluster) -> Vec<PathBuf> {
+    c.ports
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_dir(c.work().join(format!("output_{p}")))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
 pub fn release(mut s: TcpStream) {
     let _ = s.write_all(b"go\n");
 }
