@@ -520,7 +520,10 @@ fn hundreds_of_mixed_jobs_leak_nothing() {
         assert_eq!(okay, kind >= 5, "ticket {t} kind {kind}");
     }
     c.wait_no_children();
-    assert_eq!(c.fd_count(), fds_before, "file descriptors leaked");
+    // The last client's connection closes asynchronously; a leak never would.
+    wait_until("the server's fd count is back to its start", || {
+        c.fd_count() == fds_before
+    });
     // Nodes drop a ticket's folder just after CLOSE is answered.
     wait_until("node workspaces are empty", || {
         node_leftovers(&c).is_empty()
