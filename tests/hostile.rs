@@ -368,11 +368,10 @@ fn hostile_jobs_fail_alone_and_leave_nothing_behind() {
         "replica processes remain: {:?}",
         processes_with_uid(lo, hi)
     );
-    assert_eq!(
-        c.fd_count(),
-        fds_before,
-        "the server leaked file descriptors"
-    );
+    // The last client's connection closes asynchronously; a leak never would.
+    wait_until("the server's fd count is back to its start", || {
+        c.fd_count() == fds_before
+    });
 }
 
 #[test]
