@@ -187,9 +187,6 @@ fn syscalls_per_job(pid: u32, addr: &str, archive: &Path, dir: &Path) -> Option<
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo test --all-targets` lists benches; nothing to list.
-    }
     let dir = tempfile::tempdir().unwrap();
     let archive = tiny_archive(dir.path());
     let (mut server, addr) = start_server(dir.path());
