@@ -39,8 +39,9 @@ pub struct JobLimits {
     pub open_files: u64,
     /// RLIMIT_FSIZE, bytes.
     pub file_size: u64,
-    /// RLIMIT_NPROC (only binds a non-root uid).
-    pub processes: u64,
+    /// RLIMIT_NPROC. It counts every process of the uid, so it is only set
+    /// for replicas that run under a uid of their own (`None`: untouched).
+    pub processes: Option<u64>,
 }
 
 impl Default for JobLimits {
@@ -51,7 +52,7 @@ impl Default for JobLimits {
             address_space: 2 << 30,
             open_files: 256,
             file_size: 256 << 20,
-            processes: 256,
+            processes: Some(256),
         }
     }
 }
@@ -236,10 +237,14 @@ fn child_setup(
         (Resource::RLIMIT_AS, l.address_space, "address space"),
         (Resource::RLIMIT_NOFILE, l.open_files, "open files"),
         (Resource::RLIMIT_FSIZE, l.file_size, "file size"),
-        (Resource::RLIMIT_NPROC, l.processes, "processes"),
         (Resource::RLIMIT_CORE, 0, "core size"),
     ];
-    for (res, v, what) in limits {
+    let nproc = l
+        .processes
+        .map(|v| (Resource::RLIMIT_NPROC, v, "processes"));
+    for (res, v, what) in limits.into_iter().chain(nproc) {
+        // Never above the hard limit we inherited (a non-root server cannot raise it).
+        let v = nix::sys::resource::getrlimit(res).map_or(v, |(_, hard)| v.min(hard));
         if let Err(e) = setrlimit(res, v, v) {
             return setup(what, e);
         }
@@ -313,6 +318,67 @@ pub fn signal_group(pgid: Pid, sig: Signal) {
         Ok(()) | Err(nix::Error::ESRCH) => {}
         Err(e) => log::warn!("killpg({pgid}, {sig}) failed: {e}"),
     }
+}
+
+/// Check at startup that replicas can be sandboxed as configured: a forked
+/// child enters a network namespace (if asked), takes the replica identity
+/// and writes in a workspace made like a real one under `dir`. The error
+/// says what to fix.
+pub fn probe(sandbox: Sandbox, dir: &Path) -> Result<(), String> {
+    let ws = dir.join(format!(".sandbox-probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&ws);
+    make_workspace(&ws, sandbox.identity)
+        .map_err(|e| format!("cannot prepare a workspace in {}: {e}", dir.display()))?;
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: called before the reactor starts, single-threaded; the child
+    // only makes system calls, writes one message and _exits.
+    let child = match unsafe { nix::unistd::fork() } {
+        Err(e) => return Err(format!("fork: {e}")),
+        Ok(ForkResult::Child) => {
+            drop(r);
+            let msg = probe_child(sandbox, &ws).err().unwrap_or_default();
+            let mut w = File::from(w);
+            let _ = w.write_all(msg.as_bytes());
+            // SAFETY: ends the probe child without running the parent's atexit handlers.
+            unsafe { libc::_exit(i32::from(!msg.is_empty())) }
+        }
+        Ok(ForkResult::Parent { child }) => child,
+    };
+    drop(w);
+    let _ = nix::sys::wait::waitpid(child, None);
+    let mut msg = String::new();
+    let _ = File::from(r).read_to_string(&mut msg);
+    let _ = std::fs::remove_dir_all(&ws);
+    if msg.is_empty() {
+        Ok(())
+    } else {
+        Err(msg)
+    }
+}
+
+fn probe_child(sandbox: Sandbox, ws: &Path) -> Result<(), String> {
+    if sandbox.isolate_network {
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| {
+            format!("cannot give replicas a network namespace ({e}): run as root with CAP_SYS_ADMIN, or pass --allow-network")
+        })?;
+    }
+    let dir = File::open(ws).map_err(|e| format!("cannot open {}: {e}", ws.display()))?;
+    if let Some((uid, gid)) = sandbox.identity {
+        nix::unistd::setgroups(&[gid])
+            .and_then(|_| nix::unistd::setgid(gid))
+            .and_then(|_| nix::unistd::setuid(uid))
+            .map_err(|e| {
+                format!("cannot run replicas as uid {uid} ({e}): check --slot-uids / --run-as")
+            })?;
+    }
+    nix::unistd::fchdir(&dir).map_err(|e| format!("fchdir: {e}"))?;
+    File::create("probe").map(drop).map_err(|e| {
+        format!(
+            "replicas (uid {}) cannot write their workspace under {} ({e}): use a --work-dir on a local filesystem that honours chown",
+            nix::unistd::getuid(),
+            ws.parent().map_or_else(String::new, |p| p.display().to_string())
+        )
+    })
 }
 
 /// Kill every process running as `uid`, including ones that left the

@@ -544,3 +544,42 @@ trait TakeBytes: std::io::Read + Sized {
     }
 }
 impl<R: std::io::Read> TakeBytes for R {}
+
+#[test]
+fn run_as_user_and_slot_uids_decide_who_a_replica_is() {
+    if !need_root("run_as_user_and_slot_uids_decide_who_a_replica_is") {
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("a nobody user");
+    let c = Cluster::start_with(2, &["--no-slot-uids", "--run-as", "nobody"]);
+    assert!(c.log().contains("replicas run as nobody"), "{}", c.log());
+    let a = job(
+        c.dir.path(),
+        "id.tar.gz",
+        &["@id -u; ls -ld . | cut -d' ' -f1,3"],
+    );
+    let t = c.deploy(2, &a);
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok);
+    for (_, out) in &outs {
+        assert!(out.starts_with(&format!("{}\n", nobody.uid)), "{out}");
+        assert!(
+            out.contains("drwx------ nobody"),
+            "workspace is the user's, mode 0700: {out}"
+        );
+    }
+    // With slot uids (the default), each node has a uid of its own.
+    let c = Cluster::start(2);
+    let (lo, _) = slot_range(&c);
+    let t = c.deploy(2, &job(c.dir.path(), "id.tar.gz", &["@id -u"]));
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok);
+    let mut uids: Vec<u32> = outs
+        .iter()
+        .map(|(_, o)| o.trim().parse().unwrap())
+        .collect();
+    uids.sort();
+    assert_eq!(uids, vec![lo, lo + 1]);
+}

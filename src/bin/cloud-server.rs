@@ -9,7 +9,7 @@ use clap::Parser;
 use cloudinfra::config::NodesFile;
 use cloudinfra::extract::ExtractLimits;
 use cloudinfra::server::{Server, ServerConfig};
-use cloudinfra::spawn::JobLimits;
+use cloudinfra::spawn::{JobLimits, Sandbox};
 use nix::unistd::{Gid, Uid, User};
 
 /// Main server of the cloudinfra job cluster: owns the side nodes listed in
@@ -200,7 +200,8 @@ fn run(args: Args) -> Result<(), String> {
             address_space: args.max_memory,
             open_files: args.max_open_files,
             file_size: args.max_file_size,
-            processes: args.max_procs,
+            // Only meaningful when the uid is the replicas' alone (root mode).
+            processes: root.then_some(args.max_procs),
         },
         time_limit: Duration::from_secs(args.time_limit),
         kill_grace: Duration::from_secs(args.kill_grace),
@@ -210,6 +211,13 @@ fn run(args: Args) -> Result<(), String> {
         isolate_network,
         sandbox_summary: format!("{}, {net}", ids.summary),
     };
+    std::fs::create_dir_all(&cfg.work_dir)
+        .map_err(|e| format!("cannot create work dir {}: {e}", cfg.work_dir.display()))?;
+    let sandbox = Sandbox {
+        identity: cfg.identities[0],
+        isolate_network: cfg.isolate_network,
+    };
+    cloudinfra::spawn::probe(sandbox, &cfg.work_dir)?;
     let mut server = Server::start(cfg)?;
     eprintln!("{}", server.ready_line());
     server
