@@ -322,7 +322,7 @@ impl Node {
         self.kill_everything();
         self.drain_output();
         let r = self.running.take()?;
-        let setup_error = spawn::read_setup_error(&r.status);
+        let setup_error = spawn::read_setup_error(r.status);
         let result = spawn::classify_exit(status, &setup_error, r.stop.as_ref());
         log::debug!(
             "node {}: ticket {}: pid {pid} ended: {:?}",

@@ -404,8 +404,8 @@ pub fn kill_all_of_uid(uid: Uid) -> nix::Result<Pid> {
 }
 
 /// Read what the child wrote on its status pipe (empty if exec succeeded).
-pub fn read_setup_error(status: &OwnedFd) -> String {
-    let mut f = File::from(status.try_clone().expect("dup of an open pipe"));
+pub fn read_setup_error(status: OwnedFd) -> String {
+    let mut f = File::from(status);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 512];
     while buf.len() < 4096 {
