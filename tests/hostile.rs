@@ -48,24 +48,11 @@ const LIMITS: &[&str] = &[
 
 /// Processes (other than the test's) whose real uid is in [lo, hi).
 fn processes_with_uid(lo: u32, hi: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-            continue;
-        };
-        let uid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|u| u.parse::<u32>().ok());
-        if uid.is_some_and(|u| u >= lo && u < hi) {
-            out.push(pid);
-        }
-    }
-    out
+    processes()
+        .into_iter()
+        .filter(|p| p.uid >= lo && p.uid < hi)
+        .map(|p| p.pid)
+        .collect()
 }
 
 fn slot_range(c: &Cluster) -> (u32, u32) {

@@ -205,28 +205,14 @@ impl Cluster {
         (out.status.success(), files)
     }
 
-    /// Processes whose parent is the server.
+    /// Processes whose parent is the server: (pid, state).
     pub fn children(&self) -> Vec<(u32, char)> {
         let me = self.pid();
-        let mut out = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let Some(after) = stat.rsplit_once(") ").map(|x| x.1) else {
-                continue;
-            };
-            let mut f = after.split(' ');
-            let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
-            let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-            if ppid == me {
-                out.push((pid, state));
-            }
-        }
-        out
+        processes()
+            .into_iter()
+            .filter(|p| p.ppid == me)
+            .map(|p| (p.pid, p.state))
+            .collect()
     }
 
     /// Wait until the server has no children at all (every replica reaped).
@@ -269,6 +255,50 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// One line of `ps`, read from /proc.
+pub struct Proc {
+    pub pid: u32,
+    pub ppid: u32,
+    pub state: char,
+    pub uid: u32,
+}
+
+/// Every process on the machine (those that vanish while read are skipped).
+pub fn processes() -> Vec<Proc> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        // After "pid (comm) ": state, ppid, ...; comm may hold spaces.
+        let Some((_, after)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut f = after.split(' ');
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse().ok())
+            .unwrap_or(u32::MAX);
+        out.push(Proc {
+            pid,
+            ppid,
+            state,
+            uid,
+        });
+    }
+    out
 }
 
 /// Build a .tar.gz from (path, contents) pairs; returns its path.
