@@ -18,28 +18,15 @@ const CLIENTS: usize = 4;
 fn tiny_archive(dir: &Path) -> PathBuf {
     let src = dir.join("tiny");
     std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(
-        src.join("Makefile"),
-        "run:\n\t@echo tiny job $$CLOUD_REPLICA\n",
-    )
-    .unwrap();
+    std::fs::write(src.join("Makefile"), "run:\n\t@echo tiny job $$CLOUD_REPLICA\n").unwrap();
     let path = dir.join("tiny.tar.gz");
-    let ok = Command::new("tar")
-        .arg("czf")
-        .arg(&path)
-        .arg("-C")
-        .arg(&src)
-        .arg(".")
-        .status()
-        .unwrap();
+    let ok = Command::new("tar").arg("czf").arg(&path).arg("-C").arg(&src).arg(".").status().unwrap();
     assert!(ok.success());
     path
 }
 
 fn start_server(dir: &Path) -> (Child, String) {
-    let ls: Vec<TcpListener> = (0..4)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
+    let ls: Vec<TcpListener> = (0..4).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let mut text = "4\n".to_string();
     for l in &ls {
         text.push_str(&format!("{}\n", l.local_addr().unwrap().port()));
@@ -51,25 +38,14 @@ fn start_server(dir: &Path) -> (Child, String) {
         .arg(dir.join("nodes.txt"))
         .args(["--listen", "127.0.0.1:0", "--work-dir"])
         .arg(dir.join("work"))
-        .args(
-            std::env::var("CLOUD_BENCH_ARGS")
-                .unwrap_or_default()
-                .split_whitespace(),
-        )
+        .args(std::env::var("CLOUD_BENCH_ARGS").unwrap_or_default().split_whitespace())
         .env("RUST_LOG", "warn")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .expect("ready line")
-        .to_string();
+    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).expect("ready line").to_string();
     eprintln!("{}", line.trim());
     (child, addr)
 }
@@ -87,16 +63,9 @@ fn run_cluster(addr: &str, archive: &Path, dir: &Path, jobs: usize) -> f64 {
                         .args(["--server", addr])
                         .output()
                         .unwrap();
-                    assert!(
-                        out.status.success(),
-                        "{}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
                     let stdout = String::from_utf8_lossy(&out.stdout);
-                    let ticket = stdout
-                        .trim()
-                        .trim_start_matches("Job ticket#: ")
-                        .to_string();
+                    let ticket = stdout.trim().trim_start_matches("Job ticket#: ").to_string();
                     let outdir = dir.join(format!("out{j}"));
                     let ok = Command::new(CLIENT)
                         .args(["retrieve", &ticket])
@@ -122,12 +91,7 @@ fn run_direct(archive: &Path, dir: &Path) -> f64 {
         a = archive.display()
     );
     let start = Instant::now();
-    assert!(Command::new("sh")
-        .arg("-c")
-        .arg(&script)
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("sh").arg("-c").arg(&script).status().unwrap().success());
     start.elapsed().as_secs_f64()
 }
 
@@ -155,24 +119,12 @@ fn syscalls_per_job(pid: u32, addr: &str, archive: &Path, dir: &Path) -> Option<
         .ok()?;
     // strace prints "Process N attached" once it is tracing.
     let mut line = String::new();
-    BufReader::new(strace.stderr.take()?)
-        .read_line(&mut line)
-        .ok()?;
+    BufReader::new(strace.stderr.take()?).read_line(&mut line).ok()?;
     run_cluster(addr, archive, &dir.join("strace-run"), jobs);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(strace.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .ok()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(strace.id() as i32), nix::sys::signal::Signal::SIGINT).ok()?;
     strace.wait().ok()?;
     let text = std::fs::read_to_string(&report).ok()?;
-    let total: f64 = text
-        .lines()
-        .find(|l| l.trim_end().ends_with("total"))?
-        .split_whitespace()
-        .nth(3)?
-        .parse()
-        .ok()?;
+    let total: f64 = text.lines().find(|l| l.trim_end().ends_with("total"))?.split_whitespace().nth(3)?.parse().ok()?;
     let top: Vec<String> = text
         .lines()
         .skip(2)
@@ -196,10 +148,7 @@ fn main() {
     let direct = run_direct(&archive, dir.path());
     let rss = vm_hwm_kib(server.id());
     let sys = syscalls_per_job(server.id(), &addr, &archive, dir.path());
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = server.wait();
 
     let (cj, dj) = (JOBS as f64 / cluster, JOBS as f64 / direct);

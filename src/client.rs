@@ -9,10 +9,8 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::net::TcpStream;
 
-use crate::proto::{
-    self, CloudStat, JobStatus, ReplicaOutput, ReplicaStatus, CLOUD_PROG, CLOUD_VERS,
-};
-use crate::record::{Event, Outbox, Piece, RecordDecoder, Shape};
+use crate::proto::{self, CloudStat, JobStatus, ReplicaOutput, ReplicaStatus, CLOUD_PROG, CLOUD_VERS};
+use crate::record::{self, Event, Outbox, Piece, RecordDecoder, Shape};
 use crate::rpc::{self, ReplyOutcome};
 use crate::xdr::{XdrReader, XdrWriter};
 
@@ -52,11 +50,7 @@ impl Client {
         })?;
         let _ = stream.set_nodelay(true);
         let xid = std::process::id().wrapping_mul(2_654_435_761);
-        Ok(Client {
-            stream,
-            server: server.to_string(),
-            xid,
-        })
+        Ok(Client { stream, server: server.to_string(), xid })
     }
 
     fn transport(&self, e: impl std::fmt::Display) -> ClientError {
@@ -64,11 +58,7 @@ impl Client {
     }
 
     /// Send one call and return the result bytes of its reply.
-    fn call(
-        &mut self,
-        proc_num: u32,
-        pieces: impl FnOnce(XdrWriter) -> Vec<Piece>,
-    ) -> Result<Vec<u8>, ClientError> {
+    fn call(&mut self, proc_num: u32, pieces: impl FnOnce(XdrWriter) -> Vec<Piece>) -> Result<Vec<u8>, ClientError> {
         self.xid = self.xid.wrapping_add(1);
         let xid = self.xid;
         let mut out = Outbox::new();
@@ -83,15 +73,11 @@ impl Client {
         };
         let (rxid, outcome) = rpc::decode_reply(&record).map_err(|e| self.transport(e))?;
         if rxid != xid {
-            return Err(self.transport(format!(
-                "reply xid {rxid:#x} does not match call xid {xid:#x}"
-            )));
+            return Err(self.transport(format!("reply xid {rxid:#x} does not match call xid {xid:#x}")));
         }
         match outcome {
             ReplyOutcome::Success { results_at } => Ok(record[results_at..].to_vec()),
-            ReplyOutcome::Failed(why) | ReplyOutcome::Denied(why) => {
-                Err(ClientError::Transport(why))
-            }
+            ReplyOutcome::Failed(why) | ReplyOutcome::Denied(why) => Err(ClientError::Transport(why)),
         }
     }
 
@@ -113,42 +99,30 @@ impl Client {
     }
 
     pub fn null(&mut self) -> Result<(), ClientError> {
-        self.call(proto::CLOUD_NULL, |w| vec![Piece::Bytes(w.into_bytes())])
-            .map(|_| ())
+        self.call(proto::CLOUD_NULL, |w| vec![Piece::Bytes(w.into_bytes())]).map(|_| ())
     }
 
     /// DEPLOY, streaming the archive from `archive` (`len` bytes).
     pub fn deploy(&mut self, replicas: u32, archive: File, len: u64) -> Result<u32, ClientError> {
         let res = self.call(proto::DEPLOY, |mut w| {
-            w.u32(replicas).u32(len as u32);
-            let mut pad = XdrWriter::new();
-            pad.pad(len as usize);
-            vec![
-                Piece::Bytes(w.into_bytes()),
-                Piece::File { file: archive, len },
-                Piece::Bytes(pad.into_bytes()),
-            ]
+            w.u32(replicas);
+            record::with_opaque(w, Piece::File { file: archive, len })
         })?;
         decode(&res, |r| r.u32())
     }
 
     pub fn status(&mut self, ticket: u32) -> Result<JobStatus, ClientError> {
-        let res = self.call(proto::STATUS, |mut w| {
-            vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]
-        })?;
+        let res = self.call(proto::STATUS, |mut w| vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())])?;
         decode(&res, JobStatus::decode)
     }
 
     pub fn retrieve(&mut self, ticket: u32, wait: bool) -> Result<Vec<ReplicaOutput>, ClientError> {
-        let res = self.call(proto::RETRIEVE, |mut w| {
-            vec![Piece::Bytes(w.u32(ticket).bool(wait).clone().into_bytes())]
-        })?;
+        let res =
+            self.call(proto::RETRIEVE, |mut w| vec![Piece::Bytes(w.u32(ticket).bool(wait).clone().into_bytes())])?;
         decode(&res, |r| {
             let n = r.u32()? as usize;
             if n > r.remaining() / 24 {
-                return Err(crate::xdr::XdrError::Invalid(format!(
-                    "{n} outputs cannot fit in the reply"
-                )));
+                return Err(crate::xdr::XdrError::Invalid(format!("{n} outputs cannot fit in the reply")));
             }
             (0..n)
                 .map(|_| {
@@ -161,21 +135,14 @@ impl Client {
     }
 
     pub fn close(&mut self, ticket: u32) -> Result<(), ClientError> {
-        let res = self.call(proto::CLOSE, |mut w| {
-            vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]
-        })?;
+        let res = self.call(proto::CLOSE, |mut w| vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())])?;
         decode(&res, |_| Ok(()))
     }
 }
 
 /// Decode a `*_res` union: the OK arm with `ok`, else the server's message.
-fn decode<T>(
-    res: &[u8],
-    ok: impl FnOnce(&mut XdrReader) -> Result<T, crate::xdr::XdrError>,
-) -> Result<T, ClientError> {
-    let garbled = |e: crate::xdr::XdrError| {
-        ClientError::Transport(format!("garbled reply from the server: {e}"))
-    };
+fn decode<T>(res: &[u8], ok: impl FnOnce(&mut XdrReader) -> Result<T, crate::xdr::XdrError>) -> Result<T, ClientError> {
+    let garbled = |e: crate::xdr::XdrError| ClientError::Transport(format!("garbled reply from the server: {e}"));
     let mut r = XdrReader::new(res);
     match proto::decode_stat(&mut r).map_err(garbled)? {
         Ok(()) => ok(&mut r).map_err(garbled),

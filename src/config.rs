@@ -16,24 +16,18 @@ pub struct NodesFile {
 
 impl NodesFile {
     pub fn load(path: &Path) -> Result<NodesFile, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read nodes file {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read nodes file {}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Parse the text; errors say which line and what to fix.
     pub fn parse(text: &str) -> Result<NodesFile, String> {
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .map(|(i, l)| (i + 1, l.trim()))
-            .filter(|(_, l)| !l.is_empty());
-        let (first, count) = lines
-            .next()
-            .ok_or("the file is empty; line 1 must give the number of nodes")?;
-        let n: usize = count.parse().map_err(|_| {
-            format!("line {first}: '{count}' is not a node count; line 1 must be a number N")
-        })?;
+        let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, l)| !l.is_empty());
+        let (first, count) = lines.next().ok_or("the file is empty; line 1 must give the number of nodes")?;
+        let n: usize = count
+            .parse()
+            .map_err(|_| format!("line {first}: '{count}' is not a node count; line 1 must be a number N"))?;
         if n == 0 {
             return Err(format!("line {first}: the node count must be at least 1"));
         }
@@ -41,33 +35,21 @@ impl NodesFile {
         let mut at = Vec::with_capacity(n);
         for (line, text) in lines {
             if ports.len() == n {
-                return Err(format!(
-                    "line {line}: more ports than the {n} announced on line {first}"
-                ));
+                return Err(format!("line {line}: more ports than the {n} announced on line {first}"));
             }
-            let port: u32 = text
-                .parse()
-                .map_err(|_| format!("line {line}: '{text}' is not a port number"))?;
+            let port: u32 = text.parse().map_err(|_| format!("line {line}: '{text}' is not a port number"))?;
             if !(1..=65535).contains(&port) {
-                return Err(format!(
-                    "line {line}: port {port} is out of range (1-65535)"
-                ));
+                return Err(format!("line {line}: port {port} is out of range (1-65535)"));
             }
             let port = port as u16;
             if let Some(i) = ports.iter().position(|&p| p == port) {
-                return Err(format!(
-                    "line {line}: port {port} is a duplicate of line {}",
-                    at[i]
-                ));
+                return Err(format!("line {line}: port {port} is a duplicate of line {}", at[i]));
             }
             ports.push(port);
             at.push(line);
         }
         if ports.len() != n {
-            return Err(format!(
-                "line {first} announces {n} nodes but the file lists {} ports",
-                ports.len()
-            ));
+            return Err(format!("line {first} announces {n} nodes but the file lists {} ports", ports.len()));
         }
         Ok(NodesFile { ports, lines: at })
     }
@@ -94,10 +76,7 @@ mod tests {
         let cases = [
             ("3\n9001\n9002\n", "announces 3 nodes but the file lists 2"),
             ("2\n9001\nabc\n", "line 3: 'abc' is not a port"),
-            (
-                "2\n9001\n9001\n",
-                "line 3: port 9001 is a duplicate of line 2",
-            ),
+            ("2\n9001\n9001\n", "line 3: port 9001 is a duplicate of line 2"),
             ("1\n70000\n", "line 2: port 70000 is out of range"),
             ("x\n", "line 1: 'x' is not a node count"),
             ("1\n9001\n9002\n", "line 3: more ports"),

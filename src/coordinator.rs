@@ -45,11 +45,7 @@ pub enum NodeCall {
     /// Run one replica from this archive.
     Run { args: RunArgs, archive: PathBuf },
     /// Send the replica's output; spool it into `into`.
-    Fetch {
-        ticket: Ticket,
-        replica: u32,
-        into: PathBuf,
-    },
+    Fetch { ticket: Ticket, replica: u32, into: PathBuf },
     /// Kill the ticket's processes if any and remove its workspace.
     Drop { ticket: Ticket },
 }
@@ -131,33 +127,16 @@ impl Coordinator {
             };
             let replicas = start.nodes.len() as u32;
             for (i, &node) in start.nodes.iter().enumerate() {
-                log::info!(
-                    "ticket {}: replica {i} -> node {}, RUNNING",
-                    start.ticket,
-                    self.node_names[node]
-                );
-                let args = RunArgs {
-                    ticket: start.ticket,
-                    replica: i as u32,
-                    replicas,
-                };
-                self.actions.push_back(Action::Node {
-                    node,
-                    call: NodeCall::Run {
-                        args,
-                        archive: archive.clone(),
-                    },
-                });
+                log::info!("ticket {}: replica {i} -> node {}, RUNNING", start.ticket, self.node_names[node]);
+                let args = RunArgs { ticket: start.ticket, replica: i as u32, replicas };
+                self.actions.push_back(Action::Node { node, call: NodeCall::Run { args, archive: archive.clone() } });
             }
             self.actions.push_back(Action::RemoveFile(archive));
         }
     }
 
     fn no_such_ticket(ticket: Ticket) -> Failure {
-        (
-            CloudStat::NoSuchTicket,
-            format!("no such ticket: {ticket} (never issued, or already closed)"),
-        )
+        (CloudStat::NoSuchTicket, format!("no such ticket: {ticket} (never issued, or already closed)"))
     }
 
     fn replica_status(&self, ticket: Ticket) -> Option<Vec<ReplicaStatus>> {
@@ -168,10 +147,7 @@ impl Coordinator {
                 .enumerate()
                 .map(|(i, r)| ReplicaStatus {
                     replica: i as u32,
-                    node: r
-                        .node
-                        .map(|n| self.node_names[n].clone())
-                        .unwrap_or_default(),
+                    node: r.node.map(|n| self.node_names[n].clone()).unwrap_or_default(),
                     state: r.state,
                     exit_code: r.exit_code,
                     message: r.message.clone(),
@@ -181,10 +157,7 @@ impl Coordinator {
     }
 
     pub fn job_status(&self, ticket: Ticket) -> Result<JobStatus, Failure> {
-        let job = self
-            .sched
-            .job(ticket)
-            .ok_or_else(|| Self::no_such_ticket(ticket))?;
+        let job = self.sched.job(ticket).ok_or_else(|| Self::no_such_ticket(ticket))?;
         Ok(JobStatus {
             ticket,
             state: job.state(),
@@ -229,18 +202,9 @@ impl Coordinator {
                     all_done = false;
                     if let Some(node) = r.node {
                         let into = self.spool.join(format!("out-{ticket}-{i}"));
-                        calls.push((
-                            key,
-                            node,
-                            NodeCall::Fetch {
-                                ticket,
-                                replica: i as u32,
-                                into,
-                            },
-                        ));
+                        calls.push((key, node, NodeCall::Fetch { ticket, replica: i as u32, into }));
                     } else {
-                        self.fetches
-                            .insert(key, Fetch::Done(Err("never ran".into())));
+                        self.fetches.insert(key, Fetch::Done(Err("never ran".into())));
                     }
                 }
             }
@@ -259,16 +223,10 @@ impl Coordinator {
         let mut outs = Vec::with_capacity(statuses.len());
         for mut status in statuses {
             match self.fetches.get(&(ticket, status.replica)) {
-                Some(Fetch::Done(Ok(path))) => outs.push(OutputRef {
-                    status,
-                    path: path.clone(),
-                }),
+                Some(Fetch::Done(Ok(path))) => outs.push(OutputRef { status, path: path.clone() }),
                 Some(Fetch::Done(Err(why))) => {
                     status.message = format!("{} (output lost: {why})", status.message);
-                    outs.push(OutputRef {
-                        status,
-                        path: PathBuf::new(),
-                    });
+                    outs.push(OutputRef { status, path: PathBuf::new() });
                 }
                 _ => unreachable!("all fetches are done"),
             }
@@ -287,9 +245,7 @@ impl Coordinator {
                 result.state.name(),
                 result.message
             );
-            if self.sched.job(ticket).is_some_and(|j| j.finished())
-                && self.retrievers.contains_key(&ticket)
-            {
+            if self.sched.job(ticket).is_some_and(|j| j.finished()) && self.retrievers.contains_key(&ticket) {
                 self.fetch_outputs(ticket);
             }
         }
@@ -317,17 +273,9 @@ impl Coordinator {
             self.actions.push_back(Action::RemoveFile(archive));
         }
         for node in closed.nodes {
-            self.actions.push_back(Action::Node {
-                node,
-                call: NodeCall::Drop { ticket },
-            });
+            self.actions.push_back(Action::Node { node, call: NodeCall::Drop { ticket } });
         }
-        let keys: Vec<_> = self
-            .fetches
-            .keys()
-            .filter(|k| k.0 == ticket)
-            .copied()
-            .collect();
+        let keys: Vec<_> = self.fetches.keys().filter(|k| k.0 == ticket).copied().collect();
         for key in keys {
             if let Some(Fetch::Done(Ok(path))) = self.fetches.remove(&key) {
                 self.actions.push_back(Action::RemoveFile(path));
@@ -388,9 +336,7 @@ mod tests {
     use super::*;
 
     fn coord(nodes: usize) -> Coordinator {
-        let names = (0..nodes)
-            .map(|i| format!("127.0.0.1:{}", 9001 + i))
-            .collect();
+        let names = (0..nodes).map(|i| format!("127.0.0.1:{}", 9001 + i)).collect();
         Coordinator::new(names, 10, PathBuf::from("/spool"))
     }
 
@@ -406,23 +352,11 @@ mod tests {
         let mut c = coord(2);
         c.deploy(A, 2, "/spool/in".into());
         let acts = drain(&mut c);
-        assert_eq!(
-            acts[0],
-            Action::Reply {
-                to: A,
-                reply: Reply::Deploy(Ok(1))
-            }
-        );
+        assert_eq!(acts[0], Action::Reply { to: A, reply: Reply::Deploy(Ok(1)) });
         assert!(
             matches!(&acts[1], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.replica == 0 && args.replicas == 2)
         );
-        assert!(matches!(
-            &acts[2],
-            Action::Node {
-                node: 1,
-                call: NodeCall::Run { .. }
-            }
-        ));
+        assert!(matches!(&acts[2], Action::Node { node: 1, call: NodeCall::Run { .. } }));
         assert_eq!(acts[3], Action::RemoveFile("/spool/in".into()));
     }
 
@@ -433,36 +367,14 @@ mod tests {
         drain(&mut c);
         c.retrieve(B, 1, true);
         assert!(drain(&mut c).is_empty(), "deferred while running");
-        c.run_finished(
-            0,
-            RunResult {
-                state: JobState::Completed,
-                exit_code: 0,
-                message: "exit 0".into(),
-            },
-        );
+        c.run_finished(0, RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() });
         let acts = drain(&mut c);
-        let Action::Node {
-            node: 0,
-            call:
-                NodeCall::Fetch {
-                    ticket: 1,
-                    replica: 0,
-                    into,
-                },
-        } = &acts[0]
-        else {
+        let Action::Node { node: 0, call: NodeCall::Fetch { ticket: 1, replica: 0, into } } = &acts[0] else {
             panic!("{acts:?}")
         };
         c.fetched(1, 0, Ok(into.clone()));
         let acts = drain(&mut c);
-        let Action::Reply {
-            to,
-            reply: Reply::Retrieve(Ok(outs)),
-        } = &acts[0]
-        else {
-            panic!("{acts:?}")
-        };
+        let Action::Reply { to, reply: Reply::Retrieve(Ok(outs)) } = &acts[0] else { panic!("{acts:?}") };
         assert_eq!(*to, B);
         assert_eq!(outs[0].status.state, JobState::Completed);
     }
@@ -474,13 +386,7 @@ mod tests {
         drain(&mut c);
         c.retrieve(B, 1, false);
         let acts = drain(&mut c);
-        assert!(matches!(
-            &acts[0],
-            Action::Reply {
-                reply: Reply::Retrieve(Err((CloudStat::NotReady, _))),
-                ..
-            }
-        ));
+        assert!(matches!(&acts[0], Action::Reply { reply: Reply::Retrieve(Err((CloudStat::NotReady, _))), .. }));
     }
 
     #[test]
@@ -491,34 +397,13 @@ mod tests {
         c.retrieve(B, 1, true);
         c.close(A, 1);
         let acts = drain(&mut c);
-        assert_eq!(
-            acts[0],
-            Action::Node {
-                node: 0,
-                call: NodeCall::Drop { ticket: 1 }
-            }
-        );
-        assert!(matches!(
-            &acts[1],
-            Action::Reply {
-                to: B,
-                reply: Reply::Retrieve(Err((CloudStat::NoSuchTicket, _)))
-            }
-        ));
-        assert_eq!(
-            acts[2],
-            Action::Reply {
-                to: A,
-                reply: Reply::Close(Ok(()))
-            }
-        );
+        assert_eq!(acts[0], Action::Node { node: 0, call: NodeCall::Drop { ticket: 1 } });
+        assert!(matches!(&acts[1], Action::Reply { to: B, reply: Reply::Retrieve(Err((CloudStat::NoSuchTicket, _))) }));
+        assert_eq!(acts[2], Action::Reply { to: A, reply: Reply::Close(Ok(())) });
         c.status(A, 1);
         assert!(matches!(
             &drain(&mut c)[0],
-            Action::Reply {
-                reply: Reply::Status(Err((CloudStat::NoSuchTicket, _))),
-                ..
-            }
+            Action::Reply { reply: Reply::Status(Err((CloudStat::NoSuchTicket, _))), .. }
         ));
     }
 
@@ -532,9 +417,7 @@ mod tests {
         assert_eq!(c.job_status(2).unwrap().state, JobState::Waiting);
         c.run_finished(0, RunResult::invalid("make run exited with status 2"));
         let acts = drain(&mut c);
-        assert!(
-            matches!(&acts[0], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.ticket == 2)
-        );
+        assert!(matches!(&acts[0], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.ticket == 2));
         assert_eq!(c.job_state(1), Some(JobState::Invalid));
     }
 }

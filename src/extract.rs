@@ -27,11 +27,7 @@ pub struct ExtractLimits {
 
 impl Default for ExtractLimits {
     fn default() -> Self {
-        ExtractLimits {
-            max_bytes: 256 << 20,
-            max_entries: 10_000,
-            max_path: 1024,
-        }
+        ExtractLimits { max_bytes: 256 << 20, max_entries: 10_000, max_path: 1024 }
     }
 }
 
@@ -45,11 +41,7 @@ pub struct Extracted {
 
 /// Unpack `archive` (gzip-compressed tar) into the existing directory `dest`.
 /// The error is one line for the replica's message.
-pub fn extract(
-    mut archive: impl Read,
-    dest: &Path,
-    limits: &ExtractLimits,
-) -> Result<Extracted, String> {
+pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> Result<Extracted, String> {
     let mut magic = [0u8; 2];
     match archive.read_exact(&mut magic) {
         Ok(()) if magic == [0x1f, 0x8b] => {}
@@ -58,21 +50,14 @@ pub fn extract(
     }
     let gz = GzDecoder::new(io::Cursor::new(magic).chain(archive));
     let mut tar = tar::Archive::new(gz);
-    let mut done = Extracted {
-        files: 0,
-        dirs: 0,
-        bytes: 0,
-    };
+    let mut done = Extracted { files: 0, dirs: 0, bytes: 0 };
     let entries = tar.entries().map_err(|e| describe(&e))?;
     let mut count = 0usize;
     for entry in entries {
         let mut entry = entry.map_err(|e| describe(&e))?;
         count += 1;
         if count > limits.max_entries {
-            return Err(format!(
-                "bad archive: more than {} entries (limit --max-entries)",
-                limits.max_entries
-            ));
+            return Err(format!("bad archive: more than {} entries (limit --max-entries)", limits.max_entries));
         }
         let raw_path = entry.path().map_err(|e| describe(&e))?.into_owned();
         let kind = entry.header().entry_type();
@@ -90,12 +75,7 @@ pub fn extract(
                 .recursive(true)
                 .mode(mode | 0o700)
                 .create(&target)
-                .map_err(|e| {
-                    format!(
-                        "bad archive: cannot create directory {}: {e}",
-                        rel.display()
-                    )
-                })?;
+                .map_err(|e| format!("bad archive: cannot create directory {}: {e}", rel.display()))?;
             done.dirs += 1;
         } else if kind.is_file() || kind == tar::EntryType::Continuous {
             let declared = entry.header().size().unwrap_or(u64::MAX);
@@ -111,12 +91,7 @@ pub fn extract(
                     .recursive(true)
                     .mode(0o755)
                     .create(parent)
-                    .map_err(|e| {
-                        format!(
-                            "bad archive: cannot create directory for {}: {e}",
-                            rel.display()
-                        )
-                    })?;
+                    .map_err(|e| format!("bad archive: cannot create directory for {}: {e}", rel.display()))?;
             }
             let mut out = OpenOptions::new()
                 .write(true)
@@ -151,10 +126,7 @@ pub fn extract(
 fn checked_path(path: &Path, limits: &ExtractLimits) -> Result<PathBuf, String> {
     let len = path.as_os_str().len();
     if len > limits.max_path {
-        return Err(format!(
-            "bad archive: a path of {len} bytes is longer than the limit of {}",
-            limits.max_path
-        ));
+        return Err(format!("bad archive: a path of {len} bytes is longer than the limit of {}", limits.max_path));
     }
     let mut out = PathBuf::new();
     for c in path.components() {
@@ -168,10 +140,7 @@ fn checked_path(path: &Path, limits: &ExtractLimits) -> Result<PathBuf, String> 
                 ))
             }
             Component::RootDir | Component::Prefix(_) => {
-                return Err(format!(
-                    "bad archive: {} is an absolute path; paths must be relative",
-                    path.display()
-                ))
+                return Err(format!("bad archive: {} is an absolute path; paths must be relative", path.display()))
             }
         }
     }
@@ -242,13 +211,7 @@ mod tests {
 
     /// A tar with one entry whose name is written raw (bypassing the tar
     /// crate's own path checks), as a hostile client would.
-    fn raw_entry(
-        name: &str,
-        kind: tar::EntryType,
-        mode: u32,
-        data: &[u8],
-        link: Option<&str>,
-    ) -> Vec<u8> {
+    fn raw_entry(name: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>) -> Vec<u8> {
         let mut h = tar::Header::new_old();
         let bytes = h.as_old_mut();
         bytes.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -270,36 +233,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ws = dir.path().join("ws");
         fs::create_dir(&ws).unwrap();
-        let r = extract(
-            archive,
-            &ws,
-            &ExtractLimits {
-                max_bytes: 1 << 20,
-                max_entries: 100,
-                max_path: 200,
-            },
-        );
+        let r = extract(archive, &ws, &ExtractLimits { max_bytes: 1 << 20, max_entries: 100, max_path: 200 });
         (dir, r)
     }
 
     #[test]
     fn normal_archive_unpacks_and_drops_setuid() {
-        let tarball = gz(&raw_entry(
-            "sub/run.sh",
-            tar::EntryType::Regular,
-            0o4755,
-            b"echo hi\n",
-            None,
-        ));
+        let tarball = gz(&raw_entry("sub/run.sh", tar::EntryType::Regular, 0o4755, b"echo hi\n", None));
         let (dir, r) = try_extract(&tarball);
-        assert_eq!(
-            r.unwrap(),
-            Extracted {
-                files: 1,
-                dirs: 0,
-                bytes: 8
-            }
-        );
+        assert_eq!(r.unwrap(), Extracted { files: 1, dirs: 0, bytes: 8 });
         let meta = fs::metadata(dir.path().join("ws/sub/run.sh")).unwrap();
         assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
     }
@@ -309,18 +251,9 @@ mod tests {
         use tar::EntryType::*;
         let cases = [
             (raw_entry("../escape", Regular, 0o644, b"x", None), "'..'"),
-            (
-                raw_entry("/tmp/abs-escape", Regular, 0o644, b"x", None),
-                "absolute",
-            ),
-            (
-                raw_entry("link", Symlink, 0o777, b"", Some("/etc/passwd")),
-                "symbolic link",
-            ),
-            (
-                raw_entry("hard", Link, 0o644, b"", Some("../../x")),
-                "hard link",
-            ),
+            (raw_entry("/tmp/abs-escape", Regular, 0o644, b"x", None), "absolute"),
+            (raw_entry("link", Symlink, 0o777, b"", Some("/etc/passwd")), "symbolic link"),
+            (raw_entry("hard", Link, 0o644, b"", Some("../../x")), "hard link"),
             (raw_entry("dev", Char, 0o644, b"", None), "character device"),
             (raw_entry("fifo", Fifo, 0o644, b"", None), "FIFO"),
         ];
@@ -342,8 +275,7 @@ mod tests {
             h.set_size(64 * 1024);
             h.set_mode(0o644);
             h.set_cksum();
-            t.append_data(&mut h, format!("f{i}"), &vec![0u8; 64 * 1024][..])
-                .unwrap();
+            t.append_data(&mut h, format!("f{i}"), &vec![0u8; 64 * 1024][..]).unwrap();
         }
         let (_d, r) = try_extract(&gz(&t.into_inner().unwrap()));
         assert!(r.unwrap_err().contains("extraction limit"));
@@ -353,13 +285,7 @@ mod tests {
     fn not_gzip_and_truncated_say_so() {
         let (_d, r) = try_extract(b"PK\x03\x04 this is a zip");
         assert!(r.unwrap_err().contains("not a gzip"));
-        let good = gz(&raw_entry(
-            "a",
-            tar::EntryType::Regular,
-            0o644,
-            &[1u8; 5000],
-            None,
-        ));
+        let good = gz(&raw_entry("a", tar::EntryType::Regular, 0o644, &[1u8; 5000], None));
         let (_d, r) = try_extract(&good[..good.len() / 2]);
         assert!(r.unwrap_err().contains("truncated"), "truncated gzip");
     }

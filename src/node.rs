@@ -80,17 +80,8 @@ pub struct Node {
 
 impl Node {
     pub fn new(cfg: NodeConfig) -> io::Result<Self> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&cfg.dir)?;
-        Ok(Node {
-            cfg,
-            running: None,
-            sweeps: Vec::new(),
-            finishing: None,
-            buf: vec![0; 64 * 1024],
-        })
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&cfg.dir)?;
+        Ok(Node { cfg, running: None, sweeps: Vec::new(), finishing: None, buf: vec![0; 64 * 1024] })
     }
 
     pub fn name(&self) -> String {
@@ -117,11 +108,7 @@ impl Node {
         }
         fs::DirBuilder::new().mode(0o700).create(&dir)?;
         let path = self.archive_path(ticket);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
+        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
         Ok((file, path))
     }
 
@@ -131,18 +118,9 @@ impl Node {
 
     /// Start the replica whose archive is in place. On success returns the
     /// output pipe's fd to register; on failure, the result to reply at once.
-    pub fn start(
-        &mut self,
-        args: RunArgs,
-        reply_to: ReplyTo,
-        now: Instant,
-    ) -> Result<RawFd, RunResult> {
+    pub fn start(&mut self, args: RunArgs, reply_to: ReplyTo, now: Instant) -> Result<RawFd, RunResult> {
         if let Some(r) = &self.running {
-            return Err(RunResult::invalid(format!(
-                "{} is busy with ticket {}",
-                self.name(),
-                r.ticket
-            )));
+            return Err(RunResult::invalid(format!("{} is busy with ticket {}", self.name(), r.ticket)));
         }
         let out_path = self.output_path(args.ticket);
         let file = OpenOptions::new()
@@ -151,18 +129,10 @@ impl Node {
             .truncate(true)
             .mode(0o600)
             .open(&out_path)
-            .map_err(|e| {
-                RunResult::invalid(format!("{}: cannot create output file: {e}", self.name()))
-            })?;
+            .map_err(|e| RunResult::invalid(format!("{}: cannot create output file: {e}", self.name())))?;
         let workspace = self.ticket_dir(args.ticket).join("work");
         let archive = self.archive_path(args.ticket);
-        let env = spawn::replica_env(
-            &workspace,
-            args.ticket,
-            args.replica,
-            args.replicas,
-            self.cfg.port,
-        );
+        let env = spawn::replica_env(&workspace, args.ticket, args.replica, args.replicas, self.cfg.port);
         let spec = SpawnSpec {
             archive: &archive,
             workspace: &workspace,
@@ -170,9 +140,8 @@ impl Node {
             limits: &self.cfg.limits,
             sandbox: self.cfg.sandbox,
         };
-        let spawned = spawn::spawn(&spec).map_err(|e| {
-            RunResult::invalid(format!("{}: cannot start replica: {e}", self.name()))
-        })?;
+        let spawned = spawn::spawn(&spec)
+            .map_err(|e| RunResult::invalid(format!("{}: cannot start replica: {e}", self.name())))?;
         log::debug!(
             "{}: ticket {} replica {}: spawned pid {} (pgid {})",
             self.name(),
@@ -206,13 +175,7 @@ impl Node {
         };
         loop {
             // SAFETY: read(2) into our own buffer from a pipe fd we own.
-            let n = unsafe {
-                libc::read(
-                    r.output.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                )
-            };
+            let n = unsafe { libc::read(r.output.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len()) };
             if n == 0 {
                 return true;
             }
@@ -235,12 +198,9 @@ impl Node {
             }
             if keep < chunk.len() && !r.truncated {
                 r.truncated = true;
-                let _ = writeln!(r.file, "\n[cloud: output truncated at {max} bytes (--max-output); the job kept running]");
-                log::debug!(
-                    "node {}: ticket {}: output truncated",
-                    self.cfg.port,
-                    r.ticket
-                );
+                let _ =
+                    writeln!(r.file, "\n[cloud: output truncated at {max} bytes (--max-output); the job kept running]");
+                log::debug!("node {}: ticket {}: output truncated", self.cfg.port, r.ticket);
             }
         }
     }
@@ -262,29 +222,15 @@ impl Node {
         }
         match r.stop {
             None => {
-                log::debug!(
-                    "node {}: ticket {}: time limit, SIGTERM",
-                    self.cfg.port,
-                    r.ticket
-                );
-                r.stop = Some(StopReason::TimeLimit {
-                    seconds,
-                    killed: false,
-                });
+                log::debug!("node {}: ticket {}: time limit, SIGTERM", self.cfg.port, r.ticket);
+                r.stop = Some(StopReason::TimeLimit { seconds, killed: false });
                 r.deadline = now + grace;
                 spawn::signal_group(r.pid, Signal::SIGTERM);
             }
             Some(_) => {
-                log::debug!(
-                    "node {}: ticket {}: grace over, SIGKILL",
-                    self.cfg.port,
-                    r.ticket
-                );
+                log::debug!("node {}: ticket {}: grace over, SIGKILL", self.cfg.port, r.ticket);
                 if matches!(r.stop, Some(StopReason::TimeLimit { .. })) {
-                    r.stop = Some(StopReason::TimeLimit {
-                        seconds,
-                        killed: true,
-                    });
+                    r.stop = Some(StopReason::TimeLimit { seconds, killed: true });
                 }
                 r.deadline = now + Duration::from_secs(3600);
                 self.kill_everything();
@@ -324,17 +270,8 @@ impl Node {
         let r = self.running.take()?;
         let setup_error = spawn::read_setup_error(r.status);
         let result = spawn::classify_exit(status, &setup_error, r.stop.as_ref());
-        log::debug!(
-            "node {}: ticket {}: pid {pid} ended: {:?}",
-            self.cfg.port,
-            r.ticket,
-            status
-        );
-        let finished = Finished {
-            reply_to: r.reply_to,
-            result,
-            pipe: r.output,
-        };
+        log::debug!("node {}: ticket {}: pid {pid} ended: {:?}", self.cfg.port, r.ticket, status);
+        let finished = Finished { reply_to: r.reply_to, result, pipe: r.output };
         self.finishing = Some((finished, r.ticket, r.stop == Some(StopReason::Closed)));
         self.complete()
     }
@@ -356,8 +293,7 @@ impl Node {
     /// The ticket's output file and its length.
     pub fn fetch(&self, ticket: u32) -> Result<(File, u64), String> {
         let path = self.output_path(ticket);
-        let file = File::open(&path)
-            .map_err(|e| format!("{}: no output for ticket {ticket}: {e}", self.name()))?;
+        let file = File::open(&path).map_err(|e| format!("{}: no output for ticket {ticket}: {e}", self.name()))?;
         let len = file.metadata().map_err(|e| e.to_string())?.len();
         Ok((file, len))
     }
@@ -367,10 +303,7 @@ impl Node {
     pub fn drop_ticket(&mut self, ticket: u32) {
         match self.running.as_mut() {
             Some(r) if r.ticket == ticket => {
-                log::debug!(
-                    "node {}: ticket {ticket}: closed while running, SIGKILL",
-                    self.cfg.port
-                );
+                log::debug!("node {}: ticket {ticket}: closed while running, SIGKILL", self.cfg.port);
                 r.stop = Some(StopReason::Closed);
                 self.kill_everything();
             }
@@ -385,11 +318,7 @@ impl Node {
         let dir = self.ticket_dir(ticket);
         if let Err(e) = fs::remove_dir_all(&dir) {
             if e.kind() != io::ErrorKind::NotFound {
-                log::warn!(
-                    "node {}: cannot remove {}: {e}",
-                    self.cfg.port,
-                    dir.display()
-                );
+                log::warn!("node {}: cannot remove {}: {e}", self.cfg.port, dir.display());
             }
         }
     }
@@ -401,9 +330,6 @@ impl Node {
             r.stop = Some(StopReason::Shutdown);
             self.kill_everything();
         }
-        self.running_pid()
-            .into_iter()
-            .chain(self.sweeps.iter().copied())
-            .collect()
+        self.running_pid().into_iter().chain(self.sweeps.iter().copied()).collect()
     }
 }

@@ -26,16 +26,8 @@ pub const NODE_RUN: u32 = 1;
 pub const NODE_FETCH: u32 = 2;
 pub const NODE_DROP: u32 = 3;
 
-pub const CLOUD_PROGRAM: Program = Program {
-    prog: CLOUD_PROG,
-    vers: CLOUD_VERS,
-    max_proc: CLOSE,
-};
-pub const NODE_PROGRAM: Program = Program {
-    prog: NODE_PROG,
-    vers: NODE_VERS,
-    max_proc: NODE_DROP,
-};
+pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: CLOSE };
+pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_DROP };
 
 /// Longest string we accept in a message or node name.
 pub const MAX_STRING: usize = 4096;
@@ -43,7 +35,7 @@ pub const MAX_STRING: usize = 4096;
 /// Where a procedure's streamed opaque length sits within its arguments.
 pub fn call_stream_at(prog: u32, vers: u32, proc_num: u32) -> Option<usize> {
     match (prog, vers, proc_num) {
-        (CLOUD_PROG, CLOUD_VERS, DEPLOY) => Some(4), // replicas, archive
+        (CLOUD_PROG, CLOUD_VERS, DEPLOY) => Some(4),  // replicas, archive
         (NODE_PROG, NODE_VERS, NODE_RUN) => Some(12), // ticket, replica, replicas, archive
         _ => None,
     }
@@ -76,9 +68,7 @@ impl CloudStat {
             CloudStat::Denied,
             CloudStat::Internal,
         ];
-        ALL.get(v as usize)
-            .copied()
-            .ok_or_else(|| XdrError::Invalid(format!("unknown cloud_stat {v}")))
+        ALL.get(v as usize).copied().ok_or_else(|| XdrError::Invalid(format!("unknown cloud_stat {v}")))
     }
 }
 
@@ -130,11 +120,7 @@ pub struct ReplicaStatus {
 
 impl ReplicaStatus {
     pub fn encode(&self, w: &mut XdrWriter) {
-        w.u32(self.replica)
-            .string(&self.node)
-            .u32(self.state as u32)
-            .i32(self.exit_code)
-            .string(&self.message);
+        w.u32(self.replica).string(&self.node).u32(self.state as u32).i32(self.exit_code).string(&self.message);
     }
 
     pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
@@ -159,10 +145,7 @@ pub struct JobStatus {
 
 impl JobStatus {
     pub fn encode(&self, w: &mut XdrWriter) {
-        w.u32(self.ticket)
-            .u32(self.state as u32)
-            .u32(self.queue_position)
-            .u32(self.replicas.len() as u32);
+        w.u32(self.ticket).u32(self.state as u32).u32(self.queue_position).u32(self.replicas.len() as u32);
         for r in &self.replicas {
             r.encode(w);
         }
@@ -174,19 +157,10 @@ impl JobStatus {
         let queue_position = r.u32()?;
         let n = r.u32()? as usize;
         if n > r.remaining() / 20 {
-            return Err(XdrError::Invalid(format!(
-                "{n} replicas cannot fit in the message"
-            )));
+            return Err(XdrError::Invalid(format!("{n} replicas cannot fit in the message")));
         }
-        let replicas = (0..n)
-            .map(|_| ReplicaStatus::decode(r))
-            .collect::<Result<_, _>>()?;
-        Ok(JobStatus {
-            ticket,
-            state,
-            queue_position,
-            replicas,
-        })
+        let replicas = (0..n).map(|_| ReplicaStatus::decode(r)).collect::<Result<_, _>>()?;
+        Ok(JobStatus { ticket, state, queue_position, replicas })
     }
 }
 
@@ -227,25 +201,15 @@ pub struct RunResult {
 
 impl RunResult {
     pub fn encode(&self, w: &mut XdrWriter) {
-        w.u32(self.state as u32)
-            .i32(self.exit_code)
-            .string(&self.message);
+        w.u32(self.state as u32).i32(self.exit_code).string(&self.message);
     }
 
     pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
-        Ok(RunResult {
-            state: JobState::from_u32(r.u32()?)?,
-            exit_code: r.i32()?,
-            message: r.string(MAX_STRING)?,
-        })
+        Ok(RunResult { state: JobState::from_u32(r.u32()?)?, exit_code: r.i32()?, message: r.string(MAX_STRING)? })
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
-        RunResult {
-            state: JobState::Invalid,
-            exit_code: -1,
-            message: message.into(),
-        }
+        RunResult { state: JobState::Invalid, exit_code: -1, message: message.into() }
     }
 }
 
@@ -263,11 +227,7 @@ impl RunArgs {
     }
 
     pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
-        Ok(RunArgs {
-            ticket: r.u32()?,
-            replica: r.u32()?,
-            replicas: r.u32()?,
-        })
+        Ok(RunArgs { ticket: r.u32()?, replica: r.u32()?, replicas: r.u32()? })
     }
 }
 

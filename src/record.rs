@@ -14,6 +14,8 @@ use std::io::{self, Read, Write};
 
 use byteorder::{BigEndian, ByteOrder};
 
+use crate::xdr::XdrWriter;
+
 /// The last-fragment bit of a record mark.
 pub const LAST_FRAGMENT: u32 = 0x8000_0000;
 /// Largest fragment we send: what libtirpc uses by default.
@@ -89,9 +91,7 @@ impl RecordDecoder {
             last_fragment: false,
             in_record: false,
             head: Vec::new(),
-            phase: Phase::Head {
-                shape: Shape::NeedMore(0),
-            },
+            phase: Phase::Head { shape: Shape::NeedMore(0) },
         }
     }
 
@@ -111,9 +111,7 @@ impl RecordDecoder {
     fn reset_record(&mut self) {
         self.in_record = false;
         self.last_fragment = false;
-        self.phase = Phase::Head {
-            shape: Shape::NeedMore(0),
-        };
+        self.phase = Phase::Head { shape: Shape::NeedMore(0) };
     }
 
     /// Consume bytes from `input` until an event is ready or the input is
@@ -162,13 +160,7 @@ impl RecordDecoder {
                     if self.head.len() + n > self.max_whole {
                         self.phase = Phase::Failed;
                         let head = std::mem::take(&mut self.head);
-                        return (
-                            input.len(),
-                            Some(Event::TooLarge {
-                                head,
-                                what: "record",
-                            }),
-                        );
+                        return (input.len(), Some(Event::TooLarge { head, what: "record" }));
                     }
                     self.head.extend_from_slice(&input[pos..pos + n]);
                     self.frag_left -= n;
@@ -200,10 +192,7 @@ impl RecordDecoder {
     }
 
     /// Decisions that depend only on buffered state.
-    fn step_without_input(
-        &mut self,
-        classify: &mut dyn FnMut(&[u8]) -> Shape,
-    ) -> Option<Event<'static>> {
+    fn step_without_input(&mut self, classify: &mut dyn FnMut(&[u8]) -> Shape) -> Option<Event<'static>> {
         match self.phase {
             Phase::Head { shape } => {
                 // Ask the classifier whenever its last wish has been met.
@@ -224,15 +213,9 @@ impl RecordDecoder {
                         let head = std::mem::take(&mut self.head);
                         if u64::from(len) > self.max_stream {
                             self.phase = Phase::Failed;
-                            return Some(Event::TooLarge {
-                                head,
-                                what: "archive",
-                            });
+                            return Some(Event::TooLarge { head, what: "archive" });
                         }
-                        self.phase = Phase::Stream {
-                            left: u64::from(len),
-                            pad: crate::xdr::padding(len as usize),
-                        };
+                        self.phase = Phase::Stream { left: u64::from(len), pad: crate::xdr::padding(len as usize) };
                         return Some(Event::StreamStart { head, len });
                     }
                 }
@@ -270,15 +253,52 @@ pub enum Piece {
         file: File,
         len: u64,
     },
+    /// `len` bytes of the file at `path`, opened only when its turn comes,
+    /// so queued records hold no descriptors. If it is shorter, zeros keep
+    /// the framing right; if it is gone, writing fails (sending zeros in
+    /// its place would be lying about the data).
+    Path {
+        path: std::path::PathBuf,
+        len: u64,
+        file: Option<File>,
+    },
 }
 
 impl Piece {
     fn len(&self) -> u64 {
         match self {
             Piece::Bytes(b) => b.len() as u64,
-            Piece::File { len, .. } => *len,
+            Piece::File { len, .. } | Piece::Path { len, .. } => *len,
         }
     }
+
+    /// The file at `path`, sent from its start; its length is read now.
+    pub fn path(path: &std::path::Path) -> io::Result<Piece> {
+        let len = std::fs::metadata(path)?.len();
+        Ok(Piece::Path { path: path.to_path_buf(), len, file: None })
+    }
+}
+
+/// A record whose tail is a variable-length opaque: `head` (everything
+/// before the opaque), then the opaque's length, its bytes from `body`, and
+/// the XDR padding.
+pub fn with_opaque(head: XdrWriter, body: Piece) -> Vec<Piece> {
+    let mut pieces = Vec::with_capacity(3);
+    let tail = push_opaque(&mut pieces, head, body);
+    pieces.push(Piece::Bytes(tail.into_bytes()));
+    pieces
+}
+
+/// Append `head` (with the opaque's length) and `body` to `pieces`; return
+/// a writer holding the opaque's padding, for whatever follows it.
+pub fn push_opaque(pieces: &mut Vec<Piece>, mut head: XdrWriter, body: Piece) -> XdrWriter {
+    let len = body.len();
+    head.u32(len as u32);
+    pieces.push(Piece::Bytes(head.into_bytes()));
+    pieces.push(body);
+    let mut tail = XdrWriter::new();
+    tail.pad(len as usize);
+    tail
 }
 
 #[derive(Debug)]
@@ -303,10 +323,7 @@ impl Outbox {
     /// Queue one record made of these pieces.
     pub fn push(&mut self, pieces: Vec<Piece>) {
         let left = pieces.iter().map(Piece::len).sum();
-        self.records.push_back(OutRecord {
-            pieces: pieces.into(),
-            left,
-        });
+        self.records.push_back(OutRecord { pieces: pieces.into(), left });
     }
 
     /// Queue a record that is just bytes.
@@ -355,18 +372,20 @@ impl Outbox {
                 b.drain(..n);
             }
             Piece::File { file, len } => {
-                let start = self.staged.len();
-                self.staged.resize(start + n, 0);
-                let mut filled = 0;
-                while filled < n {
-                    match file.read(&mut self.staged[start + filled..start + n]) {
-                        Ok(0) => break, // shorter than promised: zeros remain
-                        Ok(k) => filled += k,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(e),
-                    }
-                }
+                fill(Some(file), &mut self.staged, n)?;
                 *len -= n as u64;
+            }
+            Piece::Path { path, len, file } => {
+                if file.is_none() {
+                    let f = File::open(&*path)
+                        .map_err(|e| io::Error::new(e.kind(), format!("cannot send {}: {e}", path.display())))?;
+                    *file = Some(f);
+                }
+                fill(file.as_mut(), &mut self.staged, n)?;
+                *len -= n as u64;
+                if *len == 0 {
+                    *file = None; // close as soon as it is sent
+                }
             }
         }
         if rec.left == 0 {
@@ -391,6 +410,23 @@ impl Outbox {
             }
         }
     }
+}
+
+/// Append `n` bytes read from `file` to `buf`; zeros where it has none.
+fn fill(file: Option<&mut File>, buf: &mut Vec<u8>, n: usize) -> io::Result<()> {
+    let start = buf.len();
+    buf.resize(start + n, 0);
+    let Some(file) = file else { return Ok(()) };
+    let mut filled = 0;
+    while filled < n {
+        match file.read(&mut buf[start + filled..start + n]) {
+            Ok(0) => break, // shorter than promised: zeros remain
+            Ok(k) => filled += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Frame `payload` as one record of a single last fragment.
@@ -438,9 +474,7 @@ mod tests {
                 rest = &rest[n..];
                 match ev {
                     Some(Event::Record(r)) => seen.push(Seen::Record(r)),
-                    Some(Event::StreamStart { head, .. }) => {
-                        seen.push(Seen::Stream { head, data: vec![] })
-                    }
+                    Some(Event::StreamStart { head, .. }) => seen.push(Seen::Stream { head, data: vec![] }),
                     Some(Event::StreamData(d)) => match seen.last_mut() {
                         Some(Seen::Stream { data, .. }) => data.extend_from_slice(d),
                         _ => panic!("data outside a stream"),
@@ -460,29 +494,18 @@ mod tests {
         // null-two-fragments.txt: 00 00 00 10 then 80 00 00 18.
         let mut wire = vec![0, 0, 0, 4, 9, 9, 9, 9];
         wire.extend_from_slice(&[0x80, 0, 0, 2, 7, 7]);
-        assert_eq!(
-            run(&[&wire], 100),
-            vec![Seen::Record(vec![9, 9, 9, 9, 7, 7])]
-        );
+        assert_eq!(run(&[&wire], 100), vec![Seen::Record(vec![9, 9, 9, 9, 7, 7])]);
     }
 
     #[test]
     fn streamed_opaque_skips_padding_and_frame_marks() {
         // word 1, opaque "abcde" + 3 pad, split into fragments inside the data.
-        let payload = [
-            0, 0, 0, 1, 0, 0, 0, 5, b'a', b'b', b'c', b'd', b'e', 0, 0, 0,
-        ];
+        let payload = [0, 0, 0, 1, 0, 0, 0, 5, b'a', b'b', b'c', b'd', b'e', 0, 0, 0];
         let mut wire = vec![0, 0, 0, 10];
         wire.extend_from_slice(&payload[..10]);
         wire.extend_from_slice(&[0x80, 0, 0, 6]);
         wire.extend_from_slice(&payload[10..]);
-        assert_eq!(
-            run(&[&wire], 100),
-            vec![Seen::Stream {
-                head: payload[..8].to_vec(),
-                data: b"abcde".to_vec()
-            }]
-        );
+        assert_eq!(run(&[&wire], 100), vec![Seen::Stream { head: payload[..8].to_vec(), data: b"abcde".to_vec() }]);
     }
 
     #[test]
@@ -506,10 +529,7 @@ mod tests {
         let mut out = Outbox::new();
         out.push(vec![
             Piece::Bytes(vec![0, 0, 0, 1, 0, 1, 0, 6]),
-            Piece::File {
-                file: tmp,
-                len: (MAX_OUT_FRAGMENT + 10) as u64,
-            },
+            Piece::File { file: tmp, len: (MAX_OUT_FRAGMENT + 10) as u64 },
             Piece::Bytes(vec![0, 0]),
         ]);
         let mut wire = Vec::new();
@@ -526,16 +546,10 @@ mod tests {
             }
             v
         };
-        assert_eq!(
-            marks,
-            vec![8, MAX_OUT_FRAGMENT as u32, 10, 2 | LAST_FRAGMENT]
-        );
+        assert_eq!(marks, vec![8, MAX_OUT_FRAGMENT as u32, 10, 2 | LAST_FRAGMENT]);
         assert_eq!(
             run(&[&wire], 100),
-            vec![Seen::Stream {
-                head: vec![0, 0, 0, 1, 0, 1, 0, 6],
-                data: vec![7u8; MAX_OUT_FRAGMENT + 10]
-            }]
+            vec![Seen::Stream { head: vec![0, 0, 0, 1, 0, 1, 0, 6], data: vec![7u8; MAX_OUT_FRAGMENT + 10] }]
         );
     }
 
@@ -560,11 +574,7 @@ mod tests {
         file.write_all(b"tiny\n").unwrap();
         use std::io::Seek;
         file.seek(io::SeekFrom::Start(0)).unwrap();
-        out.push(vec![
-            Piece::Bytes(vec![1; 40]),
-            Piece::File { file, len: 5 },
-            Piece::Bytes(vec![0; 3]),
-        ]);
+        out.push(vec![Piece::Bytes(vec![1; 40]), Piece::File { file, len: 5 }, Piece::Bytes(vec![0; 3])]);
         out.push_bytes(vec![2; 8]);
         let mut w = CountingWriter(Vec::new(), 0);
         assert!(out.write_to(&mut w).unwrap());

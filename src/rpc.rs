@@ -53,9 +53,7 @@ impl CallHeader {
         let xid = r.u32()?;
         let msg_type = r.u32()?;
         if msg_type != MSG_CALL {
-            return Err(XdrError::Invalid(format!(
-                "expected a CALL, got message type {msg_type}"
-            )));
+            return Err(XdrError::Invalid(format!("expected a CALL, got message type {msg_type}")));
         }
         let rpcvers = r.u32()?;
         let prog = r.u32()?;
@@ -65,15 +63,7 @@ impl CallHeader {
         r.opaque(MAX_AUTH_BODY)?;
         let _verf_flavor = r.u32()?;
         r.opaque(MAX_AUTH_BODY)?;
-        Ok(CallHeader {
-            xid,
-            rpcvers,
-            prog,
-            vers,
-            proc_num,
-            cred_flavor,
-            args_at: r.position(),
-        })
+        Ok(CallHeader { xid, rpcvers, prog, vers, proc_num, cred_flavor, args_at: r.position() })
     }
 }
 
@@ -81,9 +71,7 @@ impl CallHeader {
 /// `stream_at(prog, vers, proc)` gives, for procedures whose last argument is
 /// a large opaque, the offset of its length word within the arguments.
 pub fn call_shape(head: &[u8], stream_at: impl Fn(u32, u32, u32) -> Option<usize>) -> Shape {
-    let word = |at: usize| {
-        u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]) as usize
-    };
+    let word = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]) as usize;
     if head.len() < 32 {
         return Shape::NeedMore(32);
     }
@@ -102,9 +90,7 @@ pub fn call_shape(head: &[u8], stream_at: impl Fn(u32, u32, u32) -> Option<usize
     let args_at = verf_len_at + 4 + verf_len + padding(verf_len);
     match stream_at(word(12) as u32, word(16) as u32, word(20) as u32) {
         Some(off) if word(8) == RPC_VERSION as usize && word(4) == MSG_CALL as usize => {
-            Shape::Stream {
-                len_at: args_at + off,
-            }
+            Shape::Stream { len_at: args_at + off }
         }
         _ => Shape::Whole,
     }
@@ -170,12 +156,7 @@ pub fn accepted(xid: u32, stat: AcceptStat) -> XdrWriter {
 /// The header of a call with AUTH_NONE credentials; append the arguments.
 pub fn call(xid: u32, prog: u32, vers: u32, proc_num: u32) -> XdrWriter {
     let mut w = XdrWriter::new();
-    w.u32(xid)
-        .u32(MSG_CALL)
-        .u32(RPC_VERSION)
-        .u32(prog)
-        .u32(vers)
-        .u32(proc_num);
+    w.u32(xid).u32(MSG_CALL).u32(RPC_VERSION).u32(prog).u32(vers).u32(proc_num);
     w.u32(AUTH_NONE).u32(0).u32(AUTH_NONE).u32(0);
     w
 }
@@ -200,24 +181,18 @@ pub fn decode_reply(record: &[u8]) -> Result<(u32, ReplyOutcome), XdrError> {
     let xid = r.u32()?;
     let msg_type = r.u32()?;
     if msg_type != MSG_REPLY {
-        return Err(XdrError::Invalid(format!(
-            "expected a REPLY, got message type {msg_type}"
-        )));
+        return Err(XdrError::Invalid(format!("expected a REPLY, got message type {msg_type}")));
     }
     match r.u32()? {
         0 => {
             r.u32()?;
             r.opaque(MAX_AUTH_BODY)?;
             let outcome = match r.u32()? {
-                0 => ReplyOutcome::Success {
-                    results_at: r.position(),
-                },
+                0 => ReplyOutcome::Success { results_at: r.position() },
                 1 => ReplyOutcome::Failed("the server does not serve this program".into()),
                 2 => {
                     let (lo, hi) = (r.u32()?, r.u32()?);
-                    ReplyOutcome::Failed(format!(
-                        "program version mismatch: server has {lo}..={hi}"
-                    ))
+                    ReplyOutcome::Failed(format!("program version mismatch: server has {lo}..={hi}"))
                 }
                 3 => ReplyOutcome::Failed("the server does not know this procedure".into()),
                 4 => ReplyOutcome::Failed("the server could not decode the arguments".into()),
@@ -244,11 +219,7 @@ mod tests {
     use super::*;
 
     fn cloud() -> [Program; 1] {
-        [Program {
-            prog: 0x2000_C10D,
-            vers: 1,
-            max_proc: 4,
-        }]
+        [Program { prog: 0x2000_C10D, vers: 1, max_proc: 4 }]
     }
 
     fn header(rpcvers: u32, prog: u32, vers: u32, proc_num: u32) -> CallHeader {
@@ -260,10 +231,7 @@ mod tests {
     #[test]
     fn wrong_rpc_version_is_rpc_mismatch_2_2() {
         let reply = admit(&header(3, 0x2000_C10D, 1, 0), &cloud()).unwrap_err();
-        let words: Vec<u32> = reply
-            .chunks(4)
-            .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
-            .collect();
+        let words: Vec<u32> = reply.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
         assert_eq!(words, vec![0xabcd, 1, 1, 0, 2, 2]);
     }
 

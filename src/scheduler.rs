@@ -35,10 +35,7 @@ impl std::fmt::Display for SubmitError {
                 write!(f, "cannot run {asked} replicas: this cluster has {nodes} node{plural}; ask for 1 to {nodes}")
             }
             SubmitError::QueueFull { max } => {
-                write!(
-                    f,
-                    "queue full: {max} jobs are already waiting; try again later"
-                )
+                write!(f, "queue full: {max} jobs are already waiting; try again later")
             }
         }
     }
@@ -135,10 +132,7 @@ impl Scheduler {
 
     /// 1-based position in the wait queue, 0 if not waiting.
     pub fn queue_position(&self, ticket: Ticket) -> u32 {
-        self.waiting
-            .iter()
-            .position(|&t| t == ticket)
-            .map_or(0, |p| p as u32 + 1)
+        self.waiting.iter().position(|&t| t == ticket).map_or(0, |p| p as u32 + 1)
     }
 
     /// Accept a job of `replicas` replicas. It waits until `start_ready`
@@ -146,31 +140,15 @@ impl Scheduler {
     pub fn submit(&mut self, replicas: u32) -> Result<Ticket, SubmitError> {
         let usable = self.node_count - self.lost.len();
         if replicas == 0 || replicas as usize > usable {
-            return Err(SubmitError::BadReplicas {
-                asked: replicas,
-                nodes: usable,
-            });
+            return Err(SubmitError::BadReplicas { asked: replicas, nodes: usable });
         }
         if self.waiting.len() >= self.max_queue {
-            return Err(SubmitError::QueueFull {
-                max: self.max_queue,
-            });
+            return Err(SubmitError::QueueFull { max: self.max_queue });
         }
         let ticket = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1).max(1);
-        let replica = Replica {
-            node: None,
-            state: JobState::Waiting,
-            exit_code: 0,
-            message: String::new(),
-        };
-        self.jobs.insert(
-            ticket,
-            Job {
-                ticket,
-                replicas: vec![replica; replicas as usize],
-            },
-        );
+        let replica = Replica { node: None, state: JobState::Waiting, exit_code: 0, message: String::new() };
+        self.jobs.insert(ticket, Job { ticket, replicas: vec![replica; replicas as usize] });
         self.waiting.push_back(ticket);
         Ok(ticket)
     }
@@ -206,16 +184,8 @@ impl Scheduler {
     pub fn replica_finished(&mut self, node: NodeId, result: &RunResult) -> Option<(Ticket, u32)> {
         let (ticket, idx) = self.busy.remove(&node)?;
         self.free.push_back(node);
-        if let Some(r) = self
-            .jobs
-            .get_mut(&ticket)
-            .and_then(|j| j.replicas.get_mut(idx as usize))
-        {
-            r.state = if result.state.is_final() {
-                result.state
-            } else {
-                JobState::Invalid
-            };
+        if let Some(r) = self.jobs.get_mut(&ticket).and_then(|j| j.replicas.get_mut(idx as usize)) {
+            r.state = if result.state.is_final() { result.state } else { JobState::Invalid };
             r.exit_code = result.exit_code;
             r.message = result.message.clone();
         }
@@ -250,12 +220,7 @@ impl Scheduler {
     #[cfg(test)]
     fn check_invariants(&self) {
         let mut seen = std::collections::HashSet::new();
-        for &n in self
-            .free
-            .iter()
-            .chain(self.busy.keys())
-            .chain(self.lost.iter())
-        {
+        for &n in self.free.iter().chain(self.busy.keys()).chain(self.lost.iter()) {
             if self.lost.contains(&n) && !self.busy.contains_key(&n) && self.free.contains(&n) {
                 panic!("lost node {n} is free");
             }
@@ -264,19 +229,11 @@ impl Scheduler {
             }
         }
         for n in 0..self.node_count {
-            assert!(
-                seen.contains(&n) || self.lost.contains(&n),
-                "node {n} is nowhere"
-            );
+            assert!(seen.contains(&n) || self.lost.contains(&n), "node {n} is nowhere");
         }
         for job in self.jobs.values() {
             let queued = self.waiting.contains(&job.ticket);
-            assert_eq!(
-                queued,
-                job.state() == JobState::Waiting,
-                "ticket {}",
-                job.ticket
-            );
+            assert_eq!(queued, job.state() == JobState::Waiting, "ticket {}", job.ticket);
             if queued {
                 assert!(job.replicas.iter().all(|r| r.node.is_none()));
             }
@@ -296,24 +253,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn ok() -> RunResult {
-        RunResult {
-            state: JobState::Completed,
-            exit_code: 0,
-            message: "exit 0".into(),
-        }
+        RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() }
     }
 
     #[test]
     fn replicas_must_fit_the_cluster() {
         let mut s = Scheduler::new(4, 10);
-        assert_eq!(
-            s.submit(5),
-            Err(SubmitError::BadReplicas { asked: 5, nodes: 4 })
-        );
-        assert_eq!(
-            s.submit(0),
-            Err(SubmitError::BadReplicas { asked: 0, nodes: 4 })
-        );
+        assert_eq!(s.submit(5), Err(SubmitError::BadReplicas { asked: 5, nodes: 4 }));
+        assert_eq!(s.submit(0), Err(SubmitError::BadReplicas { asked: 0, nodes: 4 }));
         assert!(s.submit(4).is_ok());
     }
 
@@ -323,34 +270,16 @@ mod tests {
         let a = s.submit(3).unwrap();
         let b = s.submit(2).unwrap();
         let c = s.submit(1).unwrap();
-        assert_eq!(
-            s.start_ready(),
-            vec![Start {
-                ticket: a,
-                nodes: vec![0, 1, 2]
-            }]
-        );
+        assert_eq!(s.start_ready(), vec![Start { ticket: a, nodes: vec![0, 1, 2] }]);
         // c would fit in the one free node, but b is ahead of it.
         assert_eq!(s.queue_position(b), 1);
         assert_eq!(s.queue_position(c), 2);
         assert_eq!(s.job(b).unwrap().state(), JobState::Waiting);
         s.replica_finished(1, &ok());
-        assert_eq!(
-            s.start_ready(),
-            vec![Start {
-                ticket: b,
-                nodes: vec![3, 1]
-            }]
-        );
+        assert_eq!(s.start_ready(), vec![Start { ticket: b, nodes: vec![3, 1] }]);
         assert_eq!(s.queue_position(c), 1);
         s.replica_finished(0, &ok());
-        assert_eq!(
-            s.start_ready(),
-            vec![Start {
-                ticket: c,
-                nodes: vec![0]
-            }]
-        );
+        assert_eq!(s.start_ready(), vec![Start { ticket: c, nodes: vec![0] }]);
         s.check_invariants();
     }
 
@@ -382,24 +311,12 @@ mod tests {
         let t = s.submit(2).unwrap();
         s.start_ready();
         let closed = s.close(t).unwrap();
-        assert_eq!(
-            closed,
-            Closed {
-                was_waiting: false,
-                nodes: vec![0, 1]
-            }
-        );
+        assert_eq!(closed, Closed { was_waiting: false, nodes: vec![0, 1] });
         assert_eq!(s.free_nodes().count(), 0);
         let u = s.submit(1).unwrap();
         assert!(s.start_ready().is_empty());
         s.replica_finished(1, &RunResult::invalid("killed"));
-        assert_eq!(
-            s.start_ready(),
-            vec![Start {
-                ticket: u,
-                nodes: vec![1]
-            }]
-        );
+        assert_eq!(s.start_ready(), vec![Start { ticket: u, nodes: vec![1] }]);
         s.check_invariants();
     }
 
@@ -422,11 +339,7 @@ mod tests {
     }
 
     fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            (1u32..5).prop_map(Op::Submit),
-            (0usize..4).prop_map(Op::Finish),
-            (1u32..20).prop_map(Op::Close),
-        ]
+        prop_oneof![(1u32..5).prop_map(Op::Submit), (0usize..4).prop_map(Op::Finish), (1u32..20).prop_map(Op::Close),]
     }
 
     proptest! {

@@ -31,7 +31,7 @@ use crate::config::NodesFile;
 use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
 use crate::node::{Finished, Node, NodeConfig};
 use crate::proto::{self, CloudStat, RunArgs, RunResult, CLOUD_PROGRAM, NODE_PROGRAM};
-use crate::record::{Event, Outbox, Piece, RecordDecoder, Shape};
+use crate::record::{self, Event, Outbox, Piece, RecordDecoder, Shape};
 use crate::rpc::{self, AcceptStat, CallHeader, ReplyOutcome};
 use crate::scheduler::NodeId;
 use crate::spawn::{JobLimits, Sandbox};
@@ -69,11 +69,7 @@ pub struct ServerConfig {
 #[derive(Debug)]
 enum Pending {
     Run,
-    Fetch {
-        ticket: u32,
-        replica: u32,
-        into: PathBuf,
-    },
+    Fetch { ticket: u32, replica: u32, into: PathBuf },
     Drop,
 }
 
@@ -84,11 +80,7 @@ enum Role {
     /// A node's end of the link from the main server.
     NodeInbound(NodeId),
     /// The main server's end of the link to a node.
-    NodeLink {
-        node: NodeId,
-        pending: HashMap<u32, Pending>,
-        connected: bool,
-    },
+    NodeLink { node: NodeId, pending: HashMap<u32, Pending>, connected: bool },
 }
 
 /// Where a streamed opaque goes.
@@ -127,6 +119,25 @@ struct Conn {
     /// Close once the outbox is sent.
     closing: bool,
     writable: bool,
+    /// Calls handed to the coordinator and not yet answered.
+    awaiting: usize,
+    /// Bytes read but not yet decoded, held while a client waits for a reply.
+    held: Vec<u8>,
+}
+
+impl Conn {
+    /// A client is served one call at a time: while its reply is pending
+    /// (deferred or unsent), nothing more of it is read. This bounds what
+    /// any one connection can make the server hold, whatever it pipelines.
+    fn busy(&self) -> bool {
+        matches!(self.role, Role::Client) && (self.awaiting > 0 || !self.outbox.is_empty())
+    }
+
+    /// Closing, and owing the peer nothing more: a client that half-closed
+    /// after its call still gets the answer.
+    fn finished(&self) -> bool {
+        self.closing && self.outbox.is_empty() && self.awaiting == 0
+    }
 }
 
 #[derive(Debug)]
@@ -173,12 +184,10 @@ impl Server {
             .map_err(|e| format!("cannot create work dir {}: {e}", cfg.work_dir.display()))?;
         let spool = cfg.work_dir.join("spool");
         let _ = fs::remove_dir_all(&spool);
-        fs::create_dir_all(&spool)
-            .map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
+        fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
 
         let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
-        let mut clients =
-            TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
+        let mut clients = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
         let local_addr = clients.local_addr().map_err(|e| e.to_string())?;
         let mut node_listeners = Vec::with_capacity(n);
         let mut nodes = Vec::with_capacity(n);
@@ -195,10 +204,7 @@ impl Server {
                 port,
                 dir: dir.clone(),
                 limits: cfg.limits.clone(),
-                sandbox: Sandbox {
-                    identity: cfg.identities[i],
-                    isolate_network: cfg.isolate_network,
-                },
+                sandbox: Sandbox { identity: cfg.identities[i], isolate_network: cfg.isolate_network },
                 time_limit: cfg.time_limit,
                 kill_grace: cfg.kill_grace,
                 max_output: cfg.max_output,
@@ -223,13 +229,9 @@ impl Server {
         }
 
         let reg = poll.registry();
-        reg.register(
-            &mut SourceFd(&signals.as_raw_fd()),
-            SIGNALS,
-            Interest::READABLE,
-        )
-        .and_then(|_| reg.register(&mut clients, CLIENTS, Interest::READABLE))
-        .map_err(|e| format!("cannot register with epoll: {e}"))?;
+        reg.register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)
+            .and_then(|_| reg.register(&mut clients, CLIENTS, Interest::READABLE))
+            .map_err(|e| format!("cannot register with epoll: {e}"))?;
         for (i, l) in node_listeners.iter_mut().enumerate() {
             reg.register(l, Token(NODE_LISTENER_BASE + i), Interest::READABLE)
                 .map_err(|e| format!("cannot register with epoll: {e}"))?;
@@ -264,20 +266,11 @@ impl Server {
     /// Connect the main server to every node and wait until all links are up.
     fn link_nodes(&mut self) -> Result<(), String> {
         for i in 0..self.nodes.len() {
-            let addr = self.node_listeners[i]
-                .local_addr()
-                .map_err(|e| e.to_string())?;
-            let stream = TcpStream::connect(addr)
-                .map_err(|e| format!("cannot connect to node {addr}: {e}"))?;
+            let addr = self.node_listeners[i].local_addr().map_err(|e| e.to_string())?;
+            let stream = TcpStream::connect(addr).map_err(|e| format!("cannot connect to node {addr}: {e}"))?;
             let _ = stream.set_nodelay(true);
-            let role = Role::NodeLink {
-                node: i,
-                pending: HashMap::new(),
-                connected: false,
-            };
-            let key = self
-                .add_conn(stream, role, true)
-                .map_err(|e| format!("cannot register link: {e}"))?;
+            let role = Role::NodeLink { node: i, pending: HashMap::new(), connected: false };
+            let key = self.add_conn(stream, role, true).map_err(|e| format!("cannot register link: {e}"))?;
             self.links[i] = Some(key);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -358,20 +351,14 @@ impl Server {
     /// Poll timeout: until the earliest node deadline, or forever.
     fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
-        self.nodes
-            .iter()
-            .filter_map(|n| n.deadline())
-            .min()
-            .map(|d| d.saturating_duration_since(now))
+        self.nodes.iter().filter_map(|n| n.deadline()).min().map(|d| d.saturating_duration_since(now))
     }
 
     fn dispatch(&mut self, token: Token) {
         match token {
             SIGNALS => self.on_signals(),
             CLIENTS => self.accept(None),
-            Token(t) if t < first_key(self.nodes.len()) => {
-                self.accept(Some(t - NODE_LISTENER_BASE))
-            }
+            Token(t) if t < first_key(self.nodes.len()) => self.accept(Some(t - NODE_LISTENER_BASE)),
             Token(t) => {
                 let key = t - first_key(self.nodes.len());
                 match self.slab.get(key) {
@@ -396,7 +383,10 @@ impl Server {
             }
             while let Some(key) = self.dead.pop() {
                 busy = true;
-                self.close_conn(key);
+                // A reply queued since it was marked keeps it open a while longer.
+                if matches!(self.slab.get(key), Some(Source::Conn(c)) if c.finished()) {
+                    self.close_conn(key);
+                }
             }
             if !busy {
                 return;
@@ -437,14 +427,8 @@ impl Server {
         let entry = self.slab.vacant_entry();
         let key = entry.key();
         let token = Token(key + first_key(self.nodes.len()));
-        let interest = if writable {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        };
-        self.poll
-            .registry()
-            .register(&mut stream, token, interest)?;
+        let interest = if writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        self.poll.registry().register(&mut stream, token, interest)?;
         let (max_whole, max_stream) = match role {
             Role::Client => (MAX_RECORD, self.max_archive),
             Role::NodeInbound(_) => (MAX_RECORD, self.max_archive),
@@ -459,6 +443,8 @@ impl Server {
             sink: Sink::None,
             closing: false,
             writable,
+            awaiting: 0,
+            held: Vec::new(),
         })));
         Ok(key)
     }
@@ -477,10 +463,7 @@ impl Server {
         let Some(mut conn) = self.take_conn(key) else {
             return;
         };
-        if let Role::NodeLink {
-            connected, node, ..
-        } = &mut conn.role
-        {
+        if let Role::NodeLink { connected, node, .. } = &mut conn.role {
             if !*connected {
                 match conn.stream.take_error() {
                     Ok(None) if conn.stream.peer_addr().is_ok() => {
@@ -495,17 +478,23 @@ impl Server {
                 }
             }
         }
+        self.drive(key, &mut conn);
+        self.slab[key] = Source::Conn(conn);
+        self.check_done(key);
+    }
+
+    /// Read, decode, handle and write until the connection would block or
+    /// must wait for a reply.
+    fn drive(&mut self, key: usize, conn: &mut Conn) {
         loop {
-            let paused = self.conn_read(key, &mut conn);
-            self.flush(&mut conn);
-            // A client paused for backpressure whose reply is now sent may
-            // have more calls waiting in the socket: read on.
-            if !(paused && conn.outbox.is_empty() && !conn.closing) {
+            let paused = self.conn_read(key, conn);
+            self.flush(conn);
+            // A client paused for its reply, now sent, may have more calls
+            // held or waiting in the socket: go on with them.
+            if !(paused && !conn.busy() && !conn.closing) {
                 break;
             }
         }
-        self.slab[key] = Source::Conn(conn);
-        self.check_done(key);
     }
 
     /// Read until WouldBlock, EOF or backpressure. Returns true if paused
@@ -517,9 +506,14 @@ impl Server {
             if conn.closing {
                 break;
             }
-            if matches!(conn.role, Role::Client) && !conn.outbox.is_empty() {
+            if conn.busy() {
                 paused = true;
                 break;
+            }
+            if !conn.held.is_empty() {
+                let held = std::mem::take(&mut conn.held);
+                self.feed(key, conn, &held);
+                continue;
             }
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
@@ -559,9 +553,13 @@ impl Server {
                 decoder.decode(data, &mut classify)
             };
             data = &data[n..];
-            match ev {
-                None => return,
-                Some(ev) => self.on_record_event(key, conn, ev),
+            let Some(ev) = ev else { return };
+            let call_done = matches!(ev, Event::Record(_) | Event::StreamEnd | Event::Truncated);
+            self.on_record_event(key, conn, ev);
+            if call_done && conn.busy() {
+                // Keep the rest for when this call has been answered.
+                conn.held.extend_from_slice(data);
+                return;
             }
         }
     }
@@ -575,31 +573,15 @@ impl Server {
             },
             Event::StreamStart { head, len } => self.stream_start(key, conn, &head, len),
             Event::StreamData(data) => {
-                if let Sink::File {
-                    file: Some(f),
-                    error,
-                    path,
-                    ..
-                } = &mut conn.sink
-                {
+                if let Sink::File { file: Some(f), error, path, .. } = &mut conn.sink {
                     if let Err(e) = f.write_all(data) {
                         log::error!("cannot write {}: {e}", path.display());
                         *error = Some(format!("the server cannot store the data: {e}"));
                         let _ = fs::remove_file(&*path);
                         conn.sink = match std::mem::replace(&mut conn.sink, Sink::None) {
-                            Sink::File {
-                                xid,
-                                what,
-                                path,
-                                error,
-                                ..
-                            } => Sink::File {
-                                xid,
-                                what,
-                                file: None,
-                                path,
-                                error,
-                            },
+                            Sink::File { xid, what, path, error, .. } => {
+                                Sink::File { xid, what, file: None, path, error }
+                            }
                             other => other,
                         };
                     }
@@ -607,19 +589,13 @@ impl Server {
             }
             Event::StreamEnd => self.stream_end(key, conn),
             Event::Truncated => match std::mem::replace(&mut conn.sink, Sink::None) {
-                Sink::File {
-                    xid, path, what, ..
-                } => {
+                Sink::File { xid, path, what, .. } => {
                     let _ = fs::remove_file(&path);
                     match what {
-                        Streamed::Fetch { ticket, replica } => self.coord.fetched(
-                            ticket,
-                            replica,
-                            Err("the node's reply was cut short".into()),
-                        ),
-                        _ => conn
-                            .outbox
-                            .push_bytes(rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()),
+                        Streamed::Fetch { ticket, replica } => {
+                            self.coord.fetched(ticket, replica, Err("the node's reply was cut short".into()))
+                        }
+                        _ => conn.outbox.push_bytes(rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()),
                     }
                 }
                 Sink::Discard { reply } => conn.outbox.push_bytes(reply),
@@ -673,29 +649,16 @@ impl Server {
             },
         };
         let opened = match (&what, &conn.role) {
-            (Streamed::Run { args }, Role::NodeInbound(i)) => {
-                self.nodes[*i].prepare_archive(args.ticket)
-            }
+            (Streamed::Run { args }, Role::NodeInbound(i)) => self.nodes[*i].prepare_archive(args.ticket),
             _ => {
                 self.next_spool += 1;
-                let path = self
-                    .spool
-                    .join(format!("incoming-{key}-{}", self.next_spool));
+                let path = self.spool.join(format!("incoming-{key}-{}", self.next_spool));
                 create_spool(&path).map(|f| (f, path))
             }
         };
-        log::debug!(
-            "connection {key}: xid {:#x}: receiving a {len} byte archive",
-            h.xid
-        );
+        log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", h.xid);
         conn.sink = match opened {
-            Ok((file, path)) => Sink::File {
-                xid: h.xid,
-                what,
-                file: Some(file),
-                path,
-                error: None,
-            },
+            Ok((file, path)) => Sink::File { xid: h.xid, what, file: Some(file), path, error: None },
             Err(e) => {
                 log::error!("cannot spool an archive: {e}");
                 Sink::File {
@@ -717,43 +680,18 @@ impl Server {
         let Ok(xid) = XdrReader::new(head).u32() else {
             return;
         };
-        let Some(Pending::Fetch {
-            ticket,
-            replica,
-            into,
-        }) = pending.remove(&xid)
-        else {
+        let Some(Pending::Fetch { ticket, replica, into }) = pending.remove(&xid) else {
             return;
         };
-        let stat = XdrReader::new(&head[rpc::SUCCESS_HEADER_LEN..])
-            .u32()
-            .unwrap_or(u32::MAX);
+        let stat = XdrReader::new(&head[rpc::SUCCESS_HEADER_LEN..]).u32().unwrap_or(u32::MAX);
         let what = Streamed::Fetch { ticket, replica };
         conn.sink = if stat != CloudStat::Ok as u32 {
             // The output opaque holds the node's error message.
-            Sink::File {
-                xid,
-                what,
-                file: None,
-                path: PathBuf::new(),
-                error: Some("the node has no output".into()),
-            }
+            Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some("the node has no output".into()) }
         } else {
             match create_spool(&into) {
-                Ok(file) => Sink::File {
-                    xid,
-                    what,
-                    file: Some(file),
-                    path: into,
-                    error: None,
-                },
-                Err(e) => Sink::File {
-                    xid,
-                    what,
-                    file: None,
-                    path: into,
-                    error: Some(e.to_string()),
-                },
+                Ok(file) => Sink::File { xid, what, file: Some(file), path: into, error: None },
+                Err(e) => Sink::File { xid, what, file: None, path: into, error: Some(e.to_string()) },
             }
         };
     }
@@ -762,18 +700,11 @@ impl Server {
         match std::mem::replace(&mut conn.sink, Sink::None) {
             Sink::None => {}
             Sink::Discard { reply } => conn.outbox.push_bytes(reply),
-            Sink::File {
-                xid,
-                what,
-                file,
-                path,
-                error,
-            } => {
+            Sink::File { xid, what, file, path, error } => {
                 drop(file);
                 match what {
                     Streamed::Fetch { ticket, replica } => {
-                        self.coord
-                            .fetched(ticket, replica, error.map_or(Ok(path), Err));
+                        self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err));
                     }
                     Streamed::Deploy { replicas } => match error {
                         Some(msg) => {
@@ -781,7 +712,10 @@ impl Server {
                             let reply = Reply::Deploy(Err((CloudStat::Internal, msg)));
                             conn.outbox.push(encode_reply(xid, reply));
                         }
-                        None => self.coord.deploy(Caller { conn: key, xid }, replicas, path),
+                        None => {
+                            conn.awaiting += 1;
+                            self.coord.deploy(Caller { conn: key, xid }, replicas, path)
+                        }
                     },
                     Streamed::Run { args } => {
                         let Role::NodeInbound(i) = conn.role else {
@@ -804,11 +738,7 @@ impl Server {
     fn watch_child(&mut self, node: NodeId, fd: std::os::fd::RawFd) {
         let entry = self.slab.vacant_entry();
         let token = Token(entry.key() + first_key(self.nodes.len()));
-        match self
-            .poll
-            .registry()
-            .register(&mut SourceFd(&fd), token, Interest::READABLE)
-        {
+        match self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE) {
             Ok(()) => {
                 self.child_keys[node] = Some(entry.key());
                 entry.insert(Source::ChildOutput(node));
@@ -824,32 +754,27 @@ impl Server {
         let Some(h) = admitted(conn, rec, &[CLOUD_PROGRAM]) else {
             return;
         };
-        let caller = Caller {
-            conn: key,
-            xid: h.xid,
-        };
+        let caller = Caller { conn: key, xid: h.xid };
+        // STATUS, RETRIEVE and CLOSE are answered by the coordinator.
+        conn.awaiting += 1;
         let mut r = XdrReader::new(&rec[h.args_at..]);
-        log::debug!(
-            "connection {key}: call xid {:#x} proc {}",
-            h.xid,
-            h.proc_num
-        );
+        log::debug!("connection {key}: call xid {:#x} proc {}", h.xid, h.proc_num);
         let ok = match h.proc_num {
             proto::CLOUD_NULL => {
-                conn.outbox
-                    .push_bytes(rpc::accepted(h.xid, AcceptStat::Success).into_bytes());
+                conn.awaiting -= 1;
+                conn.outbox.push_bytes(rpc::accepted(h.xid, AcceptStat::Success).into_bytes());
                 true
             }
             proto::STATUS => r.u32().map(|t| self.coord.status(caller, t)).is_ok(),
-            proto::RETRIEVE => proto::decode_retrieve_args(&mut r)
-                .map(|(t, w)| self.coord.retrieve(caller, t, w))
-                .is_ok(),
+            proto::RETRIEVE => {
+                proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, t, w)).is_ok()
+            }
             proto::CLOSE => r.u32().map(|t| self.coord.close(caller, t)).is_ok(),
             _ => false, // a DEPLOY too short to stream
         };
         if !ok {
-            conn.outbox
-                .push_bytes(rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes());
+            conn.awaiting -= 1;
+            conn.outbox.push_bytes(rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes());
         }
     }
 
@@ -860,21 +785,14 @@ impl Server {
         };
         let mut r = XdrReader::new(&rec[h.args_at..]);
         let reply = match (h.proc_num, r.u32()) {
-            (proto::NODE_NULL, _) => vec![Piece::Bytes(
-                rpc::accepted(h.xid, AcceptStat::Success).into_bytes(),
-            )],
+            (proto::NODE_NULL, _) => vec![Piece::Bytes(rpc::accepted(h.xid, AcceptStat::Success).into_bytes())],
             (proto::NODE_FETCH, Ok(ticket)) => {
                 let mut w = rpc::accepted(h.xid, AcceptStat::Success);
                 match self.nodes[i].fetch(ticket) {
                     Ok((file, len)) => {
-                        w.u32(CloudStat::Ok as u32).u32(len as u32);
-                        let mut pad = XdrWriter::new();
-                        pad.pad(len as usize);
-                        vec![
-                            Piece::Bytes(w.into_bytes()),
-                            Piece::File { file, len },
-                            Piece::Bytes(pad.into_bytes()),
-                        ]
+                        // Opened now: a DROP right behind this FETCH may remove it.
+                        w.u32(CloudStat::Ok as u32);
+                        record::with_opaque(w, Piece::File { file, len })
                     }
                     Err(msg) => {
                         w.u32(CloudStat::NoSuchTicket as u32).opaque(msg.as_bytes());
@@ -888,9 +806,7 @@ impl Server {
                 w.u32(CloudStat::Ok as u32);
                 vec![Piece::Bytes(w.into_bytes())]
             }
-            _ => vec![Piece::Bytes(
-                rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes(),
-            )],
+            _ => vec![Piece::Bytes(rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes())],
         };
         conn.outbox.push(reply);
     }
@@ -909,10 +825,7 @@ impl Server {
             }
         };
         let Some(call) = pending.remove(&xid) else {
-            log::warn!(
-                "reply from node {} to an unknown xid {xid:#x}",
-                self.node_names[node]
-            );
+            log::warn!("reply from node {} to an unknown xid {xid:#x}", self.node_names[node]);
             return;
         };
         let results = match outcome {
@@ -922,20 +835,12 @@ impl Server {
         match call {
             Pending::Run => {
                 let result = results
-                    .and_then(|b| {
-                        RunResult::decode(&mut XdrReader::new(b)).map_err(|e| e.to_string())
-                    })
-                    .unwrap_or_else(|why| {
-                        RunResult::invalid(format!("node {}: {why}", self.node_names[node]))
-                    });
+                    .and_then(|b| RunResult::decode(&mut XdrReader::new(b)).map_err(|e| e.to_string()))
+                    .unwrap_or_else(|why| RunResult::invalid(format!("node {}: {why}", self.node_names[node])));
                 self.coord.run_finished(node, result);
             }
-            Pending::Fetch {
-                ticket, replica, ..
-            } => {
-                let why = results
-                    .err()
-                    .unwrap_or_else(|| "the node sent no output".into());
+            Pending::Fetch { ticket, replica, .. } => {
+                let why = results.err().unwrap_or_else(|| "the node sent no output".into());
                 self.coord.fetched(ticket, replica, Err(why));
             }
             Pending::Drop => {}
@@ -950,7 +855,7 @@ impl Server {
                     log::debug!("connection {}: xid {:#x}: {reply:?}", to.conn, to.xid);
                 }
                 let pieces = encode_reply(to.xid, reply);
-                self.send(to.conn, pieces);
+                self.answer(to.conn, pieces);
             }
             Action::RemoveFile(path) => {
                 if let Err(e) = fs::remove_file(&path) {
@@ -978,51 +883,24 @@ impl Server {
                 };
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_RUN);
                 args.encode(&mut w);
-                w.u32(len as u32);
-                let mut pad = XdrWriter::new();
-                pad.pad(len as usize);
-                let pieces = vec![
-                    Piece::Bytes(w.into_bytes()),
-                    Piece::File { file, len },
-                    Piece::Bytes(pad.into_bytes()),
-                ];
-                (proto::NODE_RUN, Pending::Run, pieces)
+                // Opened now: the spooled archive is unlinked right after.
+                (proto::NODE_RUN, Pending::Run, record::with_opaque(w, Piece::File { file, len }))
             }
-            NodeCall::Fetch {
-                ticket,
-                replica,
-                into,
-            } => {
+            NodeCall::Fetch { ticket, replica, into } => {
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_FETCH);
                 w.u32(ticket);
-                (
-                    proto::NODE_FETCH,
-                    Pending::Fetch {
-                        ticket,
-                        replica,
-                        into,
-                    },
-                    vec![Piece::Bytes(w.into_bytes())],
-                )
+                (proto::NODE_FETCH, Pending::Fetch { ticket, replica, into }, vec![Piece::Bytes(w.into_bytes())])
             }
             NodeCall::Drop { ticket } => {
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_DROP);
                 w.u32(ticket);
-                (
-                    proto::NODE_DROP,
-                    Pending::Drop,
-                    vec![Piece::Bytes(w.into_bytes())],
-                )
+                (proto::NODE_DROP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
             }
         };
-        log::debug!(
-            "node {}: call xid {xid:#x} proc {proc_num}",
-            self.node_names[node]
-        );
+        log::debug!("node {}: call xid {xid:#x} proc {proc_num}", self.node_names[node]);
         let Some(key) = self.links[node] else {
             if let Pending::Run = pending {
-                self.coord
-                    .run_finished(node, RunResult::invalid("the node is unreachable"));
+                self.coord.run_finished(node, RunResult::invalid("the node is unreachable"));
             }
             return;
         };
@@ -1032,6 +910,20 @@ impl Server {
             }
         }
         self.send(key, pieces);
+    }
+
+    /// Send the coordinator's answer to a client's call, then go on with
+    /// that client's next call, if it has sent one.
+    fn answer(&mut self, key: usize, pieces: Vec<Piece>) {
+        let Some(mut conn) = self.take_conn(key) else {
+            log::debug!("connection {key} is gone; dropping a reply");
+            return;
+        };
+        conn.awaiting = conn.awaiting.saturating_sub(1);
+        conn.outbox.push(pieces);
+        self.drive(key, &mut conn);
+        self.slab[key] = Source::Conn(conn);
+        self.check_done(key);
     }
 
     /// Queue a record on a connection and write what can be written.
@@ -1056,25 +948,11 @@ impl Server {
                 conn.closing = true;
             }
         }
-        let connecting = matches!(
-            conn.role,
-            Role::NodeLink {
-                connected: false,
-                ..
-            }
-        );
+        let connecting = matches!(conn.role, Role::NodeLink { connected: false, .. });
         let want = !conn.outbox.is_empty() || connecting;
         if want != conn.writable {
-            let interest = if want {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            if let Err(e) = self
-                .poll
-                .registry()
-                .reregister(&mut conn.stream, conn.token, interest)
-            {
+            let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            if let Err(e) = self.poll.registry().reregister(&mut conn.stream, conn.token, interest) {
                 log::warn!("reregister failed: {e}");
             }
             conn.writable = want;
@@ -1083,7 +961,7 @@ impl Server {
 
     fn check_done(&mut self, key: usize) {
         if let Some(Source::Conn(c)) = self.slab.get(key) {
-            if c.closing && c.outbox.is_empty() {
+            if c.finished() {
                 self.dead.push(key);
             }
         }
@@ -1153,10 +1031,7 @@ impl Server {
 
     fn finish_replica(&mut self, node: NodeId, fin: Finished) {
         if let Some(key) = self.child_keys[node].take() {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&fin.pipe.as_raw_fd()));
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fin.pipe.as_raw_fd()));
             self.slab.try_remove(key);
         }
         drop(fin.pipe);
@@ -1206,14 +1081,11 @@ fn classify(role: &Role, head: &[u8]) -> Shape {
             if head.len() < at + 4 {
                 return Shape::NeedMore(at + 4);
             }
-            let word =
-                |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+            let word = |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
             let is_fetch = matches!(pending.get(&word(0)), Some(Pending::Fetch { .. }));
             // Accepted, empty verifier, SUCCESS: the fetch_res follows.
             if is_fetch && word(8) == 0 && word(16) == 0 && word(20) == 0 {
-                Shape::Stream {
-                    len_at: at + proto::FETCH_OUTPUT_AT,
-                }
+                Shape::Stream { len_at: at + proto::FETCH_OUTPUT_AT }
             } else {
                 Shape::Whole
             }
@@ -1223,11 +1095,7 @@ fn classify(role: &Role, head: &[u8]) -> Shape {
 
 fn create_spool(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
 }
 
 fn run_reply(xid: u32, result: &RunResult) -> Vec<u8> {
@@ -1255,10 +1123,7 @@ pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
             None
         }
         Reply::Retrieve(Ok(outs)) => return retrieve_pieces(w, outs),
-        Reply::Deploy(Err(e))
-        | Reply::Status(Err(e))
-        | Reply::Retrieve(Err(e))
-        | Reply::Close(Err(e)) => Some(e),
+        Reply::Deploy(Err(e)) | Reply::Status(Err(e)) | Reply::Retrieve(Err(e)) | Reply::Close(Err(e)) => Some(e),
     };
     if let Some((stat, msg)) = err {
         proto::encode_error(&mut w, stat, &msg);
@@ -1270,15 +1135,12 @@ fn retrieve_pieces(mut w: XdrWriter, outs: Vec<OutputRef>) -> Vec<Piece> {
     w.u32(CloudStat::Ok as u32).u32(outs.len() as u32);
     let mut pieces = Vec::new();
     for out in outs {
-        let opened = File::open(&out.path).and_then(|f| f.metadata().map(|m| (f, m.len())));
         let mut status = out.status;
-        match opened {
-            Ok((file, len)) => {
+        // Opened only when sent: a queued reply holds no descriptor.
+        match Piece::path(&out.path) {
+            Ok(piece) => {
                 status.encode(&mut w);
-                w.u32(len as u32);
-                pieces.push(Piece::Bytes(std::mem::take(&mut w).into_bytes()));
-                pieces.push(Piece::File { file, len });
-                w.pad(len as usize);
+                w = record::push_opaque(&mut pieces, w, piece);
             }
             Err(e) => {
                 if !out.path.as_os_str().is_empty() {
@@ -1295,10 +1157,7 @@ fn retrieve_pieces(mut w: XdrWriter, outs: Vec<OutputRef>) -> Vec<Piece> {
 
 fn bind_error(e: io::Error, addr: SocketAddr, where_: &str) -> String {
     if e.kind() == io::ErrorKind::AddrInUse {
-        format!(
-            "port {} ({where_}) is already in use: stop what uses it or pick another port",
-            addr.port()
-        )
+        format!("port {} ({where_}) is already in use: stop what uses it or pick another port", addr.port())
     } else {
         format!("cannot listen on {addr} ({where_}): {e}")
     }

@@ -97,19 +97,10 @@ pub const SETUP_FAILED: i32 = 125;
 pub fn spawn(spec: &SpawnSpec) -> nix::Result<Spawned> {
     // Prepare everything that allocates from strings before forking.
     // execvpe would search the *server's* PATH; search the replica's own.
-    let make: Vec<CString> = REPLICA_PATH
-        .split(':')
-        .filter_map(|dir| CString::new(format!("{dir}/make")).ok())
-        .collect();
-    let argv = [
-        CString::new("make").expect("no NUL"),
-        CString::new("run").expect("no NUL"),
-    ];
-    let envp: Vec<CString> = spec
-        .env
-        .iter()
-        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
-        .collect();
+    let make: Vec<CString> =
+        REPLICA_PATH.split(':').filter_map(|dir| CString::new(format!("{dir}/make")).ok()).collect();
+    let argv = [CString::new("make").expect("no NUL"), CString::new("run").expect("no NUL")];
+    let envp: Vec<CString> = spec.env.iter().filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok()).collect();
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (st_r, st_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     // SAFETY: the server is single-threaded, so the child may allocate and
@@ -131,11 +122,7 @@ pub fn spawn(spec: &SpawnSpec) -> nix::Result<Spawned> {
             drop(st_w);
             fcntl(out_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
             fcntl(st_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
-            Ok(Spawned {
-                pid: child,
-                output: out_r,
-                status: st_r,
-            })
+            Ok(Spawned { pid: child, output: out_r, status: st_r })
         }
     }
 }
@@ -150,25 +137,12 @@ fn fail(code: i32, message: String) -> ChildError {
 }
 
 /// Runs in the child. Returns only on failure.
-fn child_setup(
-    spec: &SpawnSpec,
-    out_w: OwnedFd,
-    make: &[CString],
-    argv: &[CString],
-    envp: &[CString],
-) -> ChildError {
-    let setup = |what: &str, e: nix::Error| {
-        fail(SETUP_FAILED, format!("replica setup failed: {what}: {e}"))
-    };
+fn child_setup(spec: &SpawnSpec, out_w: OwnedFd, make: &[CString], argv: &[CString], envp: &[CString]) -> ChildError {
+    let setup = |what: &str, e: nix::Error| fail(SETUP_FAILED, format!("replica setup failed: {what}: {e}"));
     // Signals: the server blocks some for its signalfd and Rust ignores
     // SIGPIPE; the job must start with the defaults.
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    for sig in [
-        Signal::SIGPIPE,
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGCHLD,
-    ] {
+    for sig in [Signal::SIGPIPE, Signal::SIGINT, Signal::SIGTERM, Signal::SIGCHLD] {
         // SAFETY: restoring the default disposition installs no handler.
         let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
     }
@@ -176,8 +150,7 @@ fn child_setup(
         return setup("setsid", e);
     }
     // stdout and stderr share one pipe, so their lines stay in order.
-    if let Err(e) = nix::unistd::dup2_stdout(&out_w).and_then(|_| nix::unistd::dup2_stderr(&out_w))
-    {
+    if let Err(e) = nix::unistd::dup2_stdout(&out_w).and_then(|_| nix::unistd::dup2_stderr(&out_w)) {
         return setup("dup2", e);
     }
     drop(out_w);
@@ -187,23 +160,11 @@ fn child_setup(
                 return setup("stdin", e);
             }
         }
-        Err(e) => {
-            return fail(
-                SETUP_FAILED,
-                format!("replica setup failed: /dev/null: {e}"),
-            )
-        }
+        Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: /dev/null: {e}")),
     }
     // Nothing else leaks into the job: mark every other descriptor CLOEXEC.
     // SAFETY: close_range only changes descriptor flags.
-    unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
 
     // Open what we need while still privileged.
     let archive = match File::open(spec.archive) {
@@ -211,19 +172,11 @@ fn child_setup(
         Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: archive: {e}")),
     };
     if let Err(e) = make_workspace(spec.workspace, spec.sandbox.identity) {
-        return fail(
-            SETUP_FAILED,
-            format!("replica setup failed: workspace: {e}"),
-        );
+        return fail(SETUP_FAILED, format!("replica setup failed: workspace: {e}"));
     }
     let workspace = match File::open(spec.workspace) {
         Ok(d) => d,
-        Err(e) => {
-            return fail(
-                SETUP_FAILED,
-                format!("replica setup failed: workspace: {e}"),
-            )
-        }
+        Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: workspace: {e}")),
     };
     if spec.sandbox.isolate_network {
         if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNET) {
@@ -239,9 +192,7 @@ fn child_setup(
         (Resource::RLIMIT_FSIZE, l.file_size, "file size"),
         (Resource::RLIMIT_CORE, 0, "core size"),
     ];
-    let nproc = l
-        .processes
-        .map(|v| (Resource::RLIMIT_NPROC, v, "processes"));
+    let nproc = l.processes.map(|v| (Resource::RLIMIT_NPROC, v, "processes"));
     for (res, v, what) in limits.into_iter().chain(nproc) {
         // Never above the hard limit we inherited (a non-root server cannot raise it).
         let v = nix::sys::resource::getrlimit(res).map_or(v, |(_, hard)| v.min(hard));
@@ -250,9 +201,8 @@ fn child_setup(
         }
     }
     if let Some((uid, gid)) = spec.sandbox.identity {
-        if let Err(e) = nix::unistd::setgroups(&[gid])
-            .and_then(|_| nix::unistd::setgid(gid))
-            .and_then(|_| nix::unistd::setuid(uid))
+        if let Err(e) =
+            nix::unistd::setgroups(&[gid]).and_then(|_| nix::unistd::setgid(gid)).and_then(|_| nix::unistd::setuid(uid))
         {
             return setup("dropping privileges", e);
         }
@@ -275,10 +225,7 @@ fn child_setup(
         }
     }
     let code = if err == nix::Error::ENOENT { 127 } else { 126 };
-    fail(
-        code,
-        format!("cannot run make (searched {REPLICA_PATH}): {err}"),
-    )
+    fail(code, format!("cannot run make (searched {REPLICA_PATH}): {err}"))
 }
 
 fn make_workspace(path: &Path, identity: Option<(Uid, Gid)>) -> std::io::Result<()> {
@@ -367,9 +314,7 @@ fn probe_child(sandbox: Sandbox, ws: &Path) -> Result<(), String> {
         nix::unistd::setgroups(&[gid])
             .and_then(|_| nix::unistd::setgid(gid))
             .and_then(|_| nix::unistd::setuid(uid))
-            .map_err(|e| {
-                format!("cannot run replicas as uid {uid} ({e}): check --slot-uids / --run-as")
-            })?;
+            .map_err(|e| format!("cannot run replicas as uid {uid} ({e}): check --slot-uids / --run-as"))?;
     }
     nix::unistd::fchdir(&dir).map_err(|e| format!("fchdir: {e}"))?;
     File::create("probe").map(drop).map_err(|e| {
@@ -426,41 +371,27 @@ pub enum StopReason {
 }
 
 /// Turn how the child ended into the replica's result.
-pub fn classify_exit(
-    status: WaitStatus,
-    setup_error: &str,
-    stopped: Option<&StopReason>,
-) -> RunResult {
+pub fn classify_exit(status: WaitStatus, setup_error: &str, stopped: Option<&StopReason>) -> RunResult {
     if let Some(reason) = stopped {
         let message = match reason {
             StopReason::TimeLimit { seconds, killed: false } => {
                 format!("time limit of {seconds}s exceeded (--time-limit): stopped with SIGTERM")
             }
-            StopReason::TimeLimit { seconds, killed: true } => format!(
-                "time limit of {seconds}s exceeded (--time-limit): ignored SIGTERM, killed with SIGKILL"
-            ),
+            StopReason::TimeLimit { seconds, killed: true } => {
+                format!("time limit of {seconds}s exceeded (--time-limit): ignored SIGTERM, killed with SIGKILL")
+            }
             StopReason::Closed => "killed: the ticket was closed".into(),
             StopReason::Shutdown => "killed: the server shut down".into(),
         };
-        return RunResult {
-            state: JobState::Invalid,
-            exit_code: exit_code(status),
-            message,
-        };
+        return RunResult { state: JobState::Invalid, exit_code: exit_code(status), message };
     }
     if !setup_error.is_empty() {
-        return RunResult {
-            state: JobState::Invalid,
-            exit_code: exit_code(status),
-            message: setup_error.into(),
-        };
+        return RunResult { state: JobState::Invalid, exit_code: exit_code(status), message: setup_error.into() };
     }
     match status {
-        WaitStatus::Exited(_, 0) => RunResult {
-            state: JobState::Completed,
-            exit_code: 0,
-            message: "make run exited with status 0".into(),
-        },
+        WaitStatus::Exited(_, 0) => {
+            RunResult { state: JobState::Completed, exit_code: 0, message: "make run exited with status 0".into() }
+        }
         WaitStatus::Exited(_, code) => RunResult {
             state: JobState::Invalid,
             exit_code: code,
@@ -491,19 +422,10 @@ fn exit_code(status: WaitStatus) -> i32 {
 }
 
 /// The environment of a replica: nothing of the server's.
-pub fn replica_env(
-    workspace: &Path,
-    ticket: u32,
-    replica: u32,
-    replicas: u32,
-    port: u16,
-) -> Vec<(String, String)> {
+pub fn replica_env(workspace: &Path, ticket: u32, replica: u32, replicas: u32, port: u16) -> Vec<(String, String)> {
     vec![
         ("PATH".into(), REPLICA_PATH.into()),
-        (
-            "HOME".into(),
-            String::from_utf8_lossy(workspace.as_os_str().as_bytes()).into_owned(),
-        ),
+        ("HOME".into(), String::from_utf8_lossy(workspace.as_os_str().as_bytes()).into_owned()),
         ("LANG".into(), "C.UTF-8".into()),
         ("CLOUD_TICKET".into(), ticket.to_string()),
         ("CLOUD_REPLICA".into(), replica.to_string()),

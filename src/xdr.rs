@@ -131,9 +131,7 @@ impl<'a> XdrReader<'a> {
         match self.u32()? {
             0 => Ok(false),
             1 => Ok(true),
-            other => Err(XdrError::Invalid(format!(
-                "bool must be 0 or 1, got {other}"
-            ))),
+            other => Err(XdrError::Invalid(format!("bool must be 0 or 1, got {other}"))),
         }
     }
 
@@ -141,9 +139,7 @@ impl<'a> XdrReader<'a> {
     pub fn opaque(&mut self, max: usize) -> Result<&'a [u8], XdrError> {
         let len = self.u32()? as usize;
         if len > max {
-            return Err(XdrError::Invalid(format!(
-                "opaque of {len} bytes exceeds the limit of {max}"
-            )));
+            return Err(XdrError::Invalid(format!("opaque of {len} bytes exceeds the limit of {max}")));
         }
         let data = self.take(len)?;
         let pad = self.take(padding(len))?;
@@ -156,8 +152,7 @@ impl<'a> XdrReader<'a> {
     /// A string of at most `max` bytes; must be UTF-8.
     pub fn string(&mut self, max: usize) -> Result<String, XdrError> {
         let bytes = self.opaque(max)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| XdrError::Invalid("string is not UTF-8".into()))
+        String::from_utf8(bytes.to_vec()).map_err(|_| XdrError::Invalid("string is not UTF-8".into()))
     }
 
     /// Fails unless every byte was consumed.
@@ -165,10 +160,7 @@ impl<'a> XdrReader<'a> {
         if self.remaining() == 0 {
             Ok(())
         } else {
-            Err(XdrError::Invalid(format!(
-                "{} unexpected trailing bytes",
-                self.remaining()
-            )))
+            Err(XdrError::Invalid(format!("{} unexpected trailing bytes", self.remaining())))
         }
     }
 }
@@ -181,10 +173,7 @@ mod tests {
     fn opaque_is_padded_to_four() {
         let mut w = XdrWriter::new();
         w.opaque(b"0123456789");
-        assert_eq!(
-            w.into_bytes(),
-            b"\x00\x00\x00\x0a0123456789\x00\x00".to_vec()
-        );
+        assert_eq!(w.into_bytes(), b"\x00\x00\x00\x0a0123456789\x00\x00".to_vec());
     }
 
     #[test]
@@ -199,23 +188,14 @@ mod tests {
         assert_eq!(XdrReader::new(&[0, 0]).u32(), Err(XdrError::Short));
         let bytes = [0, 0, 0, 5, b'a', b'b', b'c', b'd', b'e', 0, 0, 0];
         assert_eq!(XdrReader::new(&bytes).opaque(5).unwrap(), b"abcde");
-        assert!(matches!(
-            XdrReader::new(&bytes).opaque(4),
-            Err(XdrError::Invalid(_))
-        ));
+        assert!(matches!(XdrReader::new(&bytes).opaque(4), Err(XdrError::Invalid(_))));
         assert_eq!(XdrReader::new(&bytes[..10]).opaque(5), Err(XdrError::Short));
-        assert!(matches!(
-            XdrReader::new(&[0, 0, 0, 2]).bool(),
-            Err(XdrError::Invalid(_))
-        ));
+        assert!(matches!(XdrReader::new(&[0, 0, 0, 2]).bool(), Err(XdrError::Invalid(_))));
     }
 
     #[test]
     fn nonzero_padding_is_rejected() {
         let bytes = [0, 0, 0, 1, b'a', 1, 0, 0];
-        assert!(matches!(
-            XdrReader::new(&bytes).opaque(8),
-            Err(XdrError::Invalid(_))
-        ));
+        assert!(matches!(XdrReader::new(&bytes).opaque(8), Err(XdrError::Invalid(_))));
     }
 }

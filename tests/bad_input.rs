@@ -27,15 +27,12 @@ fn read_reply(s: &mut TcpStream) -> Option<Vec<u8>> {
 }
 
 fn words(b: &[u8]) -> Vec<u32> {
-    b.chunks(4)
-        .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
-        .collect()
+    b.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect()
 }
 
 /// Reads until the server closes the connection.
 fn closed_by_server(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
@@ -49,8 +46,7 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 
 fn null_works(c: &Cluster) {
     let mut s = TcpStream::connect(c.addr).unwrap();
-    s.write_all(&frame(&rpc::call(77, proto::CLOUD_PROG, 1, 0).into_bytes()))
-        .unwrap();
+    s.write_all(&frame(&rpc::call(77, proto::CLOUD_PROG, 1, 0).into_bytes())).unwrap();
     let r = read_reply(&mut s).expect("NULL answered");
     assert_eq!(words(&r), vec![77, 1, 0, 0, 0, 0]);
 }
@@ -62,16 +58,12 @@ fn oversized_archive_gets_too_large_then_the_connection_closes() {
     let mut w = rpc::call(5, proto::CLOUD_PROG, 1, proto::DEPLOY);
     w.u32(1).u32(1 << 20);
     let mut head = w.into_bytes();
-    let mut wire = ((head.len() as u32 + (1 << 20)) | 0x8000_0000)
-        .to_be_bytes()
-        .to_vec();
+    let mut wire = ((head.len() as u32 + (1 << 20)) | 0x8000_0000).to_be_bytes().to_vec();
     wire.append(&mut head);
     s.write_all(&wire).unwrap();
     let r = read_reply(&mut s).expect("a reply before closing");
     let mut x = XdrReader::new(&r[rpc::SUCCESS_HEADER_LEN..]);
-    let Err((stat, msg)) = proto::decode_stat(&mut x).unwrap() else {
-        panic!("expected an error")
-    };
+    let Err((stat, msg)) = proto::decode_stat(&mut x).unwrap() else { panic!("expected an error") };
     assert_eq!(stat, CloudStat::TooLarge);
     assert!(msg.contains("--max-archive"), "{msg}");
     assert!(closed_by_server(&mut s));
@@ -101,10 +93,7 @@ fn bad_arguments_and_credentials_get_rfc_errors() {
     let c = Cluster::start(1);
     let mut s = TcpStream::connect(c.addr).unwrap();
     // STATUS without its ticket: GARBAGE_ARGS.
-    s.write_all(&frame(
-        &rpc::call(9, proto::CLOUD_PROG, 1, proto::STATUS).into_bytes(),
-    ))
-    .unwrap();
+    s.write_all(&frame(&rpc::call(9, proto::CLOUD_PROG, 1, proto::STATUS).into_bytes())).unwrap();
     assert_eq!(words(&read_reply(&mut s).unwrap()), vec![9, 1, 0, 0, 0, 4]);
     // RETRIEVE with a bool of 7: GARBAGE_ARGS.
     let mut w = rpc::call(10, proto::CLOUD_PROG, 1, proto::RETRIEVE);
@@ -121,13 +110,9 @@ fn bad_arguments_and_credentials_get_rfc_errors() {
     w.u32(0).opaque(b"x");
     s.write_all(&frame(&w.into_bytes())).unwrap();
     let r = read_reply(&mut s).unwrap();
-    assert_eq!(
-        words(&r[rpc::SUCCESS_HEADER_LEN..rpc::SUCCESS_HEADER_LEN + 4]),
-        vec![2]
-    );
+    assert_eq!(words(&r[rpc::SUCCESS_HEADER_LEN..rpc::SUCCESS_HEADER_LEN + 4]), vec![2]);
     // The connection is still good.
-    s.write_all(&frame(&rpc::call(13, proto::CLOUD_PROG, 1, 0).into_bytes()))
-        .unwrap();
+    s.write_all(&frame(&rpc::call(13, proto::CLOUD_PROG, 1, 0).into_bytes())).unwrap();
     assert_eq!(words(&read_reply(&mut s).unwrap()), vec![13, 1, 0, 0, 0, 0]);
 }
 
@@ -138,9 +123,7 @@ fn a_client_that_vanishes_mid_archive_leaves_nothing_and_hurts_no_one() {
     let mut w = rpc::call(5, proto::CLOUD_PROG, 1, proto::DEPLOY);
     w.u32(1).u32(1 << 20);
     let head = w.into_bytes();
-    let mut wire = ((head.len() as u32 + (1 << 20)) | 0x8000_0000)
-        .to_be_bytes()
-        .to_vec();
+    let mut wire = ((head.len() as u32 + (1 << 20)) | 0x8000_0000).to_be_bytes().to_vec();
     wire.extend_from_slice(&head);
     wire.extend_from_slice(&[1u8; 5000]);
     stalled.write_all(&wire).unwrap();
@@ -153,10 +136,7 @@ fn a_client_that_vanishes_mid_archive_leaves_nothing_and_hurts_no_one() {
     let spool = c.work().join("spool");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::fs::read_dir(&spool).unwrap().count() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "partial archive left in the spool"
-        );
+        assert!(std::time::Instant::now() < deadline, "partial archive left in the spool");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
@@ -165,15 +145,7 @@ fn a_client_that_vanishes_mid_archive_leaves_nothing_and_hurts_no_one() {
 fn queue_full_is_a_clear_error() {
     let c = Cluster::start_with(1, &["--max-queue", "1", "--allow-network"]);
     let gate = Gate::new();
-    let blocker = job(
-        c.dir.path(),
-        "b.tar.gz",
-        &gate
-            .wait_recipe("b")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let blocker = job(c.dir.path(), "b.tar.gz", &gate.wait_recipe("b").iter().map(String::as_str).collect::<Vec<_>>());
     let t1 = c.deploy(1, &blocker);
     let (_, conn) = gate.arrive();
     let quick = job(c.dir.path(), "q.tar.gz", &["@echo q"]);
@@ -212,4 +184,52 @@ fn bad_nodes_files_are_refused_naming_the_line() {
         assert_eq!(err.lines().count(), 1, "one line: {err}");
     }
     drop(taken);
+}
+
+#[test]
+fn pipelined_calls_are_answered_in_order_one_at_a_time() {
+    let c = Cluster::start(1);
+    let t = c.deploy(1, &job(c.dir.path(), "p.tar.gz", &["@echo p"]));
+    let mut s = TcpStream::connect(c.addr).unwrap();
+    let mut wire = Vec::new();
+    for xid in 0..500u32 {
+        let mut w = rpc::call(1000 + xid, proto::CLOUD_PROG, 1, proto::STATUS);
+        w.u32(t);
+        wire.extend(frame(&w.into_bytes()));
+    }
+    // One write of 500 calls; the server reads on only as it answers.
+    s.write_all(&wire).unwrap();
+    let mut d = RecordDecoder::new(1 << 20, 0);
+    let mut xids = Vec::new();
+    let mut buf = [0u8; 4096];
+    while xids.len() < 500 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "server closed after {} replies", xids.len());
+        let mut rest = &buf[..n];
+        loop {
+            let (used, ev) = d.decode(rest, &mut |_| Shape::Whole);
+            rest = &rest[used..];
+            match ev {
+                Some(Event::Record(r)) => xids.push(words(&r[..4])[0]),
+                Some(other) => panic!("{other:?}"),
+                None => break,
+            }
+        }
+    }
+    assert_eq!(xids, (1000..1500).collect::<Vec<u32>>(), "replies come in call order");
+}
+
+#[test]
+fn a_half_closed_client_still_gets_its_answer() {
+    let c = Cluster::start(1);
+    let mut s = TcpStream::connect(c.addr).unwrap();
+    let mut w = rpc::call(31, proto::CLOUD_PROG, 1, proto::STATUS);
+    w.u32(12345);
+    s.write_all(&frame(&w.into_bytes())).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = read_reply(&mut s).expect("answered after our FIN");
+    assert_eq!(words(&r[..4]), vec![31]);
+    let mut x = XdrReader::new(&r[rpc::SUCCESS_HEADER_LEN..]);
+    assert!(matches!(proto::decode_stat(&mut x).unwrap(), Err((CloudStat::NoSuchTicket, _))));
+    assert!(closed_by_server(&mut s));
 }

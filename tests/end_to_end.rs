@@ -7,12 +7,7 @@ use common::*;
 fn sample_archive(dir: &std::path::Path) -> std::path::PathBuf {
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/client/sample");
     let path = dir.join("sample.tar.gz");
-    let out = std::process::Command::new("tar")
-        .arg("czf")
-        .arg(&path)
-        .args(["-C", src, "."])
-        .status()
-        .unwrap();
+    let out = std::process::Command::new("tar").arg("czf").arg(&path).args(["-C", src, "."]).status().unwrap();
     assert!(out.success());
     path
 }
@@ -26,10 +21,7 @@ fn one_replica_of_the_sample_runs_and_its_output_is_retrieved() {
     assert_eq!(outs.len(), 1);
     let (port, text) = &outs[0];
     assert!(c.ports.contains(port));
-    assert!(
-        text.contains(&format!("ticket {t} replica 0 of 1 (node port {port})")),
-        "{text}"
-    );
+    assert!(text.contains(&format!("ticket {t} replica 0 of 1 (node port {port})")), "{text}");
     assert!(text.contains("partial pi estimate 3.1"), "{text}");
     // Retrieve closed the ticket.
     let st = c.cloud(&["status", &t.to_string()]);
@@ -50,10 +42,7 @@ fn n_replicas_each_get_their_own_node_and_environment() {
     assert!(ok);
     let mut replicas_seen: Vec<String> = Vec::new();
     for (port, text) in &outs {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(&t.to_string()))
-            .expect("env line");
+        let line = text.lines().find(|l| l.starts_with(&t.to_string())).expect("env line");
         let f: Vec<&str> = line.split(' ').collect();
         assert_eq!(f[2], "4");
         assert_eq!(f[3], port.to_string());
@@ -75,10 +64,7 @@ fn a_job_that_fails_to_compile_is_invalid_with_the_compiler_message() {
         c.dir.path(),
         "broken.tar.gz",
         &[
-            (
-                "Makefile",
-                "run: broken\n\t./broken\nbroken: broken.c\n\tcc -o broken broken.c\n",
-            ),
+            ("Makefile", "run: broken\n\t./broken\nbroken: broken.c\n\tcc -o broken broken.c\n"),
             ("broken.c", "int main(void) { return undeclared_thing; }\n"),
         ],
     );
@@ -87,17 +73,10 @@ fn a_job_that_fails_to_compile_is_invalid_with_the_compiler_message() {
     assert_eq!(st["status"], "INVALID");
     assert_eq!(st["replicas"][0]["status"], "INVALID");
     assert_eq!(st["replicas"][0]["exit_code"], 2);
-    assert!(st["replicas"][0]["message"]
-        .as_str()
-        .unwrap()
-        .contains("make run exited with status 2"));
+    assert!(st["replicas"][0]["message"].as_str().unwrap().contains("make run exited with status 2"));
     let (ok, outs) = c.retrieve(t);
     assert!(!ok, "retrieve exits non-zero when a replica is INVALID");
-    assert!(
-        outs[0].1.contains("undeclared_thing"),
-        "compiler message in output: {}",
-        outs[0].1
-    );
+    assert!(outs[0].1.contains("undeclared_thing"), "compiler message in output: {}", outs[0].1);
 }
 
 #[test]
@@ -107,10 +86,7 @@ fn too_many_replicas_and_missing_files_are_clear_errors() {
     let out = c.cloud(&["deploy", "5", a.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("5 replicas") && err.contains("4 nodes"),
-        "{err}"
-    );
+    assert!(err.contains("5 replicas") && err.contains("4 nodes"), "{err}");
     assert_eq!(err.lines().count(), 1);
     let out = c.cloud(&["deploy", "1", "/no/such/archive.tar.gz"]);
     assert!(!out.status.success());
@@ -125,11 +101,7 @@ fn a_directory_is_packed_on_the_fly() {
     let c = Cluster::start(1);
     let src = c.dir.path().join("src");
     std::fs::create_dir(&src).unwrap();
-    std::fs::write(
-        src.join("Makefile"),
-        "run:\n\t@echo packed directory works\n",
-    )
-    .unwrap();
+    std::fs::write(src.join("Makefile"), "run:\n\t@echo packed directory works\n").unwrap();
     let t = c.deploy(1, &src);
     let (ok, outs) = c.retrieve(t);
     assert!(ok);
@@ -139,11 +111,7 @@ fn a_directory_is_packed_on_the_fly() {
 #[test]
 fn outputs_appear_exactly_once_and_in_order() {
     let c = Cluster::start(1);
-    let a = job(
-        c.dir.path(),
-        "lines.tar.gz",
-        &["@echo one; echo two >&2; echo three; printf 'no newline'"],
-    );
+    let a = job(c.dir.path(), "lines.tar.gz", &["@echo one; echo two >&2; echo three; printf 'no newline'"]);
     let t = c.deploy(1, &a);
     let (ok, outs) = c.retrieve(t);
     assert!(ok);
@@ -155,42 +123,15 @@ fn jobs_wait_in_fifo_order_with_queue_positions() {
     let c = Cluster::start_with(2, &["--allow-network"]);
     let gate = Gate::new();
     let d = c.dir.path();
-    let a = job(
-        d,
-        "a.tar.gz",
-        &gate
-            .wait_recipe("a$$CLOUD_REPLICA")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    let b = job(
-        d,
-        "b.tar.gz",
-        &gate
-            .wait_recipe("b$$CLOUD_REPLICA")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    let cj = job(
-        d,
-        "c.tar.gz",
-        &gate
-            .wait_recipe("c")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let a = job(d, "a.tar.gz", &gate.wait_recipe("a$$CLOUD_REPLICA").iter().map(String::as_str).collect::<Vec<_>>());
+    let b = job(d, "b.tar.gz", &gate.wait_recipe("b$$CLOUD_REPLICA").iter().map(String::as_str).collect::<Vec<_>>());
+    let cj = job(d, "c.tar.gz", &gate.wait_recipe("c").iter().map(String::as_str).collect::<Vec<_>>());
     let ta = c.deploy(2, &a);
     let tb = c.deploy(2, &b);
     let tc = c.deploy(1, &cj);
     let mut a_conns: Vec<_> = (0..2).map(|_| gate.arrive()).collect();
     a_conns.sort_by(|x, y| x.0.cmp(&y.0));
-    assert_eq!(
-        a_conns.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
-        ["a0", "a1"]
-    );
+    assert_eq!(a_conns.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["a0", "a1"]);
     let st = c.status_json(tb);
     assert_eq!(st["status"], "WAITING");
     assert_eq!(st["queue_position"], 1);
@@ -208,10 +149,7 @@ fn jobs_wait_in_fifo_order_with_queue_positions() {
     release(a1);
     let mut b_conns: Vec<_> = (0..2).map(|_| gate.arrive()).collect();
     b_conns.sort_by(|x, y| x.0.cmp(&y.0));
-    assert_eq!(
-        b_conns.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
-        ["b0", "b1"]
-    );
+    assert_eq!(b_conns.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["b0", "b1"]);
     assert_eq!(c.status_json(tc)["queue_position"], 1);
     for (_, s) in b_conns {
         release(s);
@@ -229,15 +167,7 @@ fn jobs_wait_in_fifo_order_with_queue_positions() {
 fn retrieve_waits_for_a_running_job_without_polling() {
     let c = Cluster::start_with(1, &["--allow-network"]);
     let gate = Gate::new();
-    let a = job(
-        c.dir.path(),
-        "w.tar.gz",
-        &gate
-            .wait_recipe("w")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let a = job(c.dir.path(), "w.tar.gz", &gate.wait_recipe("w").iter().map(String::as_str).collect::<Vec<_>>());
     let t = c.deploy(1, &a);
     let (_, conn) = gate.arrive();
     let out_dir = c.dir.path().join("waited");
@@ -245,10 +175,7 @@ fn retrieve_waits_for_a_running_job_without_polling() {
     // The job is provably still running (it is blocked on us), so retrieve
     // must still be waiting: a RUNNING status proves the server got that far.
     assert_eq!(c.status_json(t)["status"], "RUNNING");
-    assert!(
-        retr.try_wait().unwrap().is_none(),
-        "retrieve returned before the job ended"
-    );
+    assert!(retr.try_wait().unwrap().is_none(), "retrieve returned before the job ended");
     release(conn);
     let status = retr.wait().unwrap();
     assert!(status.success());
@@ -263,33 +190,20 @@ fn retrieve_without_a_directory_closes_a_running_job_and_kills_it() {
     let a = job(
         c.dir.path(),
         "k2.tar.gz",
-        &[&format!(
-            "sleep 1000 & exec 3<>/dev/tcp/127.0.0.1/{}; echo k >&3; read -r go <&3",
-            gate.port()
-        )],
+        &[&format!("sleep 1000 & exec 3<>/dev/tcp/127.0.0.1/{}; echo k >&3; read -r go <&3", gate.port())],
     );
     let t = c.deploy(1, &a);
     let (_, mut conn) = gate.arrive();
     assert!(!c.children().is_empty());
     let out = c.cloud(&["retrieve", &t.to_string()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The job's end of the gate closes when its processes die.
     let mut buf = [0u8; 16];
     use std::io::Read;
-    assert_eq!(
-        conn.read(&mut buf).unwrap_or(0),
-        0,
-        "job still alive after close"
-    );
+    assert_eq!(conn.read(&mut buf).unwrap_or(0), 0, "job still alive after close");
     c.wait_no_children();
     let ticket_dir = c.work().join(format!("output_{}/{t}", c.ports[0]));
-    wait_until("the closed ticket's workspace is gone", || {
-        !ticket_dir.exists()
-    });
+    wait_until("the closed ticket's workspace is gone", || !ticket_dir.exists());
     // The node is free again.
     let t2 = c.deploy(1, &job(c.dir.path(), "after.tar.gz", &["echo after"]));
     assert!(c.retrieve(t2).0);
@@ -298,18 +212,12 @@ fn retrieve_without_a_directory_closes_a_running_job_and_kills_it() {
 #[test]
 fn the_server_has_one_thread_and_no_zombies_after_jobs() {
     let c = Cluster::start(2);
-    let a = job(
-        c.dir.path(),
-        "z.tar.gz",
-        &["(sleep 0.1 &) ; echo parent done"],
-    );
+    let a = job(c.dir.path(), "z.tar.gz", &["(sleep 0.1 &) ; echo parent done"]);
     let tickets: Vec<u32> = (0..6).map(|_| c.deploy(1, &a)).collect();
     for t in tickets {
         assert!(c.retrieve(t).0);
     }
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", c.pid()))
-        .unwrap()
-        .count();
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", c.pid())).unwrap().count();
     assert_eq!(tasks, 1, "the server must be single-threaded");
     c.wait_no_children();
 }
@@ -318,25 +226,13 @@ fn the_server_has_one_thread_and_no_zombies_after_jobs() {
 fn sigterm_stops_the_server_and_kills_running_jobs() {
     let mut c = Cluster::start_with(1, &["--allow-network"]);
     let gate = Gate::new();
-    let a = job(
-        c.dir.path(),
-        "s.tar.gz",
-        &gate
-            .wait_recipe("s")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let a = job(c.dir.path(), "s.tar.gz", &gate.wait_recipe("s").iter().map(String::as_str).collect::<Vec<_>>());
     c.deploy(1, &a);
     let (_, mut conn) = gate.arrive();
     let status = c.terminate().expect("server exits");
     assert!(status.success(), "clean exit on SIGTERM");
     let mut buf = [0u8; 4];
     use std::io::Read;
-    assert_eq!(
-        conn.read(&mut buf).unwrap_or(0),
-        0,
-        "the job died with the server"
-    );
+    assert_eq!(conn.read(&mut buf).unwrap_or(0), 0, "the job died with the server");
     assert!(c.log().contains("stopped"));
 }

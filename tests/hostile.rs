@@ -48,11 +48,7 @@ const LIMITS: &[&str] = &[
 
 /// Processes (other than the test's) whose real uid is in [lo, hi).
 fn processes_with_uid(lo: u32, hi: u32) -> Vec<u32> {
-    processes()
-        .into_iter()
-        .filter(|p| p.uid >= lo && p.uid < hi)
-        .map(|p| p.pid)
-        .collect()
+    processes().into_iter().filter(|p| p.uid >= lo && p.uid < hi).map(|p| p.pid).collect()
 }
 
 fn slot_range(c: &Cluster) -> (u32, u32) {
@@ -62,9 +58,7 @@ fn slot_range(c: &Cluster) -> (u32, u32) {
 
 /// Wait for a job to end; return its replica 0 status object.
 fn finished(c: &Cluster, t: u32) -> serde_json::Value {
-    let st = c.wait_status(t, |s| {
-        s["status"] == "COMPLETED" || s["status"] == "INVALID"
-    });
+    let st = c.wait_status(t, |s| s["status"] == "COMPLETED" || s["status"] == "INVALID");
     st["replicas"][0].clone()
 }
 
@@ -115,76 +109,19 @@ fn hostile_archives_are_refused_with_clear_messages_and_nothing_escapes() {
             hostile_archive(
                 d,
                 "traversal.tar.gz",
-                &[raw_tar_entry(
-                    &format!("../../../../{canary}"),
-                    b'0',
-                    0o644,
-                    b"x",
-                    "",
-                )],
+                &[raw_tar_entry(&format!("../../../../{canary}"), b'0', 0o644, b"x", "")],
             ),
             "'..'",
         ),
         (
-            hostile_archive(
-                d,
-                "abs.tar.gz",
-                &[raw_tar_entry(
-                    &format!("/tmp/{canary}"),
-                    b'0',
-                    0o644,
-                    b"x",
-                    "",
-                )],
-            ),
+            hostile_archive(d, "abs.tar.gz", &[raw_tar_entry(&format!("/tmp/{canary}"), b'0', 0o644, b"x", "")]),
             "absolute",
         ),
-        (
-            hostile_archive(
-                d,
-                "symlink.tar.gz",
-                &[raw_tar_entry("evil", b'2', 0o777, b"", "/etc")],
-            ),
-            "symbolic link",
-        ),
-        (
-            hostile_archive(
-                d,
-                "hardlink.tar.gz",
-                &[raw_tar_entry("hard", b'1', 0o644, b"", "/etc/passwd")],
-            ),
-            "hard link",
-        ),
-        (
-            hostile_archive(
-                d,
-                "device.tar.gz",
-                &[raw_tar_entry("dev", b'3', 0o644, b"", "")],
-            ),
-            "character device",
-        ),
-        (
-            hostile_archive(
-                d,
-                "fifo.tar.gz",
-                &[raw_tar_entry("fifo", b'6', 0o644, b"", "")],
-            ),
-            "FIFO",
-        ),
-        (
-            hostile_archive(
-                d,
-                "deep.tar.gz",
-                &[raw_tar_entry(
-                    &"d/".repeat(49).to_string(),
-                    b'5',
-                    0o755,
-                    b"",
-                    "",
-                )],
-            ),
-            "ok",
-        ),
+        (hostile_archive(d, "symlink.tar.gz", &[raw_tar_entry("evil", b'2', 0o777, b"", "/etc")]), "symbolic link"),
+        (hostile_archive(d, "hardlink.tar.gz", &[raw_tar_entry("hard", b'1', 0o644, b"", "/etc/passwd")]), "hard link"),
+        (hostile_archive(d, "device.tar.gz", &[raw_tar_entry("dev", b'3', 0o644, b"", "")]), "character device"),
+        (hostile_archive(d, "fifo.tar.gz", &[raw_tar_entry("fifo", b'6', 0o644, b"", "")]), "FIFO"),
+        (hostile_archive(d, "deep.tar.gz", &[raw_tar_entry(&"d/".repeat(49).to_string(), b'5', 0o755, b"", "")]), "ok"),
     ];
     // Deeply nested paths beyond --max-path (200) need a GNU long name.
     let mut t = tar::Builder::new(Vec::new());
@@ -192,8 +129,7 @@ fn hostile_archives_are_refused_with_clear_messages_and_nothing_escapes() {
     h.set_size(1);
     h.set_mode(0o644);
     h.set_cksum();
-    t.append_data(&mut h, "n/".repeat(150) + "f", &b"x"[..])
-        .unwrap();
+    t.append_data(&mut h, "n/".repeat(150) + "f", &b"x"[..]).unwrap();
     let deep = d.join("toodeep.tar.gz");
     std::fs::write(&deep, gz(&t.into_inner().unwrap())).unwrap();
     cases.push((deep, "longer than the limit"));
@@ -203,8 +139,7 @@ fn hostile_archives_are_refused_with_clear_messages_and_nothing_escapes() {
     h.set_size(8 << 20);
     h.set_mode(0o644);
     h.set_cksum();
-    t.append_data(&mut h, "bomb", std::io::repeat(0).take_bytes(8 << 20))
-        .unwrap();
+    t.append_data(&mut h, "bomb", std::io::repeat(0).take_bytes(8 << 20)).unwrap();
     let bomb = d.join("bomb.tar.gz");
     std::fs::write(&bomb, gz(&t.into_inner().unwrap())).unwrap();
     assert!(std::fs::metadata(&bomb).unwrap().len() < 64 * 1024);
@@ -217,10 +152,7 @@ fn hostile_archives_are_refused_with_clear_messages_and_nothing_escapes() {
     h.as_mut_bytes().copy_from_slice(&huge[..512]);
     h.set_cksum();
     huge[..512].copy_from_slice(h.as_bytes());
-    cases.push((
-        hostile_archive(d, "hugedecl.tar.gz", &[huge]),
-        "extraction limit",
-    ));
+    cases.push((hostile_archive(d, "hugedecl.tar.gz", &[huge]), "extraction limit"));
     let not_gzip = d.join("notgzip.tar.gz");
     std::fs::write(&not_gzip, b"PK\x03\x04 definitely a zip file").unwrap();
     cases.push((not_gzip, "not a gzip"));
@@ -247,11 +179,7 @@ fn hostile_archives_are_refused_with_clear_messages_and_nothing_escapes() {
             "ok" => assert_eq!(r["status"], "COMPLETED", "{}: {msg}", path.display()),
             _ => {
                 assert_eq!(r["status"], "INVALID", "{}: {msg}", path.display());
-                assert!(
-                    msg.contains(why),
-                    "{}: message {msg:?} should say {why:?}",
-                    path.display()
-                );
+                assert!(msg.contains(why), "{}: message {msg:?} should say {why:?}", path.display());
                 assert!(msg.starts_with("bad archive"), "{msg}");
             }
         }
@@ -268,9 +196,7 @@ fn hostile_archives_are_refused_with_clear_messages_and_nothing_escapes() {
     }
     // Closed tickets leave no files in node workspaces.
     // Nodes drop a ticket's folder just after CLOSE is answered.
-    wait_until("node workspaces are empty", || {
-        node_leftovers(&c).is_empty()
-    });
+    wait_until("node workspaces are empty", || node_leftovers(&c).is_empty());
 }
 
 #[test]
@@ -301,12 +227,27 @@ fn hostile_jobs_fail_alone_and_leave_nothing_behind() {
     let fds_before = c.fd_count();
     let cases: Vec<(&str, Vec<String>, &str, &str)> = vec![
         ("loop", vec!["while :; do :; done".into()], "INVALID", "time limit of 3s exceeded"),
-        ("ignore-term", vec!["trap '' TERM; exec bash -c \"trap '' TERM; while :; do :; done\"".into()], "INVALID", "time limit"),
+        (
+            "ignore-term",
+            vec!["trap '' TERM; exec bash -c \"trap '' TERM; while :; do :; done\"".into()],
+            "INVALID",
+            "time limit",
+        ),
         ("forkbomb", vec!["bomb() { bomb | bomb & }; bomb; sleep 1000".into()], "INVALID", "time limit"),
         ("memory", vec!["a=x; while :; do a=$$a$$a; done".into()], "INVALID", "make run exited"),
         ("flood", vec!["@head -c 1000000 /dev/zero | tr '\\0' a".into()], "COMPLETED", ""),
-        ("disk", vec!["@dd if=/dev/zero of=big bs=64k count=100 2>/dev/null || true; stat -c 'size %s' big".into()], "COMPLETED", ""),
-        ("daemon", vec!["setsid bash -c 'sleep 1000 & disown' < /dev/null > /dev/null 2>&1; echo daemon left".into()], "COMPLETED", ""),
+        (
+            "disk",
+            vec!["@dd if=/dev/zero of=big bs=64k count=100 2>/dev/null || true; stat -c 'size %s' big".into()],
+            "COMPLETED",
+            "",
+        ),
+        (
+            "daemon",
+            vec!["setsid bash -c 'sleep 1000 & disown' < /dev/null > /dev/null 2>&1; echo daemon left".into()],
+            "COMPLETED",
+            "",
+        ),
         ("closed-stdout", vec!["exec >&- 2>&-; sleep 1000".into()], "INVALID", "time limit"),
         ("crash", vec!["kill -SEGV $$$$".into()], "INVALID", "make run exited"),
     ];
@@ -326,20 +267,10 @@ fn hostile_jobs_fail_alone_and_leave_nothing_behind() {
         let out = &outs[0].1;
         match *name {
             "flood" => {
-                assert!(
-                    out.len() <= 64 * 1024 + 200,
-                    "flood output is capped: {} bytes",
-                    out.len()
-                );
-                assert!(
-                    out.contains("output truncated at 65536 bytes"),
-                    "marker line"
-                );
+                assert!(out.len() <= 64 * 1024 + 200, "flood output is capped: {} bytes", out.len());
+                assert!(out.contains("output truncated at 65536 bytes"), "marker line");
             }
-            "disk" => assert!(
-                out.contains("size 1048576"),
-                "file size capped at 1M: {out}"
-            ),
+            "disk" => assert!(out.contains("size 1048576"), "file size capped at 1M: {out}"),
             "ignore-term" => assert!(r["message"].as_str().unwrap().contains("SIG"), "{r}"),
             _ => {}
         }
@@ -350,15 +281,9 @@ fn hostile_jobs_fail_alone_and_leave_nothing_behind() {
     }
     c.wait_no_children();
     let (lo, hi) = slot_range(&c);
-    assert!(
-        processes_with_uid(lo, hi).is_empty(),
-        "replica processes remain: {:?}",
-        processes_with_uid(lo, hi)
-    );
+    assert!(processes_with_uid(lo, hi).is_empty(), "replica processes remain: {:?}", processes_with_uid(lo, hi));
     // The last client's connection closes asynchronously; a leak never would.
-    wait_until("the server's fd count is back to its start", || {
-        c.fd_count() == fds_before
-    });
+    wait_until("the server's fd count is back to its start", || c.fd_count() == fds_before);
 }
 
 #[test]
@@ -369,21 +294,12 @@ fn jobs_cannot_reach_the_cluster_or_other_tenants() {
     let c = Cluster::start_with(2, &["--time-limit", "60"]);
     let d = c.dir.path();
     // Tenant A on node 0: writes a secret, then idles until closed.
-    let a = job(
-        d,
-        "a.tar.gz",
-        &["@echo s3cret > secret.txt; chmod 644 secret.txt; sleep 1000"],
-    );
+    let a = job(d, "a.tar.gz", &["@echo s3cret > secret.txt; chmod 644 secret.txt; sleep 1000"]);
     let ta = c.deploy(1, &a);
-    let secret = c
-        .work()
-        .join(format!("output_{}/{ta}/work/secret.txt", c.ports[0]));
+    let secret = c.work().join(format!("output_{}/{ta}/work/secret.txt", c.ports[0]));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !secret.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "tenant A never wrote its secret"
-        );
+        assert!(std::time::Instant::now() < deadline, "tenant A never wrote its secret");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let (lo, _) = slot_range(&c);
@@ -394,30 +310,17 @@ fn jobs_cannot_reach_the_cluster_or_other_tenants() {
         format!("@-cat {}", secret.display()),
         format!("@-ls {}", secret.parent().unwrap().display()),
         format!("@-kill -9 {victim}"),
-        format!(
-            "@-exec 3<>/dev/tcp/127.0.0.1/{} && echo reached main server",
-            c.addr.port()
-        ),
-        format!(
-            "@-exec 3<>/dev/tcp/127.0.0.1/{} && echo reached a node",
-            c.ports[0]
-        ),
+        format!("@-exec 3<>/dev/tcp/127.0.0.1/{} && echo reached main server", c.addr.port()),
+        format!("@-exec 3<>/dev/tcp/127.0.0.1/{} && echo reached a node", c.ports[0]),
         "@echo done".into(),
     ];
-    let b = job(
-        d,
-        "b.tar.gz",
-        &recipe.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let b = job(d, "b.tar.gz", &recipe.iter().map(String::as_str).collect::<Vec<_>>());
     let tb = c.deploy(1, &b);
     let (_, outs) = c.retrieve(tb);
     let out = &outs[0].1;
     assert!(!out.contains("s3cret"), "B read A's secret: {out}");
     assert!(out.contains("Permission denied"), "{out}");
-    assert!(
-        out.contains("Operation not permitted"),
-        "B could signal A: {out}"
-    );
+    assert!(out.contains("Operation not permitted"), "B could signal A: {out}");
     assert!(!out.contains("reached"), "B reached the cluster: {out}");
     assert!(out.contains("done"));
     assert_eq!(c.status_json(ta)["status"], "RUNNING", "A survived B");
@@ -442,22 +345,10 @@ fn the_environment_is_clean_and_fds_are_not_inherited() {
     let (ok, outs) = c.retrieve(t);
     assert!(ok);
     let out = &outs[0].1;
-    let names: Vec<&str> = out
-        .lines()
-        .filter_map(|l| l.split_once('=').map(|x| x.0))
-        .collect();
+    let names: Vec<&str> = out.lines().filter_map(|l| l.split_once('=').map(|x| x.0)).collect();
     for n in &names {
         assert!(
-            [
-                "PATH",
-                "HOME",
-                "LANG",
-                "CLOUD_TICKET",
-                "CLOUD_REPLICA",
-                "CLOUD_REPLICAS",
-                "CLOUD_NODE_PORT"
-            ]
-            .contains(n),
+            ["PATH", "HOME", "LANG", "CLOUD_TICKET", "CLOUD_REPLICA", "CLOUD_REPLICAS", "CLOUD_NODE_PORT"].contains(n),
             "unexpected variable {n} in {out}"
         );
     }
@@ -507,17 +398,10 @@ fn hundreds_of_mixed_jobs_leak_nothing() {
     }
     c.wait_no_children();
     // The last client's connection closes asynchronously; a leak never would.
-    wait_until("the server's fd count is back to its start", || {
-        c.fd_count() == fds_before
-    });
+    wait_until("the server's fd count is back to its start", || c.fd_count() == fds_before);
     // Nodes drop a ticket's folder just after CLOSE is answered.
-    wait_until("node workspaces are empty", || {
-        node_leftovers(&c).is_empty()
-    });
-    let spool: Vec<_> = std::fs::read_dir(c.work().join("spool"))
-        .unwrap()
-        .flatten()
-        .collect();
+    wait_until("node workspaces are empty", || node_leftovers(&c).is_empty());
+    let spool: Vec<_> = std::fs::read_dir(c.work().join("spool")).unwrap().flatten().collect();
     assert!(spool.is_empty(), "spool kept {spool:?}");
     if is_root() {
         let (lo, hi) = slot_range(&c);
@@ -537,25 +421,16 @@ fn run_as_user_and_slot_uids_decide_who_a_replica_is() {
     if !need_root("run_as_user_and_slot_uids_decide_who_a_replica_is") {
         return;
     }
-    let nobody = nix::unistd::User::from_name("nobody")
-        .unwrap()
-        .expect("a nobody user");
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
     let c = Cluster::start_with(2, &["--no-slot-uids", "--run-as", "nobody"]);
     assert!(c.log().contains("replicas run as nobody"), "{}", c.log());
-    let a = job(
-        c.dir.path(),
-        "id.tar.gz",
-        &["@id -u; ls -ld . | cut -d' ' -f1,3"],
-    );
+    let a = job(c.dir.path(), "id.tar.gz", &["@id -u; ls -ld . | cut -d' ' -f1,3"]);
     let t = c.deploy(2, &a);
     let (ok, outs) = c.retrieve(t);
     assert!(ok);
     for (_, out) in &outs {
         assert!(out.starts_with(&format!("{}\n", nobody.uid)), "{out}");
-        assert!(
-            out.contains("drwx------ nobody"),
-            "workspace is the user's, mode 0700: {out}"
-        );
+        assert!(out.contains("drwx------ nobody"), "workspace is the user's, mode 0700: {out}");
     }
     // With slot uids (the default), each node has a uid of its own.
     let c = Cluster::start(2);
@@ -563,10 +438,7 @@ fn run_as_user_and_slot_uids_decide_who_a_replica_is() {
     let t = c.deploy(2, &job(c.dir.path(), "id.tar.gz", &["@id -u"]));
     let (ok, outs) = c.retrieve(t);
     assert!(ok);
-    let mut uids: Vec<u32> = outs
-        .iter()
-        .map(|(_, o)| o.trim().parse().unwrap())
-        .collect();
+    let mut uids: Vec<u32> = outs.iter().map(|(_, o)| o.trim().parse().unwrap()).collect();
     uids.sort();
     assert_eq!(uids, vec![lo, lo + 1]);
 }

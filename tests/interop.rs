@@ -8,11 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
+    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
 }
 
 fn tools_present() -> bool {
@@ -21,14 +17,7 @@ fn tools_present() -> bool {
     if missing.is_empty() && tirpc {
         return true;
     }
-    let what = format!(
-        "missing {missing:?}{}",
-        if tirpc {
-            ""
-        } else {
-            " and libtirpc-dev headers"
-        }
-    );
+    let what = format!("missing {missing:?}{}", if tirpc { "" } else { " and libtirpc-dev headers" });
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("interop test cannot run under CI: {what} (apt-get install rpcsvc-proto libtirpc-dev gcc)");
     }
@@ -55,20 +44,10 @@ fn rpcgen_client_on_libtirpc_talks_to_the_server() {
     let d = c.dir.path();
     let root = env!("CARGO_MANIFEST_DIR");
     std::fs::copy(format!("{root}/docs/cloud.x"), d.join("cloud.x")).unwrap();
-    std::fs::copy(
-        format!("{root}/tests/interop/cloud_interop.c"),
-        d.join("cloud_interop.c"),
-    )
-    .unwrap();
-    for (flag, out) in [
-        ("-h", "cloud.h"),
-        ("-c", "cloud_xdr.c"),
-        ("-l", "cloud_clnt.c"),
-    ] {
+    std::fs::copy(format!("{root}/tests/interop/cloud_interop.c"), d.join("cloud_interop.c")).unwrap();
+    for (flag, out) in [("-h", "cloud.h"), ("-c", "cloud_xdr.c"), ("-l", "cloud_clnt.c")] {
         // rpcgen must accept docs/cloud.x unchanged.
-        run(Command::new("rpcgen")
-            .current_dir(d)
-            .args([flag, "-o", out, "cloud.x"]));
+        run(Command::new("rpcgen").current_dir(d).args([flag, "-o", out, "cloud.x"]));
     }
     run(Command::new("cc").current_dir(d).args([
         "-D_GNU_SOURCE",
@@ -94,28 +73,14 @@ fn rpcgen_client_on_libtirpc_talks_to_the_server() {
     let archive = common::archive(
         d,
         "interop.tar.gz",
-        &[
-            (
-                "Makefile",
-                "run:\n\t@echo interop says hello from $$CLOUD_NODE_PORT\n",
-            ),
-            ("filler.txt", &filler),
-        ],
+        &[("Makefile", "run:\n\t@echo interop says hello from $$CLOUD_NODE_PORT\n"), ("filler.txt", &filler)],
     );
     assert!(std::fs::metadata(&archive).unwrap().len() > 64 * 1024);
     let out = Command::new(d.join("cloud_interop"))
-        .args([
-            &c.addr.port().to_string(),
-            archive.to_str().unwrap(),
-            "interop says hello",
-        ])
+        .args([&c.addr.port().to_string(), archive.to_str().unwrap(), "interop says hello"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "C client failed:\n{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "C client failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("0 failure(s)"), "{text}");
 }

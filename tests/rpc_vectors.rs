@@ -36,16 +36,8 @@ fn dumps(name: &str) -> Vec<(String, Vec<u8>)> {
         }
         let bytes = bytes.split("  |").next().unwrap_or("");
         if let Some((_, buf)) = out.last_mut() {
-            assert_eq!(
-                usize::from_str_radix(offset, 16).unwrap(),
-                buf.len(),
-                "{name}: dump is contiguous"
-            );
-            buf.extend(
-                bytes
-                    .split_whitespace()
-                    .map(|b| u8::from_str_radix(b, 16).unwrap()),
-            );
+            assert_eq!(usize::from_str_radix(offset, 16).unwrap(), buf.len(), "{name}: dump is contiguous");
+            buf.extend(bytes.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()));
         }
     }
     out
@@ -99,10 +91,7 @@ fn null_reply_is_byte_exact() {
     let (h, _) = call_of("null.txt");
     assert_eq!((h.prog, h.vers, h.proc_num), (proto::CLOUD_PROG, 1, 0));
     let reply = rpc::accepted(h.xid, AcceptStat::Success).into_bytes();
-    assert_eq!(
-        cloudinfra::record::frame(&reply),
-        section("null.txt", "reply")
-    );
+    assert_eq!(cloudinfra::record::frame(&reply), section("null.txt", "reply"));
 }
 
 #[test]
@@ -117,19 +106,14 @@ fn deploy_ok_decodes_and_the_reply_is_byte_exact() {
 
 #[test]
 fn error_arms_are_byte_exact() {
-    for (file, stat) in [
-        ("deploy-bad-replicas.txt", CloudStat::BadReplicas),
-        ("status-no-such-ticket.txt", CloudStat::NoSuchTicket),
-    ] {
+    for (file, stat) in
+        [("deploy-bad-replicas.txt", CloudStat::BadReplicas), ("status-no-such-ticket.txt", CloudStat::NoSuchTicket)]
+    {
         let (h, _) = call_of(file);
         let expected = section(file, "reply");
         let rec = one_record(&expected);
-        let (_, ReplyOutcome::Success { results_at }) = rpc::decode_reply(&rec).unwrap() else {
-            panic!()
-        };
-        let Err((got_stat, msg)) =
-            proto::decode_stat(&mut XdrReader::new(&rec[results_at..])).unwrap()
-        else {
+        let (_, ReplyOutcome::Success { results_at }) = rpc::decode_reply(&rec).unwrap() else { panic!() };
+        let Err((got_stat, msg)) = proto::decode_stat(&mut XdrReader::new(&rec[results_at..])).unwrap() else {
             panic!("{file}: expected an error arm")
         };
         assert_eq!(got_stat, stat);
@@ -154,19 +138,13 @@ fn status_ok_round_trips_byte_exact() {
     assert_eq!(st.replicas.len(), 2);
     assert_eq!(st.replicas[0].node, "127.0.0.1:9001");
     assert_eq!(st.replicas[0].message, "");
-    assert_eq!(
-        wire_of(encode_reply(h.xid, Reply::Status(Ok(st)))),
-        expected
-    );
+    assert_eq!(wire_of(encode_reply(h.xid, Reply::Status(Ok(st)))), expected);
 }
 
 #[test]
 fn retrieve_ok_streams_outputs_to_the_same_payload() {
     let (h, rec) = call_of("retrieve-ok.txt");
-    assert_eq!(
-        proto::decode_retrieve_args(&mut XdrReader::new(&rec[h.args_at..])).unwrap(),
-        (7, true)
-    );
+    assert_eq!(proto::decode_retrieve_args(&mut XdrReader::new(&rec[h.args_at..])).unwrap(), (7, true));
     let dir = tempfile::tempdir().unwrap();
     let outs = (0..2u32)
         .map(|i| {
@@ -184,19 +162,13 @@ fn retrieve_ok_streams_outputs_to_the_same_payload() {
         .collect();
     let wire = wire_of(encode_reply(h.xid, Reply::Retrieve(Ok(outs))));
     // Our reply streams the outputs as separate fragments; the payload is identical.
-    assert_eq!(
-        one_record(&wire),
-        one_record(&section("retrieve-ok.txt", "reply"))
-    );
+    assert_eq!(one_record(&wire), one_record(&section("retrieve-ok.txt", "reply")));
 }
 
 #[test]
 fn close_ok_is_byte_exact() {
     let (h, _) = call_of("close-ok.txt");
-    assert_eq!(
-        wire_of(encode_reply(h.xid, Reply::Close(Ok(())))),
-        section("close-ok.txt", "reply")
-    );
+    assert_eq!(wire_of(encode_reply(h.xid, Reply::Close(Ok(())))), section("close-ok.txt", "reply"));
 }
 
 #[test]
@@ -217,11 +189,7 @@ fn dispatch_errors_are_byte_exact() {
     ] {
         let h = CallHeader::decode(&one_record(&section(file, call))).unwrap();
         let got = rpc::admit(&h, &[CLOUD_PROGRAM]).expect_err(file);
-        assert_eq!(
-            cloudinfra::record::frame(&got),
-            section(file, reply),
-            "{file}"
-        );
+        assert_eq!(cloudinfra::record::frame(&got), section(file, reply), "{file}");
     }
 }
 
@@ -239,11 +207,7 @@ fn deploy_large_wire() -> Vec<u8> {
     wire.extend_from_slice(&payload[..65532]);
     wire.extend_from_slice(&(34516u32 | 0x8000_0000).to_be_bytes());
     wire.extend_from_slice(&payload[65532..]);
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/vectors/deploy-large.txt"
-    ))
-    .unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/deploy-large.txt")).unwrap();
     let call_part = text.split("== reply").next().unwrap();
     for line in call_part.lines() {
         let Some((off, rest)) = line.strip_prefix("  ").and_then(|l| l.split_once("  ")) else {
@@ -252,18 +216,9 @@ fn deploy_large_wire() -> Vec<u8> {
         let Ok(off) = usize::from_str_radix(off, 16) else {
             continue;
         };
-        let bytes: Vec<u8> = rest
-            .split("  |")
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .map(|b| u8::from_str_radix(b, 16).unwrap())
-            .collect();
-        assert_eq!(
-            &wire[off..off + bytes.len()],
-            &bytes[..],
-            "abridged line at {off:#x}"
-        );
+        let bytes: Vec<u8> =
+            rest.split("  |").next().unwrap().split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+        assert_eq!(&wire[off..off + bytes.len()], &bytes[..], "abridged line at {off:#x}");
     }
     wire
 }
@@ -291,10 +246,7 @@ fn deploy_large_streams_across_a_fragment_boundary_inside_the_opaque() {
         }
         assert!(ended);
         assert_eq!(data.len(), 100_000);
-        assert!(data
-            .iter()
-            .enumerate()
-            .all(|(i, &b)| b == b'a' + (i % 26) as u8));
+        assert!(data.iter().enumerate().all(|(i, &b)| b == b'a' + (i % 26) as u8));
     }
 }
 
@@ -311,9 +263,7 @@ fn read_record(stream: &mut TcpStream) -> Vec<u8> {
     loop {
         let n = stream.read(&mut buf).unwrap();
         assert!(n > 0, "server closed the connection");
-        if let (_, Some(Event::Record(r))) =
-            d.decode(&buf[..n], &mut |_| cloudinfra::record::Shape::Whole)
-        {
+        if let (_, Some(Event::Record(r))) = d.decode(&buf[..n], &mut |_| cloudinfra::record::Shape::Whole) {
             return r;
         }
     }
@@ -340,34 +290,16 @@ fn live_server_answers_the_captured_calls() {
     // STATUS 99 on a fresh server: no such ticket.
     let got = exchange(&mut s, &section("status-no-such-ticket.txt", "call"));
     let mut r = XdrReader::new(&got[rpc::SUCCESS_HEADER_LEN..]);
-    assert!(matches!(
-        proto::decode_stat(&mut r).unwrap(),
-        Err((CloudStat::NoSuchTicket, _))
-    ));
+    assert!(matches!(proto::decode_stat(&mut r).unwrap(), Err((CloudStat::NoSuchTicket, _))));
     // AUTH_SYS works like AUTH_NONE.
     let got = exchange(&mut s, &section("status-auth-sys.txt", "call"));
-    assert_eq!(
-        &got[..rpc::SUCCESS_HEADER_LEN - 4],
-        &one_record(&section("status-auth-sys.txt", "reply"))[..20]
-    );
+    assert_eq!(&got[..rpc::SUCCESS_HEADER_LEN - 4], &one_record(&section("status-auth-sys.txt", "reply"))[..20]);
     // The 2-fragment deploy is accepted (its archive is not gzip: the replica
     // will be INVALID, which is the job's problem, not the protocol's).
     let got = exchange(&mut s, &deploy_large_wire());
     let mut r = XdrReader::new(&got[rpc::SUCCESS_HEADER_LEN..]);
     assert_eq!(proto::decode_stat(&mut r).unwrap(), Ok(()));
     let ticket = r.u32().unwrap();
-    let st = c.wait_status(ticket, |s| {
-        s["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["status"] == "INVALID")
-    });
-    assert!(
-        st["replicas"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not a gzip"),
-        "{st}"
-    );
+    let st = c.wait_status(ticket, |s| s["replicas"].as_array().unwrap().iter().all(|r| r["status"] == "INVALID"));
+    assert!(st["replicas"][0]["message"].as_str().unwrap().contains("not a gzip"), "{st}");
 }

@@ -10,6 +10,7 @@ use cloudinfra::config::NodesFile;
 use cloudinfra::extract::ExtractLimits;
 use cloudinfra::server::{Server, ServerConfig};
 use cloudinfra::spawn::{JobLimits, Sandbox};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::unistd::{Gid, Uid, User};
 
 /// Main server of the cloudinfra job cluster: owns the side nodes listed in
@@ -91,11 +92,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (use e.g. 4096, 64K, 16M, 2G)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size (use e.g. 4096, 64K, 16M, 2G)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 fn main() -> ExitCode {
@@ -123,10 +121,7 @@ struct Identities {
 
 fn identities(args: &Args, n: usize) -> Result<Identities, String> {
     if !Uid::effective().is_root() {
-        let me = User::from_uid(Uid::effective())
-            .ok()
-            .flatten()
-            .map_or("this user".into(), |u| u.name);
+        let me = User::from_uid(Uid::effective()).ok().flatten().map_or("this user".into(), |u| u.name);
         return Ok(Identities {
             per_node: vec![None; n],
             slot_uids: false,
@@ -136,41 +131,20 @@ fn identities(args: &Args, n: usize) -> Result<Identities, String> {
     if args.no_slot_uids {
         let user = User::from_name(&args.run_as)
             .map_err(|e| format!("cannot look up --run-as user '{}': {e}", args.run_as))?
-            .ok_or_else(|| {
-                format!(
-                    "--run-as user '{}' does not exist: create it or pick another",
-                    args.run_as
-                )
-            })?;
+            .ok_or_else(|| format!("--run-as user '{}' does not exist: create it or pick another", args.run_as))?;
         if user.uid.is_root() {
-            return Err(
-                "--run-as must not be root: replicas run code the server did not write".into(),
-            );
+            return Err("--run-as must not be root: replicas run code the server did not write".into());
         }
         let summary = format!("replicas run as {} (uid {})", user.name, user.uid);
-        return Ok(Identities {
-            per_node: vec![Some((user.uid, user.gid)); n],
-            slot_uids: false,
-            summary,
-        });
+        return Ok(Identities { per_node: vec![Some((user.uid, user.gid)); n], slot_uids: false, summary });
     }
     let base = args.slot_uids;
     if base == 0 || base.checked_add(n as u32).is_none() {
         return Err(format!("--slot-uids {base} is not a usable uid base"));
     }
-    let ids = (0..n as u32)
-        .map(|i| Some((Uid::from_raw(base + i), Gid::from_raw(base + i))))
-        .collect();
-    let summary = format!(
-        "replicas run as slot uids {}..{}",
-        base,
-        base + n as u32 - 1
-    );
-    Ok(Identities {
-        per_node: ids,
-        slot_uids: true,
-        summary,
-    })
+    let ids = (0..n as u32).map(|i| Some((Uid::from_raw(base + i), Gid::from_raw(base + i)))).collect();
+    let summary = format!("replicas run as slot uids {}..{}", base, base + n as u32 - 1);
+    Ok(Identities { per_node: ids, slot_uids: true, summary })
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -178,11 +152,7 @@ fn run(args: Args) -> Result<(), String> {
     let ids = identities(&args, nodes.ports.len())?;
     let root = Uid::effective().is_root();
     let isolate_network = root && !args.allow_network;
-    let net = if isolate_network {
-        "network isolated (loopback only)"
-    } else {
-        "host network"
-    };
+    let net = if isolate_network { "network isolated (loopback only)" } else { "host network" };
     let cfg = ServerConfig {
         nodes_path: args.nodes.clone(),
         nodes,
@@ -213,16 +183,15 @@ fn run(args: Args) -> Result<(), String> {
     };
     std::fs::create_dir_all(&cfg.work_dir)
         .map_err(|e| format!("cannot create work dir {}: {e}", cfg.work_dir.display()))?;
-    let sandbox = Sandbox {
-        identity: cfg.identities[0],
-        isolate_network: cfg.isolate_network,
-    };
+    // Each client holds a socket; let the server use all it may.
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let sandbox = Sandbox { identity: cfg.identities[0], isolate_network: cfg.isolate_network };
     cloudinfra::spawn::probe(sandbox, &cfg.work_dir)?;
     let mut server = Server::start(cfg)?;
     eprintln!("{}", server.ready_line());
-    server
-        .run()
-        .map_err(|e| format!("the reactor failed: {e}"))?;
+    server.run().map_err(|e| format!("the reactor failed: {e}"))?;
     eprintln!("cloud-server: stopped; every replica killed and reaped");
     Ok(())
 }

@@ -13,11 +13,7 @@ use cloudinfra::proto::{JobState, JobStatus};
 const DEFAULT_SERVER: &str = "127.0.0.1:9000";
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "cloud",
-    version,
-    about = "Client of the cloudinfra job cluster"
-)]
+#[command(name = "cloud", version, about = "Client of the cloudinfra job cluster")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -78,11 +74,7 @@ struct ServerArg {
 
 fn main() -> ExitCode {
     let mut argv: Vec<String> = std::env::args().collect();
-    let invoked = argv.first().map(|a| {
-        Path::new(a)
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-    });
+    let invoked = argv.first().map(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()));
     // Called as `deploy`, `status` or `retrieve`: treat the name as the subcommand.
     if let Some(Some(name)) = invoked {
         if matches!(name.as_str(), "deploy" | "status" | "retrieve") {
@@ -110,26 +102,18 @@ fn connect(s: &ServerArg) -> Result<Client, String> {
 }
 
 fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
-    let meta = fs::metadata(&a.archive)
-        .map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
+    let meta = fs::metadata(&a.archive).map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
     let (file, len) = if meta.is_dir() {
-        pack_directory(&a.archive)
-            .map_err(|e| format!("cannot pack directory {}: {e}", a.archive.display()))?
+        pack_directory(&a.archive).map_err(|e| format!("cannot pack directory {}: {e}", a.archive.display()))?
     } else {
-        let f = File::open(&a.archive)
-            .map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
+        let f = File::open(&a.archive).map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
         (f, meta.len())
     };
     if len > u64::from(u32::MAX) {
-        return Err(format!(
-            "{} is {len} bytes; an archive must be under 4 GiB",
-            a.archive.display()
-        ));
+        return Err(format!("{} is {len} bytes; an archive must be under 4 GiB", a.archive.display()));
     }
     let mut client = connect(&a.server)?;
-    let ticket = client
-        .deploy(a.replicas, file, len)
-        .map_err(|e| e.to_string())?;
+    let ticket = client.deploy(a.replicas, file, len).map_err(|e| e.to_string())?;
     println!("Job ticket#: {ticket}");
     Ok(ExitCode::SUCCESS)
 }
@@ -168,17 +152,8 @@ fn status_text(st: &JobStatus) -> String {
     out.push('\n');
     for r in &st.replicas {
         let node = if r.node.is_empty() { "-" } else { &r.node };
-        let code = if r.state.is_final() {
-            r.exit_code.to_string()
-        } else {
-            "-".into()
-        };
-        out.push_str(&format!(
-            "  replica {}  {node}  {}  exit {code}  {}\n",
-            r.replica,
-            r.state.name(),
-            r.message
-        ));
+        let code = if r.state.is_final() { r.exit_code.to_string() } else { "-".into() };
+        out.push_str(&format!("  replica {}  {node}  {}  exit {code}  {}\n", r.replica, r.state.name(), r.message));
     }
     out
 }
@@ -191,19 +166,13 @@ fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     };
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let outputs = client
-        .retrieve(a.ticket, true)
-        .map_err(|e: ClientError| e.to_string())?;
+    let outputs = client.retrieve(a.ticket, true).map_err(|e: ClientError| e.to_string())?;
     let mut all_ok = true;
     for out in &outputs {
         let port = out.status.node.rsplit(':').next().unwrap_or("unknown");
         let path = dir.join(format!("output_{port}.txt"));
-        write_durably(&path, &out.output).map_err(|e| {
-            format!(
-                "cannot write {}: {e}; the ticket stays open, retry",
-                path.display()
-            )
-        })?;
+        write_durably(&path, &out.output)
+            .map_err(|e| format!("cannot write {}: {e}; the ticket stays open, retry", path.display()))?;
         let s = &out.status;
         println!(
             "replica {} ({}): {} (exit {}) {} -> {}",
@@ -218,11 +187,7 @@ fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
     }
     // Only now that every file is safely on disk may the ticket go.
     client.close(a.ticket).map_err(|e| e.to_string())?;
-    Ok(if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// Write to a temp file, fsync, rename: a crash never leaves half a file.

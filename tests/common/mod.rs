@@ -24,12 +24,8 @@ pub struct Cluster {
 
 fn free_ports(n: usize) -> Vec<u16> {
     // Hold all listeners at once so the kernel hands out distinct ports.
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    ls.iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
+    let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    ls.iter().map(|l| l.local_addr().expect("addr").port()).collect()
 }
 
 impl Cluster {
@@ -77,30 +73,17 @@ impl Cluster {
                 }
                 first.clear();
             }
-            if let Some(addr) = got
-                .split("listening on ")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-            {
+            if let Some(addr) = got.split("listening on ").nth(1).and_then(|r| r.split(' ').next()) {
                 let addr: SocketAddr = addr.parse().expect("address in ready line");
                 let log = Arc::new(Mutex::new(got.clone()));
                 let sink = log.clone();
                 let reader = std::thread::spawn(move || {
                     let mut buf = [0u8; 4096];
                     while let Ok(n @ 1..) = lines.read(&mut buf) {
-                        sink.lock()
-                            .unwrap()
-                            .push_str(&String::from_utf8_lossy(&buf[..n]));
+                        sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
                     }
                 });
-                return Cluster {
-                    child,
-                    addr,
-                    ports,
-                    dir,
-                    log,
-                    log_reader: Some(reader),
-                };
+                return Cluster { child, addr, ports, dir, log, log_reader: Some(reader) };
             }
             let _ = child.wait();
             if !got.contains("already in use") {
@@ -120,12 +103,7 @@ impl Cluster {
 
     /// Run a client program (`deploy`, `status`, `retrieve`) against this server.
     pub fn cloud(&self, args: &[&str]) -> Output {
-        Command::new(CLIENT)
-            .args(args)
-            .arg("--server")
-            .arg(self.addr.to_string())
-            .output()
-            .expect("run cloud client")
+        Command::new(CLIENT).args(args).arg("--server").arg(self.addr.to_string()).output().expect("run cloud client")
     }
 
     pub fn cloud_spawn(&self, args: &[&str]) -> Child {
@@ -143,11 +121,7 @@ impl Cluster {
     pub fn deploy(&self, replicas: u32, archive: &Path) -> u32 {
         let out = self.cloud(&["deploy", &replicas.to_string(), archive.to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "deploy failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "deploy failed: {}", String::from_utf8_lossy(&out.stderr));
         let first = stdout.lines().next().unwrap_or("");
         first
             .strip_prefix("Job ticket#: ")
@@ -157,30 +131,19 @@ impl Cluster {
 
     pub fn status_json(&self, ticket: u32) -> serde_json::Value {
         let out = self.cloud(&["status", &ticket.to_string(), "--json"]);
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("status --json is JSON")
     }
 
     /// Wait (by asking, as a user would) until the job is in `state`.
-    pub fn wait_status(
-        &self,
-        ticket: u32,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
+    pub fn wait_status(&self, ticket: u32, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let st = self.status_json(ticket);
             if pred(&st) {
                 return st;
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting on status: {st}"
-            );
+            assert!(Instant::now() < deadline, "timed out waiting on status: {st}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -193,11 +156,7 @@ impl Cluster {
         if let Ok(rd) = std::fs::read_dir(&out_dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let port = name
-                    .trim_start_matches("output_")
-                    .trim_end_matches(".txt")
-                    .parse()
-                    .unwrap_or(0);
+                let port = name.trim_start_matches("output_").trim_end_matches(".txt").parse().unwrap_or(0);
                 files.push((port, std::fs::read_to_string(e.path()).unwrap_or_default()));
             }
         }
@@ -208,30 +167,20 @@ impl Cluster {
     /// Processes whose parent is the server: (pid, state).
     pub fn children(&self) -> Vec<(u32, char)> {
         let me = self.pid();
-        processes()
-            .into_iter()
-            .filter(|p| p.ppid == me)
-            .map(|p| (p.pid, p.state))
-            .collect()
+        processes().into_iter().filter(|p| p.ppid == me).map(|p| (p.pid, p.state)).collect()
     }
 
     /// Wait until the server has no children at all (every replica reaped).
     pub fn wait_no_children(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.children().is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "server still has children: {:?}",
-                self.children()
-            );
+            assert!(Instant::now() < deadline, "server still has children: {:?}", self.children());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
     }
 
     /// SIGTERM, as Ctrl-C would, and wait for a clean exit.
@@ -291,12 +240,7 @@ pub fn processes() -> Vec<Proc> {
             .and_then(|l| l.split_whitespace().next())
             .and_then(|u| u.parse().ok())
             .unwrap_or(u32::MAX);
-        out.push(Proc {
-            pid,
-            ppid,
-            state,
-            uid,
-        });
+        out.push(Proc { pid, ppid, state, uid });
     }
     out
 }
@@ -312,8 +256,7 @@ pub fn archive(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
         h.set_size(body.len() as u64);
         h.set_mode(0o644);
         h.set_cksum();
-        tar.append_data(&mut h, name, body.as_bytes())
-            .expect("append");
+        tar.append_data(&mut h, name, body.as_bytes()).expect("append");
     }
     tar.into_inner().expect("tar").finish().expect("gzip");
     path
@@ -337,9 +280,7 @@ pub struct Gate {
 
 impl Gate {
     pub fn new() -> Gate {
-        Gate {
-            listener: TcpListener::bind("127.0.0.1:0").expect("bind gate"),
-        }
+        Gate { listener: TcpListener::bind("127.0.0.1:0").expect("bind gate") }
     }
 
     pub fn port(&self) -> u16 {
@@ -348,10 +289,7 @@ impl Gate {
 
     /// Recipe lines: connect, announce `who`, block until the test sends a line.
     pub fn wait_recipe(&self, who: &str) -> Vec<String> {
-        vec![format!(
-            "exec 3<>/dev/tcp/127.0.0.1/{}; echo {who} >&3; read -r go <&3; echo released {who}",
-            self.port()
-        )]
+        vec![format!("exec 3<>/dev/tcp/127.0.0.1/{}; echo {who} >&3; read -r go <&3; echo released {who}", self.port())]
     }
 
     /// Accept the next job that arrives and read its announcement.
@@ -368,8 +306,7 @@ impl Gate {
     /// True if no job is waiting to be accepted right now.
     pub fn nobody_waiting(&self) -> bool {
         self.listener.set_nonblocking(true).unwrap();
-        let r =
-            matches!(self.listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        let r = matches!(self.listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
         self.listener.set_nonblocking(false).unwrap();
         r
     }
@@ -388,12 +325,7 @@ pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
 pub fn node_leftovers(c: &Cluster) -> Vec<PathBuf> {
     c.ports
         .iter()
-        .flat_map(|p| {
-            std::fs::read_dir(c.work().join(format!("output_{p}")))
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
+        .flat_map(|p| std::fs::read_dir(c.work().join(format!("output_{p}"))).into_iter().flatten().flatten())
         .map(|e| e.path())
         .collect()
 }
