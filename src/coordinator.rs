@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 
 use crate::proto::{CloudStat, JobState, JobStatus, ReplicaStatus, RunArgs, RunResult};
-use crate::scheduler::{NodeId, Scheduler, Ticket};
+use crate::scheduler::{NodeId, Scheduler, SubmitError, Ticket};
 
 /// A connection, by its reactor token.
 pub type ConnId = usize;
@@ -110,14 +110,16 @@ impl Coordinator {
                 self.start_ready();
             }
             Err(e) => {
-                let stat = match e {
-                    crate::scheduler::SubmitError::BadReplicas { .. } => CloudStat::BadReplicas,
-                    crate::scheduler::SubmitError::QueueFull { .. } => CloudStat::QueueFull,
-                };
                 self.actions.push_back(Action::RemoveFile(archive));
-                self.reply(to, Reply::Deploy(Err((stat, e.to_string()))));
+                self.reply(to, Reply::Deploy(Err(refusal(e))));
             }
         }
+    }
+
+    /// Would a DEPLOY of `replicas` be refused? Asked when its header
+    /// arrives, so a refused archive is not uploaded for nothing.
+    pub fn deploy_refusal(&self, replicas: u32) -> Option<Failure> {
+        self.sched.admissible(replicas).err().map(refusal)
     }
 
     fn start_ready(&mut self) {
@@ -329,6 +331,14 @@ impl Coordinator {
     pub fn job_state(&self, ticket: Ticket) -> Option<JobState> {
         self.sched.job(ticket).map(|j| j.state())
     }
+}
+
+fn refusal(e: SubmitError) -> Failure {
+    let stat = match e {
+        SubmitError::BadReplicas { .. } => CloudStat::BadReplicas,
+        SubmitError::QueueFull { .. } => CloudStat::QueueFull,
+    };
+    (stat, e.to_string())
 }
 
 #[cfg(test)]

@@ -135,9 +135,8 @@ impl Scheduler {
         self.waiting.iter().position(|&t| t == ticket).map_or(0, |p| p as u32 + 1)
     }
 
-    /// Accept a job of `replicas` replicas. It waits until `start_ready`
-    /// hands it nodes.
-    pub fn submit(&mut self, replicas: u32) -> Result<Ticket, SubmitError> {
+    /// Whether a job of `replicas` replicas would be accepted now.
+    pub fn admissible(&self, replicas: u32) -> Result<(), SubmitError> {
         let usable = self.node_count - self.lost.len();
         if replicas == 0 || replicas as usize > usable {
             return Err(SubmitError::BadReplicas { asked: replicas, nodes: usable });
@@ -145,6 +144,13 @@ impl Scheduler {
         if self.waiting.len() >= self.max_queue {
             return Err(SubmitError::QueueFull { max: self.max_queue });
         }
+        Ok(())
+    }
+
+    /// Accept a job of `replicas` replicas. It waits until `start_ready`
+    /// hands it nodes.
+    pub fn submit(&mut self, replicas: u32) -> Result<Ticket, SubmitError> {
+        self.admissible(replicas)?;
         let ticket = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1).max(1);
         let replica = Replica { node: None, state: JobState::Waiting, exit_code: 0, message: String::new() };

@@ -97,7 +97,7 @@ enum Sink {
     },
     /// A streamed call that will be refused: swallow it, then send `reply`.
     Discard {
-        reply: Vec<u8>,
+        reply: Vec<Piece>,
     },
 }
 
@@ -598,7 +598,7 @@ impl Server {
                         _ => conn.outbox.push_bytes(rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()),
                     }
                 }
-                Sink::Discard { reply } => conn.outbox.push_bytes(reply),
+                Sink::Discard { reply } => conn.outbox.push(reply),
                 Sink::None => {}
             },
             Event::TooLarge { head, what } => {
@@ -634,13 +634,27 @@ impl Server {
             _ => &[NODE_PROGRAM],
         };
         if let Err(reply) = rpc::admit(&h, programs) {
-            conn.sink = Sink::Discard { reply };
+            conn.sink = Sink::Discard { reply: vec![Piece::Bytes(reply)] };
             return;
         }
         let mut r = XdrReader::new(&head[h.args_at..]);
         let what = match conn.role {
             Role::Client => match r.u32() {
-                Ok(replicas) => Streamed::Deploy { replicas },
+                Ok(replicas) => {
+                    if let Some(failure) = self.coord.deploy_refusal(replicas) {
+                        let reply = encode_reply(h.xid, Reply::Deploy(Err(failure)));
+                        if u64::from(len) <= MAX_RECORD as u64 {
+                            // Small: let it arrive, drop it, keep the connection.
+                            conn.sink = Sink::Discard { reply };
+                        } else {
+                            // Large: refuse before the upload; answer now and hang up.
+                            conn.outbox.push(reply);
+                            conn.closing = true;
+                        }
+                        return;
+                    }
+                    Streamed::Deploy { replicas }
+                }
                 Err(_) => return,
             },
             _ => match RunArgs::decode(&mut r) {
@@ -699,7 +713,7 @@ impl Server {
     fn stream_end(&mut self, key: usize, conn: &mut Conn) {
         match std::mem::replace(&mut conn.sink, Sink::None) {
             Sink::None => {}
-            Sink::Discard { reply } => conn.outbox.push_bytes(reply),
+            Sink::Discard { reply } => conn.outbox.push(reply),
             Sink::File { xid, what, file, path, error } => {
                 drop(file);
                 match what {

@@ -233,3 +233,18 @@ fn a_half_closed_client_still_gets_its_answer() {
     assert!(matches!(proto::decode_stat(&mut x).unwrap(), Err((CloudStat::NoSuchTicket, _))));
     assert!(closed_by_server(&mut s));
 }
+
+#[test]
+fn a_refused_deploy_is_refused_before_its_upload() {
+    let c = Cluster::start_with(2, &["--max-archive", "1G"]);
+    // 32 MiB that the server never needs to receive.
+    let big = c.dir.path().join("big.tar.gz");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(32 << 20).unwrap();
+    let out = c.cloud(&["deploy", "3", big.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot run 3 replicas") && err.contains("2 nodes"), "{err}");
+    assert_eq!(std::fs::read_dir(c.work().join("spool")).unwrap().count(), 0);
+    null_works(&c);
+}
