@@ -23,58 +23,58 @@ use nix::unistd::{Gid, Uid, User};
 #[command(name = "cloud-server", version)]
 struct Args {
     /// Nodes file: first line N, then N lines each with one unique port.
-    #[arg(long, default_value = "cloud_nodes.txt")]
+    #[arg(long, value_name = "FILE", default_value = "cloud_nodes.txt")]
     nodes: PathBuf,
     /// Address clients connect to (port 0 picks a free port; the ready line shows it).
-    #[arg(long, default_value = "127.0.0.1:9000")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
     listen: SocketAddr,
     /// Where node workspaces (output_<port>/) and the main server's spool live.
-    #[arg(long, default_value = "work")]
+    #[arg(long, value_name = "DIR", default_value = "work")]
     work_dir: PathBuf,
     /// Jobs that may wait for nodes before deploys get "queue full".
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_name = "N", default_value_t = 64)]
     max_queue: usize,
     /// Largest archive a deploy may send.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
     max_archive: u64,
     /// Total bytes an archive may unpack to (stops gzip bombs early).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     max_extract: u64,
     /// Entries (files + directories) an archive may hold.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_entries: usize,
     /// Longest path inside an archive, in bytes.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     max_path: usize,
     /// Wall-clock seconds a replica may run before SIGTERM to its group.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
     time_limit: u64,
     /// Seconds between that SIGTERM and SIGKILL.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_name = "SECS", default_value_t = 2)]
     kill_grace: u64,
     /// CPU seconds per process (RLIMIT_CPU; SIGXCPU when exceeded).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
     max_cpu: u64,
     /// Address space per process (RLIMIT_AS).
-    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "2G", value_parser = parse_size)]
     max_memory: u64,
     /// Open files per process (RLIMIT_NOFILE).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_name = "N", default_value_t = 256)]
     max_open_files: u64,
     /// Largest file a replica may write (RLIMIT_FSIZE; SIGXFSZ when exceeded).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     max_file_size: u64,
-    /// Processes per replica user (RLIMIT_NPROC; binds only non-root users).
-    #[arg(long, default_value_t = 128)]
+    /// Processes per slot user (RLIMIT_NPROC; set only when the server is root).
+    #[arg(long, value_name = "N", default_value_t = 128)]
     max_procs: u64,
     /// Captured output kept per replica; the rest is dropped after a marker line.
-    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
     max_output: u64,
     /// When root and slot uids are off: the user replicas run as.
-    #[arg(long, default_value = "nobody")]
+    #[arg(long, value_name = "USER", default_value = "nobody")]
     run_as: String,
     /// When root: node i runs replicas as uid and gid BASE+i (no passwd entry needed).
-    #[arg(long, default_value_t = 61000)]
+    #[arg(long, value_name = "BASE", default_value_t = 61000)]
     slot_uids: u32,
     /// Run every node's replicas as --run-as instead of per-node slot uids.
     #[arg(long)]
