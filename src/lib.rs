@@ -9,6 +9,8 @@
 //! - [`record`] - record marking, streaming decoder and fragmenting outbox.
 //! - [`rpc`] - ONC RPC v2 headers and error replies (RFC 5531).
 //! - [`proto`] - CLOUD_PROG and NODE_PROG from docs/cloud.x.
+//! - [`session`] - both ends of an RPC connection: calls in, refusals and
+//!   streams out; replies matched to pending calls.
 //!
 //! Decisions (sans-I/O):
 //! - [`scheduler`] - free-node FIFO, wait queue, job table.
@@ -34,5 +36,6 @@ pub mod record;
 pub mod rpc;
 pub mod scheduler;
 pub mod server;
+pub mod session;
 pub mod spawn;
 pub mod xdr;

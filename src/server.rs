@@ -2,7 +2,7 @@
 //!
 //! Owns: the poll, the slab of connections and child pipes (slab key +
 //! `FIRST_KEY` = token), listeners, the signalfd (SIGCHLD, SIGINT,
-//! SIGTERM), reading until `WouldBlock` into the record decoders, writing
+//! SIGTERM), reading until `WouldBlock` into the session readers, writing
 //! outboxes until `WouldBlock` (a client with an unsent reply is not read:
 //! backpressure), spooling streamed archives and outputs to disk, reaping
 //! children, the poll timeout from the nodes' deadlines, and startup and
@@ -11,7 +11,6 @@
 //! (`spawn`), a node's replica bookkeeping (`node`). Each event is turned
 //! into a call on one of those and their answers into bytes.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -31,9 +30,10 @@ use crate::config::NodesFile;
 use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
 use crate::node::{Finished, Node, NodeConfig};
 use crate::proto::{self, CloudStat, RunArgs, RunResult, CLOUD_PROGRAM, NODE_PROGRAM};
-use crate::record::{self, Event, Outbox, Piece, RecordDecoder, Shape};
-use crate::rpc::{self, AcceptStat, CallHeader, ReplyOutcome};
+use crate::record::{self, Outbox, Piece};
+use crate::rpc::{self, AcceptStat};
 use crate::scheduler::NodeId;
+use crate::session::{Call, CallEvent, CallReader, ReplyEvent, ReplyReader};
 use crate::spawn::{JobLimits, Sandbox};
 use crate::xdr::{XdrReader, XdrWriter};
 
@@ -66,11 +66,17 @@ pub struct ServerConfig {
     pub sandbox_summary: String,
 }
 
+/// A call on a node link, remembered until its reply.
 #[derive(Debug)]
 enum Pending {
     Run,
     Fetch { ticket: u32, replica: u32, into: PathBuf },
     Drop,
+}
+
+/// NODE_FETCH's successful results end in the output, streamed.
+fn pending_stream_at(p: &Pending) -> Option<usize> {
+    matches!(p, Pending::Fetch { .. }).then_some(proto::FETCH_OUTPUT_AT)
 }
 
 #[derive(Debug)]
@@ -80,7 +86,16 @@ enum Role {
     /// A node's end of the link from the main server.
     NodeInbound(NodeId),
     /// The main server's end of the link to a node.
-    NodeLink { node: NodeId, pending: HashMap<u32, Pending>, connected: bool },
+    NodeLink { node: NodeId, connected: bool },
+}
+
+/// The connection's protocol state machine (`session`).
+#[derive(Debug)]
+enum Reader {
+    /// We serve calls (a client's connection, or a node's inbound link).
+    Calls(CallReader),
+    /// We make calls (the main server's link to a node).
+    Replies(ReplyReader<Pending>),
 }
 
 /// Where a streamed opaque goes.
@@ -95,10 +110,46 @@ enum Sink {
         path: PathBuf,
         error: Option<String>,
     },
-    /// A streamed call that will be refused: swallow it, then send `reply`.
-    Discard {
-        reply: Vec<Piece>,
-    },
+}
+
+impl Sink {
+    /// A spool file at `path` for the stream of call `xid`.
+    fn open(xid: u32, what: Streamed, path: PathBuf) -> Sink {
+        match create_spool(&path) {
+            Ok(file) => Sink::File { xid, what, file: Some(file), path, error: None },
+            Err(e) => {
+                log::error!("cannot create {}: {e}", path.display());
+                Sink::failed(xid, what, format!("the server cannot store the data: {e}"))
+            }
+        }
+    }
+
+    /// A stream that will be swallowed and then reported as failed.
+    fn failed(xid: u32, what: Streamed, error: String) -> Sink {
+        Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some(error) }
+    }
+
+    /// Append to the spool file; a failure turns the sink into a failed one.
+    fn write(&mut self, data: &[u8]) {
+        let Sink::File { file: Some(f), path, error, .. } = self else { return };
+        if let Err(e) = f.write_all(data) {
+            log::error!("cannot write {}: {e}", path.display());
+            *error = Some(format!("the server cannot store the data: {e}"));
+            if let Sink::File { file, path, .. } = self {
+                *file = None;
+                let _ = fs::remove_file(&*path);
+            }
+        }
+    }
+
+    /// Drop the stream in progress and its file; returns what it was.
+    fn discard(&mut self) -> Sink {
+        let old = std::mem::replace(self, Sink::None);
+        if let Sink::File { path, file: Some(_), .. } = &old {
+            let _ = fs::remove_file(path);
+        }
+        old
+    }
 }
 
 #[derive(Debug)]
@@ -113,7 +164,7 @@ struct Conn {
     stream: TcpStream,
     token: Token,
     role: Role,
-    decoder: RecordDecoder,
+    reader: Reader,
     outbox: Outbox,
     sink: Sink,
     /// Close once the outbox is sent.
@@ -269,7 +320,7 @@ impl Server {
             let addr = self.node_listeners[i].local_addr().map_err(|e| e.to_string())?;
             let stream = TcpStream::connect(addr).map_err(|e| format!("cannot connect to node {addr}: {e}"))?;
             let _ = stream.set_nodelay(true);
-            let role = Role::NodeLink { node: i, pending: HashMap::new(), connected: false };
+            let role = Role::NodeLink { node: i, connected: false };
             let key = self.add_conn(stream, role, true).map_err(|e| format!("cannot register link: {e}"))?;
             self.links[i] = Some(key);
         }
@@ -429,16 +480,18 @@ impl Server {
         let token = Token(key + first_key(self.nodes.len()));
         let interest = if writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
         self.poll.registry().register(&mut stream, token, interest)?;
-        let (max_whole, max_stream) = match role {
-            Role::Client => (MAX_RECORD, self.max_archive),
-            Role::NodeInbound(_) => (MAX_RECORD, self.max_archive),
-            Role::NodeLink { .. } => (MAX_RECORD, u64::from(u32::MAX)),
+        let reader = match role {
+            Role::Client => Reader::Calls(CallReader::new(CLOUD_PROGRAM, MAX_RECORD, self.max_archive)),
+            Role::NodeInbound(_) => Reader::Calls(CallReader::new(NODE_PROGRAM, MAX_RECORD, self.max_archive)),
+            Role::NodeLink { .. } => {
+                Reader::Replies(ReplyReader::new(MAX_RECORD, u64::from(u32::MAX), pending_stream_at))
+            }
         };
         entry.insert(Source::Conn(Box::new(Conn {
             stream,
             token,
             role,
-            decoder: RecordDecoder::new(max_whole, max_stream),
+            reader,
             outbox: Outbox::new(),
             sink: Sink::None,
             closing: false,
@@ -517,7 +570,7 @@ impl Server {
             }
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
-                    if !conn.decoder.at_boundary() {
+                    if matches!(&conn.reader, Reader::Calls(r) if !r.at_boundary()) {
                         log::debug!("connection {key}: peer closed in the middle of a record");
                     }
                     conn.closing = true;
@@ -540,22 +593,26 @@ impl Server {
     }
 
     fn peer_closed(&mut self, conn: &mut Conn) {
-        if let Sink::File { path, .. } = std::mem::replace(&mut conn.sink, Sink::None) {
-            let _ = fs::remove_file(path);
-        }
+        conn.sink.discard();
     }
 
     fn feed(&mut self, key: usize, conn: &mut Conn, mut data: &[u8]) {
         loop {
-            let (n, ev) = {
-                let Conn { decoder, role, .. } = conn;
-                let mut classify = |head: &[u8]| classify(role, head);
-                decoder.decode(data, &mut classify)
+            let (n, call_done) = match &mut conn.reader {
+                Reader::Calls(r) => match r.read(data) {
+                    (n, Some(ev)) => (n, Some(self.on_call_event(key, conn, ev))),
+                    (n, None) => (n, None),
+                },
+                Reader::Replies(r) => match r.read(data) {
+                    (n, Some(ev)) => {
+                        self.on_reply_event(conn, ev);
+                        (n, Some(false))
+                    }
+                    (n, None) => (n, None),
+                },
             };
             data = &data[n..];
-            let Some(ev) = ev else { return };
-            let call_done = matches!(ev, Event::Record(_) | Event::StreamEnd | Event::Truncated);
-            self.on_record_event(key, conn, ev);
+            let Some(call_done) = call_done else { return };
             if call_done && conn.busy() {
                 // Keep the rest for when this call has been answered.
                 conn.held.extend_from_slice(data);
@@ -564,186 +621,161 @@ impl Server {
         }
     }
 
-    fn on_record_event(&mut self, key: usize, conn: &mut Conn, ev: Event) {
+    /// Handle what a serving connection read. Returns true when a call has
+    /// been dealt with (answered, or handed on).
+    fn on_call_event(&mut self, key: usize, conn: &mut Conn, ev: CallEvent) -> bool {
         match ev {
-            Event::Record(rec) => match conn.role {
-                Role::Client => self.client_call(key, conn, &rec),
-                Role::NodeInbound(i) => self.node_call(i, conn, &rec),
-                Role::NodeLink { node, .. } => self.node_reply(node, conn, &rec),
-            },
-            Event::StreamStart { head, len } => self.stream_start(key, conn, &head, len),
-            Event::StreamData(data) => {
-                if let Sink::File { file: Some(f), error, path, .. } = &mut conn.sink {
-                    if let Err(e) = f.write_all(data) {
-                        log::error!("cannot write {}: {e}", path.display());
-                        *error = Some(format!("the server cannot store the data: {e}"));
-                        let _ = fs::remove_file(&*path);
-                        conn.sink = match std::mem::replace(&mut conn.sink, Sink::None) {
-                            Sink::File { xid, what, path, error, .. } => {
-                                Sink::File { xid, what, file: None, path, error }
-                            }
-                            other => other,
-                        };
-                    }
+            CallEvent::Call(call) => {
+                match conn.role {
+                    Role::NodeInbound(i) => self.node_call(i, conn, call),
+                    _ => self.client_call(key, conn, call),
+                }
+                true
+            }
+            CallEvent::StreamStart { call, len } => {
+                self.stream_start(key, conn, call, len);
+                false
+            }
+            CallEvent::StreamData(data) => {
+                conn.sink.write(data);
+                false
+            }
+            CallEvent::StreamEnd => {
+                self.stream_end(key, conn);
+                true
+            }
+            CallEvent::StreamBroken(reply) => {
+                conn.sink.discard();
+                conn.outbox.push_bytes(reply);
+                true
+            }
+            CallEvent::Reply(reply) => {
+                conn.outbox.push_bytes(reply);
+                true
+            }
+            CallEvent::ReplyAndClose(reply) => {
+                log::debug!("connection {key}: over a limit; answering and closing");
+                conn.outbox.push_bytes(reply);
+                conn.closing = true;
+                true
+            }
+            CallEvent::Close => {
+                log::debug!("connection {key}: closing after a refusal");
+                conn.closing = true;
+                true
+            }
+        }
+    }
+
+    /// Handle what the main server's link to a node read.
+    fn on_reply_event(&mut self, conn: &mut Conn, ev: ReplyEvent<Pending>) {
+        let Role::NodeLink { node, .. } = conn.role else { return };
+        let name = &self.node_names[node];
+        match ev {
+            ReplyEvent::Reply { call: Pending::Run, results } => {
+                let result = results
+                    .and_then(|b| RunResult::decode(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))
+                    .unwrap_or_else(|why| RunResult::invalid(format!("node {name}: {why}")));
+                self.coord.run_finished(node, result);
+            }
+            ReplyEvent::Reply { call: Pending::Fetch { ticket, replica, .. }, results } => {
+                let why = results.err().unwrap_or_else(|| "the node sent no output".into());
+                self.coord.fetched(ticket, replica, Err(why));
+            }
+            ReplyEvent::Reply { call: Pending::Drop, .. } => {}
+            ReplyEvent::StreamStart { call: Pending::Fetch { ticket, replica, into }, head, .. } => {
+                let what = Streamed::Fetch { ticket, replica };
+                let stat = XdrReader::new(&head).u32().unwrap_or(u32::MAX);
+                conn.sink = if stat != CloudStat::Ok as u32 {
+                    // The opaque holds the node's error message.
+                    Sink::failed(0, what, format!("node {name} has no output for ticket {ticket}"))
+                } else {
+                    Sink::open(0, what, into)
+                };
+            }
+            ReplyEvent::StreamStart { .. } => conn.sink = Sink::None,
+            ReplyEvent::StreamData(data) => conn.sink.write(data),
+            ReplyEvent::StreamEnd => self.stream_end(0, conn),
+            ReplyEvent::StreamBroken => {
+                if let Sink::File { what: Streamed::Fetch { ticket, replica }, .. } = conn.sink.discard() {
+                    self.coord.fetched(ticket, replica, Err(format!("node {name}'s reply was cut short")));
                 }
             }
-            Event::StreamEnd => self.stream_end(key, conn),
-            Event::Truncated => match std::mem::replace(&mut conn.sink, Sink::None) {
-                Sink::File { xid, path, what, .. } => {
-                    let _ = fs::remove_file(&path);
-                    match what {
-                        Streamed::Fetch { ticket, replica } => {
-                            self.coord.fetched(ticket, replica, Err("the node's reply was cut short".into()))
-                        }
-                        _ => conn.outbox.push_bytes(rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()),
-                    }
-                }
-                Sink::Discard { reply } => conn.outbox.push(reply),
-                Sink::None => {}
-            },
-            Event::TooLarge { head, what } => {
-                log::warn!("connection {key}: {what} over the limit; answering and closing");
-                if let Ok(xid) = XdrReader::new(&head).u32() {
-                    if !matches!(conn.role, Role::NodeLink { .. }) {
-                        let msg = match what {
-                            "archive" => format!(
-                                "archive too large: the limit is {} bytes (cloud-server --max-archive)",
-                                self.max_archive
-                            ),
-                            _ => format!("request too large: the limit is {MAX_RECORD} bytes per call"),
-                        };
-                        let mut w = rpc::accepted(xid, AcceptStat::Success);
-                        proto::encode_error(&mut w, CloudStat::TooLarge, &msg);
-                        conn.outbox.push_bytes(w.into_bytes());
-                    }
-                }
+            ReplyEvent::Garbled(why) => {
+                log::error!("node {name}: {why}; dropping the link");
                 conn.closing = true;
             }
         }
     }
 
-    fn stream_start(&mut self, key: usize, conn: &mut Conn, head: &[u8], len: u32) {
-        if matches!(conn.role, Role::NodeLink { .. }) {
-            return self.fetch_stream_start(conn, head);
-        }
-        let Ok(h) = CallHeader::decode(head) else {
-            return;
-        };
-        let programs: &[rpc::Program] = match conn.role {
-            Role::Client => &[CLOUD_PROGRAM],
-            _ => &[NODE_PROGRAM],
-        };
-        if let Err(reply) = rpc::admit(&h, programs) {
-            conn.sink = Sink::Discard { reply: vec![Piece::Bytes(reply)] };
-            return;
-        }
-        let mut r = XdrReader::new(&head[h.args_at..]);
+    fn stream_start(&mut self, key: usize, conn: &mut Conn, call: Call, len: u32) {
+        let mut r = XdrReader::new(&call.args);
         let what = match conn.role {
-            Role::Client => match r.u32() {
-                Ok(replicas) => {
-                    if let Some(failure) = self.coord.deploy_refusal(replicas) {
-                        let reply = encode_reply(h.xid, Reply::Deploy(Err(failure)));
-                        if u64::from(len) <= MAX_RECORD as u64 {
-                            // Small: let it arrive, drop it, keep the connection.
-                            conn.sink = Sink::Discard { reply };
-                        } else {
-                            // Large: refuse before the upload; answer now and hang up.
-                            conn.outbox.push(reply);
-                            conn.closing = true;
+            Role::Client => {
+                let Ok(replicas) = r.u32() else { return conn.outbox.push_bytes(garbage(call.xid)) };
+                if let Some((stat, msg)) = self.coord.deploy_refusal(replicas) {
+                    let mut w = rpc::accepted(call.xid, AcceptStat::Success);
+                    proto::encode_error(&mut w, stat, &msg);
+                    if u64::from(len) <= MAX_RECORD as u64 {
+                        // Small: let it arrive, drop it, keep the connection.
+                        if let Reader::Calls(r) = &mut conn.reader {
+                            r.refuse_stream(w.into_bytes());
                         }
-                        return;
+                    } else {
+                        // Large: refuse before the upload; answer now and hang up.
+                        conn.outbox.push_bytes(w.into_bytes());
+                        conn.closing = true;
                     }
-                    Streamed::Deploy { replicas }
+                    return;
                 }
-                Err(_) => return,
-            },
+                Streamed::Deploy { replicas }
+            }
             _ => match RunArgs::decode(&mut r) {
                 Ok(args) => Streamed::Run { args },
-                Err(_) => return,
+                Err(_) => return conn.outbox.push_bytes(garbage(call.xid)),
             },
         };
-        let opened = match (&what, &conn.role) {
-            (Streamed::Run { args }, Role::NodeInbound(i)) => self.nodes[*i].prepare_archive(args.ticket),
+        log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", call.xid);
+        conn.sink = match (&what, &conn.role) {
+            (Streamed::Run { args }, Role::NodeInbound(i)) => match self.nodes[*i].prepare_archive(args.ticket) {
+                Ok((file, path)) => Sink::File { xid: call.xid, what, file: Some(file), path, error: None },
+                Err(e) => Sink::failed(call.xid, what, format!("the node cannot store the archive: {e}")),
+            },
             _ => {
                 self.next_spool += 1;
-                let path = self.spool.join(format!("incoming-{key}-{}", self.next_spool));
-                create_spool(&path).map(|f| (f, path))
-            }
-        };
-        log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", h.xid);
-        conn.sink = match opened {
-            Ok((file, path)) => Sink::File { xid: h.xid, what, file: Some(file), path, error: None },
-            Err(e) => {
-                log::error!("cannot spool an archive: {e}");
-                Sink::File {
-                    xid: h.xid,
-                    what,
-                    file: None,
-                    path: PathBuf::new(),
-                    error: Some(format!("the server cannot store the archive: {e}")),
-                }
-            }
-        };
-    }
-
-    /// A NODE_FETCH reply starts streaming the output into its spool file.
-    fn fetch_stream_start(&mut self, conn: &mut Conn, head: &[u8]) {
-        let Role::NodeLink { pending, .. } = &mut conn.role else {
-            return;
-        };
-        let Ok(xid) = XdrReader::new(head).u32() else {
-            return;
-        };
-        let Some(Pending::Fetch { ticket, replica, into }) = pending.remove(&xid) else {
-            return;
-        };
-        let stat = XdrReader::new(&head[rpc::SUCCESS_HEADER_LEN..]).u32().unwrap_or(u32::MAX);
-        let what = Streamed::Fetch { ticket, replica };
-        conn.sink = if stat != CloudStat::Ok as u32 {
-            // The output opaque holds the node's error message.
-            Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some("the node has no output".into()) }
-        } else {
-            match create_spool(&into) {
-                Ok(file) => Sink::File { xid, what, file: Some(file), path: into, error: None },
-                Err(e) => Sink::File { xid, what, file: None, path: into, error: Some(e.to_string()) },
+                Sink::open(call.xid, what, self.spool.join(format!("incoming-{key}-{}", self.next_spool)))
             }
         };
     }
 
     fn stream_end(&mut self, key: usize, conn: &mut Conn) {
-        match std::mem::replace(&mut conn.sink, Sink::None) {
-            Sink::None => {}
-            Sink::Discard { reply } => conn.outbox.push(reply),
-            Sink::File { xid, what, file, path, error } => {
-                drop(file);
-                match what {
-                    Streamed::Fetch { ticket, replica } => {
-                        self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err));
-                    }
-                    Streamed::Deploy { replicas } => match error {
-                        Some(msg) => {
-                            let _ = fs::remove_file(&path);
-                            let reply = Reply::Deploy(Err((CloudStat::Internal, msg)));
-                            conn.outbox.push(encode_reply(xid, reply));
-                        }
-                        None => {
-                            conn.awaiting += 1;
-                            self.coord.deploy(Caller { conn: key, xid }, replicas, path)
-                        }
-                    },
-                    Streamed::Run { args } => {
-                        let Role::NodeInbound(i) = conn.role else {
-                            return;
-                        };
-                        let started = match error {
-                            Some(msg) => Err(RunResult::invalid(msg)),
-                            None => self.nodes[i].start(args, (key, xid), Instant::now()),
-                        };
-                        match started {
-                            Ok(fd) => self.watch_child(i, fd),
-                            Err(result) => conn.outbox.push_bytes(run_reply(xid, &result)),
-                        }
-                    }
+        let Sink::File { xid, what, file, path, error } = std::mem::replace(&mut conn.sink, Sink::None) else {
+            return;
+        };
+        drop(file);
+        match what {
+            Streamed::Fetch { ticket, replica } => {
+                self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err));
+            }
+            Streamed::Deploy { replicas } => match error {
+                Some(msg) => {
+                    let _ = fs::remove_file(&path);
+                    conn.outbox.push(encode_reply(xid, Reply::Deploy(Err((CloudStat::Internal, msg)))));
+                }
+                None => {
+                    conn.awaiting += 1;
+                    self.coord.deploy(Caller { conn: key, xid }, replicas, path)
+                }
+            },
+            Streamed::Run { args } => {
+                let Role::NodeInbound(i) = conn.role else { return };
+                let started = match error {
+                    Some(msg) => Err(RunResult::invalid(msg)),
+                    None => self.nodes[i].start(args, (key, xid), Instant::now()),
+                };
+                match started {
+                    Ok(fd) => self.watch_child(i, fd),
+                    Err(result) => conn.outbox.push_bytes(run_reply(xid, &result)),
                 }
             }
         }
@@ -763,20 +795,17 @@ impl Server {
         self.nodes[node].drain_output();
     }
 
-    /// A buffered call from a client of the main server.
-    fn client_call(&mut self, key: usize, conn: &mut Conn, rec: &[u8]) {
-        let Some(h) = admitted(conn, rec, &[CLOUD_PROGRAM]) else {
-            return;
-        };
-        let caller = Caller { conn: key, xid: h.xid };
+    /// A whole call from a client of the main server.
+    fn client_call(&mut self, key: usize, conn: &mut Conn, call: Call) {
+        let caller = Caller { conn: key, xid: call.xid };
+        let mut r = XdrReader::new(&call.args);
+        log::debug!("connection {key}: call xid {:#x} proc {}", call.xid, call.proc_num);
         // STATUS, RETRIEVE and CLOSE are answered by the coordinator.
         conn.awaiting += 1;
-        let mut r = XdrReader::new(&rec[h.args_at..]);
-        log::debug!("connection {key}: call xid {:#x} proc {}", h.xid, h.proc_num);
-        let ok = match h.proc_num {
+        let ok = match call.proc_num {
             proto::CLOUD_NULL => {
                 conn.awaiting -= 1;
-                conn.outbox.push_bytes(rpc::accepted(h.xid, AcceptStat::Success).into_bytes());
+                conn.outbox.push_bytes(rpc::accepted(call.xid, AcceptStat::Success).into_bytes());
                 true
             }
             proto::STATUS => r.u32().map(|t| self.coord.status(caller, t)).is_ok(),
@@ -788,77 +817,35 @@ impl Server {
         };
         if !ok {
             conn.awaiting -= 1;
-            conn.outbox.push_bytes(rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes());
+            conn.outbox.push_bytes(garbage(call.xid));
         }
     }
 
-    /// A buffered call from the main server to node i.
-    fn node_call(&mut self, i: NodeId, conn: &mut Conn, rec: &[u8]) {
-        let Some(h) = admitted(conn, rec, &[NODE_PROGRAM]) else {
-            return;
-        };
-        let mut r = XdrReader::new(&rec[h.args_at..]);
-        let reply = match (h.proc_num, r.u32()) {
-            (proto::NODE_NULL, _) => vec![Piece::Bytes(rpc::accepted(h.xid, AcceptStat::Success).into_bytes())],
-            (proto::NODE_FETCH, Ok(ticket)) => {
-                let mut w = rpc::accepted(h.xid, AcceptStat::Success);
-                match self.nodes[i].fetch(ticket) {
-                    Ok((file, len)) => {
-                        // Opened now: a DROP right behind this FETCH may remove it.
-                        w.u32(CloudStat::Ok as u32);
-                        record::with_opaque(w, Piece::File { file, len })
-                    }
-                    Err(msg) => {
-                        w.u32(CloudStat::NoSuchTicket as u32).opaque(msg.as_bytes());
-                        vec![Piece::Bytes(w.into_bytes())]
-                    }
+    /// A whole call from the main server to node i.
+    fn node_call(&mut self, i: NodeId, conn: &mut Conn, call: Call) {
+        let xid = call.xid;
+        let mut w = rpc::accepted(xid, AcceptStat::Success);
+        let reply = match (call.proc_num, XdrReader::new(&call.args).u32()) {
+            (proto::NODE_NULL, _) => vec![Piece::Bytes(w.into_bytes())],
+            (proto::NODE_FETCH, Ok(ticket)) => match self.nodes[i].fetch(ticket) {
+                Ok((file, len)) => {
+                    // Opened now: a DROP right behind this FETCH may remove it.
+                    w.u32(CloudStat::Ok as u32);
+                    record::with_opaque(w, Piece::File { file, len })
                 }
-            }
+                Err(msg) => {
+                    w.u32(CloudStat::NoSuchTicket as u32).opaque(msg.as_bytes());
+                    vec![Piece::Bytes(w.into_bytes())]
+                }
+            },
             (proto::NODE_DROP, Ok(ticket)) => {
                 self.nodes[i].drop_ticket(ticket);
-                let mut w = rpc::accepted(h.xid, AcceptStat::Success);
                 w.u32(CloudStat::Ok as u32);
                 vec![Piece::Bytes(w.into_bytes())]
             }
-            _ => vec![Piece::Bytes(rpc::accepted(h.xid, AcceptStat::GarbageArgs).into_bytes())],
+            _ => vec![Piece::Bytes(garbage(xid))],
         };
         conn.outbox.push(reply);
-    }
-
-    /// A buffered reply from node `node` to the main server.
-    fn node_reply(&mut self, node: NodeId, conn: &mut Conn, rec: &[u8]) {
-        let Role::NodeLink { pending, .. } = &mut conn.role else {
-            return;
-        };
-        let (xid, outcome) = match rpc::decode_reply(rec) {
-            Ok(r) => r,
-            Err(e) => {
-                log::error!("garbled reply from node {}: {e}", self.node_names[node]);
-                conn.closing = true;
-                return;
-            }
-        };
-        let Some(call) = pending.remove(&xid) else {
-            log::warn!("reply from node {} to an unknown xid {xid:#x}", self.node_names[node]);
-            return;
-        };
-        let results = match outcome {
-            ReplyOutcome::Success { results_at } => Ok(&rec[results_at..]),
-            ReplyOutcome::Failed(why) | ReplyOutcome::Denied(why) => Err(why),
-        };
-        match call {
-            Pending::Run => {
-                let result = results
-                    .and_then(|b| RunResult::decode(&mut XdrReader::new(b)).map_err(|e| e.to_string()))
-                    .unwrap_or_else(|why| RunResult::invalid(format!("node {}: {why}", self.node_names[node])));
-                self.coord.run_finished(node, result);
-            }
-            Pending::Fetch { ticket, replica, .. } => {
-                let why = results.err().unwrap_or_else(|| "the node sent no output".into());
-                self.coord.fetched(ticket, replica, Err(why));
-            }
-            Pending::Drop => {}
-        }
     }
 
     /// Carry out one coordinator action.
@@ -919,8 +906,8 @@ impl Server {
             return;
         };
         if let Some(Source::Conn(c)) = self.slab.get_mut(key) {
-            if let Role::NodeLink { pending: p, .. } = &mut c.role {
-                p.insert(xid, pending);
+            if let Reader::Replies(r) = &mut c.reader {
+                r.expect(xid, pending);
             }
         }
         self.send(key, pieces);
@@ -1067,44 +1054,9 @@ impl Server {
     }
 }
 
-/// Decode and admit a call header, queueing the error reply if it fails.
-fn admitted(conn: &mut Conn, rec: &[u8], programs: &[rpc::Program]) -> Option<CallHeader> {
-    let h = match CallHeader::decode(rec) {
-        Ok(h) => h,
-        Err(_) => {
-            match rpc::garbage_reply(rec) {
-                Some(reply) => conn.outbox.push_bytes(reply),
-                None => conn.closing = true,
-            }
-            return None;
-        }
-    };
-    if let Err(reply) = rpc::admit(&h, programs) {
-        conn.outbox.push_bytes(reply);
-        return None;
-    }
-    Some(h)
-}
-
-/// How to buffer a record arriving on a connection of this role.
-fn classify(role: &Role, head: &[u8]) -> Shape {
-    match role {
-        Role::Client | Role::NodeInbound(_) => rpc::call_shape(head, proto::call_stream_at),
-        Role::NodeLink { pending, .. } => {
-            let at = rpc::SUCCESS_HEADER_LEN;
-            if head.len() < at + 4 {
-                return Shape::NeedMore(at + 4);
-            }
-            let word = |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-            let is_fetch = matches!(pending.get(&word(0)), Some(Pending::Fetch { .. }));
-            // Accepted, empty verifier, SUCCESS: the fetch_res follows.
-            if is_fetch && word(8) == 0 && word(16) == 0 && word(20) == 0 {
-                Shape::Stream { len_at: at + proto::FETCH_OUTPUT_AT }
-            } else {
-                Shape::Whole
-            }
-        }
-    }
+/// The GARBAGE_ARGS reply to call `xid`.
+fn garbage(xid: u32) -> Vec<u8> {
+    rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()
 }
 
 fn create_spool(path: &Path) -> io::Result<File> {
