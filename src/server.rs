@@ -1,10 +1,10 @@
 //! The reactor: one thread, one `mio::Poll`, every socket and pipe.
 //!
-//! Owns: the poll, the slab of connections and child pipes (slab key +
-//! `FIRST_KEY` = token), listeners, the signalfd (SIGCHLD, SIGINT,
-//! SIGTERM), reading until `WouldBlock` into the session readers, writing
-//! outboxes until `WouldBlock` (a client with an unsent reply is not read:
-//! backpressure), spooling streamed archives and outputs to disk, reaping
+//! Owns: the poll, the slab of connections and child pipes (token = slab
+//! key + `first_key`), listeners, the signalfd (SIGCHLD, SIGINT, SIGTERM),
+//! reading until `WouldBlock` into the session readers, writing outboxes
+//! until `WouldBlock`, serving each client one call at a time
+//! (backpressure), spooling streamed archives and outputs to disk, reaping
 //! children, the poll timeout from the nodes' deadlines, and startup and
 //! shutdown.
 //! Must not touch: job rules (the `coordinator` decides), process setup
