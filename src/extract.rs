@@ -25,12 +25,6 @@ pub struct ExtractLimits {
     pub max_path: usize,
 }
 
-impl Default for ExtractLimits {
-    fn default() -> Self {
-        ExtractLimits { max_bytes: 256 << 20, max_entries: 10_000, max_path: 1024 }
-    }
-}
-
 /// What was unpacked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extracted {

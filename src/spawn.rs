@@ -27,7 +27,8 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid};
 use crate::extract::{extract, ExtractLimits};
 use crate::proto::{JobState, RunResult};
 
-/// Limits applied to every replica; each is a server option.
+/// Limits applied to every replica; each is a server option (defaults live
+/// in `cloud-server --help` and docs/LIMITS.md).
 #[derive(Debug, Clone)]
 pub struct JobLimits {
     pub extract: ExtractLimits,
@@ -42,19 +43,6 @@ pub struct JobLimits {
     /// RLIMIT_NPROC. It counts every process of the uid, so it is only set
     /// for replicas that run under a uid of their own (`None`: untouched).
     pub processes: Option<u64>,
-}
-
-impl Default for JobLimits {
-    fn default() -> Self {
-        JobLimits {
-            extract: ExtractLimits::default(),
-            cpu_seconds: 600,
-            address_space: 2 << 30,
-            open_files: 256,
-            file_size: 256 << 20,
-            processes: Some(256),
-        }
-    }
 }
 
 /// Who a replica runs as, and whether it gets a network of its own.
