@@ -192,36 +192,14 @@ fn copy_limited(from: &mut impl Read, to: &mut impl Write, budget: u64) -> Resul
 }
 
 #[cfg(test)]
+#[path = "../tests/common/tarkit.rs"]
+mod tarkit;
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use flate2::write::GzEncoder;
+    use crate::extract::tarkit::{entry, gz, tar_gz};
     use std::os::unix::fs::PermissionsExt;
-
-    fn gz(tar_bytes: &[u8]) -> Vec<u8> {
-        let mut e = GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        e.write_all(tar_bytes).unwrap();
-        e.finish().unwrap()
-    }
-
-    /// A tar with one entry whose name is written raw (bypassing the tar
-    /// crate's own path checks), as a hostile client would.
-    fn raw_entry(name: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>) -> Vec<u8> {
-        let mut h = tar::Header::new_old();
-        let bytes = h.as_old_mut();
-        bytes.name[..name.len()].copy_from_slice(name.as_bytes());
-        if let Some(l) = link {
-            bytes.linkname[..l.len()].copy_from_slice(l.as_bytes());
-        }
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(data.len() as u64);
-        h.set_cksum();
-        let mut out = h.as_bytes().to_vec();
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-        out.extend_from_slice(&[0u8; 1024]);
-        out
-    }
 
     fn try_extract(archive: &[u8]) -> (tempfile::TempDir, Result<Extracted, String>) {
         let dir = tempfile::tempdir().unwrap();
@@ -233,7 +211,7 @@ mod tests {
 
     #[test]
     fn normal_archive_unpacks_and_drops_setuid() {
-        let tarball = gz(&raw_entry("sub/run.sh", tar::EntryType::Regular, 0o4755, b"echo hi\n", None));
+        let tarball = tar_gz(&[entry("sub/run.sh", tar::EntryType::Regular, 0o4755, b"echo hi\n", "")]);
         let (dir, r) = try_extract(&tarball);
         assert_eq!(r.unwrap(), Extracted { files: 1, dirs: 0, bytes: 8 });
         let meta = fs::metadata(dir.path().join("ws/sub/run.sh")).unwrap();
@@ -244,15 +222,15 @@ mod tests {
     fn hostile_entries_are_refused_and_nothing_escapes() {
         use tar::EntryType::*;
         let cases = [
-            (raw_entry("../escape", Regular, 0o644, b"x", None), "'..'"),
-            (raw_entry("/tmp/abs-escape", Regular, 0o644, b"x", None), "absolute"),
-            (raw_entry("link", Symlink, 0o777, b"", Some("/etc/passwd")), "symbolic link"),
-            (raw_entry("hard", Link, 0o644, b"", Some("../../x")), "hard link"),
-            (raw_entry("dev", Char, 0o644, b"", None), "character device"),
-            (raw_entry("fifo", Fifo, 0o644, b"", None), "FIFO"),
+            (entry("../escape", Regular, 0o644, b"x", ""), "'..'"),
+            (entry("/tmp/abs-escape", Regular, 0o644, b"x", ""), "absolute"),
+            (entry("link", Symlink, 0o777, b"", "/etc/passwd"), "symbolic link"),
+            (entry("hard", Link, 0o644, b"", "../../x"), "hard link"),
+            (entry("dev", Char, 0o644, b"", ""), "character device"),
+            (entry("fifo", Fifo, 0o644, b"", ""), "FIFO"),
         ];
         for (tarball, why) in cases {
-            let (dir, r) = try_extract(&gz(&tarball));
+            let (dir, r) = try_extract(&tar_gz(&[tarball]));
             let err = r.unwrap_err();
             assert!(err.contains(why), "{err} should mention {why}");
             assert!(!dir.path().join("escape").exists());
@@ -279,7 +257,7 @@ mod tests {
     fn not_gzip_and_truncated_say_so() {
         let (_d, r) = try_extract(b"PK\x03\x04 this is a zip");
         assert!(r.unwrap_err().contains("not a gzip"));
-        let good = gz(&raw_entry("a", tar::EntryType::Regular, 0o644, &[1u8; 5000], None));
+        let good = tar_gz(&[entry("a", tar::EntryType::Regular, 0o644, &[1u8; 5000], "")]);
         let (_d, r) = try_extract(&good[..good.len() / 2]);
         assert!(r.unwrap_err().contains("truncated"), "truncated gzip");
     }

@@ -8,6 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::tarkit;
 use common::*;
 
 fn is_root() -> bool {
@@ -62,40 +63,18 @@ fn finished(c: &Cluster, t: u32) -> serde_json::Value {
     st["replicas"][0].clone()
 }
 
+/// A raw entry; `kind` is the ustar type flag ('0' file, '1' link, ...).
 fn raw_tar_entry(name: &str, kind: u8, mode: u32, data: &[u8], link: &str) -> Vec<u8> {
-    let mut h = tar::Header::new_old();
-    {
-        let b = h.as_old_mut();
-        b.name[..name.len()].copy_from_slice(name.as_bytes());
-        b.linkname[..link.len()].copy_from_slice(link.as_bytes());
-    }
-    h.set_entry_type(tar::EntryType::new(kind));
-    h.set_mode(mode);
-    h.set_size(data.len() as u64);
-    h.set_cksum();
-    let mut out = h.as_bytes().to_vec();
-    out.extend_from_slice(data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-    out
-}
-
-fn gz(bytes: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
+    tarkit::entry(name, tar::EntryType::new(kind), mode, data, link)
 }
 
 /// A tar.gz: a working Makefile plus the hostile entries, then the end marker.
 fn hostile_archive(dir: &Path, name: &str, entries: &[Vec<u8>]) -> PathBuf {
     let mk = b"run:\n\t@echo this should not run\n";
-    let mut tar = raw_tar_entry("Makefile", b'0', 0o644, mk, "");
-    for e in entries {
-        tar.extend_from_slice(e);
-    }
-    tar.extend_from_slice(&[0u8; 1024]);
+    let mut all = vec![raw_tar_entry("Makefile", b'0', 0o644, mk, "")];
+    all.extend_from_slice(entries);
     let path = dir.join(name);
-    std::fs::write(&path, gz(&tar)).unwrap();
+    std::fs::write(&path, tarkit::tar_gz(&all)).unwrap();
     path
 }
 
@@ -131,7 +110,7 @@ fn hostile_archives_are_refused_with_clear_messages_and_nothing_escapes() {
     h.set_cksum();
     t.append_data(&mut h, "n/".repeat(150) + "f", &b"x"[..]).unwrap();
     let deep = d.join("toodeep.tar.gz");
-    std::fs::write(&deep, gz(&t.into_inner().unwrap())).unwrap();
+    std::fs::write(&deep, tarkit::gz(&t.into_inner().unwrap())).unwrap();
     cases.push((deep, "longer than the limit"));
     // Gzip bomb: 8 MiB of zeros compress to a few KiB; --max-extract is 1M.
     let mut t = tar::Builder::new(Vec::new());
@@ -141,7 +120,7 @@ fn hostile_archives_are_refused_with_clear_messages_and_nothing_escapes() {
     h.set_cksum();
     t.append_data(&mut h, "bomb", std::io::repeat(0).take_bytes(8 << 20)).unwrap();
     let bomb = d.join("bomb.tar.gz");
-    std::fs::write(&bomb, gz(&t.into_inner().unwrap())).unwrap();
+    std::fs::write(&bomb, tarkit::gz(&t.into_inner().unwrap())).unwrap();
     assert!(std::fs::metadata(&bomb).unwrap().len() < 64 * 1024);
     cases.push((bomb, "extraction limit"));
     // A tar header that declares a huge size.
@@ -203,14 +182,12 @@ fn hostile_archives_are_refused_with_clear_messages_and_nothing_escapes() {
 fn setuid_bits_are_dropped() {
     let c = Cluster::start_with(1, LIMITS);
     let mk = b"run:\n\t@stat -c %a tool\n";
-    let tar = [
+    let tar = tarkit::tar_gz(&[
         raw_tar_entry("Makefile", b'0', 0o644, mk, ""),
         raw_tar_entry("tool", b'0', 0o6755, b"#!/bin/sh\n", ""),
-        vec![0u8; 1024],
-    ]
-    .concat();
+    ]);
     let path = c.dir.path().join("suid.tar.gz");
-    std::fs::write(&path, gz(&tar)).unwrap();
+    std::fs::write(&path, tar).unwrap();
     let t = c.deploy(1, &path);
     let (ok, outs) = c.retrieve(t);
     assert!(ok);

@@ -3,6 +3,8 @@
 //! connect to so tests learn, by events, when a job really runs.
 #![allow(dead_code)]
 
+pub mod tarkit;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
