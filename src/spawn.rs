@@ -183,8 +183,12 @@ fn child_setup(spec: &SpawnSpec, out_w: OwnedFd, make: &[CString], argv: &[CStri
     let nproc = l.processes.map(|v| (Resource::RLIMIT_NPROC, v, "processes"));
     for (res, v, what) in limits.into_iter().chain(nproc) {
         // Never above the hard limit we inherited (a non-root server cannot raise it).
-        let v = nix::sys::resource::getrlimit(res).map_or(v, |(_, hard)| v.min(hard));
-        if let Err(e) = setrlimit(res, v, v) {
+        let inherited = nix::sys::resource::getrlimit(res).map_or(u64::MAX, |(_, hard)| hard);
+        let soft = v.min(inherited);
+        // CPU: SIGXCPU at the soft limit, so the job learns why; SIGKILL a
+        // second later if it ignores that.
+        let hard = if res == Resource::RLIMIT_CPU { soft.saturating_add(1).min(inherited) } else { soft };
+        if let Err(e) = setrlimit(res, soft, hard) {
             return setup(what, e);
         }
     }

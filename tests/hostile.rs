@@ -419,3 +419,13 @@ fn run_as_user_and_slot_uids_decide_who_a_replica_is() {
     uids.sort();
     assert_eq!(uids, vec![lo, lo + 1]);
 }
+
+#[test]
+fn cpu_time_is_limited() {
+    let c = Cluster::start_with(1, &["--max-cpu", "1", "--time-limit", "60"]);
+    let t = c.deploy(1, &job(c.dir.path(), "spin.tar.gz", &["@while :; do :; done"]));
+    let r = finished(&c, t);
+    assert_eq!(r["status"], "INVALID", "{r}");
+    let (_, outs) = c.retrieve(t);
+    assert!(outs[0].1.contains("CPU time limit exceeded"), "{}", outs[0].1);
+}
