@@ -362,6 +362,31 @@ mod tests {
         assert_eq!(events.last().unwrap(), &format!("{:?}", CallEvent::StreamBroken(garbage)));
     }
 
+    proptest::proptest! {
+        /// Hostile bytes never panic the reader, whatever their chunking;
+        /// and garbage after a valid call prefix still yields events or waits.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+            chunk in 1usize..64,
+            prefix in proptest::prelude::any::<bool>(),
+        ) {
+            let mut wire = if prefix { frame(&deploy(1, 1, b"abc")) } else { Vec::new() };
+            wire.extend_from_slice(&noise);
+            let _ = run(&mut reader(), &wire, chunk);
+            let mut r: ReplyReader<Sent> = ReplyReader::new(1024, 1 << 20, fetch_streams);
+            r.expect(0, Sent::Fetch);
+            let mut rest = &wire[..];
+            while !rest.is_empty() {
+                let (n, ev) = r.read(rest);
+                rest = &rest[n..];
+                if ev.is_none() {
+                    break;
+                }
+            }
+        }
+    }
+
     #[derive(Debug, PartialEq, Eq)]
     enum Sent {
         Ping,
