@@ -209,6 +209,8 @@ pub struct Server {
     nodes: Vec<Node>,
     child_keys: Vec<Option<usize>>,
     links: Vec<Option<usize>>,
+    /// The main server's end of each link: the only peer a node accepts.
+    link_addrs: Vec<Option<SocketAddr>>,
     coord: Coordinator,
     spool: PathBuf,
     node_names: Vec<String>,
@@ -298,6 +300,7 @@ impl Server {
             nodes,
             child_keys: vec![None; n],
             links: vec![None; n],
+            link_addrs: vec![None; n],
             coord,
             spool,
             node_names,
@@ -320,6 +323,7 @@ impl Server {
             let addr = self.node_listeners[i].local_addr().map_err(|e| e.to_string())?;
             let stream = TcpStream::connect(addr).map_err(|e| format!("cannot connect to node {addr}: {e}"))?;
             let _ = stream.set_nodelay(true);
+            self.link_addrs[i] = Some(stream.local_addr().map_err(|e| format!("link to node {addr}: {e}"))?);
             let role = Role::NodeLink { node: i, connected: false };
             let key = self.add_conn(stream, role, true).map_err(|e| format!("cannot register link: {e}"))?;
             self.links[i] = Some(key);
@@ -453,6 +457,13 @@ impl Server {
             };
             match res {
                 Ok((stream, peer)) => {
+                    if let Some(i) = node {
+                        // A node serves its main server and nobody else.
+                        if self.link_addrs[i] != Some(peer) {
+                            log::warn!("node {}: refused a connection from {peer}", self.node_names[i]);
+                            continue;
+                        }
+                    }
                     let role = match node {
                         None => Role::Client,
                         Some(i) => Role::NodeInbound(i),

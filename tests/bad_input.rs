@@ -248,3 +248,14 @@ fn a_refused_deploy_is_refused_before_its_upload() {
     assert_eq!(std::fs::read_dir(c.work().join("spool")).unwrap().count(), 0);
     null_works(&c);
 }
+
+#[test]
+fn nodes_serve_only_their_main_server() {
+    let c = Cluster::start(1);
+    let mut s = TcpStream::connect(("127.0.0.1", c.ports[0])).unwrap();
+    let mut w = rpc::call(1, proto::NODE_PROG, 1, proto::NODE_NULL);
+    w.u32(0);
+    let _ = s.write_all(&frame(&w.into_bytes()));
+    assert!(closed_by_server(&mut s), "a node answered a stranger");
+    null_works(&c);
+}
