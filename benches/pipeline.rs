@@ -14,6 +14,7 @@ const SERVER: &str = env!("CARGO_BIN_EXE_cloud-server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_cloud");
 const JOBS: usize = 200;
 const CLIENTS: usize = 4;
+const STRACED_JOBS: usize = 40;
 
 fn tiny_archive(dir: &Path) -> PathBuf {
     let src = dir.join("tiny");
@@ -108,7 +109,7 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 /// System calls of the server process alone (its reactor thread, not the
 /// forked replicas) per job, counted by strace.
 fn syscalls_per_job(pid: u32, addr: &str, archive: &Path, dir: &Path) -> Option<(f64, String)> {
-    let jobs = 40;
+    let jobs = STRACED_JOBS;
     let report = dir.join("strace.txt");
     let mut strace = Command::new("strace")
         .args(["-c", "-o"])
@@ -159,7 +160,7 @@ fn main() {
     println!("  server peak RSS (VmHWM)     : {rss} KiB");
     match sys {
         Some((per_job, top)) => {
-            println!("  server syscalls per job      : {per_job:.0}  (top by time: {top})")
+            println!("  server syscalls per job      : {per_job:.0}  (most time, calls in {STRACED_JOBS} jobs: {top})")
         }
         None => {
             println!("  server syscalls per job      : strace unavailable (apt-get install strace)")
