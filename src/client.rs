@@ -1,7 +1,8 @@
 //! A blocking CLOUD_PROG client for the command-line programs and tests.
 //!
 //! Owns: one TCP connection, xids, sending calls (archives streamed from a
-//! file in fragments) and reading one reply record per call.
+//! file in fragments) and reading one reply record per call (RETRIEVE's
+//! outputs streamed into files as they arrive, never held whole).
 //! Must not touch: the server's internals; it only speaks the wire protocol
 //! of `docs/cloud.x`, exactly as an rpcgen client would.
 
@@ -9,13 +10,16 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::net::TcpStream;
 
-use crate::proto::{self, CloudStat, JobStatus, ReplicaOutput, ReplicaStatus, CLOUD_PROG, CLOUD_VERS};
-use crate::record::{self, Event, Outbox, Piece, RecordDecoder, Shape};
-use crate::rpc::{self, ReplyOutcome};
-use crate::xdr::{XdrReader, XdrWriter};
+use std::io::Write;
+use std::path::PathBuf;
 
-/// Largest reply the client accepts (RETRIEVE carries every output).
-const MAX_REPLY: usize = 1 << 30;
+use crate::proto::{self, CloudStat, JobState, JobStatus, ReplicaStatus, CLOUD_PROG, CLOUD_VERS, MAX_STRING};
+use crate::record::{self, Outbox, Piece, LAST_FRAGMENT};
+use crate::rpc::{self, ReplyOutcome};
+use crate::xdr::{padding, XdrReader, XdrWriter};
+
+/// Largest buffered reply (everything but RETRIEVE's outputs).
+const MAX_REPLY: u64 = 16 << 20;
 
 /// What went wrong, as one line for people.
 #[derive(Debug)]
@@ -57,20 +61,26 @@ impl Client {
         ClientError::Transport(format!("lost the connection to {}: {e}", self.server))
     }
 
+    /// Send one call; return its xid.
+    fn send(&mut self, proc_num: u32, pieces: impl FnOnce(XdrWriter) -> Vec<Piece>) -> io::Result<u32> {
+        self.xid = self.xid.wrapping_add(1);
+        let mut out = Outbox::new();
+        out.push(pieces(rpc::call(self.xid, CLOUD_PROG, CLOUD_VERS, proc_num)));
+        out.write_to(&mut self.stream).map(|_| self.xid)
+    }
+
     /// Send one call and return the result bytes of its reply.
     fn call(&mut self, proc_num: u32, pieces: impl FnOnce(XdrWriter) -> Vec<Piece>) -> Result<Vec<u8>, ClientError> {
-        self.xid = self.xid.wrapping_add(1);
+        let sent = self.send(proc_num, pieces);
         let xid = self.xid;
-        let mut out = Outbox::new();
-        out.push(pieces(rpc::call(xid, CLOUD_PROG, CLOUD_VERS, proc_num)));
-        let sent = out.write_to(&mut self.stream);
+        let mut record = Vec::new();
+        let read = Payload::new(&mut self.stream).take(MAX_REPLY).read_to_end(&mut record);
         // A server that refuses a call mid-stream (CLOUD_TOO_LARGE) answers
         // and closes: its reply explains the broken pipe better than we can.
-        let record = match (sent, self.read_record()) {
-            (_, Ok(record)) => record,
-            (Err(e), Err(_)) => return Err(self.transport(e)),
-            (Ok(_), Err(e)) => return Err(e),
-        };
+        match (sent, read) {
+            (_, Ok(_)) => {}
+            (Err(e), Err(_)) | (Ok(_), Err(e)) => return Err(self.transport(e)),
+        }
         let (rxid, outcome) = rpc::decode_reply(&record).map_err(|e| self.transport(e))?;
         if rxid != xid {
             return Err(self.transport(format!("reply xid {rxid:#x} does not match call xid {xid:#x}")));
@@ -78,23 +88,6 @@ impl Client {
         match outcome {
             ReplyOutcome::Success { results_at } => Ok(record[results_at..].to_vec()),
             ReplyOutcome::Failed(why) | ReplyOutcome::Denied(why) => Err(ClientError::Transport(why)),
-        }
-    }
-
-    fn read_record(&mut self) -> Result<Vec<u8>, ClientError> {
-        let mut decoder = RecordDecoder::new(MAX_REPLY, 0);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = self.stream.read(&mut buf).map_err(|e| self.transport(e))?;
-            if n == 0 {
-                return Err(self.transport("the server closed the connection"));
-            }
-            // One reply per call: the first event ends the read.
-            match decoder.decode(&buf[..n], &mut |_| Shape::Whole).1 {
-                Some(Event::Record(r)) => return Ok(r),
-                Some(_) => return Err(self.transport("reply too large")),
-                None => {}
-            }
         }
     }
 
@@ -116,22 +109,57 @@ impl Client {
         decode(&res, JobStatus::decode)
     }
 
-    pub fn retrieve(&mut self, ticket: u32, wait: bool) -> Result<Vec<ReplicaOutput>, ClientError> {
-        let res =
-            self.call(proto::RETRIEVE, |mut w| vec![Piece::Bytes(w.u32(ticket).bool(wait).clone().into_bytes())])?;
-        decode(&res, |r| {
-            let n = r.u32()? as usize;
-            if n > r.remaining() / 24 {
-                return Err(crate::xdr::XdrError::Invalid(format!("{n} outputs cannot fit in the reply")));
+    /// RETRIEVE, streaming each replica's output into a file that
+    /// `output_file(&status)` names, as it arrives. Returns every replica's
+    /// status with the file written (created whole or not at all).
+    pub fn retrieve_into(
+        &mut self,
+        ticket: u32,
+        wait: bool,
+        output_file: impl Fn(&ReplicaStatus) -> PathBuf,
+    ) -> Result<Vec<(ReplicaStatus, PathBuf)>, ClientError> {
+        let sent =
+            self.send(proto::RETRIEVE, |mut w| vec![Piece::Bytes(w.u32(ticket).bool(wait).clone().into_bytes())]);
+        let xid = self.xid;
+        let server = self.server.clone();
+        let lost = |e: io::Error| ClientError::Transport(format!("lost the connection to {server}: {e}"));
+        let mut p = Payload::new(&mut self.stream);
+        let head = (|| -> io::Result<_> { Ok((word(&mut p)?, word(&mut p)?, word(&mut p)?)) })();
+        let (rxid, _msg_type, reply_stat) = match (sent, head) {
+            (_, Ok(h)) => h,
+            (Err(e), Err(_)) | (Ok(_), Err(e)) => return Err(lost(e)),
+        };
+        if rxid != xid {
+            return Err(lost(io::Error::other(format!("reply xid {rxid:#x} does not match call xid {xid:#x}"))));
+        }
+        let accept = (|| -> io::Result<u32> {
+            if reply_stat != 0 {
+                return Ok(u32::MAX);
             }
-            (0..n)
-                .map(|_| {
-                    let status = ReplicaStatus::decode(r)?;
-                    let output = r.opaque(MAX_REPLY)?.to_vec();
-                    Ok(ReplicaOutput { status, output })
-                })
-                .collect()
-        })
+            let _flavor = word(&mut p)?;
+            let verf = word(&mut p)? as u64;
+            skip(&mut p, verf + padding(verf as usize) as u64)?;
+            word(&mut p)
+        })()
+        .map_err(lost)?;
+        if accept != 0 {
+            return Err(ClientError::Transport(format!(
+                "the server refused the call (reply_stat {reply_stat}, accept_stat {accept})"
+            )));
+        }
+        let stat = CloudStat::from_u32(word(&mut p).map_err(lost)?).map_err(|e| lost(io::Error::other(e)))?;
+        if stat != CloudStat::Ok {
+            return Err(ClientError::Server(stat, string(&mut p).map_err(lost)?));
+        }
+        let count = word(&mut p).map_err(lost)?;
+        let mut done = Vec::new();
+        let outcome = read_outputs(&mut p, count, &output_file, &mut done, &lost);
+        if outcome.is_err() {
+            for (_, path) in &done {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        outcome.map(|()| done)
     }
 
     pub fn close(&mut self, ticket: u32) -> Result<(), ClientError> {
@@ -148,6 +176,111 @@ fn decode<T>(res: &[u8], ok: impl FnOnce(&mut XdrReader) -> Result<T, crate::xdr
         Ok(()) => ok(&mut r).map_err(garbled),
         Err((stat, msg)) => Err(ClientError::Server(stat, msg)),
     }
+}
+
+/// The outputs of a RETRIEVE reply: each status, then its output copied
+/// into the file `output_file` names. Files written are listed in `done`.
+fn read_outputs(
+    p: &mut Payload,
+    count: u32,
+    output_file: &impl Fn(&ReplicaStatus) -> PathBuf,
+    done: &mut Vec<(ReplicaStatus, PathBuf)>,
+    lost: &impl Fn(io::Error) -> ClientError,
+) -> Result<(), ClientError> {
+    for _ in 0..count {
+        let status = (|| -> io::Result<ReplicaStatus> {
+            Ok(ReplicaStatus {
+                replica: word(p)?,
+                node: string(p)?,
+                state: JobState::from_u32(word(p)?).map_err(io::Error::other)?,
+                exit_code: word(p)? as i32,
+                message: string(p)?,
+            })
+        })()
+        .map_err(lost)?;
+        let len = u64::from(word(p).map_err(lost)?);
+        let path = output_file(&status);
+        let written = File::create(&path).and_then(|mut f| {
+            let copied = io::copy(&mut p.take(len), &mut f)?;
+            if copied < len {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            f.flush()
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(ClientError::Transport(format!("cannot write {}: {e}", path.display())));
+        }
+        skip(p, padding(len as usize) as u64).map_err(lost)?;
+        done.push((status, path));
+    }
+    // Whatever else the record holds is not ours to read as the next reply.
+    io::copy(p, &mut io::sink()).map_err(lost)?;
+    Ok(())
+}
+
+/// The payload of one incoming record, read through its fragment marks:
+/// `Read` ends (returns 0) at the end of the record.
+struct Payload<'a> {
+    stream: &'a mut TcpStream,
+    left: u32,
+    last: bool,
+}
+
+impl<'a> Payload<'a> {
+    fn new(stream: &'a mut TcpStream) -> Self {
+        Payload { stream, left: 0, last: false }
+    }
+}
+
+impl Read for Payload<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.left == 0 {
+            if self.last {
+                return Ok(0);
+            }
+            let mut mark = [0u8; 4];
+            self.stream.read_exact(&mut mark).map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => io::Error::other("the server closed the connection"),
+                _ => e,
+            })?;
+            let mark = u32::from_be_bytes(mark);
+            self.left = mark & !LAST_FRAGMENT;
+            self.last = mark & LAST_FRAGMENT != 0;
+        }
+        let want = buf.len().min(self.left as usize);
+        let n = self.stream.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::other("the server closed the connection in the middle of a reply"));
+        }
+        self.left -= n as u32;
+        Ok(n)
+    }
+}
+
+fn word(r: &mut impl Read) -> io::Result<u32> {
+    let mut w = [0u8; 4];
+    r.read_exact(&mut w)?;
+    Ok(u32::from_be_bytes(w))
+}
+
+fn skip(r: &mut impl Read, n: u64) -> io::Result<()> {
+    let skipped = io::copy(&mut r.take(n), &mut io::sink())?;
+    if skipped < n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+fn string(r: &mut impl Read) -> io::Result<String> {
+    let len = word(r)? as usize;
+    if len > MAX_STRING {
+        return Err(io::Error::other(format!("a string of {len} bytes in the reply")));
+    }
+    let mut buf = vec![0u8; len + padding(len)];
+    r.read_exact(&mut buf)?;
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|_| io::Error::other("a reply string is not UTF-8"))
 }
 
 /// Pack a directory into a gzip-compressed tar in an anonymous temp file.

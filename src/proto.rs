@@ -164,13 +164,6 @@ impl JobStatus {
     }
 }
 
-/// One element of `retrieve_res.outputs`, as a client decodes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaOutput {
-    pub status: ReplicaStatus,
-    pub output: Vec<u8>,
-}
-
 /// Encode the default arm of any of the `*_res` unions.
 pub fn encode_error(w: &mut XdrWriter, stat: CloudStat, message: &str) {
     w.u32(stat as u32).string(message);

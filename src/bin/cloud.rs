@@ -2,13 +2,12 @@
 //! (links to this binary, as in the original), or as `cloud <command>`.
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cloudinfra::client::{pack_directory, Client, ClientError};
-use cloudinfra::proto::{JobState, JobStatus};
+use cloudinfra::proto::{JobState, JobStatus, ReplicaStatus};
 
 const DEFAULT_SERVER: &str = "127.0.0.1:9000";
 
@@ -166,14 +165,15 @@ fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     };
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let outputs = client.retrieve(a.ticket, true).map_err(|e: ClientError| e.to_string())?;
+    // Outputs stream into .part files; each is fsynced and renamed into
+    // place, and only then is the ticket closed.
+    let part = |s: &ReplicaStatus| dir.join(format!("output_{}.txt.part", port_of(&s.node)));
+    let outputs = client.retrieve_into(a.ticket, true, part).map_err(|e: ClientError| e.to_string())?;
     let mut all_ok = true;
-    for out in &outputs {
-        let port = out.status.node.rsplit(':').next().unwrap_or("unknown");
-        let path = dir.join(format!("output_{port}.txt"));
-        write_durably(&path, &out.output)
+    for (s, part) in &outputs {
+        let path = part.with_extension("");
+        commit(part, &path)
             .map_err(|e| format!("cannot write {}: {e}; the ticket stays open, retry", path.display()))?;
-        let s = &out.status;
         println!(
             "replica {} ({}): {} (exit {}) {} -> {}",
             s.replica,
@@ -185,22 +185,20 @@ fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
         );
         all_ok &= s.state == JobState::Completed;
     }
-    // Only now that every file is safely on disk may the ticket go.
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
     client.close(a.ticket).map_err(|e| e.to_string())?;
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// Write to a temp file, fsync, rename: a crash never leaves half a file.
-fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("txt.part");
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        if let Ok(d) = File::open(parent) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+/// The port of "127.0.0.1:9001", for the original output_<port>.txt naming.
+fn port_of(node: &str) -> &str {
+    node.rsplit(':').next().filter(|p| !p.is_empty()).unwrap_or("unknown")
+}
+
+/// fsync a finished .part file and rename it into place.
+fn commit(part: &Path, path: &Path) -> std::io::Result<()> {
+    File::open(part)?.sync_all()?;
+    fs::rename(part, path)
 }
