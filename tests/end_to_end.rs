@@ -236,3 +236,22 @@ fn sigterm_stops_the_server_and_kills_running_jobs() {
     assert_eq!(conn.read(&mut buf).unwrap_or(0), 0, "the job died with the server");
     assert!(c.log().contains("stopped"));
 }
+
+#[test]
+fn large_outputs_arrive_whole_across_many_fragments() {
+    let c = Cluster::start(2);
+    let a = job(c.dir.path(), "big.tar.gz", &["@head -c $$((3000000 + $$CLOUD_REPLICA)) /dev/zero | tr '\\0' x"]);
+    let t = c.deploy(2, &a);
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok);
+    let mut sizes: Vec<usize> = outs.iter().map(|(_, o)| o.len()).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![3_000_000, 3_000_001], "sizes need padding 0 and 3");
+    assert!(outs.iter().all(|(_, o)| o.bytes().all(|b| b == b'x')));
+    let leftovers: Vec<_> = std::fs::read_dir(c.dir.path().join(format!("out-{t}")))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
