@@ -2,13 +2,15 @@
 //! replies, node calls and file removals out (the style of quinn-proto).
 //!
 //! Owns: the scheduler, spooled archives of waiting jobs, fetched outputs,
-//! deferred RETRIEVE callers, and what each event means for them.
+//! deferred RETRIEVE callers, ticket expiry (time comes in as `now`; there
+//! is no clock inside), and what each event means for them.
 //! Must not touch: sockets, the reactor, processes. File *paths* are
 //! decided here; opening, writing and deleting them is the caller's job,
 //! done in the order the actions come out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use crate::proto::{CloudStat, JobState, JobStatus, ReplicaStatus, RunArgs, RunResult};
 use crate::scheduler::{NodeId, Scheduler, SubmitError, Ticket};
@@ -71,11 +73,21 @@ pub struct Coordinator {
     fetches: HashMap<(Ticket, u32), Fetch>,
     retrievers: HashMap<Ticket, Vec<Caller>>,
     actions: VecDeque<Action>,
+    /// How long a finished job waits to be retrieved before it is closed.
+    ttl: Option<Duration>,
+    /// Finished jobs by the moment they expire.
+    expiry: BTreeSet<(Instant, Ticket)>,
+    /// Tickets that expired (the most recent ones), to tell late callers why.
+    expired: BTreeSet<Ticket>,
 }
 
+/// How many expired tickets are remembered for CLOUD_EXPIRED answers.
+const REMEMBER_EXPIRED: usize = 65_536;
+
 impl Coordinator {
-    /// `node_names[i]` is how node i is shown ("127.0.0.1:9001").
-    pub fn new(node_names: Vec<String>, max_queue: usize, spool: PathBuf) -> Self {
+    /// `node_names[i]` is how node i is shown ("127.0.0.1:9001"); finished
+    /// jobs not retrieved within `ttl` are closed (`None`: never).
+    pub fn new(node_names: Vec<String>, max_queue: usize, spool: PathBuf, ttl: Option<Duration>) -> Self {
         Coordinator {
             sched: Scheduler::new(node_names.len(), max_queue),
             node_names,
@@ -84,6 +96,46 @@ impl Coordinator {
             fetches: HashMap::new(),
             retrievers: HashMap::new(),
             actions: VecDeque::new(),
+            ttl,
+            expiry: BTreeSet::new(),
+            expired: BTreeSet::new(),
+        }
+    }
+
+    /// When `on_timer` next has work: the earliest expiry.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.expiry.first().map(|&(at, _)| at)
+    }
+
+    /// Close finished jobs nobody retrieved in time.
+    pub fn on_timer(&mut self, now: Instant) {
+        while let Some(&(at, ticket)) = self.expiry.first() {
+            if at > now {
+                return;
+            }
+            self.expiry.pop_first();
+            if self.retrievers.contains_key(&ticket) {
+                // Being retrieved right now: give it another period.
+                if let Some(ttl) = self.ttl {
+                    self.expiry.insert((now + ttl, ticket));
+                }
+                continue;
+            }
+            if self.forget(ticket) {
+                log::info!("ticket {ticket}: expired, not retrieved in time; outputs discarded");
+                self.expired.insert(ticket);
+                while self.expired.len() > REMEMBER_EXPIRED {
+                    self.expired.pop_first();
+                }
+                self.start_ready();
+            }
+        }
+    }
+
+    /// Start the expiry clock of a job that has just finished.
+    fn finished_now(&mut self, ticket: Ticket, now: Instant) {
+        if let Some(ttl) = self.ttl {
+            self.expiry.insert((now + ttl, ticket));
         }
     }
 
@@ -137,8 +189,18 @@ impl Coordinator {
         }
     }
 
-    fn no_such_ticket(ticket: Ticket) -> Failure {
-        (CloudStat::NoSuchTicket, format!("no such ticket: {ticket} (never issued, or already closed)"))
+    /// Why a ticket is not in the table: expired, or never there.
+    fn unknown(&self, ticket: Ticket) -> Failure {
+        match self.ttl {
+            Some(ttl) if self.expired.contains(&ticket) => (
+                CloudStat::Expired,
+                format!(
+                    "ticket {ticket} expired: it finished more than {}s ago and was not retrieved, so its outputs were discarded (cloud-server --ticket-ttl)",
+                    ttl.as_secs()
+                ),
+            ),
+            _ => (CloudStat::NoSuchTicket, format!("no such ticket: {ticket} (never issued, or already closed)")),
+        }
     }
 
     fn replica_status(&self, ticket: Ticket) -> Option<Vec<ReplicaStatus>> {
@@ -159,7 +221,7 @@ impl Coordinator {
     }
 
     pub fn job_status(&self, ticket: Ticket) -> Result<JobStatus, Failure> {
-        let job = self.sched.job(ticket).ok_or_else(|| Self::no_such_ticket(ticket))?;
+        let job = self.sched.job(ticket).ok_or_else(|| self.unknown(ticket))?;
         Ok(JobStatus {
             ticket,
             state: job.state(),
@@ -175,7 +237,7 @@ impl Coordinator {
 
     pub fn retrieve(&mut self, to: Caller, ticket: Ticket, wait: bool) {
         let Some(job) = self.sched.job(ticket) else {
-            return self.reply(to, Reply::Retrieve(Err(Self::no_such_ticket(ticket))));
+            return self.reply(to, Reply::Retrieve(Err(self.unknown(ticket))));
         };
         if !job.finished() && !wait {
             let state = job.state().name();
@@ -239,7 +301,7 @@ impl Coordinator {
     }
 
     /// A node's NODE_RUN came back: its replica's process has ended.
-    pub fn run_finished(&mut self, node: NodeId, result: RunResult) {
+    pub fn run_finished(&mut self, node: NodeId, result: RunResult, now: Instant) {
         if let Some((ticket, replica)) = self.sched.replica_finished(node, &result) {
             log::info!(
                 "ticket {ticket}: replica {replica} on {} {}: {}",
@@ -247,8 +309,11 @@ impl Coordinator {
                 result.state.name(),
                 result.message
             );
-            if self.sched.job(ticket).is_some_and(|j| j.finished()) && self.retrievers.contains_key(&ticket) {
-                self.fetch_outputs(ticket);
+            if self.sched.job(ticket).is_some_and(|j| j.finished()) {
+                self.finished_now(ticket, now);
+                if self.retrievers.contains_key(&ticket) {
+                    self.fetch_outputs(ticket);
+                }
             }
         }
         self.start_ready();
@@ -267,10 +332,20 @@ impl Coordinator {
     }
 
     pub fn close(&mut self, to: Caller, ticket: Ticket) {
-        let Some(closed) = self.sched.close(ticket) else {
-            return self.reply(to, Reply::Close(Err(Self::no_such_ticket(ticket))));
-        };
+        if !self.forget(ticket) {
+            let failure = self.unknown(ticket);
+            return self.reply(to, Reply::Close(Err(failure)));
+        }
         log::info!("ticket {ticket}: closed");
+        self.reply(to, Reply::Close(Ok(())));
+        self.start_ready();
+    }
+
+    /// Remove a ticket: its archive, its nodes' workspaces, its fetched
+    /// outputs; parked retrievers are told. False if there was no such job.
+    fn forget(&mut self, ticket: Ticket) -> bool {
+        let Some(closed) = self.sched.close(ticket) else { return false };
+        self.expiry.retain(|&(_, t)| t != ticket);
         if let Some(archive) = self.archives.remove(&ticket) {
             self.actions.push_back(Action::RemoveFile(archive));
         }
@@ -287,8 +362,7 @@ impl Coordinator {
             let msg = format!("ticket {ticket} was closed while waiting for its outputs");
             self.reply(waiter, Reply::Retrieve(Err((CloudStat::NoSuchTicket, msg))));
         }
-        self.reply(to, Reply::Close(Ok(())));
-        self.start_ready();
+        true
     }
 
     /// A client connection went away: forget its deferred calls.
@@ -300,10 +374,14 @@ impl Coordinator {
     }
 
     /// A node link broke: its replica fails and the node is not used again.
-    pub fn node_lost(&mut self, node: NodeId) {
+    pub fn node_lost(&mut self, node: NodeId, now: Instant) {
         let why = format!("lost contact with node {}", self.node_names[node]);
         log::error!("{why}");
-        self.sched.node_lost(node, &why);
+        if let Some((ticket, _)) = self.sched.node_lost(node, &why) {
+            if self.sched.job(ticket).is_some_and(|j| j.finished()) {
+                self.finished_now(ticket, now);
+            }
+        }
         for (&(ticket, replica), f) in self.fetches.iter_mut() {
             let on_node = self
                 .sched
@@ -347,11 +425,60 @@ mod tests {
 
     fn coord(nodes: usize) -> Coordinator {
         let names = (0..nodes).map(|i| format!("127.0.0.1:{}", 9001 + i)).collect();
-        Coordinator::new(names, 10, PathBuf::from("/spool"))
+        Coordinator::new(names, 10, PathBuf::from("/spool"), Some(Duration::from_secs(60)))
     }
 
     fn drain(c: &mut Coordinator) -> Vec<Action> {
         std::iter::from_fn(|| c.poll_action()).collect()
+    }
+
+    /// The virtual clock's origin; tests add to it.
+    fn t0() -> Instant {
+        use std::sync::OnceLock;
+        static T0: OnceLock<Instant> = OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    fn ok() -> RunResult {
+        RunResult { state: JobState::Completed, exit_code: 0, message: "make run exited with status 0".into() }
+    }
+
+    #[test]
+    fn unretrieved_jobs_expire_and_late_callers_are_told() {
+        let mut c = coord(1);
+        c.deploy(A, 1, "/spool/in".into());
+        drain(&mut c);
+        assert_eq!(c.next_deadline(), None, "no clock runs for a running job");
+        c.run_finished(0, ok(), t0());
+        drain(&mut c);
+        assert_eq!(c.next_deadline(), Some(t0() + Duration::from_secs(60)));
+        c.on_timer(t0() + Duration::from_secs(59));
+        assert!(drain(&mut c).is_empty());
+        c.on_timer(t0() + Duration::from_secs(60));
+        assert_eq!(drain(&mut c), vec![Action::Node { node: 0, call: NodeCall::Drop { ticket: 1 } }]);
+        assert_eq!(c.next_deadline(), None);
+        let (stat, msg) = c.job_status(1).unwrap_err();
+        assert_eq!(stat, CloudStat::Expired);
+        assert!(msg.contains("--ticket-ttl"), "{msg}");
+        c.close(B, 1);
+        assert!(matches!(&drain(&mut c)[0], Action::Reply { reply: Reply::Close(Err((CloudStat::Expired, _))), .. }));
+        assert_eq!(c.job_status(99).unwrap_err().0, CloudStat::NoSuchTicket);
+    }
+
+    #[test]
+    fn a_job_being_retrieved_does_not_expire_under_its_caller() {
+        let mut c = coord(1);
+        c.deploy(A, 1, "/spool/in".into());
+        c.run_finished(0, ok(), t0());
+        c.retrieve(B, 1, true); // parked while its output is fetched
+        drain(&mut c);
+        c.on_timer(t0() + Duration::from_secs(61));
+        assert!(drain(&mut c).is_empty());
+        assert_eq!(c.job_state(1), Some(JobState::Completed));
+        assert_eq!(c.next_deadline(), Some(t0() + Duration::from_secs(121)));
+        // A ticket closed by its owner leaves no timer behind.
+        c.close(A, 1);
+        assert_eq!(c.next_deadline(), None);
     }
 
     const A: Caller = Caller { conn: 1, xid: 10 };
@@ -377,7 +504,7 @@ mod tests {
         drain(&mut c);
         c.retrieve(B, 1, true);
         assert!(drain(&mut c).is_empty(), "deferred while running");
-        c.run_finished(0, RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() });
+        c.run_finished(0, RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() }, t0());
         let acts = drain(&mut c);
         let Action::Node { node: 0, call: NodeCall::Fetch { ticket: 1, replica: 0, into } } = &acts[0] else {
             panic!("{acts:?}")
@@ -425,7 +552,7 @@ mod tests {
         drain(&mut c);
         assert_eq!(c.job_status(2).unwrap().queue_position, 1);
         assert_eq!(c.job_status(2).unwrap().state, JobState::Waiting);
-        c.run_finished(0, RunResult::invalid("make run exited with status 2"));
+        c.run_finished(0, RunResult::invalid("make run exited with status 2"), t0());
         let acts = drain(&mut c);
         assert!(matches!(&acts[0], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.ticket == 2));
         assert_eq!(c.job_state(1), Some(JobState::Invalid));

@@ -199,13 +199,15 @@ impl Scheduler {
     }
 
     /// A node can no longer be reached: fail its replica and never use it again.
-    pub fn node_lost(&mut self, node: NodeId, why: &str) {
+    /// Returns the replica it was running, if any.
+    pub fn node_lost(&mut self, node: NodeId, why: &str) -> Option<(Ticket, u32)> {
         if self.lost.contains(&node) {
-            return;
+            return None;
         }
-        self.replica_finished(node, &RunResult::invalid(why));
+        let failed = self.replica_finished(node, &RunResult::invalid(why));
         self.free.retain(|&n| n != node);
         self.lost.push(node);
+        failed
     }
 
     /// Forget a ticket. Its running replicas keep their nodes until their
@@ -331,7 +333,7 @@ mod tests {
         let mut s = Scheduler::new(2, 10);
         let t = s.submit(1).unwrap();
         s.start_ready();
-        s.node_lost(0, "lost contact with node");
+        assert_eq!(s.node_lost(0, "lost contact with node"), Some((t, 0)));
         assert_eq!(s.job(t).unwrap().state(), JobState::Invalid);
         assert!(matches!(s.submit(2), Err(SubmitError::BadReplicas { .. })));
         s.check_invariants();

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub time_limit: Duration,
     pub kill_grace: Duration,
     pub max_output: u64,
+    /// Finished jobs not retrieved within this are closed (`None`: never).
+    pub ticket_ttl: Option<Duration>,
     /// Per-node identity: `None` runs as the server's own user.
     pub identities: Vec<Option<(nix::unistd::Uid, nix::unistd::Gid)>>,
     /// Whether each node's uid is its own (so a uid-wide kill is safe).
@@ -290,7 +292,7 @@ impl Server {
                 .map_err(|e| format!("cannot register with epoll: {e}"))?;
         }
 
-        let coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone());
+        let coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
         let mut server = Server {
             poll,
             slab: Slab::new(),
@@ -397,16 +399,19 @@ impl Server {
                     node.on_timer(now);
                 }
             }
+            self.coord.on_timer(now);
             self.settle();
         }
         self.stop();
         Ok(())
     }
 
-    /// Poll timeout: until the earliest node deadline, or forever.
+    /// Poll timeout: until the earliest deadline (a node's time limit, a
+    /// ticket's expiry), or forever.
     fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
-        self.nodes.iter().filter_map(|n| n.deadline()).min().map(|d| d.saturating_duration_since(now))
+        let nodes = self.nodes.iter().filter_map(|n| n.deadline());
+        nodes.chain(self.coord.next_deadline()).min().map(|d| d.saturating_duration_since(now))
     }
 
     fn dispatch(&mut self, token: Token) {
@@ -687,7 +692,7 @@ impl Server {
                 let result = results
                     .and_then(|b| RunResult::decode(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))
                     .unwrap_or_else(|why| RunResult::invalid(format!("node {name}: {why}")));
-                self.coord.run_finished(node, result);
+                self.coord.run_finished(node, result, Instant::now());
             }
             ReplyEvent::Reply { call: Pending::Fetch { ticket, replica, .. }, results } => {
                 let why = results.err().unwrap_or_else(|| "the node sent no output".into());
@@ -889,7 +894,7 @@ impl Server {
                     Err(e) => {
                         let msg = format!("the spooled archive is gone: {e}");
                         // Report it as the node would, so the node is freed.
-                        self.coord.run_finished(node, RunResult::invalid(msg));
+                        self.coord.run_finished(node, RunResult::invalid(msg), Instant::now());
                         return;
                     }
                 };
@@ -912,7 +917,7 @@ impl Server {
         log::debug!("node {}: call xid {xid:#x} proc {proc_num}", self.node_names[node]);
         let Some(key) = self.links[node] else {
             if let Pending::Run = pending {
-                self.coord.run_finished(node, RunResult::invalid("the node is unreachable"));
+                self.coord.run_finished(node, RunResult::invalid("the node is unreachable"), Instant::now());
             }
             return;
         };
@@ -990,7 +995,7 @@ impl Server {
             Role::Client => self.coord.conn_closed(key),
             Role::NodeLink { node, .. } => {
                 self.links[node] = None;
-                self.coord.node_lost(node);
+                self.coord.node_lost(node, Instant::now());
             }
             Role::NodeInbound(_) => {}
         }

@@ -255,3 +255,23 @@ fn large_outputs_arrive_whole_across_many_fragments() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+#[test]
+fn unretrieved_tickets_expire_with_a_clear_answer() {
+    let c = Cluster::start_with(1, &["--ticket-ttl", "1"]);
+    let t = c.deploy(1, &job(c.dir.path(), "e.tar.gz", &["@echo soon gone"]));
+    // Wait, by asking as a user would, until the server has expired it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let err = loop {
+        let out = c.cloud(&["status", &t.to_string()]);
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "ticket never expired");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(err.contains(&format!("ticket {t} expired")) && err.contains("--ticket-ttl"), "{err}");
+    let (ok, _) = c.retrieve(t);
+    assert!(!ok);
+    wait_until("the expired ticket's workspace is gone", || node_leftovers(&c).is_empty());
+}

@@ -67,6 +67,10 @@ struct Args {
     /// Processes per slot user (RLIMIT_NPROC; set only when the server is root).
     #[arg(long, value_name = "N", default_value_t = 128)]
     max_procs: u64,
+    /// Seconds a finished job waits to be retrieved before it is closed and
+    /// its outputs discarded (later calls get CLOUD_EXPIRED); 0 keeps it forever.
+    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    ticket_ttl: u64,
     /// Captured output kept per replica; the rest is dropped after a marker line.
     #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
     max_output: u64,
@@ -176,6 +180,7 @@ fn run(args: Args) -> Result<(), String> {
         time_limit: Duration::from_secs(args.time_limit),
         kill_grace: Duration::from_secs(args.kill_grace),
         max_output: args.max_output,
+        ticket_ttl: (args.ticket_ttl > 0).then(|| Duration::from_secs(args.ticket_ttl)),
         identities: ids.per_node,
         slot_uids: ids.slot_uids,
         isolate_network,
