@@ -145,7 +145,7 @@ fn a_client_that_vanishes_mid_archive_leaves_nothing_and_hurts_no_one() {
 fn queue_full_is_a_clear_error() {
     let c = Cluster::start_with(1, &["--max-queue", "1", "--allow-network"]);
     let gate = Gate::new();
-    let blocker = job(c.dir.path(), "b.tar.gz", &gate.wait_recipe("b").iter().map(String::as_str).collect::<Vec<_>>());
+    let blocker = job(c.dir.path(), "b.tar.gz", &gate.wait_recipe("b"));
     let t1 = c.deploy(1, &blocker);
     let (_, conn) = gate.arrive();
     let quick = job(c.dir.path(), "q.tar.gz", &["@echo q"]);

@@ -123,9 +123,9 @@ fn jobs_wait_in_fifo_order_with_queue_positions() {
     let c = Cluster::start_with(2, &["--allow-network"]);
     let gate = Gate::new();
     let d = c.dir.path();
-    let a = job(d, "a.tar.gz", &gate.wait_recipe("a$$CLOUD_REPLICA").iter().map(String::as_str).collect::<Vec<_>>());
-    let b = job(d, "b.tar.gz", &gate.wait_recipe("b$$CLOUD_REPLICA").iter().map(String::as_str).collect::<Vec<_>>());
-    let cj = job(d, "c.tar.gz", &gate.wait_recipe("c").iter().map(String::as_str).collect::<Vec<_>>());
+    let a = job(d, "a.tar.gz", &gate.wait_recipe("a$$CLOUD_REPLICA"));
+    let b = job(d, "b.tar.gz", &gate.wait_recipe("b$$CLOUD_REPLICA"));
+    let cj = job(d, "c.tar.gz", &gate.wait_recipe("c"));
     let ta = c.deploy(2, &a);
     let tb = c.deploy(2, &b);
     let tc = c.deploy(1, &cj);
@@ -167,7 +167,7 @@ fn jobs_wait_in_fifo_order_with_queue_positions() {
 fn retrieve_waits_for_a_running_job_without_polling() {
     let c = Cluster::start_with(1, &["--allow-network"]);
     let gate = Gate::new();
-    let a = job(c.dir.path(), "w.tar.gz", &gate.wait_recipe("w").iter().map(String::as_str).collect::<Vec<_>>());
+    let a = job(c.dir.path(), "w.tar.gz", &gate.wait_recipe("w"));
     let t = c.deploy(1, &a);
     let (_, conn) = gate.arrive();
     let out_dir = c.dir.path().join("waited");
@@ -226,7 +226,7 @@ fn the_server_has_one_thread_and_no_zombies_after_jobs() {
 fn sigterm_stops_the_server_and_kills_running_jobs() {
     let mut c = Cluster::start_with(1, &["--allow-network"]);
     let gate = Gate::new();
-    let a = job(c.dir.path(), "s.tar.gz", &gate.wait_recipe("s").iter().map(String::as_str).collect::<Vec<_>>());
+    let a = job(c.dir.path(), "s.tar.gz", &gate.wait_recipe("s"));
     c.deploy(1, &a);
     let (_, mut conn) = gate.arrive();
     let status = c.terminate().expect("server exits");

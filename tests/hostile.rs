@@ -231,8 +231,7 @@ fn hostile_jobs_fail_alone_and_leave_nothing_behind() {
     let normal = job(d, "normal.tar.gz", &["@echo normal job fine"]);
     let mut tickets = Vec::new();
     for (name, recipe, _, _) in &cases {
-        let lines: Vec<&str> = recipe.iter().map(String::as_str).collect();
-        let a = job(d, &format!("{name}.tar.gz"), &lines);
+        let a = job(d, &format!("{name}.tar.gz"), recipe);
         tickets.push(c.deploy(1, &a));
         tickets.push(c.deploy(1, &normal));
     }
@@ -291,7 +290,7 @@ fn jobs_cannot_reach_the_cluster_or_other_tenants() {
         format!("@-exec 3<>/dev/tcp/127.0.0.1/{} && echo reached a node", c.ports[0]),
         "@echo done".into(),
     ];
-    let b = job(d, "b.tar.gz", &recipe.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = job(d, "b.tar.gz", &recipe);
     let tb = c.deploy(1, &b);
     let (_, outs) = c.retrieve(tb);
     let out = &outs[0].1;

@@ -265,11 +265,11 @@ pub fn archive(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
 }
 
 /// An archive whose makefile's `run` recipe is `recipe` (lines, bash).
-pub fn job(dir: &Path, name: &str, recipe: &[&str]) -> PathBuf {
+pub fn job(dir: &Path, name: &str, recipe: &[impl AsRef<str>]) -> PathBuf {
     let mut mk = String::from("SHELL := /bin/bash\nrun:\n");
     for line in recipe {
         mk.push('\t');
-        mk.push_str(line);
+        mk.push_str(line.as_ref());
         mk.push('\n');
     }
     archive(dir, name, &[("Makefile", &mk)])
