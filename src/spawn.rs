@@ -13,7 +13,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -98,7 +98,7 @@ pub fn spawn(spec: &SpawnSpec) -> nix::Result<Spawned> {
         ForkResult::Child => {
             drop(out_r);
             drop(st_r);
-            let err = child_setup(spec, out_w, &make, &argv, &envp);
+            let err = child_setup(spec, out_w, st_w.as_raw_fd(), &make, &argv, &envp);
             let mut st = File::from(st_w);
             let _ = writeln!(st, "{}", err.message);
             // SAFETY: _exit is async-signal-safe and skips the parent's atexit
@@ -125,7 +125,14 @@ fn fail(code: i32, message: String) -> ChildError {
 }
 
 /// Runs in the child. Returns only on failure.
-fn child_setup(spec: &SpawnSpec, out_w: OwnedFd, make: &[CString], argv: &[CString], envp: &[CString]) -> ChildError {
+fn child_setup(
+    spec: &SpawnSpec,
+    out_w: OwnedFd,
+    status_fd: RawFd,
+    make: &[CString],
+    argv: &[CString],
+    envp: &[CString],
+) -> ChildError {
     let setup = |what: &str, e: nix::Error| fail(SETUP_FAILED, format!("replica setup failed: {what}: {e}"));
     // Signals: the server blocks some for its signalfd and Rust ignores
     // SIGPIPE; the job must start with the defaults.
@@ -150,9 +157,18 @@ fn child_setup(spec: &SpawnSpec, out_w: OwnedFd, make: &[CString], argv: &[CStri
         }
         Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: /dev/null: {e}")),
     }
-    // Nothing else leaks into the job: mark every other descriptor CLOEXEC.
-    // SAFETY: close_range only changes descriptor flags.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    // Nothing of the server's stays open in the child, not even during
+    // extraction (a client socket held here would not close for its peer):
+    // close every descriptor but 0, 1, 2 and the status pipe.
+    // SAFETY: close_range closes descriptors this process owns and never
+    // uses again; the server's copies are unaffected.
+    unsafe {
+        let status = status_fd as u32;
+        if status > 3 {
+            libc::syscall(libc::SYS_close_range, 3u32, status - 1, 0);
+        }
+        libc::syscall(libc::SYS_close_range, status + 1, u32::MAX, 0);
+    }
 
     // Open what we need while still privileged.
     let archive = match File::open(spec.archive) {

@@ -100,7 +100,23 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// Make sure descriptors 0, 1 and 2 are open (on /dev/null if they were
+/// closed), so no socket or pipe of ours ever lands on them.
+fn hold_standard_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries a descriptor number.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            // The lowest free descriptor is the one just found closed; it
+            // stays open for the life of the process.
+            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                std::mem::forget(null);
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    hold_standard_fds();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
