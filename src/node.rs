@@ -57,6 +57,17 @@ struct Running {
     stop: Option<StopReason>,
 }
 
+/// What `drain_output` left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// The pipe is empty for now.
+    Empty,
+    /// The budget ran out with data still waiting: drain again soon.
+    More,
+    /// Every writer is gone (or no replica runs).
+    Closed,
+}
+
 /// A replica that has ended.
 #[derive(Debug)]
 pub struct Finished {
@@ -166,28 +177,23 @@ impl Node {
         Ok(fd)
     }
 
-    /// Move what the pipe holds into the output file, up to the cap.
-    /// Returns true at EOF (every writer gone).
-    pub fn drain_output(&mut self) -> bool {
+    /// Move what the pipe holds into the output file, up to the cap,
+    /// reading at most `budget` chunks so a flooding job cannot keep the
+    /// reactor from its other work.
+    pub fn drain_output(&mut self, budget: usize) -> Drained {
         let max = self.cfg.max_output;
         let Some(r) = self.running.as_mut() else {
-            return true;
+            return Drained::Closed;
         };
-        loop {
-            // SAFETY: read(2) into our own buffer from a pipe fd we own.
-            let n = unsafe { libc::read(r.output.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len()) };
-            if n == 0 {
-                return true;
-            }
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => return false,
-                    _ => return true,
-                }
-            }
-            let chunk = &self.buf[..n as usize];
+        for _ in 0..budget {
+            let n = match nix::unistd::read(&r.output, &mut self.buf) {
+                Ok(0) => return Drained::Closed,
+                Ok(n) => n,
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => return Drained::Empty,
+                Err(_) => return Drained::Closed,
+            };
+            let chunk = &self.buf[..n];
             let room = max.saturating_sub(r.written) as usize;
             let keep = chunk.len().min(room);
             if keep > 0 {
@@ -203,6 +209,7 @@ impl Node {
                 log::debug!("node {}: ticket {}: output truncated", self.cfg.port, r.ticket);
             }
         }
+        Drained::More
     }
 
     /// The next moment `on_timer` has work to do.
@@ -266,7 +273,7 @@ impl Node {
         }
         // Nothing of the replica may outlive it: daemons, stray children.
         self.kill_everything();
-        self.drain_output();
+        self.drain_output(usize::MAX);
         let r = self.running.take()?;
         let setup_error = spawn::read_setup_error(r.status);
         let result = spawn::classify_exit(status, &setup_error, r.stop.as_ref());

@@ -28,7 +28,7 @@ use slab::Slab;
 
 use crate::config::NodesFile;
 use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
-use crate::node::{Finished, Node, NodeConfig};
+use crate::node::{Drained, Finished, Node, NodeConfig};
 use crate::proto::{self, CloudStat, RunArgs, RunResult, CLOUD_PROGRAM, NODE_PROGRAM};
 use crate::record::{self, Outbox, Piece};
 use crate::rpc::{self, AcceptStat};
@@ -41,6 +41,8 @@ const SIGNALS: Token = Token(0);
 const CLIENTS: Token = Token(1);
 /// Node listener i has token 2 + i; slab keys start after them.
 const NODE_LISTENER_BASE: usize = 2;
+/// Chunks (64 KiB each) read from one replica's output per turn of the loop.
+const DRAIN_BUDGET: usize = 16;
 /// Largest buffered (non-streamed) record: calls and small replies.
 const MAX_RECORD: usize = 64 * 1024;
 
@@ -222,6 +224,8 @@ pub struct Server {
     next_spool: u64,
     rbuf: Vec<u8>,
     dead: Vec<usize>,
+    /// Nodes whose output pipe still had data when their read budget ran out.
+    more_output: Vec<NodeId>,
     shutdown: bool,
     summary: String,
 }
@@ -312,6 +316,7 @@ impl Server {
             next_spool: 0,
             rbuf: vec![0; 64 * 1024],
             dead: Vec::new(),
+            more_output: Vec::new(),
             shutdown: false,
             summary: cfg.sandbox_summary.clone(),
         };
@@ -393,6 +398,10 @@ impl Server {
             for ev in events.iter() {
                 self.dispatch(ev.token());
             }
+            // Pipes left with data (edge-triggered: no new event will say so).
+            for node in std::mem::take(&mut self.more_output) {
+                self.drain_child(node);
+            }
             let now = Instant::now();
             for node in &mut self.nodes {
                 if node.deadline().is_some_and(|d| d <= now) {
@@ -409,6 +418,9 @@ impl Server {
     /// Poll timeout: until the earliest deadline (a node's time limit, a
     /// ticket's expiry), or forever.
     fn next_timeout(&self) -> Option<Duration> {
+        if !self.more_output.is_empty() {
+            return Some(Duration::ZERO);
+        }
         let now = Instant::now();
         let nodes = self.nodes.iter().filter_map(|n| n.deadline());
         nodes.chain(self.coord.next_deadline()).min().map(|d| d.saturating_duration_since(now))
@@ -425,7 +437,7 @@ impl Server {
                     Some(Source::Conn(_)) => self.conn_event(key),
                     Some(Source::ChildOutput(i)) => {
                         let i = *i;
-                        self.nodes[i].drain_output();
+                        self.drain_child(i);
                     }
                     _ => {} // stale event for a closed source
                 }
@@ -797,6 +809,13 @@ impl Server {
         }
     }
 
+    /// Read a replica's output, a bounded amount per turn of the loop.
+    fn drain_child(&mut self, node: NodeId) {
+        if self.nodes[node].drain_output(DRAIN_BUDGET) == Drained::More && !self.more_output.contains(&node) {
+            self.more_output.push(node);
+        }
+    }
+
     fn watch_child(&mut self, node: NodeId, fd: std::os::fd::RawFd) {
         let entry = self.slab.vacant_entry();
         let token = Token(entry.key() + first_key(self.nodes.len()));
@@ -808,7 +827,7 @@ impl Server {
             Err(e) => log::error!("cannot watch a replica's output: {e}"),
         }
         // Output written before registration is read now.
-        self.nodes[node].drain_output();
+        self.drain_child(node);
     }
 
     /// A whole call from a client of the main server.
