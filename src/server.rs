@@ -42,7 +42,9 @@ const CLIENTS: Token = Token(1);
 /// Node listener i has token 2 + i; slab keys start after them.
 const NODE_LISTENER_BASE: usize = 2;
 /// Chunks (64 KiB each) read from one replica's output per turn of the loop.
-const DRAIN_BUDGET: usize = 16;
+const DRAIN_BUDGET: usize = 4;
+/// Reads (up to 64 KiB each) from one connection per turn of the loop.
+const READ_BUDGET: usize = 4;
 /// Largest buffered (non-streamed) record: calls and small replies.
 const MAX_RECORD: usize = 64 * 1024;
 
@@ -226,6 +228,8 @@ pub struct Server {
     dead: Vec<usize>,
     /// Nodes whose output pipe still had data when their read budget ran out.
     more_output: Vec<NodeId>,
+    /// Connections that used their read budget with data possibly left.
+    more_input: Vec<usize>,
     shutdown: bool,
     summary: String,
 }
@@ -317,6 +321,7 @@ impl Server {
             rbuf: vec![0; 64 * 1024],
             dead: Vec::new(),
             more_output: Vec::new(),
+            more_input: Vec::new(),
             shutdown: false,
             summary: cfg.sandbox_summary.clone(),
         };
@@ -398,9 +403,15 @@ impl Server {
             for ev in events.iter() {
                 self.dispatch(ev.token());
             }
-            // Pipes left with data (edge-triggered: no new event will say so).
+            // Pipes and sockets left with data (edge-triggered: no new event
+            // will say so).
             for node in std::mem::take(&mut self.more_output) {
                 self.drain_child(node);
+            }
+            for key in std::mem::take(&mut self.more_input) {
+                if matches!(self.slab.get(key), Some(Source::Conn(_))) {
+                    self.conn_event(key);
+                }
             }
             let now = Instant::now();
             for node in &mut self.nodes {
@@ -418,7 +429,7 @@ impl Server {
     /// Poll timeout: until the earliest deadline (a node's time limit, a
     /// ticket's expiry), or forever.
     fn next_timeout(&self) -> Option<Duration> {
-        if !self.more_output.is_empty() {
+        if !self.more_output.is_empty() || !self.more_input.is_empty() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -583,10 +594,19 @@ impl Server {
     fn conn_read(&mut self, key: usize, conn: &mut Conn) -> bool {
         let mut buf = std::mem::take(&mut self.rbuf);
         let mut paused = false;
+        let mut budget = READ_BUDGET;
         loop {
             if conn.closing {
                 break;
             }
+            if budget == 0 {
+                // Fair share used: others go first, then this one again.
+                if !self.more_input.contains(&key) {
+                    self.more_input.push(key);
+                }
+                break;
+            }
+            budget -= 1;
             if conn.busy() {
                 paused = true;
                 break;
