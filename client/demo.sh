@@ -37,6 +37,8 @@ echo; echo "== ./retrieve $TICKET demo-out   (waits for both replicas, then clos
 for f in demo-out/output_*.txt; do
     echo; echo "== $f"; cat "$f"
 done
+# Each replica counted its own share of the samples: add them up.
+awk '/^samples/ { n += $2; k += $4 } END { if (n) printf "\n== both replicas together: pi is about %.6f (%d samples)\n", 4 * k / n, n }' demo-out/output_*.txt
 echo; echo "== ./status $TICKET --json   (the ticket is closed now)"
 ./status "$TICKET" --json || true
 cd ..
