@@ -28,7 +28,7 @@ struct Args {
     /// Address clients connect to (port 0 picks a free port; the ready line shows it).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
     listen: SocketAddr,
-    /// Where node workspaces (output_<port>/) and the main server's spool live.
+    /// Where node workspaces (output_PORT/) and the main server's spool live.
     #[arg(long, value_name = "DIR", default_value = "work")]
     work_dir: PathBuf,
     /// Jobs that may wait for nodes before deploys get "queue full".

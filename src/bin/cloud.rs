@@ -21,13 +21,13 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Deploy a job: an archive (.tar.gz with a makefile whose `run` target
-    /// runs it) or a directory (packed on the fly), on <replicas> nodes.
-    /// Prints "Job ticket#: <n>".
+    /// runs it) or a directory (packed on the fly), on REPLICAS nodes.
+    /// Prints "Job ticket#: N".
     Deploy(DeployArgs),
     /// Show a job's state and one line per replica.
     Status(StatusArgs),
-    /// Wait for every replica, write <dir>/output_<port>.txt for each, then
-    /// close the ticket. Without <dir>: close the ticket at once (running
+    /// Wait for every replica, write DIR/output_PORT.txt for each, then
+    /// close the ticket. Without DIR: close the ticket at once (running
     /// replicas are killed, outputs discarded).
     Retrieve(RetrieveArgs),
 }
@@ -58,7 +58,7 @@ struct StatusArgs {
 #[command(about = "Collect outputs: cloud retrieve <ticket> [<dir>]")]
 struct RetrieveArgs {
     ticket: u32,
-    /// Directory for output_<port>.txt files; omit it to close the ticket now.
+    /// Directory for output_PORT.txt files; omit it to close the ticket now.
     dir: Option<PathBuf>,
     #[command(flatten)]
     server: ServerArg,
@@ -192,7 +192,7 @@ fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// The port of "127.0.0.1:9001", for the original output_<port>.txt naming.
+/// The port of "127.0.0.1:9001", for the original output_PORT.txt naming.
 fn port_of(node: &str) -> &str {
     node.rsplit(':').next().filter(|p| !p.is_empty()).unwrap_or("unknown")
 }
