@@ -578,8 +578,10 @@ impl Server {
     /// Read, decode, handle and write until the connection would block or
     /// must wait for a reply.
     fn drive(&mut self, key: usize, conn: &mut Conn) {
+        // One budget for the whole turn, however many calls it holds.
+        let mut budget = READ_BUDGET;
         loop {
-            let paused = self.conn_read(key, conn);
+            let paused = self.conn_read(key, conn, &mut budget);
             self.flush(conn);
             // A client paused for its reply, now sent, may have more calls
             // held or waiting in the socket: go on with them.
@@ -591,26 +593,23 @@ impl Server {
 
     /// Read until WouldBlock, EOF or backpressure. Returns true if paused
     /// for backpressure.
-    fn conn_read(&mut self, key: usize, conn: &mut Conn) -> bool {
+    fn conn_read(&mut self, key: usize, conn: &mut Conn, budget: &mut usize) -> bool {
         let mut buf = std::mem::take(&mut self.rbuf);
         let mut paused = false;
-        let mut budget = READ_BUDGET;
         loop {
             if conn.closing {
                 break;
             }
-            if budget == 0 {
-                // Fair share used: others go first, then this one again.
-                if !self.more_input.contains(&key) {
-                    self.more_input.push(key);
-                }
-                break;
-            }
-            budget -= 1;
             if conn.busy() {
                 paused = true;
                 break;
             }
+            if *budget == 0 {
+                // Fair share used: others go first, then this one again.
+                self.again(key);
+                break;
+            }
+            *budget -= 1;
             if !conn.held.is_empty() {
                 let held = std::mem::take(&mut conn.held);
                 self.feed(key, conn, &held);
@@ -968,8 +967,8 @@ impl Server {
         self.send(key, pieces);
     }
 
-    /// Send the coordinator's answer to a client's call, then go on with
-    /// that client's next call, if it has sent one.
+    /// Send the coordinator's answer to a client's call; that client's
+    /// next call, if any, is taken up on the next turn of the loop.
     fn answer(&mut self, key: usize, pieces: Vec<Piece>) {
         let Some(mut conn) = self.take_conn(key) else {
             log::debug!("connection {key} is gone; dropping a reply");
@@ -977,9 +976,21 @@ impl Server {
         };
         conn.awaiting = conn.awaiting.saturating_sub(1);
         conn.outbox.push(pieces);
-        self.drive(key, &mut conn);
+        self.flush(&mut conn);
+        // Its next call (held, or in the socket) waits for the next turn of
+        // the loop, so a client that pipelines cannot keep the others waiting.
+        if !conn.busy() && !conn.closing {
+            self.again(key);
+        }
         self.slab[key] = Source::Conn(conn);
         self.check_done(key);
+    }
+
+    /// Read this connection again on the next turn of the loop.
+    fn again(&mut self, key: usize) {
+        if !self.more_input.contains(&key) {
+            self.more_input.push(key);
+        }
     }
 
     /// Queue a record on a connection and write what can be written.

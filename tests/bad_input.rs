@@ -259,3 +259,40 @@ fn nodes_serve_only_their_main_server() {
     assert!(closed_by_server(&mut s), "a node answered a stranger");
     null_works(&c);
 }
+
+#[test]
+fn a_client_that_pipelines_without_end_does_not_starve_others() {
+    let c = Cluster::start(1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = TcpStream::connect(c.addr).unwrap();
+    let mut reader = flood.try_clone().unwrap();
+    let writer = {
+        let stop = stop.clone();
+        let mut flood = flood;
+        std::thread::spawn(move || {
+            let mut w = rpc::call(1, proto::CLOUD_PROG, 1, proto::STATUS);
+            w.u32(1);
+            let batch: Vec<u8> = (0..200).flat_map(|_| frame(&w.clone().into_bytes())).collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if flood.write_all(&batch).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    // Drain the flooder's replies so the server is never held up by it.
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            let _ = n;
+        }
+    });
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(c.addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        s.write_all(&frame(&rpc::call(5, proto::CLOUD_PROG, 1, 0).into_bytes())).unwrap();
+        assert!(read_reply(&mut s).is_some(), "starved by the flooding client");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+}
