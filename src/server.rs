@@ -1,7 +1,7 @@
 //! The reactor: one thread, one `mio::Poll`, every socket and pipe.
 //!
 //! Owns: the poll, the slab of connections and child pipes (token = slab
-//! key + `first_key`), listeners, the signalfd (SIGCHLD, SIGINT, SIGTERM),
+//! key + `first_key`), listeners, the signalfd (SIGCHLD; SIGINT, SIGTERM, SIGHUP),
 //! reading until `WouldBlock` into the session readers, writing outboxes
 //! until `WouldBlock`, serving each client one call at a time
 //! (backpressure), spooling streamed archives and outputs to disk, reaping
@@ -282,6 +282,7 @@ impl Server {
         mask.add(Signal::SIGCHLD);
         mask.add(Signal::SIGINT);
         mask.add(Signal::SIGTERM);
+        mask.add(Signal::SIGHUP);
         nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
             .map_err(|e| format!("cannot block signals: {e}"))?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
@@ -390,7 +391,7 @@ impl Server {
         )
     }
 
-    /// Serve until SIGINT or SIGTERM, then stop every replica.
+    /// Serve until SIGINT, SIGTERM or SIGHUP, then stop every replica.
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(256);
         while !self.shutdown {

@@ -137,7 +137,7 @@ fn child_setup(
     // Signals: the server blocks some for its signalfd and Rust ignores
     // SIGPIPE; the job must start with the defaults.
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    for sig in [Signal::SIGPIPE, Signal::SIGINT, Signal::SIGTERM, Signal::SIGCHLD] {
+    for sig in [Signal::SIGPIPE, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGCHLD] {
         // SAFETY: restoring the default disposition installs no handler.
         let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
     }

@@ -223,18 +223,22 @@ fn the_server_has_one_thread_and_no_zombies_after_jobs() {
 }
 
 #[test]
-fn sigterm_stops_the_server_and_kills_running_jobs() {
-    let mut c = Cluster::start_with(1, &["--allow-network"]);
-    let gate = Gate::new();
-    let a = job(c.dir.path(), "s.tar.gz", &gate.wait_recipe("s"));
-    c.deploy(1, &a);
-    let (_, mut conn) = gate.arrive();
-    let status = c.terminate().expect("server exits");
-    assert!(status.success(), "clean exit on SIGTERM");
-    let mut buf = [0u8; 4];
-    use std::io::Read;
-    assert_eq!(conn.read(&mut buf).unwrap_or(0), 0, "the job died with the server");
-    assert!(c.log().contains("stopped"));
+fn sigterm_sigint_and_sighup_stop_the_server_and_kill_running_jobs() {
+    use nix::sys::signal::Signal;
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        let mut c = Cluster::start_with(1, &["--allow-network"]);
+        let gate = Gate::new();
+        let a = job(c.dir.path(), "s.tar.gz", &gate.wait_recipe("s"));
+        c.deploy(1, &a);
+        let (_, mut conn) = gate.arrive();
+        let status = c.stop_with(sig).expect("server exits");
+        assert!(status.success(), "clean exit on {sig}");
+        let mut buf = [0u8; 4];
+        use std::io::Read;
+        assert_eq!(conn.read(&mut buf).unwrap_or(0), 0, "the job died with the server ({sig})");
+        assert!(c.log().contains("stopped"));
+        assert!(!c.work().join(format!("output_{}", c.ports[0])).exists(), "workspaces removed");
+    }
 }
 
 #[test]

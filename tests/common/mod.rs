@@ -187,8 +187,13 @@ impl Cluster {
 
     /// SIGTERM, as Ctrl-C would, and wait for a clean exit.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Send `sig` and wait for the server to exit.
+    pub fn stop_with(&mut self, sig: nix::sys::signal::Signal) -> Option<std::process::ExitStatus> {
         let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(pid, sig);
         let status = self.child.wait().ok();
         // The server's stderr is complete once the reader sees EOF.
         if let Some(r) = self.log_reader.take() {
