@@ -252,11 +252,15 @@ impl Node {
     fn kill_everything(&mut self) {
         let Some(r) = &self.running else { return };
         spawn::signal_group(r.pid, Signal::SIGKILL);
-        if self.cfg.sweep_uid {
-            if let Some((uid, _)) = self.cfg.sandbox.identity {
-                match spawn::kill_all_of_uid(uid) {
-                    Ok(helper) => self.sweeps.push(helper),
-                    Err(e) => log::warn!("node {}: cannot sweep uid {uid}: {e}", self.cfg.port),
+        match self.cfg.sandbox.identity {
+            Some((uid, _)) if self.cfg.sweep_uid => match spawn::kill_all_of_uid(uid) {
+                Ok(helper) => self.sweeps.push(helper),
+                Err(e) => log::warn!("node {}: cannot sweep uid {uid}: {e}", self.cfg.port),
+            },
+            _ => {
+                let n = spawn::kill_tagged(r.ticket, self.cfg.port);
+                if n > 0 {
+                    log::debug!("node {}: ticket {}: killed {n} escaped process(es)", self.cfg.port, r.ticket);
                 }
             }
         }

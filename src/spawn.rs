@@ -334,6 +334,37 @@ fn probe_child(sandbox: Sandbox, ws: &Path) -> Result<(), String> {
     })
 }
 
+/// Without a uid of its own, a replica's escaped processes (daemons that
+/// left its session) are found by the environment every replica starts
+/// with: SIGKILL every process whose environ holds this ticket and node
+/// port. A job that scrubs its environment escapes this; slot uids (as
+/// root) do not have that gap. Returns how many were killed.
+pub fn kill_tagged(ticket: u32, port: u16) -> usize {
+    let want_ticket = format!("CLOUD_TICKET={ticket}");
+    let want_port = format!("CLOUD_NODE_PORT={port}");
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let mut killed = 0;
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if pid as u32 == me {
+            continue;
+        }
+        // Unreadable (another user's process, or gone): not ours to kill.
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+        let mut vars = environ.split(|&b| b == 0);
+        let (mut t, mut p) = (false, false);
+        for var in &mut vars {
+            t |= var == want_ticket.as_bytes();
+            p |= var == want_port.as_bytes();
+        }
+        if t && p && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            killed += 1;
+        }
+    }
+    killed
+}
+
 /// Kill every process running as `uid`, including ones that left the
 /// replica's session: a forked helper takes that uid and calls kill(-1).
 /// Only safe when the uid belongs to one node. The helper is reaped by the

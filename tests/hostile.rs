@@ -428,3 +428,30 @@ fn cpu_time_is_limited() {
     let (_, outs) = c.retrieve(t);
     assert!(outs[0].1.contains("CPU time limit exceeded"), "{}", outs[0].1);
 }
+
+/// Processes whose environment carries this node port (replicas and
+/// anything they started).
+fn tagged_with_port(port: u16) -> Vec<u32> {
+    let tag = format!("CLOUD_NODE_PORT={port}");
+    processes()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{}/environ", p.pid))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == tag.as_bytes()))
+        })
+        .map(|p| p.pid)
+        .collect()
+}
+
+#[test]
+fn without_slot_uids_escaped_daemons_are_still_killed() {
+    // As root this runs replicas as nobody, shared by all nodes, so the
+    // uid-wide sweep is off; as another user it is the only mode there is.
+    let c = Cluster::start_with(1, &["--no-slot-uids", "--run-as", "nobody"]);
+    let daemon = "setsid bash -c 'sleep 1000 & disown' < /dev/null > /dev/null 2>&1; echo daemon left";
+    let t = c.deploy(1, &job(c.dir.path(), "d.tar.gz", &[format!("@{daemon}")]));
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok && outs[0].1.contains("daemon left"), "{outs:?}");
+    wait_until("the escaped daemon is gone", || tagged_with_port(c.ports[0]).is_empty());
+    c.wait_no_children();
+}
