@@ -61,12 +61,33 @@ impl Client {
         ClientError::Transport(format!("lost the connection to {}: {e}", self.server))
     }
 
-    /// Send one call; return its xid.
+    /// Send one call; return its xid. While sending, watch for an early
+    /// reply: a server that refuses an upload (too large, too many
+    /// replicas) answers at once, and there is no point sending the rest.
     fn send(&mut self, proc_num: u32, pieces: impl FnOnce(XdrWriter) -> Vec<Piece>) -> io::Result<u32> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
         self.xid = self.xid.wrapping_add(1);
         let mut out = Outbox::new();
         out.push(pieces(rpc::call(self.xid, CLOUD_PROG, CLOUD_VERS, proc_num)));
-        out.write_to(&mut self.stream).map(|_| self.xid)
+        self.stream.set_nonblocking(true)?;
+        let sent = loop {
+            match out.write_to(&mut self.stream) {
+                Ok(true) => break Ok(self.xid),
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+            let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN | PollFlags::POLLOUT)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) if fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) => {
+                    break Ok(self.xid); // answered before we finished: read it
+                }
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => break Err(e.into()),
+            }
+        };
+        self.stream.set_nonblocking(false)?;
+        sent
     }
 
     /// Send one call and return the result bytes of its reply.

@@ -175,6 +175,7 @@ struct Conn {
     sink: Sink,
     /// Close once the outbox is sent.
     closing: bool,
+    linger: Linger,
     writable: bool,
     /// Calls handed to the coordinator and not yet answered.
     awaiting: usize,
@@ -193,7 +194,48 @@ impl Conn {
     /// Closing, and owing the peer nothing more: a client that half-closed
     /// after its call still gets the answer.
     fn finished(&self) -> bool {
-        self.closing && self.outbox.is_empty() && self.awaiting == 0
+        self.closing && self.outbox.is_empty() && self.awaiting == 0 && self.linger == Linger::No
+    }
+
+    /// Close once the queued answer is out, without losing it: the peer may
+    /// still be sending (an upload we refused), and closing a socket with
+    /// unread data makes the kernel send a RST that can overtake the answer.
+    /// So: send the answer, half-close, and read and drop until the peer's EOF.
+    fn close_after_answer(&mut self) {
+        self.closing = true;
+        self.linger = Linger::Answering;
+    }
+}
+
+/// A lingering close (see `Conn::close_after_answer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linger {
+    No,
+    /// The answer is still being sent.
+    Answering,
+    /// Answer sent and write side shut: dropping input until EOF.
+    Draining,
+}
+
+impl Conn {
+    /// Read and drop what a refused peer still sends, within `budget` reads.
+    /// Returns false if the budget ran out first.
+    fn drain_refused(&mut self, buf: &mut [u8], budget: &mut usize) -> bool {
+        while *budget > 0 {
+            *budget -= 1;
+            match self.stream.read(buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if *budget == 0 {
+            return false;
+        }
+        self.linger = Linger::No; // EOF or error: nothing left to protect
+        true
     }
 }
 
@@ -535,6 +577,7 @@ impl Server {
             outbox: Outbox::new(),
             sink: Sink::None,
             closing: false,
+            linger: Linger::No,
             writable,
             awaiting: 0,
             held: Vec::new(),
@@ -599,6 +642,9 @@ impl Server {
         let mut paused = false;
         loop {
             if conn.closing {
+                if conn.linger == Linger::Draining && !conn.drain_refused(&mut buf, budget) {
+                    self.again(key);
+                }
                 break;
             }
             if conn.busy() {
@@ -704,7 +750,7 @@ impl Server {
             CallEvent::ReplyAndClose(reply) => {
                 log::debug!("connection {key}: over a limit; answering and closing");
                 conn.outbox.push_bytes(reply);
-                conn.closing = true;
+                conn.close_after_answer();
                 true
             }
             CallEvent::Close => {
@@ -772,7 +818,7 @@ impl Server {
                     } else {
                         // Large: refuse before the upload; answer now and hang up.
                         conn.outbox.push_bytes(w.into_bytes());
-                        conn.closing = true;
+                        conn.close_after_answer();
                     }
                     return;
                 }
@@ -1014,7 +1060,15 @@ impl Server {
                 log::debug!("write error: {e}");
                 conn.outbox = Outbox::new();
                 conn.closing = true;
+                conn.linger = Linger::No;
             }
+        }
+        if conn.linger == Linger::Answering && conn.outbox.is_empty() {
+            // The answer is out: half-close, then drop input until EOF.
+            let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+            conn.linger = Linger::Draining;
+            // Input may already be waiting, with no new edge to report it.
+            self.again(conn.token.0 - first_key(self.nodes.len()));
         }
         let connecting = matches!(conn.role, Role::NodeLink { connected: false, .. });
         let want = !conn.outbox.is_empty() || connecting;
