@@ -112,10 +112,6 @@ impl Client {
         }
     }
 
-    pub fn null(&mut self) -> Result<(), ClientError> {
-        self.call(proto::CLOUD_NULL, |w| vec![Piece::Bytes(w.into_bytes())]).map(|_| ())
-    }
-
     /// DEPLOY, streaming the archive from `archive` (`len` bytes).
     pub fn deploy(&mut self, replicas: u32, archive: File, len: u64) -> Result<u32, ClientError> {
         let res = self.call(proto::DEPLOY, |mut w| {

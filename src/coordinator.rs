@@ -144,10 +144,6 @@ impl Coordinator {
         self.actions.pop_front()
     }
 
-    pub fn scheduler(&self) -> &Scheduler {
-        &self.sched
-    }
-
     fn reply(&mut self, to: Caller, reply: Reply) {
         self.actions.push_back(Action::Reply { to, reply });
     }
@@ -399,11 +395,6 @@ impl Coordinator {
             }
         }
         self.start_ready();
-    }
-
-    /// Every job, for shutdown: the nodes to tell to drop.
-    pub fn tickets(&self) -> Vec<Ticket> {
-        self.sched.tickets().collect()
     }
 
     pub fn job_state(&self, ticket: Ticket) -> Option<JobState> {

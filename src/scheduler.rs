@@ -220,11 +220,6 @@ impl Scheduler {
         Some(Closed { was_waiting, nodes })
     }
 
-    /// Tickets of all jobs, oldest first.
-    pub fn tickets(&self) -> impl Iterator<Item = Ticket> + '_ {
-        self.jobs.keys().copied()
-    }
-
     #[cfg(test)]
     fn check_invariants(&self) {
         let mut seen = std::collections::HashSet::new();
