@@ -106,22 +106,26 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// System calls of the server process alone (its reactor thread, not the
-/// forked replicas) per job, counted by strace.
-fn syscalls_per_job(pid: u32, addr: &str, archive: &Path, dir: &Path) -> Option<(f64, String)> {
+/// System calls per job counted by strace: of the server process alone
+/// (`follow` false), or with everything it forks (`-f`: replica setup,
+/// extraction, make and the job itself).
+fn syscalls_per_job(pid: u32, addr: &str, archive: &Path, dir: &Path, follow: bool) -> Option<(f64, String)> {
     let jobs = STRACED_JOBS;
-    let report = dir.join("strace.txt");
+    let report = dir.join(format!("strace-{follow}.txt"));
     let mut strace = Command::new("strace")
-        .args(["-c", "-o"])
+        .args(if follow { &["-f", "-c", "-o"][..] } else { &["-c", "-o"][..] })
         .arg(&report)
         .args(["-p", &pid.to_string()])
         .stderr(Stdio::piped())
         .spawn()
         .ok()?;
-    // strace prints "Process N attached" once it is tracing.
+    // strace prints "Process N attached" once it is tracing (and again for
+    // every child with -f): wait for the first, then keep draining.
+    let mut lines = BufReader::new(strace.stderr.take()?);
     let mut line = String::new();
-    BufReader::new(strace.stderr.take()?).read_line(&mut line).ok()?;
-    run_cluster(addr, archive, &dir.join("strace-run"), jobs);
+    lines.read_line(&mut line).ok()?;
+    std::thread::spawn(move || std::io::copy(&mut lines, &mut std::io::sink()));
+    run_cluster(addr, archive, &dir.join(format!("strace-run-{follow}")), jobs);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(strace.id() as i32), nix::sys::signal::Signal::SIGINT).ok()?;
     strace.wait().ok()?;
     let text = std::fs::read_to_string(&report).ok()?;
@@ -148,7 +152,8 @@ fn main() {
     let cluster = run_cluster(&addr, &archive, &dir.path().join("timed"), JOBS);
     let direct = run_direct(&archive, dir.path());
     let rss = vm_hwm_kib(server.id());
-    let sys = syscalls_per_job(server.id(), &addr, &archive, dir.path());
+    let sys = syscalls_per_job(server.id(), &addr, &archive, dir.path(), false);
+    let sys_all = syscalls_per_job(server.id(), &addr, &archive, dir.path(), true);
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = server.wait();
 
@@ -158,12 +163,12 @@ fn main() {
     println!("  xargs -P4 tar+make          : {dj:8.1} jobs/s ({direct:.2} s)");
     println!("  ratio cloudinfra / direct   : {:8.2}", cj / dj);
     println!("  server peak RSS (VmHWM)     : {rss} KiB");
-    match sys {
-        Some((per_job, top)) => {
-            println!("  server syscalls per job      : {per_job:.0}  (most time, calls in {STRACED_JOBS} jobs: {top})")
-        }
-        None => {
-            println!("  server syscalls per job      : strace unavailable (apt-get install strace)")
+    for (what, counted) in [("server syscalls per job      ", sys), ("  ... with its children (-f)", sys_all)] {
+        match counted {
+            Some((per_job, top)) => {
+                println!("  {what}: {per_job:.0}  (most time, calls in {STRACED_JOBS} jobs: {top})")
+            }
+            None => println!("  {what}: strace unavailable (apt-get install strace)"),
         }
     }
 }
