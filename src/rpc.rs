@@ -133,9 +133,18 @@ pub fn admit(h: &CallHeader, programs: &[Program]) -> Result<(), Vec<u8>> {
 }
 
 /// The reply to a record whose header could not even be decoded, if it has
-/// an xid to answer: AUTH_BADCRED for a bad credential, GARBAGE_ARGS otherwise.
+/// an xid to answer: AUTH_BADCRED for a credential over the RFC's 400 bytes,
+/// GARBAGE_ARGS otherwise.
 pub fn garbage_reply(record: &[u8]) -> Option<Vec<u8>> {
-    let xid = XdrReader::new(record).u32().ok()?;
+    let mut r = XdrReader::new(record);
+    let xid = r.u32().ok()?;
+    let words: Vec<u32> = (0..6).map_while(|_| r.u32().ok()).collect();
+    // msg_type, rpcvers, prog, vers, proc, cred flavor; then the cred length.
+    if words.len() == 6 && words[0] == MSG_CALL && r.u32().is_ok_and(|len| len as usize > MAX_AUTH_BODY) {
+        let mut w = reply_head(xid, 1);
+        w.u32(1).u32(AUTH_BADCRED); // AUTH_ERROR
+        return Some(w.into_bytes());
+    }
     Some(accepted(xid, AcceptStat::GarbageArgs).into_bytes())
 }
 
@@ -248,6 +257,18 @@ mod tests {
         let r = admit(&header(2, 0x2000_C10D, 1, 42), &cloud()).unwrap_err();
         assert_eq!(&r[20..], &[0, 0, 0, 3]);
         assert!(admit(&header(2, 0x2000_C10D, 1, 4), &cloud()).is_ok());
+    }
+
+    #[test]
+    fn oversized_credentials_are_auth_badcred() {
+        let mut raw = call(0x77, 0x2000_C10D, 1, 0).into_bytes();
+        raw[28..32].copy_from_slice(&401u32.to_be_bytes());
+        raw.extend_from_slice(&[0u8; 404]);
+        assert!(CallHeader::decode(&raw).is_err());
+        let words: Vec<u32> =
+            garbage_reply(&raw).unwrap().chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(words, vec![0x77, 1, 1, 1, AUTH_BADCRED]);
+        assert_eq!(&garbage_reply(&raw[..12]).unwrap()[20..], &[0, 0, 0, 4], "too short: GARBAGE_ARGS");
     }
 
     #[test]
