@@ -287,6 +287,10 @@ impl Server {
         let n = cfg.nodes.ports.len();
         fs::create_dir_all(&cfg.work_dir)
             .map_err(|e| format!("cannot create work dir {}: {e}", cfg.work_dir.display()))?;
+        // Before listening: can replicas be set up as configured here?
+        let sandbox =
+            Sandbox { identity: cfg.identities.first().copied().flatten(), isolate_network: cfg.isolate_network };
+        crate::spawn::probe(sandbox, &cfg.work_dir)?;
         let spool = cfg.work_dir.join("spool");
         let _ = fs::remove_dir_all(&spool);
         fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;

@@ -9,7 +9,7 @@ use clap::Parser;
 use cloudinfra::config::NodesFile;
 use cloudinfra::extract::ExtractLimits;
 use cloudinfra::server::{Server, ServerConfig};
-use cloudinfra::spawn::{JobLimits, Sandbox};
+use cloudinfra::spawn::JobLimits;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::unistd::{Gid, Uid, User};
 
@@ -202,14 +202,10 @@ fn run(args: Args) -> Result<(), String> {
         isolate_network,
         sandbox_summary: format!("{}, {net}", ids.summary),
     };
-    std::fs::create_dir_all(&cfg.work_dir)
-        .map_err(|e| format!("cannot create work dir {}: {e}", cfg.work_dir.display()))?;
     // Each client holds a socket; let the server use all it may.
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
-    let sandbox = Sandbox { identity: cfg.identities[0], isolate_network: cfg.isolate_network };
-    cloudinfra::spawn::probe(sandbox, &cfg.work_dir)?;
     let mut server = Server::start(cfg)?;
     eprintln!("{}", server.ready_line());
     server.run().map_err(|e| format!("the reactor failed: {e}"))?;
