@@ -183,10 +183,9 @@ fn child_setup(
         Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: workspace: {e}")),
     };
     if spec.sandbox.isolate_network {
-        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNET) {
+        if let Err(e) = enter_empty_network() {
             return setup("network namespace", e);
         }
-        loopback_up();
     }
     let l = spec.limits;
     let limits = [
@@ -209,9 +208,7 @@ fn child_setup(
         }
     }
     if let Some((uid, gid)) = spec.sandbox.identity {
-        if let Err(e) =
-            nix::unistd::setgroups(&[gid]).and_then(|_| nix::unistd::setgid(gid)).and_then(|_| nix::unistd::setuid(uid))
-        {
+        if let Err(e) = take_identity(uid, gid) {
             return setup("dropping privileges", e);
         }
     }
@@ -243,6 +240,20 @@ fn make_workspace(path: &Path, identity: Option<(Uid, Gid)>) -> std::io::Result<
         nix::unistd::chown(path, Some(uid), Some(gid))?;
     }
     Ok(())
+}
+
+/// Leave the host's network for a new, empty namespace with only `lo` up.
+fn enter_empty_network() -> nix::Result<()> {
+    nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
+    loopback_up();
+    Ok(())
+}
+
+/// Take a replica's identity for good: no supplementary groups but `gid`.
+fn take_identity(uid: Uid, gid: Gid) -> nix::Result<()> {
+    nix::unistd::setgroups(&[gid])?;
+    nix::unistd::setgid(gid)?;
+    nix::unistd::setuid(uid)
 }
 
 /// Bring up `lo` in a fresh network namespace (best effort).
@@ -313,15 +324,13 @@ pub fn probe(sandbox: Sandbox, dir: &Path) -> Result<(), String> {
 
 fn probe_child(sandbox: Sandbox, ws: &Path) -> Result<(), String> {
     if sandbox.isolate_network {
-        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| {
+        enter_empty_network().map_err(|e| {
             format!("cannot give replicas a network namespace ({e}): run as root with CAP_SYS_ADMIN, or pass --allow-network")
         })?;
     }
     let dir = File::open(ws).map_err(|e| format!("cannot open {}: {e}", ws.display()))?;
     if let Some((uid, gid)) = sandbox.identity {
-        nix::unistd::setgroups(&[gid])
-            .and_then(|_| nix::unistd::setgid(gid))
-            .and_then(|_| nix::unistd::setuid(uid))
+        take_identity(uid, gid)
             .map_err(|e| format!("cannot run replicas as uid {uid} ({e}): check --slot-uids / --run-as"))?;
     }
     nix::unistd::fchdir(&dir).map_err(|e| format!("fchdir: {e}"))?;
