@@ -20,7 +20,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use crate::proto::{RunArgs, RunResult};
-use crate::spawn::{self, JobLimits, Sandbox, SpawnSpec, StopReason};
+use crate::spawn::{self, JobLimits, Sandbox, SpawnSpec, StopReason, Sweep};
 
 /// Everything a node needs to know; a later separate node process would
 /// get these as flags.
@@ -252,17 +252,13 @@ impl Node {
     fn kill_everything(&mut self) {
         let Some(r) = &self.running else { return };
         spawn::signal_group(r.pid, Signal::SIGKILL);
-        match self.cfg.sandbox.identity {
-            Some((uid, _)) if self.cfg.sweep_uid => match spawn::kill_all_of_uid(uid) {
-                Ok(helper) => self.sweeps.push(helper),
-                Err(e) => log::warn!("node {}: cannot sweep uid {uid}: {e}", self.cfg.port),
-            },
-            _ => {
-                let n = spawn::kill_tagged(r.ticket, self.cfg.port);
-                if n > 0 {
-                    log::debug!("node {}: ticket {}: killed {n} escaped process(es)", self.cfg.port, r.ticket);
-                }
-            }
+        let how = match self.cfg.sandbox.identity {
+            Some((uid, _)) if self.cfg.sweep_uid => Sweep::Uid(uid),
+            _ => Sweep::Tagged { ticket: r.ticket, port: self.cfg.port },
+        };
+        match spawn::sweep(how) {
+            Ok(helper) => self.sweeps.push(helper),
+            Err(e) => log::warn!("node {}: cannot sweep ({how:?}): {e}", self.cfg.port),
         }
     }
 

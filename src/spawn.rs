@@ -343,56 +343,59 @@ fn probe_child(sandbox: Sandbox, ws: &Path) -> Result<(), String> {
     })
 }
 
+/// How to find a finished replica's processes that left its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    /// Every process of this uid (it belongs to one node alone).
+    Uid(Uid),
+    /// Every process whose environment carries this ticket and node port.
+    Tagged { ticket: u32, port: u16 },
+}
+
+/// Kill what a replica left behind, in a forked helper so the reactor
+/// neither blocks on the search nor takes an identity. The helper is reaped
+/// by the server's normal SIGCHLD path; until then the node is not reused.
+pub fn sweep(how: Sweep) -> nix::Result<Pid> {
+    // SAFETY: single-threaded server; the child only searches /proc or
+    // changes uid, sends signals and _exits, never returning to the reactor.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Child => {
+            let code = match how {
+                // kill(-1) as the uid: every process it may signal, i.e. that
+                // uid's, including ones that left the replica's session.
+                Sweep::Uid(uid) => match nix::unistd::setgroups(&[]).and_then(|_| nix::unistd::setuid(uid)) {
+                    Ok(()) => i32::from(nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL).is_err()),
+                    Err(_) => 1,
+                },
+                Sweep::Tagged { ticket, port } => {
+                    kill_tagged(ticket, port);
+                    0
+                }
+            };
+            // SAFETY: ends the helper without running the server's atexit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => Ok(child),
+    }
+}
+
 /// Without a uid of its own, a replica's escaped processes (daemons that
 /// left its session) are found by the environment every replica starts
 /// with: SIGKILL every process whose environ holds this ticket and node
 /// port. A job that scrubs its environment escapes this; slot uids (as
-/// root) do not have that gap. Returns how many were killed.
-pub fn kill_tagged(ticket: u32, port: u16) -> usize {
+/// root) do not have that gap.
+fn kill_tagged(ticket: u32, port: u16) {
     let want_ticket = format!("CLOUD_TICKET={ticket}");
     let want_port = format!("CLOUD_NODE_PORT={port}");
-    let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
-    let mut killed = 0;
+    let Ok(dir) = std::fs::read_dir("/proc") else { return };
     for entry in dir.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        if pid as u32 == me {
-            continue;
-        }
         // Unreadable (another user's process, or gone): not ours to kill.
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
-        let mut vars = environ.split(|&b| b == 0);
-        let (mut t, mut p) = (false, false);
-        for var in &mut vars {
-            t |= var == want_ticket.as_bytes();
-            p |= var == want_port.as_bytes();
+        let has = |want: &str| environ.split(|&b| b == 0).any(|v| v == want.as_bytes());
+        if has(&want_ticket) && has(&want_port) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        if t && p && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
-            killed += 1;
-        }
-    }
-    killed
-}
-
-/// Kill every process running as `uid`, including ones that left the
-/// replica's session: a forked helper takes that uid and calls kill(-1).
-/// Only safe when the uid belongs to one node. The helper is reaped by the
-/// server's normal SIGCHLD path.
-pub fn kill_all_of_uid(uid: Uid) -> nix::Result<Pid> {
-    // SAFETY: single-threaded server; the child only calls setuid, kill and
-    // _exit, all async-signal-safe.
-    match unsafe { nix::unistd::fork() }? {
-        ForkResult::Child => {
-            // SAFETY: raw syscalls; the child never returns.
-            unsafe {
-                if libc::setgroups(0, std::ptr::null()) == 0 && libc::setuid(uid.as_raw()) == 0 {
-                    libc::kill(-1, libc::SIGKILL);
-                    libc::_exit(0);
-                }
-                libc::_exit(1)
-            }
-        }
-        ForkResult::Parent { child } => Ok(child),
     }
 }
 
