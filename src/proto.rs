@@ -53,11 +53,13 @@ pub enum CloudStat {
     Expired = 6,
     Denied = 7,
     Internal = 8,
+    NotOwner = 9,
+    BadArchive = 10,
 }
 
 impl CloudStat {
     pub fn from_u32(v: u32) -> Result<Self, XdrError> {
-        const ALL: [CloudStat; 9] = [
+        const ALL: [CloudStat; 11] = [
             CloudStat::Ok,
             CloudStat::NoSuchTicket,
             CloudStat::BadReplicas,
@@ -67,6 +69,8 @@ impl CloudStat {
             CloudStat::Expired,
             CloudStat::Denied,
             CloudStat::Internal,
+            CloudStat::NotOwner,
+            CloudStat::BadArchive,
         ];
         ALL.get(v as usize).copied().ok_or_else(|| XdrError::Invalid(format!("unknown cloud_stat {v}")))
     }
