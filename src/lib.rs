@@ -19,6 +19,7 @@
 //! Processes and files:
 //! - [`node`] - a side node and its running replica.
 //! - [`spawn`] - fork, sandbox, exec `make run`, kill, classify exits.
+//! - [`cgroup`] - per-replica memory and process totals, a second kill path.
 //! - [`extract`] - safe archive extraction.
 //!
 //! The reactor and the edges:
@@ -26,6 +27,7 @@
 //! - [`config`] - `cloud_nodes.txt`.
 //! - [`client`] - a blocking client for the command-line programs.
 
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod coordinator;
