@@ -51,6 +51,10 @@ pub struct Client {
     timeout: Option<Duration>,
 }
 
+/// A failed attempt: the error, and the I/O error behind it (to tell a
+/// broken connection, worth one retry, from the rest).
+type Failed = (ClientError, Option<io::Error>);
+
 /// How long `connect` tries before giving up on an address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default `--timeout` of deploy, status and close.
@@ -269,7 +273,7 @@ impl Client {
         ticket: u32,
         wait: bool,
         output_file: &impl Fn(&ReplicaStatus) -> PathBuf,
-    ) -> Result<Vec<(ReplicaStatus, PathBuf)>, (ClientError, Option<io::Error>)> {
+    ) -> Result<Vec<(ReplicaStatus, PathBuf)>, Failed> {
         let mut args = self.header(xid, proto::RETRIEVE);
         args.u32(ticket).bool(wait);
         let sent = self.send(xid, proto::RETRIEVE, vec![Piece::Bytes(args.into_bytes())]);

@@ -53,8 +53,10 @@ pub fn identify(peer: SocketAddr, local: SocketAddr) -> PeerId {
     }
     let netlink = netlink_owner(peer, local);
     let found = match &netlink {
-        Ok(Some(uid)) => Some(*uid),
-        _ => proc_owner(peer, local),
+        Ok(found) => *found,
+        // Only when netlink itself fails: reading /proc/net/tcp costs time
+        // in proportion to the host's sockets.
+        Err(_) => proc_owner(peer, local),
     };
     match found {
         Some(uid) => PeerId::Verified(uid),
@@ -133,9 +135,7 @@ pub fn decode_response(buf: &[u8], seq: u32) -> Result<Option<u32>, String> {
                 Err(format!("sock_diag: {}", io::Error::from_raw_os_error(-errno)))
             }
         }
-        SOCK_DIAG_BY_FAMILY if len as usize >= NLMSG_HDR + MSG_LEN => {
-            Ok(word(NLMSG_HDR + MSG_UID_AT))
-        }
+        SOCK_DIAG_BY_FAMILY if len as usize >= NLMSG_HDR + MSG_LEN => Ok(word(NLMSG_HDR + MSG_UID_AT)),
         other => Err(format!("unexpected netlink message type {other} of {len} bytes")),
     }
 }
@@ -144,7 +144,9 @@ pub fn decode_response(buf: &[u8], seq: u32) -> Result<Option<u32>, String> {
 /// connected to our `local`. Does not block: the kernel answers the
 /// request before `sendto` returns.
 fn netlink_owner(peer: SocketAddr, local: SocketAddr) -> Result<Option<u32>, String> {
-    use nix::sys::socket::{recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+    use nix::sys::socket::{
+        recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    };
     use std::os::fd::AsRawFd;
     let fd = socket(AddressFamily::Netlink, SockType::Datagram, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkSockDiag)
         .map_err(|e| format!("netlink socket: {e}"))?;

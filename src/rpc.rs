@@ -361,9 +361,9 @@ mod tests {
     /// The AUTH_SYS call of tests/vectors/status-auth-sys.txt (rpcgen +
     /// libtirpc, authsys_create("host", 0, 0, 0, NULL)), record mark removed.
     const STATUS_AUTH_SYS: [u8; 68] = [
-        0xc9, 0x01, 0xe4, 0xde, 0, 0, 0, 0, 0, 0, 0, 2, 0x20, 0x00, 0xc1, 0x0d, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 1,
-        0, 0, 0, 0x18, 0x6b, 0x04, 0x40, 0x21, 0, 0, 0, 4, b'h', b'o', b's', b't', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7,
+        0xc9, 0x01, 0xe4, 0xde, 0, 0, 0, 0, 0, 0, 0, 2, 0x20, 0x00, 0xc1, 0x0d, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 1, 0,
+        0, 0, 0x18, 0x6b, 0x04, 0x40, 0x21, 0, 0, 0, 4, b'h', b'o', b's', b't', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7,
     ];
 
     #[test]

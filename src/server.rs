@@ -32,15 +32,15 @@ use slab::Slab;
 use crate::config::NodesFile;
 use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
 use crate::drc::{self, Drc};
-use crate::peer::{self, PeerId};
-use crate::tickets::TicketStore;
 use crate::node::{Drained, Finished, Node, NodeConfig};
+use crate::peer::{self, PeerId};
 use crate::proto::{self, CloudStat, RunArgs, RunResult, CLOUD_PROGRAM, NODE_PROGRAM};
 use crate::record::{self, Outbox, Piece};
 use crate::rpc::{self, AcceptStat};
 use crate::scheduler::NodeId;
 use crate::session::{Call, CallEvent, CallReader, ReplyEvent, ReplyReader};
 use crate::spawn::{JobLimits, Sandbox};
+use crate::tickets::TicketStore;
 use crate::xdr::{XdrReader, XdrWriter};
 
 const SIGNALS: Token = Token(0);

@@ -313,7 +313,10 @@ mod tests {
                 vec![
                     format!(
                         "{:?}",
-                        CallEvent::StreamStart { call: Call { xid: 7, proc_num: 1, sys_uid: None, args: vec![0, 0, 0, 2] }, len: 10 }
+                        CallEvent::StreamStart {
+                            call: Call { xid: 7, proc_num: 1, sys_uid: None, args: vec![0, 0, 0, 2] },
+                            len: 10
+                        }
                     ),
                     "end \"0123456789\"".to_string(),
                 ]

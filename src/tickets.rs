@@ -57,9 +57,7 @@ impl TicketStore {
             Err(e) => return Err(format!("cannot read the ticket counter {}: {e}", path.display())),
         };
         let mut store = TicketStore { path, limit: next };
-        store
-            .ensure(next)
-            .map_err(|e| format!("cannot write the ticket counter {}: {e}", store.path.display()))?;
+        store.ensure(next).map_err(|e| format!("cannot write the ticket counter {}: {e}", store.path.display()))?;
         Ok((store, next))
     }
 

@@ -161,10 +161,8 @@ fn a_forged_auth_sys_uid_is_refused() {
     }
     // A non-root process claiming uid 0, with nothing but bash.
     let hex: String = status_claiming(0x53, 0, 1).iter().map(|b| format!("\\x{b:02x}")).collect();
-    let script = format!(
-        "exec 3<>/dev/tcp/127.0.0.1/{}; printf '{hex}' >&3; head -c 24 <&3 | od -An -tx1 -v",
-        c.addr.port()
-    );
+    let script =
+        format!("exec 3<>/dev/tcp/127.0.0.1/{}; printf '{hex}' >&3; head -c 24 <&3 | od -An -tx1 -v", c.addr.port());
     let out = Command::new("bash").args(["-c", &script]).uid(NOBODY).gid(NOBODY).current_dir("/").output().unwrap();
     let got: String = text(&out.stdout).split_whitespace().collect();
     // Record mark, xid, REPLY, MSG_DENIED, AUTH_ERROR, AUTH_BADCRED.
@@ -282,7 +280,8 @@ fn a_client_whose_connection_breaks_retries_once_and_the_job_runs_once() {
 }
 
 /// Start a server on `work` with the nodes of `nodes_file`; the child and
-/// its first line (ready line or error).
+/// its first line (ready line or error). Callers wait for the child.
+#[allow(clippy::zombie_processes)]
 fn server(nodes_file: &Path, work: &Path, slot_base: u32) -> (Child, String, BufReader<std::process::ChildStderr>) {
     let mut child = Command::new(SERVER)
         .args(["--slot-uids", &slot_base.to_string(), "--listen", "127.0.0.1:0", "--nodes"])
@@ -306,6 +305,17 @@ fn server(nodes_file: &Path, work: &Path, slot_base: u32) -> (Child, String, Buf
             return (child, line, lines);
         }
     }
+}
+
+/// The server must refuse to start: its one line, once it has exited.
+fn refused(mut child: Child, line: String) -> String {
+    if line.contains("listening on") {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the server started: {line}");
+    }
+    assert!(!child.wait().unwrap().success());
+    line
 }
 
 fn nodes_file(dir: &Path, n: usize) -> PathBuf {
@@ -357,9 +367,9 @@ fn ticket_numbers_are_never_reused_across_restarts_and_kill_9() {
 
     // A damaged counter stops the server with a line that says what to do.
     std::fs::write(work.join("tickets"), "not a number").unwrap();
-    let (mut fourth, line, _l4) = server(&nodes, &work, slot);
+    let (fourth, line, _l4) = server(&nodes, &work, slot);
+    let line = refused(fourth, line);
     assert!(line.contains("ticket counter") && line.contains("damaged"), "{line}");
-    assert!(!fourth.wait().unwrap().success());
 }
 
 #[test]
@@ -367,8 +377,8 @@ fn a_second_server_on_the_same_work_dir_or_slot_uids_is_refused() {
     let c = Cluster::start(1);
     let other = tempfile::tempdir().unwrap();
     let nodes = nodes_file(other.path(), 1);
-    let (mut second, line, _l) = server(&nodes, &c.work(), 7_000_000 + std::process::id() % 10_000 * 8);
-    assert!(!second.wait().unwrap().success(), "a second server started on {}", c.work().display());
+    let (second, line, _l) = server(&nodes, &c.work(), 7_000_000 + std::process::id() % 10_000 * 8);
+    let line = refused(second, line);
     let want = format!("work dir {} is in use by another cloud-server (pid {})", c.work().display(), c.pid());
     assert!(line.contains(&want) && line.contains("pick another --work-dir"), "{line}");
     // The first one is untouched.
@@ -380,8 +390,8 @@ fn a_second_server_on_the_same_work_dir_or_slot_uids_is_refused() {
     }
     // Cluster::start derives its slot uid base from its first port.
     let base = 1_000_000 + u32::from(c.ports[0]) * 64;
-    let (mut third, line, _l) = server(&nodes, &other.path().join("work"), base);
-    assert!(!third.wait().unwrap().success(), "a second server shares slot uid {base}");
+    let (third, line, _l) = server(&nodes, &other.path().join("work"), base);
+    let line = refused(third, line);
     let want = format!("slot uid {base} is in use by cloud-server pid {}: pick another --slot-uids base", c.pid());
     assert!(line.contains(&want), "{line}");
 }
