@@ -73,8 +73,10 @@ const NLM_F_REQUEST: u16 = 1;
 const NLMSG_HDR: usize = 16;
 /// `struct inet_diag_req_v2`.
 const REQ_LEN: usize = 56;
-/// Offset of `idiag_uid` in `struct inet_diag_msg`.
+/// Offsets of `id`, `idiag_uid` and `idiag_inode` in `struct inet_diag_msg`.
+const MSG_ID_AT: usize = 4;
 const MSG_UID_AT: usize = 64;
+const MSG_INODE_AT: usize = 68;
 const MSG_LEN: usize = 72;
 
 /// The `inet_diag_sockid` of the socket bound to `src` and connected to `dst`.
@@ -112,9 +114,16 @@ pub fn encode_request(seq: u32, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     m
 }
 
-/// The owner's uid from the kernel's answer to `encode_request(seq, ..)`:
-/// `Ok(None)` when the kernel has no such socket.
-pub fn decode_response(buf: &[u8], seq: u32) -> Result<Option<u32>, String> {
+/// The owner's uid from the kernel's answer to `encode_request(seq, src,
+/// dst)`: `Ok(None)` when the kernel has no such socket open in a process.
+///
+/// Two answers must not be believed. The kernel falls back to a *listening*
+/// socket on `src`'s port when no connection matches (so the answer's
+/// addresses must be exactly the ones asked for); and a socket its process
+/// has already closed is answered as a time-wait socket with uid 0 and no
+/// inode (so a socket without an inode names nobody). Otherwise a client
+/// that sends a call and closes at once would pass for root.
+pub fn decode_response(buf: &[u8], seq: u32, src: SocketAddr, dst: SocketAddr) -> Result<Option<u32>, String> {
     let word = |at: usize| buf.get(at..at + 4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
     let half = |at: usize| buf.get(at..at + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
     let (Some(len), Some(kind), Some(rseq)) = (word(0), half(4), word(8)) else {
@@ -135,7 +144,14 @@ pub fn decode_response(buf: &[u8], seq: u32) -> Result<Option<u32>, String> {
                 Err(format!("sock_diag: {}", io::Error::from_raw_os_error(-errno)))
             }
         }
-        SOCK_DIAG_BY_FAMILY if len as usize >= NLMSG_HDR + MSG_LEN => Ok(word(NLMSG_HDR + MSG_UID_AT)),
+        SOCK_DIAG_BY_FAMILY if len as usize >= NLMSG_HDR + MSG_LEN => {
+            let id = &buf[NLMSG_HDR + MSG_ID_AT..NLMSG_HDR + MSG_ID_AT + 36];
+            let inode = word(NLMSG_HDR + MSG_INODE_AT).unwrap_or(0);
+            if id != &sockid(src, dst)[..36] || inode == 0 {
+                return Ok(None);
+            }
+            Ok(word(NLMSG_HDR + MSG_UID_AT))
+        }
         other => Err(format!("unexpected netlink message type {other} of {len} bytes")),
     }
 }
@@ -155,7 +171,7 @@ fn netlink_owner(peer: SocketAddr, local: SocketAddr) -> Result<Option<u32>, Str
     sendto(fd.as_raw_fd(), &req, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(|e| format!("sendto: {e}"))?;
     let mut buf = [0u8; 512];
     let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).map_err(|e| format!("recv: {e}"))?;
-    decode_response(&buf[..n], seq)
+    decode_response(&buf[..n], seq, peer, local)
 }
 
 /// The fallback: find the socket in /proc/net/tcp or /proc/net/tcp6.
@@ -167,12 +183,14 @@ fn proc_owner(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
 }
 
 /// In the text of /proc/net/tcp(6), the uid of the socket whose local
-/// address is `src` and remote address `dst`.
+/// address is `src` and remote address `dst`, if a process holds it open
+/// (inode not 0: closed and time-wait sockets show uid 0).
 pub fn parse_proc_net_tcp(text: &str, src: SocketAddr, dst: SocketAddr) -> Option<u32> {
     text.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let (l, r, uid) = (f.get(1)?, f.get(2)?, f.get(7)?);
-        (proc_addr(l)? == src && proc_addr(r)? == dst).then(|| uid.parse().ok())?
+        let (l, r, uid, inode) = (f.get(1)?, f.get(2)?, f.get(7)?, f.get(9)?);
+        let open = *inode != "0";
+        (proc_addr(l)? == src && proc_addr(r)? == dst && open).then(|| uid.parse().ok())?
     })
 }
 
@@ -232,26 +250,51 @@ mod tests {
         assert_eq!(&v6[28..44], &std::net::Ipv6Addr::LOCALHOST.octets());
     }
 
-    fn answer(seq: u32, uid: u32) -> Vec<u8> {
+    const CLIENT: &str = "127.0.0.1:40000";
+    const SERVER: &str = "127.0.0.1:9000";
+
+    /// The kernel's answer: a socket `src` -> `dst` in `state`, owned by
+    /// `uid`, with `inode`.
+    fn answer(seq: u32, src: &str, dst: &str, state: u8, uid: u32, inode: u32) -> Vec<u8> {
         let mut m = Vec::new();
         m.extend_from_slice(&88u32.to_ne_bytes());
         m.extend_from_slice(&20u16.to_ne_bytes());
         m.extend_from_slice(&0u16.to_ne_bytes());
         m.extend_from_slice(&seq.to_ne_bytes());
         m.extend_from_slice(&4242u32.to_ne_bytes());
-        m.extend_from_slice(&[2, 1, 0, 0]); // AF_INET, ESTABLISHED
-        m.extend_from_slice(&[0; 48]); // the socket id
+        m.extend_from_slice(&[2, state, 0, 0]); // AF_INET
+        let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+        m.extend_from_slice(&src.port().to_be_bytes());
+        m.extend_from_slice(&dst.port().to_be_bytes());
+        m.extend_from_slice(&[127, 0, 0, 1]);
+        m.extend_from_slice(&[0; 12]);
+        m.extend_from_slice(&if dst.port() == 0 { [0; 4] } else { [127, 0, 0, 1] });
+        m.extend_from_slice(&[0; 12]);
+        m.extend_from_slice(&[1, 0, 0, 0]); // interface
+        m.extend_from_slice(&[0x11; 8]); // cookie
         m.extend_from_slice(&[0; 12]); // expires, rqueue, wqueue
         m.extend_from_slice(&uid.to_ne_bytes());
-        m.extend_from_slice(&99u32.to_ne_bytes()); // inode
+        m.extend_from_slice(&inode.to_ne_bytes());
         m
+    }
+
+    fn decode(buf: &[u8], seq: u32) -> Result<Option<u32>, String> {
+        decode_response(buf, seq, a(CLIENT), a(SERVER))
     }
 
     #[test]
     fn answer_gives_the_owner_uid() {
-        assert_eq!(decode_response(&answer(3, 1000), 3), Ok(Some(1000)));
-        assert!(decode_response(&answer(3, 1000), 4).is_err(), "another request's answer");
-        assert!(decode_response(&answer(3, 1000)[..60], 3).is_err(), "cut short");
+        assert_eq!(decode(&answer(3, CLIENT, SERVER, 1, 1000, 99), 3), Ok(Some(1000)));
+        assert!(decode(&answer(3, CLIENT, SERVER, 1, 1000, 99), 4).is_err(), "another request's answer");
+        assert!(decode(&answer(3, CLIENT, SERVER, 1, 1000, 99)[..60], 3).is_err(), "cut short");
+    }
+
+    #[test]
+    fn closed_sockets_and_listeners_name_nobody() {
+        // The client closed at once: a time-wait (here FIN_WAIT2) socket, uid 0, no inode.
+        assert_eq!(decode(&answer(3, CLIENT, SERVER, 5, 0, 0), 3), Ok(None));
+        // No connection matched; the kernel fell back to a listener on the client's port.
+        assert_eq!(decode(&answer(3, CLIENT, "0.0.0.0:0", 10, 0, 77), 3), Ok(None));
     }
 
     #[test]
@@ -267,8 +310,8 @@ mod tests {
             m.extend_from_slice(&[0; 16]); // the request's header
             m
         };
-        assert_eq!(decode_response(&err(libc::ENOENT), 5), Ok(None));
-        assert!(decode_response(&err(libc::EPERM), 5).is_err());
+        assert_eq!(decode(&err(libc::ENOENT), 5), Ok(None));
+        assert!(decode(&err(libc::EPERM), 5).is_err());
     }
 
     #[test]
@@ -311,6 +354,9 @@ mod tests {
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, peer) = l.accept().unwrap();
         let me = nix::unistd::Uid::effective().as_raw();
+        assert_eq!(netlink_owner(peer, s.local_addr().unwrap()), Ok(Some(me)));
+        let listening = l.local_addr().unwrap();
+        assert_eq!(netlink_owner(listening, a("127.0.0.1:1")), Ok(None), "the listener names nobody");
         assert_eq!(identify(peer, s.local_addr().unwrap()), PeerId::Verified(me));
         assert_eq!(proc_owner(peer, s.local_addr().unwrap()), Some(me));
         drop(c);

@@ -395,3 +395,46 @@ fn a_second_server_on_the_same_work_dir_or_slot_uids_is_refused() {
     let want = format!("slot uid {base} is in use by cloud-server pid {}: pick another --slot-uids base", c.pid());
     assert!(line.contains(&want), "{line}");
 }
+
+#[test]
+fn a_client_that_sends_a_close_and_hangs_up_at_once_is_nobody() {
+    if !need_root("a_client_that_sends_a_close_and_hangs_up_at_once_is_nobody") {
+        return;
+    }
+    // Once its process has closed it, the kernel shows a socket as a
+    // time-wait socket owned by uid 0: that must not pass for root.
+    let c = Cluster::start(1);
+    let dir = open_dir(&c);
+    let job = job(&dir, "keep.tar.gz", &["@echo kept"]);
+    let t = ticket_of(&cloud_as(&c, NOBODY, &["deploy", "1", job.to_str().unwrap()]));
+    let mut w = rpc::call(0x99, proto::CLOUD_PROG, proto::CLOUD_VERS, proto::CLOSE);
+    w.u32(t);
+    let hex: String = frame(&w.into_bytes()).iter().map(|b| format!("\\x{b:02x}")).collect();
+    let script = format!(
+        "for i in $(seq 50); do exec 3<>/dev/tcp/127.0.0.1/{}; printf '{hex}' >&3; exec 3>&-; done",
+        c.addr.port()
+    );
+    // The server is stopped while they connect, send and hang up, so it
+    // accepts each only after its socket was closed.
+    let pid = nix::unistd::Pid::from_raw(c.pid() as i32);
+    let fds = c.fd_count();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let out = Command::new("bash").args(["-c", &script]).uid(OTHER).gid(OTHER).current_dir("/").output();
+    // Until their FINs are acknowledged the closed sockets are still full
+    // sockets (FIN_WAIT1); after, the kernel keeps only time-wait stubs.
+    let rem = if cfg!(target_endian = "little") {
+        format!("0100007F:{:04X}", c.addr.port())
+    } else {
+        format!("7F000001:{:04X}", c.addr.port())
+    };
+    wait_until("the hang-ups are acknowledged", || {
+        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        !tcp.lines().any(|l| l.split_whitespace().nth(2) == Some(&rem) && l.split_whitespace().nth(3) == Some("04"))
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("the server has read and closed every connection", || c.fd_count() <= fds);
+    assert!(cloud_as(&c, OTHER, &["status", &t.to_string()]).status.success(), "ticket {t} was closed by uid {OTHER}");
+    assert!(!c.log().contains(&format!("ticket {t}: closed")), "{}", c.log());
+}

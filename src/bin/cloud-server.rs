@@ -179,7 +179,7 @@ fn identities(args: &Args, n: usize) -> Result<Identities, String> {
 /// Lock `path` exclusively without waiting, and write our pid into it.
 /// `Err` holds the pid written by the process that holds it (0: unknown).
 fn lock_file(path: &Path) -> Result<Flock<File>, io::Result<u32>> {
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(path);
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path);
     let file = file.map_err(Err)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut held) => {
