@@ -51,6 +51,7 @@ pub fn identify(peer: SocketAddr, local: SocketAddr) -> PeerId {
     if !is_loopback(peer.ip()) {
         return PeerId::Remote;
     }
+    let (peer, local) = (canonical(peer), canonical(local));
     let netlink = netlink_owner(peer, local);
     let found = match &netlink {
         Ok(found) => *found,
@@ -93,6 +94,32 @@ fn sockid(src: SocketAddr, dst: SocketAddr) -> [u8; 48] {
     // idiag_if 0 (any); idiag_cookie INET_DIAG_NOCOOKIE (~0, ~0).
     id[40..48].fill(0xff);
     id
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| SocketAddr::new(v4.into(), a.port())),
+        IpAddr::V4(_) => a,
+    }
+}
+
+/// The (source, destination) of an `inet_diag_sockid` of this family.
+fn id_addrs(family: u8, id: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    let port = |at: usize| u16::from_be_bytes([id[at], id[at + 1]]);
+    let ip = |at: usize| -> Option<IpAddr> {
+        match i32::from(family) {
+            libc::AF_INET => Some(std::net::Ipv4Addr::new(id[at], id[at + 1], id[at + 2], id[at + 3]).into()),
+            libc::AF_INET6 => {
+                let b: [u8; 16] = id[at..at + 16].try_into().ok()?;
+                Some(std::net::Ipv6Addr::from(b).into())
+            }
+            _ => None,
+        }
+    };
+    let src = canonical(SocketAddr::new(ip(4)?, port(0)));
+    let dst = canonical(SocketAddr::new(ip(20)?, port(2)));
+    Some((src, dst))
 }
 
 /// A SOCK_DIAG_BY_FAMILY request for the one TCP socket bound to `src` and
@@ -145,9 +172,10 @@ pub fn decode_response(buf: &[u8], seq: u32, src: SocketAddr, dst: SocketAddr) -
             }
         }
         SOCK_DIAG_BY_FAMILY if len as usize >= NLMSG_HDR + MSG_LEN => {
+            let family = buf[NLMSG_HDR];
             let id = &buf[NLMSG_HDR + MSG_ID_AT..NLMSG_HDR + MSG_ID_AT + 36];
             let inode = word(NLMSG_HDR + MSG_INODE_AT).unwrap_or(0);
-            if id != &sockid(src, dst)[..36] || inode == 0 {
+            if id_addrs(family, id) != Some((canonical(src), canonical(dst))) || inode == 0 {
                 return Ok(None);
             }
             Ok(word(NLMSG_HDR + MSG_UID_AT))
@@ -295,6 +323,13 @@ mod tests {
         assert_eq!(decode(&answer(3, CLIENT, SERVER, 5, 0, 0), 3), Ok(None));
         // No connection matched; the kernel fell back to a listener on the client's port.
         assert_eq!(decode(&answer(3, CLIENT, "0.0.0.0:0", 10, 0, 77), 3), Ok(None));
+        // A dual-stack client socket: AF_INET6 with IPv4-mapped addresses.
+        let mut v6 = answer(3, CLIENT, SERVER, 1, 1000, 99);
+        v6[16] = libc::AF_INET6 as u8;
+        for at in [24, 40] {
+            v6[at..at + 16].copy_from_slice(&std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets());
+        }
+        assert_eq!(decode(&v6, 3), Ok(Some(1000)));
     }
 
     #[test]
@@ -360,5 +395,14 @@ mod tests {
         assert_eq!(identify(peer, s.local_addr().unwrap()), PeerId::Verified(me));
         assert_eq!(proc_owner(peer, s.local_addr().unwrap()), Some(me));
         drop(c);
+        // Dual stack: a listener on [::] and an AF_INET6 client socket to
+        // ::ffff:127.0.0.1 (skipped where the host has no IPv6).
+        if let Ok(l6) = std::net::TcpListener::bind("[::]:0") {
+            let to = SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), l6.local_addr().unwrap().port());
+            let c6 = std::net::TcpStream::connect(to).unwrap();
+            let (s6, peer6) = l6.accept().unwrap();
+            assert_eq!(identify(peer6, s6.local_addr().unwrap()), PeerId::Verified(me), "{peer6}");
+            drop(c6);
+        }
     }
 }
