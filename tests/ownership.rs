@@ -438,3 +438,58 @@ fn a_client_that_sends_a_close_and_hangs_up_at_once_is_nobody() {
     assert!(cloud_as(&c, OTHER, &["status", &t.to_string()]).status.success(), "ticket {t} was closed by uid {OTHER}");
     assert!(!c.log().contains(&format!("ticket {t}: closed")), "{}", c.log());
 }
+
+#[test]
+fn a_large_retried_deploy_is_answered_before_its_upload() {
+    let c = Cluster::start(1);
+    // Incompressible filler makes the archive larger than one buffered call (64 KiB).
+    let mut noise = String::new();
+    let mut x: u32 = 12345;
+    while noise.len() < 200_000 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        noise.push_str(&format!("{x:08x}"));
+    }
+    let path = archive(c.dir.path(), "big.tar.gz", &[("Makefile", "run:\n\t@echo big\n"), ("noise.txt", &noise)]);
+    let bytes = std::fs::read(path).unwrap();
+    assert!(bytes.len() > 64 * 1024, "{} bytes", bytes.len());
+    let call = deploy_bytes(0xB16_0001, &bytes);
+    let first = one_call(c.addr, &call);
+    assert_eq!(first[0], CloudStat::Ok as u32);
+    assert_eq!(one_call(c.addr, &call), first, "the retry gets the first reply");
+    c.wait_status(first[1], |s| s["status"] == "COMPLETED");
+    assert_eq!(c.deploy(1, &job(c.dir.path(), "after.tar.gz", &["@true"])), first[1] + 1);
+}
+
+#[test]
+fn the_client_gives_up_on_a_silent_server() {
+    // Accepts (the kernel does, from the backlog) and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let out = Command::new(CLIENT).args(["status", "1", "--timeout", "1", "--server", &addr]).output().unwrap();
+    assert!(!out.status.success());
+    let why = text(&out.stderr);
+    assert!(why.contains(&format!("no answer from the cloud server at {addr} within 1s")), "{why}");
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    drop(silent);
+}
+
+#[test]
+fn a_failed_write_leaves_no_part_file_and_the_ticket_open() {
+    let c = Cluster::start(1);
+    let t = c.deploy(1, &job(c.dir.path(), "much.tar.gz", &["@seq 1 20000"]));
+    c.wait_status(t, |s| s["status"] == "COMPLETED");
+    let dir = c.dir.path().join("full");
+    // Files over 1 KiB cannot be written (EFBIG; SIGXFSZ ignored).
+    let script = format!("trap '' XFSZ; ulimit -f 1; exec {CLIENT} retrieve {t} {} --server {}", dir.display(), c.addr);
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    assert!(!out.status.success(), "the write should have failed");
+    assert!(text(&out.stderr).contains("cannot write"), "{}", text(&out.stderr));
+    let left: Vec<_> =
+        std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // The ticket stays open: a retry with room succeeds.
+    let (ok, files) = c.retrieve(t);
+    assert!(ok);
+    assert!(files[0].1.contains("\n20000\n"));
+}
