@@ -890,6 +890,15 @@ impl Server {
                 self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err));
             }
             Streamed::Deploy { replicas, who } => {
+                // The same call may have been uploaded on two connections at
+                // once (a retry while the first upload was still arriving):
+                // the one that ends second gets the first one's reply.
+                let drc_key = drc::Key { xid, uid: who, proc_num: proto::DEPLOY };
+                if let Some(first @ Reply::Deploy(Ok(_))) = self.drc.lookup(&drc_key, Instant::now()) {
+                    log::info!("connection {key}: xid {xid:#x} was uploaded twice; answering as the first time");
+                    let _ = fs::remove_file(&path);
+                    return conn.outbox.push(encode_reply(xid, first));
+                }
                 // The ticket this DEPLOY may get is on disk before it is answered.
                 let error = error.or_else(|| {
                     let persisted = self.tickets.ensure(self.coord.next_ticket());
@@ -905,7 +914,7 @@ impl Server {
                     }
                     None => {
                         conn.awaiting += 1;
-                        self.drc_pending.insert((key, xid), drc::Key { xid, uid: who, proc_num: proto::DEPLOY });
+                        self.drc_pending.insert((key, xid), drc_key);
                         self.coord.deploy_as(Caller { conn: key, xid }, who, replicas, path)
                     }
                 }

@@ -493,3 +493,27 @@ fn a_failed_write_leaves_no_part_file_and_the_ticket_open() {
     assert!(ok);
     assert!(files[0].1.contains("\n20000\n"));
 }
+
+#[test]
+fn the_same_deploy_uploaded_on_two_connections_at_once_makes_one_job() {
+    let c = Cluster::start(1);
+    let archive = std::fs::read(job(c.dir.path(), "twice.tar.gz", &["@echo twice"])).unwrap();
+    let call = deploy_bytes(0x2222_0001, &archive);
+    let (head, last) = call.split_at(call.len() - 1);
+    let mut conns: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(c.addr).unwrap()).collect();
+    for s in &mut conns {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(head).unwrap();
+    }
+    let mut tickets = Vec::new();
+    for s in &mut conns {
+        s.write_all(last).unwrap();
+        let mut reply = [0u8; 36];
+        s.read_exact(&mut reply).unwrap();
+        let w = reply_words(&reply);
+        assert_eq!(w[6], CloudStat::Ok as u32);
+        tickets.push(w[7]);
+    }
+    assert_eq!(tickets[0], tickets[1], "two jobs from one call");
+    assert_eq!(c.deploy(1, &job(c.dir.path(), "then.tar.gz", &["@true"])), tickets[0] + 1);
+}
