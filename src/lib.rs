@@ -19,6 +19,7 @@
 //! Processes and files:
 //! - [`node`] - a side node and its running replica.
 //! - [`spawn`] - fork, sandbox, exec `make run`, kill, classify exits.
+//! - [`archive_check`] - a DEPLOY's archive checked as it streams in (sans-I/O).
 //! - [`extract`] - safe archive extraction.
 //!
 //! The reactor and the edges:
@@ -26,6 +27,7 @@
 //! - [`config`] - `cloud_nodes.txt`.
 //! - [`client`] - a blocking client for the command-line programs.
 
+pub mod archive_check;
 pub mod client;
 pub mod config;
 pub mod coordinator;
