@@ -584,7 +584,7 @@ impl TarScan {
                 if size > self.limits.max_bytes - self.bytes {
                     return refuse(format!(
                         "bad archive: {} declares {size} bytes, over the {} byte extraction limit (--max-extract)",
-                        rel.display(),
+                        shown(&rel),
                         self.limits.max_bytes
                     ));
                 }
@@ -593,7 +593,7 @@ impl TarScan {
                 if top.is_some() {
                     self.makefile = true;
                 } else if nested.is_some() && self.nested_makefile.is_none() {
-                    self.nested_makefile = Some(rel.display().to_string());
+                    self.nested_makefile = Some(shown(&rel));
                 }
                 Ok(())
             }
@@ -605,7 +605,7 @@ impl TarScan {
                 )),
                 None => refuse(format!(
                     "bad archive: {} is a {}; only regular files and directories are allowed",
-                    rel.display(),
+                    shown(&rel),
                     kind_name(kind)
                 )),
             },
@@ -706,17 +706,24 @@ pub fn checked_path(raw: &[u8], max_path: usize) -> Result<PathBuf, String> {
             Component::Normal(p) => out.push(p),
             Component::CurDir => {}
             Component::ParentDir => {
-                return Err(format!(
-                    "bad archive: {} contains '..'; paths must stay inside the workspace",
-                    path.display()
-                ))
+                return Err(format!("bad archive: {} contains '..'; paths must stay inside the workspace", shown(path)))
             }
             Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("bad archive: {} is an absolute path; paths must be relative", path.display()))
+                return Err(format!("bad archive: {} is an absolute path; paths must be relative", shown(path)))
             }
         }
     }
     Ok(out)
+}
+
+/// A path for a one-line message: long ones are cut, so that a message
+/// stays far below the protocol's string limit whatever `--max-path` is.
+pub fn shown(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    match text.char_indices().nth(120) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.into_owned(),
+    }
 }
 
 /// A tar type flag, for people.

@@ -21,7 +21,7 @@ use std::path::Path;
 
 use flate2::read::GzDecoder;
 
-use crate::archive_check::{checked_path, kind_name, Refusal, TarScan};
+use crate::archive_check::{checked_path, kind_name, shown, Refusal, TarScan};
 
 /// Limits on what one archive may unpack to.
 #[derive(Debug, Clone, Copy)]
@@ -77,14 +77,14 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
                 .recursive(true)
                 .mode(mode | 0o700)
                 .create(&target)
-                .map_err(|e| format!("bad archive: cannot create directory {}: {e}", rel.display()))?;
+                .map_err(|e| format!("bad archive: cannot create directory {}: {e}", shown(&rel)))?;
             done.dirs += 1;
         } else if kind.is_file() || kind == tar::EntryType::Continuous {
             let declared = entry.size();
             if declared > limits.max_bytes - done.bytes {
                 return Err(format!(
                     "bad archive: {} declares {declared} bytes, over the {} byte extraction limit (--max-extract)",
-                    rel.display(),
+                    shown(&rel),
                     limits.max_bytes
                 ));
             }
@@ -93,7 +93,7 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
                     .recursive(true)
                     .mode(0o755)
                     .create(parent)
-                    .map_err(|e| format!("bad archive: cannot create directory for {}: {e}", rel.display()))?;
+                    .map_err(|e| format!("bad archive: cannot create directory for {}: {e}", shown(&rel)))?;
             }
             let mut out = OpenOptions::new()
                 .write(true)
@@ -101,7 +101,7 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
                 .mode(mode | 0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&target)
-                .map_err(|e| format!("bad archive: cannot create {}: {e}", rel.display()))?;
+                .map_err(|e| format!("bad archive: cannot create {}: {e}", shown(&rel)))?;
             let budget = limits.max_bytes - done.bytes;
             let copied = copy_limited(&mut entry, &mut out, budget).map_err(|e| match e {
                 CopyError::Limit => format!(
@@ -109,14 +109,14 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
                     limits.max_bytes
                 ),
                 CopyError::Read(e) => describe(&e),
-                CopyError::Write(e) => format!("cannot write {}: {e}", rel.display()),
+                CopyError::Write(e) => format!("cannot write {}: {e}", shown(&rel)),
             })?;
             done.bytes += copied;
             done.files += 1;
         } else {
             return Err(format!(
                 "bad archive: {} is a {}; only regular files and directories are allowed",
-                rel.display(),
+                shown(&rel),
                 kind_name(kind.as_byte())
             ));
         }

@@ -4,7 +4,9 @@
 //! key + `first_key`), listeners, the signalfd (SIGCHLD; SIGINT, SIGTERM, SIGHUP),
 //! reading until `WouldBlock` into the session readers, writing outboxes
 //! until `WouldBlock`, serving each client one call at a time
-//! (backpressure), spooling streamed archives and outputs to disk, reaping
+//! (backpressure), spooling streamed archives and outputs to disk (a
+//! DEPLOY's archive is fed to `archive_check` as it arrives and refused
+//! with CLOUD_BAD_ARCHIVE, spool file removed, no ticket), reaping
 //! children, the poll timeout from the nodes' deadlines, and startup and
 //! shutdown.
 //! Must not touch: job rules (the `coordinator` decides), process setup
@@ -26,6 +28,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use slab::Slab;
 
+use crate::archive_check::ArchiveCheck;
 use crate::config::NodesFile;
 use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
 use crate::node::{Drained, Finished, Node, NodeConfig};
@@ -160,9 +163,18 @@ impl Sink {
 
 #[derive(Debug)]
 enum Streamed {
-    Deploy { replicas: u32 },
-    Run { args: RunArgs },
-    Fetch { ticket: u32, replica: u32 },
+    /// The archive is checked as it arrives (`archive_check`).
+    Deploy {
+        replicas: u32,
+        check: Box<ArchiveCheck>,
+    },
+    Run {
+        args: RunArgs,
+    },
+    Fetch {
+        ticket: u32,
+        replica: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -264,6 +276,8 @@ pub struct Server {
     node_names: Vec<String>,
     local_addr: SocketAddr,
     max_archive: u64,
+    /// The rules a DEPLOY's archive is checked against as it arrives.
+    extract_limits: crate::extract::ExtractLimits,
     next_xid: u32,
     next_spool: u64,
     rbuf: Vec<u8>,
@@ -363,6 +377,7 @@ impl Server {
             node_names,
             local_addr,
             max_archive: cfg.max_archive,
+            extract_limits: cfg.limits.extract,
             next_xid: 1,
             next_spool: 0,
             rbuf: vec![0; 64 * 1024],
@@ -735,6 +750,18 @@ impl Server {
                 false
             }
             CallEvent::StreamData(data) => {
+                if let Sink::File { xid, what: Streamed::Deploy { check, .. }, error: None, .. } = &mut conn.sink {
+                    if let Err(why) = check.feed(data) {
+                        // Refused mid-stream (a bomb, a traversal, not gzip):
+                        // answer now and hang up rather than take the rest.
+                        log::info!("connection {key}: deploy refused: {why}");
+                        let reply = encode_reply(*xid, Reply::Deploy(Err((CloudStat::BadArchive, why.0))));
+                        conn.sink.discard();
+                        conn.outbox.push(reply);
+                        conn.close_after_answer();
+                        return true;
+                    }
+                }
                 conn.sink.write(data);
                 false
             }
@@ -826,7 +853,7 @@ impl Server {
                     }
                     return;
                 }
-                Streamed::Deploy { replicas }
+                Streamed::Deploy { replicas, check: Box::new(ArchiveCheck::new(self.extract_limits)) }
             }
             _ => match RunArgs::decode(&mut r) {
                 Ok(args) => Streamed::Run { args },
@@ -855,12 +882,17 @@ impl Server {
             Streamed::Fetch { ticket, replica } => {
                 self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err));
             }
-            Streamed::Deploy { replicas } => match error {
-                Some(msg) => {
+            Streamed::Deploy { replicas, mut check } => match (error, check.finish()) {
+                (Some(msg), _) => {
                     let _ = fs::remove_file(&path);
                     conn.outbox.push(encode_reply(xid, Reply::Deploy(Err((CloudStat::Internal, msg)))));
                 }
-                None => {
+                (None, Err(why)) => {
+                    log::info!("connection {key}: deploy refused: {why}");
+                    let _ = fs::remove_file(&path);
+                    conn.outbox.push(encode_reply(xid, Reply::Deploy(Err((CloudStat::BadArchive, why.0)))));
+                }
+                (None, Ok(_)) => {
                     conn.awaiting += 1;
                     self.coord.deploy(Caller { conn: key, xid }, replicas, path)
                 }
