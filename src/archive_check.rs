@@ -109,6 +109,8 @@ pub struct ArchiveCheck {
     tar: TarScan,
     refused: Option<Refusal>,
     wire: u64,
+    /// `inflate.total_out()` at the last `take_inflated`.
+    charged: u64,
 }
 
 impl std::fmt::Debug for ArchiveCheck {
@@ -137,6 +139,7 @@ impl ArchiveCheck {
             tar: TarScan::new(limits),
             refused: None,
             wire: 0,
+            charged: 0,
         }
     }
 
@@ -174,6 +177,14 @@ impl ArchiveCheck {
     /// Bytes of inflated data so far.
     pub fn inflated(&self) -> u64 {
         self.inflate.total_out()
+    }
+
+    /// Bytes inflated since the last call: the reactor charges a
+    /// connection's read budget by it, so a highly compressed upload gets no
+    /// more than its fair share of a turn.
+    pub fn take_inflated(&mut self) -> u64 {
+        let now = self.inflate.total_out();
+        now - std::mem::replace(&mut self.charged, now)
     }
 
     fn step(&mut self, data: &[u8]) -> Result<(), Refusal> {
@@ -945,6 +956,8 @@ mod tests {
         let r = c.feed(&bomb).and_then(|()| c.finish().map(|_| ()));
         assert!(r.unwrap_err().0.contains("declares 4194304 bytes"));
         assert!(c.inflated() < 64 * 1024, "stopped at the header, inflated {}", c.inflated());
+        assert_eq!(c.take_inflated(), c.inflated());
+        assert_eq!(c.take_inflated(), 0, "charged once");
         // Zeros hidden after the end-of-archive marker count as well.
         let tail = gz(&[makefile(), vec![0; 2 << 20]].concat());
         let mut c = ArchiveCheck::new(LIMITS);

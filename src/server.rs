@@ -48,6 +48,9 @@ const NODE_LISTENER_BASE: usize = 2;
 const DRAIN_BUDGET: usize = 4;
 /// Reads (up to 64 KiB each) from one connection per turn of the loop.
 const READ_BUDGET: usize = 4;
+/// Bytes a DEPLOY's archive check may inflate per read before that read
+/// uses up the connection's budget for the turn (a highly compressed upload).
+const INFLATE_PER_READ: u64 = 4 << 20;
 /// Largest buffered (non-streamed) record: calls and small replies.
 const MAX_RECORD: usize = 64 * 1024;
 
@@ -148,6 +151,14 @@ impl Sink {
                 *file = None;
                 let _ = fs::remove_file(&*path);
             }
+        }
+    }
+
+    /// Bytes a DEPLOY's archive check inflated since the last call.
+    fn inflated_since(&mut self) -> u64 {
+        match self {
+            Sink::File { what: Streamed::Deploy { check, .. }, .. } => check.take_inflated(),
+            _ => 0,
         }
     }
 
@@ -690,7 +701,12 @@ impl Server {
                     self.peer_closed(conn);
                     break;
                 }
-                Ok(n) => self.feed(key, conn, &buf[..n]),
+                Ok(n) => {
+                    self.feed(key, conn, &buf[..n]);
+                    if conn.sink.inflated_since() > INFLATE_PER_READ {
+                        *budget = 0; // a highly compressed upload: its share of this turn is used
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
