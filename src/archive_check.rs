@@ -539,7 +539,12 @@ impl TarScan {
                 size = s;
             }
         }
-        let pad = size.next_multiple_of(BLOCK) - size;
+        let Some(pad) = size.checked_next_multiple_of(BLOCK).map(|rounded| rounded - size) else {
+            return refuse(format!(
+                "bad archive: an entry declares {size} bytes, over the {} byte extraction limit (--max-extract)",
+                self.limits.max_bytes
+            ));
+        };
         if recognized && matches!(kind, b'L' | b'K' | b'x') {
             let (slot, cap, what) = match kind {
                 b'L' => (&self.long_name, self.limits.max_path as u64 + 1, "GNU long name"),
@@ -1078,6 +1083,15 @@ mod tests {
         h.set_cksum();
         e[..512].copy_from_slice(h.as_bytes());
         assert!(check(&tar_gz(&[e.clone()])).unwrap().makefile);
+        // The largest base-256 size: refused, not an overflow.
+        let mut huge = tar::Header::from_byte_slice(&e[..512]).clone();
+        huge.as_old_mut().size = [0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        huge.set_cksum();
+        for kind in [Regular, Directory, GNULongName, Fifo] {
+            huge.set_entry_type(kind);
+            huge.set_cksum();
+            assert!(refused(&gz(huge.as_bytes())).contains("18446744073709551615"), "{kind:?}");
+        }
         e[100] ^= 1; // mode changed, checksum now wrong
         assert!(refused(&tar_gz(&[e])).contains("not a tar file"));
         let second = [makefile(), {
@@ -1183,6 +1197,24 @@ mod tests {
             gzipped.extend_from_slice(&bytes);
             let _ = check_in(&gzipped, chunk, LIMITS);
             let _ = check_in(&gz(&bytes), chunk, LIMITS);
+        }
+
+        #[test]
+        fn never_panics_on_random_headers_with_good_checksums(
+            blocks in proptest::collection::vec((proptest::collection::vec(any::<u8>(), 512), 0usize..4), 1..6),
+        ) {
+            // Random headers that pass the checksum, typed as extensions and
+            // members, with some data after each: every path past the checksum.
+            let mut tar = Vec::new();
+            for (bytes, extra) in blocks {
+                let mut h = tar::Header::from_byte_slice(&bytes).clone();
+                h.set_cksum();
+                tar.extend_from_slice(h.as_bytes());
+                tar.extend(std::iter::repeat_n(b'7', extra * 300));
+            }
+            let _ = check_in(&gz(&tar), 97, LIMITS);
+            let mut scan = TarScan::new(LIMITS);
+            let _ = scan.feed(&tar).and_then(|()| scan.finish());
         }
 
         #[test]
