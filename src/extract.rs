@@ -4,16 +4,24 @@
 //! directories, strictly inside the workspace; no absolute paths, no `..`,
 //! no links, devices, FIFOs or sockets; permission bits limited to 0777
 //! with setuid/setgid/sticky dropped; limits on total bytes (checked while
-//! inflating, so a gzip bomb stops early), entry count and path length.
+//! inflating, so a gzip bomb stops early; GNU long-name and PAX data and the
+//! data of any entry count too, and at most 64 KiB may follow the
+//! end-of-archive marker),
+//! entry count and path length. The inflated stream passes through
+//! [`TarScan`] (the rules the main server applied at DEPLOY), which refuses a
+//! long name or PAX header over its cap from its header, before the `tar`
+//! crate buffers it; the whole gzip stream is read, so its checksum is checked.
 //! Must not touch: processes or sockets. It runs in the forked child before
 //! exec, but is plain code so tests call it directly.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 use flate2::read::GzDecoder;
+
+use crate::archive_check::{checked_path, kind_name, shown, Refusal, TarScan};
 
 /// Limits on what one archive may unpack to.
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +51,7 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
         Err(_) => return Err("bad archive: the file is empty or truncated".into()),
     }
     let gz = GzDecoder::new(io::Cursor::new(magic).chain(archive));
-    let mut tar = tar::Archive::new(gz);
+    let mut tar = tar::Archive::new(Scanned { inner: gz, scan: TarScan::new(*limits) });
     let mut done = Extracted { files: 0, dirs: 0, bytes: 0 };
     let entries = tar.entries().map_err(|e| describe(&e))?;
     let mut count = 0usize;
@@ -53,12 +61,12 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
         if count > limits.max_entries {
             return Err(format!("bad archive: more than {} entries (limit --max-entries)", limits.max_entries));
         }
-        let raw_path = entry.path().map_err(|e| describe(&e))?.into_owned();
+        let raw_path = entry.path_bytes().into_owned();
         let kind = entry.header().entry_type();
         if kind.is_pax_global_extensions() {
             continue; // metadata only (git archive writes one)
         }
-        let rel = checked_path(&raw_path, limits)?;
+        let rel = checked_path(&raw_path, limits.max_path)?;
         let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
         let target = dest.join(&rel);
         if kind.is_dir() {
@@ -69,14 +77,14 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
                 .recursive(true)
                 .mode(mode | 0o700)
                 .create(&target)
-                .map_err(|e| format!("bad archive: cannot create directory {}: {e}", rel.display()))?;
+                .map_err(|e| format!("bad archive: cannot create directory {}: {e}", shown(&rel)))?;
             done.dirs += 1;
         } else if kind.is_file() || kind == tar::EntryType::Continuous {
-            let declared = entry.header().size().unwrap_or(u64::MAX);
+            let declared = entry.size();
             if declared > limits.max_bytes - done.bytes {
                 return Err(format!(
                     "bad archive: {} declares {declared} bytes, over the {} byte extraction limit (--max-extract)",
-                    rel.display(),
+                    shown(&rel),
                     limits.max_bytes
                 ));
             }
@@ -85,7 +93,7 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
                     .recursive(true)
                     .mode(0o755)
                     .create(parent)
-                    .map_err(|e| format!("bad archive: cannot create directory for {}: {e}", rel.display()))?;
+                    .map_err(|e| format!("bad archive: cannot create directory for {}: {e}", shown(&rel)))?;
             }
             let mut out = OpenOptions::new()
                 .write(true)
@@ -93,7 +101,7 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
                 .mode(mode | 0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&target)
-                .map_err(|e| format!("bad archive: cannot create {}: {e}", rel.display()))?;
+                .map_err(|e| format!("bad archive: cannot create {}: {e}", shown(&rel)))?;
             let budget = limits.max_bytes - done.bytes;
             let copied = copy_limited(&mut entry, &mut out, budget).map_err(|e| match e {
                 CopyError::Limit => format!(
@@ -101,59 +109,44 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
                     limits.max_bytes
                 ),
                 CopyError::Read(e) => describe(&e),
-                CopyError::Write(e) => format!("cannot write {}: {e}", rel.display()),
+                CopyError::Write(e) => format!("cannot write {}: {e}", shown(&rel)),
             })?;
             done.bytes += copied;
             done.files += 1;
         } else {
             return Err(format!(
                 "bad archive: {} is a {}; only regular files and directories are allowed",
-                rel.display(),
-                kind_name(kind)
+                shown(&rel),
+                kind_name(kind.as_byte())
             ));
         }
     }
+    // The rest of the stream (end-of-archive padding, bounded by the
+    // scanner) is inflated too, and reading to its end checks the gzip trailer.
+    let mut rest = tar.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| describe(&e))?;
+    rest.scan.finish().map_err(|r| r.0)?;
     Ok(done)
 }
 
-/// A relative path with only normal components, within the length limit.
-fn checked_path(path: &Path, limits: &ExtractLimits) -> Result<PathBuf, String> {
-    let len = path.as_os_str().len();
-    if len > limits.max_path {
-        return Err(format!("bad archive: a path of {len} bytes is longer than the limit of {}", limits.max_path));
-    }
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(p) => out.push(p),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                return Err(format!(
-                    "bad archive: {} contains '..'; paths must stay inside the workspace",
-                    path.display()
-                ))
-            }
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("bad archive: {} is an absolute path; paths must be relative", path.display()))
-            }
-        }
-    }
-    Ok(out)
+/// The inflated stream, checked by the scanner as the `tar` crate reads it.
+struct Scanned<R> {
+    inner: R,
+    scan: TarScan,
 }
 
-fn kind_name(kind: tar::EntryType) -> &'static str {
-    use tar::EntryType::*;
-    match kind {
-        Symlink => "symbolic link",
-        Link => "hard link",
-        Char => "character device",
-        Block => "block device",
-        Fifo => "FIFO",
-        _ => "special entry",
+impl<R: Read> Read for Scanned<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.scan.feed(&buf[..n]).map_err(|r| io::Error::new(io::ErrorKind::InvalidData, r))?;
+        Ok(n)
     }
 }
 
 fn describe(e: &io::Error) -> String {
+    if let Some(r) = e.get_ref().and_then(|inner| inner.downcast_ref::<Refusal>()) {
+        return r.0.clone();
+    }
     let text = e.to_string();
     if e.kind() == io::ErrorKind::UnexpectedEof
         || text.contains("unexpected end")
@@ -193,7 +186,7 @@ fn copy_limited(from: &mut impl Read, to: &mut impl Write, budget: u64) -> Resul
 
 #[cfg(test)]
 #[path = "../tests/common/tarkit.rs"]
-mod tarkit;
+pub(crate) mod tarkit;
 
 #[cfg(test)]
 mod tests {

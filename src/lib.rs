@@ -23,6 +23,7 @@
 //! - [`node`] - a side node and its running replica.
 //! - [`spawn`] - fork, sandbox, exec `make run`, kill, classify exits.
 //! - [`cgroup`] - per-replica memory and process totals, a second kill path.
+//! - [`archive_check`] - a DEPLOY's archive checked as it streams in (sans-I/O).
 //! - [`extract`] - safe archive extraction.
 //!
 //! The reactor and the edges:
@@ -30,6 +31,7 @@
 //! - [`config`] - `cloud_nodes.txt`.
 //! - [`client`] - a blocking client for the command-line programs.
 
+pub mod archive_check;
 pub mod cgroup;
 pub mod client;
 pub mod config;

@@ -4,7 +4,9 @@
 //! key + `first_key`), listeners, the signalfd (SIGCHLD; SIGINT, SIGTERM, SIGHUP),
 //! reading until `WouldBlock` into the session readers, writing outboxes
 //! until `WouldBlock`, serving each client one call at a time
-//! (backpressure), spooling streamed archives and outputs to disk, reaping
+//! (backpressure), spooling streamed archives and outputs to disk (a
+//! DEPLOY's archive is fed to `archive_check` as it arrives and refused
+//! with CLOUD_BAD_ARCHIVE, spool file removed, no ticket), reaping
 //! children, the poll timeout from the nodes' deadlines, and startup and
 //! shutdown. At accept it asks `peer` who owns a loopback client's socket;
 //! each client call's identity (`peer::caller_uid`) goes to the coordinator,
@@ -29,6 +31,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use slab::Slab;
 
+use crate::archive_check::ArchiveCheck;
 use crate::config::NodesFile;
 use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
 use crate::drc::{self, Drc};
@@ -51,6 +54,9 @@ const NODE_LISTENER_BASE: usize = 2;
 const DRAIN_BUDGET: usize = 4;
 /// Reads (up to 64 KiB each) from one connection per turn of the loop.
 const READ_BUDGET: usize = 4;
+/// Bytes a DEPLOY's archive check may inflate per read before that read
+/// uses up the connection's budget for the turn (a highly compressed upload).
+const INFLATE_PER_READ: u64 = 4 << 20;
 /// Largest buffered (non-streamed) record: calls and small replies.
 const MAX_RECORD: usize = 64 * 1024;
 
@@ -154,6 +160,14 @@ impl Sink {
         }
     }
 
+    /// Bytes a DEPLOY's archive check inflated since the last call.
+    fn inflated_since(&mut self) -> u64 {
+        match self {
+            Sink::File { what: Streamed::Deploy { check, .. }, .. } => check.take_inflated(),
+            _ => 0,
+        }
+    }
+
     /// Drop the stream in progress and its file; returns what it was.
     fn discard(&mut self) -> Sink {
         let old = std::mem::replace(self, Sink::None);
@@ -166,9 +180,19 @@ impl Sink {
 
 #[derive(Debug)]
 enum Streamed {
-    Deploy { replicas: u32, who: Option<u32> },
-    Run { args: RunArgs },
-    Fetch { ticket: u32, replica: u32 },
+    /// The archive is checked as it arrives (`archive_check`).
+    Deploy {
+        replicas: u32,
+        who: Option<u32>,
+        check: Box<ArchiveCheck>,
+    },
+    Run {
+        args: RunArgs,
+    },
+    Fetch {
+        ticket: u32,
+        replica: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -272,6 +296,8 @@ pub struct Server {
     node_names: Vec<String>,
     local_addr: SocketAddr,
     max_archive: u64,
+    /// The rules a DEPLOY's archive is checked against as it arrives.
+    extract_limits: crate::extract::ExtractLimits,
     next_xid: u32,
     next_spool: u64,
     rbuf: Vec<u8>,
@@ -379,6 +405,7 @@ impl Server {
             node_names,
             local_addr,
             max_archive: cfg.max_archive,
+            extract_limits: cfg.limits.extract,
             next_xid: 1,
             next_spool: 0,
             rbuf: vec![0; 64 * 1024],
@@ -705,7 +732,12 @@ impl Server {
                     self.peer_closed(conn);
                     break;
                 }
-                Ok(n) => self.feed(key, conn, &buf[..n]),
+                Ok(n) => {
+                    self.feed(key, conn, &buf[..n]);
+                    if conn.sink.inflated_since() > INFLATE_PER_READ {
+                        *budget = 0; // a highly compressed upload: its share of this turn is used
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -765,6 +797,18 @@ impl Server {
                 false
             }
             CallEvent::StreamData(data) => {
+                if let Sink::File { xid, what: Streamed::Deploy { check, .. }, error: None, .. } = &mut conn.sink {
+                    if let Err(why) = check.feed(data) {
+                        // Refused mid-stream (a bomb, a traversal, not gzip):
+                        // answer now and hang up rather than take the rest.
+                        log::info!("connection {key}: deploy refused: {why}");
+                        let reply = encode_reply(*xid, Reply::Deploy(Err((CloudStat::BadArchive, why.0))));
+                        conn.sink.discard();
+                        conn.outbox.push(reply);
+                        conn.close_after_answer();
+                        return true;
+                    }
+                }
                 conn.sink.write(data);
                 false
             }
@@ -860,7 +904,7 @@ impl Server {
                     proto::encode_error(&mut w, stat, &msg);
                     return answer_before_upload(conn, len, w.into_bytes());
                 }
-                Streamed::Deploy { replicas, who }
+                Streamed::Deploy { replicas, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) }
             }
             _ => match RunArgs::decode(&mut r) {
                 Ok(args) => Streamed::Run { args },
@@ -889,7 +933,7 @@ impl Server {
             Streamed::Fetch { ticket, replica } => {
                 self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err));
             }
-            Streamed::Deploy { replicas, who } => {
+            Streamed::Deploy { replicas, who, mut check } => {
                 // The same call may have been uploaded on two connections at
                 // once (a retry while the first upload was still arriving):
                 // the one that ends second gets the first one's reply.
@@ -899,18 +943,22 @@ impl Server {
                     let _ = fs::remove_file(&path);
                     return conn.outbox.push(encode_reply(xid, first));
                 }
-                // The ticket this DEPLOY may get is on disk before it is answered.
-                let error = error.or_else(|| {
-                    let persisted = self.tickets.ensure(self.coord.next_ticket());
-                    persisted.err().map(|e| {
+                let refusal = match (error, check.finish()) {
+                    (Some(msg), _) => Some((CloudStat::Internal, msg)),
+                    (None, Err(why)) => {
+                        log::info!("connection {key}: deploy refused: {why}");
+                        Some((CloudStat::BadArchive, why.0))
+                    }
+                    // The ticket this DEPLOY may get is on disk before it is answered.
+                    (None, Ok(_)) => self.tickets.ensure(self.coord.next_ticket()).err().map(|e| {
                         log::error!("cannot persist the ticket counter: {e}");
-                        format!("the server cannot record ticket numbers ({e}); retry later")
-                    })
-                });
-                match error {
-                    Some(msg) => {
+                        (CloudStat::Internal, format!("the server cannot record ticket numbers ({e}); retry later"))
+                    }),
+                };
+                match refusal {
+                    Some(failure) => {
                         let _ = fs::remove_file(&path);
-                        conn.outbox.push(encode_reply(xid, Reply::Deploy(Err((CloudStat::Internal, msg)))));
+                        conn.outbox.push(encode_reply(xid, Reply::Deploy(Err(failure))));
                     }
                     None => {
                         conn.awaiting += 1;

@@ -297,12 +297,13 @@ fn live_server_answers_the_captured_calls() {
     call[0x30..0x34].copy_from_slice(&nix::unistd::Uid::effective().as_raw().to_be_bytes());
     let got = exchange(&mut s, &call);
     assert_eq!(&got[..rpc::SUCCESS_HEADER_LEN - 4], &one_record(&section("status-auth-sys.txt", "reply"))[..20]);
-    // The 2-fragment deploy is accepted (its archive is not gzip: the replica
-    // will be INVALID, which is the job's problem, not the protocol's).
+    // The 2-fragment deploy's archive is not gzip: it is refused as it
+    // arrives, with CLOUD_BAD_ARCHIVE and the reason, and gets no ticket.
     let got = exchange(&mut s, &deploy_large_wire());
     let mut r = XdrReader::new(&got[rpc::SUCCESS_HEADER_LEN..]);
-    assert_eq!(proto::decode_stat(&mut r).unwrap(), Ok(()));
-    let ticket = r.u32().unwrap();
-    let st = c.wait_status(ticket, |s| s["replicas"].as_array().unwrap().iter().all(|r| r["status"] == "INVALID"));
-    assert!(st["replicas"][0]["message"].as_str().unwrap().contains("not a gzip"), "{st}");
+    let Err((stat, msg)) = proto::decode_stat(&mut r).unwrap() else { panic!("a non-gzip archive was accepted") };
+    assert_eq!(stat, CloudStat::BadArchive);
+    assert!(msg.contains("not a gzip"), "{msg}");
+    let out = c.cloud(&["status", "1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such ticket"), "no ticket was issued");
 }

@@ -124,6 +124,7 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
         pack_directory(&a.archive).map_err(|e| format!("cannot pack directory {}: {e}", a.archive.display()))?
     } else {
         let f = File::open(&a.archive).map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
+        looks_gzip(&f, &a.archive)?;
         (f, meta.len())
     };
     if len > u64::from(u32::MAX) {
@@ -133,6 +134,20 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
     let ticket = client.deploy(a.replicas, file, len).map_err(|e| e.to_string())?;
     println!("Job ticket#: {ticket}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuse before uploading what cannot be a .tar.gz (the server checks
+/// the rest as it arrives, and answers CLOUD_BAD_ARCHIVE with the reason).
+fn looks_gzip(mut f: &File, path: &Path) -> Result<(), String> {
+    use std::io::{Read, Seek};
+    let mut magic = [0u8; 2];
+    let n = f.read(&mut magic).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    f.rewind().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    match (n, magic) {
+        (0, _) => Err(format!("bad archive: {} is empty (deploy expects a .tar.gz)", path.display())),
+        (2, [0x1f, 0x8b]) => Ok(()),
+        _ => Err(format!("bad archive: {} is not a gzip file (deploy expects a .tar.gz)", path.display())),
+    }
 }
 
 fn status(a: StatusArgs) -> Result<ExitCode, String> {
