@@ -15,6 +15,7 @@
 //! Decisions (sans-I/O):
 //! - [`scheduler`] - free-node FIFO, wait queue, job table.
 //! - [`coordinator`] - the main server's logic; events in, actions out.
+//! - [`timers`] - client connection timeouts (idle, call, write) and eviction order.
 //!
 //! Processes and files:
 //! - [`node`] - a side node and its running replica.
@@ -38,4 +39,5 @@ pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod spawn;
+pub mod timers;
 pub mod xdr;

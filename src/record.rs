@@ -369,6 +369,8 @@ pub struct Outbox {
     records: VecDeque<OutRecord>,
     staged: Vec<u8>,
     sent: usize,
+    /// Bytes written so far, in all (for progress timeouts).
+    written: u64,
 }
 
 impl Outbox {
@@ -389,6 +391,11 @@ impl Outbox {
 
     pub fn is_empty(&self) -> bool {
         self.records.is_empty() && self.sent == self.staged.len()
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// Stage the next fragment. Returns false when nothing is left.
@@ -459,7 +466,10 @@ impl Outbox {
             }
             match w.write(&self.staged[self.sent..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.sent += n,
+                Ok(n) => {
+                    self.sent += n;
+                    self.written += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -619,7 +629,10 @@ mod tests {
             wire.extend_from_slice(&[0, 0, 0, 1, *b]);
         }
         wire.extend(frame(&[9]));
-        assert_eq!(run(&[&wire], 100), vec![Seen::Stream { head: vec![0, 0, 0, 1, 0, 0, 1, 0xf4], data: data.to_vec() }]);
+        assert_eq!(
+            run(&[&wire], 100),
+            vec![Seen::Stream { head: vec![0, 0, 0, 1, 0, 0, 1, 0xf4], data: data.to_vec() }]
+        );
     }
 
     #[test]
@@ -628,10 +641,7 @@ mod tests {
         rec.extend_from_slice(&[5u8; 500]); // over max_whole, but only skipped
         let mut wire = frame(&rec);
         wire.extend(frame(&[0, 0, 0, 2, 1]));
-        assert_eq!(
-            run(&[&wire], 100),
-            vec![Seen::Discarded(vec![0, 0, 0, 3]), Seen::Record(vec![0, 0, 0, 2, 1])]
-        );
+        assert_eq!(run(&[&wire], 100), vec![Seen::Discarded(vec![0, 0, 0, 3]), Seen::Record(vec![0, 0, 0, 2, 1])]);
         // Skipping is bounded too.
         let mut d = RecordDecoder::new(100, 1000);
         let big = frame(&[[0u8, 0, 0, 3].as_slice(), &[0u8; 2000]].concat());
