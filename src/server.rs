@@ -322,6 +322,8 @@ pub struct Server {
     /// Warned about running out of descriptors / connections in this burst.
     warned_fds: bool,
     warned_full: bool,
+    /// Logged once serving starts, after the ready line.
+    limits_line: String,
 }
 
 fn first_key(nodes: usize) -> usize {
@@ -404,7 +406,7 @@ impl Server {
                 "RLIMIT_NOFILE is {nofile}: too low to serve clients with {n} nodes; raise it (ulimit -n)"
             ));
         }
-        log::info!(
+        let limits_line = format!(
             "up to {max_connections} client connections (--max-connections {}, RLIMIT_NOFILE {nofile}); \
              idle timeout {}s, call timeout {}s",
             cfg.max_connections,
@@ -440,6 +442,7 @@ impl Server {
             reserve: Some(reserve),
             warned_fds: false,
             warned_full: false,
+            limits_line,
         };
         server.link_nodes()?;
         Ok(server)
@@ -508,6 +511,7 @@ impl Server {
 
     /// Serve until SIGINT, SIGTERM or SIGHUP, then stop every replica.
     pub fn run(&mut self) -> io::Result<()> {
+        log::info!("{}", self.limits_line);
         let mut events = Events::with_capacity(256);
         while !self.shutdown {
             let timeout = self.next_timeout();
@@ -635,17 +639,24 @@ impl Server {
                     if self.reserve.take().is_none() {
                         return;
                     }
-                    let _ = match node {
+                    let turned_away = match node {
                         None => self.clients.accept(),
                         Some(i) => self.node_listeners[i].accept(),
-                    };
+                    }
+                    .map(drop); // closed before the reserve is taken back
                     self.reserve = File::open("/dev/null").ok();
+                    if self.reserve.is_none() {
+                        log::error!("cannot reopen the reserve descriptor: {e}");
+                    }
                     if !self.warned_fds {
                         self.warned_fds = true;
                         log::warn!(
                             "out of file descriptors ({e}): closing new connections at once; \
                              raise RLIMIT_NOFILE or lower --max-connections"
                         );
+                    }
+                    if turned_away.is_err() {
+                        return; // the backlog is empty (or this did not help)
                     }
                 }
                 Err(e) => {
