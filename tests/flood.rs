@@ -81,7 +81,7 @@ fn null_call(xid: u32) -> Vec<u8> {
 /// A new client connects and its NULL call is answered within 5 s.
 fn null_answered(addr: SocketAddr) -> bool {
     let mut s = connect(addr);
-    s.write_all(&null_call(0x4e55)).is_ok() && read_reply(&mut s, Duration::from_secs(5)).is_some()
+    s.write_all(&null_call(0x4e55)).is_ok() && read_reply(&s, Duration::from_secs(5)).is_some()
 }
 
 /// The start of a DEPLOY of a `len`-byte archive, with `sent` bytes of it.
@@ -189,7 +189,7 @@ fn a_call_in_progress_or_a_reply_owed_is_not_idle() {
     s.write_all(&frame(&w.into_bytes())).unwrap();
     assert!(!closed_within(&mut s, Duration::from_millis(2500)), "still open while its reply is owed");
     release(held);
-    let reply = read_reply(&mut s, Duration::from_secs(20)).expect("the retrieve is answered");
+    let reply = read_reply(&s, Duration::from_secs(20)).expect("the retrieve is answered");
     let mut x = XdrReader::new(&reply[rpc::SUCCESS_HEADER_LEN..]);
     assert_eq!(x.u32().unwrap(), CloudStat::Ok as u32);
     // A slow but real upload: 64 KiB every 600 ms is progress, not a slowloris.
@@ -200,7 +200,7 @@ fn a_call_in_progress_or_a_reply_owed_is_not_idle() {
         std::thread::sleep(Duration::from_millis(600)); // the pace of a slow link, not synchronisation
         up.write_all(&[0u8; 65536]).unwrap();
     }
-    let reply = read_reply(&mut up, Duration::from_secs(10)).expect("the slow upload is answered");
+    let reply = read_reply(&up, Duration::from_secs(10)).expect("the slow upload is answered");
     // Zeros are not a gzip archive: whatever the verdict, it was heard out.
     assert_eq!(&reply[..4], &0x88u32.to_be_bytes());
 }
@@ -220,7 +220,7 @@ fn endless_empty_fragments_are_refused_and_hurt_no_one() {
             let _ = s.write_all(&wire); // the server may hang up first
         })
     };
-    let reply = read_reply(&mut s, Duration::from_secs(10)).expect("refused with an answer");
+    let reply = read_reply(&s, Duration::from_secs(10)).expect("refused with an answer");
     assert_eq!(&reply[..4], &0xe0u32.to_be_bytes());
     assert_eq!(error_of(&reply).0, CloudStat::TooLarge);
     assert!(closed_within(&mut s, Duration::from_secs(10)), "and closed");
@@ -238,7 +238,7 @@ fn at_the_descriptor_limit_deploy_and_retrieve_answer_errors_and_a_retry_gets_th
     let mut retr = connect(c.addr);
     let mut dep = connect(c.addr);
     dep.write_all(&deploy_call(0xd0, &archive)).unwrap();
-    let reply = read_reply(&mut dep, Duration::from_secs(10)).expect("deployed");
+    let reply = read_reply(&dep, Duration::from_secs(10)).expect("deployed");
     let mut x = XdrReader::new(&reply[rpc::SUCCESS_HEADER_LEN..]);
     assert_eq!(x.u32().unwrap(), CloudStat::Ok as u32);
     let t = x.u32().unwrap();
@@ -276,7 +276,7 @@ fn at_the_descriptor_limit_deploy_and_retrieve_answer_errors_and_a_retry_gets_th
 
     // DEPLOY: a clear error, no ticket.
     dep.write_all(&deploy_call(0xde, &archive)).unwrap();
-    let reply = read_reply(&mut dep, Duration::from_secs(10)).expect("the deploy is answered");
+    let reply = read_reply(&dep, Duration::from_secs(10)).expect("the deploy is answered");
     let (stat, msg) = error_of(&reply);
     assert_eq!(stat, CloudStat::Internal, "{msg}");
     assert!(msg.contains("out of file descriptors") && msg.contains("retry"), "{msg}");
@@ -285,7 +285,7 @@ fn at_the_descriptor_limit_deploy_and_retrieve_answer_errors_and_a_retry_gets_th
     let mut w = rpc::call(0x7e, proto::CLOUD_PROG, 1, proto::RETRIEVE);
     w.u32(t).u32(1);
     retr.write_all(&frame(&w.into_bytes())).unwrap();
-    let reply = read_reply(&mut retr, Duration::from_secs(10)).expect("the retrieve is answered");
+    let reply = read_reply(&retr, Duration::from_secs(10)).expect("the retrieve is answered");
     let (stat, msg) = error_of(&reply);
     assert_eq!(stat, CloudStat::Internal, "{msg}");
     assert!(msg.contains("could not read the outputs") && msg.contains("retry"), "{msg}");
