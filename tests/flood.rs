@@ -231,7 +231,7 @@ fn endless_empty_fragments_are_refused_and_hurt_no_one() {
 #[test]
 fn at_the_descriptor_limit_deploy_and_retrieve_answer_errors_and_a_retry_gets_the_outputs() {
     raise_own_nofile();
-    let c = Cluster::start_tweaked(1, &["--call-timeout", "120"], |cmd| limit_fds(cmd, NOFILE));
+    let c = Cluster::start_tweaked(1, &[], |cmd| limit_fds(cmd, NOFILE));
     let job = job(c.dir.path(), "real.tar.gz", &["@echo the-real-output"]);
     let archive = std::fs::read(&job).unwrap();
     // Raw connections, kept open: no client closes while descriptors are counted.
