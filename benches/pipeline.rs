@@ -1,11 +1,12 @@
 //! `make bench`: 200 tiny jobs through the cluster (deploy -> retrieve, 4
 //! concurrent clients, 4 nodes) against the pipeline a user would script
 //! instead (`xargs -P4` of mkdir; tar xzf; make run > out), side by side in
-//! one run; then the server's peak RSS and its system calls per job.
+//! one run; then the server's peak RSS and its system calls per job; then
+//! the STATUS round trip alone and with 10,000 idle connections held.
 //! Figures are printed, not asserted: machines are noisy, ratios travel.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
@@ -15,6 +16,8 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_cloud");
 const JOBS: usize = 200;
 const CLIENTS: usize = 4;
 const STRACED_JOBS: usize = 40;
+const IDLE_CONNECTIONS: usize = 10_000;
+const STATUS_CALLS: usize = 200;
 
 fn tiny_archive(dir: &Path) -> PathBuf {
     let src = dir.join("tiny");
@@ -39,6 +42,7 @@ fn start_server(dir: &Path) -> (Child, String) {
         .arg(dir.join("nodes.txt"))
         .args(["--listen", "127.0.0.1:0", "--work-dir"])
         .arg(dir.join("work"))
+        .args(["--max-connections", &(2 * IDLE_CONNECTIONS).to_string()])
         .args(std::env::var("CLOUD_BENCH_ARGS").unwrap_or_default().split_whitespace())
         .env("RUST_LOG", "warn")
         .stderr(Stdio::piped())
@@ -143,6 +147,34 @@ fn syscalls_per_job(pid: u32, addr: &str, archive: &Path, dir: &Path, follow: bo
     Some((total / jobs as f64, top.join(", ")))
 }
 
+/// STATUS round trips on one connection while `idle` other connections are
+/// held open: (median ms, worst ms, connections actually held).
+fn status_round_trip(addr: &str, idle: usize) -> (f64, f64, usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let held: Vec<TcpStream> = (0..idle).map_while(|_| TcpStream::connect(addr).ok()).collect();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut w = cloudinfra::rpc::call(1, cloudinfra::proto::CLOUD_PROG, 1, cloudinfra::proto::STATUS);
+    w.u32(999_999);
+    let call = cloudinfra::record::frame(&w.into_bytes());
+    let mut times = Vec::with_capacity(STATUS_CALLS);
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..STATUS_CALLS {
+        let t = Instant::now();
+        s.write_all(&call).unwrap();
+        let mut mark = [0u8; 4];
+        s.read_exact(&mut mark).unwrap();
+        let len = (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize;
+        s.read_exact(&mut buf[..len]).unwrap();
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], times[times.len() - 1], held.len())
+}
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let archive = tiny_archive(dir.path());
@@ -154,6 +186,8 @@ fn main() {
     let rss = vm_hwm_kib(server.id());
     let sys = syscalls_per_job(server.id(), &addr, &archive, dir.path(), false);
     let sys_all = syscalls_per_job(server.id(), &addr, &archive, dir.path(), true);
+    let alone = status_round_trip(&addr, 0);
+    let crowded = status_round_trip(&addr, IDLE_CONNECTIONS);
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = server.wait();
 
@@ -171,4 +205,6 @@ fn main() {
             None => println!("  {what}: strace unavailable (apt-get install strace)"),
         }
     }
+    println!("  STATUS round trip alone     : {:6.3} ms median, {:6.3} ms worst of {STATUS_CALLS}", alone.0, alone.1);
+    println!("  ... with {} idle connections: {:6.3} ms median, {:6.3} ms worst", crowded.2, crowded.0, crowded.1);
 }

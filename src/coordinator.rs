@@ -361,7 +361,24 @@ impl Coordinator {
         self.start_ready();
     }
 
-    /// A NODE_FETCH came back, spooled (or failed).
+    /// A NODE_FETCH could not be completed for a reason that may pass (out
+    /// of descriptors or disk, a reply cut short): the ticket's retrievers
+    /// get an error, never OK with a lost output, and the fetch is forgotten
+    /// so that the next RETRIEVE asks the node again. Outputs fetched
+    /// already stay.
+    pub fn fetch_failed(&mut self, ticket: Ticket, replica: u32, why: &str) {
+        if matches!(self.fetches.get(&(ticket, replica)), Some(Fetch::Pending)) {
+            self.fetches.remove(&(ticket, replica));
+        }
+        log::warn!("ticket {ticket}: cannot fetch replica {replica}'s output: {why}");
+        for to in self.retrievers.remove(&ticket).unwrap_or_default() {
+            let msg = format!("could not read the outputs of ticket {ticket}: {why}; retry");
+            self.reply(to, Reply::Retrieve(Err((CloudStat::Internal, msg))));
+        }
+    }
+
+    /// A NODE_FETCH came back, spooled (or failed for good: the node has no
+    /// output for it, or was lost).
     pub fn fetched(&mut self, ticket: Ticket, replica: u32, result: Result<PathBuf, String>) {
         if self.sched.job(ticket).is_none() {
             if let Ok(path) = result {
@@ -592,6 +609,36 @@ mod tests {
         let Action::Reply { to, reply: Reply::Retrieve(Ok(outs)) } = &acts[0] else { panic!("{acts:?}") };
         assert_eq!(*to, B);
         assert_eq!(outs[0].status.state, JobState::Completed);
+    }
+
+    #[test]
+    fn a_failed_fetch_is_an_error_then_a_retry_fetches_again() {
+        let mut c = coord(2);
+        c.deploy(A, 2, "/spool/in".into());
+        c.run_finished(0, ok(), t0());
+        c.run_finished(1, ok(), t0());
+        drain(&mut c);
+        c.retrieve(B, 1, true);
+        let acts = drain(&mut c);
+        assert_eq!(acts.len(), 2, "{acts:?}");
+        c.fetched(1, 0, Ok("/spool/out-1-0".into()));
+        c.fetch_failed(1, 1, "the server is out of file descriptors");
+        let acts = drain(&mut c);
+        let [Action::Reply { to: B, reply: Reply::Retrieve(Err((CloudStat::Internal, msg))) }] = &acts[..] else {
+            panic!("{acts:?}")
+        };
+        assert!(msg.contains("out of file descriptors") && msg.contains("retry"), "{msg}");
+        // The retry asks only for the output that failed, then answers OK.
+        c.retrieve(B, 1, true);
+        let acts = drain(&mut c);
+        let [Action::Node { node: 1, call: NodeCall::Fetch { ticket: 1, replica: 1, into } }] = &acts[..] else {
+            panic!("{acts:?}")
+        };
+        c.fetched(1, 1, Ok(into.clone()));
+        let acts = drain(&mut c);
+        let [Action::Reply { to: B, reply: Reply::Retrieve(Ok(outs)) }] = &acts[..] else { panic!("{acts:?}") };
+        assert_eq!(outs.len(), 2);
+        assert!(outs.iter().all(|o| !o.status.message.contains("lost")), "{outs:?}");
     }
 
     #[test]

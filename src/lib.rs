@@ -18,6 +18,7 @@
 //! - [`coordinator`] - the main server's logic; events in, actions out.
 //! - [`drc`] - the duplicate request cache: at-most-once DEPLOY and CLOSE.
 //! - [`tickets`] - ticket numbers never reused, leased in blocks on disk.
+//! - [`timers`] - client connection timeouts (idle, call, write) and eviction order.
 //!
 //! Processes and files:
 //! - [`node`] - a side node and its running replica.
@@ -48,4 +49,5 @@ pub mod server;
 pub mod session;
 pub mod spawn;
 pub mod tickets;
+pub mod timers;
 pub mod xdr;

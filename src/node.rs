@@ -297,11 +297,16 @@ impl Node {
         Some(finished)
     }
 
-    /// The ticket's output file and its length.
-    pub fn fetch(&self, ticket: u32) -> Result<(File, u64), String> {
+    /// The ticket's output file and its length. The error says whether the
+    /// output is missing for good (`true`) or could not be opened now
+    /// (`false`: out of descriptors, ...; a retry may work).
+    pub fn fetch(&self, ticket: u32) -> Result<(File, u64), (bool, String)> {
         let path = self.output_path(ticket);
-        let file = File::open(&path).map_err(|e| format!("{}: no output for ticket {ticket}: {e}", self.name()))?;
-        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        let file = File::open(&path).map_err(|e| {
+            let gone = e.kind() == io::ErrorKind::NotFound;
+            (gone, format!("{}: cannot open the output of ticket {ticket}: {e}", self.name()))
+        })?;
+        let len = file.metadata().map_err(|e| (false, e.to_string()))?.len();
         Ok((file, len))
     }
 

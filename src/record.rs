@@ -5,6 +5,10 @@
 //! fragment boundaries invisible), streaming one large opaque per record
 //! straight through instead of buffering it, and turning outgoing records
 //! (byte pieces and file pieces) into fragments written until `WouldBlock`.
+//! Every byte of a record's framing counts toward its limit: each fragment
+//! header after the first costs its 4 bytes (unless its fragment carries
+//! streamed data, which the stream's own limit bounds), so an endless run of
+//! empty fragments is refused like any oversized record.
 //! Must not touch: what the bytes mean. The caller's `classify` closure
 //! looks at the head of a record and says how much of it to buffer.
 
@@ -31,6 +35,10 @@ pub enum Shape {
     /// The record's tail is one opaque whose 4-byte length sits at this
     /// offset of the head: emit `StreamStart`, then the data as it arrives.
     Stream { len_at: usize },
+    /// The record is refused from its head alone (e.g. an RPC version we
+    /// do not speak): emit `Discarded` now and drop the rest of the record,
+    /// up to the decoder's `max_whole + max_stream` bytes.
+    Discard,
 }
 
 /// One thing the decoder found in the stream.
@@ -47,7 +55,11 @@ pub enum Event<'a> {
     /// The record ended before its streamed opaque did.
     Truncated,
     /// The record broke a size limit; the decoder accepts nothing more.
+    /// `head` is empty when the limit broke after the head was handed on.
     TooLarge { head: Vec<u8>, what: &'static str },
+    /// The classifier refused this record from its head (`Shape::Discard`);
+    /// the rest of it is dropped without further events.
+    Discarded { head: Vec<u8> },
 }
 
 #[derive(Debug)]
@@ -61,6 +73,8 @@ enum Phase {
     },
     /// Bytes after a streamed opaque, up to the end of the record.
     Tail,
+    /// The rest of a discarded record.
+    Skip,
     Failed,
 }
 
@@ -77,6 +91,11 @@ pub struct RecordDecoder {
     in_record: bool,
     head: Vec<u8>,
     phase: Phase,
+    /// This record's bytes other than streamed data: fragment headers after
+    /// the first, head, padding, tail.
+    spent: u64,
+    /// What `spent` may reach: `max_whole`, or more for a discarded record.
+    allowed: u64,
 }
 
 impl RecordDecoder {
@@ -92,6 +111,8 @@ impl RecordDecoder {
             in_record: false,
             head: Vec::new(),
             phase: Phase::Head { shape: Shape::NeedMore(0) },
+            spent: 0,
+            allowed: max_whole as u64,
         }
     }
 
@@ -112,6 +133,20 @@ impl RecordDecoder {
         self.in_record = false;
         self.last_fragment = false;
         self.phase = Phase::Head { shape: Shape::NeedMore(0) };
+        self.spent = 0;
+        self.allowed = self.max_whole as u64;
+    }
+
+    /// Count `n` bytes against the record's limit; true if it is broken.
+    fn spend(&mut self, n: usize) -> bool {
+        self.spent += n as u64;
+        self.spent > self.allowed
+    }
+
+    /// The record broke its limit: nothing more is accepted.
+    fn fail(&mut self) -> Event<'static> {
+        self.phase = Phase::Failed;
+        Event::TooLarge { head: std::mem::take(&mut self.head), what: "record" }
     }
 
     /// Consume bytes from `input` until an event is ready or the input is
@@ -144,7 +179,14 @@ impl RecordDecoder {
                     self.mark_len = 0;
                     self.frag_left = (word & !LAST_FRAGMENT) as usize;
                     self.last_fragment = word & LAST_FRAGMENT != 0;
+                    // The first header is free; later ones cost 4 bytes,
+                    // unless the fragment carries streamed data.
+                    let carries_data = matches!(self.phase, Phase::Stream { left: 1.., .. }) && self.frag_left > 0;
+                    let cost = if !self.in_record || carries_data { 0 } else { 4 };
                     self.in_record = true;
+                    if self.spend(cost) {
+                        return (input.len(), Some(self.fail()));
+                    }
                 }
                 continue;
             }
@@ -155,12 +197,11 @@ impl RecordDecoder {
                         Shape::NeedMore(n) => n.saturating_sub(self.head.len()),
                         Shape::Whole => avail,
                         Shape::Stream { len_at } => (len_at + 4).saturating_sub(self.head.len()),
+                        Shape::Discard => 0,
                     };
                     let n = want.min(avail);
-                    if self.head.len() + n > self.max_whole {
-                        self.phase = Phase::Failed;
-                        let head = std::mem::take(&mut self.head);
-                        return (input.len(), Some(Event::TooLarge { head, what: "record" }));
+                    if self.head.len() + n > self.max_whole || self.spend(n) {
+                        return (input.len(), Some(self.fail()));
                     }
                     self.head.extend_from_slice(&input[pos..pos + n]);
                     self.frag_left -= n;
@@ -181,10 +222,16 @@ impl RecordDecoder {
                     if *pad == 0 {
                         self.phase = Phase::Tail;
                     }
+                    if self.spend(n) {
+                        return (input.len(), Some(self.fail()));
+                    }
                 }
-                Phase::Tail => {
+                Phase::Tail | Phase::Skip => {
                     self.frag_left -= avail;
                     pos += avail;
+                    if self.spend(avail) {
+                        return (input.len(), Some(self.fail()));
+                    }
                 }
                 Phase::Failed => unreachable!("checked above"),
             }
@@ -206,6 +253,11 @@ impl RecordDecoder {
                     if next != shape {
                         return self.step_without_input(classify);
                     }
+                }
+                if shape == Shape::Discard {
+                    self.phase = Phase::Skip;
+                    self.allowed = (self.max_whole as u64).saturating_add(self.max_stream);
+                    return Some(Event::Discarded { head: std::mem::take(&mut self.head) });
                 }
                 if let Shape::Stream { len_at } = shape {
                     if self.head.len() >= len_at + 4 {
@@ -237,6 +289,10 @@ impl RecordDecoder {
             Phase::Tail if self.record_ends_here() => {
                 self.reset_record();
                 Some(Event::StreamEnd)
+            }
+            Phase::Skip if self.record_ends_here() => {
+                self.reset_record();
+                None
             }
             _ => None,
         }
@@ -313,6 +369,8 @@ pub struct Outbox {
     records: VecDeque<OutRecord>,
     staged: Vec<u8>,
     sent: usize,
+    /// Bytes written so far, in all (for progress timeouts).
+    written: u64,
 }
 
 impl Outbox {
@@ -333,6 +391,11 @@ impl Outbox {
 
     pub fn is_empty(&self) -> bool {
         self.records.is_empty() && self.sent == self.staged.len()
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// Stage the next fragment. Returns false when nothing is left.
@@ -403,7 +466,10 @@ impl Outbox {
             }
             match w.write(&self.staged[self.sent..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.sent += n,
+                Ok(n) => {
+                    self.sent += n;
+                    self.written += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -449,6 +515,7 @@ mod tests {
         Stream { head: Vec<u8>, data: Vec<u8> },
         Truncated,
         TooLarge,
+        Discarded(Vec<u8>),
     }
 
     /// Classifier: a record whose first word is 1 streams an opaque at offset 4.
@@ -458,6 +525,8 @@ mod tests {
         }
         if head[..4] == [0, 0, 0, 1] {
             Shape::Stream { len_at: 4 }
+        } else if head[..4] == [0, 0, 0, 3] {
+            Shape::Discard
         } else {
             Shape::Whole
         }
@@ -482,6 +551,7 @@ mod tests {
                     Some(Event::StreamEnd) => {}
                     Some(Event::Truncated) => seen.push(Seen::Truncated),
                     Some(Event::TooLarge { .. }) => seen.push(Seen::TooLarge),
+                    Some(Event::Discarded { head }) => seen.push(Seen::Discarded(head)),
                     None => break,
                 }
             }
@@ -518,6 +588,67 @@ mod tests {
     fn oversized_record_fails_once() {
         let rec = frame(&[5u8; 64]);
         assert_eq!(run(&[&rec, &rec], 32), vec![Seen::TooLarge]);
+    }
+
+    /// `n` empty fragments, then a last one holding `payload`.
+    fn empty_fragments_then(n: usize, payload: &[u8]) -> Vec<u8> {
+        let mut wire = vec![0u8; 4 * n];
+        wire.extend(frame(payload));
+        wire
+    }
+
+    #[test]
+    fn empty_fragments_count_toward_the_record_limit() {
+        // A few are harmless; each costs its 4-byte header.
+        let ok = empty_fragments_then(10, &[0, 0, 0, 2, 7, 7]);
+        assert_eq!(run(&[&ok], 100), vec![Seen::Record(vec![0, 0, 0, 2, 7, 7])]);
+        // Without end: refused like any oversized record, whatever the chunking.
+        let flood = empty_fragments_then(1000, &[0, 0, 0, 2]);
+        assert_eq!(run(&[&flood], 100), vec![Seen::TooLarge]);
+        let chunks: Vec<&[u8]> = flood.chunks(3).collect();
+        assert_eq!(run(&chunks, 100), vec![Seen::TooLarge]);
+        // Inside a streamed opaque, and after it.
+        let mut inside = vec![0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 4];
+        inside.extend(empty_fragments_then(1000, b"abcd"));
+        assert_eq!(run(&[&inside], 100).last(), Some(&Seen::TooLarge));
+        let mut after = vec![0, 0, 0, 12, 0, 0, 0, 1, 0, 0, 0, 4, b'a', b'b', b'c', b'd'];
+        after.extend(empty_fragments_then(1000, b""));
+        assert_eq!(run(&[&after], 100).last(), Some(&Seen::TooLarge));
+    }
+
+    #[test]
+    fn a_stream_sent_in_tiny_fragments_is_not_over_the_limit() {
+        // 1-byte fragments of streamed data cost nothing: the stream's own
+        // length bounds them.
+        let data = [9u8; 500];
+        let mut wire = vec![0, 0, 0, 8, 0, 0, 0, 1, 0, 1, 0xf4, 0];
+        wire[10..12].copy_from_slice(&(500u16).to_be_bytes());
+        wire.truncate(12);
+        wire[8..12].copy_from_slice(&500u32.to_be_bytes());
+        for b in &data[..499] {
+            wire.extend_from_slice(&[0, 0, 0, 1, *b]);
+        }
+        wire.extend(frame(&[9]));
+        assert_eq!(
+            run(&[&wire], 100),
+            vec![Seen::Stream { head: vec![0, 0, 0, 1, 0, 0, 1, 0xf4], data: data.to_vec() }]
+        );
+    }
+
+    #[test]
+    fn a_discarded_record_is_reported_once_and_skipped() {
+        let mut rec = vec![0, 0, 0, 3];
+        rec.extend_from_slice(&[5u8; 500]); // over max_whole, but only skipped
+        let mut wire = frame(&rec);
+        wire.extend(frame(&[0, 0, 0, 2, 1]));
+        assert_eq!(run(&[&wire], 100), vec![Seen::Discarded(vec![0, 0, 0, 3]), Seen::Record(vec![0, 0, 0, 2, 1])]);
+        // Skipping is bounded too.
+        let mut d = RecordDecoder::new(100, 1000);
+        let big = frame(&[[0u8, 0, 0, 3].as_slice(), &[0u8; 2000]].concat());
+        let (n, ev) = d.decode(&big, &mut classify);
+        assert!(matches!(ev, Some(Event::Discarded { .. })));
+        let (_, ev) = d.decode(&big[n..], &mut classify);
+        assert!(matches!(ev, Some(Event::TooLarge { .. })), "{ev:?}");
     }
 
     #[test]

@@ -134,8 +134,17 @@ impl CallHeader {
 /// How a record that starts with a call header should be buffered.
 /// `stream_at(prog, vers, proc)` gives, for procedures whose last argument is
 /// a large opaque, the offset of its length word within the arguments.
+/// A call with an RPC version other than 2 is discarded as soon as its
+/// version is seen: whatever follows may have any layout, and the answer is
+/// RPC_MISMATCH whatever the procedure (also for a DEPLOY that would stream).
 pub fn call_shape(head: &[u8], stream_at: impl Fn(u32, u32, u32) -> Option<usize>) -> Shape {
     let word = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]) as usize;
+    if head.len() < 12 {
+        return Shape::NeedMore(12);
+    }
+    if word(4) == MSG_CALL as usize && word(8) != RPC_VERSION as usize {
+        return Shape::Discard;
+    }
     if head.len() < 32 {
         return Shape::NeedMore(32);
     }
@@ -173,9 +182,7 @@ pub struct Program {
 /// complete error reply to send.
 pub fn admit(h: &CallHeader, programs: &[Program]) -> Result<(), Vec<u8>> {
     if h.rpcvers != RPC_VERSION {
-        let mut w = reply_head(h.xid, 1);
-        w.u32(0).u32(RPC_VERSION).u32(RPC_VERSION); // RPC_MISMATCH, low, high
-        return Err(w.into_bytes());
+        return Err(rpc_mismatch(h.xid));
     }
     match h.cred {
         Credential::None | Credential::Sys(_) => {}
@@ -216,6 +223,14 @@ pub fn garbage_reply(record: &[u8]) -> Option<Vec<u8>> {
 pub fn auth_error(xid: u32, auth_stat: u32) -> Vec<u8> {
     let mut w = reply_head(xid, 1);
     w.u32(1).u32(auth_stat);
+    w.into_bytes()
+}
+
+/// MSG_DENIED, RPC_MISMATCH, versions 2..2: the answer to any call whose
+/// RPC version is not 2.
+pub fn rpc_mismatch(xid: u32) -> Vec<u8> {
+    let mut w = reply_head(xid, 1);
+    w.u32(0).u32(RPC_VERSION).u32(RPC_VERSION); // RPC_MISMATCH, low, high
     w.into_bytes()
 }
 
@@ -409,12 +424,23 @@ mod tests {
     }
 
     #[test]
+    fn any_other_rpc_version_is_discarded_from_its_first_words() {
+        let mut raw = call(1, 5, 1, 1).into_bytes();
+        let at = |_, _, _| Some(4);
+        for vers in [0u32, 1, 3, u32::MAX] {
+            raw[8..12].copy_from_slice(&vers.to_be_bytes());
+            assert_eq!(call_shape(&raw[..12], at), Shape::Discard, "rpcvers {vers}");
+        }
+    }
+
+    #[test]
     fn shape_waits_for_credentials_then_streams() {
         let mut w = call(1, 5, 1, 1);
         w.u32(2).u32(10);
         let raw = w.into_bytes();
         let at = |p, v, n| (p == 5 && v == 1 && n == 1).then_some(4);
-        assert_eq!(call_shape(&raw[..10], at), Shape::NeedMore(32));
+        assert_eq!(call_shape(&raw[..10], at), Shape::NeedMore(12));
+        assert_eq!(call_shape(&raw[..12], at), Shape::NeedMore(32));
         assert_eq!(call_shape(&raw[..32], at), Shape::NeedMore(40));
         assert_eq!(call_shape(&raw, at), Shape::Stream { len_at: 44 });
     }

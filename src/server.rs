@@ -12,6 +12,10 @@
 //! each client call's identity (`peer::caller_uid`) goes to the coordinator,
 //! DEPLOY and CLOSE pass through the duplicate request cache (`drc`), and a
 //! DEPLOY waits for its ticket number to be persisted (`tickets`).
+//! Connection limits: client timeouts (decided in `timers`, applied
+//! here), `--max-connections` (the longest-idle client makes room), and a
+//! reserve descriptor so that at EMFILE a new client is accepted and closed
+//! rather than left hanging in the backlog.
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`). Each event is turned
 //! into a call on one of those and their answers into bytes.
@@ -44,7 +48,8 @@ use crate::scheduler::NodeId;
 use crate::session::{Call, CallEvent, CallReader, ReplyEvent, ReplyReader};
 use crate::spawn::{JobLimits, Sandbox};
 use crate::tickets::TicketStore;
-use crate::xdr::{XdrReader, XdrWriter};
+use crate::timers::{ConnTimers, Phase};
+use crate::xdr::XdrReader;
 
 const SIGNALS: Token = Token(0);
 const CLIENTS: Token = Token(1);
@@ -82,6 +87,27 @@ pub struct ServerConfig {
     pub isolate_network: bool,
     /// How replicas run, for the ready line.
     pub sandbox_summary: String,
+    /// Client connections held at most (lowered to what RLIMIT_NOFILE allows).
+    pub max_connections: usize,
+    /// A client with no call in progress and no reply owed is closed after this.
+    pub idle_timeout: Duration,
+    /// A call being received, or a reply being sent, must progress within this.
+    pub call_timeout: Duration,
+}
+
+/// Descriptors kept back from `--max-connections`: listeners, signalfd,
+/// epoll, the reserve, logs (`BASE`), and per node its listener, link ends,
+/// replica pipe, archive, output and fetch files (`PER_NODE`); plus one in
+/// `SPOOL_SHARE` of the rest for spool files of uploads and replies.
+const FD_HEADROOM_BASE: u64 = 64;
+const FD_HEADROOM_PER_NODE: u64 = 8;
+const FD_SPOOL_SHARE: u64 = 8;
+
+/// The `--max-connections` that RLIMIT_NOFILE `nofile` leaves room for.
+pub fn effective_max_connections(requested: usize, nofile: u64, nodes: usize) -> usize {
+    let headroom = FD_HEADROOM_BASE + FD_HEADROOM_PER_NODE * nodes as u64 + nofile / FD_SPOOL_SHARE;
+    let room = nofile.saturating_sub(headroom);
+    (requested as u64).min(room) as usize
 }
 
 /// A call on a node link, remembered until its reply.
@@ -137,7 +163,7 @@ impl Sink {
             Ok(file) => Sink::File { xid, what, file: Some(file), path, error: None },
             Err(e) => {
                 log::error!("cannot create {}: {e}", path.display());
-                Sink::failed(xid, what, format!("the server cannot store the data: {e}"))
+                Sink::failed(xid, what, store_error(&e))
             }
         }
     }
@@ -189,9 +215,12 @@ enum Streamed {
     Run {
         args: RunArgs,
     },
+    /// `gone`: the node said it has no output (final), rather than a
+    /// failure that may pass.
     Fetch {
         ticket: u32,
         replica: u32,
+        gone: bool,
     },
 }
 
@@ -213,6 +242,10 @@ struct Conn {
     held: Vec<u8>,
     /// Who a client connection belongs to, found once at accept.
     peer: PeerId,
+    /// Bytes read since the timers last heard of this connection.
+    moved: u64,
+    /// `outbox.written()` when the timers last heard of it.
+    written_seen: u64,
 }
 
 impl Conn {
@@ -313,6 +346,17 @@ pub struct Server {
     /// DEPLOY and CLOSE calls handed to the coordinator, by (connection, xid).
     drc_pending: std::collections::HashMap<(usize, u32), drc::Key>,
     tickets: TicketStore,
+    /// Client connection deadlines.
+    timers: ConnTimers,
+    max_connections: usize,
+    /// One descriptor held back (/dev/null), given up at EMFILE to accept
+    /// and close a client instead of leaving it in the backlog.
+    reserve: Option<File>,
+    /// Warned about running out of descriptors / connections in this burst.
+    warned_fds: bool,
+    warned_full: bool,
+    /// Logged once serving starts, after the ready line.
+    limits_line: String,
 }
 
 fn first_key(nodes: usize) -> usize {
@@ -390,6 +434,23 @@ impl Server {
         log::info!("tickets continue from {next_ticket}");
         let mut coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
         coord.resume_tickets_from(next_ticket);
+        let coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
+        let nofile =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+        let max_connections = effective_max_connections(cfg.max_connections, nofile, n);
+        if max_connections == 0 {
+            return Err(format!(
+                "RLIMIT_NOFILE is {nofile}: too low to serve clients with {n} nodes; raise it (ulimit -n)"
+            ));
+        }
+        let limits_line = format!(
+            "up to {max_connections} client connections (--max-connections {}, RLIMIT_NOFILE {nofile}); \
+             idle timeout {}s, call timeout {}s",
+            cfg.max_connections,
+            cfg.idle_timeout.as_secs(),
+            cfg.call_timeout.as_secs()
+        );
+        let reserve = File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
         let mut server = Server {
             poll,
             slab: Slab::new(),
@@ -417,6 +478,12 @@ impl Server {
             drc: Drc::new(drc::MAX_ENTRIES, drc::MAX_AGE),
             drc_pending: std::collections::HashMap::new(),
             tickets,
+            timers: ConnTimers::new(cfg.idle_timeout, cfg.call_timeout),
+            max_connections,
+            reserve: Some(reserve),
+            warned_fds: false,
+            warned_full: false,
+            limits_line,
         };
         server.link_nodes()?;
         Ok(server)
@@ -485,6 +552,7 @@ impl Server {
 
     /// Serve until SIGINT, SIGTERM or SIGHUP, then stop every replica.
     pub fn run(&mut self) -> io::Result<()> {
+        log::info!("{}", self.limits_line);
         let mut events = Events::with_capacity(256);
         while !self.shutdown {
             let timeout = self.next_timeout();
@@ -513,6 +581,10 @@ impl Server {
                 }
             }
             self.coord.on_timer(now);
+            for (key, phase) in self.timers.expired(now) {
+                log::debug!("connection {key}: timed out ({phase:?}); closing");
+                self.close_conn(key);
+            }
             self.settle();
         }
         self.stop();
@@ -527,7 +599,8 @@ impl Server {
         }
         let now = Instant::now();
         let nodes = self.nodes.iter().filter_map(|n| n.deadline());
-        nodes.chain(self.coord.next_deadline()).min().map(|d| d.saturating_duration_since(now))
+        let conns = self.timers.next_deadline();
+        nodes.chain(self.coord.next_deadline()).chain(conns).min().map(|d| d.saturating_duration_since(now))
     }
 
     fn dispatch(&mut self, token: Token) {
@@ -578,6 +651,10 @@ impl Server {
             };
             match res {
                 Ok((stream, peer)) => {
+                    self.warned_fds = false;
+                    if node.is_none() && !self.make_room() {
+                        continue; // dropped: closed at once, never left waiting
+                    }
                     if let Some(i) = node {
                         // A node serves its main server and nobody else.
                         if self.link_addrs[i] != Some(peer) {
@@ -607,13 +684,91 @@ impl Server {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Give up the reserve for a moment: accept and close, so
+                    // the client learns at once instead of hanging.
+                    if self.reserve.take().is_none() {
+                        return;
+                    }
+                    let turned_away = match node {
+                        None => self.clients.accept(),
+                        Some(i) => self.node_listeners[i].accept(),
+                    }
+                    .map(drop); // closed before the reserve is taken back
+                    self.reserve = File::open("/dev/null").ok();
+                    if self.reserve.is_none() {
+                        log::error!("cannot reopen the reserve descriptor: {e}");
+                    }
+                    if !self.warned_fds {
+                        self.warned_fds = true;
+                        log::warn!(
+                            "out of file descriptors ({e}): closing new connections at once; \
+                             raise RLIMIT_NOFILE or lower --max-connections"
+                        );
+                    }
+                    if turned_away.is_err() {
+                        return; // the backlog is empty (or this did not help)
+                    }
+                }
                 Err(e) => {
-                    // e.g. EMFILE: leave the rest in the backlog for later.
                     log::warn!("accept failed: {e}");
                     return;
                 }
             }
         }
+    }
+
+    /// Room for one more client under `--max-connections`: the connection
+    /// idle the longest is closed; false if none is idle (the new one is
+    /// then closed instead).
+    fn make_room(&mut self) -> bool {
+        if self.timers.len() < self.max_connections {
+            self.warned_full = false;
+            return true;
+        }
+        if !self.warned_full {
+            self.warned_full = true;
+            log::warn!(
+                "{} client connections (--max-connections): closing the longest idle to make room",
+                self.max_connections
+            );
+        }
+        match self.timers.oldest_idle() {
+            Some(victim) => {
+                log::debug!("connection {victim}: closed to make room");
+                self.close_conn(victim);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tell the timers what a client connection is doing now.
+    fn retime(&mut self, key: usize, conn: &mut Conn) {
+        if !matches!(conn.role, Role::Client) {
+            return;
+        }
+        let calls = match &conn.reader {
+            Reader::Calls(r) => r.at_boundary(),
+            Reader::Replies(_) => true,
+        };
+        // Bytes read or written since the last update.
+        let written = conn.outbox.written();
+        let moved = conn.moved + (written - conn.written_seen);
+        conn.moved = 0;
+        conn.written_seen = written;
+        let (phase, moved) = if conn.linger == Linger::Draining {
+            (Phase::Reading, 0) // what a refused peer still sends earns no time
+        } else if !conn.outbox.is_empty() {
+            (Phase::Writing, moved)
+        } else if conn.awaiting > 0 {
+            (Phase::Owed, moved)
+        } else if !calls || !conn.held.is_empty() || !matches!(conn.sink, Sink::None) {
+            (Phase::Reading, moved)
+        } else {
+            (Phase::Idle, moved)
+        };
+        self.timers.update(key, phase, moved, Instant::now());
     }
 
     fn add_conn(&mut self, mut stream: TcpStream, role: Role, writable: bool) -> io::Result<usize> {
@@ -642,7 +797,12 @@ impl Server {
             awaiting: 0,
             held: Vec::new(),
             peer: PeerId::Unverified,
+            moved: 0,
+            written_seen: 0,
         })));
+        if matches!(self.slab.get(key), Some(Source::Conn(c)) if matches!(c.role, Role::Client)) {
+            self.timers.add(key, Instant::now());
+        }
         Ok(key)
     }
 
@@ -676,6 +836,7 @@ impl Server {
             }
         }
         self.drive(key, &mut conn);
+        self.retime(key, &mut conn);
         self.slab[key] = Source::Conn(conn);
         self.check_done(key);
     }
@@ -733,6 +894,7 @@ impl Server {
                     break;
                 }
                 Ok(n) => {
+                    conn.moved += n as u64;
                     self.feed(key, conn, &buf[..n]);
                     if conn.sink.inflated_since() > INFLATE_PER_READ {
                         *budget = 0; // a highly compressed upload: its share of this turn is used
@@ -856,11 +1018,14 @@ impl Server {
             }
             ReplyEvent::Reply { call: Pending::Drop, .. } => {}
             ReplyEvent::StreamStart { call: Pending::Fetch { ticket, replica, into }, head, .. } => {
-                let what = Streamed::Fetch { ticket, replica };
                 let stat = XdrReader::new(&head).u32().unwrap_or(u32::MAX);
-                conn.sink = if stat != CloudStat::Ok as u32 {
+                let gone = stat == CloudStat::NoSuchTicket as u32;
+                let what = Streamed::Fetch { ticket, replica, gone };
+                conn.sink = if gone {
                     // The opaque holds the node's error message.
                     Sink::failed(0, what, format!("node {name} has no output for ticket {ticket}"))
+                } else if stat != CloudStat::Ok as u32 {
+                    Sink::failed(0, what, format!("node {name} cannot open the output now"))
                 } else {
                     Sink::open(0, what, into)
                 };
@@ -869,8 +1034,8 @@ impl Server {
             ReplyEvent::StreamData(data) => conn.sink.write(data),
             ReplyEvent::StreamEnd => self.stream_end(0, conn),
             ReplyEvent::StreamBroken => {
-                if let Sink::File { what: Streamed::Fetch { ticket, replica }, .. } = conn.sink.discard() {
-                    self.coord.fetched(ticket, replica, Err(format!("node {name}'s reply was cut short")));
+                if let Sink::File { what: Streamed::Fetch { ticket, replica, .. }, .. } = conn.sink.discard() {
+                    self.coord.fetch_failed(ticket, replica, &format!("node {name}'s reply was cut short"));
                 }
             }
             ReplyEvent::Garbled(why) => {
@@ -930,9 +1095,13 @@ impl Server {
         };
         drop(file);
         match what {
-            Streamed::Fetch { ticket, replica } => {
-                self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err));
-            }
+            Streamed::Fetch { ticket, replica, gone } => match error {
+                Some(why) if !gone => {
+                    let _ = fs::remove_file(&path);
+                    self.coord.fetch_failed(ticket, replica, &why);
+                }
+                error => self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err)),
+            },
             Streamed::Deploy { replicas, who, mut check } => {
                 // The same call may have been uploaded on two connections at
                 // once (a retry while the first upload was still arriving):
@@ -1070,8 +1239,10 @@ impl Server {
                     w.u32(CloudStat::Ok as u32);
                     record::with_opaque(w, Piece::File { file, len })
                 }
-                Err(msg) => {
-                    w.u32(CloudStat::NoSuchTicket as u32).opaque(msg.as_bytes());
+                Err((gone, msg)) => {
+                    // NO_SUCH_TICKET: missing for good; INTERNAL: try again later.
+                    let stat = if gone { CloudStat::NoSuchTicket } else { CloudStat::Internal };
+                    w.u32(stat as u32).opaque(msg.as_bytes());
                     vec![Piece::Bytes(w.into_bytes())]
                 }
             },
@@ -1171,6 +1342,7 @@ impl Server {
         if !conn.busy() && !conn.closing {
             self.again(key);
         }
+        self.retime(key, &mut conn);
         self.slab[key] = Source::Conn(conn);
         self.check_done(key);
     }
@@ -1190,6 +1362,7 @@ impl Server {
         };
         conn.outbox.push(pieces);
         self.flush(&mut conn);
+        self.retime(key, &mut conn);
         self.slab[key] = Source::Conn(conn);
         self.check_done(key);
     }
@@ -1236,6 +1409,7 @@ impl Server {
             return;
         };
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.timers.remove(key);
         self.peer_closed(&mut conn);
         log::debug!("connection {key} closed ({:?})", conn.role);
         match conn.role {
@@ -1341,6 +1515,15 @@ fn garbage(xid: u32) -> Vec<u8> {
     rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()
 }
 
+/// Why data could not be stored, for the caller: a lack of descriptors is
+/// temporary and says so.
+fn store_error(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE) => "the server is out of file descriptors; retry later".into(),
+        _ => format!("the server cannot store the data: {e}"),
+    }
+}
+
 fn create_spool(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
@@ -1370,7 +1553,7 @@ pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
             w.u32(ok);
             None
         }
-        Reply::Retrieve(Ok(outs)) => return retrieve_pieces(w, outs),
+        Reply::Retrieve(Ok(outs)) => return retrieve_pieces(xid, outs),
         Reply::Deploy(Err(e)) | Reply::Status(Err(e)) | Reply::Retrieve(Err(e)) | Reply::Close(Err(e)) => Some(e),
     };
     if let Some((stat, msg)) = err {
@@ -1379,23 +1562,33 @@ pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
     vec![Piece::Bytes(w.into_bytes())]
 }
 
-fn retrieve_pieces(mut w: XdrWriter, outs: Vec<OutputRef>) -> Vec<Piece> {
+/// RETRIEVE's OK reply. Every output is opened now, so the reply is OK only
+/// if all of them can be sent (a queued reply holds at most one descriptor
+/// per replica); if one cannot, the reply is an error, the spooled outputs
+/// stay, and a retry may succeed.
+fn retrieve_pieces(xid: u32, outs: Vec<OutputRef>) -> Vec<Piece> {
+    let mut w = rpc::accepted(xid, AcceptStat::Success);
     w.u32(CloudStat::Ok as u32).u32(outs.len() as u32);
     let mut pieces = Vec::new();
     for out in outs {
-        let mut status = out.status;
-        // Opened only when sent: a queued reply holds no descriptor.
-        match Piece::path(&out.path) {
-            Ok(piece) => {
-                status.encode(&mut w);
-                w = record::push_opaque(&mut pieces, w, piece);
-            }
+        out.status.encode(&mut w);
+        if out.path.as_os_str().is_empty() {
+            w.u32(0); // never ran, or lost with its node: the message says so
+            continue;
+        }
+        let opened = File::open(&out.path).and_then(|f| f.metadata().map(|m| (f, m.len())));
+        match opened {
+            Ok((file, len)) => w = record::push_opaque(&mut pieces, w, Piece::File { file, len }),
             Err(e) => {
-                if !out.path.as_os_str().is_empty() {
-                    status.message = format!("{} (output unavailable: {e})", status.message);
-                }
-                status.encode(&mut w);
-                w.u32(0);
+                log::warn!("cannot open {}: {e}", out.path.display());
+                let why = match e.raw_os_error() {
+                    Some(libc::EMFILE | libc::ENFILE) => "the server is out of file descriptors".to_string(),
+                    _ => e.to_string(),
+                };
+                let msg = format!("could not read the outputs: {why}; retry");
+                let mut w = rpc::accepted(xid, AcceptStat::Success);
+                proto::encode_error(&mut w, CloudStat::Internal, &msg);
+                return vec![Piece::Bytes(w.into_bytes())];
             }
         }
     }

@@ -134,9 +134,17 @@ impl CallReader {
                     xid.map(|x| CallEvent::StreamBroken(rpc::accepted(x, AcceptStat::GarbageArgs).into_bytes()))
                 })
             }
+            Event::Discarded { head } => {
+                // Only `call_shape` discards: an RPC version we do not speak.
+                let xid = XdrReader::new(&head).u32().ok()?;
+                self.streaming = None;
+                Some(CallEvent::Reply(rpc::rpc_mismatch(xid)))
+            }
             Event::TooLarge { head, what } => {
-                // Limits are checked before a stream starts, never inside one.
-                let Ok(xid) = XdrReader::new(&head).u32() else { return Some(CallEvent::Close) };
+                // Inside a stream (endless empty fragments), the head is
+                // gone: answer the streamed call.
+                let xid = XdrReader::new(&head).u32().ok().or(self.streaming.take());
+                let Some(xid) = xid else { return Some(CallEvent::Close) };
                 let msg = match what {
                     "archive" => {
                         format!(
@@ -262,6 +270,7 @@ impl<K> ReplyReader<K> {
             Event::StreamEnd => ReplyEvent::StreamEnd,
             Event::Truncated => ReplyEvent::StreamBroken,
             Event::TooLarge { what, .. } => ReplyEvent::Garbled(format!("{what} too large")),
+            Event::Discarded { .. } => ReplyEvent::Garbled("a record that is not a reply".into()),
         };
         (n, Some(out))
     }
@@ -330,9 +339,10 @@ mod tests {
         call[8..12].copy_from_slice(&3u32.to_be_bytes()); // rpcvers 3
         let mut r = reader();
         let wire = frame(&call);
-        let (_, ev) = r.read(&wire);
+        let (n, ev) = r.read(&wire);
         let Some(CallEvent::Reply(bytes)) = ev else { panic!("{ev:?}") };
         assert_eq!(&bytes[8..], &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 2]);
+        assert_eq!(r.read(&wire[n..]), (wire.len() - n, None), "the rest of the record is dropped");
         let wire = frame(&rpc::call(10, proto::CLOUD_PROG, 1, 99).into_bytes());
         let (_, ev) = r.read(&wire);
         assert!(matches!(ev, Some(CallEvent::Reply(b)) if b[20..] == [0, 0, 0, 3]), "PROC_UNAVAIL");
@@ -347,6 +357,34 @@ mod tests {
         r.refuse_stream(b"no".to_vec());
         let (_, ev) = r.read(&wire[n..]);
         assert_eq!(ev, Some(CallEvent::Reply(b"no".to_vec())));
+    }
+
+    #[test]
+    fn a_streamed_deploy_of_another_rpc_version_is_rpc_mismatch() {
+        let mut call = deploy(8, 1, &[7u8; 90]);
+        call[8..12].copy_from_slice(&3u32.to_be_bytes());
+        let mut wire = frame(&call);
+        wire.extend(frame(&rpc::call(9, proto::CLOUD_PROG, 1, 0).into_bytes()));
+        for chunk in [1, 7, wire.len()] {
+            let events = run(&mut reader(), &wire, chunk);
+            let mismatch = format!("{:?}", CallEvent::Reply(rpc::rpc_mismatch(8)));
+            assert_eq!(events.len(), 2, "{events:?}");
+            assert_eq!(events[0], mismatch);
+            assert!(events[1].starts_with("Call(Call { xid: 9"), "{events:?}");
+        }
+    }
+
+    #[test]
+    fn empty_fragments_inside_an_upload_are_too_large_for_that_call() {
+        let call = deploy(4, 1, b"0123456789");
+        // One fragment up to the opaque's first 2 bytes, then empty ones.
+        let mut wire = 50u32.to_be_bytes().to_vec();
+        wire.extend_from_slice(&call[..50]);
+        wire.extend(std::iter::repeat_n([0u8; 4], 1000).flatten());
+        let events = run(&mut reader(), &wire, 64);
+        assert!(events[0].starts_with("StreamStart"), "{events:?}");
+        let last = events.last().unwrap();
+        assert!(last.starts_with("ReplyAndClose([0, 0, 0, 4,"), "answered to xid 4: {last}");
     }
 
     #[test]

@@ -299,3 +299,33 @@ fn a_client_that_pipelines_without_end_does_not_starve_others() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
 }
+
+#[test]
+fn every_rpc_version_but_2_is_rpc_mismatch_2_2_even_on_a_streamed_deploy() {
+    let c = Cluster::start(1);
+    let mut s = TcpStream::connect(c.addr).unwrap();
+    let v3 = |w: cloudinfra::xdr::XdrWriter| {
+        let mut call = w.into_bytes();
+        call[8..12].copy_from_slice(&3u32.to_be_bytes());
+        call
+    };
+    s.write_all(&frame(&v3(rpc::call(1, proto::CLOUD_PROG, 1, proto::CLOUD_NULL)))).unwrap();
+    assert_eq!(words(&read_reply(&mut s).expect("NULL answered")), vec![1, 1, 1, 0, 2, 2]);
+    let mut w = rpc::call(2, proto::CLOUD_PROG, 1, proto::STATUS);
+    w.u32(1);
+    s.write_all(&frame(&v3(w))).unwrap();
+    assert_eq!(words(&read_reply(&mut s).expect("STATUS answered")), vec![2, 1, 1, 0, 2, 2]);
+    // A DEPLOY header that would stream a 1 MiB archive (more than any
+    // buffered call may hold): the same answer, and the connection goes on.
+    let len = 1u32 << 20;
+    let mut w = rpc::call(3, proto::CLOUD_PROG, 1, proto::DEPLOY);
+    w.u32(1).u32(len);
+    let head = v3(w);
+    let mut wire = ((head.len() as u32 + len) | 0x8000_0000).to_be_bytes().to_vec();
+    wire.extend_from_slice(&head);
+    wire.extend(std::iter::repeat_n(0u8, len as usize));
+    s.write_all(&wire).unwrap();
+    assert_eq!(words(&read_reply(&mut s).expect("DEPLOY answered")), vec![3, 1, 1, 0, 2, 2]);
+    s.write_all(&frame(&rpc::call(77, proto::CLOUD_PROG, 1, 0).into_bytes())).unwrap();
+    assert_eq!(words(&read_reply(&mut s).expect("then a NULL call")), vec![77, 1, 0, 0, 0, 0]);
+}

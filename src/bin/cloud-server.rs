@@ -95,6 +95,18 @@ struct Args {
     /// Let replicas use the host network (default: an empty network namespace).
     #[arg(long)]
     allow_network: bool,
+    /// Client connections held at once; at the limit the one idle the longest
+    /// is closed to make room. Lowered to what RLIMIT_NOFILE leaves room for.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Seconds a client connection may sit with no call in progress and no
+    /// reply owed before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
+    /// Seconds a call being received (or a reply being sent) may go without
+    /// 64 KiB of progress before the connection is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    call_timeout: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -266,6 +278,9 @@ fn run(args: Args) -> Result<(), String> {
         slot_uids: ids.slot_uids,
         isolate_network,
         sandbox_summary: format!("{}, {net}", ids.summary),
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        call_timeout: Duration::from_secs(args.call_timeout),
     };
     // Each client holds a socket; let the server use all it may.
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {

@@ -38,6 +38,12 @@ impl Cluster {
     /// Start a server with `nodes` nodes on free ports and extra flags.
     /// Retries if a port was taken between picking and binding.
     pub fn start_with(nodes: usize, extra: &[&str]) -> Cluster {
+        Self::start_tweaked(nodes, extra, |_| {})
+    }
+
+    /// As `start_with`, with `tweak` applied to the server's command first
+    /// (e.g. a `pre_exec` that lowers a resource limit).
+    pub fn start_tweaked(nodes: usize, extra: &[&str], tweak: impl Fn(&mut Command)) -> Cluster {
         for _attempt in 0..5 {
             let dir = tempfile::tempdir().expect("tempdir");
             let ports = free_ports(nodes);
@@ -51,8 +57,8 @@ impl Cluster {
             // uid-wide kill in one would hit the other's replicas): derive
             // the base from this cluster's first port, which is unique while held.
             let slot_base = (1_000_000 + u32::from(ports[0]) * 64).to_string();
-            let mut child = Command::new(SERVER)
-                .args(["--slot-uids", &slot_base])
+            let mut cmd = Command::new(SERVER);
+            cmd.args(["--slot-uids", &slot_base])
                 .arg("--nodes")
                 .arg(&nodes_file)
                 .args(["--listen", "127.0.0.1:0", "--work-dir"])
@@ -61,9 +67,9 @@ impl Cluster {
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn cloud-server");
+                .stderr(Stdio::piped());
+            tweak(&mut cmd);
+            let mut child = cmd.spawn().expect("spawn cloud-server");
             let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
             let mut first = String::new();
             let mut got = String::new();
