@@ -434,7 +434,6 @@ impl Server {
         log::info!("tickets continue from {next_ticket}");
         let mut coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
         coord.resume_tickets_from(next_ticket);
-        let coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
         let nofile =
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
         let max_connections = effective_max_connections(cfg.max_connections, nofile, n);
