@@ -5,8 +5,9 @@
 //! reading until `WouldBlock` into the session readers, writing outboxes
 //! until `WouldBlock`, serving each client one call at a time
 //! (backpressure), spooling streamed archives and outputs to disk, reaping
-//! children, the poll timeout from the nodes' deadlines, and startup and
-//! shutdown.
+//! children, the poll timeout from the nodes' deadlines, and startup
+//! (reclaiming what an earlier run left, one empty network namespace per
+//! node, the containment probe) and shutdown.
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`). Each event is turned
 //! into a call on one of those and their answers into bytes.
@@ -34,7 +35,7 @@ use crate::record::{self, Outbox, Piece};
 use crate::rpc::{self, AcceptStat};
 use crate::scheduler::NodeId;
 use crate::session::{Call, CallEvent, CallReader, ReplyEvent, ReplyReader};
-use crate::spawn::{JobLimits, Sandbox};
+use crate::spawn::{Containment, JobLimits, Sandbox};
 use crate::xdr::{XdrReader, XdrWriter};
 
 const SIGNALS: Token = Token(0);
@@ -65,9 +66,11 @@ pub struct ServerConfig {
     pub ticket_ttl: Option<Duration>,
     /// Per-node identity: `None` runs as the server's own user.
     pub identities: Vec<Option<(nix::unistd::Uid, nix::unistd::Gid)>>,
-    /// Whether each node's uid is its own (so a uid-wide kill is safe).
+    /// Whether each node's uid is its own (what an earlier run left under
+    /// those uids is killed at start).
     pub slot_uids: bool,
     pub isolate_network: bool,
+    pub containment: Containment,
     /// How replicas run, for the ready line.
     pub sandbox_summary: String,
 }
@@ -287,11 +290,38 @@ impl Server {
         let n = cfg.nodes.ports.len();
         fs::create_dir_all(&cfg.work_dir)
             .map_err(|e| format!("cannot create work dir {}: {e}", cfg.work_dir.display()))?;
-        // Before listening: can replicas be set up as configured here?
-        let sandbox =
-            Sandbox { identity: cfg.identities.first().copied().flatten(), isolate_network: cfg.isolate_network };
-        crate::spawn::probe(sandbox, &cfg.work_dir)?;
-        let spool = cfg.work_dir.join("spool");
+        // Absolute: replicas' init mounts over it by path.
+        let work_dir = fs::canonicalize(&cfg.work_dir)
+            .map_err(|e| format!("cannot resolve work dir {}: {e}", cfg.work_dir.display()))?;
+        // Processes an earlier run left under our slot uids (it was killed
+        // before it could stop them) must not meet the next tenants.
+        if cfg.slot_uids {
+            let uids: Vec<u32> = cfg.identities.iter().flatten().map(|(u, _)| u.as_raw()).collect();
+            if let (Some(&lo), Some(&hi)) = (uids.iter().min(), uids.iter().max()) {
+                let n = crate::spawn::reclaim(lo..hi + 1);
+                if n > 0 {
+                    log::info!("reclaimed {n} processes of slot uids {lo}..{hi} left by an earlier run");
+                }
+            }
+        }
+        // One empty network namespace per node, made once: each replica's
+        // init joins its node's with setns (cheaper than a new one each).
+        let mut netns = Vec::with_capacity(n);
+        for _ in 0..n {
+            let ns = (cfg.isolate_network && cfg.containment == Containment::Namespaces)
+                .then(crate::spawn::empty_network)
+                .transpose()?;
+            netns.push(ns.map(std::rc::Rc::new));
+        }
+        // Before listening: can replicas be contained as configured here?
+        let sandbox = Sandbox {
+            identity: cfg.identities.first().copied().flatten(),
+            isolate_network: cfg.isolate_network,
+            containment: cfg.containment,
+        };
+        let probe_ns = netns.first().and_then(|ns| ns.as_deref()).map(|fd| std::os::fd::AsFd::as_fd(fd));
+        crate::spawn::probe(sandbox, &cfg.limits, &work_dir, probe_ns)?;
+        let spool = work_dir.join("spool");
         let _ = fs::remove_dir_all(&spool);
         fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
 
@@ -307,17 +337,22 @@ impl Server {
             let l = TcpListener::bind(addr).map_err(|e| bind_error(e, addr, &where_))?;
             node_listeners.push(l);
             node_names.push(addr.to_string());
-            let dir = cfg.work_dir.join(format!("output_{port}"));
+            let dir = work_dir.join(format!("output_{port}"));
             let _ = fs::remove_dir_all(&dir); // stale workspaces of an earlier run
             let node = Node::new(NodeConfig {
                 port,
                 dir: dir.clone(),
                 limits: cfg.limits.clone(),
-                sandbox: Sandbox { identity: cfg.identities[i], isolate_network: cfg.isolate_network },
+                sandbox: Sandbox {
+                    identity: cfg.identities[i],
+                    isolate_network: cfg.isolate_network,
+                    containment: cfg.containment,
+                },
                 time_limit: cfg.time_limit,
                 kill_grace: cfg.kill_grace,
                 max_output: cfg.max_output,
-                sweep_uid: cfg.slot_uids,
+                work_dir: work_dir.clone(),
+                netns: netns[i].clone(),
             })
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
             nodes.push(node);
@@ -1135,8 +1170,8 @@ impl Server {
         }
     }
 
-    /// waitpid(-1, WNOHANG) until nothing is left to reap: replicas,
-    /// sweep helpers and adopted orphans alike.
+    /// waitpid(-1, WNOHANG) until nothing is left to reap: replicas' inits
+    /// and (uncontained) adopted orphans alike.
     fn reap(&mut self) {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
@@ -1165,7 +1200,8 @@ impl Server {
         self.send(key, vec![Piece::Bytes(run_reply(xid, &fin.result))]);
     }
 
-    /// Kill every replica, reap them, remove workspaces and the spool.
+    /// Kill every replica (SIGKILL to each init ends its namespace), reap
+    /// them, remove the nodes' folders and the spool.
     fn stop(&mut self) {
         let pids: Vec<_> = self.nodes.iter_mut().flat_map(|n| n.shutdown()).collect();
         for pid in pids {

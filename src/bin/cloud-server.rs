@@ -9,7 +9,7 @@ use clap::Parser;
 use cloudinfra::config::NodesFile;
 use cloudinfra::extract::ExtractLimits;
 use cloudinfra::server::{Server, ServerConfig};
-use cloudinfra::spawn::JobLimits;
+use cloudinfra::spawn::{Containment, JobLimits};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::unistd::{Gid, Uid, User};
 
@@ -86,6 +86,17 @@ struct Args {
     /// Let replicas use the host network (default: an empty network namespace).
     #[arg(long)]
     allow_network: bool,
+    /// Size of each replica's private /tmp, /var/tmp and /dev/shm (tmpfs).
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    max_tmp: u64,
+    /// Size of each replica's workspace (a tmpfs: its disk quota).
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
+    max_disk: u64,
+    /// Run jobs NOT contained (no namespaces: a job can see and signal what
+    /// its uid may, and its processes may outlive it). Needed where neither
+    /// root nor unprivileged user namespaces are available.
+    #[arg(long)]
+    uncontained: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -142,11 +153,12 @@ struct Identities {
 fn identities(args: &Args, n: usize) -> Result<Identities, String> {
     if !Uid::effective().is_root() {
         let me = User::from_uid(Uid::effective()).ok().flatten().map_or("this user".into(), |u| u.name);
-        return Ok(Identities {
-            per_node: vec![None; n],
-            slot_uids: false,
-            summary: format!("not root: replicas run as {me}, without slot uids, RLIMIT_NPROC or network isolation"),
-        });
+        let summary = if args.uncontained {
+            format!("not root: replicas run as {me}, without slot uids, RLIMIT_NPROC or network isolation")
+        } else {
+            format!("not root: replicas run as {me} (uid 0 of a user namespace, no capabilities), without slot uids")
+        };
+        return Ok(Identities { per_node: vec![None; n], slot_uids: false, summary });
     }
     if args.no_slot_uids {
         let user = User::from_name(&args.run_as)
@@ -171,8 +183,20 @@ fn run(args: Args) -> Result<(), String> {
     let nodes = NodesFile::load(&args.nodes)?;
     let ids = identities(&args, nodes.ports.len())?;
     let root = Uid::effective().is_root();
-    let isolate_network = root && !args.allow_network;
+    let containment = match (args.uncontained, root) {
+        (true, _) => Containment::Uncontained,
+        (false, true) => Containment::Namespaces,
+        (false, false) => Containment::UserNamespace,
+    };
+    let isolate_network = (root || containment != Containment::Uncontained) && !args.allow_network;
     let net = if isolate_network { "network isolated (loopback only)" } else { "host network" };
+    let contained = match containment {
+        Containment::Namespaces if isolate_network => "replicas contained: pid+mount+ipc+net namespaces",
+        Containment::Namespaces => "replicas contained: pid+mount+ipc namespaces",
+        Containment::UserNamespace if isolate_network => "replicas contained: user+pid+mount+ipc+net namespaces",
+        Containment::UserNamespace => "replicas contained: user+pid+mount+ipc namespaces",
+        Containment::Uncontained => "jobs are NOT contained (--uncontained): no namespaces, daemons may outlive jobs",
+    };
     let cfg = ServerConfig {
         nodes_path: args.nodes.clone(),
         nodes,
@@ -192,6 +216,8 @@ fn run(args: Args) -> Result<(), String> {
             file_size: args.max_file_size,
             // Only meaningful when the uid is the replicas' alone (root mode).
             processes: root.then_some(args.max_procs),
+            tmp_bytes: args.max_tmp,
+            disk_bytes: args.max_disk,
         },
         time_limit: Duration::from_secs(args.time_limit),
         kill_grace: Duration::from_secs(args.kill_grace),
@@ -200,7 +226,8 @@ fn run(args: Args) -> Result<(), String> {
         identities: ids.per_node,
         slot_uids: ids.slot_uids,
         isolate_network,
-        sandbox_summary: format!("{}, {net}", ids.summary),
+        containment,
+        sandbox_summary: format!("{contained}; {}, {net}", ids.summary),
     };
     // Each client holds a socket; let the server use all it may.
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
