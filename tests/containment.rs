@@ -331,7 +331,7 @@ fn a_job_sees_only_its_own_processes() {
 /// STATUS fast while they go, and they are gone within a minute.
 #[test]
 fn deep_and_wide_trees_go_without_blocking_the_server() {
-    let c = Cluster::start_with(2, &["--max-disk", "1G"]);
+    let c = Cluster::start(2);
     let d = c.dir.path();
     let deep = "@perl -e 'for (1..20000) { mkdir q(d) or die $$!; chdir q(d) or die $$! } print qq(deep made\\n)'";
     let wide = "@perl -e 'for (1..200000) { open F, q(>), qq(f$$_) or die $$!; close F } print qq(wide made\\n)'";
@@ -427,4 +427,18 @@ fn without_root_a_job_cannot_touch_the_server() {
     assert!(!state.split(") ").nth(1).unwrap().starts_with('T'), "the job stopped the server");
     let t2 = s.deploy(&job(top, "next.tar.gz", &["@echo next job ran"]));
     assert!(s.output(t2, top).contains("next job ran"));
+}
+
+/// `--uncontained` is the explicit way to run jobs without namespaces, and
+/// the ready line says so; the default names the containment.
+#[test]
+fn the_ready_line_names_the_containment() {
+    let c = Cluster::start(1);
+    let want = if is_root() { "replicas contained: pid+mount+ipc+net namespaces" } else { "replicas contained: user+" };
+    assert!(c.log().contains(want), "{}", c.log());
+    let c = Cluster::start_with(1, &["--uncontained"]);
+    assert!(c.log().contains("jobs are NOT contained"), "{}", c.log());
+    let t = c.deploy(1, &job(c.dir.path(), "plain.tar.gz", &["@echo plain job"]));
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok && outs[0].1 == "plain job\n", "{outs:?}");
 }
