@@ -1,21 +1,24 @@
 //! A blocking CLOUD_PROG client for the command-line programs and tests.
 //!
-//! Owns: one TCP connection, xids, sending calls (archives streamed from a
-//! file in fragments) and reading one reply record per call (RETRIEVE's
-//! outputs streamed into files as they arrive, never held whole).
+//! Owns: one TCP connection (connect timeout, keepalive, a timeout on every
+//! wait), xids that do not repeat across runs, AUTH_SYS credentials of the
+//! process, sending calls (archives streamed from a file in fragments),
+//! reading one reply record per call (RETRIEVE's outputs streamed into files
+//! as they arrive, never held whole), and one retry with the same xid on a
+//! new connection when the old one breaks before the reply (the server's
+//! duplicate request cache makes a retried DEPLOY or CLOSE happen once).
 //! Must not touch: the server's internals; it only speaks the wire protocol
 //! of `docs/cloud.x`, exactly as an rpcgen client would.
 
 use std::fs::File;
-use std::io::{self, Read};
-use std::net::TcpStream;
-
-use std::io::Write;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::proto::{self, CloudStat, JobState, JobStatus, ReplicaStatus, CLOUD_PROG, CLOUD_VERS, MAX_STRING};
 use crate::record::{self, Outbox, Piece, LAST_FRAGMENT};
-use crate::rpc::{self, ReplyOutcome};
+use crate::rpc::{self, AuthSys, ReplyOutcome};
 use crate::xdr::{padding, XdrReader, XdrWriter};
 
 /// Largest buffered reply (everything but RETRIEVE's outputs).
@@ -43,44 +46,127 @@ pub struct Client {
     stream: TcpStream,
     server: String,
     xid: u32,
+    cred: AuthSys,
+    /// Longest wait for the server to make progress (`None`: no limit).
+    timeout: Option<Duration>,
+}
+
+/// A failed attempt: the error, and the I/O error behind it (to tell a
+/// broken connection, worth one retry, from the rest).
+type Failed = (ClientError, Option<io::Error>);
+
+/// How long `connect` tries before giving up on an address.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default `--timeout` of deploy, status and close.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// TCP keepalive: first probe after this idle time, then every
+/// `KEEPALIVE_INTERVAL`, `KEEPALIVE_PROBES` times: a dead server or host
+/// is noticed within about 30 s even when no timeout is set.
+const KEEPALIVE_IDLE: u32 = 10;
+const KEEPALIVE_INTERVAL: u32 = 5;
+const KEEPALIVE_PROBES: u32 = 4;
+
+/// The broken-connection errors after which a call is retried once.
+fn is_broken(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected)
+}
+
+/// An xid that does not repeat across runs: the server's duplicate request
+/// cache must never mistake a new call for a retry of an old one.
+fn first_xid() -> u32 {
+    let mut b = [0u8; 4];
+    if File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_ok() {
+        return u32::from_ne_bytes(b);
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    (now.as_nanos() as u32) ^ std::process::id().wrapping_mul(2_654_435_761)
+}
+
+/// The AUTH_SYS credential of this process: who the kernel says we are.
+pub fn own_credential() -> AuthSys {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as u32);
+    let gid = nix::unistd::getegid().as_raw();
+    let gids = nix::unistd::getgroups().unwrap_or_default().iter().map(|g| g.as_raw()).take(16).collect();
+    AuthSys { stamp, machinename: name, uid: nix::unistd::geteuid().as_raw(), gid, gids }
 }
 
 impl Client {
+    /// Connect with the default timeout.
     pub fn connect(server: &str) -> Result<Client, ClientError> {
-        let stream = TcpStream::connect(server).map_err(|e| {
-            ClientError::Transport(format!(
-                "cannot reach the cloud server at {server}: {e} (is `make runserver` running? set --server or CLOUD_SERVER)"
-            ))
-        })?;
-        let _ = stream.set_nodelay(true);
-        let xid = std::process::id().wrapping_mul(2_654_435_761);
-        Ok(Client { stream, server: server.to_string(), xid })
+        Self::connect_with(server, Some(DEFAULT_TIMEOUT))
+    }
+
+    /// Connect; `timeout` bounds every wait for the server to make progress.
+    pub fn connect_with(server: &str, timeout: Option<Duration>) -> Result<Client, ClientError> {
+        let stream = open(server, timeout)?;
+        Ok(Client { stream, server: server.to_string(), xid: first_xid(), cred: own_credential(), timeout })
+    }
+
+    /// Change the timeout for the calls that follow.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.timeout = timeout;
+        self.stream
+            .set_read_timeout(timeout)
+            .and_then(|_| self.stream.set_write_timeout(timeout))
+            .map_err(|e| self.transport(e))
+    }
+
+    /// Use these credentials instead of the process's own (tests).
+    pub fn with_credential(mut self, cred: AuthSys) -> Self {
+        self.cred = cred;
+        self
     }
 
     fn transport(&self, e: impl std::fmt::Display) -> ClientError {
         ClientError::Transport(format!("lost the connection to {}: {e}", self.server))
     }
 
+    /// The one line for an I/O error of a call.
+    fn io_error(&self, e: &io::Error) -> ClientError {
+        match (e.kind(), self.timeout) {
+            (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(t)) => ClientError::Transport(format!(
+                "no answer from the cloud server at {} within {}s; it may be overloaded or stuck: check it, or raise --timeout",
+                self.server,
+                t.as_secs()
+            )),
+            _ => self.transport(e),
+        }
+    }
+
+    /// After a broken connection: a new one, for one retry with the same xid.
+    fn reconnect(&mut self, why: &io::Error) -> Result<(), ClientError> {
+        eprintln!("the connection to {} broke ({why}); retrying once", self.server);
+        self.stream = open(&self.server, self.timeout)?;
+        Ok(())
+    }
+
     /// Send one call; return its xid. While sending, watch for an early
     /// reply: a server that refuses an upload (too large, too many
     /// replicas) answers at once, and there is no point sending the rest.
-    fn send(&mut self, proc_num: u32, pieces: impl FnOnce(XdrWriter) -> Vec<Piece>) -> io::Result<u32> {
+    fn send(&mut self, xid: u32, proc_num: u32, pieces: Vec<Piece>) -> io::Result<u32> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
-        self.xid = self.xid.wrapping_add(1);
         let mut out = Outbox::new();
-        out.push(pieces(rpc::call(self.xid, CLOUD_PROG, CLOUD_VERS, proc_num)));
+        let _ = proc_num;
+        out.push(pieces);
+        let wait = match self.timeout {
+            Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        };
         self.stream.set_nonblocking(true)?;
         let sent = loop {
             match out.write_to(&mut self.stream) {
-                Ok(true) => break Ok(self.xid),
+                Ok(true) => break Ok(xid),
                 Ok(false) => {}
                 Err(e) => break Err(e),
             }
             let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN | PollFlags::POLLOUT)];
-            match poll(&mut fds, PollTimeout::NONE) {
+            match poll(&mut fds, wait) {
+                Ok(0) => break Err(io::ErrorKind::TimedOut.into()),
                 Ok(_) if fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) => {
-                    break Ok(self.xid); // answered before we finished: read it
+                    break Ok(xid); // answered before we finished: read it
                 }
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => break Err(e.into()),
@@ -90,18 +176,31 @@ impl Client {
         sent
     }
 
-    /// Send one call and return the result bytes of its reply.
-    fn call(&mut self, proc_num: u32, pieces: impl FnOnce(XdrWriter) -> Vec<Piece>) -> Result<Vec<u8>, ClientError> {
-        let sent = self.send(proc_num, pieces);
+    /// The call header for `proc_num` with our credentials.
+    fn header(&self, xid: u32, proc_num: u32) -> XdrWriter {
+        rpc::call_sys(xid, CLOUD_PROG, CLOUD_VERS, proc_num, &self.cred)
+    }
+
+    /// Send one call and read its reply record; retried once, with the same
+    /// xid, if the connection breaks before the reply is in.
+    fn call(
+        &mut self,
+        proc_num: u32,
+        mut pieces: impl FnMut(XdrWriter) -> io::Result<Vec<Piece>>,
+    ) -> Result<Vec<u8>, ClientError> {
+        self.xid = self.xid.wrapping_add(1);
         let xid = self.xid;
-        let mut record = Vec::new();
-        let read = Payload::new(&mut self.stream).take(MAX_REPLY).read_to_end(&mut record);
-        // A server that refuses a call mid-stream (CLOUD_TOO_LARGE) answers
-        // and closes: its reply explains the broken pipe better than we can.
-        match (sent, read) {
-            (_, Ok(_)) => {}
-            (Err(e), Err(_)) | (Ok(_), Err(e)) => return Err(self.transport(e)),
-        }
+        let mut retried = false;
+        let record = loop {
+            match self.attempt(xid, proc_num, &mut pieces) {
+                Ok(record) => break record,
+                Err(e) if is_broken(&e) && !retried => {
+                    retried = true;
+                    self.reconnect(&e)?;
+                }
+                Err(e) => return Err(self.io_error(&e)),
+            }
+        };
         let (rxid, outcome) = rpc::decode_reply(&record).map_err(|e| self.transport(e))?;
         if rxid != xid {
             return Err(self.transport(format!("reply xid {rxid:#x} does not match call xid {xid:#x}")));
@@ -112,42 +211,96 @@ impl Client {
         }
     }
 
-    /// DEPLOY, streaming the archive from `archive` (`len` bytes).
+    fn attempt(
+        &mut self,
+        xid: u32,
+        proc_num: u32,
+        pieces: &mut impl FnMut(XdrWriter) -> io::Result<Vec<Piece>>,
+    ) -> io::Result<Vec<u8>> {
+        let sent = pieces(self.header(xid, proc_num)).and_then(|p| self.send(xid, proc_num, p));
+        let mut record = Vec::new();
+        let read = Payload::new(&mut self.stream).take(MAX_REPLY).read_to_end(&mut record);
+        // A server that refuses a call mid-stream (CLOUD_TOO_LARGE) answers
+        // and closes: its reply explains the broken pipe better than we can.
+        match (sent, read) {
+            (_, Ok(_)) => Ok(record),
+            (Err(e), Err(_)) | (Ok(_), Err(e)) => Err(e),
+        }
+    }
+
+    /// DEPLOY, streaming the archive from `archive` (`len` bytes); a retry
+    /// sends it again from the start.
     pub fn deploy(&mut self, replicas: u32, archive: File, len: u64) -> Result<u32, ClientError> {
         let res = self.call(proto::DEPLOY, |mut w| {
+            let mut file = archive.try_clone()?;
+            file.seek(SeekFrom::Start(0))?;
             w.u32(replicas);
-            record::with_opaque(w, Piece::File { file: archive, len })
+            Ok(record::with_opaque(w, Piece::File { file, len }))
         })?;
         decode(&res, |r| r.u32())
     }
 
     pub fn status(&mut self, ticket: u32) -> Result<JobStatus, ClientError> {
-        let res = self.call(proto::STATUS, |mut w| vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())])?;
+        let res = self.call(proto::STATUS, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]))?;
         decode(&res, JobStatus::decode)
     }
 
     /// RETRIEVE, streaming each replica's output into a file that
     /// `output_file(&status)` names, as it arrives. Returns every replica's
     /// status with the file written (created whole or not at all).
+    /// `output_file` is called only once the server has said OK.
     pub fn retrieve_into(
         &mut self,
         ticket: u32,
         wait: bool,
         output_file: impl Fn(&ReplicaStatus) -> PathBuf,
     ) -> Result<Vec<(ReplicaStatus, PathBuf)>, ClientError> {
-        let sent =
-            self.send(proto::RETRIEVE, |mut w| vec![Piece::Bytes(w.u32(ticket).bool(wait).clone().into_bytes())]);
+        self.xid = self.xid.wrapping_add(1);
         let xid = self.xid;
+        match self.retrieve_attempt(xid, ticket, wait, &output_file) {
+            Err((ClientError::Transport(_), Some(e))) if is_broken(&e) => {
+                self.reconnect(&e)?;
+                self.retrieve_attempt(xid, ticket, wait, &output_file).map_err(|(e, _)| e)
+            }
+            other => other.map_err(|(e, _)| e),
+        }
+    }
+
+    /// One RETRIEVE; on failure, the error and the I/O error behind it.
+    fn retrieve_attempt(
+        &mut self,
+        xid: u32,
+        ticket: u32,
+        wait: bool,
+        output_file: &impl Fn(&ReplicaStatus) -> PathBuf,
+    ) -> Result<Vec<(ReplicaStatus, PathBuf)>, Failed> {
+        let mut args = self.header(xid, proto::RETRIEVE);
+        args.u32(ticket).bool(wait);
+        let sent = self.send(xid, proto::RETRIEVE, vec![Piece::Bytes(args.into_bytes())]);
+        let cause = std::cell::RefCell::new(None);
         let server = self.server.clone();
-        let lost = |e: io::Error| ClientError::Transport(format!("lost the connection to {server}: {e}"));
+        let timeout = self.timeout;
+        let lost = |e: io::Error| {
+            let msg = match (e.kind(), timeout) {
+                (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(t)) => format!(
+                    "no answer from the cloud server at {server} within {}s; it may be overloaded or stuck: check it, or raise --timeout",
+                    t.as_secs()
+                ),
+                _ => format!("lost the connection to {server}: {e}"),
+            };
+            *cause.borrow_mut() = Some(e);
+            ClientError::Transport(msg)
+        };
+        let with_cause = |e: ClientError| (e, cause.borrow_mut().take());
         let mut p = Payload::new(&mut self.stream);
         let head = (|| -> io::Result<_> { Ok((word(&mut p)?, word(&mut p)?, word(&mut p)?)) })();
         let (rxid, _msg_type, reply_stat) = match (sent, head) {
             (_, Ok(h)) => h,
-            (Err(e), Err(_)) | (Ok(_), Err(e)) => return Err(lost(e)),
+            (Err(e), Err(_)) | (Ok(_), Err(e)) => return Err(with_cause(lost(e))),
         };
         if rxid != xid {
-            return Err(lost(io::Error::other(format!("reply xid {rxid:#x} does not match call xid {xid:#x}"))));
+            let e = io::Error::other(format!("reply xid {rxid:#x} does not match call xid {xid:#x}"));
+            return Err((lost(e), None));
         }
         let accept = (|| -> io::Result<u32> {
             if reply_stat != 0 {
@@ -158,31 +311,74 @@ impl Client {
             skip(&mut p, verf + padding(verf as usize) as u64)?;
             word(&mut p)
         })()
-        .map_err(lost)?;
+        .map_err(|e| with_cause(lost(e)))?;
         if accept != 0 {
-            return Err(ClientError::Transport(format!(
-                "the server refused the call (reply_stat {reply_stat}, accept_stat {accept})"
-            )));
+            return Err((
+                ClientError::Transport(format!(
+                    "the server refused the call (reply_stat {reply_stat}, accept_stat {accept})"
+                )),
+                None,
+            ));
         }
-        let stat = CloudStat::from_u32(word(&mut p).map_err(lost)?).map_err(|e| lost(io::Error::other(e)))?;
+        let stat = word(&mut p).map_err(|e| with_cause(lost(e)))?;
+        let stat = CloudStat::from_u32(stat).map_err(|e| (lost(io::Error::other(e)), None))?;
         if stat != CloudStat::Ok {
-            return Err(ClientError::Server(stat, string(&mut p).map_err(lost)?));
+            let msg = string(&mut p).map_err(|e| with_cause(lost(e)))?;
+            return Err((ClientError::Server(stat, msg), None));
         }
-        let count = word(&mut p).map_err(lost)?;
+        let count = word(&mut p).map_err(|e| with_cause(lost(e)))?;
         let mut done = Vec::new();
-        let outcome = read_outputs(&mut p, count, &output_file, &mut done, &lost);
+        let outcome = read_outputs(&mut p, count, output_file, &mut done, &lost);
         if outcome.is_err() {
             for (_, path) in &done {
                 let _ = std::fs::remove_file(path);
             }
         }
-        outcome.map(|()| done)
+        outcome.map(|()| done).map_err(with_cause)
     }
 
     pub fn close(&mut self, ticket: u32) -> Result<(), ClientError> {
-        let res = self.call(proto::CLOSE, |mut w| vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())])?;
+        let res = self.call(proto::CLOSE, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]))?;
         decode(&res, |_| Ok(()))
     }
+}
+
+/// Connect to `server` within CONNECT_TIMEOUT, with TCP keepalive and
+/// `timeout` on every read and write.
+fn open(server: &str, timeout: Option<Duration>) -> Result<TcpStream, ClientError> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let fail = |e: &dyn std::fmt::Display| {
+        ClientError::Transport(format!(
+            "cannot reach the cloud server at {server}: {e} (is `make runserver` running? set --server or CLOUD_SERVER)"
+        ))
+    };
+    let addrs: Vec<SocketAddr> = server.to_socket_addrs().map_err(|e| fail(&e))?.collect();
+    let mut last: Option<io::Error> = None;
+    let mut stream = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let stream = match (stream, last) {
+        (Some(s), _) => s,
+        (None, Some(e)) if e.kind() == io::ErrorKind::TimedOut => {
+            return Err(fail(&format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())))
+        }
+        (None, Some(e)) => return Err(fail(&e)),
+        (None, None) => return Err(fail(&"the name has no address")),
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = setsockopt(&stream, sockopt::KeepAlive, &true);
+    let _ = setsockopt(&stream, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE);
+    let _ = setsockopt(&stream, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL);
+    let _ = setsockopt(&stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
+    stream.set_read_timeout(timeout).and_then(|_| stream.set_write_timeout(timeout)).map_err(|e| fail(&e))?;
+    Ok(stream)
 }
 
 /// Decode a `*_res` union: the OK arm with `ok`, else the server's message.
@@ -258,7 +454,9 @@ impl Read for Payload<'_> {
             }
             let mut mark = [0u8; 4];
             self.stream.read_exact(&mut mark).map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => io::Error::other("the server closed the connection"),
+                io::ErrorKind::UnexpectedEof => {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection")
+                }
                 _ => e,
             })?;
             let mark = u32::from_be_bytes(mark);
@@ -268,7 +466,10 @@ impl Read for Payload<'_> {
         let want = buf.len().min(self.left as usize);
         let n = self.stream.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(io::Error::other("the server closed the connection in the middle of a reply"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection in the middle of a reply",
+            ));
         }
         self.left -= n as u32;
         Ok(n)

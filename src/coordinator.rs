@@ -3,7 +3,9 @@
 //!
 //! Owns: the scheduler, spooled archives of waiting jobs, fetched outputs,
 //! deferred RETRIEVE callers, ticket expiry (time comes in as `now`; there
-//! is no clock inside), and what each event means for them.
+//! is no clock inside), who owns each ticket (the uid that deployed it; only
+//! that uid or root may RETRIEVE or CLOSE it), and what each event means
+//! for them.
 //! Must not touch: sockets, the reactor, processes. File *paths* are
 //! decided here; opening, writing and deleting them is the caller's job,
 //! done in the order the actions come out.
@@ -79,6 +81,8 @@ pub struct Coordinator {
     expiry: BTreeSet<(Instant, Ticket)>,
     /// Tickets that expired (the most recent ones), to tell late callers why.
     expired: BTreeSet<Ticket>,
+    /// The uid that deployed each ticket; absent: deployed anonymously.
+    owners: HashMap<Ticket, u32>,
 }
 
 /// How many expired tickets are remembered for CLOUD_EXPIRED answers.
@@ -99,7 +103,32 @@ impl Coordinator {
             ttl,
             expiry: BTreeSet::new(),
             expired: BTreeSet::new(),
+            owners: HashMap::new(),
         }
+    }
+
+    /// The ticket the next accepted DEPLOY gets.
+    pub fn next_ticket(&self) -> Ticket {
+        self.sched.next_ticket()
+    }
+
+    /// Continue ticket numbers from a persisted mark (see `tickets`).
+    pub fn resume_tickets_from(&mut self, next: Ticket) {
+        self.sched.resume_tickets_from(next);
+    }
+
+    /// Why `who` may not RETRIEVE or CLOSE `ticket`, if they may not: only
+    /// its owner and root may. Anonymous tickets are open to everyone.
+    fn not_owner(&self, ticket: Ticket, who: Option<u32>) -> Option<Failure> {
+        let &owner = self.owners.get(&ticket)?;
+        if who == Some(owner) || who == Some(0) {
+            return None;
+        }
+        let you = who.map_or("an anonymous caller".to_string(), |u| format!("uid {u}"));
+        Some((
+            CloudStat::NotOwner,
+            format!("ticket {ticket} belongs to uid {owner}; only its owner or root may retrieve or close it (you are {you})"),
+        ))
     }
 
     /// When `on_timer` next has work: the earliest expiry.
@@ -148,11 +177,20 @@ impl Coordinator {
         self.actions.push_back(Action::Reply { to, reply });
     }
 
-    /// A DEPLOY whose archive has been spooled to `archive`.
+    /// A DEPLOY whose archive has been spooled to `archive`, anonymous.
     pub fn deploy(&mut self, to: Caller, replicas: u32, archive: PathBuf) {
+        self.deploy_as(to, None, replicas, archive)
+    }
+
+    /// A DEPLOY by `owner` (`None`: anonymous) whose archive has been spooled.
+    pub fn deploy_as(&mut self, to: Caller, owner: Option<u32>, replicas: u32, archive: PathBuf) {
         match self.sched.submit(replicas) {
             Ok(ticket) => {
-                log::info!("ticket {ticket}: accepted, {replicas} replica(s), WAITING");
+                let by = owner.map_or("anonymous".to_string(), |u| format!("uid {u}"));
+                log::info!("ticket {ticket}: accepted from {by}, {replicas} replica(s), WAITING");
+                if let Some(uid) = owner {
+                    self.owners.insert(ticket, uid);
+                }
                 self.archives.insert(ticket, archive);
                 self.reply(to, Reply::Deploy(Ok(ticket)));
                 self.start_ready();
@@ -232,9 +270,17 @@ impl Coordinator {
     }
 
     pub fn retrieve(&mut self, to: Caller, ticket: Ticket, wait: bool) {
+        self.retrieve_as(to, None, ticket, wait)
+    }
+
+    /// RETRIEVE by `who`: refused unless `who` owns the ticket or is root.
+    pub fn retrieve_as(&mut self, to: Caller, who: Option<u32>, ticket: Ticket, wait: bool) {
         let Some(job) = self.sched.job(ticket) else {
             return self.reply(to, Reply::Retrieve(Err(self.unknown(ticket))));
         };
+        if let Some(refusal) = self.not_owner(ticket, who) {
+            return self.reply(to, Reply::Retrieve(Err(refusal)));
+        }
         if !job.finished() && !wait {
             let state = job.state().name();
             let msg = format!("job {ticket} is {state}: outputs are not ready; retry later, or retrieve with wait");
@@ -328,6 +374,14 @@ impl Coordinator {
     }
 
     pub fn close(&mut self, to: Caller, ticket: Ticket) {
+        self.close_as(to, None, ticket)
+    }
+
+    /// CLOSE by `who`: refused unless `who` owns the ticket or is root.
+    pub fn close_as(&mut self, to: Caller, who: Option<u32>, ticket: Ticket) {
+        if let Some(refusal) = self.not_owner(ticket, who) {
+            return self.reply(to, Reply::Close(Err(refusal)));
+        }
         if !self.forget(ticket) {
             let failure = self.unknown(ticket);
             return self.reply(to, Reply::Close(Err(failure)));
@@ -341,6 +395,7 @@ impl Coordinator {
     /// outputs; parked retrievers are told. False if there was no such job.
     fn forget(&mut self, ticket: Ticket) -> bool {
         let Some(closed) = self.sched.close(ticket) else { return false };
+        self.owners.remove(&ticket);
         self.expiry.retain(|&(_, t)| t != ticket);
         if let Some(archive) = self.archives.remove(&ticket) {
             self.actions.push_back(Action::RemoveFile(archive));
@@ -432,6 +487,38 @@ mod tests {
 
     fn ok() -> RunResult {
         RunResult { state: JobState::Completed, exit_code: 0, message: "make run exited with status 0".into() }
+    }
+
+    #[test]
+    fn only_the_owner_or_root_may_retrieve_or_close() {
+        let mut c = coord(1);
+        c.deploy_as(A, Some(1000), 1, "/spool/in".into());
+        drain(&mut c);
+        c.run_finished(0, ok(), t0());
+        drain(&mut c);
+        let refused = |acts: Vec<Action>| {
+            matches!(&acts[..], [Action::Reply { reply: Reply::Retrieve(Err((CloudStat::NotOwner, m))) | Reply::Close(Err((CloudStat::NotOwner, m))), .. }]
+                if m.starts_with("ticket 1 belongs to uid 1000; only its owner or root may retrieve or close it"))
+        };
+        c.retrieve_as(B, Some(1001), 1, true);
+        assert!(refused(drain(&mut c)));
+        c.retrieve_as(B, None, 1, false);
+        assert!(refused(drain(&mut c)));
+        c.close_as(B, Some(1001), 1);
+        assert!(refused(drain(&mut c)));
+        // Nothing happened to it; STATUS is open to all.
+        c.status(B, 1);
+        assert!(matches!(&drain(&mut c)[0], Action::Reply { reply: Reply::Status(Ok(_)), .. }));
+        // The owner, and root, may.
+        c.retrieve_as(A, Some(1000), 1, true);
+        assert!(matches!(&drain(&mut c)[0], Action::Node { call: NodeCall::Fetch { .. }, .. }));
+        c.close_as(B, Some(0), 1);
+        assert!(drain(&mut c).iter().any(|a| matches!(a, Action::Reply { to: B, reply: Reply::Close(Ok(())) })));
+        // Anonymous tickets are anyone's.
+        c.deploy(A, 1, "/spool/in2".into());
+        drain(&mut c);
+        c.close_as(B, Some(1234), 2);
+        assert!(drain(&mut c).iter().any(|a| matches!(a, Action::Reply { to: B, reply: Reply::Close(Ok(())) })));
     }
 
     #[test]

@@ -9,16 +9,20 @@
 //! - [`record`] - record marking, streaming decoder and fragmenting outbox.
 //! - [`rpc`] - ONC RPC v2 headers and error replies (RFC 5531).
 //! - [`proto`] - CLOUD_PROG and NODE_PROG from docs/cloud.x.
+//! - [`peer`] - who owns a loopback peer's socket (the kernel's answer).
 //! - [`session`] - both ends of an RPC connection: calls in, refusals and
 //!   streams out; replies matched to pending calls.
 //!
 //! Decisions (sans-I/O):
 //! - [`scheduler`] - free-node FIFO, wait queue, job table.
 //! - [`coordinator`] - the main server's logic; events in, actions out.
+//! - [`drc`] - the duplicate request cache: at-most-once DEPLOY and CLOSE.
+//! - [`tickets`] - ticket numbers never reused, leased in blocks on disk.
 //!
 //! Processes and files:
 //! - [`node`] - a side node and its running replica.
 //! - [`spawn`] - fork, sandbox, exec `make run`, kill, classify exits.
+//! - [`cgroup`] - per-replica memory and process totals, a second kill path.
 //! - [`extract`] - safe archive extraction.
 //!
 //! The reactor and the edges:
@@ -26,11 +30,14 @@
 //! - [`config`] - `cloud_nodes.txt`.
 //! - [`client`] - a blocking client for the command-line programs.
 
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod coordinator;
+pub mod drc;
 pub mod extract;
 pub mod node;
+pub mod peer;
 pub mod proto;
 pub mod record;
 pub mod rpc;
@@ -38,4 +45,5 @@ pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod spawn;
+pub mod tickets;
 pub mod xdr;

@@ -1,7 +1,8 @@
 //! The main server's bookkeeping: free-node FIFO, job wait queue, job table.
 //!
 //! Owns: which node runs which replica, which jobs wait and in what order,
-//! each replica's state, and ticket numbers. Plain data, no I/O, no clock.
+//! each replica's state, and ticket numbers (from a starting point the
+//! caller persists, see `tickets`). Plain data, no I/O, no clock.
 //! Must not touch: sockets, files, processes. Callers turn its answers
 //! (`Start`s, freed nodes) into messages.
 //!
@@ -120,6 +121,17 @@ impl Scheduler {
             jobs: BTreeMap::new(),
             next_ticket: 1,
         }
+    }
+
+    /// The ticket the next accepted job gets.
+    pub fn next_ticket(&self) -> Ticket {
+        self.next_ticket
+    }
+
+    /// Continue numbering from `next` (a persisted high-water mark), so no
+    /// ticket of an earlier run is issued again.
+    pub fn resume_tickets_from(&mut self, next: Ticket) {
+        self.next_ticket = next.max(1);
     }
 
     pub fn job(&self, ticket: Ticket) -> Option<&Job> {

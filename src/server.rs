@@ -7,7 +7,10 @@
 //! (backpressure), spooling streamed archives and outputs to disk, reaping
 //! children, the poll timeout from the nodes' deadlines, and startup
 //! (reclaiming what an earlier run left, one empty network namespace per
-//! node, the containment probe) and shutdown.
+//! node, the containment probe, cgroups) and shutdown. At accept it asks `peer` who owns a loopback client's socket;
+//! each client call's identity (`peer::caller_uid`) goes to the coordinator,
+//! DEPLOY and CLOSE pass through the duplicate request cache (`drc`), and a
+//! DEPLOY waits for its ticket number to be persisted (`tickets`).
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`). Each event is turned
 //! into a call on one of those and their answers into bytes.
@@ -29,13 +32,16 @@ use slab::Slab;
 
 use crate::config::NodesFile;
 use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
+use crate::drc::{self, Drc};
 use crate::node::{Drained, Finished, Node, NodeConfig};
+use crate::peer::{self, PeerId};
 use crate::proto::{self, CloudStat, RunArgs, RunResult, CLOUD_PROGRAM, NODE_PROGRAM};
 use crate::record::{self, Outbox, Piece};
 use crate::rpc::{self, AcceptStat};
 use crate::scheduler::NodeId;
 use crate::session::{Call, CallEvent, CallReader, ReplyEvent, ReplyReader};
 use crate::spawn::{Containment, JobLimits, Sandbox};
+use crate::tickets::TicketStore;
 use crate::xdr::{XdrReader, XdrWriter};
 
 const SIGNALS: Token = Token(0);
@@ -163,7 +169,7 @@ impl Sink {
 
 #[derive(Debug)]
 enum Streamed {
-    Deploy { replicas: u32 },
+    Deploy { replicas: u32, who: Option<u32> },
     Run { args: RunArgs },
     Fetch { ticket: u32, replica: u32 },
 }
@@ -184,6 +190,8 @@ struct Conn {
     awaiting: usize,
     /// Bytes read but not yet decoded, held while a client waits for a reply.
     held: Vec<u8>,
+    /// Who a client connection belongs to, found once at accept.
+    peer: PeerId,
 }
 
 impl Conn {
@@ -277,6 +285,11 @@ pub struct Server {
     more_input: Vec<usize>,
     shutdown: bool,
     summary: String,
+    /// Replies to DEPLOY and CLOSE already given, for retries.
+    drc: Drc<Reply>,
+    /// DEPLOY and CLOSE calls handed to the coordinator, by (connection, xid).
+    drc_pending: std::collections::HashMap<(usize, u32), drc::Key>,
+    tickets: TicketStore,
 }
 
 fn first_key(nodes: usize) -> usize {
@@ -382,7 +395,10 @@ impl Server {
                 .map_err(|e| format!("cannot register with epoll: {e}"))?;
         }
 
-        let coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
+        let (tickets, next_ticket) = TicketStore::open(&cfg.work_dir)?;
+        log::info!("tickets continue from {next_ticket}");
+        let mut coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
+        coord.resume_tickets_from(next_ticket);
         let mut server = Server {
             poll,
             slab: Slab::new(),
@@ -406,6 +422,9 @@ impl Server {
             more_input: Vec::new(),
             shutdown: false,
             summary: cfg.sandbox_summary.clone(),
+            drc: Drc::new(drc::MAX_ENTRIES, drc::MAX_AGE),
+            drc_pending: std::collections::HashMap::new(),
+            tickets,
         };
         server.link_nodes()?;
         Ok(server)
@@ -580,8 +599,18 @@ impl Server {
                     };
                     log::debug!("accepted {peer} as {role:?}");
                     let _ = stream.set_nodelay(true);
-                    if let Err(e) = self.add_conn(stream, role, false) {
-                        log::warn!("cannot register connection from {peer}: {e}");
+                    // Who owns the client's socket: asked once, before its first call.
+                    let id = match (node, stream.local_addr()) {
+                        (None, Ok(local)) => peer::identify(peer, local),
+                        _ => PeerId::Unverified,
+                    };
+                    match self.add_conn(stream, role, false) {
+                        Ok(key) => {
+                            if let Some(Source::Conn(c)) = self.slab.get_mut(key) {
+                                c.peer = id;
+                            }
+                        }
+                        Err(e) => log::warn!("cannot register connection from {peer}: {e}"),
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -620,6 +649,7 @@ impl Server {
             writable,
             awaiting: 0,
             held: Vec::new(),
+            peer: PeerId::Unverified,
         })));
         Ok(key)
     }
@@ -846,22 +876,26 @@ impl Server {
         let what = match conn.role {
             Role::Client => {
                 let Ok(replicas) = r.u32() else { return conn.outbox.push_bytes(garbage(call.xid)) };
+                let who = match self.identify_call(key, conn, &call) {
+                    Ok(who) => who,
+                    Err(refusal) => return answer_before_upload(conn, len, refusal),
+                };
+                let drc_key = drc::Key { xid: call.xid, uid: who, proc_num: proto::DEPLOY };
+                if let Some(Reply::Deploy(Ok(ticket))) = self.drc.lookup(&drc_key, Instant::now()) {
+                    log::info!(
+                        "connection {key}: xid {:#x} is a retried DEPLOY; answering ticket {ticket} again, archive dropped",
+                        call.xid
+                    );
+                    let mut w = rpc::accepted(call.xid, AcceptStat::Success);
+                    w.u32(CloudStat::Ok as u32).u32(ticket);
+                    return answer_before_upload(conn, len, w.into_bytes());
+                }
                 if let Some((stat, msg)) = self.coord.deploy_refusal(replicas) {
                     let mut w = rpc::accepted(call.xid, AcceptStat::Success);
                     proto::encode_error(&mut w, stat, &msg);
-                    if u64::from(len) <= MAX_RECORD as u64 {
-                        // Small: let it arrive, drop it, keep the connection.
-                        if let Reader::Calls(r) = &mut conn.reader {
-                            r.refuse_stream(w.into_bytes());
-                        }
-                    } else {
-                        // Large: refuse before the upload; answer now and hang up.
-                        conn.outbox.push_bytes(w.into_bytes());
-                        conn.close_after_answer();
-                    }
-                    return;
+                    return answer_before_upload(conn, len, w.into_bytes());
                 }
-                Streamed::Deploy { replicas }
+                Streamed::Deploy { replicas, who }
             }
             _ => match RunArgs::decode(&mut r) {
                 Ok(args) => Streamed::Run { args },
@@ -890,16 +924,36 @@ impl Server {
             Streamed::Fetch { ticket, replica } => {
                 self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err));
             }
-            Streamed::Deploy { replicas } => match error {
-                Some(msg) => {
+            Streamed::Deploy { replicas, who } => {
+                // The same call may have been uploaded on two connections at
+                // once (a retry while the first upload was still arriving):
+                // the one that ends second gets the first one's reply.
+                let drc_key = drc::Key { xid, uid: who, proc_num: proto::DEPLOY };
+                if let Some(first @ Reply::Deploy(Ok(_))) = self.drc.lookup(&drc_key, Instant::now()) {
+                    log::info!("connection {key}: xid {xid:#x} was uploaded twice; answering as the first time");
                     let _ = fs::remove_file(&path);
-                    conn.outbox.push(encode_reply(xid, Reply::Deploy(Err((CloudStat::Internal, msg)))));
+                    return conn.outbox.push(encode_reply(xid, first));
                 }
-                None => {
-                    conn.awaiting += 1;
-                    self.coord.deploy(Caller { conn: key, xid }, replicas, path)
+                // The ticket this DEPLOY may get is on disk before it is answered.
+                let error = error.or_else(|| {
+                    let persisted = self.tickets.ensure(self.coord.next_ticket());
+                    persisted.err().map(|e| {
+                        log::error!("cannot persist the ticket counter: {e}");
+                        format!("the server cannot record ticket numbers ({e}); retry later")
+                    })
+                });
+                match error {
+                    Some(msg) => {
+                        let _ = fs::remove_file(&path);
+                        conn.outbox.push(encode_reply(xid, Reply::Deploy(Err((CloudStat::Internal, msg)))));
+                    }
+                    None => {
+                        conn.awaiting += 1;
+                        self.drc_pending.insert((key, xid), drc_key);
+                        self.coord.deploy_as(Caller { conn: key, xid }, who, replicas, path)
+                    }
                 }
-            },
+            }
             Streamed::Run { args } => {
                 let Role::NodeInbound(i) = conn.role else { return };
                 let started = match error {
@@ -940,6 +994,18 @@ impl Server {
         let caller = Caller { conn: key, xid: call.xid };
         let mut r = XdrReader::new(&call.args);
         log::debug!("connection {key}: call xid {:#x} proc {}", call.xid, call.proc_num);
+        let who = match self.identify_call(key, conn, &call) {
+            Ok(who) => who,
+            Err(refusal) => return conn.outbox.push_bytes(refusal),
+        };
+        if call.proc_num == proto::CLOSE {
+            let drc_key = drc::Key { xid: call.xid, uid: who, proc_num: proto::CLOSE };
+            if let Some(first) = self.drc.lookup(&drc_key, Instant::now()) {
+                log::info!("connection {key}: xid {:#x} is a retried CLOSE; answering as the first time", call.xid);
+                return conn.outbox.push(encode_reply(call.xid, first));
+            }
+            self.drc_pending.insert((key, call.xid), drc_key);
+        }
         // STATUS, RETRIEVE and CLOSE are answered by the coordinator.
         conn.awaiting += 1;
         let ok = match call.proc_num {
@@ -950,15 +1016,33 @@ impl Server {
             }
             proto::STATUS => r.u32().map(|t| self.coord.status(caller, t)).is_ok(),
             proto::RETRIEVE => {
-                proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, t, w)).is_ok()
+                proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve_as(caller, who, t, w)).is_ok()
             }
-            proto::CLOSE => r.u32().map(|t| self.coord.close(caller, t)).is_ok(),
+            proto::CLOSE => r.u32().map(|t| self.coord.close_as(caller, who, t)).is_ok(),
             _ => false, // a DEPLOY too short to stream
         };
         if !ok {
             conn.awaiting -= 1;
+            self.drc_pending.remove(&(key, call.xid));
             conn.outbox.push_bytes(garbage(call.xid));
         }
+    }
+
+    /// The uid a client call is made as (`None`: anonymous), or the
+    /// AUTH_ERROR reply to a credential that lies about it.
+    fn identify_call(&self, key: usize, conn: &Conn, call: &Call) -> Result<Option<u32>, Vec<u8>> {
+        peer::caller_uid(conn.peer, call.sys_uid).map_err(|auth_stat| {
+            let owner = match conn.peer {
+                PeerId::Verified(uid) => format!("uid {uid}"),
+                _ => "an unknown user".into(),
+            };
+            log::warn!(
+                "connection {key}: xid {:#x}: AUTH_SYS claims uid {} but the socket belongs to {owner}; refused",
+                call.xid,
+                call.sys_uid.unwrap_or(0)
+            );
+            rpc::auth_error(call.xid, auth_stat)
+        })
     }
 
     /// A whole call from the main server to node i.
@@ -994,6 +1078,12 @@ impl Server {
             Action::Reply { to, reply } => {
                 if matches!(&reply, Reply::Deploy(Ok(_)) | Reply::Close(Ok(_))) {
                     log::debug!("connection {}: xid {:#x}: {reply:?}", to.conn, to.xid);
+                }
+                if let Some(key) = self.drc_pending.remove(&(to.conn, to.xid)) {
+                    // Only what changed something is kept: a refusal may be retried.
+                    if matches!(&reply, Reply::Deploy(Ok(_)) | Reply::Close(Ok(_))) {
+                        self.drc.insert(key, reply.clone(), Instant::now());
+                    }
                 }
                 let pieces = encode_reply(to.xid, reply);
                 self.answer(to.conn, pieces);
@@ -1136,7 +1226,12 @@ impl Server {
         self.peer_closed(&mut conn);
         log::debug!("connection {key} closed ({:?})", conn.role);
         match conn.role {
-            Role::Client => self.coord.conn_closed(key),
+            Role::Client => {
+                if !self.drc_pending.is_empty() {
+                    self.drc_pending.retain(|&(k, _), _| k != key);
+                }
+                self.coord.conn_closed(key)
+            }
             Role::NodeLink { node, .. } => {
                 self.links[node] = None;
                 self.coord.node_lost(node, Instant::now());
@@ -1212,6 +1307,20 @@ impl Server {
             let _ = fs::remove_dir_all(&node.cfg.dir);
         }
         let _ = fs::remove_dir_all(&self.spool);
+    }
+}
+
+/// Answer a streamed call before its opaque is taken: a small one is let
+/// in and dropped (the connection stays), a large one is answered now and
+/// the connection closed after a lingering drain.
+fn answer_before_upload(conn: &mut Conn, len: u32, reply: Vec<u8>) {
+    if u64::from(len) <= MAX_RECORD as u64 {
+        if let Reader::Calls(r) = &mut conn.reader {
+            r.refuse_stream(reply);
+        }
+    } else {
+        conn.outbox.push_bytes(reply);
+        conn.close_after_answer();
     }
 }
 

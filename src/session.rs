@@ -24,6 +24,8 @@ use crate::xdr::XdrReader;
 pub struct Call {
     pub xid: u32,
     pub proc_num: u32,
+    /// The uid an AUTH_SYS credential claims; `None` for AUTH_NONE.
+    pub sys_uid: Option<u32>,
     /// The arguments; for a streamed call, those before its opaque.
     pub args: Vec<u8>,
 }
@@ -158,7 +160,11 @@ impl CallReader {
             None => CallEvent::Close, // not even an xid: not RPC
         })?;
         rpc::admit(&h, &[self.program]).map_err(CallEvent::Reply)?;
-        Ok(Call { xid: h.xid, proc_num: h.proc_num, args: record[h.args_at..].to_vec() })
+        let sys_uid = match &h.cred {
+            rpc::Credential::Sys(c) => Some(c.uid),
+            _ => None,
+        };
+        Ok(Call { xid: h.xid, proc_num: h.proc_num, sys_uid, args: record[h.args_at..].to_vec() })
     }
 }
 
@@ -307,7 +313,10 @@ mod tests {
                 vec![
                     format!(
                         "{:?}",
-                        CallEvent::StreamStart { call: Call { xid: 7, proc_num: 1, args: vec![0, 0, 0, 2] }, len: 10 }
+                        CallEvent::StreamStart {
+                            call: Call { xid: 7, proc_num: 1, sys_uid: None, args: vec![0, 0, 0, 2] },
+                            len: 10
+                        }
                     ),
                     "end \"0123456789\"".to_string(),
                 ]

@@ -291,8 +291,11 @@ fn live_server_answers_the_captured_calls() {
     let got = exchange(&mut s, &section("status-no-such-ticket.txt", "call"));
     let mut r = XdrReader::new(&got[rpc::SUCCESS_HEADER_LEN..]);
     assert!(matches!(proto::decode_stat(&mut r).unwrap(), Err((CloudStat::NoSuchTicket, _))));
-    // AUTH_SYS works like AUTH_NONE.
-    let got = exchange(&mut s, &section("status-auth-sys.txt", "call"));
+    // AUTH_SYS works like AUTH_NONE. The vector claims uid 0, which the
+    // server checks against the socket's owner: claim our own uid.
+    let mut call = section("status-auth-sys.txt", "call");
+    call[0x30..0x34].copy_from_slice(&nix::unistd::Uid::effective().as_raw().to_be_bytes());
+    let got = exchange(&mut s, &call);
     assert_eq!(&got[..rpc::SUCCESS_HEADER_LEN - 4], &one_record(&section("status-auth-sys.txt", "reply"))[..20]);
     // The 2-fragment deploy is accepted (its archive is not gzip: the replica
     // will be INVALID, which is the job's problem, not the protocol's).

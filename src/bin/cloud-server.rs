@@ -1,7 +1,15 @@
 //! `cloud-server`: the main server and its side nodes in one reactor.
+//!
+//! Also owns the locks that keep servers apart: one server per work dir
+//! (`<work-dir>/server.lock`), and no slot uid shared by two servers on one
+//! host (`/run/cloudinfra/slot-UID.lock`). They are flock()s, held for the
+//! life of the process and released by the kernel however it ends.
 
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,6 +18,7 @@ use cloudinfra::config::NodesFile;
 use cloudinfra::extract::ExtractLimits;
 use cloudinfra::server::{Server, ServerConfig};
 use cloudinfra::spawn::{Containment, JobLimits};
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::unistd::{Gid, Uid, User};
 
@@ -179,9 +188,65 @@ fn identities(args: &Args, n: usize) -> Result<Identities, String> {
     Ok(Identities { per_node: ids, slot_uids: true, summary })
 }
 
+/// Lock `path` exclusively without waiting, and write our pid into it.
+/// `Err` holds the pid written by the process that holds it (0: unknown).
+fn lock_file(path: &Path) -> Result<Flock<File>, io::Result<u32>> {
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path);
+    let file = file.map_err(Err)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut held) => {
+            let _ = held.set_len(0).and_then(|_| writeln!(&mut *held, "{}", std::process::id()));
+            Ok(held)
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            Err(Ok(text.trim().parse().unwrap_or(0)))
+        }
+        Err((_, e)) => Err(Err(e.into())),
+    }
+}
+
+/// One server per work dir: a second one would remove the first one's
+/// workspaces and spool, and issue its ticket numbers again.
+fn lock_work_dir(dir: &Path) -> Result<Flock<File>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create work dir {}: {e}", dir.display()))?;
+    lock_file(&dir.join("server.lock")).map_err(|e| match e {
+        Ok(pid) => format!(
+            "work dir {} is in use by another cloud-server (pid {pid}): stop it or pick another --work-dir",
+            dir.display()
+        ),
+        Err(e) => format!("cannot lock work dir {}: {e}", dir.display()),
+    })
+}
+
+/// Two servers must never share a slot uid: each kills and reclaims
+/// whatever runs under its slot uids.
+fn lock_slot_uids(base: u32, n: usize) -> Result<Vec<Flock<File>>, String> {
+    let mut dir = PathBuf::from("/run/cloudinfra");
+    if std::fs::create_dir_all(&dir).is_err() {
+        dir = std::env::temp_dir().join("cloudinfra-locks");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create lock directory {}: {e}", dir.display()))?;
+    }
+    (0..n as u32)
+        .map(|i| {
+            let uid = base + i;
+            lock_file(&dir.join(format!("slot-{uid}.lock"))).map_err(|e| match e {
+                Ok(pid) => {
+                    format!("slot uid {uid} is in use by cloud-server pid {pid}: pick another --slot-uids base")
+                }
+                Err(e) => format!("cannot lock slot uid {uid} in {}: {e}", dir.display()),
+            })
+        })
+        .collect()
+}
+
 fn run(args: Args) -> Result<(), String> {
     let nodes = NodesFile::load(&args.nodes)?;
     let ids = identities(&args, nodes.ports.len())?;
+    // Held until the process ends.
+    let _work_lock = lock_work_dir(&args.work_dir)?;
+    let _slot_locks = if ids.slot_uids { lock_slot_uids(args.slot_uids, nodes.ports.len())? } else { Vec::new() };
     let root = Uid::effective().is_root();
     let containment = match (args.uncontained, root) {
         (true, _) => Containment::Uncontained,

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cloudinfra::client::{pack_directory, Client, ClientError};
+use std::time::Duration;
+
+use cloudinfra::client::{pack_directory, Client, ClientError, DEFAULT_TIMEOUT};
 use cloudinfra::proto::{JobState, JobStatus, ReplicaStatus};
 
 const DEFAULT_SERVER: &str = "127.0.0.1:9000";
@@ -69,6 +71,22 @@ struct ServerArg {
     /// Main server address (default: $CLOUD_SERVER or 127.0.0.1:9000).
     #[arg(long, env = "CLOUD_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
+    /// Give up when the server makes no progress for SECS seconds (0: wait
+    /// forever). Default: 60 for deploy, status and close; no limit while
+    /// retrieve waits for a job (TCP keepalive still notices a dead server).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+}
+
+impl ServerArg {
+    /// The timeout to use, given the command's default.
+    fn timeout_or(&self, default: Option<Duration>) -> Option<Duration> {
+        match self.timeout {
+            Some(0) => None,
+            Some(s) => Some(Duration::from_secs(s)),
+            None => default,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -97,7 +115,7 @@ fn main() -> ExitCode {
 }
 
 fn connect(s: &ServerArg) -> Result<Client, String> {
-    Client::connect(&s.server).map_err(|e| e.to_string())
+    Client::connect_with(&s.server, s.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())
 }
 
 fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
@@ -158,22 +176,34 @@ fn status_text(st: &JobStatus) -> String {
 }
 
 fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
-    let mut client = connect(&a.server)?;
     let Some(dir) = a.dir else {
+        let mut client = connect(&a.server)?;
         client.close(a.ticket).map_err(|e| e.to_string())?;
         println!("ticket {} closed", a.ticket);
         return Ok(ExitCode::SUCCESS);
     };
-    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // Waiting for a job has no time limit unless asked for.
+    let mut client = Client::connect_with(&a.server.server, a.server.timeout_or(None)).map_err(|e| e.to_string())?;
     // Outputs stream into .part files; each is fsynced and renamed into
-    // place, and only then is the ticket closed.
-    let part = |s: &ReplicaStatus| dir.join(format!("output_{}.txt.part", port_of(&s.node)));
+    // place, and only then is the ticket closed. The directory is made only
+    // once the server has said OK: an unknown ticket leaves nothing behind.
+    let part = |s: &ReplicaStatus| {
+        let _ = fs::create_dir_all(&dir);
+        dir.join(format!("output_{}.txt.part", port_of(&s.node)))
+    };
     let outputs = client.retrieve_into(a.ticket, true, part).map_err(|e: ClientError| e.to_string())?;
+    let remove_parts = || {
+        for (_, part) in &outputs {
+            let _ = fs::remove_file(part);
+        }
+    };
     let mut all_ok = true;
     for (s, part) in &outputs {
         let path = part.with_extension("");
-        commit(part, &path)
-            .map_err(|e| format!("cannot write {}: {e}; the ticket stays open, retry", path.display()))?;
+        commit(part, &path).map_err(|e| {
+            remove_parts();
+            format!("cannot write {}: {e}; the ticket stays open, retry", path.display())
+        })?;
         println!(
             "replica {} ({}): {} (exit {}) {} -> {}",
             s.replica,
@@ -188,6 +218,7 @@ fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
     if let Ok(d) = File::open(&dir) {
         let _ = d.sync_all();
     }
+    client.set_timeout(a.server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
     client.close(a.ticket).map_err(|e| e.to_string())?;
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
