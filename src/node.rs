@@ -8,7 +8,10 @@
 //! the running replica (init's pid, output pipe, control pipe, time limit,
 //! why it was stopped), capping captured output, and what to answer when
 //! the replica ends. Nothing to sweep: the kernel ends a contained
-//! replica's every process when its init exits or is killed.
+//! replica's every process when its init exits or is killed. Where the
+//! host has cgroups, each replica also gets a group of its own (memory and
+//! process totals, a second kill path, OOM detection), removed once the
+//! replica is reaped (retried on later turns while busy, never waited for).
 //! Must not touch: sockets or the reactor (the server hands it bytes and
 //! events), the main server's job table (it only ever learns through RPC).
 
@@ -23,7 +26,8 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::proto::{RunArgs, RunResult};
+use crate::cgroup::{Cgroup, Cgroups};
+use crate::proto::{JobState, RunArgs, RunResult};
 use crate::spawn::{self, Containment, JobLimits, Sandbox, SpawnSpec, StopReason};
 
 /// Everything a node needs to know; a later separate node process would
@@ -43,7 +47,12 @@ pub struct NodeConfig {
     pub work_dir: PathBuf,
     /// The node's empty network namespace, made once at start (root mode).
     pub netns: Option<Rc<OwnedFd>>,
+    /// Where replicas get a cgroup each (`None`: the host has none for us).
+    pub cgroups: Option<Rc<Cgroups>>,
 }
+
+/// How long a busy cgroup waits before its removal is tried again.
+const GROUP_RETRY: Duration = Duration::from_millis(200);
 
 /// Where to send the deferred NODE_RUN reply: connection key and xid.
 pub type ReplyTo = (usize, u32);
@@ -56,6 +65,7 @@ struct Running {
     output: OwnedFd,
     status: OwnedFd,
     control: Option<OwnedFd>,
+    group: Option<Cgroup>,
     file: File,
     written: u64,
     truncated: bool,
@@ -87,13 +97,16 @@ pub struct Finished {
 pub struct Node {
     pub cfg: NodeConfig,
     running: Option<Running>,
+    /// Groups of reaped replicas still busy (their processes leaving).
+    stale_groups: Vec<Cgroup>,
+    retry_groups: Option<Instant>,
     buf: Vec<u8>,
 }
 
 impl Node {
     pub fn new(cfg: NodeConfig) -> io::Result<Self> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&cfg.dir)?;
-        Ok(Node { cfg, running: None, buf: vec![0; 64 * 1024] })
+        Ok(Node { cfg, running: None, stale_groups: Vec::new(), retry_groups: None, buf: vec![0; 64 * 1024] })
     }
 
     pub fn name(&self) -> String {
@@ -145,6 +158,22 @@ impl Node {
         let workspace = spawn::workspace_path(&self.ticket_dir(args.ticket));
         let archive = self.archive_path(args.ticket);
         let env = spawn::replica_env(&workspace, args.ticket, args.replica, args.replicas, self.cfg.port);
+        let group = match &self.cfg.cgroups {
+            Some(groups) => Some(
+                groups
+                    .create(&format!("{}-{}", self.cfg.port, args.ticket), spawn::cgroup_limits(&self.cfg.limits))
+                    .map_err(|e| {
+                        RunResult::invalid(format!("{}: cannot create the replica's cgroup: {e}", self.name()))
+                    })?,
+            ),
+            None => None,
+        };
+        let join = match &group {
+            Some(g) => g
+                .open_join()
+                .map_err(|e| RunResult::invalid(format!("{}: cannot open the replica's cgroup: {e}", self.name())))?,
+            None => Vec::new(),
+        };
         let spec = SpawnSpec {
             archive: Some(&archive),
             work_dir: &self.cfg.work_dir,
@@ -153,6 +182,7 @@ impl Node {
             limits: &self.cfg.limits,
             sandbox: self.cfg.sandbox,
             netns: self.cfg.netns.as_deref().map(|fd| fd.as_fd()),
+            cgroup: &join,
         };
         let spawned = spawn::spawn(&spec)
             .map_err(|e| RunResult::invalid(format!("{}: cannot start replica: {e}", self.name())))?;
@@ -172,6 +202,7 @@ impl Node {
             output: spawned.output,
             status: spawned.status,
             control: spawned.control,
+            group,
             file,
             written: 0,
             truncated: false,
@@ -218,13 +249,17 @@ impl Node {
 
     /// The next moment `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
-        self.running.as_ref().map(|r| r.deadline)
+        let running = self.running.as_ref().map(|r| r.deadline);
+        running.into_iter().chain(self.retry_groups).min()
     }
 
     /// Enforce the time limit: SIGTERM, then SIGKILL after the grace period.
     pub fn on_timer(&mut self, now: Instant) {
         let seconds = self.cfg.time_limit.as_secs();
         let grace = self.cfg.kill_grace;
+        if self.retry_groups.is_some_and(|t| t <= now) {
+            self.remove_stale_groups(now);
+        }
         let Some(r) = self.running.as_mut() else {
             return;
         };
@@ -255,6 +290,22 @@ impl Node {
     fn kill_everything(&mut self) {
         let Some(r) = &self.running else { return };
         spawn::kill_replica(r.pid, self.cfg.sandbox.containment != Containment::Uncontained);
+        // The second path: every process in the replica's cgroup.
+        if let Some(g) = &r.group {
+            g.kill_all();
+        }
+    }
+
+    /// Try again to remove the groups of reaped replicas.
+    fn remove_stale_groups(&mut self, now: Instant) {
+        let mut busy = Vec::new();
+        for g in std::mem::take(&mut self.stale_groups) {
+            if let Err(g) = g.remove() {
+                busy.push(g);
+            }
+        }
+        self.stale_groups = busy;
+        self.retry_groups = (!self.stale_groups.is_empty()).then_some(now + GROUP_RETRY);
     }
 
     /// A child was reaped. If it was our replica's init, finish it.
@@ -270,7 +321,24 @@ impl Node {
         // Init reports how the job's main process ended; without a report
         // (init was killed, or uncontained) init's own status is the job's.
         let job = report.and_then(|raw| WaitStatus::from_raw(pid, raw).ok()).unwrap_or(status);
-        let result = spawn::classify_exit(job, &setup_error, r.stop.as_ref());
+        let mut result = spawn::classify_exit(job, &setup_error, r.stop.as_ref());
+        if let Some(g) = r.group {
+            if r.stop.is_none() && g.oom_killed() {
+                result = RunResult {
+                    state: JobState::Invalid,
+                    exit_code: result.exit_code,
+                    message: format!(
+                        "memory limit (--max-memory) exceeded: the job's processes together used more than {} MiB",
+                        self.cfg.limits.address_space >> 20
+                    ),
+                };
+            }
+            g.kill_all();
+            if let Err(g) = g.remove() {
+                self.stale_groups.push(g);
+                self.retry_groups = Some(Instant::now() + GROUP_RETRY);
+            }
+        }
         log::debug!("node {}: ticket {}: pid {pid} ended: {:?}, job {:?}", self.cfg.port, r.ticket, status, job);
         let _ = fs::remove_file(self.archive_path(r.ticket));
         if r.stop == Some(StopReason::Closed) {
@@ -307,6 +375,13 @@ impl Node {
                 log::warn!("node {}: cannot remove {}: {e}", self.cfg.port, dir.display());
             }
         }
+    }
+
+    /// Server shutdown, after the replica was reaped: remove what groups
+    /// can be removed now (an earlier run's are reclaimed at start).
+    pub fn release_groups(&mut self) {
+        self.remove_stale_groups(Instant::now());
+        self.retry_groups = None;
     }
 
     /// Server shutdown: kill the running replica; returns the child to reap.

@@ -326,6 +326,19 @@ impl Server {
                 .transpose()?;
             netns.push(ns.map(std::rc::Rc::new));
         }
+        // Per-replica cgroups where the host has them (and what an earlier
+        // run left in ours); else limits stay per process.
+        let (cgroups, cgroup_summary) = match crate::cgroup::Cgroups::detect(&crate::cgroup::tag_for(&work_dir)) {
+            Ok(groups) => {
+                let (killed, removed) = groups.reclaim();
+                if killed + removed > 0 {
+                    log::info!("reclaimed {killed} processes and {removed} cgroups left by an earlier run");
+                }
+                let summary = format!("per-job memory and process totals: {}", groups.describe());
+                (Some(std::rc::Rc::new(groups)), summary)
+            }
+            Err(why) => (None, format!("no cgroups ({why}): memory and process limits are per process")),
+        };
         // Before listening: can replicas be contained as configured here?
         let sandbox = Sandbox {
             identity: cfg.identities.first().copied().flatten(),
@@ -333,7 +346,7 @@ impl Server {
             containment: cfg.containment,
         };
         let probe_ns = netns.first().and_then(|ns| ns.as_deref()).map(|fd| std::os::fd::AsFd::as_fd(fd));
-        crate::spawn::probe(sandbox, &cfg.limits, &work_dir, probe_ns)?;
+        crate::spawn::probe(sandbox, &cfg.limits, &work_dir, probe_ns, cgroups.as_deref())?;
         let spool = work_dir.join("spool");
         let _ = fs::remove_dir_all(&spool);
         fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
@@ -366,6 +379,7 @@ impl Server {
                 max_output: cfg.max_output,
                 work_dir: work_dir.clone(),
                 netns: netns[i].clone(),
+                cgroups: cgroups.clone(),
             })
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
             nodes.push(node);
@@ -421,7 +435,7 @@ impl Server {
             more_output: Vec::new(),
             more_input: Vec::new(),
             shutdown: false,
-            summary: cfg.sandbox_summary.clone(),
+            summary: format!("{}; {cgroup_summary}", cfg.sandbox_summary),
             drc: Drc::new(drc::MAX_ENTRIES, drc::MAX_AGE),
             drc_pending: std::collections::HashMap::new(),
             tickets,
@@ -1298,11 +1312,18 @@ impl Server {
     /// Kill every replica (SIGKILL to each init ends its namespace), reap
     /// them, remove the nodes' folders and the spool.
     fn stop(&mut self) {
-        let pids: Vec<_> = self.nodes.iter_mut().flat_map(|n| n.shutdown()).collect();
-        for pid in pids {
-            let _ = waitpid(pid, None);
+        for node in &mut self.nodes {
+            if let Some(pid) = node.shutdown() {
+                // Blocking is fine now: SIGKILL to init ends its namespace.
+                if let Ok(status) = waitpid(pid, None) {
+                    let _ = node.on_exit(pid, status);
+                }
+            }
         }
         self.reap();
+        for node in &mut self.nodes {
+            node.release_groups();
+        }
         for node in &self.nodes {
             let _ = fs::remove_dir_all(&node.cfg.dir);
         }

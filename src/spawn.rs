@@ -99,6 +99,9 @@ pub struct SpawnSpec<'a> {
     pub sandbox: Sandbox,
     /// The node's empty network namespace, joined with setns (root mode).
     pub netns: Option<BorrowedFd<'a>>,
+    /// The replica's cgroup (`cgroup::Cgroup::open_join`): init (or the
+    /// uncontained job) joins it before anything else runs.
+    pub cgroup: &'a [OwnedFd],
 }
 
 /// A started replica.
@@ -270,7 +273,11 @@ fn init_setup(
     chld.add(Signal::SIGCHLD);
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&chld), None).map_err(|e| setup("sigprocmask", e))?;
     let netns = spec.netns.map(|fd| fd.as_raw_fd());
-    close_all_but(&[out_w.as_raw_fd(), st_w.as_raw_fd(), ctl_r.as_raw_fd(), netns.unwrap_or(-1)]);
+    let mut keep = vec![out_w.as_raw_fd(), st_w.as_raw_fd(), ctl_r.as_raw_fd(), netns.unwrap_or(-1)];
+    keep.extend(spec.cgroup.iter().map(|fd| fd.as_raw_fd()));
+    close_all_but(&keep);
+    // Everything of the replica counts in its cgroup, init included.
+    crate::cgroup::join(spec.cgroup).map_err(|e| setup("joining the replica's cgroup", e))?;
     if userns {
         let maps = [
             ("/proc/self/setgroups", "deny".to_string()),
@@ -431,7 +438,12 @@ fn unsafe_exit(code: i32) -> ! {
 /// The uncontained child: a plain session on the host. Returns only on failure.
 fn uncontained_job(spec: &SpawnSpec, exec: &Exec, out_w: OwnedFd, status_fd: RawFd) -> ChildError {
     // Nothing of the server's stays open here, not even during extraction.
-    close_all_but(&[out_w.as_raw_fd(), status_fd]);
+    let mut keep = vec![out_w.as_raw_fd(), status_fd];
+    keep.extend(spec.cgroup.iter().map(|fd| fd.as_raw_fd()));
+    close_all_but(&keep);
+    if let Err(e) = crate::cgroup::join(spec.cgroup) {
+        return setup("joining the replica's cgroup", e);
+    }
     let archive = match spec.archive {
         Some(path) => match File::open(path) {
             Ok(f) => Some(f),
@@ -754,7 +766,46 @@ fn processes_of(uids: &std::ops::Range<u32>) -> Vec<i32> {
 /// replica exactly as a real one (clone, init, namespaces, mounts, network,
 /// identity, capabilities), whose job writes a file in its workspace and
 /// exits 0. The error says what to fix.
-pub fn probe(sandbox: Sandbox, limits: &JobLimits, work_dir: &Path, netns: Option<BorrowedFd>) -> Result<(), String> {
+pub fn probe(
+    sandbox: Sandbox,
+    limits: &JobLimits,
+    work_dir: &Path,
+    netns: Option<BorrowedFd>,
+    cgroups: Option<&crate::cgroup::Cgroups>,
+) -> Result<(), String> {
+    let group = match cgroups {
+        Some(g) => Some(
+            g.create("probe", cgroup_limits(limits))
+                .map_err(|e| format!("cannot create a cgroup for replicas: {e}"))?,
+        ),
+        None => None,
+    };
+    let join = match &group {
+        Some(g) => g.open_join().map_err(|e| format!("cannot open a cgroup for replicas: {e}"))?,
+        None => Vec::new(),
+    };
+    let r = probe_with(sandbox, limits, work_dir, netns, &join);
+    drop(join);
+    if let Some(g) = group {
+        g.kill_all();
+        let _ = g.remove();
+    }
+    r
+}
+
+/// A replica's cgroup limits: `--max-memory` and `--max-procs` for all its
+/// processes together.
+pub fn cgroup_limits(limits: &JobLimits) -> crate::cgroup::CgroupLimits {
+    crate::cgroup::CgroupLimits { memory: limits.address_space, pids: limits.processes.unwrap_or(4096) }
+}
+
+fn probe_with(
+    sandbox: Sandbox,
+    limits: &JobLimits,
+    work_dir: &Path,
+    netns: Option<BorrowedFd>,
+    cgroup: &[OwnedFd],
+) -> Result<(), String> {
     let dir = work_dir.join(format!(".sandbox-probe-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let workspace = dir.join("work");
@@ -762,7 +813,8 @@ pub fn probe(sandbox: Sandbox, limits: &JobLimits, work_dir: &Path, netns: Optio
     if !contained {
         mkdir_all(&dir).map_err(|e| format!("cannot prepare a workspace in {}: {e}", work_dir.display()))?;
     }
-    let spec = SpawnSpec { archive: None, work_dir, workspace: &workspace, env: Vec::new(), limits, sandbox, netns };
+    let spec =
+        SpawnSpec { archive: None, work_dir, workspace: &workspace, env: Vec::new(), limits, sandbox, netns, cgroup };
     let spawned = spawn(&spec).map_err(|e| match sandbox.containment {
         Containment::Namespaces => {
             format!("cannot create namespaces for replicas ({e}): run as root with CAP_SYS_ADMIN")
