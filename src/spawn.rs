@@ -295,6 +295,9 @@ fn init_setup(
         // SAFETY: ends init; nothing else of ours runs in this process.
         unsafe { libc::_exit(0) }
     }
+    // A session of its own: a terminal's Ctrl-C to the server's process
+    // group is the server's to handle, not init's.
+    let _ = nix::unistd::setsid();
     // Nobody of the namespace may ptrace init or read its memory.
     nix::sys::prctl::set_dumpable(false).map_err(|e| setup("PR_SET_DUMPABLE", e))?;
     if let Some(fd) = spec.netns {

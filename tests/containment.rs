@@ -76,11 +76,13 @@ impl Server {
         let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
         let mut line = String::new();
         let mut got = String::new();
+        let mut before = String::new();
         while lines.read_line(&mut line).unwrap_or(0) > 0 {
             if line.contains("listening on") || line.starts_with("cloud-server:") {
                 got = line.clone();
                 break;
             }
+            before.push_str(&line);
             line.clear();
         }
         let addr = got.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).and_then(|a| a.parse().ok());
@@ -89,7 +91,7 @@ impl Server {
             let _ = child.wait();
             return Err(got);
         };
-        let log = Arc::new(Mutex::new(got));
+        let log = Arc::new(Mutex::new(before + &got));
         let sink = log.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -469,4 +471,53 @@ fn the_memory_limit_counts_every_process_of_a_job() {
     // The node goes on.
     let t2 = c.deploy(1, &job(c.dir.path(), "ok.tar.gz", &["@echo fine"]));
     assert!(c.retrieve(t2).0);
+}
+
+/// At start the server kills what still runs under its slot uids (left by
+/// an earlier run that could not stop it) and says so in its log.
+#[test]
+fn at_start_processes_of_the_slot_uids_are_reclaimed() {
+    if !need_root("at_start_processes_of_the_slot_uids_are_reclaimed") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let base = slot_base(port);
+    let mut leftover = Command::new("sleep");
+    leftover.arg("1000");
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
+    unsafe {
+        leftover.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(base) != 0 || libc::setuid(base) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut leftover = leftover.spawn().unwrap();
+    let nodes = dir.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
+    let mut cmd = Command::new(SERVER);
+    cmd.args(["--slot-uids", &base.to_string(), "--listen", "127.0.0.1:0"])
+        .arg("--nodes")
+        .arg(&nodes)
+        .arg("--work-dir")
+        .arg(dir.path().join("work"));
+    let s = Server::start(cmd);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = leftover.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = leftover.kill();
+            let _ = leftover.wait();
+            panic!("the leftover process of slot uid {base} was not reclaimed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "the leftover process was not killed: {status:?}");
+    let log = s.log.lock().unwrap().clone();
+    assert!(log.contains(&format!("reclaimed 1 processes of slot uids {base}..{base}")), "{log}");
 }
