@@ -2,25 +2,33 @@
 //! until the main server drops the ticket.
 //!
 //! Owns: the node's directory `<work-dir>/output_<port>/` (one subfolder
-//! per ticket: `job.tar.gz`, `output.txt`, and the workspace `work/`), the
-//! running replica (pid, output pipe, time limit, why it was stopped),
-//! capping captured output, and what to answer when the replica ends.
+//! per ticket: `job.tar.gz`, `output.txt`, and the workspace `work/`, which
+//! for a contained replica is only a mount point inside its own mount
+//! namespace, a tmpfs gone with it), the node's empty network namespace,
+//! the running replica (init's pid, output pipe, control pipe, time limit,
+//! why it was stopped), capping captured output, and what to answer when
+//! the replica ends. Nothing to sweep: the kernel ends a contained
+//! replica's every process when its init exits or is killed. Where the
+//! host has cgroups, each replica also gets a group of its own (memory and
+//! process totals, a second kill path, OOM detection), removed once the
+//! replica is reaped (retried on later turns while busy, never waited for).
 //! Must not touch: sockets or the reactor (the server hands it bytes and
 //! events), the main server's job table (it only ever learns through RPC).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::proto::{RunArgs, RunResult};
-use crate::spawn::{self, JobLimits, Sandbox, SpawnSpec, StopReason, Sweep};
+use crate::cgroup::{Cgroup, Cgroups};
+use crate::proto::{JobState, RunArgs, RunResult};
+use crate::spawn::{self, Containment, JobLimits, Sandbox, SpawnSpec, StopReason};
 
 /// Everything a node needs to know; a later separate node process would
 /// get these as flags.
@@ -35,10 +43,16 @@ pub struct NodeConfig {
     pub kill_grace: Duration,
     /// Bytes of output kept; the rest is discarded after a marker line.
     pub max_output: u64,
-    /// The sandbox uid belongs to this node alone, so every process of it
-    /// may be killed when the replica ends.
-    pub sweep_uid: bool,
+    /// The server's work dir, absolute (hidden from contained replicas).
+    pub work_dir: PathBuf,
+    /// The node's empty network namespace, made once at start (root mode).
+    pub netns: Option<Rc<OwnedFd>>,
+    /// Where replicas get a cgroup each (`None`: the host has none for us).
+    pub cgroups: Option<Rc<Cgroups>>,
 }
+
+/// How long a busy cgroup waits before its removal is tried again.
+const GROUP_RETRY: Duration = Duration::from_millis(200);
 
 /// Where to send the deferred NODE_RUN reply: connection key and xid.
 pub type ReplyTo = (usize, u32);
@@ -50,6 +64,8 @@ struct Running {
     reply_to: ReplyTo,
     output: OwnedFd,
     status: OwnedFd,
+    control: Option<OwnedFd>,
+    group: Option<Cgroup>,
     file: File,
     written: u64,
     truncated: bool,
@@ -81,18 +97,16 @@ pub struct Finished {
 pub struct Node {
     pub cfg: NodeConfig,
     running: Option<Running>,
-    /// Uid-sweep helpers not yet reaped.
-    sweeps: Vec<Pid>,
-    /// A replica that has ended, waiting for `sweeps` to drain:
-    /// (result, ticket, remove its folder).
-    finishing: Option<(Finished, u32, bool)>,
+    /// Groups of reaped replicas still busy (their processes leaving).
+    stale_groups: Vec<Cgroup>,
+    retry_groups: Option<Instant>,
     buf: Vec<u8>,
 }
 
 impl Node {
     pub fn new(cfg: NodeConfig) -> io::Result<Self> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&cfg.dir)?;
-        Ok(Node { cfg, running: None, sweeps: Vec::new(), finishing: None, buf: vec![0; 64 * 1024] })
+        Ok(Node { cfg, running: None, stale_groups: Vec::new(), retry_groups: None, buf: vec![0; 64 * 1024] })
     }
 
     pub fn name(&self) -> String {
@@ -141,25 +155,44 @@ impl Node {
             .mode(0o600)
             .open(&out_path)
             .map_err(|e| RunResult::invalid(format!("{}: cannot create output file: {e}", self.name())))?;
-        let workspace = self.ticket_dir(args.ticket).join("work");
+        let workspace = spawn::workspace_path(&self.ticket_dir(args.ticket));
         let archive = self.archive_path(args.ticket);
         let env = spawn::replica_env(&workspace, args.ticket, args.replica, args.replicas, self.cfg.port);
+        let group = match &self.cfg.cgroups {
+            Some(groups) => Some(
+                groups
+                    .create(&format!("{}-{}", self.cfg.port, args.ticket), spawn::cgroup_limits(&self.cfg.limits))
+                    .map_err(|e| {
+                        RunResult::invalid(format!("{}: cannot create the replica's cgroup: {e}", self.name()))
+                    })?,
+            ),
+            None => None,
+        };
+        let join = match &group {
+            Some(g) => g
+                .open_join()
+                .map_err(|e| RunResult::invalid(format!("{}: cannot open the replica's cgroup: {e}", self.name())))?,
+            None => Vec::new(),
+        };
         let spec = SpawnSpec {
-            archive: &archive,
+            archive: Some(&archive),
+            work_dir: &self.cfg.work_dir,
             workspace: &workspace,
             env,
             limits: &self.cfg.limits,
             sandbox: self.cfg.sandbox,
+            netns: self.cfg.netns.as_deref().map(|fd| fd.as_fd()),
+            cgroup: &join,
         };
         let spawned = spawn::spawn(&spec)
             .map_err(|e| RunResult::invalid(format!("{}: cannot start replica: {e}", self.name())))?;
         log::debug!(
-            "{}: ticket {} replica {}: spawned pid {} (pgid {})",
+            "{}: ticket {} replica {}: spawned pid {} ({:?})",
             self.name(),
             args.ticket,
             args.replica,
             spawned.pid,
-            spawned.pid
+            self.cfg.sandbox.containment
         );
         let fd = spawned.output.as_raw_fd();
         self.running = Some(Running {
@@ -168,6 +201,8 @@ impl Node {
             reply_to,
             output: spawned.output,
             status: spawned.status,
+            control: spawned.control,
+            group,
             file,
             written: 0,
             truncated: false,
@@ -214,13 +249,17 @@ impl Node {
 
     /// The next moment `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
-        self.running.as_ref().map(|r| r.deadline)
+        let running = self.running.as_ref().map(|r| r.deadline);
+        running.into_iter().chain(self.retry_groups).min()
     }
 
     /// Enforce the time limit: SIGTERM, then SIGKILL after the grace period.
     pub fn on_timer(&mut self, now: Instant) {
         let seconds = self.cfg.time_limit.as_secs();
         let grace = self.cfg.kill_grace;
+        if self.retry_groups.is_some_and(|t| t <= now) {
+            self.remove_stale_groups(now);
+        }
         let Some(r) = self.running.as_mut() else {
             return;
         };
@@ -232,7 +271,7 @@ impl Node {
                 log::debug!("node {}: ticket {}: time limit, SIGTERM", self.cfg.port, r.ticket);
                 r.stop = Some(StopReason::TimeLimit { seconds, killed: false });
                 r.deadline = now + grace;
-                spawn::signal_group(r.pid, Signal::SIGTERM);
+                spawn::terminate(r.pid, r.control.as_ref());
             }
             Some(_) => {
                 log::debug!("node {}: ticket {}: grace over, SIGKILL", self.cfg.port, r.ticket);
@@ -245,56 +284,67 @@ impl Node {
         }
     }
 
-    /// SIGKILL the replica's group and, with a node-own uid, every process of it.
-    /// The node is not reused (its RUN reply is held back) until every
-    /// sweep helper has been reaped: a late `kill(-1)` would hit the next
-    /// replica of the same uid.
+    /// End the running replica now: SIGKILL to its init takes its whole
+    /// namespace down (uncontained: SIGKILL to its process group). The
+    /// node is free once init has been reaped (`on_exit`).
     fn kill_everything(&mut self) {
         let Some(r) = &self.running else { return };
-        spawn::signal_group(r.pid, Signal::SIGKILL);
-        let how = match self.cfg.sandbox.identity {
-            Some((uid, _)) if self.cfg.sweep_uid => Sweep::Uid(uid),
-            _ => Sweep::Tagged { ticket: r.ticket, port: self.cfg.port },
-        };
-        match spawn::sweep(how) {
-            Ok(helper) => self.sweeps.push(helper),
-            Err(e) => log::warn!("node {}: cannot sweep ({how:?}): {e}", self.cfg.port),
+        spawn::kill_replica(r.pid, self.cfg.sandbox.containment != Containment::Uncontained);
+        // The second path: every process in the replica's cgroup.
+        if let Some(g) = &r.group {
+            g.kill_all();
         }
     }
 
-    /// A child was reaped. If it was our replica, finish it.
-    pub fn on_exit(&mut self, pid: Pid, status: WaitStatus) -> Option<Finished> {
-        if let Some(i) = self.sweeps.iter().position(|&h| h == pid) {
-            self.sweeps.swap_remove(i);
-            return self.complete();
+    /// Try again to remove the groups of reaped replicas.
+    fn remove_stale_groups(&mut self, now: Instant) {
+        let mut busy = Vec::new();
+        for g in std::mem::take(&mut self.stale_groups) {
+            if let Err(g) = g.remove() {
+                busy.push(g);
+            }
         }
+        self.stale_groups = busy;
+        self.retry_groups = (!self.stale_groups.is_empty()).then_some(now + GROUP_RETRY);
+    }
+
+    /// A child was reaped. If it was our replica's init, finish it.
+    pub fn on_exit(&mut self, pid: Pid, status: WaitStatus) -> Option<Finished> {
         if self.running_pid() != Some(pid) {
             return None;
         }
-        // Nothing of the replica may outlive it: daemons, stray children.
-        self.kill_everything();
-        self.drain_output(usize::MAX);
+        // Uncontained, a daemon may still hold the pipe: read what is there
+        // (bounded), not until EOF.
+        self.drain_output(1024);
         let r = self.running.take()?;
-        let setup_error = spawn::read_setup_error(r.status);
-        let result = spawn::classify_exit(status, &setup_error, r.stop.as_ref());
-        log::debug!("node {}: ticket {}: pid {pid} ended: {:?}", self.cfg.port, r.ticket, status);
-        let finished = Finished { reply_to: r.reply_to, result, pipe: r.output };
-        self.finishing = Some((finished, r.ticket, r.stop == Some(StopReason::Closed)));
-        self.complete()
-    }
-
-    /// Hand out the finished replica once no sweep is outstanding, after
-    /// removing its archive (and its whole folder if the ticket was closed).
-    fn complete(&mut self) -> Option<Finished> {
-        if !self.sweeps.is_empty() {
-            return None;
+        let (setup_error, report) = spawn::read_report(r.status);
+        // Init reports how the job's main process ended; without a report
+        // (init was killed, or uncontained) init's own status is the job's.
+        let job = report.and_then(|raw| WaitStatus::from_raw(pid, raw).ok()).unwrap_or(status);
+        let mut result = spawn::classify_exit(job, &setup_error, r.stop.as_ref());
+        if let Some(g) = r.group {
+            if r.stop.is_none() && g.oom_killed() {
+                result = RunResult {
+                    state: JobState::Invalid,
+                    exit_code: result.exit_code,
+                    message: format!(
+                        "memory limit (--max-memory) exceeded: the job's processes together used more than {} MiB",
+                        self.cfg.limits.address_space >> 20
+                    ),
+                };
+            }
+            g.kill_all();
+            if let Err(g) = g.remove() {
+                self.stale_groups.push(g);
+                self.retry_groups = Some(Instant::now() + GROUP_RETRY);
+            }
         }
-        let (finished, ticket, closed) = self.finishing.take()?;
-        let _ = fs::remove_file(self.archive_path(ticket));
-        if closed {
-            self.remove_ticket(ticket);
+        log::debug!("node {}: ticket {}: pid {pid} ended: {:?}, job {:?}", self.cfg.port, r.ticket, status, job);
+        let _ = fs::remove_file(self.archive_path(r.ticket));
+        if r.stop == Some(StopReason::Closed) {
+            self.remove_ticket(r.ticket);
         }
-        Some(finished)
+        Some(Finished { reply_to: r.reply_to, result, pipe: r.output })
     }
 
     /// The ticket's output file and its length. The error says whether the
@@ -319,10 +369,7 @@ impl Node {
                 r.stop = Some(StopReason::Closed);
                 self.kill_everything();
             }
-            _ => match self.finishing.as_mut() {
-                Some((_, t, closed)) if *t == ticket => *closed = true,
-                _ => self.remove_ticket(ticket),
-            },
+            _ => self.remove_ticket(ticket),
         }
     }
 
@@ -335,13 +382,19 @@ impl Node {
         }
     }
 
-    /// Server shutdown: kill the running replica; returns the children to
-    /// reap (the replica and any sweep helpers).
-    pub fn shutdown(&mut self) -> Vec<Pid> {
+    /// Server shutdown, after the replica was reaped: remove what groups
+    /// can be removed now (an earlier run's are reclaimed at start).
+    pub fn release_groups(&mut self) {
+        self.remove_stale_groups(Instant::now());
+        self.retry_groups = None;
+    }
+
+    /// Server shutdown: kill the running replica; returns the child to reap.
+    pub fn shutdown(&mut self) -> Option<Pid> {
         if let Some(r) = self.running.as_mut() {
             r.stop = Some(StopReason::Shutdown);
             self.kill_everything();
         }
-        self.running_pid().into_iter().chain(self.sweeps.iter().copied()).collect()
+        self.running_pid()
     }
 }

@@ -7,8 +7,10 @@
 //! (backpressure), spooling streamed archives and outputs to disk (a
 //! DEPLOY's archive is fed to `archive_check` as it arrives and refused
 //! with CLOUD_BAD_ARCHIVE, spool file removed, no ticket), reaping
-//! children, the poll timeout from the nodes' deadlines, and startup and
-//! shutdown. At accept it asks `peer` who owns a loopback client's socket;
+//! children, the poll timeout from the nodes' deadlines, and startup
+//! (reclaiming what an earlier run left, one empty network namespace per
+//! node, the containment probe, cgroups) and shutdown. At accept it asks
+//! `peer` who owns a loopback client's socket;
 //! each client call's identity (`peer::caller_uid`) goes to the coordinator,
 //! DEPLOY and CLOSE pass through the duplicate request cache (`drc`), and a
 //! DEPLOY waits for its ticket number to be persisted (`tickets`).
@@ -46,7 +48,7 @@ use crate::record::{self, Outbox, Piece};
 use crate::rpc::{self, AcceptStat};
 use crate::scheduler::NodeId;
 use crate::session::{Call, CallEvent, CallReader, ReplyEvent, ReplyReader};
-use crate::spawn::{JobLimits, Sandbox};
+use crate::spawn::{Containment, JobLimits, Sandbox};
 use crate::tickets::TicketStore;
 use crate::timers::{ConnTimers, Phase};
 use crate::xdr::XdrReader;
@@ -82,9 +84,11 @@ pub struct ServerConfig {
     pub ticket_ttl: Option<Duration>,
     /// Per-node identity: `None` runs as the server's own user.
     pub identities: Vec<Option<(nix::unistd::Uid, nix::unistd::Gid)>>,
-    /// Whether each node's uid is its own (so a uid-wide kill is safe).
+    /// Whether each node's uid is its own (what an earlier run left under
+    /// those uids is killed at start).
     pub slot_uids: bool,
     pub isolate_network: bool,
+    pub containment: Containment,
     /// How replicas run, for the ready line.
     pub sandbox_summary: String,
     /// Client connections held at most (lowered to what RLIMIT_NOFILE allows).
@@ -370,11 +374,51 @@ impl Server {
         let n = cfg.nodes.ports.len();
         fs::create_dir_all(&cfg.work_dir)
             .map_err(|e| format!("cannot create work dir {}: {e}", cfg.work_dir.display()))?;
-        // Before listening: can replicas be set up as configured here?
-        let sandbox =
-            Sandbox { identity: cfg.identities.first().copied().flatten(), isolate_network: cfg.isolate_network };
-        crate::spawn::probe(sandbox, &cfg.work_dir)?;
-        let spool = cfg.work_dir.join("spool");
+        // Absolute: replicas' init mounts over it by path.
+        let work_dir = fs::canonicalize(&cfg.work_dir)
+            .map_err(|e| format!("cannot resolve work dir {}: {e}", cfg.work_dir.display()))?;
+        // Processes an earlier run left under our slot uids (it was killed
+        // before it could stop them) must not meet the next tenants.
+        if cfg.slot_uids {
+            let uids: Vec<u32> = cfg.identities.iter().flatten().map(|(u, _)| u.as_raw()).collect();
+            if let (Some(&lo), Some(&hi)) = (uids.iter().min(), uids.iter().max()) {
+                let n = crate::spawn::reclaim(lo..hi + 1);
+                if n > 0 {
+                    log::info!("reclaimed {n} processes of slot uids {lo}..{hi} left by an earlier run");
+                }
+            }
+        }
+        // One empty network namespace per node, made once: each replica's
+        // init joins its node's with setns (cheaper than a new one each).
+        let mut netns = Vec::with_capacity(n);
+        for _ in 0..n {
+            let ns = (cfg.isolate_network && cfg.containment == Containment::Namespaces)
+                .then(crate::spawn::empty_network)
+                .transpose()?;
+            netns.push(ns.map(std::rc::Rc::new));
+        }
+        // Per-replica cgroups where the host has them (and what an earlier
+        // run left in ours); else limits stay per process.
+        let (cgroups, cgroup_summary) = match crate::cgroup::Cgroups::detect(&crate::cgroup::tag_for(&work_dir)) {
+            Ok(groups) => {
+                let (killed, removed) = groups.reclaim();
+                if killed + removed > 0 {
+                    log::info!("reclaimed {killed} processes and {removed} cgroups left by an earlier run");
+                }
+                let summary = format!("per-job memory and process totals: {}", groups.describe());
+                (Some(std::rc::Rc::new(groups)), summary)
+            }
+            Err(why) => (None, format!("no cgroups ({why}): memory and process limits are per process")),
+        };
+        // Before listening: can replicas be contained as configured here?
+        let sandbox = Sandbox {
+            identity: cfg.identities.first().copied().flatten(),
+            isolate_network: cfg.isolate_network,
+            containment: cfg.containment,
+        };
+        let probe_ns = netns.first().and_then(|ns| ns.as_deref()).map(|fd| std::os::fd::AsFd::as_fd(fd));
+        crate::spawn::probe(sandbox, &cfg.limits, &work_dir, probe_ns, cgroups.as_deref())?;
+        let spool = work_dir.join("spool");
         let _ = fs::remove_dir_all(&spool);
         fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
 
@@ -390,17 +434,23 @@ impl Server {
             let l = TcpListener::bind(addr).map_err(|e| bind_error(e, addr, &where_))?;
             node_listeners.push(l);
             node_names.push(addr.to_string());
-            let dir = cfg.work_dir.join(format!("output_{port}"));
+            let dir = work_dir.join(format!("output_{port}"));
             let _ = fs::remove_dir_all(&dir); // stale workspaces of an earlier run
             let node = Node::new(NodeConfig {
                 port,
                 dir: dir.clone(),
                 limits: cfg.limits.clone(),
-                sandbox: Sandbox { identity: cfg.identities[i], isolate_network: cfg.isolate_network },
+                sandbox: Sandbox {
+                    identity: cfg.identities[i],
+                    isolate_network: cfg.isolate_network,
+                    containment: cfg.containment,
+                },
                 time_limit: cfg.time_limit,
                 kill_grace: cfg.kill_grace,
                 max_output: cfg.max_output,
-                sweep_uid: cfg.slot_uids,
+                work_dir: work_dir.clone(),
+                netns: netns[i].clone(),
+                cgroups: cgroups.clone(),
             })
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
             nodes.push(node);
@@ -473,7 +523,7 @@ impl Server {
             more_output: Vec::new(),
             more_input: Vec::new(),
             shutdown: false,
-            summary: cfg.sandbox_summary.clone(),
+            summary: format!("{}; {cgroup_summary}", cfg.sandbox_summary),
             drc: Drc::new(drc::MAX_ENTRIES, drc::MAX_AGE),
             drc_pending: std::collections::HashMap::new(),
             tickets,
@@ -1451,8 +1501,8 @@ impl Server {
         }
     }
 
-    /// waitpid(-1, WNOHANG) until nothing is left to reap: replicas,
-    /// sweep helpers and adopted orphans alike.
+    /// waitpid(-1, WNOHANG) until nothing is left to reap: replicas' inits
+    /// and (uncontained) adopted orphans alike.
     fn reap(&mut self) {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
@@ -1481,13 +1531,21 @@ impl Server {
         self.send(key, vec![Piece::Bytes(run_reply(xid, &fin.result))]);
     }
 
-    /// Kill every replica, reap them, remove workspaces and the spool.
+    /// Kill every replica (SIGKILL to each init ends its namespace), reap
+    /// them, remove the nodes' folders and the spool.
     fn stop(&mut self) {
-        let pids: Vec<_> = self.nodes.iter_mut().flat_map(|n| n.shutdown()).collect();
-        for pid in pids {
-            let _ = waitpid(pid, None);
+        for node in &mut self.nodes {
+            if let Some(pid) = node.shutdown() {
+                // Blocking is fine now: SIGKILL to init ends its namespace.
+                if let Ok(status) = waitpid(pid, None) {
+                    let _ = node.on_exit(pid, status);
+                }
+            }
         }
         self.reap();
+        for node in &mut self.nodes {
+            node.release_groups();
+        }
         for node in &self.nodes {
             let _ = fs::remove_dir_all(&node.cfg.dir);
         }

@@ -1,26 +1,39 @@
 //! Starting and stopping a replica's processes, close to the metal.
 //!
-//! Owns: `pipe2` + `fork`; in the child: a new session (so a process group
-//! of its own), stdin from /dev/null, stdout and stderr onto one pipe, a
-//! clean environment, resource limits, an empty network namespace, the
-//! slot user's identity, safe extraction of the archive, and
-//! `exec make run`. Setup failures travel back on a close-on-exec status
-//! pipe, so the parent can tell "make failed" from "never got to make".
-//! Also: killing a replica's process group and sweeping every process of a
-//! slot uid, and decoding wait statuses into replica results.
+//! Owns: replica containment. For each replica the server `clone`s our
+//! **init**: PID 1 of new PID, mount and IPC namespaces (and, without root,
+//! of a new user namespace), joined to the node's empty network namespace.
+//! Init stays privileged and installs no signal handlers, so by the
+//! kernel's rule for namespace inits nothing inside the namespace can
+//! signal it; it dies with the server (`PR_SET_PDEATHSIG`), mounts a fresh
+//! /proc, private tmpfs on /tmp, /var/tmp and /dev/shm, hides the work dir
+//! under an empty read-only tmpfs and gives the replica a tmpfs workspace
+//! of `--max-disk` bytes, then forks the **job** process: a new session,
+//! stdin from /dev/null, stdout and stderr onto one pipe, a clean
+//! environment, resource limits, no capabilities, `PR_SET_NO_NEW_PRIVS`,
+//! the slot user's identity, safe extraction of the archive, and
+//! `exec make run`. Init reaps everything, reports the job's wait status on
+//! the close-on-exec status pipe (after any setup error the job wrote
+//! there) and exits; the kernel then kills whatever is left in the
+//! namespace, and the tmpfs mounts go with it. A control pipe from the
+//! server carries "forward SIGTERM" (a byte) and "the server is gone" (EOF).
+//! With `--uncontained` the job is forked directly, as a plain session.
+//! Also: the per-node empty network namespace, the startup probe, reclaiming
+//! processes an earlier run left, and decoding how a replica ended.
 //! Must not touch: the reactor, sockets, job bookkeeping.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::mount::{mount, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::resource::{setrlimit, Resource};
-use nix::sys::signal::{killpg, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{kill, killpg, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
@@ -43,36 +56,65 @@ pub struct JobLimits {
     /// RLIMIT_NPROC. It counts every process of the uid, so it is only set
     /// for replicas that run under a uid of their own (`None`: untouched).
     pub processes: Option<u64>,
+    /// Size of each private tmpfs: /tmp, /var/tmp, /dev/shm (`--max-tmp`).
+    pub tmp_bytes: u64,
+    /// Size of the tmpfs workspace (`--max-disk`).
+    pub disk_bytes: u64,
 }
 
-/// Who a replica runs as, and whether it gets a network of its own.
+/// How replicas are kept apart from the host and each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Containment {
+    /// As root: our init in new PID, mount and IPC namespaces.
+    Namespaces,
+    /// Not root: the same inside a new user namespace where the server's
+    /// uid is 0 (and the job drops every capability).
+    UserNamespace,
+    /// `--uncontained`: a plain forked session with rlimits, nothing more.
+    Uncontained,
+}
+
+/// Who a replica runs as, and how it is contained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sandbox {
     /// Drop to this uid/gid before extraction (only when the server is root).
     pub identity: Option<(Uid, Gid)>,
-    /// unshare(CLONE_NEWNET): loopback only.
+    /// An empty network namespace: loopback only.
     pub isolate_network: bool,
+    pub containment: Containment,
 }
 
-/// Everything the child needs to start one replica.
+/// Everything needed to start one replica.
 #[derive(Debug)]
 pub struct SpawnSpec<'a> {
-    pub archive: &'a Path,
-    /// Created by the child, owned by the sandbox identity, mode 0700.
+    /// `None`: the startup probe (write a file in the workspace, exit 0).
+    pub archive: Option<&'a Path>,
+    /// The server's work dir, absolute: hidden from a contained job.
+    pub work_dir: &'a Path,
+    /// Under `work_dir`: a tmpfs owned by the sandbox identity, mode 0700
+    /// (uncontained: a directory created by the child).
     pub workspace: &'a Path,
     pub env: Vec<(String, String)>,
     pub limits: &'a JobLimits,
     pub sandbox: Sandbox,
+    /// The node's empty network namespace, joined with setns (root mode).
+    pub netns: Option<BorrowedFd<'a>>,
+    /// The replica's cgroup (`cgroup::Cgroup::open_join`): init (or the
+    /// uncontained job) joins it before anything else runs.
+    pub cgroup: &'a [OwnedFd],
 }
 
 /// A started replica.
 #[derive(Debug)]
 pub struct Spawned {
+    /// Our init (contained) or the job itself (uncontained).
     pub pid: Pid,
     /// Read end of the stdout+stderr pipe, non-blocking.
     pub output: OwnedFd,
-    /// Read end of the setup-status pipe: empty at EOF if exec succeeded.
+    /// Read end of the status pipe: setup errors, then init's report.
     pub status: OwnedFd,
+    /// Write end of init's control pipe (`None` when uncontained).
+    pub control: Option<OwnedFd>,
 }
 
 /// The only PATH a replica gets, and where `make` is looked up.
@@ -81,37 +123,86 @@ pub const REPLICA_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Exit code the child uses when setup (extraction, limits) failed.
 pub const SETUP_FAILED: i32 = 125;
 
-/// Fork a child that sets itself up and execs `make run`.
+/// How init's report of the job's end starts on the status pipe.
+const REPORT: &str = "\u{1}cloud-init wait status ";
+
+/// The private tmpfs directories of a contained replica.
+const PRIVATE_TMP: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
+
+/// Start a replica: contained, our init, which forks the job; else the job.
 pub fn spawn(spec: &SpawnSpec) -> nix::Result<Spawned> {
     // Prepare everything that allocates from strings before forking.
     // execvpe would search the *server's* PATH; search the replica's own.
-    let make: Vec<CString> =
-        REPLICA_PATH.split(':').filter_map(|dir| CString::new(format!("{dir}/make")).ok()).collect();
-    let argv = [CString::new("make").expect("no NUL"), CString::new("run").expect("no NUL")];
-    let envp: Vec<CString> = spec.env.iter().filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok()).collect();
+    let exec = Exec::new(spec);
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (st_r, st_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    // SAFETY: the server is single-threaded, so the child may allocate and
-    // run ordinary Rust code between fork and exec; it never returns into
-    // the reactor (every path ends in exec or _exit).
-    match unsafe { nix::unistd::fork() }? {
-        ForkResult::Child => {
-            drop(out_r);
-            drop(st_r);
-            let err = child_setup(spec, out_w, st_w.as_raw_fd(), &make, &argv, &envp);
-            let mut st = File::from(st_w);
-            let _ = writeln!(st, "{}", err.message);
-            // SAFETY: _exit is async-signal-safe and skips the parent's atexit
-            // handlers and stdio buffers, which belong to the server.
-            unsafe { libc::_exit(err.code) }
+    let contained = spec.sandbox.containment != Containment::Uncontained;
+    let (ctl_r, ctl_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let pid = if contained {
+        // Read before clone: in a new user namespace they read as 65534
+        // until the maps are written.
+        let ids = (nix::unistd::getuid(), nix::unistd::getgid());
+        let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
+        if spec.sandbox.containment == Containment::UserNamespace {
+            flags |= libc::CLONE_NEWUSER;
+            if spec.sandbox.isolate_network {
+                // setns into a namespace of another user namespace is not allowed.
+                flags |= libc::CLONE_NEWNET;
+            }
         }
-        ForkResult::Parent { child } => {
-            drop(out_w);
-            drop(st_w);
-            fcntl(out_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
-            fcntl(st_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
-            Ok(Spawned { pid: child, output: out_r, status: st_r })
+        // SAFETY: raw clone with a null stack behaves like fork (the child
+        // continues on a copy of this stack). The server is single-threaded,
+        // so the child may run ordinary Rust code; it never returns into
+        // the reactor (init_main ends in _exit).
+        let ret = unsafe {
+            libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
+        };
+        match ret {
+            -1 => return Err(nix::Error::last()),
+            0 => {
+                drop(out_r);
+                drop(st_r);
+                drop(ctl_w);
+                init_main(spec, &exec, ids, out_w, st_w, ctl_r)
+            }
+            child => Pid::from_raw(child as i32),
         }
+    } else {
+        // SAFETY: as above; every path in the child ends in exec or _exit.
+        match unsafe { nix::unistd::fork() }? {
+            ForkResult::Child => {
+                drop(out_r);
+                drop(st_r);
+                drop(ctl_w);
+                drop(ctl_r);
+                let err = uncontained_job(spec, &exec, out_w, st_w.as_raw_fd());
+                die(st_w.as_raw_fd(), err)
+            }
+            ForkResult::Parent { child } => child,
+        }
+    };
+    drop(out_w);
+    drop(st_w);
+    drop(ctl_r);
+    fcntl(out_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    fcntl(st_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    fcntl(ctl_w.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    Ok(Spawned { pid, output: out_r, status: st_r, control: contained.then_some(ctl_w) })
+}
+
+/// `make run` and its environment, as C strings made before forking.
+struct Exec {
+    make: Vec<CString>,
+    argv: [CString; 2],
+    envp: Vec<CString>,
+}
+
+impl Exec {
+    fn new(spec: &SpawnSpec) -> Exec {
+        let make = REPLICA_PATH.split(':').filter_map(|dir| CString::new(format!("{dir}/make")).ok()).collect();
+        let argv = [c"make".to_owned(), c"run".to_owned()];
+        let envp = spec.env.iter().filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok()).collect();
+        Exec { make, argv, envp }
     }
 }
 
@@ -124,16 +215,272 @@ fn fail(code: i32, message: String) -> ChildError {
     ChildError { code, message }
 }
 
-/// Runs in the child. Returns only on failure.
-fn child_setup(
+fn setup(what: &str, e: impl std::fmt::Display) -> ChildError {
+    fail(SETUP_FAILED, format!("replica setup failed: {what}: {e}"))
+}
+
+/// Write the error on the status pipe and end this child process.
+fn die(status_fd: RawFd, err: ChildError) -> ! {
+    // SAFETY: the status pipe's write end is open in this child; the
+    // ManuallyDrop keeps it from being closed twice.
+    let mut st = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(status_fd) });
+    let _ = writeln!(st, "{}", err.message);
+    // SAFETY: _exit is async-signal-safe and skips the parent's atexit
+    // handlers and stdio buffers, which belong to the server.
+    unsafe { libc::_exit(err.code) }
+}
+
+/// Close every descriptor from 3 up except those in `keep`.
+fn close_all_but(keep: &[RawFd]) {
+    let mut keep: Vec<u32> = keep.iter().filter(|&&fd| fd >= 3).map(|&fd| fd as u32).collect();
+    keep.sort_unstable();
+    let mut lo = 3u32;
+    for k in keep {
+        if k > lo {
+            // SAFETY: closes descriptors this child owns and never uses;
+            // the server's copies are unaffected.
+            unsafe { libc::syscall(libc::SYS_close_range, lo, k - 1, 0) };
+        }
+        lo = k + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, lo, u32::MAX, 0) };
+}
+
+/// PID 1 of the replica's namespaces. Never returns.
+fn init_main(spec: &SpawnSpec, exec: &Exec, ids: (Uid, Gid), out_w: OwnedFd, st_w: OwnedFd, ctl_r: OwnedFd) -> ! {
+    let status_fd = st_w.as_raw_fd();
+    match init_setup(spec, exec, ids, out_w, &st_w, &ctl_r) {
+        Ok(job) => init_loop(job, st_w, ctl_r),
+        Err(err) => die(status_fd, err),
+    }
+}
+
+/// Set up the namespaces and fork the job; returns the job's pid.
+fn init_setup(
     spec: &SpawnSpec,
+    exec: &Exec,
+    (uid, gid): (Uid, Gid),
+    out_w: OwnedFd,
+    st_w: &OwnedFd,
+    ctl_r: &OwnedFd,
+) -> Result<libc::pid_t, ChildError> {
+    let userns = spec.sandbox.containment == Containment::UserNamespace;
+    // SIGCHLD is read from a signalfd; block it before any child exists.
+    // No handler is installed, ever: that is what keeps the job's signals
+    // away from init.
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&chld), None).map_err(|e| setup("sigprocmask", e))?;
+    let netns = spec.netns.map(|fd| fd.as_raw_fd());
+    let mut keep = vec![out_w.as_raw_fd(), st_w.as_raw_fd(), ctl_r.as_raw_fd(), netns.unwrap_or(-1)];
+    keep.extend(spec.cgroup.iter().map(|fd| fd.as_raw_fd()));
+    close_all_but(&keep);
+    // Everything of the replica counts in its cgroup, init included.
+    crate::cgroup::join(spec.cgroup).map_err(|e| setup("joining the replica's cgroup", e))?;
+    if userns {
+        let maps = [
+            ("/proc/self/setgroups", "deny".to_string()),
+            ("/proc/self/uid_map", format!("0 {uid} 1")),
+            ("/proc/self/gid_map", format!("0 {gid} 1")),
+        ];
+        for (path, text) in maps {
+            std::fs::write(path, text).map_err(|e| setup(&format!("user namespace: {path}"), e))?;
+        }
+    }
+    // Die with the server; and if it died before this line, notice now
+    // (the control pipe has no writer left).
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| setup("PR_SET_PDEATHSIG", e))?;
+    if server_gone(ctl_r) {
+        // SAFETY: ends init; nothing else of ours runs in this process.
+        unsafe { libc::_exit(0) }
+    }
+    // A session of its own: a terminal's Ctrl-C to the server's process
+    // group is the server's to handle, not init's.
+    let _ = nix::unistd::setsid();
+    // Nobody of the namespace may ptrace init or read its memory.
+    nix::sys::prctl::set_dumpable(false).map_err(|e| setup("PR_SET_DUMPABLE", e))?;
+    if let Some(fd) = spec.netns {
+        nix::sched::setns(fd, CloneFlags::CLONE_NEWNET).map_err(|e| setup("network namespace", e))?;
+        // SAFETY: our copy of the server's descriptor, not used again.
+        unsafe { libc::close(fd.as_raw_fd()) };
+    } else if userns && spec.sandbox.isolate_network {
+        loopback_up();
+    }
+    let archive = match spec.archive {
+        Some(path) => Some(File::open(path).map_err(|e| setup("archive", e))?),
+        None => None,
+    };
+    contain_mounts(spec, if userns { None } else { spec.sandbox.identity })?;
+    let workspace = File::open(spec.workspace).map_err(|e| setup("workspace", e))?;
+    // SAFETY: init is single-threaded; the job never returns here (every
+    // path ends in exec or _exit).
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(setup("fork", e)),
+        Ok(ForkResult::Child) => {
+            let status = st_w.as_raw_fd();
+            // SAFETY: init's end of the control pipe; the job must not hold it.
+            unsafe { libc::close(ctl_r.as_raw_fd()) };
+            let err = job_setup(spec, exec, out_w, status, archive, workspace, userns);
+            die(status, err)
+        }
+        Ok(ForkResult::Parent { child }) => Ok(child.as_raw()),
+    }
+}
+
+/// The control pipe's writer (the server) is gone.
+fn server_gone(ctl_r: &OwnedFd) -> bool {
+    let mut fds = [libc::pollfd { fd: ctl_r.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    // SAFETY: polls one valid descriptor, no timeout.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    n == 1 && fds[0].revents & libc::POLLHUP != 0
+}
+
+/// The replica's view of the file system: its own /proc, private tmpfs
+/// for /tmp, /var/tmp and /dev/shm, the work dir hidden, and a tmpfs
+/// workspace at the workspace's path.
+fn contain_mounts(spec: &SpawnSpec, owner: Option<(Uid, Gid)>) -> Result<(), ChildError> {
+    let m = |what: &str, src: Option<&str>, target: &Path, fstype: Option<&str>, flags: MsFlags, data: Option<&str>| {
+        mount(src, target, fstype, flags, data).map_err(|e| setup(&format!("{what} ({})", target.display()), e))
+    };
+    let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    // Nothing we mount may show on the host, nor the host's later mounts here.
+    m("making mounts private", None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    m("mounting /proc", Some("proc"), Path::new("/proc"), Some("proc"), safe | MsFlags::MS_NOEXEC, None)?;
+    let tmp = format!("size={},mode=1777", spec.limits.tmp_bytes);
+    for dir in PRIVATE_TMP {
+        let dir = Path::new(dir);
+        if dir.is_dir() {
+            m("private tmpfs", Some("tmpfs"), dir, Some("tmpfs"), safe, Some(&tmp))?;
+        }
+    }
+    // The work dir (all tenants' outputs and the spool) is replaced by an
+    // empty tmpfs; it may have been under /tmp, so make its path again.
+    let wd = spec.work_dir;
+    mkdir_all(wd).map_err(|e| setup(&format!("work dir ({})", wd.display()), e))?;
+    let hide = "size=64k,mode=0755";
+    m("hiding the work dir", Some("tmpfs"), wd, Some("tmpfs"), safe | MsFlags::MS_NOEXEC, Some(hide))?;
+    mkdir_all(spec.workspace).map_err(|e| setup("workspace", e))?;
+    let mut ws = format!("size={},mode=0700", spec.limits.disk_bytes);
+    if let Some((uid, gid)) = owner {
+        ws.push_str(&format!(",uid={uid},gid={gid}"));
+    }
+    m("workspace tmpfs", Some("tmpfs"), spec.workspace, Some("tmpfs"), safe, Some(&ws))?;
+    let ro = safe | MsFlags::MS_NOEXEC | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    m("hiding the work dir", None, wd, None, ro, Some(hide))?;
+    Ok(())
+}
+
+fn mkdir_all(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(path)
+}
+
+/// Init's life after the fork: reap, forward SIGTERM, report the job's end.
+fn init_loop(job: libc::pid_t, st_w: OwnedFd, ctl_r: OwnedFd) -> ! {
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    let sfd = nix::sys::signalfd::SignalFd::with_flags(&chld, nix::sys::signalfd::SfdFlags::SFD_NONBLOCK);
+    let sfd_raw = sfd.as_ref().map_or(-1, |s| s.as_raw_fd());
+    let report = |raw: i32| -> ! {
+        let _ = nix::unistd::write(&st_w, format!("{REPORT}{raw}\n").as_bytes());
+        // Everything else in the namespace is killed by the kernel now.
+        unsafe_exit(0)
+    };
+    loop {
+        // Reap whatever ended (SIGCHLD may have come before the signalfd).
+        loop {
+            let mut raw = 0;
+            // SAFETY: waitpid writes one int we own.
+            let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            if pid == job {
+                report(raw);
+            }
+        }
+        let mut fds = [
+            libc::pollfd { fd: ctl_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: sfd_raw, events: libc::POLLIN, revents: 0 },
+        ];
+        // Without a signalfd, fall back to polling once a second.
+        let timeout = if sfd_raw < 0 { 1000 } else { -1 };
+        // SAFETY: polls two descriptors of ours.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        if n < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            if let Ok(s) = &sfd {
+                while let Ok(Some(_)) = s.read_signal() {}
+            }
+        }
+        if fds[0].revents != 0 {
+            let mut b = [0u8; 16];
+            match nix::unistd::read(&ctl_r, &mut b) {
+                Ok(0) => unsafe_exit(0), // the server is gone
+                Ok(_) => {
+                    // Time limit: SIGTERM to every process of the namespace
+                    // (but init), and wake stopped ones so they get it.
+                    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+                    let _ = kill(Pid::from_raw(-1), Signal::SIGCONT);
+                }
+                Err(nix::Error::EAGAIN | nix::Error::EINTR) => {}
+                Err(_) => unsafe_exit(0),
+            }
+        }
+    }
+}
+
+fn unsafe_exit(code: i32) -> ! {
+    // SAFETY: ends init or a child without running the server's atexit handlers.
+    unsafe { libc::_exit(code) }
+}
+
+/// The uncontained child: a plain session on the host. Returns only on failure.
+fn uncontained_job(spec: &SpawnSpec, exec: &Exec, out_w: OwnedFd, status_fd: RawFd) -> ChildError {
+    // Nothing of the server's stays open here, not even during extraction.
+    let mut keep = vec![out_w.as_raw_fd(), status_fd];
+    keep.extend(spec.cgroup.iter().map(|fd| fd.as_raw_fd()));
+    close_all_but(&keep);
+    if let Err(e) = crate::cgroup::join(spec.cgroup) {
+        return setup("joining the replica's cgroup", e);
+    }
+    let archive = match spec.archive {
+        Some(path) => match File::open(path) {
+            Ok(f) => Some(f),
+            Err(e) => return setup("archive", e),
+        },
+        None => None,
+    };
+    if let Err(e) = make_workspace(spec.workspace, spec.sandbox.identity) {
+        return setup("workspace", e);
+    }
+    let workspace = match File::open(spec.workspace) {
+        Ok(d) => d,
+        Err(e) => return setup("workspace", e),
+    };
+    if spec.sandbox.isolate_network {
+        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNET) {
+            return setup("network namespace", e);
+        }
+        loopback_up();
+    }
+    job_setup(spec, exec, out_w, status_fd, archive, workspace, false)
+}
+
+/// The job process: everything between init (or fork) and `exec make run`.
+/// Returns only on failure.
+fn job_setup(
+    spec: &SpawnSpec,
+    exec: &Exec,
     out_w: OwnedFd,
     status_fd: RawFd,
-    make: &[CString],
-    argv: &[CString],
-    envp: &[CString],
+    archive: Option<File>,
+    workspace: File,
+    userns: bool,
 ) -> ChildError {
-    let setup = |what: &str, e: nix::Error| fail(SETUP_FAILED, format!("replica setup failed: {what}: {e}"));
     // Signals: the server blocks some for its signalfd and Rust ignores
     // SIGPIPE; the job must start with the defaults.
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
@@ -155,38 +502,10 @@ fn child_setup(
                 return setup("stdin", e);
             }
         }
-        Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: /dev/null: {e}")),
+        Err(e) => return setup("/dev/null", e),
     }
-    // Nothing of the server's stays open in the child, not even during
-    // extraction (a client socket held here would not close for its peer):
-    // close every descriptor but 0, 1, 2 and the status pipe.
-    // SAFETY: close_range closes descriptors this process owns and never
-    // uses again; the server's copies are unaffected.
-    unsafe {
-        let status = status_fd as u32;
-        if status > 3 {
-            libc::syscall(libc::SYS_close_range, 3u32, status - 1, 0);
-        }
-        libc::syscall(libc::SYS_close_range, status + 1, u32::MAX, 0);
-    }
-
-    // Open what we need while still privileged.
-    let archive = match File::open(spec.archive) {
-        Ok(f) => f,
-        Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: archive: {e}")),
-    };
-    if let Err(e) = make_workspace(spec.workspace, spec.sandbox.identity) {
-        return fail(SETUP_FAILED, format!("replica setup failed: workspace: {e}"));
-    }
-    let workspace = match File::open(spec.workspace) {
-        Ok(d) => d,
-        Err(e) => return fail(SETUP_FAILED, format!("replica setup failed: workspace: {e}")),
-    };
-    if spec.sandbox.isolate_network {
-        if let Err(e) = enter_empty_network() {
-            return setup("network namespace", e);
-        }
-    }
+    let archive_fd = archive.as_ref().map_or(-1, |f| f.as_raw_fd());
+    close_all_but(&[status_fd, archive_fd, workspace.as_raw_fd()]);
     let l = spec.limits;
     let limits = [
         (Resource::RLIMIT_CPU, l.cpu_seconds, "CPU time"),
@@ -207,9 +526,25 @@ fn child_setup(
             return setup(what, e);
         }
     }
+    let contained = spec.sandbox.containment != Containment::Uncontained;
+    if contained {
+        // No capability can come back: not from the bounding set, not
+        // through a setuid binary.
+        if let Err(e) = drop_bounding_set() {
+            return setup("dropping capabilities", e);
+        }
+    }
+    if let Err(e) = nix::sys::prctl::set_no_new_privs() {
+        return setup("PR_SET_NO_NEW_PRIVS", e);
+    }
     if let Some((uid, gid)) = spec.sandbox.identity {
         if let Err(e) = take_identity(uid, gid) {
             return setup("dropping privileges", e);
+        }
+    }
+    if userns {
+        if let Err(e) = clear_capabilities() {
+            return setup("dropping capabilities", e);
         }
     }
     // fchdir: the workspace was opened while privileged, so the job's user
@@ -218,12 +553,29 @@ fn child_setup(
         return setup("chdir", e);
     }
     drop(workspace);
+    let mut envp = exec.envp.clone();
+    // HOME is the workspace only where this user can reach it by path.
+    if nix::unistd::access(spec.workspace, nix::unistd::AccessFlags::X_OK).is_err() {
+        for v in envp.iter_mut().filter(|v| v.as_bytes().starts_with(b"HOME=")) {
+            *v = c"HOME=/tmp".to_owned();
+        }
+    }
+    let Some(archive) = archive else {
+        // The startup probe: can this user write its workspace?
+        return match File::create("probe") {
+            Ok(_) => unsafe_exit(0),
+            Err(e) => fail(
+                SETUP_FAILED,
+                format!("replicas (uid {}) cannot write their workspace ({e})", nix::unistd::getuid()),
+            ),
+        };
+    };
     if let Err(msg) = extract(archive, Path::new("."), &l.extract) {
         return fail(SETUP_FAILED, msg);
     }
     let mut err = nix::Error::ENOENT;
-    for path in make {
-        match nix::unistd::execve(path, argv, envp) {
+    for path in &exec.make {
+        match nix::unistd::execve(path, &exec.argv, &envp) {
             Err(nix::Error::ENOENT) => {}
             Err(e) => err = e,
             Ok(never) => match never {},
@@ -233,19 +585,57 @@ fn child_setup(
     fail(code, format!("cannot run make (searched {REPLICA_PATH}): {err}"))
 }
 
+/// Drop every capability from the bounding set and the ambient set.
+fn drop_bounding_set() -> nix::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                let e = nix::Error::last();
+                if e == nix::Error::EINVAL {
+                    break; // past the last capability this kernel knows
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// capset(): no effective, permitted or inheritable capability.
+fn clear_capabilities() -> nix::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut hdr = Header { version: VERSION_3, pid: 0 };
+    let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: capset reads a header and two data structs laid out as the
+    // kernel's _LINUX_CAPABILITY_VERSION_3 expects.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::Error::last())
+    }
+}
+
 fn make_workspace(path: &Path, identity: Option<(Uid, Gid)>) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().mode(0o700).create(path)?;
     if let Some((uid, gid)) = identity {
         nix::unistd::chown(path, Some(uid), Some(gid))?;
     }
-    Ok(())
-}
-
-/// Leave the host's network for a new, empty namespace with only `lo` up.
-fn enter_empty_network() -> nix::Result<()> {
-    nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
-    loopback_up();
     Ok(())
 }
 
@@ -277,140 +667,227 @@ fn loopback_up() {
     }
 }
 
-/// Send `sig` to a replica's process group (its pgid is its pid). ESRCH
+/// A new, empty network namespace with only `lo` up, made once per node at
+/// start; the server itself stays in (and returns to) its own.
+pub fn empty_network() -> Result<OwnedFd, String> {
+    let ns = |what: &str| {
+        File::open("/proc/thread-self/ns/net")
+            .map(OwnedFd::from)
+            .map_err(|e| format!("cannot open {what} network namespace: {e}"))
+    };
+    let home = ns("the server's")?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| {
+        format!(
+            "cannot give replicas a network namespace ({e}): run as root with CAP_SYS_ADMIN, or pass --allow-network"
+        )
+    })?;
+    loopback_up();
+    let empty = ns("a new");
+    nix::sched::setns(&home, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("cannot return to the server's network namespace: {e}"))?;
+    empty
+}
+
+/// Ask a replica to stop: SIGTERM to every process of its namespace (init
+/// forwards it), or to its process group when uncontained.
+pub fn terminate(pid: Pid, control: Option<&OwnedFd>) {
+    match control {
+        Some(ctl) => {
+            if let Err(e) = nix::unistd::write(ctl, b"T") {
+                log::warn!("cannot ask init {pid} to forward SIGTERM: {e}");
+            }
+        }
+        None => signal_group(pid, Signal::SIGTERM),
+    }
+}
+
+/// End a replica now. Contained: SIGKILL to init, which takes the whole
+/// namespace down (the kernel kills every process in it). Uncontained:
+/// SIGKILL to its process group.
+pub fn kill_replica(pid: Pid, contained: bool) {
+    if contained {
+        match kill(pid, Signal::SIGKILL) {
+            Ok(()) | Err(nix::Error::ESRCH) => {}
+            Err(e) => log::warn!("kill({pid}, SIGKILL) failed: {e}"),
+        }
+    } else {
+        signal_group(pid, Signal::SIGKILL);
+    }
+}
+
+/// Send `sig` to a process group (its pgid is its leader's pid). ESRCH
 /// (already gone) is fine.
-pub fn signal_group(pgid: Pid, sig: Signal) {
+fn signal_group(pgid: Pid, sig: Signal) {
     match killpg(pgid, sig) {
         Ok(()) | Err(nix::Error::ESRCH) => {}
         Err(e) => log::warn!("killpg({pgid}, {sig}) failed: {e}"),
     }
 }
 
-/// Check at startup that replicas can be sandboxed as configured: a forked
-/// child enters a network namespace (if asked), takes the replica identity
-/// and writes in a workspace made like a real one under `dir`. The error
-/// says what to fix.
-pub fn probe(sandbox: Sandbox, dir: &Path) -> Result<(), String> {
-    let ws = dir.join(format!(".sandbox-probe-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&ws);
-    make_workspace(&ws, sandbox.identity)
-        .map_err(|e| format!("cannot prepare a workspace in {}: {e}", dir.display()))?;
-    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    // SAFETY: called before the reactor starts, single-threaded; the child
-    // only makes system calls, writes one message and _exits.
-    let child = match unsafe { nix::unistd::fork() } {
-        Err(e) => return Err(format!("fork: {e}")),
-        Ok(ForkResult::Child) => {
-            drop(r);
-            let msg = probe_child(sandbox, &ws).err().unwrap_or_default();
-            let mut w = File::from(w);
-            let _ = w.write_all(msg.as_bytes());
-            // SAFETY: ends the probe child without running the parent's atexit handlers.
-            unsafe { libc::_exit(i32::from(!msg.is_empty())) }
+/// At start: SIGKILL every process whose real uid is in `uids` (what an
+/// earlier run of this server left). Scans /proc as root, no helper takes
+/// the uid; repeats until none is left (bounded). Returns how many.
+pub fn reclaim(uids: std::ops::Range<u32>) -> usize {
+    let mut killed = 0;
+    for _round in 0..100 {
+        let found: Vec<i32> = processes_of(&uids);
+        if found.is_empty() {
+            break;
         }
-        Ok(ForkResult::Parent { child }) => child,
-    };
-    drop(w);
-    let _ = nix::sys::wait::waitpid(child, None);
-    let mut msg = String::new();
-    let _ = File::from(r).read_to_string(&mut msg);
-    let _ = std::fs::remove_dir_all(&ws);
-    if msg.is_empty() {
-        Ok(())
-    } else {
-        Err(msg)
+        for pid in found {
+            if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                killed += 1;
+            }
+        }
+        // Bounded, before the reactor starts: let the kernel finish them.
+        std::thread::yield_now();
     }
+    killed
 }
 
-fn probe_child(sandbox: Sandbox, ws: &Path) -> Result<(), String> {
-    if sandbox.isolate_network {
-        enter_empty_network().map_err(|e| {
-            format!("cannot give replicas a network namespace ({e}): run as root with CAP_SYS_ADMIN, or pass --allow-network")
-        })?;
+fn processes_of(uids: &std::ops::Range<u32>) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse::<u32>().ok());
+        // Zombies are already dead; their parent reaps them.
+        let zombie = status.lines().any(|l| l.starts_with("State:") && l.contains('Z'));
+        if uid.is_some_and(|u| uids.contains(&u)) && !zombie {
+            out.push(pid);
+        }
     }
-    let dir = File::open(ws).map_err(|e| format!("cannot open {}: {e}", ws.display()))?;
-    if let Some((uid, gid)) = sandbox.identity {
-        take_identity(uid, gid)
-            .map_err(|e| format!("cannot run replicas as uid {uid} ({e}): check --slot-uids / --run-as"))?;
+    out
+}
+
+/// Check at startup that replicas can be contained as configured: start a
+/// replica exactly as a real one (clone, init, namespaces, mounts, network,
+/// identity, capabilities), whose job writes a file in its workspace and
+/// exits 0. The error says what to fix.
+pub fn probe(
+    sandbox: Sandbox,
+    limits: &JobLimits,
+    work_dir: &Path,
+    netns: Option<BorrowedFd>,
+    cgroups: Option<&crate::cgroup::Cgroups>,
+) -> Result<(), String> {
+    let group = match cgroups {
+        Some(g) => Some(
+            g.create("probe", cgroup_limits(limits))
+                .map_err(|e| format!("cannot create a cgroup for replicas: {e}"))?,
+        ),
+        None => None,
+    };
+    let join = match &group {
+        Some(g) => g.open_join().map_err(|e| format!("cannot open a cgroup for replicas: {e}"))?,
+        None => Vec::new(),
+    };
+    let r = probe_with(sandbox, limits, work_dir, netns, &join);
+    drop(join);
+    if let Some(g) = group {
+        g.kill_all();
+        let _ = g.remove();
     }
-    nix::unistd::fchdir(&dir).map_err(|e| format!("fchdir: {e}"))?;
-    File::create("probe").map(drop).map_err(|e| {
-        format!(
-            "replicas (uid {}) cannot write their workspace under {} ({e}): use a --work-dir on a local filesystem that honours chown",
-            nix::unistd::getuid(),
-            ws.parent().map_or_else(String::new, |p| p.display().to_string())
-        )
+    r
+}
+
+/// A replica's cgroup limits: `--max-memory` and `--max-procs` for all its
+/// processes together.
+pub fn cgroup_limits(limits: &JobLimits) -> crate::cgroup::CgroupLimits {
+    crate::cgroup::CgroupLimits { memory: limits.address_space, pids: limits.processes.unwrap_or(4096) }
+}
+
+fn probe_with(
+    sandbox: Sandbox,
+    limits: &JobLimits,
+    work_dir: &Path,
+    netns: Option<BorrowedFd>,
+    cgroup: &[OwnedFd],
+) -> Result<(), String> {
+    let dir = work_dir.join(format!(".sandbox-probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let workspace = dir.join("work");
+    let contained = sandbox.containment != Containment::Uncontained;
+    if !contained {
+        mkdir_all(&dir).map_err(|e| format!("cannot prepare a workspace in {}: {e}", work_dir.display()))?;
+    }
+    let spec =
+        SpawnSpec { archive: None, work_dir, workspace: &workspace, env: Vec::new(), limits, sandbox, netns, cgroup };
+    let spawned = spawn(&spec).map_err(|e| match sandbox.containment {
+        Containment::Namespaces => {
+            format!("cannot create namespaces for replicas ({e}): run as root with CAP_SYS_ADMIN")
+        }
+        Containment::UserNamespace => format!(
+            "cannot contain replicas without root ({e}): unprivileged user namespaces are off here; run as root, \
+             enable them (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces), \
+             or pass --uncontained to run jobs NOT contained"
+        ),
+        Containment::Uncontained => format!("cannot fork: {e}"),
+    })?;
+    drop(spawned.control);
+    let status = loop {
+        match nix::sys::wait::waitpid(spawned.pid, None) {
+            Err(nix::Error::EINTR) => continue,
+            other => break other,
+        }
+    };
+    // Blocking reads from here: the probe has ended.
+    let _ = fcntl(spawned.status.as_fd(), FcntlArg::F_SETFL(OFlag::empty()));
+    let (setup_error, report) = read_report(spawned.status);
+    let _ = std::fs::remove_dir_all(&dir);
+    let job = match (report, status) {
+        (Some(raw), _) => WaitStatus::from_raw(spawned.pid, raw).ok(),
+        (None, Ok(s)) => Some(s),
+        (None, Err(_)) => None,
+    };
+    if setup_error.is_empty() && matches!(job, Some(WaitStatus::Exited(_, 0))) {
+        return Ok(());
+    }
+    let msg = if setup_error.is_empty() { format!("the probe replica ended with {job:?}") } else { setup_error };
+    Err(match sandbox.containment {
+        _ if msg.contains("dropping privileges") => format!("{msg}: check --slot-uids / --run-as"),
+        _ if msg.contains("cannot write their workspace") => {
+            format!("{msg}: use a --work-dir on a local filesystem that honours chown")
+        }
+        Containment::UserNamespace => format!(
+            "cannot contain replicas without root ({msg}): run as root, allow unprivileged user namespaces \
+             with mounts, or pass --uncontained to run jobs NOT contained"
+        ),
+        _ => format!("cannot contain replicas ({msg}): run as root with CAP_SYS_ADMIN, or pass --uncontained"),
     })
 }
 
-/// How to find a finished replica's processes that left its group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sweep {
-    /// Every process of this uid (it belongs to one node alone).
-    Uid(Uid),
-    /// Every process whose environment carries this ticket and node port.
-    Tagged { ticket: u32, port: u16 },
-}
-
-/// Kill what a replica left behind, in a forked helper so the reactor
-/// neither blocks on the search nor takes an identity. The helper is reaped
-/// by the server's normal SIGCHLD path; until then the node is not reused.
-pub fn sweep(how: Sweep) -> nix::Result<Pid> {
-    // SAFETY: single-threaded server; the child only searches /proc or
-    // changes uid, sends signals and _exits, never returning to the reactor.
-    match unsafe { nix::unistd::fork() }? {
-        ForkResult::Child => {
-            let code = match how {
-                // kill(-1) as the uid: every process it may signal, i.e. that
-                // uid's, including ones that left the replica's session.
-                Sweep::Uid(uid) => match nix::unistd::setgroups(&[]).and_then(|_| nix::unistd::setuid(uid)) {
-                    Ok(()) => i32::from(nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL).is_err()),
-                    Err(_) => 1,
-                },
-                Sweep::Tagged { ticket, port } => {
-                    kill_tagged(ticket, port);
-                    0
-                }
-            };
-            // SAFETY: ends the helper without running the server's atexit handlers.
-            unsafe { libc::_exit(code) }
-        }
-        ForkResult::Parent { child } => Ok(child),
-    }
-}
-
-/// Without a uid of its own, a replica's escaped processes (daemons that
-/// left its session) are found by the environment every replica starts
-/// with: SIGKILL every process whose environ holds this ticket and node
-/// port. A job that scrubs its environment escapes this; slot uids (as
-/// root) do not have that gap.
-fn kill_tagged(ticket: u32, port: u16) {
-    let want_ticket = format!("CLOUD_TICKET={ticket}");
-    let want_port = format!("CLOUD_NODE_PORT={port}");
-    let Ok(dir) = std::fs::read_dir("/proc") else { return };
-    for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        // Unreadable (another user's process, or gone): not ours to kill.
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
-        let has = |want: &str| environ.split(|&b| b == 0).any(|v| v == want.as_bytes());
-        if has(&want_ticket) && has(&want_port) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-    }
-}
-
-/// Read what the child wrote on its status pipe (empty if exec succeeded).
-pub fn read_setup_error(status: OwnedFd) -> String {
+/// Read the status pipe (after init or the job was reaped): the setup
+/// error the job or init wrote, if any, and init's report of the job's
+/// raw wait status, if it made one.
+pub fn read_report(status: OwnedFd) -> (String, Option<i32>) {
     let mut f = File::from(status);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 512];
-    while buf.len() < 4096 {
+    while buf.len() < 8192 {
         match f.read(&mut chunk) {
             Ok(0) | Err(_) => break,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
-    String::from_utf8_lossy(&buf).trim().to_string()
+    let text = String::from_utf8_lossy(&buf);
+    let mut report = None;
+    let mut error = String::new();
+    for line in text.lines() {
+        match line.strip_prefix(REPORT) {
+            Some(raw) => report = raw.trim().parse().ok(),
+            None => {
+                error.push_str(line);
+                error.push('\n');
+            }
+        }
+    }
+    (error.trim().to_string(), report)
 }
 
 /// Why a replica was stopped by the server, if it was.
@@ -421,7 +898,7 @@ pub enum StopReason {
     Shutdown,
 }
 
-/// Turn how the child ended into the replica's result.
+/// Turn how the job ended into the replica's result.
 pub fn classify_exit(status: WaitStatus, setup_error: &str, stopped: Option<&StopReason>) -> RunResult {
     if let Some(reason) = stopped {
         let message = match reason {
@@ -472,7 +949,8 @@ fn exit_code(status: WaitStatus) -> i32 {
     }
 }
 
-/// The environment of a replica: nothing of the server's.
+/// The environment of a replica: nothing of the server's. HOME is the
+/// workspace (or /tmp where the job cannot reach the workspace by path).
 pub fn replica_env(workspace: &Path, ticket: u32, replica: u32, replicas: u32, port: u16) -> Vec<(String, String)> {
     vec![
         ("PATH".into(), REPLICA_PATH.into()),
@@ -483,4 +961,26 @@ pub fn replica_env(workspace: &Path, ticket: u32, replica: u32, replicas: u32, p
         ("CLOUD_REPLICAS".into(), replicas.to_string()),
         ("CLOUD_NODE_PORT".into(), port.to_string()),
     ]
+}
+
+/// Where a replica's workspace is (a tmpfs mounted there inside its own
+/// namespace when contained; a plain directory otherwise).
+pub fn workspace_path(ticket_dir: &Path) -> PathBuf {
+    ticket_dir.join("work")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_is_told_apart_from_setup_errors() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&w, b"bad archive: not a gzip file\n\x01cloud-init wait status 32000\n").unwrap();
+        drop(w);
+        assert_eq!(read_report(r), ("bad archive: not a gzip file".to_string(), Some(32000)));
+        let (r, w) = nix::unistd::pipe().unwrap();
+        drop(w);
+        assert_eq!(read_report(r), (String::new(), None));
+    }
 }

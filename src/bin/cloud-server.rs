@@ -17,7 +17,7 @@ use clap::Parser;
 use cloudinfra::config::NodesFile;
 use cloudinfra::extract::ExtractLimits;
 use cloudinfra::server::{Server, ServerConfig};
-use cloudinfra::spawn::JobLimits;
+use cloudinfra::spawn::{Containment, JobLimits};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::unistd::{Gid, Uid, User};
@@ -107,6 +107,17 @@ struct Args {
     /// 64 KiB of progress before the connection is closed.
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     call_timeout: u64,
+    /// Size of each replica's private /tmp, /var/tmp and /dev/shm (tmpfs).
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    max_tmp: u64,
+    /// Size of each replica's workspace (a tmpfs: its disk quota).
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
+    max_disk: u64,
+    /// Run jobs NOT contained (no namespaces: a job can see and signal what
+    /// its uid may, and its processes may outlive it). Needed where neither
+    /// root nor unprivileged user namespaces are available.
+    #[arg(long)]
+    uncontained: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -163,11 +174,12 @@ struct Identities {
 fn identities(args: &Args, n: usize) -> Result<Identities, String> {
     if !Uid::effective().is_root() {
         let me = User::from_uid(Uid::effective()).ok().flatten().map_or("this user".into(), |u| u.name);
-        return Ok(Identities {
-            per_node: vec![None; n],
-            slot_uids: false,
-            summary: format!("not root: replicas run as {me}, without slot uids, RLIMIT_NPROC or network isolation"),
-        });
+        let summary = if args.uncontained {
+            format!("not root: replicas run as {me}, without slot uids, RLIMIT_NPROC or network isolation")
+        } else {
+            format!("not root: replicas run as {me} (uid 0 of a user namespace, no capabilities), without slot uids")
+        };
+        return Ok(Identities { per_node: vec![None; n], slot_uids: false, summary });
     }
     if args.no_slot_uids {
         let user = User::from_name(&args.run_as)
@@ -248,8 +260,20 @@ fn run(args: Args) -> Result<(), String> {
     let _work_lock = lock_work_dir(&args.work_dir)?;
     let _slot_locks = if ids.slot_uids { lock_slot_uids(args.slot_uids, nodes.ports.len())? } else { Vec::new() };
     let root = Uid::effective().is_root();
-    let isolate_network = root && !args.allow_network;
+    let containment = match (args.uncontained, root) {
+        (true, _) => Containment::Uncontained,
+        (false, true) => Containment::Namespaces,
+        (false, false) => Containment::UserNamespace,
+    };
+    let isolate_network = (root || containment != Containment::Uncontained) && !args.allow_network;
     let net = if isolate_network { "network isolated (loopback only)" } else { "host network" };
+    let contained = match containment {
+        Containment::Namespaces if isolate_network => "replicas contained: pid+mount+ipc+net namespaces",
+        Containment::Namespaces => "replicas contained: pid+mount+ipc namespaces",
+        Containment::UserNamespace if isolate_network => "replicas contained: user+pid+mount+ipc+net namespaces",
+        Containment::UserNamespace => "replicas contained: user+pid+mount+ipc namespaces",
+        Containment::Uncontained => "jobs are NOT contained (--uncontained): no namespaces, daemons may outlive jobs",
+    };
     let cfg = ServerConfig {
         nodes_path: args.nodes.clone(),
         nodes,
@@ -269,6 +293,8 @@ fn run(args: Args) -> Result<(), String> {
             file_size: args.max_file_size,
             // Only meaningful when the uid is the replicas' alone (root mode).
             processes: root.then_some(args.max_procs),
+            tmp_bytes: args.max_tmp,
+            disk_bytes: args.max_disk,
         },
         time_limit: Duration::from_secs(args.time_limit),
         kill_grace: Duration::from_secs(args.kill_grace),
@@ -277,7 +303,8 @@ fn run(args: Args) -> Result<(), String> {
         identities: ids.per_node,
         slot_uids: ids.slot_uids,
         isolate_network,
-        sandbox_summary: format!("{}, {net}", ids.summary),
+        containment,
+        sandbox_summary: format!("{contained}; {}, {net}", ids.summary),
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         call_timeout: Duration::from_secs(args.call_timeout),
