@@ -12,18 +12,9 @@ use cloudinfra::rpc;
 use cloudinfra::xdr::XdrReader;
 use common::*;
 
-fn read_reply(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut d = RecordDecoder::new(1 << 20, 0);
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = s.read(&mut buf).ok()?;
-        if n == 0 {
-            return None;
-        }
-        if let (_, Some(Event::Record(r))) = d.decode(&buf[..n], &mut |_| Shape::Whole) {
-            return Some(r);
-        }
-    }
+/// The next reply, however long the server takes.
+fn read_reply_now(s: &mut TcpStream) -> Option<Vec<u8>> {
+    read_reply(s, std::time::Duration::from_secs(60))
 }
 
 fn words(b: &[u8]) -> Vec<u32> {
@@ -47,7 +38,7 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 fn null_works(c: &Cluster) {
     let mut s = TcpStream::connect(c.addr).unwrap();
     s.write_all(&frame(&rpc::call(77, proto::CLOUD_PROG, 1, 0).into_bytes())).unwrap();
-    let r = read_reply(&mut s).expect("NULL answered");
+    let r = read_reply_now(&mut s).expect("NULL answered");
     assert_eq!(words(&r), vec![77, 1, 0, 0, 0, 0]);
 }
 
@@ -61,7 +52,7 @@ fn oversized_archive_gets_too_large_then_the_connection_closes() {
     let mut wire = ((head.len() as u32 + (1 << 20)) | 0x8000_0000).to_be_bytes().to_vec();
     wire.append(&mut head);
     s.write_all(&wire).unwrap();
-    let r = read_reply(&mut s).expect("a reply before closing");
+    let r = read_reply_now(&mut s).expect("a reply before closing");
     let mut x = XdrReader::new(&r[rpc::SUCCESS_HEADER_LEN..]);
     let Err((stat, msg)) = proto::decode_stat(&mut x).unwrap() else { panic!("expected an error") };
     assert_eq!(stat, CloudStat::TooLarge);
@@ -96,26 +87,26 @@ fn bad_arguments_and_credentials_get_rfc_errors() {
     let mut s = TcpStream::connect(c.addr).unwrap();
     // STATUS without its ticket: GARBAGE_ARGS.
     s.write_all(&frame(&rpc::call(9, proto::CLOUD_PROG, 1, proto::STATUS).into_bytes())).unwrap();
-    assert_eq!(words(&read_reply(&mut s).unwrap()), vec![9, 1, 0, 0, 0, 4]);
+    assert_eq!(words(&read_reply_now(&mut s).unwrap()), vec![9, 1, 0, 0, 0, 4]);
     // RETRIEVE with a bool of 7: GARBAGE_ARGS.
     let mut w = rpc::call(10, proto::CLOUD_PROG, 1, proto::RETRIEVE);
     w.u32(1).u32(7);
     s.write_all(&frame(&w.into_bytes())).unwrap();
-    assert_eq!(words(&read_reply(&mut s).unwrap()), vec![10, 1, 0, 0, 0, 4]);
+    assert_eq!(words(&read_reply_now(&mut s).unwrap()), vec![10, 1, 0, 0, 0, 4]);
     // AUTH_DH credentials: MSG_DENIED, AUTH_ERROR, AUTH_TOOWEAK.
     let mut call = rpc::call(11, proto::CLOUD_PROG, 1, 0).into_bytes();
     call[24..28].copy_from_slice(&3u32.to_be_bytes());
     s.write_all(&frame(&call)).unwrap();
-    assert_eq!(words(&read_reply(&mut s).unwrap()), vec![11, 1, 1, 1, 5]);
+    assert_eq!(words(&read_reply_now(&mut s).unwrap()), vec![11, 1, 1, 1, 5]);
     // A DEPLOY of 0 replicas: CLOUD_BAD_REPLICAS.
     let mut w = rpc::call(12, proto::CLOUD_PROG, 1, proto::DEPLOY);
     w.u32(0).opaque(b"x");
     s.write_all(&frame(&w.into_bytes())).unwrap();
-    let r = read_reply(&mut s).unwrap();
+    let r = read_reply_now(&mut s).unwrap();
     assert_eq!(words(&r[rpc::SUCCESS_HEADER_LEN..rpc::SUCCESS_HEADER_LEN + 4]), vec![2]);
     // The connection is still good.
     s.write_all(&frame(&rpc::call(13, proto::CLOUD_PROG, 1, 0).into_bytes())).unwrap();
-    assert_eq!(words(&read_reply(&mut s).unwrap()), vec![13, 1, 0, 0, 0, 0]);
+    assert_eq!(words(&read_reply_now(&mut s).unwrap()), vec![13, 1, 0, 0, 0, 0]);
 }
 
 #[test]
@@ -229,7 +220,7 @@ fn a_half_closed_client_still_gets_its_answer() {
     w.u32(12345);
     s.write_all(&frame(&w.into_bytes())).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
-    let r = read_reply(&mut s).expect("answered after our FIN");
+    let r = read_reply_now(&mut s).expect("answered after our FIN");
     assert_eq!(words(&r[..4]), vec![31]);
     let mut x = XdrReader::new(&r[rpc::SUCCESS_HEADER_LEN..]);
     assert!(matches!(proto::decode_stat(&mut x).unwrap(), Err((CloudStat::NoSuchTicket, _))));
@@ -294,7 +285,7 @@ fn a_client_that_pipelines_without_end_does_not_starve_others() {
         let mut s = TcpStream::connect(c.addr).unwrap();
         s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         s.write_all(&frame(&rpc::call(5, proto::CLOUD_PROG, 1, 0).into_bytes())).unwrap();
-        assert!(read_reply(&mut s).is_some(), "starved by the flooding client");
+        assert!(read_reply_now(&mut s).is_some(), "starved by the flooding client");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
@@ -310,11 +301,11 @@ fn every_rpc_version_but_2_is_rpc_mismatch_2_2_even_on_a_streamed_deploy() {
         call
     };
     s.write_all(&frame(&v3(rpc::call(1, proto::CLOUD_PROG, 1, proto::CLOUD_NULL)))).unwrap();
-    assert_eq!(words(&read_reply(&mut s).expect("NULL answered")), vec![1, 1, 1, 0, 2, 2]);
+    assert_eq!(words(&read_reply_now(&mut s).expect("NULL answered")), vec![1, 1, 1, 0, 2, 2]);
     let mut w = rpc::call(2, proto::CLOUD_PROG, 1, proto::STATUS);
     w.u32(1);
     s.write_all(&frame(&v3(w))).unwrap();
-    assert_eq!(words(&read_reply(&mut s).expect("STATUS answered")), vec![2, 1, 1, 0, 2, 2]);
+    assert_eq!(words(&read_reply_now(&mut s).expect("STATUS answered")), vec![2, 1, 1, 0, 2, 2]);
     // A DEPLOY header that would stream a 1 MiB archive (more than any
     // buffered call may hold): the same answer, and the connection goes on.
     let len = 1u32 << 20;
@@ -325,7 +316,7 @@ fn every_rpc_version_but_2_is_rpc_mismatch_2_2_even_on_a_streamed_deploy() {
     wire.extend_from_slice(&head);
     wire.extend(std::iter::repeat_n(0u8, len as usize));
     s.write_all(&wire).unwrap();
-    assert_eq!(words(&read_reply(&mut s).expect("DEPLOY answered")), vec![3, 1, 1, 0, 2, 2]);
+    assert_eq!(words(&read_reply_now(&mut s).expect("DEPLOY answered")), vec![3, 1, 1, 0, 2, 2]);
     s.write_all(&frame(&rpc::call(77, proto::CLOUD_PROG, 1, 0).into_bytes())).unwrap();
-    assert_eq!(words(&read_reply(&mut s).expect("then a NULL call")), vec![77, 1, 0, 0, 0, 0]);
+    assert_eq!(words(&read_reply_now(&mut s).expect("then a NULL call")), vec![77, 1, 0, 0, 0, 0]);
 }

@@ -17,21 +17,6 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-fn need_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test} needs root, and CI runs as root");
-    }
-    eprintln!("SKIPPED {test}: needs root (slot uids, namespaces, running a server as another user)");
-    false
-}
-
 /// Processes whose real uid is in [lo, hi).
 fn processes_with_uid(lo: u32, hi: u32) -> Vec<u32> {
     processes().into_iter().filter(|p| p.uid >= lo && p.uid < hi).map(|p| p.pid).collect()

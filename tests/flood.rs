@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cloudinfra::proto::{self, CloudStat};
-use cloudinfra::record::{frame, Event, RecordDecoder, Shape, LAST_FRAGMENT};
+use cloudinfra::record::{frame, LAST_FRAGMENT};
 use cloudinfra::rpc;
 use cloudinfra::xdr::XdrReader;
 use common::*;
@@ -47,22 +47,6 @@ fn raise_own_nofile() {
 
 fn connect(addr: SocketAddr) -> TcpStream {
     TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect within 5 s (not stuck in the backlog)")
-}
-
-/// One reply record, or None if the connection closed or `limit` passed.
-fn read_reply(mut s: &TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    s.set_read_timeout(Some(limit)).unwrap();
-    let mut d = RecordDecoder::new(1 << 20, 0);
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = s.read(&mut buf).ok()?;
-        if n == 0 {
-            return None;
-        }
-        if let (_, Some(Event::Record(r))) = d.decode(&buf[..n], &mut |_| Shape::Whole) {
-            return Some(r);
-        }
-    }
 }
 
 /// The CLOUD_* status and message of an error reply.

@@ -11,21 +11,6 @@ use std::path::{Path, PathBuf};
 use common::tarkit;
 use common::*;
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-fn need_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test} needs root, and CI runs as root");
-    }
-    eprintln!("SKIPPED {test}: needs root (slot uids, RLIMIT_NPROC, network namespaces)");
-    false
-}
-
 const LIMITS: &[&str] = &[
     "--time-limit",
     "3",

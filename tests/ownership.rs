@@ -17,21 +17,6 @@ use cloudinfra::proto::{self, CloudStat};
 use cloudinfra::rpc::{self, AuthSys};
 use common::*;
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-fn need_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test} needs root, and CI runs as root");
-    }
-    eprintln!("SKIPPED {test}: needs root (runs clients as other uids)");
-    false
-}
-
 const NOBODY: u32 = 65534;
 const OTHER: u32 = 65533;
 

@@ -346,3 +346,38 @@ pub fn node_leftovers(c: &Cluster) -> Vec<PathBuf> {
 pub fn release(mut s: TcpStream) {
     let _ = s.write_all(b"go\n");
 }
+
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// True if the test may go on: it runs as root. Under CI (which is root) a
+/// missing root is a failure, elsewhere the test says it is skipped.
+pub fn need_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test} needs root, and CI runs as root");
+    }
+    eprintln!("SKIPPED {test}: needs root (slot uids, namespaces, other uids)");
+    false
+}
+
+/// One reply record read from a raw connection, or None if the connection
+/// closed, failed, or `limit` passed.
+pub fn read_reply(mut s: &TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use cloudinfra::record::{Event, RecordDecoder, Shape};
+    s.set_read_timeout(Some(limit)).ok()?;
+    let mut d = RecordDecoder::new(1 << 20, 0);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let (_, Some(Event::Record(r))) = d.decode(&buf[..n], &mut |_| Shape::Whole) {
+            return Some(r);
+        }
+    }
+}
