@@ -48,6 +48,7 @@ struct DeployArgs {
 #[derive(clap::Args, Debug)]
 #[command(about = "Show a job's status: cloud status <ticket> [--json]")]
 struct StatusArgs {
+    /// The ticket number deploy printed.
     ticket: u32,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -59,6 +60,7 @@ struct StatusArgs {
 #[derive(clap::Args, Debug)]
 #[command(about = "Collect outputs: cloud retrieve <ticket> [<dir>]")]
 struct RetrieveArgs {
+    /// The ticket number deploy printed.
     ticket: u32,
     /// Directory for output_PORT.txt files; omit it to close the ticket now.
     dir: Option<PathBuf>,
@@ -68,7 +70,8 @@ struct RetrieveArgs {
 
 #[derive(clap::Args, Debug)]
 struct ServerArg {
-    /// Main server address (default: $CLOUD_SERVER or 127.0.0.1:9000).
+    /// Main server address, HOST:PORT: the one on cloud-server's ready line
+    /// ("listening on ...").
     #[arg(long, env = "CLOUD_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
     /// Give up when the server makes no progress for SECS seconds (0: wait
@@ -121,6 +124,7 @@ fn connect(s: &ServerArg) -> Result<Client, String> {
 fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
     let meta = fs::metadata(&a.archive).map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
     let (file, len) = if meta.is_dir() {
+        has_makefile(&a.archive)?;
         pack_directory(&a.archive).map_err(|e| format!("cannot pack directory {}: {e}", a.archive.display()))?
     } else {
         let f = File::open(&a.archive).map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
@@ -134,6 +138,31 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
     let ticket = client.deploy(a.replicas, file, len).map_err(|e| e.to_string())?;
     println!("Job ticket#: {ticket}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A directory to pack must have a makefile at its top (the server would
+/// refuse the archive anyway; here we can name the directory to deploy).
+fn has_makefile(dir: &Path) -> Result<(), String> {
+    const NAMES: [&str; 3] = ["GNUmakefile", "makefile", "Makefile"];
+    // A symlinked or odd Makefile is left to the server, which says what is wrong with it.
+    if NAMES.iter().any(|n| fs::symlink_metadata(dir.join(n)).is_ok()) {
+        return Ok(());
+    }
+    let sub = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && NAMES.iter().any(|n| p.join(n).is_file()))
+        .min();
+    Err(match sub {
+        Some(sub) => format!(
+            "{} has no Makefile at its top (make run needs one); did you mean: deploy N {}",
+            dir.display(),
+            sub.display()
+        ),
+        None => format!("{} has no Makefile (make run needs one with a `run` target)", dir.display()),
+    })
 }
 
 /// Refuse before uploading what cannot be a .tar.gz (the server checks
