@@ -88,3 +88,31 @@ fn a_work_dir_the_server_cannot_create_says_to_pick_another() {
     assert!(err.contains("cannot create work dir") && err.contains("--work-dir"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn command_line_mistakes_get_one_line_with_the_usage_as_typed() {
+    // As `cloud deploy`.
+    let out = Command::new(CLIENT).args(["deploy", "1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("cloud: ") && err.contains("<ARCHIVE>"), "{err}");
+    assert!(err.contains("Usage: cloud deploy <REPLICAS> <ARCHIVE>"), "{err}");
+    // As `deploy` (the original program names are links to `cloud`).
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = dir.path().join("deploy");
+    std::os::unix::fs::symlink(CLIENT, &deploy).unwrap();
+    let out = Command::new(&deploy).arg("x").arg("job.tar.gz").output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("deploy: invalid value 'x' for '<REPLICAS>'"), "{err}");
+    let out = Command::new(&deploy).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("Usage: deploy [OPTIONS] <REPLICAS> <ARCHIVE>"), "{}", text(&out.stdout));
+    // The server's options too.
+    let out = Command::new(SERVER).args(["--max-memory", "12X"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("cloud-server: invalid value '12X'") && err.contains("is not a size"), "{err}");
+}

@@ -34,7 +34,7 @@ struct Args {
     /// Nodes file: first line N, then N lines each with one unique port.
     #[arg(long, value_name = "FILE", default_value = "cloud_nodes.txt")]
     nodes: PathBuf,
-    /// Address clients connect to (port 0 picks a free port; the ready line shows it).
+    /// Address clients connect to, IP:PORT (port 0 picks a free port; the ready line shows it).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
     listen: SocketAddr,
     /// Where node workspaces (output_PORT/), the main server's spool and the
@@ -156,7 +156,24 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => {
+            // clap's several lines as one, like every other error of ours.
+            let text = e.render().to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+                .collect();
+            eprintln!("cloud-server: {} (see --help)", parts.join("; "));
+            return ExitCode::from(2);
+        }
+    };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {

@@ -96,13 +96,15 @@ fn main() -> ExitCode {
     let mut argv: Vec<String> = std::env::args().collect();
     let invoked = argv.first().map(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()));
     // Called as `deploy`, `status` or `retrieve`: treat the name as the subcommand.
-    if let Some(Some(name)) = invoked {
-        if matches!(name.as_str(), "deploy" | "status" | "retrieve") {
-            argv[0] = name;
-            argv.insert(0, "cloud".into());
-        }
+    let applet = invoked.flatten().filter(|n| matches!(n.as_str(), "deploy" | "status" | "retrieve"));
+    if let Some(name) = &applet {
+        argv[0] = name.clone();
+        argv.insert(0, "cloud".into());
     }
-    let cli = Cli::parse_from(argv);
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e, applet.as_deref()),
+    };
     let (name, result) = match cli.command {
         Command::Deploy(a) => ("deploy", deploy(a)),
         Command::Status(a) => ("status", status(a)),
@@ -115,6 +117,52 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's errors take several lines; ours take one: what is wrong, the
+/// usage, and where to read more. Help and version print as clap does.
+/// `applet`: the program was called as `deploy`, `status` or `retrieve`.
+fn usage_error(e: clap::Error, applet: Option<&str>) -> ExitCode {
+    use clap::error::ErrorKind::*;
+    let mut text = e.render().to_string();
+    if let Some(name) = applet {
+        // Show the usage as it is typed: `deploy ...`, not `cloud deploy ...`.
+        text = text.replace(&format!("cloud {name}"), name);
+    }
+    match e.kind() {
+        DisplayHelp | DisplayVersion => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprint!("{text}");
+            ExitCode::from(2)
+        }
+        _ => {
+            eprintln!("{}: {}", applet.unwrap_or("cloud"), one_line(&text));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Join clap's error lines into one: "error: " and the pointer to --help
+/// dropped, listed arguments kept on their line, "(see --help)" added.
+fn one_line(text: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with("For more information") {
+            continue;
+        }
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        match parts.last_mut() {
+            Some(last) if line.starts_with('<') || (line.starts_with("--") && last.ends_with(':')) => {
+                last.push(' ');
+                last.push_str(line);
+            }
+            _ => parts.push(line.to_string()),
+        }
+    }
+    format!("{} (see --help)", parts.join("; "))
 }
 
 fn connect(s: &ServerArg) -> Result<Client, String> {
