@@ -26,7 +26,11 @@ PID=$!
 # Wait for the ready line (or for the server to give up with its reason).
 tries=0
 until grep -q "listening on" "$LOG"; do
-    if ! kill -0 "$PID" 2>/dev/null; then cat "$LOG"; exit 1; fi
+    if ! kill -0 "$PID" 2>/dev/null; then
+        cat "$LOG"
+        grep -q "in use" "$LOG" && echo "(another server holds it: make demo DEMO_PORT=... NODES=... SERVER_ARGS=\"--slot-uids ...\" picks others; see README.md, \"On a shared machine\")"
+        exit 1
+    fi
     tries=$((tries + 1)); [ $tries -gt 100 ] && { echo "server did not start"; cat "$LOG"; exit 1; }
     sleep 0.1
 done
