@@ -262,7 +262,9 @@ fn status_text(st: &JobStatus) -> String {
     for r in &st.replicas {
         let node = if r.node.is_empty() { "-" } else { &r.node };
         let code = if r.state.is_final() { r.exit_code.to_string() } else { "-".into() };
-        out.push_str(&format!("  replica {}  {node}  {}  exit {code}  {}\n", r.replica, r.state.name(), r.message));
+        let line = format!("  replica {}  {node}  {}  exit {code}  {}", r.replica, r.state.name(), r.message);
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
