@@ -142,10 +142,18 @@ impl Client {
     }
 
     /// After a broken connection: a new one, for one retry with the same xid.
-    fn reconnect(&mut self, why: &io::Error) -> Result<(), ClientError> {
-        eprintln!("the connection to {} broke ({why}); retrying once", self.server);
+    fn reconnect(&mut self) -> Result<(), ClientError> {
         self.stream = open(&self.server, self.timeout)?;
         Ok(())
+    }
+
+    /// Said once the retry went through (a retry that fails says so in its
+    /// error instead: one line either way).
+    fn retried(&self, why: &io::Error) {
+        eprintln!(
+            "note: the connection to {} broke ({why}); retried once with the same xid, and it went through",
+            self.server
+        );
     }
 
     /// Send one call; return its xid. While sending, watch for an early
@@ -196,18 +204,21 @@ impl Client {
     ) -> Result<Vec<u8>, ClientError> {
         self.xid = self.xid.wrapping_add(1);
         let xid = self.xid;
-        let mut retried = false;
+        let mut broke: Option<io::Error> = None;
         let record = loop {
             match self.attempt(xid, proc_num, &mut pieces) {
                 Ok(record) => break record,
-                Err(e) if is_broken(&e) && !retried => {
-                    retried = true;
-                    self.reconnect(&e)?;
+                Err(e) if is_broken(&e) && broke.is_none() => {
+                    self.reconnect()?;
+                    broke = Some(e);
                 }
                 Err(e) if is_broken(&e) => return Err(self.broken_twice(&e)),
                 Err(e) => return Err(self.io_error(&e)),
             }
         };
+        if let Some(why) = &broke {
+            self.retried(why);
+        }
         let (rxid, outcome) = rpc::decode_reply(&record).map_err(|e| self.transport(e))?;
         if rxid != xid {
             return Err(self.transport(format!("reply xid {rxid:#x} does not match call xid {xid:#x}")));
@@ -265,9 +276,13 @@ impl Client {
         self.xid = self.xid.wrapping_add(1);
         let xid = self.xid;
         match self.retrieve_attempt(xid, ticket, wait, &output_file) {
-            Err((ClientError::Transport(_), Some(e))) if is_broken(&e) => {
-                self.reconnect(&e)?;
-                self.retrieve_attempt(xid, ticket, wait, &output_file).map_err(|failed| match failed {
+            Err((ClientError::Transport(_), Some(why))) if is_broken(&why) => {
+                self.reconnect()?;
+                let again = self.retrieve_attempt(xid, ticket, wait, &output_file);
+                if !matches!(&again, Err((ClientError::Transport(_), Some(e))) if is_broken(e)) {
+                    self.retried(&why);
+                }
+                again.map_err(|failed| match failed {
                     (ClientError::Transport(_), Some(e)) if is_broken(&e) => self.broken_twice(&e),
                     (e, _) => e,
                 })

@@ -61,8 +61,8 @@ fn a_client_pointed_at_a_node_port_is_told_to_use_the_ready_lines_address() {
         let out = Command::new(CLIENT).args(&args).args(["--server", &node]).output().unwrap();
         assert!(!out.status.success());
         let err = text(&out.stderr);
-        let last = err.lines().last().unwrap_or_default();
-        assert!(last.contains("not a node's port") && last.contains("listening on"), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line, the retry's notice included: {err}");
+        assert!(err.contains("not a node's port") && err.contains("listening on"), "{args:?}: {err}");
     }
 }
 
