@@ -4,6 +4,14 @@
 CARGO ?= cargo
 RELEASE := target/release
 CLIENT_LINKS := client/cloud client/deploy client/status client/retrieve
+# Where `make runserver` listens and which nodes it runs; on a shared machine
+# pick free ones: make runserver LISTEN=127.0.0.1:9100 NODES=my_nodes.txt
+# SERVER_ARGS="--slot-uids 62000" (see README.md, "On a shared machine").
+LISTEN ?= 127.0.0.1:9000
+NODES ?= cloud_nodes.txt
+SERVER_ARGS ?=
+# `make rundeploy` deploys to $CLOUD_SERVER if set, else to LISTEN.
+CLOUD_SERVER ?= $(LISTEN)
 
 .PHONY: all cloudapps runserver rundeploy test demo bench clean
 
@@ -20,11 +28,11 @@ cloudapps:
 
 # The server in the foreground, with ./cloud_nodes.txt (Ctrl-C stops it).
 runserver: cloudapps
-	$(RELEASE)/cloud-server --nodes cloud_nodes.txt
+	$(RELEASE)/cloud-server --nodes $(NODES) --listen $(LISTEN) $(SERVER_ARGS)
 
 # Deploy the sample with one replica (needs `make runserver` elsewhere).
 rundeploy: cloudapps
-	cd client && ./deploy 1 client.tar.gz
+	cd client && CLOUD_SERVER=$(CLOUD_SERVER) ./deploy 1 client.tar.gz
 
 # Everything CI checks: formatting, lints (benches included), unit,
 # integration and interop tests. The benchmark runs only with `make bench`.

@@ -35,9 +35,13 @@ fn start_server(dir: &Path) -> (Child, String) {
     for l in &ls {
         text.push_str(&format!("{}\n", l.local_addr().unwrap().port()));
     }
+    // Slot uids of our own, from the first port (as the tests' `Cluster`
+    // does): the default base may belong to a server already running here.
+    let slot_base = (1_000_000 + u32::from(ls[0].local_addr().unwrap().port()) * 64).to_string();
     drop(ls);
     std::fs::write(dir.join("nodes.txt"), text).unwrap();
     let mut child = Command::new(SERVER)
+        .args(["--slot-uids", &slot_base])
         .arg("--nodes")
         .arg(dir.join("nodes.txt"))
         .args(["--listen", "127.0.0.1:0", "--work-dir"])

@@ -1,12 +1,16 @@
 #!/bin/sh
 # `make demo`: start a server in the background, deploy the sample with 2
 # replicas, show its status, retrieve the outputs, print them, stop, clean.
+# On a shared machine: DEMO_PORT (clients, default 9000), NODES (a nodes
+# file, default cloud_nodes.txt) and SERVER_ARGS (more cloud-server options,
+# e.g. --slot-uids 62000) pick what is free; see README.md.
 set -eu
 cd "$(dirname "$0")/.."
 SERVER=target/release/cloud-server
 LOG=$(mktemp)
 WORK=$(mktemp -d)
 PORT=${DEMO_PORT:-9000}
+NODES=${NODES:-cloud_nodes.txt}
 export CLOUD_SERVER=127.0.0.1:$PORT
 cleanup() {
     [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
@@ -14,17 +18,23 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-echo "== starting cloud-server (nodes from cloud_nodes.txt, clients on $CLOUD_SERVER)"
-"$SERVER" --nodes cloud_nodes.txt --listen "127.0.0.1:$PORT" --work-dir "$WORK" 2>"$LOG" &
+echo "== starting cloud-server (nodes from $NODES, clients on $CLOUD_SERVER)"
+# SERVER_ARGS is split into words on purpose.
+# shellcheck disable=SC2086
+"$SERVER" --nodes "$NODES" --listen "127.0.0.1:$PORT" --work-dir "$WORK" ${SERVER_ARGS:-} 2>"$LOG" &
 PID=$!
 # Wait for the ready line (or for the server to give up with its reason).
 tries=0
 until grep -q "listening on" "$LOG"; do
-    if ! kill -0 "$PID" 2>/dev/null; then cat "$LOG"; exit 1; fi
+    if ! kill -0 "$PID" 2>/dev/null; then
+        cat "$LOG"
+        grep -q "in use" "$LOG" && echo "(another server holds it: make demo DEMO_PORT=... NODES=... SERVER_ARGS=\"--slot-uids ...\" picks others; see README.md, \"On a shared machine\")"
+        exit 1
+    fi
     tries=$((tries + 1)); [ $tries -gt 100 ] && { echo "server did not start"; cat "$LOG"; exit 1; }
     sleep 0.1
 done
-head -n 1 "$LOG"
+grep "listening on" "$LOG"
 
 cd client
 echo; echo "== ./deploy 2 client.tar.gz"

@@ -135,11 +135,25 @@ impl Client {
         }
     }
 
+    /// The connection broke again on the retry: most likely not a cloud
+    /// server at all (a node's port, another program), so say what to check.
+    fn broken_twice(&self, e: &io::Error) -> ClientError {
+        ClientError::Transport(broken_twice_msg(&self.server, e))
+    }
+
     /// After a broken connection: a new one, for one retry with the same xid.
-    fn reconnect(&mut self, why: &io::Error) -> Result<(), ClientError> {
-        eprintln!("the connection to {} broke ({why}); retrying once", self.server);
+    fn reconnect(&mut self) -> Result<(), ClientError> {
         self.stream = open(&self.server, self.timeout)?;
         Ok(())
+    }
+
+    /// Said once the retry went through (a retry that fails says so in its
+    /// error instead: one line either way).
+    fn retried(&self, why: &io::Error) {
+        eprintln!(
+            "note: the connection to {} broke ({why}); retried once with the same xid, and it went through",
+            self.server
+        );
     }
 
     /// Send one call; return its xid. While sending, watch for an early
@@ -190,17 +204,21 @@ impl Client {
     ) -> Result<Vec<u8>, ClientError> {
         self.xid = self.xid.wrapping_add(1);
         let xid = self.xid;
-        let mut retried = false;
+        let mut broke: Option<io::Error> = None;
         let record = loop {
             match self.attempt(xid, proc_num, &mut pieces) {
                 Ok(record) => break record,
-                Err(e) if is_broken(&e) && !retried => {
-                    retried = true;
-                    self.reconnect(&e)?;
+                Err(e) if is_broken(&e) && broke.is_none() => {
+                    self.reconnect()?;
+                    broke = Some(e);
                 }
+                Err(e) if is_broken(&e) => return Err(self.broken_twice(&e)),
                 Err(e) => return Err(self.io_error(&e)),
             }
         };
+        if let Some(why) = &broke {
+            self.retried(why);
+        }
         let (rxid, outcome) = rpc::decode_reply(&record).map_err(|e| self.transport(e))?;
         if rxid != xid {
             return Err(self.transport(format!("reply xid {rxid:#x} does not match call xid {xid:#x}")));
@@ -258,9 +276,16 @@ impl Client {
         self.xid = self.xid.wrapping_add(1);
         let xid = self.xid;
         match self.retrieve_attempt(xid, ticket, wait, &output_file) {
-            Err((ClientError::Transport(_), Some(e))) if is_broken(&e) => {
-                self.reconnect(&e)?;
-                self.retrieve_attempt(xid, ticket, wait, &output_file).map_err(|(e, _)| e)
+            Err((ClientError::Transport(_), Some(why))) if is_broken(&why) => {
+                self.reconnect()?;
+                let again = self.retrieve_attempt(xid, ticket, wait, &output_file);
+                if !matches!(&again, Err((ClientError::Transport(_), Some(e))) if is_broken(e)) {
+                    self.retried(&why);
+                }
+                again.map_err(|failed| match failed {
+                    (ClientError::Transport(_), Some(e)) if is_broken(&e) => self.broken_twice(&e),
+                    (e, _) => e,
+                })
             }
             other => other.map_err(|(e, _)| e),
         }
@@ -352,7 +377,20 @@ fn open(server: &str, timeout: Option<Duration>) -> Result<TcpStream, ClientErro
             "cannot reach the cloud server at {server}: {e} (is `make runserver` running? set --server or CLOUD_SERVER)"
         ))
     };
-    let addrs: Vec<SocketAddr> = server.to_socket_addrs().map_err(|e| fail(&e))?.collect();
+    let addrs: Vec<SocketAddr> = server
+        .to_socket_addrs()
+        .map_err(|e| {
+            let why = if e.kind() == io::ErrorKind::InvalidInput {
+                "it is not a HOST:PORT address".to_string()
+            } else {
+                e.to_string()
+            };
+            ClientError::Transport(format!(
+                "cannot reach the cloud server at {server}: {why}; set --server or CLOUD_SERVER to the address \
+                 on cloud-server's ready line, e.g. 127.0.0.1:9000"
+            ))
+        })?
+        .collect();
     let mut last: Option<io::Error> = None;
     let mut stream = None;
     for addr in addrs {
@@ -379,6 +417,14 @@ fn open(server: &str, timeout: Option<Duration>) -> Result<TcpStream, ClientErro
     let _ = setsockopt(&stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
     stream.set_read_timeout(timeout).and_then(|_| stream.set_write_timeout(timeout)).map_err(|e| fail(&e))?;
     Ok(stream)
+}
+
+/// The one line for a connection that broke on the first try and the retry.
+fn broken_twice_msg(server: &str, e: &io::Error) -> String {
+    format!(
+        "lost the connection to {server} again on the retry ({e}): check that {server} is a cloud-server's \
+         client address (its ready line says \"listening on ...\"), not a node's port"
+    )
 }
 
 /// Decode a `*_res` union: the OK arm with `ok`, else the server's message.
@@ -422,7 +468,10 @@ fn read_outputs(
         });
         if let Err(e) = written {
             let _ = std::fs::remove_file(&path);
-            return Err(ClientError::Transport(format!("cannot write {}: {e}", path.display())));
+            return Err(ClientError::Transport(format!(
+                "cannot write {}: {e}; the ticket stays open: pick a directory you can write and retrieve again",
+                path.display()
+            )));
         }
         skip(p, padding(len as usize) as u64).map_err(lost)?;
         done.push((status, path));

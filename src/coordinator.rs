@@ -83,6 +83,8 @@ pub struct Coordinator {
     expired: BTreeSet<Ticket>,
     /// The uid that deployed each ticket; absent: deployed anonymously.
     owners: HashMap<Ticket, u32>,
+    /// The first ticket of this run: lower ones are an earlier run's.
+    first_ticket: Ticket,
 }
 
 /// How many expired tickets are remembered for CLOUD_EXPIRED answers.
@@ -104,6 +106,7 @@ impl Coordinator {
             expiry: BTreeSet::new(),
             expired: BTreeSet::new(),
             owners: HashMap::new(),
+            first_ticket: 1,
         }
     }
 
@@ -115,6 +118,7 @@ impl Coordinator {
     /// Continue ticket numbers from a persisted mark (see `tickets`).
     pub fn resume_tickets_from(&mut self, next: Ticket) {
         self.sched.resume_tickets_from(next);
+        self.first_ticket = self.sched.next_ticket();
     }
 
     /// Why `who` may not RETRIEVE or CLOSE `ticket`, if they may not: only
@@ -233,7 +237,16 @@ impl Coordinator {
                     ttl.as_secs()
                 ),
             ),
-            _ => (CloudStat::NoSuchTicket, format!("no such ticket: {ticket} (never issued, or already closed)")),
+            _ => {
+                let why = if ticket == 0 || ticket >= self.next_ticket() {
+                    "never issued"
+                } else if ticket < self.first_ticket {
+                    "from before the server's last restart, which forgets every job: deploy it again"
+                } else {
+                    "already closed"
+                };
+                (CloudStat::NoSuchTicket, format!("no such ticket: {ticket} ({why})"))
+            }
         }
     }
 
@@ -504,6 +517,31 @@ mod tests {
 
     fn ok() -> RunResult {
         RunResult { state: JobState::Completed, exit_code: 0, message: "make run exited with status 0".into() }
+    }
+
+    #[test]
+    fn no_such_ticket_says_never_issued_closed_or_lost_in_a_restart() {
+        let mut c = coord(1);
+        c.resume_tickets_from(1025);
+        c.deploy(A, 1, "/spool/in".into());
+        drain(&mut c);
+        c.run_finished(0, ok(), t0());
+        drain(&mut c);
+        c.close_as(A, None, 1025);
+        drain(&mut c);
+        for (ticket, why) in [
+            (0, "(never issued)"),
+            (1026, "(never issued)"),
+            (1025, "(already closed)"),
+            (7, "(from before the server's last restart, which forgets every job: deploy it again)"),
+        ] {
+            c.status(B, ticket);
+            let acts = drain(&mut c);
+            let [Action::Reply { reply: Reply::Status(Err((CloudStat::NoSuchTicket, m))), .. }] = &acts[..] else {
+                panic!("{acts:?}")
+            };
+            assert_eq!(m, &format!("no such ticket: {ticket} {why}"));
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The reactor: one thread, one `mio::Poll`, every socket and pipe.
 //!
 //! Owns: the poll, the slab of connections and child pipes (token = slab
-//! key + `first_key`), listeners, the signalfd (SIGCHLD; SIGINT, SIGTERM, SIGHUP),
+//! key + `first_key`), listeners, the signalfd (SIGCHLD; SIGINT, SIGTERM, SIGHUP unless ignored),
 //! reading until `WouldBlock` into the session readers, writing outboxes
 //! until `WouldBlock`, serving each client one call at a time
 //! (backpressure), spooling streamed archives and outputs to disk (a
@@ -461,7 +461,11 @@ impl Server {
         mask.add(Signal::SIGCHLD);
         mask.add(Signal::SIGINT);
         mask.add(Signal::SIGTERM);
-        mask.add(Signal::SIGHUP);
+        // Started under nohup, SIGHUP is ignored: leave it so (blocked, it
+        // would be queued for the signalfd and stop us when the terminal goes).
+        if !ignored(Signal::SIGHUP) {
+            mask.add(Signal::SIGHUP);
+        }
         nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
             .map_err(|e| format!("cannot block signals: {e}"))?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
@@ -1659,4 +1663,14 @@ fn bind_error(e: io::Error, addr: SocketAddr, where_: &str) -> String {
     } else {
         format!("cannot listen on {addr} ({where_}): {e}")
     }
+}
+
+/// Whether `sig` is ignored (SIG_IGN), as `nohup` leaves SIGHUP.
+fn ignored(sig: Signal) -> bool {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a null new action only reads the current one into `old`,
+    // which is valid, writable memory of the right type.
+    let rc = unsafe { libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) };
+    // SAFETY: zero-initialised, and filled in by sigaction on success.
+    rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
 }

@@ -164,7 +164,11 @@ fn bad_nodes_files_are_refused_naming_the_line() {
     ] {
         let f = dir.path().join("nodes.txt");
         std::fs::write(&f, &text).unwrap();
+        // Slot uids of our own (from the held port, as `Cluster` does): the
+        // default base may belong to a server already running here.
+        let slot_base = (1_000_000 + u32::from(port) * 64).to_string();
         let out = std::process::Command::new(SERVER)
+            .args(["--slot-uids", &slot_base])
             .arg("--nodes")
             .arg(&f)
             .args(["--listen", "127.0.0.1:0", "--work-dir"])

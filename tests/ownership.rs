@@ -257,7 +257,7 @@ fn a_client_whose_connection_breaks_retries_once_and_the_job_runs_once() {
         .output()
         .unwrap();
     let t = ticket_of(&out);
-    assert!(text(&out.stderr).contains("retrying once"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("retried once with the same xid"), "{}", text(&out.stderr));
     let next = c.deploy(1, &job);
     assert_eq!(next, t + 1, "the retried DEPLOY ran twice");
     wait_until("both jobs are logged", || c.log().matches("accepted from").count() >= 2);

@@ -34,10 +34,11 @@ struct Args {
     /// Nodes file: first line N, then N lines each with one unique port.
     #[arg(long, value_name = "FILE", default_value = "cloud_nodes.txt")]
     nodes: PathBuf,
-    /// Address clients connect to (port 0 picks a free port; the ready line shows it).
+    /// Address clients connect to, IP:PORT (port 0 picks a free port; the ready line shows it).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
     listen: SocketAddr,
-    /// Where node workspaces (output_PORT/) and the main server's spool live.
+    /// Where node workspaces (output_PORT/), the main server's spool and the
+    /// ticket counter (tickets) live; one server per work dir (server.lock).
     #[arg(long, value_name = "DIR", default_value = "work")]
     work_dir: PathBuf,
     /// Jobs that may wait for nodes before deploys get "queue full".
@@ -55,7 +56,7 @@ struct Args {
     /// Longest path inside an archive, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     max_path: usize,
-    /// Wall-clock seconds a replica may run before SIGTERM to its group.
+    /// Wall-clock seconds a replica may run before SIGTERM to all its processes.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     time_limit: u64,
     /// Seconds between that SIGTERM and SIGKILL.
@@ -64,7 +65,8 @@ struct Args {
     /// CPU seconds per process (RLIMIT_CPU; SIGXCPU when exceeded).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     max_cpu: u64,
-    /// Address space per process (RLIMIT_AS).
+    /// Address space per process (RLIMIT_AS); with cgroups (see the ready
+    /// line) also the memory of all a replica's processes together.
     #[arg(long, value_name = "BYTES", default_value = "2G", value_parser = parse_size)]
     max_memory: u64,
     /// Open files per process (RLIMIT_NOFILE).
@@ -73,7 +75,8 @@ struct Args {
     /// Largest file a replica may write (RLIMIT_FSIZE; SIGXFSZ when exceeded).
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     max_file_size: u64,
-    /// Processes per slot user (RLIMIT_NPROC; set only when the server is root).
+    /// Processes per slot user (RLIMIT_NPROC; set only when the server is
+    /// root); with cgroups also the processes of a replica together.
     #[arg(long, value_name = "N", default_value_t = 128)]
     max_procs: u64,
     /// Seconds a finished job waits to be retrieved before it is closed and
@@ -86,7 +89,8 @@ struct Args {
     /// When root and slot uids are off: the user replicas run as.
     #[arg(long, value_name = "USER", default_value = "nobody")]
     run_as: String,
-    /// When root: node i runs replicas as uid and gid BASE+i (no passwd entry needed).
+    /// When root: node i runs replicas as uid and gid BASE+i (no passwd entry
+    /// needed). Two servers on one host need bases at least N nodes apart.
     #[arg(long, value_name = "BASE", default_value_t = 61000)]
     slot_uids: u32,
     /// Run every node's replicas as --run-as instead of per-node slot uids.
@@ -152,7 +156,24 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => {
+            // clap's several lines as one, like every other error of ours.
+            let text = e.render().to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+                .collect();
+            eprintln!("cloud-server: {} (see --help)", parts.join("; "));
+            return ExitCode::from(2);
+        }
+    };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
@@ -222,13 +243,15 @@ fn lock_file(path: &Path) -> Result<Flock<File>, io::Result<u32>> {
 /// One server per work dir: a second one would remove the first one's
 /// workspaces and spool, and issue its ticket numbers again.
 fn lock_work_dir(dir: &Path) -> Result<Flock<File>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create work dir {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        format!("cannot create work dir {}: {e} (pick one you can write with --work-dir)", dir.display())
+    })?;
     lock_file(&dir.join("server.lock")).map_err(|e| match e {
         Ok(pid) => format!(
             "work dir {} is in use by another cloud-server (pid {pid}): stop it or pick another --work-dir",
             dir.display()
         ),
-        Err(e) => format!("cannot lock work dir {}: {e}", dir.display()),
+        Err(e) => format!("cannot lock work dir {}: {e} (pick one you can write with --work-dir)", dir.display()),
     })
 }
 

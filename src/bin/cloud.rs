@@ -48,6 +48,7 @@ struct DeployArgs {
 #[derive(clap::Args, Debug)]
 #[command(about = "Show a job's status: cloud status <ticket> [--json]")]
 struct StatusArgs {
+    /// The ticket number deploy printed.
     ticket: u32,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -59,6 +60,7 @@ struct StatusArgs {
 #[derive(clap::Args, Debug)]
 #[command(about = "Collect outputs: cloud retrieve <ticket> [<dir>]")]
 struct RetrieveArgs {
+    /// The ticket number deploy printed.
     ticket: u32,
     /// Directory for output_PORT.txt files; omit it to close the ticket now.
     dir: Option<PathBuf>,
@@ -68,7 +70,8 @@ struct RetrieveArgs {
 
 #[derive(clap::Args, Debug)]
 struct ServerArg {
-    /// Main server address (default: $CLOUD_SERVER or 127.0.0.1:9000).
+    /// Main server address, HOST:PORT: the one on cloud-server's ready line
+    /// ("listening on ...").
     #[arg(long, env = "CLOUD_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
     /// Give up when the server makes no progress for SECS seconds (0: wait
@@ -93,13 +96,15 @@ fn main() -> ExitCode {
     let mut argv: Vec<String> = std::env::args().collect();
     let invoked = argv.first().map(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()));
     // Called as `deploy`, `status` or `retrieve`: treat the name as the subcommand.
-    if let Some(Some(name)) = invoked {
-        if matches!(name.as_str(), "deploy" | "status" | "retrieve") {
-            argv[0] = name;
-            argv.insert(0, "cloud".into());
-        }
+    let applet = invoked.flatten().filter(|n| matches!(n.as_str(), "deploy" | "status" | "retrieve"));
+    if let Some(name) = &applet {
+        argv[0] = name.clone();
+        argv.insert(0, "cloud".into());
     }
-    let cli = Cli::parse_from(argv);
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e, applet.as_deref()),
+    };
     let (name, result) = match cli.command {
         Command::Deploy(a) => ("deploy", deploy(a)),
         Command::Status(a) => ("status", status(a)),
@@ -114,6 +119,52 @@ fn main() -> ExitCode {
     }
 }
 
+/// clap's errors take several lines; ours take one: what is wrong, the
+/// usage, and where to read more. Help and version print as clap does.
+/// `applet`: the program was called as `deploy`, `status` or `retrieve`.
+fn usage_error(e: clap::Error, applet: Option<&str>) -> ExitCode {
+    use clap::error::ErrorKind::*;
+    let mut text = e.render().to_string();
+    if let Some(name) = applet {
+        // Show the usage as it is typed: `deploy ...`, not `cloud deploy ...`.
+        text = text.replace(&format!("cloud {name}"), name);
+    }
+    match e.kind() {
+        DisplayHelp | DisplayVersion => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprint!("{text}");
+            ExitCode::from(2)
+        }
+        _ => {
+            eprintln!("{}: {}", applet.unwrap_or("cloud"), one_line(&text));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Join clap's error lines into one: "error: " and the pointer to --help
+/// dropped, listed arguments kept on their line, "(see --help)" added.
+fn one_line(text: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with("For more information") {
+            continue;
+        }
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        match parts.last_mut() {
+            Some(last) if line.starts_with('<') || (line.starts_with("--") && last.ends_with(':')) => {
+                last.push(' ');
+                last.push_str(line);
+            }
+            _ => parts.push(line.to_string()),
+        }
+    }
+    format!("{} (see --help)", parts.join("; "))
+}
+
 fn connect(s: &ServerArg) -> Result<Client, String> {
     Client::connect_with(&s.server, s.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())
 }
@@ -121,6 +172,7 @@ fn connect(s: &ServerArg) -> Result<Client, String> {
 fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
     let meta = fs::metadata(&a.archive).map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
     let (file, len) = if meta.is_dir() {
+        has_makefile(&a.archive)?;
         pack_directory(&a.archive).map_err(|e| format!("cannot pack directory {}: {e}", a.archive.display()))?
     } else {
         let f = File::open(&a.archive).map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
@@ -134,6 +186,31 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
     let ticket = client.deploy(a.replicas, file, len).map_err(|e| e.to_string())?;
     println!("Job ticket#: {ticket}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A directory to pack must have a makefile at its top (the server would
+/// refuse the archive anyway; here we can name the directory to deploy).
+fn has_makefile(dir: &Path) -> Result<(), String> {
+    const NAMES: [&str; 3] = ["GNUmakefile", "makefile", "Makefile"];
+    // A symlinked or odd Makefile is left to the server, which says what is wrong with it.
+    if NAMES.iter().any(|n| fs::symlink_metadata(dir.join(n)).is_ok()) {
+        return Ok(());
+    }
+    let sub = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && NAMES.iter().any(|n| p.join(n).is_file()))
+        .min();
+    Err(match sub {
+        Some(sub) => format!(
+            "{} has no Makefile at its top (make run needs one); did you mean: deploy N {}",
+            dir.display(),
+            sub.display()
+        ),
+        None => format!("{} has no Makefile (make run needs one with a `run` target)", dir.display()),
+    })
 }
 
 /// Refuse before uploading what cannot be a .tar.gz (the server checks
@@ -185,7 +262,9 @@ fn status_text(st: &JobStatus) -> String {
     for r in &st.replicas {
         let node = if r.node.is_empty() { "-" } else { &r.node };
         let code = if r.state.is_final() { r.exit_code.to_string() } else { "-".into() };
-        out.push_str(&format!("  replica {}  {node}  {}  exit {code}  {}\n", r.replica, r.state.name(), r.message));
+        let line = format!("  replica {}  {node}  {}  exit {code}  {}", r.replica, r.state.name(), r.message);
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
