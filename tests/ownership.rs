@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use cloudinfra::proto::{self, CloudStat};
@@ -267,18 +267,20 @@ fn a_client_whose_connection_breaks_retries_once_and_the_job_runs_once() {
 /// Start a server on `work` with the nodes of `nodes_file`; the child and
 /// its first line (ready line or error). Callers wait for the child.
 #[allow(clippy::zombie_processes)]
-fn server(nodes_file: &Path, work: &Path, slot_base: u32) -> (Child, String, BufReader<std::process::ChildStderr>) {
-    let mut child = Command::new(SERVER)
-        .args(["--slot-uids", &slot_base.to_string(), "--listen", "127.0.0.1:0", "--nodes"])
-        .arg(nodes_file)
-        .arg("--work-dir")
-        .arg(work)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+fn server(nodes_file: &Path, work: &Path, slot_base: u32) -> (Reaped, String, BufReader<std::process::ChildStderr>) {
+    let mut child = Reaped(
+        Command::new(SERVER)
+            .args(["--slot-uids", &slot_base.to_string(), "--listen", "127.0.0.1:0", "--nodes"])
+            .arg(nodes_file)
+            .arg("--work-dir")
+            .arg(work)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     loop {
@@ -293,7 +295,7 @@ fn server(nodes_file: &Path, work: &Path, slot_base: u32) -> (Child, String, Buf
 }
 
 /// The server must refuse to start: its one line, once it has exited.
-fn refused(mut child: Child, line: String) -> String {
+fn refused(mut child: Reaped, line: String) -> String {
     if line.contains("listening on") {
         let _ = child.kill();
         let _ = child.wait();

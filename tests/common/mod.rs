@@ -381,3 +381,29 @@ pub fn read_reply(mut s: &TcpStream, limit: Duration) -> Option<Vec<u8>> {
         }
     }
 }
+
+/// A child process that is killed and reaped when dropped, so a failing
+/// test leaves no server behind.
+pub struct Reaped(pub Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
