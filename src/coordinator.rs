@@ -85,6 +85,9 @@ pub struct Coordinator {
     owners: HashMap<Ticket, u32>,
     /// The first ticket of this run: lower ones are an earlier run's.
     first_ticket: Ticket,
+    /// Only this uid may deploy (a server without root runs jobs as its own
+    /// user, so by default it takes jobs from that user alone); `None`: anyone.
+    only_deployer: Option<u32>,
 }
 
 /// How many expired tickets are remembered for CLOUD_EXPIRED answers.
@@ -107,7 +110,13 @@ impl Coordinator {
             expired: BTreeSet::new(),
             owners: HashMap::new(),
             first_ticket: 1,
+            only_deployer: None,
         }
+    }
+
+    /// Accept DEPLOY only from `uid` (and root).
+    pub fn only_deployer(&mut self, uid: u32) {
+        self.only_deployer = Some(uid);
     }
 
     /// The ticket the next accepted DEPLOY gets.
@@ -188,6 +197,10 @@ impl Coordinator {
 
     /// A DEPLOY by `owner` (`None`: anonymous) whose archive has been spooled.
     pub fn deploy_as(&mut self, to: Caller, owner: Option<u32>, replicas: u32, archive: PathBuf) {
+        if let Some(failure) = self.not_a_deployer(owner) {
+            self.actions.push_back(Action::RemoveFile(archive));
+            return self.reply(to, Reply::Deploy(Err(failure)));
+        }
         match self.sched.submit(replicas) {
             Ok(ticket) => {
                 let by = owner.map_or("anonymous".to_string(), |u| format!("uid {u}"));
@@ -208,8 +221,24 @@ impl Coordinator {
 
     /// Would a DEPLOY of `replicas` be refused? Asked when its header
     /// arrives, so a refused archive is not uploaded for nothing.
-    pub fn deploy_refusal(&self, replicas: u32) -> Option<Failure> {
-        self.sched.admissible(replicas).err().map(refusal)
+    pub fn deploy_refusal(&self, who: Option<u32>, replicas: u32) -> Option<Failure> {
+        self.not_a_deployer(who).or_else(|| self.sched.admissible(replicas).err().map(refusal))
+    }
+
+    /// Why `who` may not deploy here at all, if so.
+    fn not_a_deployer(&self, who: Option<u32>) -> Option<Failure> {
+        let only = self.only_deployer?;
+        if who == Some(only) || who == Some(0) {
+            return None;
+        }
+        let you = who.map_or("an unverified caller".to_string(), |u| format!("uid {u}"));
+        Some((
+            CloudStat::Denied,
+            format!(
+                "this server runs jobs as its own user (uid {only}) and takes them only from that user, not from {you}: \
+                 ask its owner to start it with --allow-other-users, or run your own server"
+            ),
+        ))
     }
 
     fn start_ready(&mut self) {
@@ -719,5 +748,25 @@ mod tests {
         let acts = drain(&mut c);
         assert!(matches!(&acts[0], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.ticket == 2));
         assert_eq!(c.job_state(1), Some(JobState::Invalid));
+    }
+
+    #[test]
+    fn a_server_for_one_user_refuses_other_deployers_before_and_after_upload() {
+        let mut c = coord(2);
+        c.only_deployer(1000);
+        assert!(c.deploy_refusal(Some(1000), 1).is_none());
+        assert!(c.deploy_refusal(Some(0), 1).is_none(), "root may");
+        for who in [Some(1001), None] {
+            let (stat, msg) = c.deploy_refusal(who, 1).expect("refused");
+            assert_eq!(stat, CloudStat::Denied);
+            assert!(msg.contains("--allow-other-users"), "{msg}");
+        }
+        c.deploy_as(A, Some(1001), 1, PathBuf::from("/spool/a"));
+        let acts = drain(&mut c);
+        assert!(acts.contains(&Action::RemoveFile(PathBuf::from("/spool/a"))));
+        assert!(acts
+            .iter()
+            .any(|a| matches!(a, Action::Reply { reply: Reply::Deploy(Err((CloudStat::Denied, _))), .. })));
+        assert_eq!(c.job_state(1), None, "no job");
     }
 }

@@ -91,6 +91,8 @@ pub struct ServerConfig {
     pub containment: Containment,
     /// How replicas run, for the ready line.
     pub sandbox_summary: String,
+    /// Only this uid (and root) may deploy; `None`: anyone.
+    pub only_deployer: Option<u32>,
     /// Client connections held at most (lowered to what RLIMIT_NOFILE allows).
     pub max_connections: usize,
     /// A client with no call in progress and no reply owed is closed after this.
@@ -488,6 +490,9 @@ impl Server {
         log::info!("tickets continue from {next_ticket}");
         let mut coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
         coord.resume_tickets_from(next_ticket);
+        if let Some(uid) = cfg.only_deployer {
+            coord.only_deployer(uid);
+        }
         let nofile =
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
         let max_connections = effective_max_connections(cfg.max_connections, nofile, n);
@@ -1117,7 +1122,7 @@ impl Server {
                     w.u32(CloudStat::Ok as u32).u32(ticket);
                     return answer_before_upload(conn, len, w.into_bytes());
                 }
-                if let Some((stat, msg)) = self.coord.deploy_refusal(replicas) {
+                if let Some((stat, msg)) = self.coord.deploy_refusal(who, replicas) {
                     let mut w = rpc::accepted(call.xid, AcceptStat::Success);
                     proto::encode_error(&mut w, stat, &msg);
                     return answer_before_upload(conn, len, w.into_bytes());

@@ -416,6 +416,33 @@ fn without_root_a_job_cannot_touch_the_server() {
     assert!(!state.split(") ").nth(1).unwrap().starts_with('T'), "the job stopped the server");
     let t2 = s.deploy(&job(top, "next.tar.gz", &["@echo next job ran"]));
     assert!(s.output(t2, top).contains("next job ran"));
+
+    // Its jobs have its user's file permissions, so it takes jobs from that
+    // user (and root) alone: another local user is refused before uploading.
+    let client_bin = bin.join("cloud");
+    std::fs::copy(CLIENT, &client_bin).unwrap();
+    let archive = job(top, "mine.tar.gz", &["@echo owner job ran"]);
+    std::fs::set_permissions(&archive, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let deploy_as = |uid: u32| {
+        let mut cmd = Command::new(&client_bin);
+        cmd.args(["deploy", "1", archive.to_str().unwrap(), "--server", &s.addr.to_string()]);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.output().unwrap()
+    };
+    let other = deploy_as(65533);
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success() && err.contains("--allow-other-users"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    let owner = deploy_as(65534);
+    assert!(owner.status.success(), "the server's own user deploys: {}", String::from_utf8_lossy(&owner.stderr));
 }
 
 /// `--uncontained` is the explicit way to run jobs without namespaces, and

@@ -122,6 +122,11 @@ struct Args {
     /// root nor unprivileged user namespaces are available.
     #[arg(long)]
     uncontained: bool,
+    /// Without root, replicas run as this server's own user, so by default
+    /// only that user (and root) may deploy; this lets every local user
+    /// deploy, with that user's file permissions (see docs/SECURITY.md).
+    #[arg(long)]
+    allow_other_users: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -297,6 +302,15 @@ fn run(args: Args) -> Result<(), String> {
         Containment::UserNamespace => "replicas contained: user+pid+mount+ipc namespaces",
         Containment::Uncontained => "jobs are NOT contained (--uncontained): no namespaces, daemons may outlive jobs",
     };
+    // Without root a replica has this server user's file permissions: keep
+    // it to that user's own jobs unless told otherwise.
+    let me = Uid::effective().as_raw();
+    let only_deployer = (!root && !args.allow_other_users).then_some(me);
+    let who_deploys = match only_deployer {
+        Some(uid) => format!("; jobs taken only from uid {uid}, this server's user (--allow-other-users opens it)"),
+        None if !root => "; jobs taken from every user, run with this server user's permissions".into(),
+        None => String::new(),
+    };
     let cfg = ServerConfig {
         nodes_path: args.nodes.clone(),
         nodes,
@@ -327,7 +341,8 @@ fn run(args: Args) -> Result<(), String> {
         slot_uids: ids.slot_uids,
         isolate_network,
         containment,
-        sandbox_summary: format!("{contained}; {}, {net}", ids.summary),
+        sandbox_summary: format!("{contained}; {}, {net}{who_deploys}", ids.summary),
+        only_deployer,
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         call_timeout: Duration::from_secs(args.call_timeout),
