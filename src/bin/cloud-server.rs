@@ -229,7 +229,15 @@ fn identities(args: &Args, n: usize) -> Result<Identities, String> {
 /// Lock `path` exclusively without waiting, and write our pid into it.
 /// `Err` holds the pid written by the process that holds it (0: unknown).
 fn lock_file(path: &Path) -> Result<Flock<File>, io::Result<u32>> {
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path);
+    // Never through a symbolic link someone else planted.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
     let file = file.map_err(Err)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut held) => {
@@ -260,13 +268,33 @@ fn lock_work_dir(dir: &Path) -> Result<Flock<File>, String> {
     })
 }
 
+/// Create `dir` (mode 0700) or check that the one there is a directory of
+/// ours that nobody else may write: in a world-writable parent such as
+/// /tmp another user could have made it first, to plant links or hold locks.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        Err(_) => {}
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != Uid::effective().as_raw() || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "it is not a directory of uid {} closed to others (remove it and start again)",
+            Uid::effective()
+        )));
+    }
+    Ok(())
+}
+
 /// Two servers must never share a slot uid: each kills and reclaims
 /// whatever runs under its slot uids.
 fn lock_slot_uids(base: u32, n: usize) -> Result<Vec<Flock<File>>, String> {
     let mut dir = PathBuf::from("/run/cloudinfra");
-    if std::fs::create_dir_all(&dir).is_err() {
+    if private_dir(&dir).is_err() {
         dir = std::env::temp_dir().join("cloudinfra-locks");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create lock directory {}: {e}", dir.display()))?;
+        private_dir(&dir).map_err(|e| format!("cannot use lock directory {}: {e}", dir.display()))?;
     }
     (0..n as u32)
         .map(|i| {
@@ -356,4 +384,31 @@ fn run(args: Args) -> Result<(), String> {
     server.run().map_err(|e| format!("the reactor failed: {e}"))?;
     eprintln!("cloud-server: stopped; every replica killed and reaped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn lock_dirs_must_be_ours_and_closed_to_others() {
+        let top = tempfile::tempdir().unwrap();
+        let fresh = top.path().join("fresh");
+        private_dir(&fresh).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o700);
+        private_dir(&fresh).expect("ours, again");
+        // Planted by someone else in a shared /tmp: a link, or a dir others may write.
+        let link = top.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        assert!(private_dir(&link).is_err(), "a symbolic link is refused");
+        let open = top.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(private_dir(&open).is_err(), "a world-writable dir is refused");
+        // A lock file that is a symbolic link is not followed.
+        std::os::unix::fs::symlink(top.path().join("victim"), fresh.join("slot-1.lock")).unwrap();
+        assert!(lock_file(&fresh.join("slot-1.lock")).is_err());
+        assert!(!top.path().join("victim").exists());
+    }
 }
