@@ -1559,6 +1559,9 @@ impl Server {
             let _ = fs::remove_dir_all(&node.cfg.dir);
         }
         let _ = fs::remove_dir_all(&self.spool);
+        if let Err(e) = self.tickets.release(self.coord.next_ticket()) {
+            log::warn!("cannot give back unused ticket numbers: {e}");
+        }
     }
 }
 

@@ -5,8 +5,8 @@
 //! first ticket of a block is issued, the new mark (next + LEASE) is written
 //! to a temporary file, fsynced, renamed over `tickets` and the directory
 //! fsynced; the tickets of the block then cost no I/O. After a restart
-//! (clean, or kill -9) numbering continues from the mark, so at most one
-//! block is skipped.
+//! with kill -9, numbering continues from the mark, so at most one block
+//! is skipped; a clean stop gives the unused rest back (`release`).
 //! Must not touch: the job table (the scheduler issues the numbers; the
 //! server asks `ensure` before a DEPLOY can take one).
 
@@ -63,7 +63,23 @@ impl TicketStore {
 
     /// Make sure ticket `next` is covered by a persisted lease.
     pub fn ensure(&mut self, next: Ticket) -> io::Result<()> {
-        let Some(mark) = lease_needed(next, self.limit) else { return Ok(()) };
+        match lease_needed(next, self.limit) {
+            Some(mark) => self.write(mark),
+            None => Ok(()),
+        }
+    }
+
+    /// A clean stop: give back the unused part of the lease, so the next
+    /// run continues at `next` instead of skipping to the mark.
+    pub fn release(&mut self, next: Ticket) -> io::Result<()> {
+        if next < self.limit {
+            self.write(next)?;
+        }
+        Ok(())
+    }
+
+    /// Persist `mark` (temp file, fsync, rename, fsync of the directory).
+    fn write(&mut self, mark: Ticket) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
         let mut f = File::create(&tmp)?;
         f.write_all(format!("{mark}\n").as_bytes())?;
@@ -101,6 +117,18 @@ mod tests {
         let (_, next) = TicketStore::open(dir.path()).unwrap();
         assert!(next >= 1500, "{next}");
         assert_eq!(fs::read_to_string(dir.path().join("tickets")).unwrap().trim(), (next + LEASE).to_string());
+    }
+
+    #[test]
+    fn a_clean_stop_gives_the_rest_of_the_lease_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = TicketStore::open(dir.path()).unwrap();
+        for t in 1..=3 {
+            s.ensure(t).unwrap();
+        }
+        s.release(4).unwrap();
+        let (_, next) = TicketStore::open(dir.path()).unwrap();
+        assert_eq!(next, 4, "continues where it stopped");
     }
 
     #[test]

@@ -349,6 +349,11 @@ fn ticket_numbers_are_never_reused_across_restarts_and_kill_9() {
     let (mut third, ready, _l3) = server(&nodes, &work, slot);
     let after_stop = deploy_to(&addr_of(&ready), &job);
     assert!(after_stop > after_crash, "ticket {after_stop} after a restart reuses a number up to {after_crash}");
+    assert_eq!(
+        after_stop,
+        after_crash + 1,
+        "a clean stop gives unused numbers back: numbering goes on where it stopped"
+    );
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(third.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     third.wait().unwrap();
 
