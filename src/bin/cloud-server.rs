@@ -274,6 +274,11 @@ fn run(args: Args) -> Result<(), String> {
         Containment::UserNamespace => "replicas contained: user+pid+mount+ipc namespaces",
         Containment::Uncontained => "jobs are NOT contained (--uncontained): no namespaces, daemons may outlive jobs",
     };
+    let host_fs = match containment {
+        Containment::Uncontained => "",
+        _ if cloudinfra::spawn::host_read_only_available() => ", host file system read-only",
+        _ => ", host file system read-only at / only (this kernel lacks mount_setattr, Linux 5.12)",
+    };
     let cfg = ServerConfig {
         nodes_path: args.nodes.clone(),
         nodes,
@@ -304,7 +309,7 @@ fn run(args: Args) -> Result<(), String> {
         slot_uids: ids.slot_uids,
         isolate_network,
         containment,
-        sandbox_summary: format!("{contained}; {}, {net}", ids.summary),
+        sandbox_summary: format!("{contained}{host_fs}; {}, {net}", ids.summary),
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         call_timeout: Duration::from_secs(args.call_timeout),

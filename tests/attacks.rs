@@ -1,0 +1,233 @@
+//! Attacks on the merged containment, from inside a job, each one a hole
+//! that was open before its fix: writing the host's file system (a world-
+//! writable directory as root; the server user's own files without root),
+//! and leaving a key in the per-uid kernel keyring for the next tenant.
+//! Tests that need root say so when skipped; CI runs as root.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+fn need_root(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test} needs root, and CI runs as root");
+    }
+    eprintln!("SKIPPED {test}: needs root (slot uids, running a server as another user)");
+    false
+}
+
+/// A directory on the host outside /tmp (which a job sees as its own
+/// tmpfs), removed when dropped.
+struct HostDir(PathBuf);
+
+impl HostDir {
+    fn new(name: &str, mode: u32, owner: Option<u32>) -> HostDir {
+        let path = PathBuf::from(format!("/run/cloudinfra-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).expect("create a directory in /run");
+        if let Some(id) = owner {
+            let id = Some(nix::unistd::Uid::from_raw(id));
+            nix::unistd::chown(&path, id, Some(nix::unistd::Gid::from_raw(65534))).expect("chown");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        HostDir(path)
+    }
+}
+
+impl Drop for HostDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn output(c: &Cluster, t: u32) -> String {
+    let (_, outs) = c.retrieve(t);
+    outs.into_iter().map(|(_, o)| o).collect()
+}
+
+/// As root, a job (slot uid, or `nobody` without slot uids) cannot leave a
+/// file in a world-writable host directory outside its private temp dirs:
+/// the host's file system is read-only in the replica's mount namespace.
+#[test]
+fn a_job_cannot_write_into_world_writable_host_directories() {
+    if !need_root("a_job_cannot_write_into_world_writable_host_directories") {
+        return;
+    }
+    let shared = HostDir::new("world-writable", 0o1777, None);
+    for extra in [&[][..], &["--no-slot-uids", "--run-as", "nobody"][..]] {
+        let c = Cluster::start_with(1, extra);
+        let left = shared.0.join("left-by-a-job");
+        let recipe = [
+            format!("@echo planted > {} || echo refused", left.display()),
+            "@echo scratch > /tmp/scratch && cat /tmp/scratch".to_string(),
+            "@echo work > $$HOME/work && cat $$HOME/work".to_string(),
+        ];
+        let t = c.deploy(1, &job(c.dir.path(), "plant.tar.gz", &recipe));
+        let out = output(&c, t);
+        assert!(!left.exists(), "a job left a file in a world-writable host directory ({extra:?}): {out}");
+        assert!(out.contains("Read-only file system") && out.contains("refused"), "{out}");
+        // Its own mounts stay writable.
+        assert!(out.contains("scratch\n") && out.contains("work\n"), "{out}");
+        assert!(c.log().contains("host file system read-only"), "{}", c.log());
+    }
+}
+
+/// A server started as `nobody` (user-namespace containment), and its
+/// ready line.
+struct UserServer {
+    child: Child,
+    addr: SocketAddr,
+    ready: String,
+}
+
+impl Drop for UserServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_as_nobody(top: &Path) -> Result<UserServer, String> {
+    let bin = top.join("cloud-server");
+    std::fs::copy(SERVER, &bin).unwrap();
+    let work = top.join("work");
+    std::fs::create_dir(&work).unwrap();
+    nix::unistd::chown(&work, Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534)))
+        .unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nodes = top.join("nodes.txt");
+    std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--listen", "127.0.0.1:0", "--time-limit", "30"]).arg("--nodes").arg(&nodes).arg("--work-dir").arg(&work);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let id = 65534;
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(id) != 0 || libc::setuid(id) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while lines.read_line(&mut line).unwrap_or(0) > 0 {
+        if line.contains("listening on") || line.starts_with("cloud-server:") {
+            break;
+        }
+        line.clear();
+    }
+    let addr = line.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).and_then(|a| a.parse().ok());
+    // Keep draining the log so the server never blocks on it.
+    std::thread::spawn(move || std::io::copy(&mut lines, &mut std::io::sink()));
+    match addr {
+        Some(addr) => Ok(UserServer { child, addr, ready: line }),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(line)
+        }
+    }
+}
+
+/// Without root, the job runs as the server's user (uid 0 of a user
+/// namespace): it still cannot write that user's files on the host.
+#[test]
+fn without_root_a_job_cannot_write_the_server_users_files() {
+    if !need_root("without_root_a_job_cannot_write_the_server_users_files") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path();
+    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let own = HostDir::new("server-user", 0o700, Some(65534));
+    let victim = own.0.join("victim");
+    std::fs::write(&victim, "original\n").unwrap();
+    nix::unistd::chown(&victim, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let s = match start_as_nobody(top) {
+        Ok(s) => s,
+        Err(e) if e.contains("user namespaces") => {
+            eprintln!("SKIPPED: this kernel refuses unprivileged user namespaces: {e}");
+            return;
+        }
+        Err(e) => panic!("cloud-server did not start: {e}"),
+    };
+    let cloud = |args: &[&str]| {
+        let mut cmd = Command::new(CLIENT);
+        cmd.args(args).arg("--server").arg(s.addr.to_string());
+        use std::os::unix::process::CommandExt;
+        cmd.uid(65534).gid(65534);
+        cmd.output().expect("client")
+    };
+    let recipe = [
+        format!("@echo pwned > {} || echo refused", victim.display()),
+        format!("@touch {}/planted || echo refused", own.0.display()),
+        format!("@cat {}", victim.display()),
+    ];
+    let archive = job(top, "overwrite.tar.gz", &recipe);
+    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = cloud(&["deploy", "1", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").replace("Job ticket#: ", "");
+    let outs = top.join("outs");
+    std::fs::create_dir(&outs).unwrap();
+    std::fs::set_permissions(&outs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let got = cloud(&["retrieve", &t, outs.join("r").to_str().unwrap()]);
+    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    let mut text = String::new();
+    for e in std::fs::read_dir(outs.join("r")).unwrap() {
+        text.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap());
+    }
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "original\n",
+        "the job overwrote the server user's file: {text}"
+    );
+    assert!(!own.0.join("planted").exists(), "the job created a file in the server user's directory: {text}");
+    assert!(text.contains("Read-only file system") && text.contains("original"), "{text}");
+    assert!(s.ready.contains("host file system read-only"), "{}", s.ready);
+}
+
+/// Kernel keyrings are per uid and not namespaced: before the fix, a key
+/// a job added to its user keyring was still there for the next tenant's
+/// job on the same node (same slot uid). add_key, request_key and keyctl
+/// now fail with EPERM.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn a_key_left_in_the_user_keyring_does_not_reach_the_next_job() {
+    if !need_root("a_key_left_in_the_user_keyring_does_not_reach_the_next_job") {
+        return;
+    }
+    let c = Cluster::start(1);
+    // add_key = 248, keyctl = 250 (KEYCTL_SEARCH = 10, KEYCTL_READ = 11),
+    // KEY_SPEC_USER_KEYRING = -4.
+    let plant = r#"my ($t, $d, $v) = ("user", "cloudinfra-attack", "tenant-secret");
+my $r = syscall(248, $t, $d, $v, length($v), -4);
+print "add_key: $r $!\n";
+"#;
+    let find = r#"my ($t, $d) = ("user", "cloudinfra-attack");
+my $id = syscall(250, 10, -4, $t, $d, 0);
+my $b = "\0" x 64;
+my $n = $id > 0 ? syscall(250, 11, $id, $b, 64) : -1;
+print "found: ", ($n > 0 ? substr($b, 0, $n) : "nothing ($!)"), "\n";
+"#;
+    let perl_job = |name: &str, script: &str| {
+        archive(c.dir.path(), name, &[("Makefile", "run:\n\t@perl key.pl\n"), ("key.pl", script)])
+    };
+    let first = output(&c, c.deploy(1, &perl_job("plant.tar.gz", plant)));
+    assert!(first.contains("add_key: -1 Operation not permitted"), "{first}");
+    let next = output(&c, c.deploy(1, &perl_job("find.tar.gz", find)));
+    assert!(next.contains("found: nothing"), "{next}");
+    assert!(!next.contains("tenant-secret"), "the next tenant read a key the last job left: {next}");
+}
