@@ -97,27 +97,38 @@ impl Drop for UserServer {
 }
 
 fn start_as_nobody(top: &Path) -> Result<UserServer, String> {
+    start_server(top, "127.0.0.1:0", true)
+}
+
+/// A server on `listen` with one node and its work dir under `top`; as
+/// `nobody` (a copy of the binary, a work dir nobody owns) if `nobody`.
+fn start_server(top: &Path, listen: &str, nobody: bool) -> Result<UserServer, String> {
     let bin = top.join("cloud-server");
     std::fs::copy(SERVER, &bin).unwrap();
     let work = top.join("work");
     std::fs::create_dir(&work).unwrap();
-    nix::unistd::chown(&work, Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534)))
-        .unwrap();
+    if nobody {
+        let id = Some(nix::unistd::Uid::from_raw(65534));
+        nix::unistd::chown(&work, id, Some(nix::unistd::Gid::from_raw(65534))).unwrap();
+    }
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let nodes = top.join("nodes.txt");
     std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
     let mut cmd = Command::new(&bin);
-    cmd.args(["--listen", "127.0.0.1:0", "--time-limit", "30"]).arg("--nodes").arg(&nodes).arg("--work-dir").arg(&work);
+    cmd.args(["--listen", listen, "--time-limit", "30"]).arg("--nodes").arg(&nodes).arg("--work-dir").arg(&work);
+    cmd.args(["--slot-uids", &(1_000_000 + u32::from(port) * 64).to_string()]);
     use std::os::unix::process::CommandExt;
-    // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let id = 65534;
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(id) != 0 || libc::setuid(id) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    if nobody {
+        // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let id = 65534;
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(id) != 0 || libc::setuid(id) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
@@ -230,4 +241,52 @@ print "found: ", ($n > 0 ? substr($b, 0, $n) : "nothing ($!)"), "\n";
     let next = output(&c, c.deploy(1, &perl_job("find.tar.gz", find)));
     assert!(next.contains("found: nothing"), "{next}");
     assert!(!next.contains("tenant-secret"), "the next tenant read a key the last job left: {next}");
+}
+
+/// One of this host's own addresses that is not loopback (IPv4, up).
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let up = ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
+        let v4 = ifa.address.as_ref()?.as_sockaddr_in()?.ip();
+        (up && !v4.is_loopback()).then_some(std::net::IpAddr::V4(v4))
+    })
+}
+
+/// A local user must not pass for a network peer (whose AUTH_SYS is taken
+/// as claimed) by connecting to one of the host's own addresses instead of
+/// loopback, when the server listens on more than loopback: the kernel
+/// knows that socket too, and a lie about the uid is refused.
+#[test]
+fn a_local_user_cannot_forge_auth_sys_through_a_non_loopback_address() {
+    use cloudinfra::proto;
+    use cloudinfra::rpc::{self, AuthSys};
+    use std::io::{Read, Write};
+    let Some(ip) = non_loopback_address() else {
+        eprintln!("SKIPPED a_local_user_cannot_forge_auth_sys_through_a_non_loopback_address: no address but loopback");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = match start_server(dir.path(), "0.0.0.0:0", false) {
+        Ok(s) => s,
+        Err(e) => panic!("cloud-server did not start: {e}"),
+    };
+    let me = nix::unistd::Uid::effective().as_raw();
+    let claim = |xid: u32, uid: u32| {
+        let cred = AuthSys { stamp: 1, machinename: "forger".into(), uid, gid: uid, gids: vec![] };
+        let mut w = rpc::call_sys(xid, proto::CLOUD_PROG, proto::CLOUD_VERS, proto::STATUS, &cred);
+        w.u32(1);
+        let payload = w.into_bytes();
+        let mut v = (payload.len() as u32 | 0x8000_0000).to_be_bytes().to_vec();
+        v.extend_from_slice(&payload);
+        v
+    };
+    let mut c =
+        std::net::TcpStream::connect(SocketAddr::new(ip, s.addr.port())).expect("connect to the host's own address");
+    c.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    c.write_all(&claim(0x61, me.wrapping_add(1))).unwrap();
+    let mut reply = [0u8; 24];
+    c.read_exact(&mut reply).unwrap();
+    let words: Vec<u32> = reply[4..].chunks(4).map(|w| u32::from_be_bytes(w.try_into().unwrap())).collect();
+    // xid, REPLY, MSG_DENIED, AUTH_ERROR, AUTH_BADCRED.
+    assert_eq!(words, vec![0x61, 1, 1, 1, rpc::AUTH_BADCRED], "a local lie about the uid via {ip} was believed");
 }
