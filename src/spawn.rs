@@ -7,7 +7,8 @@
 //! kernel's rule for namespace inits nothing inside the namespace can
 //! signal it; it dies with the server (`PR_SET_PDEATHSIG`), makes every
 //! mount inherited from the host read-only, mounts a fresh /proc, private
-//! tmpfs on /tmp, /var/tmp and /dev/shm, hides the work dir under an empty
+//! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
+//! sockets live, unless the network is allowed), hides the work dir under an empty
 //! read-only tmpfs and gives the replica a tmpfs workspace
 //! of `--max-disk` bytes, then forks the **job** process: a new session,
 //! stdin from /dev/null, stdout and stderr onto one pipe, a clean
@@ -358,6 +359,16 @@ fn contain_mounts(spec: &SpawnSpec, owner: Option<(Uid, Gid)>) -> Result<(), Chi
         let dir = Path::new(dir);
         if dir.is_dir() {
             m("private tmpfs", Some("tmpfs"), dir, Some("tmpfs"), safe, Some(&tmp))?;
+        }
+    }
+    // The host's services listen on unix sockets under /run (D-Bus, the
+    // journal, container runtimes): sockets a network namespace does not
+    // stop. An isolated replica gets an empty /run of its own.
+    if spec.sandbox.isolate_network {
+        let run = Path::new("/run");
+        if run.is_dir() {
+            let flags = safe | MsFlags::MS_NOEXEC;
+            m("private /run", Some("tmpfs"), run, Some("tmpfs"), flags, Some("size=1m,mode=0755"))?;
         }
     }
     // The work dir (all tenants' outputs and the spool) is replaced by an

@@ -25,15 +25,15 @@ fn need_root(test: &str) -> bool {
     false
 }
 
-/// A directory on the host outside /tmp (which a job sees as its own
-/// tmpfs), removed when dropped.
+/// A directory on the host, in `parent` (not /tmp, which a job sees as
+/// its own tmpfs), removed when dropped.
 struct HostDir(PathBuf);
 
 impl HostDir {
-    fn new(name: &str, mode: u32, owner: Option<u32>) -> HostDir {
-        let path = PathBuf::from(format!("/run/cloudinfra-{name}-{}", std::process::id()));
+    fn new(parent: &str, name: &str, mode: u32, owner: Option<u32>) -> HostDir {
+        let path = PathBuf::from(format!("{parent}/cloudinfra-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir(&path).expect("create a directory in /run");
+        std::fs::create_dir(&path).expect("create a directory on the host");
         if let Some(id) = owner {
             let id = Some(nix::unistd::Uid::from_raw(id));
             nix::unistd::chown(&path, id, Some(nix::unistd::Gid::from_raw(65534))).expect("chown");
@@ -62,7 +62,7 @@ fn a_job_cannot_write_into_world_writable_host_directories() {
     if !need_root("a_job_cannot_write_into_world_writable_host_directories") {
         return;
     }
-    let shared = HostDir::new("world-writable", 0o1777, None);
+    let shared = HostDir::new("/var/lib", "world-writable", 0o1777, None);
     for extra in [&[][..], &["--no-slot-uids", "--run-as", "nobody"][..]] {
         let c = Cluster::start_with(1, extra);
         let left = shared.0.join("left-by-a-job");
@@ -162,7 +162,7 @@ fn without_root_a_job_cannot_write_the_server_users_files() {
     let dir = tempfile::tempdir().unwrap();
     let top = dir.path();
     std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let own = HostDir::new("server-user", 0o700, Some(65534));
+    let own = HostDir::new("/var/lib", "server-user", 0o700, Some(65534));
     let victim = own.0.join("victim");
     std::fs::write(&victim, "original\n").unwrap();
     nix::unistd::chown(&victim, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
@@ -289,4 +289,34 @@ fn a_local_user_cannot_forge_auth_sys_through_a_non_loopback_address() {
     let words: Vec<u32> = reply[4..].chunks(4).map(|w| u32::from_be_bytes(w.try_into().unwrap())).collect();
     // xid, REPLY, MSG_DENIED, AUTH_ERROR, AUTH_BADCRED.
     assert_eq!(words, vec![0x61, 1, 1, 1, rpc::AUTH_BADCRED], "a local lie about the uid via {ip} was believed");
+}
+
+/// A network namespace does not stop unix sockets on the file system: a
+/// job with the network isolated must not reach a host service listening
+/// under /run (D-Bus, the journal, container runtimes), even one anybody
+/// may connect to.
+#[test]
+fn an_isolated_job_cannot_reach_host_services_on_unix_sockets_in_run() {
+    if !need_root("an_isolated_job_cannot_reach_host_services_on_unix_sockets_in_run") {
+        return;
+    }
+    let svc = HostDir::new("/run", "service", 0o755, None);
+    let sock = svc.0.join("sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind a unix socket in /run");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let c = Cluster::start(1);
+    let script = format!(
+        "use IO::Socket::UNIX; my $s = IO::Socket::UNIX->new(Peer => '{}') or die \"cannot connect: $!\\n\"; print $s \"hello from a job\\n\"; print \"connected\\n\";\n",
+        sock.display()
+    );
+    let a = archive(
+        c.dir.path(),
+        "dial.tar.gz",
+        &[("Makefile", "run:\n\t-@perl dial.pl\n\t@echo tried\n"), ("dial.pl", &script)],
+    );
+    let out = output(&c, c.deploy(1, &a));
+    assert!(out.contains("tried"), "{out}");
+    assert!(listener.accept().is_err(), "a job reached a host service on a unix socket: {out}");
+    assert!(!out.contains("connected"), "{out}");
 }
