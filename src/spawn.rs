@@ -56,8 +56,10 @@ pub struct JobLimits {
     pub open_files: u64,
     /// RLIMIT_FSIZE, bytes.
     pub file_size: u64,
-    /// RLIMIT_NPROC. It counts every process of the uid, so it is only set
-    /// for replicas that run under a uid of their own (`None`: untouched).
+    /// RLIMIT_NPROC. It counts every process of the uid (in its user
+    /// namespace), so it is only set for replicas that run under a uid of
+    /// their own or in a user namespace of their own on Linux 5.14+
+    /// (`None`: untouched).
     pub processes: Option<u64>,
     /// Size of each private tmpfs: /tmp, /var/tmp, /dev/shm (`--max-tmp`).
     pub tmp_bytes: u64,
@@ -420,6 +422,16 @@ fn mount_setattr_rdonly(path: &std::ffi::CStr, flags: libc::c_int) -> nix::Resul
     } else {
         Err(nix::Error::last())
     }
+}
+
+/// Whether RLIMIT_NPROC counts processes per user namespace (Linux 5.14,
+/// "ucounts"): then a replica in a user namespace of its own can have
+/// `--max-procs`, counting its own processes only, not all of the server
+/// user's.
+pub fn nproc_per_user_namespace() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().ok());
+    matches!((parts.next(), parts.next()), (Some(Some(a)), Some(Some(b))) if (a, b) >= (5, 14))
 }
 
 /// Whether this kernel can make the host's file system read-only for

@@ -97,12 +97,12 @@ impl Drop for UserServer {
 }
 
 fn start_as_nobody(top: &Path) -> Result<UserServer, String> {
-    start_server(top, "127.0.0.1:0", true)
+    start_server(top, "127.0.0.1:0", true, &[])
 }
 
 /// A server on `listen` with one node and its work dir under `top`; as
 /// `nobody` (a copy of the binary, a work dir nobody owns) if `nobody`.
-fn start_server(top: &Path, listen: &str, nobody: bool) -> Result<UserServer, String> {
+fn start_server(top: &Path, listen: &str, nobody: bool, extra: &[&str]) -> Result<UserServer, String> {
     let bin = top.join("cloud-server");
     std::fs::copy(SERVER, &bin).unwrap();
     let work = top.join("work");
@@ -116,7 +116,7 @@ fn start_server(top: &Path, listen: &str, nobody: bool) -> Result<UserServer, St
     std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
     let mut cmd = Command::new(&bin);
     cmd.args(["--listen", listen, "--time-limit", "30"]).arg("--nodes").arg(&nodes).arg("--work-dir").arg(&work);
-    cmd.args(["--slot-uids", &(1_000_000 + u32::from(port) * 64).to_string()]);
+    cmd.args(["--slot-uids", &(1_000_000 + u32::from(port) * 64).to_string()]).args(extra);
     use std::os::unix::process::CommandExt;
     if nobody {
         // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
@@ -174,32 +174,12 @@ fn without_root_a_job_cannot_write_the_server_users_files() {
         }
         Err(e) => panic!("cloud-server did not start: {e}"),
     };
-    let cloud = |args: &[&str]| {
-        let mut cmd = Command::new(CLIENT);
-        cmd.args(args).arg("--server").arg(s.addr.to_string());
-        use std::os::unix::process::CommandExt;
-        cmd.uid(65534).gid(65534);
-        cmd.output().expect("client")
-    };
     let recipe = [
         format!("@echo pwned > {} || echo refused", victim.display()),
         format!("@touch {}/planted || echo refused", own.0.display()),
         format!("@cat {}", victim.display()),
     ];
-    let archive = job(top, "overwrite.tar.gz", &recipe);
-    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = cloud(&["deploy", "1", archive.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let t = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").replace("Job ticket#: ", "");
-    let outs = top.join("outs");
-    std::fs::create_dir(&outs).unwrap();
-    std::fs::set_permissions(&outs, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let got = cloud(&["retrieve", &t, outs.join("r").to_str().unwrap()]);
-    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
-    let mut text = String::new();
-    for e in std::fs::read_dir(outs.join("r")).unwrap() {
-        text.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap());
-    }
+    let text = run_as_nobody(&s, top, &job(top, "overwrite.tar.gz", &recipe));
     assert_eq!(
         std::fs::read_to_string(&victim).unwrap(),
         "original\n",
@@ -208,6 +188,68 @@ fn without_root_a_job_cannot_write_the_server_users_files() {
     assert!(!own.0.join("planted").exists(), "the job created a file in the server user's directory: {text}");
     assert!(text.contains("Read-only file system") && text.contains("original"), "{text}");
     assert!(s.ready.contains("host file system read-only"), "{}", s.ready);
+}
+
+/// Deploy `archive` to `s` as `nobody`, retrieve it, and return the output.
+fn run_as_nobody(s: &UserServer, top: &Path, archive: &Path) -> String {
+    let cloud = |args: &[&str]| {
+        let mut cmd = Command::new(CLIENT);
+        cmd.args(args).arg("--server").arg(s.addr.to_string());
+        use std::os::unix::process::CommandExt;
+        cmd.uid(65534).gid(65534);
+        cmd.output().expect("client")
+    };
+    std::fs::set_permissions(archive, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = cloud(&["deploy", "1", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").replace("Job ticket#: ", "");
+    let outs = top.join(format!("outs-{t}"));
+    std::fs::create_dir(&outs).unwrap();
+    std::fs::set_permissions(&outs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // Nonzero when the replica is INVALID: its output is written all the same.
+    let _ = cloud(&["retrieve", &t, outs.join("r").to_str().unwrap()]);
+    let mut text = String::new();
+    for e in std::fs::read_dir(outs.join("r")).unwrap() {
+        text.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap());
+    }
+    text
+}
+
+/// Without root and without cgroups, `--max-procs` still bounds a job: on
+/// Linux 5.14+ RLIMIT_NPROC counts per user namespace, and each replica
+/// has one of its own (before: no limit at all, only the host's).
+#[test]
+fn without_root_max_procs_bounds_a_job() {
+    if !need_root("without_root_max_procs_bounds_a_job") {
+        return;
+    }
+    if !cloudinfra::spawn::nproc_per_user_namespace() {
+        eprintln!(
+            "SKIPPED without_root_max_procs_bounds_a_job: RLIMIT_NPROC is per user namespace only from Linux 5.14"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path();
+    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = match start_server(top, "127.0.0.1:0", true, &["--max-procs", "40"]) {
+        Ok(s) => s,
+        Err(e) if e.contains("user namespaces") => {
+            eprintln!("SKIPPED: this kernel refuses unprivileged user namespaces: {e}");
+            return;
+        }
+        Err(e) => panic!("cloud-server did not start: {e}"),
+    };
+    // Fork until refused; the children sleep until the replica ends.
+    let script = "my $n = 0;\nfor (1..200) { my $p = fork(); last unless defined $p; if ($p == 0) { sleep 60; exit 0 } $n++ }\nprint \"held $n\\n\";\n";
+    let many = archive(top, "many.tar.gz", &[("Makefile", "run:\n\t@perl many.pl\n"), ("many.pl", script)]);
+    let text = run_as_nobody(&s, top, &many);
+    let held: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("held "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(held < 40, "a job without root forked {held} processes under --max-procs 40: {text}");
 }
 
 /// Kernel keyrings are per uid and not namespaced: before the fix, a key
@@ -266,7 +308,7 @@ fn a_local_user_cannot_forge_auth_sys_through_a_non_loopback_address() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let s = match start_server(dir.path(), "0.0.0.0:0", false) {
+    let s = match start_server(dir.path(), "0.0.0.0:0", false, &[]) {
         Ok(s) => s,
         Err(e) => panic!("cloud-server did not start: {e}"),
     };

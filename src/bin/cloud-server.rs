@@ -296,8 +296,11 @@ fn run(args: Args) -> Result<(), String> {
             address_space: args.max_memory,
             open_files: args.max_open_files,
             file_size: args.max_file_size,
-            // Only meaningful when the uid is the replicas' alone (root mode).
-            processes: root.then_some(args.max_procs),
+            // Only meaningful when the uid is the replicas' alone: root mode,
+            // or a user namespace per replica where the kernel counts per namespace.
+            processes: (root
+                || (containment == Containment::UserNamespace && cloudinfra::spawn::nproc_per_user_namespace()))
+            .then_some(args.max_procs),
             tmp_bytes: args.max_tmp,
             disk_bytes: args.max_disk,
         },
