@@ -8,7 +8,7 @@
 //! signal it; it dies with the server (`PR_SET_PDEATHSIG`), makes every
 //! mount inherited from the host read-only, mounts a fresh /proc, private
 //! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
-//! sockets live, unless the network is allowed), hides the work dir under an empty
+//! sockets live, unless the network is allowed), a devpts of its own, hides the work dir under an empty
 //! read-only tmpfs and gives the replica a tmpfs workspace
 //! of `--max-disk` bytes, then forks the **job** process: a new session,
 //! stdin from /dev/null, stdout and stderr onto one pipe, a clean
@@ -362,6 +362,14 @@ fn contain_mounts(spec: &SpawnSpec, owner: Option<(Uid, Gid)>) -> Result<(), Chi
         if dir.is_dir() {
             m("private tmpfs", Some("tmpfs"), dir, Some("tmpfs"), safe, Some(&tmp))?;
         }
+    }
+    // Terminals of its own: a new devpts instance (/dev/ptmx opens the
+    // instance at /dev/pts next to it), so a job cannot take the host's
+    // ptys, and the kernel keeps `kernel.pty.reserve` for the host.
+    let pts = Path::new("/dev/pts");
+    if pts.is_dir() {
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        m("private /dev/pts", Some("devpts"), pts, Some("devpts"), flags, Some("newinstance,ptmxmode=0666,mode=0620"))?;
     }
     // The host's services listen on unix sockets under /run (D-Bus, the
     // journal, container runtimes): sockets a network namespace does not

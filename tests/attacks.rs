@@ -362,3 +362,41 @@ fn an_isolated_job_cannot_reach_host_services_on_unix_sockets_in_run() {
     assert!(listener.accept().is_err(), "a job reached a host service on a unix socket: {out}");
     assert!(!out.contains("connected"), "{out}");
 }
+
+/// A job must not take every pseudo-terminal of the host (ssh and tmux
+/// logins then fail): its /dev/pts is a devpts instance of its own, which
+/// the kernel keeps `kernel.pty.reserve` ptys away from. Before, a job's
+/// processes could open the host's ptys up to `kernel.pty.max`.
+#[test]
+fn a_job_cannot_take_the_hosts_terminals() {
+    if !need_root("a_job_cannot_take_the_hosts_terminals") {
+        return;
+    }
+    let sysctl = |name: &str| -> usize {
+        std::fs::read_to_string(format!("/proc/sys/kernel/pty/{name}")).unwrap().trim().parse().unwrap()
+    };
+    let (max, reserve) = (sysctl("max"), sysctl("reserve"));
+    let c = Cluster::start(1);
+    // 24 processes open up to 250 ptys each and hold them until all are counted.
+    let script = r#"use POSIX;
+pipe(my $cr, my $cw); pipe(my $gr, my $gw);
+for my $k (1..24) {
+    my $p = fork(); die "fork: $!" unless defined $p; next if $p;
+    close $gw; my @t; my $n = 0;
+    while ($n < 250) { open(my $f, "+<", "/dev/ptmx") or last; push @t, $f; $n++ }
+    syswrite $cw, "$n\n"; my $x; sysread $gr, $x, 1; POSIX::_exit(0);
+}
+close $cw; close $gr; my $sum = 0;
+for (1..24) { my $l = <$cr>; $sum += $l }
+print "held $sum\n"; close $gw; 1 while wait() > 0;
+"#;
+    let a = archive(c.dir.path(), "ptys.tar.gz", &[("Makefile", "run:\n\t@perl ptys.pl\n"), ("ptys.pl", script)]);
+    let out = output(&c, c.deploy(1, &a));
+    let held: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("held "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(held > 0, "a job can still open terminals of its own: {out}");
+    assert!(held <= max - reserve, "a job held {held} ptys: kernel.pty.max {max}, of which {reserve} are the host's");
+}
