@@ -56,11 +56,15 @@ pub struct JobLimits {
     pub open_files: u64,
     /// RLIMIT_FSIZE, bytes.
     pub file_size: u64,
-    /// RLIMIT_NPROC. It counts every process of the uid (in its user
-    /// namespace), so it is only set for replicas that run under a uid of
-    /// their own or in a user namespace of their own on Linux 5.14+
-    /// (`None`: untouched).
+    /// `--max-procs`: the replica's cgroup pids limit and, where
+    /// `nproc_rlimit` says so, its RLIMIT_NPROC (`None`: neither).
     pub processes: Option<u64>,
+    /// Whether to set RLIMIT_NPROC. It counts every process of the uid (in
+    /// its user namespace), so only where the uid is the replica's alone:
+    /// slot uids, or a user namespace of its own on Linux 5.14+. With one
+    /// uid shared by all nodes (`--no-slot-uids`) one tenant would use up
+    /// the others' forks; there it is set only where no cgroup bounds a job.
+    pub nproc_rlimit: bool,
     /// Size of each private tmpfs: /tmp, /var/tmp, /dev/shm (`--max-tmp`).
     pub tmp_bytes: u64,
     /// Size of the tmpfs workspace (`--max-disk`).
@@ -618,7 +622,7 @@ fn job_setup(
         (Resource::RLIMIT_FSIZE, l.file_size, "file size"),
         (Resource::RLIMIT_CORE, 0, "core size"),
     ];
-    let nproc = l.processes.map(|v| (Resource::RLIMIT_NPROC, v, "processes"));
+    let nproc = l.processes.filter(|_| l.nproc_rlimit).map(|v| (Resource::RLIMIT_NPROC, v, "processes"));
     for (res, v, what) in limits.into_iter().chain(nproc) {
         // Never above the hard limit we inherited (a non-root server cannot raise it).
         let inherited = nix::sys::resource::getrlimit(res).map_or(u64::MAX, |(_, hard)| hard);

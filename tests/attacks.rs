@@ -400,3 +400,47 @@ print "held $sum\n"; close $gw; 1 while wait() > 0;
     assert!(held > 0, "a job can still open terminals of its own: {out}");
     assert!(held <= max - reserve, "a job held {held} ptys: kernel.pty.max {max}, of which {reserve} are the host's");
 }
+
+/// Forks until refused (at most 200; the children sleep until the replica
+/// ends) and prints "held N".
+const FORKS: &str = "my $n = 0;\nfor (1..200) { my $p = fork(); last unless defined $p; if ($p == 0) { sleep 60; exit 0 } $n++ }\nprint \"held $n\\n\";\n";
+
+fn held(out: &str) -> usize {
+    out.lines()
+        .find_map(|l| l.strip_prefix("held "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{out}"))
+}
+
+/// With `--no-slot-uids` every node runs as one uid, and RLIMIT_NPROC
+/// counts every process of that uid: one tenant holding `--max-procs`
+/// processes left the next tenant's job on another node unable to fork
+/// at all. Where cgroups bound each job's processes, RLIMIT_NPROC is not
+/// set for a shared uid.
+#[test]
+fn with_one_shared_uid_a_tenant_cannot_use_up_the_others_processes() {
+    if !need_root("with_one_shared_uid_a_tenant_cannot_use_up_the_others_processes") {
+        return;
+    }
+    let c = Cluster::start_with(2, &["--no-slot-uids", "--run-as", "nobody", "--max-procs", "40", "--allow-network"]);
+    if !c.log().contains("per-job memory and process totals") {
+        eprintln!("SKIPPED with_one_shared_uid_...: no cgroups here, so RLIMIT_NPROC is the only bound: {}", c.log());
+        return;
+    }
+    let gate = Gate::new();
+    let mut mk = String::from("SHELL := /bin/bash\nrun:\n\t@perl forks.pl\n");
+    for line in gate.wait_recipe("holder") {
+        mk.push_str(&format!("\t@{line}\n"));
+    }
+    let holder = archive(c.dir.path(), "holder.tar.gz", &[("Makefile", &mk), ("forks.pl", FORKS)]);
+    let t1 = c.deploy(1, &holder);
+    let (who, s) = gate.arrive();
+    assert_eq!(who, "holder");
+    let next = archive(c.dir.path(), "next.tar.gz", &[("Makefile", "run:\n\t@perl forks.pl\n"), ("forks.pl", FORKS)]);
+    let t2 = c.deploy(1, &next);
+    let out = output(&c, t2);
+    release(s);
+    let first = output(&c, t1);
+    assert!(held(&first) < 40, "--max-procs still bounds a job: {first}");
+    assert!(held(&out) > 20, "a tenant could not fork while another held its processes: {out}");
+}

@@ -274,6 +274,7 @@ fn run(args: Args) -> Result<(), String> {
         Containment::UserNamespace => "replicas contained: user+pid+mount+ipc namespaces",
         Containment::Uncontained => "jobs are NOT contained (--uncontained): no namespaces, daemons may outlive jobs",
     };
+    let nproc_per_userns = containment == Containment::UserNamespace && cloudinfra::spawn::nproc_per_user_namespace();
     let host_fs = match containment {
         Containment::Uncontained => "",
         _ if cloudinfra::spawn::host_read_only_available() => ", host file system read-only",
@@ -296,11 +297,11 @@ fn run(args: Args) -> Result<(), String> {
             address_space: args.max_memory,
             open_files: args.max_open_files,
             file_size: args.max_file_size,
-            // Only meaningful when the uid is the replicas' alone: root mode,
-            // or a user namespace per replica where the kernel counts per namespace.
-            processes: (root
-                || (containment == Containment::UserNamespace && cloudinfra::spawn::nproc_per_user_namespace()))
-            .then_some(args.max_procs),
+            processes: (root || nproc_per_userns).then_some(args.max_procs),
+            // Only where the uid is the replica's alone: slot uids, or a user
+            // namespace per replica where the kernel counts per namespace
+            // (the server turns it on for a shared uid without cgroups).
+            nproc_rlimit: ids.slot_uids || nproc_per_userns,
             tmp_bytes: args.max_tmp,
             disk_bytes: args.max_disk,
         },
