@@ -73,7 +73,7 @@ struct Args {
     /// Largest file a replica may write (RLIMIT_FSIZE; SIGXFSZ when exceeded).
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     max_file_size: u64,
-    /// Processes per slot user (RLIMIT_NPROC; set only when the server is root).
+    /// Processes of one job: its cgroup's pids limit where there are cgroups, and RLIMIT_NPROC where its uid is its own (slot uids; without root on Linux 5.14+).
     #[arg(long, value_name = "N", default_value_t = 128)]
     max_procs: u64,
     /// Seconds a finished job waits to be retrieved before it is closed and
