@@ -1,7 +1,10 @@
-//! Attacks on the merged containment, from inside a job, each one a hole
-//! that was open before its fix: writing the host's file system (a world-
-//! writable directory as root; the server user's own files without root),
-//! and leaving a key in the per-uid kernel keyring for the next tenant.
+//! Attacks on the merged containment and server, each one a hole that was
+//! open before its fix: writing the host's file system (a world-writable
+//! directory as root; the server user's own files without root), a key
+//! left in the per-uid kernel keyring for the next tenant, a local user
+//! passing for a network peer through the host's own address, host
+//! services on unix sockets under /run, the host's ptys, forks without
+//! limit without root, and one tenant using up a shared uid's processes.
 //! Tests that need root say so when skipped; CI runs as root.
 
 mod common;
