@@ -8,8 +8,10 @@
 //! Must not touch: connections, the reactor, tickets. The server asks once
 //! per accepted client connection and keeps the answer with it.
 //!
-//! Only loopback peers can be verified: for any other address the socket
-//! lives on another host and its uid is unknowable here.
+//! Only peers on this host can be verified (loopback, or a local user who
+//! connects to one of the host's own addresses: their sockets are in the
+//! kernel's table too); for a socket on another host the uid is
+//! unknowable here.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -17,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 /// What the server knows about the uid behind a client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerId {
-    /// A loopback peer whose socket the kernel says belongs to this uid.
+    /// A peer on this host whose socket the kernel says belongs to this uid.
     Verified(u32),
     /// A loopback peer whose socket could not be found (it went away, or
     /// the lookup failed): its calls are anonymous and its claims refused.
@@ -47,10 +49,13 @@ pub fn is_loopback(ip: IpAddr) -> bool {
 }
 
 /// Identify the peer of a connection accepted on `local` from `peer`.
+///
+/// A peer that is not on loopback may still be on this host: a local user
+/// who connects to one of the host's own addresses (when the server
+/// listens on more than loopback). Its socket is then in the kernel's
+/// table like a loopback one, so every peer is looked up, and only one
+/// whose socket is not here is `Remote`.
 pub fn identify(peer: SocketAddr, local: SocketAddr) -> PeerId {
-    if !is_loopback(peer.ip()) {
-        return PeerId::Remote;
-    }
     let (peer, local) = (canonical(peer), canonical(local));
     let netlink = netlink_owner(peer, local);
     let found = match &netlink {
@@ -61,6 +66,7 @@ pub fn identify(peer: SocketAddr, local: SocketAddr) -> PeerId {
     };
     match found {
         Some(uid) => PeerId::Verified(uid),
+        None if !is_loopback(peer.ip()) => PeerId::Remote,
         None => {
             log::warn!("cannot tell who owns the socket {peer} (netlink: {netlink:?}); its calls are anonymous");
             PeerId::Unverified

@@ -412,6 +412,12 @@ impl Server {
             }
             Err(why) => (None, format!("no cgroups ({why}): memory and process limits are per process")),
         };
+        // Without cgroups, RLIMIT_NPROC is the only bound on a job's forks,
+        // even where every node shares one uid (`--no-slot-uids`).
+        let mut cfg = cfg;
+        if cgroups.is_none() && cfg.containment != Containment::UserNamespace {
+            cfg.limits.nproc_rlimit = cfg.limits.processes.is_some();
+        }
         // Before listening: can replicas be contained as configured here?
         let sandbox = Sandbox {
             identity: cfg.identities.first().copied().flatten(),

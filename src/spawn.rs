@@ -5,12 +5,15 @@
 //! of a new user namespace), joined to the node's empty network namespace.
 //! Init stays privileged and installs no signal handlers, so by the
 //! kernel's rule for namespace inits nothing inside the namespace can
-//! signal it; it dies with the server (`PR_SET_PDEATHSIG`), mounts a fresh
-//! /proc, private tmpfs on /tmp, /var/tmp and /dev/shm, hides the work dir
-//! under an empty read-only tmpfs and gives the replica a tmpfs workspace
+//! signal it; it dies with the server (`PR_SET_PDEATHSIG`), makes every
+//! mount inherited from the host read-only, mounts a fresh /proc, private
+//! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
+//! sockets live, unless the network is allowed), a devpts of its own, hides the work dir under an empty
+//! read-only tmpfs and gives the replica a tmpfs workspace
 //! of `--max-disk` bytes, then forks the **job** process: a new session,
 //! stdin from /dev/null, stdout and stderr onto one pipe, a clean
 //! environment, resource limits, no capabilities, `PR_SET_NO_NEW_PRIVS`,
+//! a seccomp filter against the (not namespaced) kernel keyrings,
 //! the slot user's identity, safe extraction of the archive, and
 //! `exec make run`. Init reaps everything, reports the job's wait status on
 //! the close-on-exec status pipe (after any setup error the job wrote
@@ -53,9 +56,15 @@ pub struct JobLimits {
     pub open_files: u64,
     /// RLIMIT_FSIZE, bytes.
     pub file_size: u64,
-    /// RLIMIT_NPROC. It counts every process of the uid, so it is only set
-    /// for replicas that run under a uid of their own (`None`: untouched).
+    /// `--max-procs`: the replica's cgroup pids limit and, where
+    /// `nproc_rlimit` says so, its RLIMIT_NPROC (`None`: neither).
     pub processes: Option<u64>,
+    /// Whether to set RLIMIT_NPROC. It counts every process of the uid (in
+    /// its user namespace), so only where the uid is the replica's alone:
+    /// slot uids, or a user namespace of its own on Linux 5.14+. With one
+    /// uid shared by all nodes (`--no-slot-uids`) one tenant would use up
+    /// the others' forks; there it is set only where no cgroup bounds a job.
+    pub nproc_rlimit: bool,
     /// Size of each private tmpfs: /tmp, /var/tmp, /dev/shm (`--max-tmp`).
     pub tmp_bytes: u64,
     /// Size of the tmpfs workspace (`--max-disk`).
@@ -346,12 +355,34 @@ fn contain_mounts(spec: &SpawnSpec, owner: Option<(Uid, Gid)>) -> Result<(), Chi
     let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // Nothing we mount may show on the host, nor the host's later mounts here.
     m("making mounts private", None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    // The host's files, read-only for the job (before our own mounts go on,
+    // which stay writable): it may not leave files in world-writable host
+    // directories, nor (without root) write the server user's files.
+    host_read_only().map_err(|e| setup("making the host file system read-only", e))?;
     m("mounting /proc", Some("proc"), Path::new("/proc"), Some("proc"), safe | MsFlags::MS_NOEXEC, None)?;
     let tmp = format!("size={},mode=1777", spec.limits.tmp_bytes);
     for dir in PRIVATE_TMP {
         let dir = Path::new(dir);
         if dir.is_dir() {
             m("private tmpfs", Some("tmpfs"), dir, Some("tmpfs"), safe, Some(&tmp))?;
+        }
+    }
+    // Terminals of its own: a new devpts instance (/dev/ptmx opens the
+    // instance at /dev/pts next to it), so a job cannot take the host's
+    // ptys, and the kernel keeps `kernel.pty.reserve` for the host.
+    let pts = Path::new("/dev/pts");
+    if pts.is_dir() {
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        m("private /dev/pts", Some("devpts"), pts, Some("devpts"), flags, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    }
+    // The host's services listen on unix sockets under /run (D-Bus, the
+    // journal, container runtimes): sockets a network namespace does not
+    // stop. An isolated replica gets an empty /run of its own.
+    if spec.sandbox.isolate_network {
+        let run = Path::new("/run");
+        if run.is_dir() {
+            let flags = safe | MsFlags::MS_NOEXEC;
+            m("private /run", Some("tmpfs"), run, Some("tmpfs"), flags, Some("size=1m,mode=0755"))?;
         }
     }
     // The work dir (all tenants' outputs and the spool) is replaced by an
@@ -369,6 +400,83 @@ fn contain_mounts(spec: &SpawnSpec, owner: Option<(Uid, Gid)>) -> Result<(), Chi
     let ro = safe | MsFlags::MS_NOEXEC | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
     m("hiding the work dir", None, wd, None, ro, Some(hide))?;
     Ok(())
+}
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+
+/// mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, {RDONLY}): every mount of
+/// this mount namespace read-only. `ENOSYS` on kernels before 5.12.
+fn mount_setattr_rdonly(path: &std::ffi::CStr, flags: libc::c_int) -> nix::Result<()> {
+    let attr = MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: the kernel reads a NUL-terminated path and a mount_attr of
+    // the size given, both owned by this frame.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::Error::last())
+    }
+}
+
+/// Whether RLIMIT_NPROC counts processes per user namespace (Linux 5.14,
+/// "ucounts"): then a replica in a user namespace of its own can have
+/// `--max-procs`, counting its own processes only, not all of the server
+/// user's.
+pub fn nproc_per_user_namespace() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().ok());
+    matches!((parts.next(), parts.next()), (Some(Some(a)), Some(Some(b))) if (a, b) >= (5, 14))
+}
+
+/// Whether this kernel can make the host's file system read-only for
+/// replicas, recursively (mount_setattr, Linux 5.12). Asked once at start
+/// for the ready line: an empty path with no flags fails with ENOSYS only
+/// where the call is missing.
+pub fn host_read_only_available() -> bool {
+    mount_setattr_rdonly(c"", 0) != Err(nix::Error::ENOSYS)
+}
+
+/// Make every mount the replica inherited from the host read-only. Where
+/// the kernel lacks mount_setattr, fall back to the root mount alone
+/// (a read-only bind remount; the ready line says the host stays writable
+/// under other mount points).
+fn host_read_only() -> nix::Result<()> {
+    match mount_setattr_rdonly(c"/", libc::AT_RECURSIVE) {
+        Err(nix::Error::ENOSYS) => {
+            let keep =
+                nix::sys::statvfs::statvfs("/").map(|v| v.flags()).unwrap_or(nix::sys::statvfs::FsFlags::empty());
+            let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            for (st, ms) in [
+                (nix::sys::statvfs::FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+                (nix::sys::statvfs::FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+                (nix::sys::statvfs::FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+            ] {
+                if keep.contains(st) {
+                    flags |= ms;
+                }
+            }
+            mount(None::<&str>, "/", None::<&str>, flags, None::<&str>)
+        }
+        other => other,
+    }
 }
 
 fn mkdir_all(path: &Path) -> std::io::Result<()> {
@@ -514,7 +622,7 @@ fn job_setup(
         (Resource::RLIMIT_FSIZE, l.file_size, "file size"),
         (Resource::RLIMIT_CORE, 0, "core size"),
     ];
-    let nproc = l.processes.map(|v| (Resource::RLIMIT_NPROC, v, "processes"));
+    let nproc = l.processes.filter(|_| l.nproc_rlimit).map(|v| (Resource::RLIMIT_NPROC, v, "processes"));
     for (res, v, what) in limits.into_iter().chain(nproc) {
         // Never above the hard limit we inherited (a non-root server cannot raise it).
         let inherited = nix::sys::resource::getrlimit(res).map_or(u64::MAX, |(_, hard)| hard);
@@ -536,6 +644,12 @@ fn job_setup(
     }
     if let Err(e) = nix::sys::prctl::set_no_new_privs() {
         return setup("PR_SET_NO_NEW_PRIVS", e);
+    }
+    // Kernel keyrings are per uid and not namespaced: a key a job adds to
+    // its user keyring would outlive it and be read by the next tenant
+    // that runs as the same slot uid.
+    if let Err(e) = deny_keyrings() {
+        return setup("seccomp filter", e);
     }
     if let Some((uid, gid)) = spec.sandbox.identity {
         if let Err(e) = take_identity(uid, gid) {
@@ -601,6 +715,61 @@ fn drop_bounding_set() -> nix::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A seccomp filter that makes add_key, request_key and keyctl fail with
+/// EPERM (as Docker's default profile does), for every ABI the job could
+/// use on this machine; everything else is allowed. Needs NO_NEW_PRIVS.
+fn deny_keyrings() -> nix::Result<()> {
+    #[repr(C)]
+    struct SockFilter {
+        code: u16,
+        jt: u8,
+        jf: u8,
+        k: u32,
+    }
+    #[repr(C)]
+    struct SockFprog {
+        len: u16,
+        filter: *const SockFilter,
+    }
+    const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const AND: u16 = 0x54; // BPF_ALU | BPF_AND | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    const ALLOW: u32 = 0x7fff_0000;
+    const DENY: u32 = 0x0005_0000 | libc::EPERM as u32; // SECCOMP_RET_ERRNO
+                                                        // (arch, syscall numbers of add_key, request_key, keyctl). The x32 ABI
+                                                        // shares x86_64's arch value with bit 30 set in the number: masked off.
+    #[cfg(target_arch = "x86_64")]
+    let abis: [(u32, [u32; 3]); 2] = [(0xC000_003E, [248, 249, 250]), (0x4000_0003, [286, 287, 288])];
+    #[cfg(target_arch = "aarch64")]
+    let abis: [(u32, [u32; 3]); 1] = [(0xC000_00B7, [217, 218, 219])];
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let abis: [(u32, [u32; 3]); 0] = [];
+    let f = |code, jt, jf, k| SockFilter { code, jt, jf, k };
+    let mut prog = Vec::new();
+    for (arch, nrs) in abis {
+        // seccomp_data: nr at offset 0, arch at offset 4.
+        prog.push(f(LD_ABS, 0, 0, 4));
+        prog.push(f(JEQ, 0, 6, arch)); // another ABI: skip this block
+        prog.push(f(LD_ABS, 0, 0, 0));
+        prog.push(f(AND, 0, 0, !0x4000_0000));
+        prog.push(f(JEQ, 2, 0, nrs[0]));
+        prog.push(f(JEQ, 1, 0, nrs[1]));
+        prog.push(f(JEQ, 0, 1, nrs[2]));
+        prog.push(f(RET, 0, 0, DENY));
+    }
+    prog.push(f(RET, 0, 0, ALLOW));
+    let fprog = SockFprog { len: prog.len() as u16, filter: prog.as_ptr() };
+    // SAFETY: the kernel copies the filter program, which lives in `prog`
+    // for the duration of the call.
+    let r = unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &fprog as *const SockFprog, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::Error::last())
+    }
 }
 
 /// capset(): no effective, permitted or inheritable capability.

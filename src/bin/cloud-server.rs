@@ -75,8 +75,7 @@ struct Args {
     /// Largest file a replica may write (RLIMIT_FSIZE; SIGXFSZ when exceeded).
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     max_file_size: u64,
-    /// Processes per slot user (RLIMIT_NPROC; set only when the server is
-    /// root); with cgroups also the processes of a replica together.
+    /// Processes of one job: its cgroup's pids limit where there are cgroups, and RLIMIT_NPROC where its uid is its own (slot uids; without root on Linux 5.14+).
     #[arg(long, value_name = "N", default_value_t = 128)]
     max_procs: u64,
     /// Seconds a finished job waits to be retrieved before it is closed and
@@ -334,10 +333,21 @@ fn run(args: Args) -> Result<(), String> {
     // it to that user's own jobs unless told otherwise.
     let me = Uid::effective().as_raw();
     let only_deployer = (!root && !args.allow_other_users).then_some(me);
+    if !root && args.allow_other_users && args.allow_network {
+        // A job's socket would belong to this server's user: it could
+        // retrieve and close every ticket that user deployed.
+        return Err("--allow-other-users with --allow-network needs root: a job could act as this server's user toward it; drop one of them or run as root".into());
+    }
     let who_deploys = match only_deployer {
         Some(uid) => format!("; jobs taken only from uid {uid}, this server's user (--allow-other-users opens it)"),
         None if !root => "; jobs taken from every user, run with this server user's permissions".into(),
         None => String::new(),
+    };
+    let nproc_per_userns = containment == Containment::UserNamespace && cloudinfra::spawn::nproc_per_user_namespace();
+    let host_fs = match containment {
+        Containment::Uncontained => "",
+        _ if cloudinfra::spawn::host_read_only_available() => ", host file system read-only",
+        _ => ", host file system read-only at / only (this kernel lacks mount_setattr, Linux 5.12)",
     };
     let cfg = ServerConfig {
         nodes_path: args.nodes.clone(),
@@ -356,8 +366,11 @@ fn run(args: Args) -> Result<(), String> {
             address_space: args.max_memory,
             open_files: args.max_open_files,
             file_size: args.max_file_size,
-            // Only meaningful when the uid is the replicas' alone (root mode).
-            processes: root.then_some(args.max_procs),
+            processes: (root || nproc_per_userns).then_some(args.max_procs),
+            // Only where the uid is the replica's alone: slot uids, or a user
+            // namespace per replica where the kernel counts per namespace
+            // (the server turns it on for a shared uid without cgroups).
+            nproc_rlimit: ids.slot_uids || nproc_per_userns,
             tmp_bytes: args.max_tmp,
             disk_bytes: args.max_disk,
         },
@@ -369,7 +382,7 @@ fn run(args: Args) -> Result<(), String> {
         slot_uids: ids.slot_uids,
         isolate_network,
         containment,
-        sandbox_summary: format!("{contained}; {}, {net}{who_deploys}", ids.summary),
+        sandbox_summary: format!("{contained}{host_fs}; {}, {net}{who_deploys}", ids.summary),
         only_deployer,
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         idle_timeout: Duration::from_secs(args.idle_timeout),

@@ -1,0 +1,449 @@
+//! Attacks on the merged containment and server, each one a hole that was
+//! open before its fix: writing the host's file system (a world-writable
+//! directory as root; the server user's own files without root), a key
+//! left in the per-uid kernel keyring for the next tenant, a local user
+//! passing for a network peer through the host's own address, host
+//! services on unix sockets under /run, the host's ptys, forks without
+//! limit without root, and one tenant using up a shared uid's processes.
+//! Tests that need root say so when skipped; CI runs as root.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+fn need_root(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test} needs root, and CI runs as root");
+    }
+    eprintln!("SKIPPED {test}: needs root (slot uids, running a server as another user)");
+    false
+}
+
+/// A directory on the host, in `parent` (not /tmp, which a job sees as
+/// its own tmpfs), removed when dropped.
+struct HostDir(PathBuf);
+
+impl HostDir {
+    fn new(parent: &str, name: &str, mode: u32, owner: Option<u32>) -> HostDir {
+        let path = PathBuf::from(format!("{parent}/cloudinfra-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).expect("create a directory on the host");
+        if let Some(id) = owner {
+            let id = Some(nix::unistd::Uid::from_raw(id));
+            nix::unistd::chown(&path, id, Some(nix::unistd::Gid::from_raw(65534))).expect("chown");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        HostDir(path)
+    }
+}
+
+impl Drop for HostDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn output(c: &Cluster, t: u32) -> String {
+    let (_, outs) = c.retrieve(t);
+    outs.into_iter().map(|(_, o)| o).collect()
+}
+
+/// As root, a job (slot uid, or `nobody` without slot uids) cannot leave a
+/// file in a world-writable host directory outside its private temp dirs:
+/// the host's file system is read-only in the replica's mount namespace.
+#[test]
+fn a_job_cannot_write_into_world_writable_host_directories() {
+    if !need_root("a_job_cannot_write_into_world_writable_host_directories") {
+        return;
+    }
+    let shared = HostDir::new("/var/lib", "world-writable", 0o1777, None);
+    for extra in [&[][..], &["--no-slot-uids", "--run-as", "nobody"][..]] {
+        let c = Cluster::start_with(1, extra);
+        let left = shared.0.join("left-by-a-job");
+        let recipe = [
+            format!("@echo planted > {} || echo refused", left.display()),
+            "@echo scratch > /tmp/scratch && cat /tmp/scratch".to_string(),
+            "@echo work > $$HOME/work && cat $$HOME/work".to_string(),
+        ];
+        let t = c.deploy(1, &job(c.dir.path(), "plant.tar.gz", &recipe));
+        let out = output(&c, t);
+        assert!(!left.exists(), "a job left a file in a world-writable host directory ({extra:?}): {out}");
+        assert!(out.contains("Read-only file system") && out.contains("refused"), "{out}");
+        // Its own mounts stay writable.
+        assert!(out.contains("scratch\n") && out.contains("work\n"), "{out}");
+        assert!(c.log().contains("host file system read-only"), "{}", c.log());
+    }
+}
+
+/// A server started as `nobody` (user-namespace containment), and its
+/// ready line.
+struct UserServer {
+    child: Child,
+    addr: SocketAddr,
+    ready: String,
+}
+
+impl Drop for UserServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_as_nobody(top: &Path) -> Result<UserServer, String> {
+    start_server(top, "127.0.0.1:0", true, &[])
+}
+
+/// A server on `listen` with one node and its work dir under `top`; as
+/// `nobody` (a copy of the binary, a work dir nobody owns) if `nobody`.
+fn start_server(top: &Path, listen: &str, nobody: bool, extra: &[&str]) -> Result<UserServer, String> {
+    let bin = top.join("cloud-server");
+    std::fs::copy(SERVER, &bin).unwrap();
+    let work = top.join("work");
+    std::fs::create_dir(&work).unwrap();
+    if nobody {
+        let id = Some(nix::unistd::Uid::from_raw(65534));
+        nix::unistd::chown(&work, id, Some(nix::unistd::Gid::from_raw(65534))).unwrap();
+    }
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nodes = top.join("nodes.txt");
+    std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--listen", listen, "--time-limit", "30"]).arg("--nodes").arg(&nodes).arg("--work-dir").arg(&work);
+    cmd.args(["--slot-uids", &(1_000_000 + u32::from(port) * 64).to_string()]).args(extra);
+    use std::os::unix::process::CommandExt;
+    if nobody {
+        // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let id = 65534;
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(id) != 0 || libc::setuid(id) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while lines.read_line(&mut line).unwrap_or(0) > 0 {
+        if line.contains("listening on") || line.starts_with("cloud-server:") {
+            break;
+        }
+        line.clear();
+    }
+    let addr = line.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).and_then(|a| a.parse().ok());
+    // Keep draining the log so the server never blocks on it.
+    std::thread::spawn(move || std::io::copy(&mut lines, &mut std::io::sink()));
+    match addr {
+        Some(addr) => Ok(UserServer { child, addr, ready: line }),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(line)
+        }
+    }
+}
+
+/// Without root, the job runs as the server's user (uid 0 of a user
+/// namespace): it still cannot write that user's files on the host.
+#[test]
+fn without_root_a_job_cannot_write_the_server_users_files() {
+    if !need_root("without_root_a_job_cannot_write_the_server_users_files") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path();
+    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let own = HostDir::new("/var/lib", "server-user", 0o700, Some(65534));
+    let victim = own.0.join("victim");
+    std::fs::write(&victim, "original\n").unwrap();
+    nix::unistd::chown(&victim, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let s = match start_as_nobody(top) {
+        Ok(s) => s,
+        Err(e) if e.contains("user namespaces") => {
+            eprintln!("SKIPPED: this kernel refuses unprivileged user namespaces: {e}");
+            return;
+        }
+        Err(e) => panic!("cloud-server did not start: {e}"),
+    };
+    let recipe = [
+        format!("@echo pwned > {} || echo refused", victim.display()),
+        format!("@touch {}/planted || echo refused", own.0.display()),
+        format!("@cat {}", victim.display()),
+    ];
+    let text = run_as_nobody(&s, top, &job(top, "overwrite.tar.gz", &recipe));
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "original\n",
+        "the job overwrote the server user's file: {text}"
+    );
+    assert!(!own.0.join("planted").exists(), "the job created a file in the server user's directory: {text}");
+    assert!(text.contains("Read-only file system") && text.contains("original"), "{text}");
+    assert!(s.ready.contains("host file system read-only"), "{}", s.ready);
+}
+
+/// Deploy `archive` to `s` as `nobody`, retrieve it, and return the output.
+fn run_as_nobody(s: &UserServer, top: &Path, archive: &Path) -> String {
+    let cloud = |args: &[&str]| {
+        let mut cmd = Command::new(CLIENT);
+        cmd.args(args).arg("--server").arg(s.addr.to_string());
+        use std::os::unix::process::CommandExt;
+        cmd.uid(65534).gid(65534);
+        cmd.output().expect("client")
+    };
+    std::fs::set_permissions(archive, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = cloud(&["deploy", "1", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").replace("Job ticket#: ", "");
+    let outs = top.join(format!("outs-{t}"));
+    std::fs::create_dir(&outs).unwrap();
+    std::fs::set_permissions(&outs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // Nonzero when the replica is INVALID: its output is written all the same.
+    let _ = cloud(&["retrieve", &t, outs.join("r").to_str().unwrap()]);
+    let mut text = String::new();
+    for e in std::fs::read_dir(outs.join("r")).unwrap() {
+        text.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap());
+    }
+    text
+}
+
+/// Without root and without cgroups, `--max-procs` still bounds a job: on
+/// Linux 5.14+ RLIMIT_NPROC counts per user namespace, and each replica
+/// has one of its own (before: no limit at all, only the host's).
+#[test]
+fn without_root_max_procs_bounds_a_job() {
+    if !need_root("without_root_max_procs_bounds_a_job") {
+        return;
+    }
+    if !cloudinfra::spawn::nproc_per_user_namespace() {
+        eprintln!(
+            "SKIPPED without_root_max_procs_bounds_a_job: RLIMIT_NPROC is per user namespace only from Linux 5.14"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path();
+    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = match start_server(top, "127.0.0.1:0", true, &["--max-procs", "40"]) {
+        Ok(s) => s,
+        Err(e) if e.contains("user namespaces") => {
+            eprintln!("SKIPPED: this kernel refuses unprivileged user namespaces: {e}");
+            return;
+        }
+        Err(e) => panic!("cloud-server did not start: {e}"),
+    };
+    // Fork until refused; the children sleep until the replica ends.
+    let script = "my $n = 0;\nfor (1..200) { my $p = fork(); last unless defined $p; if ($p == 0) { sleep 60; exit 0 } $n++ }\nprint \"held $n\\n\";\n";
+    let many = archive(top, "many.tar.gz", &[("Makefile", "run:\n\t@perl many.pl\n"), ("many.pl", script)]);
+    let text = run_as_nobody(&s, top, &many);
+    let held: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("held "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(held < 40, "a job without root forked {held} processes under --max-procs 40: {text}");
+}
+
+/// Kernel keyrings are per uid and not namespaced: before the fix, a key
+/// a job added to its user keyring was still there for the next tenant's
+/// job on the same node (same slot uid). add_key, request_key and keyctl
+/// now fail with EPERM.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn a_key_left_in_the_user_keyring_does_not_reach_the_next_job() {
+    if !need_root("a_key_left_in_the_user_keyring_does_not_reach_the_next_job") {
+        return;
+    }
+    let c = Cluster::start(1);
+    // add_key = 248, keyctl = 250 (KEYCTL_SEARCH = 10, KEYCTL_READ = 11),
+    // KEY_SPEC_USER_KEYRING = -4.
+    let plant = r#"my ($t, $d, $v) = ("user", "cloudinfra-attack", "tenant-secret");
+my $r = syscall(248, $t, $d, $v, length($v), -4);
+print "add_key: $r $!\n";
+"#;
+    let find = r#"my ($t, $d) = ("user", "cloudinfra-attack");
+my $id = syscall(250, 10, -4, $t, $d, 0);
+my $b = "\0" x 64;
+my $n = $id > 0 ? syscall(250, 11, $id, $b, 64) : -1;
+print "found: ", ($n > 0 ? substr($b, 0, $n) : "nothing ($!)"), "\n";
+"#;
+    let perl_job = |name: &str, script: &str| {
+        archive(c.dir.path(), name, &[("Makefile", "run:\n\t@perl key.pl\n"), ("key.pl", script)])
+    };
+    let first = output(&c, c.deploy(1, &perl_job("plant.tar.gz", plant)));
+    assert!(first.contains("add_key: -1 Operation not permitted"), "{first}");
+    let next = output(&c, c.deploy(1, &perl_job("find.tar.gz", find)));
+    assert!(next.contains("found: nothing"), "{next}");
+    assert!(!next.contains("tenant-secret"), "the next tenant read a key the last job left: {next}");
+}
+
+/// One of this host's own addresses that is not loopback (IPv4, up).
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let up = ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
+        let v4 = ifa.address.as_ref()?.as_sockaddr_in()?.ip();
+        (up && !v4.is_loopback()).then_some(std::net::IpAddr::V4(v4))
+    })
+}
+
+/// A local user must not pass for a network peer (whose AUTH_SYS is taken
+/// as claimed) by connecting to one of the host's own addresses instead of
+/// loopback, when the server listens on more than loopback: the kernel
+/// knows that socket too, and a lie about the uid is refused.
+#[test]
+fn a_local_user_cannot_forge_auth_sys_through_a_non_loopback_address() {
+    use cloudinfra::proto;
+    use cloudinfra::rpc::{self, AuthSys};
+    use std::io::{Read, Write};
+    let Some(ip) = non_loopback_address() else {
+        eprintln!("SKIPPED a_local_user_cannot_forge_auth_sys_through_a_non_loopback_address: no address but loopback");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = match start_server(dir.path(), "0.0.0.0:0", false, &[]) {
+        Ok(s) => s,
+        Err(e) => panic!("cloud-server did not start: {e}"),
+    };
+    let me = nix::unistd::Uid::effective().as_raw();
+    let claim = |xid: u32, uid: u32| {
+        let cred = AuthSys { stamp: 1, machinename: "forger".into(), uid, gid: uid, gids: vec![] };
+        let mut w = rpc::call_sys(xid, proto::CLOUD_PROG, proto::CLOUD_VERS, proto::STATUS, &cred);
+        w.u32(1);
+        let payload = w.into_bytes();
+        let mut v = (payload.len() as u32 | 0x8000_0000).to_be_bytes().to_vec();
+        v.extend_from_slice(&payload);
+        v
+    };
+    let mut c =
+        std::net::TcpStream::connect(SocketAddr::new(ip, s.addr.port())).expect("connect to the host's own address");
+    c.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    c.write_all(&claim(0x61, me.wrapping_add(1))).unwrap();
+    let mut reply = [0u8; 24];
+    c.read_exact(&mut reply).unwrap();
+    let words: Vec<u32> = reply[4..].chunks(4).map(|w| u32::from_be_bytes(w.try_into().unwrap())).collect();
+    // xid, REPLY, MSG_DENIED, AUTH_ERROR, AUTH_BADCRED.
+    assert_eq!(words, vec![0x61, 1, 1, 1, rpc::AUTH_BADCRED], "a local lie about the uid via {ip} was believed");
+}
+
+/// A network namespace does not stop unix sockets on the file system: a
+/// job with the network isolated must not reach a host service listening
+/// under /run (D-Bus, the journal, container runtimes), even one anybody
+/// may connect to.
+#[test]
+fn an_isolated_job_cannot_reach_host_services_on_unix_sockets_in_run() {
+    if !need_root("an_isolated_job_cannot_reach_host_services_on_unix_sockets_in_run") {
+        return;
+    }
+    let svc = HostDir::new("/run", "service", 0o755, None);
+    let sock = svc.0.join("sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind a unix socket in /run");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let c = Cluster::start(1);
+    let script = format!(
+        "use IO::Socket::UNIX; my $s = IO::Socket::UNIX->new(Peer => '{}') or die \"cannot connect: $!\\n\"; print $s \"hello from a job\\n\"; print \"connected\\n\";\n",
+        sock.display()
+    );
+    let a = archive(
+        c.dir.path(),
+        "dial.tar.gz",
+        &[("Makefile", "run:\n\t-@perl dial.pl\n\t@echo tried\n"), ("dial.pl", &script)],
+    );
+    let out = output(&c, c.deploy(1, &a));
+    assert!(out.contains("tried"), "{out}");
+    assert!(listener.accept().is_err(), "a job reached a host service on a unix socket: {out}");
+    assert!(!out.contains("connected"), "{out}");
+}
+
+/// A job must not take every pseudo-terminal of the host (ssh and tmux
+/// logins then fail): its /dev/pts is a devpts instance of its own, which
+/// the kernel keeps `kernel.pty.reserve` ptys away from. Before, a job's
+/// processes could open the host's ptys up to `kernel.pty.max`.
+#[test]
+fn a_job_cannot_take_the_hosts_terminals() {
+    if !need_root("a_job_cannot_take_the_hosts_terminals") {
+        return;
+    }
+    let sysctl = |name: &str| -> usize {
+        std::fs::read_to_string(format!("/proc/sys/kernel/pty/{name}")).unwrap().trim().parse().unwrap()
+    };
+    let (max, reserve) = (sysctl("max"), sysctl("reserve"));
+    let c = Cluster::start(1);
+    // 24 processes open up to 250 ptys each and hold them until all are counted.
+    let script = r#"use POSIX;
+pipe(my $cr, my $cw); pipe(my $gr, my $gw);
+for my $k (1..24) {
+    my $p = fork(); die "fork: $!" unless defined $p; next if $p;
+    close $gw; my @t; my $n = 0;
+    while ($n < 250) { open(my $f, "+<", "/dev/ptmx") or last; push @t, $f; $n++ }
+    syswrite $cw, "$n\n"; my $x; sysread $gr, $x, 1; POSIX::_exit(0);
+}
+close $cw; close $gr; my $sum = 0;
+for (1..24) { my $l = <$cr>; $sum += $l }
+print "held $sum\n"; close $gw; 1 while wait() > 0;
+"#;
+    let a = archive(c.dir.path(), "ptys.tar.gz", &[("Makefile", "run:\n\t@perl ptys.pl\n"), ("ptys.pl", script)]);
+    let out = output(&c, c.deploy(1, &a));
+    let held: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("held "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(held > 0, "a job can still open terminals of its own: {out}");
+    assert!(held <= max - reserve, "a job held {held} ptys: kernel.pty.max {max}, of which {reserve} are the host's");
+}
+
+/// Forks until refused (at most 200; the children sleep until the replica
+/// ends) and prints "held N".
+const FORKS: &str = "my $n = 0;\nfor (1..200) { my $p = fork(); last unless defined $p; if ($p == 0) { sleep 60; exit 0 } $n++ }\nprint \"held $n\\n\";\n";
+
+fn held(out: &str) -> usize {
+    out.lines()
+        .find_map(|l| l.strip_prefix("held "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{out}"))
+}
+
+/// With `--no-slot-uids` every node runs as one uid, and RLIMIT_NPROC
+/// counts every process of that uid: one tenant holding `--max-procs`
+/// processes left the next tenant's job on another node unable to fork
+/// at all. Where cgroups bound each job's processes, RLIMIT_NPROC is not
+/// set for a shared uid.
+#[test]
+fn with_one_shared_uid_a_tenant_cannot_use_up_the_others_processes() {
+    if !need_root("with_one_shared_uid_a_tenant_cannot_use_up_the_others_processes") {
+        return;
+    }
+    let c = Cluster::start_with(2, &["--no-slot-uids", "--run-as", "nobody", "--max-procs", "40", "--allow-network"]);
+    if !c.log().contains("per-job memory and process totals") {
+        eprintln!("SKIPPED with_one_shared_uid_...: no cgroups here, so RLIMIT_NPROC is the only bound: {}", c.log());
+        return;
+    }
+    let gate = Gate::new();
+    let mut mk = String::from("SHELL := /bin/bash\nrun:\n\t@perl forks.pl\n");
+    for line in gate.wait_recipe("holder") {
+        mk.push_str(&format!("\t@{line}\n"));
+    }
+    let holder = archive(c.dir.path(), "holder.tar.gz", &[("Makefile", &mk), ("forks.pl", FORKS)]);
+    let t1 = c.deploy(1, &holder);
+    let (who, s) = gate.arrive();
+    assert_eq!(who, "holder");
+    let next = archive(c.dir.path(), "next.tar.gz", &[("Makefile", "run:\n\t@perl forks.pl\n"), ("forks.pl", FORKS)]);
+    let t2 = c.deploy(1, &next);
+    let out = output(&c, t2);
+    release(s);
+    let first = output(&c, t1);
+    assert!(held(&first) < 40, "--max-procs still bounds a job: {first}");
+    assert!(held(&out) > 20, "a tenant could not fork while another held its processes: {out}");
+}
