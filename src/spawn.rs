@@ -13,7 +13,8 @@
 //! of `--max-disk` bytes, then forks the **job** process: a new session,
 //! stdin from /dev/null, stdout and stderr onto one pipe, a clean
 //! environment, resource limits, no capabilities, `PR_SET_NO_NEW_PRIVS`,
-//! a seccomp filter against the (not namespaced) kernel keyrings,
+//! a seccomp filter against the (not namespaced) kernel keyrings and
+//! nested user namespaces,
 //! the slot user's identity, safe extraction of the archive, and
 //! `exec make run`. Init reaps everything, reports the job's wait status on
 //! the close-on-exec status pipe (after any setup error the job wrote
@@ -647,8 +648,8 @@ fn job_setup(
     }
     // Kernel keyrings are per uid and not namespaced: a key a job adds to
     // its user keyring would outlive it and be read by the next tenant
-    // that runs as the same slot uid.
-    if let Err(e) = deny_keyrings() {
+    // that runs as the same slot uid. Nested user namespaces: no.
+    if let Err(e) = job_seccomp() {
         return setup("seccomp filter", e);
     }
     if let Some((uid, gid)) = spec.sandbox.identity {
@@ -717,10 +718,15 @@ fn drop_bounding_set() -> nix::Result<()> {
     Ok(())
 }
 
-/// A seccomp filter that makes add_key, request_key and keyctl fail with
-/// EPERM (as Docker's default profile does), for every ABI the job could
-/// use on this machine; everything else is allowed. Needs NO_NEW_PRIVS.
-fn deny_keyrings() -> nix::Result<()> {
+/// A job's seccomp filter, for every ABI the job could use on this machine;
+/// everything not named here is allowed. Needs NO_NEW_PRIVS.
+/// - add_key, request_key, keyctl: EPERM (as Docker's default profile
+///   does): kernel keyrings are per uid and not namespaced.
+/// - unshare and clone with CLONE_NEWUSER: EPERM. A nested user namespace
+///   is kernel attack surface, and in it a job could mount what it likes.
+/// - clone3: ENOSYS, since its flags sit behind a pointer a filter cannot
+///   read; the C library then falls back to clone.
+fn job_seccomp() -> nix::Result<()> {
     #[repr(C)]
     struct SockFilter {
         code: u16,
@@ -733,32 +739,58 @@ fn deny_keyrings() -> nix::Result<()> {
         len: u16,
         filter: *const SockFilter,
     }
+    /// One ABI: its AUDIT_ARCH value and its syscall numbers.
+    struct Abi {
+        arch: u32,
+        keyrings: [u32; 3],
+        unshare: u32,
+        clone: u32,
+        clone3: u32,
+    }
     const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
     const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
     const AND: u16 = 0x54; // BPF_ALU | BPF_AND | BPF_K
     const RET: u16 = 0x06; // BPF_RET | BPF_K
     const ALLOW: u32 = 0x7fff_0000;
-    const DENY: u32 = 0x0005_0000 | libc::EPERM as u32; // SECCOMP_RET_ERRNO
-                                                        // (arch, syscall numbers of add_key, request_key, keyctl). The x32 ABI
-                                                        // shares x86_64's arch value with bit 30 set in the number: masked off.
+    const EPERM: u32 = 0x0005_0000 | libc::EPERM as u32; // SECCOMP_RET_ERRNO
+    const ENOSYS: u32 = 0x0005_0000 | libc::ENOSYS as u32;
+    const NEWUSER: u32 = libc::CLONE_NEWUSER as u32;
+    // The x32 ABI shares x86_64's arch value with bit 30 set in the
+    // number: masked off below.
     #[cfg(target_arch = "x86_64")]
-    let abis: [(u32, [u32; 3]); 2] = [(0xC000_003E, [248, 249, 250]), (0x4000_0003, [286, 287, 288])];
+    let abis = [
+        Abi { arch: 0xC000_003E, keyrings: [248, 249, 250], unshare: 272, clone: 56, clone3: 435 },
+        Abi { arch: 0x4000_0003, keyrings: [286, 287, 288], unshare: 310, clone: 120, clone3: 435 },
+    ];
     #[cfg(target_arch = "aarch64")]
-    let abis: [(u32, [u32; 3]); 1] = [(0xC000_00B7, [217, 218, 219])];
+    let abis = [Abi { arch: 0xC000_00B7, keyrings: [217, 218, 219], unshare: 97, clone: 220, clone3: 435 }];
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let abis: [(u32, [u32; 3]); 0] = [];
+    let abis: [Abi; 0] = [];
     let f = |code, jt, jf, k| SockFilter { code, jt, jf, k };
     let mut prog = Vec::new();
-    for (arch, nrs) in abis {
-        // seccomp_data: nr at offset 0, arch at offset 4.
-        prog.push(f(LD_ABS, 0, 0, 4));
-        prog.push(f(JEQ, 0, 6, arch)); // another ABI: skip this block
-        prog.push(f(LD_ABS, 0, 0, 0));
-        prog.push(f(AND, 0, 0, !0x4000_0000));
-        prog.push(f(JEQ, 2, 0, nrs[0]));
-        prog.push(f(JEQ, 1, 0, nrs[1]));
-        prog.push(f(JEQ, 0, 1, nrs[2]));
-        prog.push(f(RET, 0, 0, DENY));
+    for abi in abis {
+        // seccomp_data: nr at offset 0, arch at 4, the first argument's low
+        // word at 16 (little-endian). Jump offsets count from the next
+        // instruction; the block is 17 instructions long.
+        prog.extend([
+            f(LD_ABS, 0, 0, 4),
+            f(JEQ, 0, 15, abi.arch), // another ABI: skip this block
+            f(LD_ABS, 0, 0, 0),
+            f(AND, 0, 0, !0x4000_0000),
+            f(JEQ, 10, 0, abi.keyrings[0]), // -> EPERM
+            f(JEQ, 9, 0, abi.keyrings[1]),
+            f(JEQ, 8, 0, abi.keyrings[2]),
+            f(JEQ, 8, 0, abi.clone3),  // -> ENOSYS
+            f(JEQ, 2, 0, abi.unshare), // -> flags
+            f(JEQ, 1, 0, abi.clone),
+            f(RET, 0, 0, ALLOW),
+            f(LD_ABS, 0, 0, 16), // flags
+            f(AND, 0, 0, NEWUSER),
+            f(JEQ, 0, 1, 0),
+            f(RET, 0, 0, ALLOW),
+            f(RET, 0, 0, EPERM),
+            f(RET, 0, 0, ENOSYS),
+        ]);
     }
     prog.push(f(RET, 0, 0, ALLOW));
     let fprog = SockFprog { len: prog.len() as u16, filter: prog.as_ptr() };
