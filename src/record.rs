@@ -309,29 +309,14 @@ pub enum Piece {
         file: File,
         len: u64,
     },
-    /// `len` bytes of the file at `path`, opened only when its turn comes,
-    /// so queued records hold no descriptors. If it is shorter, zeros keep
-    /// the framing right; if it is gone, writing fails (sending zeros in
-    /// its place would be lying about the data).
-    Path {
-        path: std::path::PathBuf,
-        len: u64,
-        file: Option<File>,
-    },
 }
 
 impl Piece {
     fn len(&self) -> u64 {
         match self {
             Piece::Bytes(b) => b.len() as u64,
-            Piece::File { len, .. } | Piece::Path { len, .. } => *len,
+            Piece::File { len, .. } => *len,
         }
-    }
-
-    /// The file at `path`, sent from its start; its length is read now.
-    pub fn path(path: &std::path::Path) -> io::Result<Piece> {
-        let len = std::fs::metadata(path)?.len();
-        Ok(Piece::Path { path: path.to_path_buf(), len, file: None })
     }
 }
 
@@ -435,20 +420,8 @@ impl Outbox {
                 b.drain(..n);
             }
             Piece::File { file, len } => {
-                fill(Some(file), &mut self.staged, n)?;
+                fill(file, &mut self.staged, n)?;
                 *len -= n as u64;
-            }
-            Piece::Path { path, len, file } => {
-                if file.is_none() {
-                    let f = File::open(&*path)
-                        .map_err(|e| io::Error::new(e.kind(), format!("cannot send {}: {e}", path.display())))?;
-                    *file = Some(f);
-                }
-                fill(file.as_mut(), &mut self.staged, n)?;
-                *len -= n as u64;
-                if *len == 0 {
-                    *file = None; // close as soon as it is sent
-                }
             }
         }
         if rec.left == 0 {
@@ -479,10 +452,9 @@ impl Outbox {
 }
 
 /// Append `n` bytes read from `file` to `buf`; zeros where it has none.
-fn fill(file: Option<&mut File>, buf: &mut Vec<u8>, n: usize) -> io::Result<()> {
+fn fill(file: &mut File, buf: &mut Vec<u8>, n: usize) -> io::Result<()> {
     let start = buf.len();
     buf.resize(start + n, 0);
-    let Some(file) = file else { return Ok(()) };
     let mut filled = 0;
     while filled < n {
         match file.read(&mut buf[start + filled..start + n]) {
