@@ -190,13 +190,8 @@ impl Coordinator {
         self.actions.push_back(Action::Reply { to, reply });
     }
 
-    /// A DEPLOY whose archive has been spooled to `archive`, anonymous.
-    pub fn deploy(&mut self, to: Caller, replicas: u32, archive: PathBuf) {
-        self.deploy_as(to, None, replicas, archive)
-    }
-
     /// A DEPLOY by `owner` (`None`: anonymous) whose archive has been spooled.
-    pub fn deploy_as(&mut self, to: Caller, owner: Option<u32>, replicas: u32, archive: PathBuf) {
+    pub fn deploy(&mut self, to: Caller, owner: Option<u32>, replicas: u32, archive: PathBuf) {
         if let Some(failure) = self.not_a_deployer(owner) {
             self.actions.push_back(Action::RemoveFile(archive));
             return self.reply(to, Reply::Deploy(Err(failure)));
@@ -311,12 +306,8 @@ impl Coordinator {
         self.reply(to, Reply::Status(st));
     }
 
-    pub fn retrieve(&mut self, to: Caller, ticket: Ticket, wait: bool) {
-        self.retrieve_as(to, None, ticket, wait)
-    }
-
     /// RETRIEVE by `who`: refused unless `who` owns the ticket or is root.
-    pub fn retrieve_as(&mut self, to: Caller, who: Option<u32>, ticket: Ticket, wait: bool) {
+    pub fn retrieve(&mut self, to: Caller, who: Option<u32>, ticket: Ticket, wait: bool) {
         let Some(job) = self.sched.job(ticket) else {
             return self.reply(to, Reply::Retrieve(Err(self.unknown(ticket))));
         };
@@ -432,12 +423,8 @@ impl Coordinator {
         self.fetch_outputs(ticket);
     }
 
-    pub fn close(&mut self, to: Caller, ticket: Ticket) {
-        self.close_as(to, None, ticket)
-    }
-
     /// CLOSE by `who`: refused unless `who` owns the ticket or is root.
-    pub fn close_as(&mut self, to: Caller, who: Option<u32>, ticket: Ticket) {
+    pub fn close(&mut self, to: Caller, who: Option<u32>, ticket: Ticket) {
         if let Some(refusal) = self.not_owner(ticket, who) {
             return self.reply(to, Reply::Close(Err(refusal)));
         }
@@ -552,11 +539,11 @@ mod tests {
     fn no_such_ticket_says_never_issued_closed_or_lost_in_a_restart() {
         let mut c = coord(1);
         c.resume_tickets_from(1025);
-        c.deploy(A, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into());
         drain(&mut c);
         c.run_finished(0, ok(), t0());
         drain(&mut c);
-        c.close_as(A, None, 1025);
+        c.close(A, None, 1025);
         drain(&mut c);
         for (ticket, why) in [
             (0, "(never issued)"),
@@ -576,7 +563,7 @@ mod tests {
     #[test]
     fn only_the_owner_or_root_may_retrieve_or_close() {
         let mut c = coord(1);
-        c.deploy_as(A, Some(1000), 1, "/spool/in".into());
+        c.deploy(A, Some(1000), 1, "/spool/in".into());
         drain(&mut c);
         c.run_finished(0, ok(), t0());
         drain(&mut c);
@@ -584,31 +571,31 @@ mod tests {
             matches!(&acts[..], [Action::Reply { reply: Reply::Retrieve(Err((CloudStat::NotOwner, m))) | Reply::Close(Err((CloudStat::NotOwner, m))), .. }]
                 if m.starts_with("ticket 1 belongs to uid 1000; only its owner or root may retrieve or close it"))
         };
-        c.retrieve_as(B, Some(1001), 1, true);
+        c.retrieve(B, Some(1001), 1, true);
         assert!(refused(drain(&mut c)));
-        c.retrieve_as(B, None, 1, false);
+        c.retrieve(B, None, 1, false);
         assert!(refused(drain(&mut c)));
-        c.close_as(B, Some(1001), 1);
+        c.close(B, Some(1001), 1);
         assert!(refused(drain(&mut c)));
         // Nothing happened to it; STATUS is open to all.
         c.status(B, 1);
         assert!(matches!(&drain(&mut c)[0], Action::Reply { reply: Reply::Status(Ok(_)), .. }));
         // The owner, and root, may.
-        c.retrieve_as(A, Some(1000), 1, true);
+        c.retrieve(A, Some(1000), 1, true);
         assert!(matches!(&drain(&mut c)[0], Action::Node { call: NodeCall::Fetch { .. }, .. }));
-        c.close_as(B, Some(0), 1);
+        c.close(B, Some(0), 1);
         assert!(drain(&mut c).iter().any(|a| matches!(a, Action::Reply { to: B, reply: Reply::Close(Ok(())) })));
         // Anonymous tickets are anyone's.
-        c.deploy(A, 1, "/spool/in2".into());
+        c.deploy(A, None, 1, "/spool/in2".into());
         drain(&mut c);
-        c.close_as(B, Some(1234), 2);
+        c.close(B, Some(1234), 2);
         assert!(drain(&mut c).iter().any(|a| matches!(a, Action::Reply { to: B, reply: Reply::Close(Ok(())) })));
     }
 
     #[test]
     fn unretrieved_jobs_expire_and_late_callers_are_told() {
         let mut c = coord(1);
-        c.deploy(A, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into());
         drain(&mut c);
         assert_eq!(c.next_deadline(), None, "no clock runs for a running job");
         c.run_finished(0, ok(), t0());
@@ -622,7 +609,7 @@ mod tests {
         let (stat, msg) = c.job_status(1).unwrap_err();
         assert_eq!(stat, CloudStat::Expired);
         assert!(msg.contains("--ticket-ttl"), "{msg}");
-        c.close(B, 1);
+        c.close(B, None, 1);
         assert!(matches!(&drain(&mut c)[0], Action::Reply { reply: Reply::Close(Err((CloudStat::Expired, _))), .. }));
         assert_eq!(c.job_status(99).unwrap_err().0, CloudStat::NoSuchTicket);
     }
@@ -630,16 +617,16 @@ mod tests {
     #[test]
     fn a_job_being_retrieved_does_not_expire_under_its_caller() {
         let mut c = coord(1);
-        c.deploy(A, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into());
         c.run_finished(0, ok(), t0());
-        c.retrieve(B, 1, true); // parked while its output is fetched
+        c.retrieve(B, None, 1, true); // parked while its output is fetched
         drain(&mut c);
         c.on_timer(t0() + Duration::from_secs(61));
         assert!(drain(&mut c).is_empty());
         assert_eq!(c.job_state(1), Some(JobState::Completed));
         assert_eq!(c.next_deadline(), Some(t0() + Duration::from_secs(121)));
         // A ticket closed by its owner leaves no timer behind.
-        c.close(A, 1);
+        c.close(A, None, 1);
         assert_eq!(c.next_deadline(), None);
     }
 
@@ -649,7 +636,7 @@ mod tests {
     #[test]
     fn deploy_runs_replicas_then_removes_the_spooled_archive() {
         let mut c = coord(2);
-        c.deploy(A, 2, "/spool/in".into());
+        c.deploy(A, None, 2, "/spool/in".into());
         let acts = drain(&mut c);
         assert_eq!(acts[0], Action::Reply { to: A, reply: Reply::Deploy(Ok(1)) });
         assert!(
@@ -662,9 +649,9 @@ mod tests {
     #[test]
     fn waiting_retrieve_is_answered_after_the_last_replica_and_its_fetch() {
         let mut c = coord(1);
-        c.deploy(A, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into());
         drain(&mut c);
-        c.retrieve(B, 1, true);
+        c.retrieve(B, None, 1, true);
         assert!(drain(&mut c).is_empty(), "deferred while running");
         c.run_finished(0, RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() }, t0());
         let acts = drain(&mut c);
@@ -681,11 +668,11 @@ mod tests {
     #[test]
     fn a_failed_fetch_is_an_error_then_a_retry_fetches_again() {
         let mut c = coord(2);
-        c.deploy(A, 2, "/spool/in".into());
+        c.deploy(A, None, 2, "/spool/in".into());
         c.run_finished(0, ok(), t0());
         c.run_finished(1, ok(), t0());
         drain(&mut c);
-        c.retrieve(B, 1, true);
+        c.retrieve(B, None, 1, true);
         let acts = drain(&mut c);
         assert_eq!(acts.len(), 2, "{acts:?}");
         c.fetched(1, 0, Ok("/spool/out-1-0".into()));
@@ -696,7 +683,7 @@ mod tests {
         };
         assert!(msg.contains("out of file descriptors") && msg.contains("retry"), "{msg}");
         // The retry asks only for the output that failed, then answers OK.
-        c.retrieve(B, 1, true);
+        c.retrieve(B, None, 1, true);
         let acts = drain(&mut c);
         let [Action::Node { node: 1, call: NodeCall::Fetch { ticket: 1, replica: 1, into } }] = &acts[..] else {
             panic!("{acts:?}")
@@ -711,9 +698,9 @@ mod tests {
     #[test]
     fn retrieve_without_wait_on_running_job_is_not_ready() {
         let mut c = coord(1);
-        c.deploy(A, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into());
         drain(&mut c);
-        c.retrieve(B, 1, false);
+        c.retrieve(B, None, 1, false);
         let acts = drain(&mut c);
         assert!(matches!(&acts[0], Action::Reply { reply: Reply::Retrieve(Err((CloudStat::NotReady, _))), .. }));
     }
@@ -721,10 +708,10 @@ mod tests {
     #[test]
     fn close_drops_on_nodes_and_answers_parked_retrievers() {
         let mut c = coord(1);
-        c.deploy(A, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into());
         drain(&mut c);
-        c.retrieve(B, 1, true);
-        c.close(A, 1);
+        c.retrieve(B, None, 1, true);
+        c.close(A, None, 1);
         let acts = drain(&mut c);
         assert_eq!(acts[0], Action::Node { node: 0, call: NodeCall::Drop { ticket: 1 } });
         assert!(matches!(&acts[1], Action::Reply { to: B, reply: Reply::Retrieve(Err((CloudStat::NoSuchTicket, _))) }));
@@ -739,8 +726,8 @@ mod tests {
     #[test]
     fn queued_job_reports_position_and_starts_when_nodes_free() {
         let mut c = coord(1);
-        c.deploy(A, 1, "/spool/a".into());
-        c.deploy(B, 1, "/spool/b".into());
+        c.deploy(A, None, 1, "/spool/a".into());
+        c.deploy(B, None, 1, "/spool/b".into());
         drain(&mut c);
         assert_eq!(c.job_status(2).unwrap().queue_position, 1);
         assert_eq!(c.job_status(2).unwrap().state, JobState::Waiting);
@@ -761,7 +748,7 @@ mod tests {
             assert_eq!(stat, CloudStat::Denied);
             assert!(msg.contains("--allow-other-users"), "{msg}");
         }
-        c.deploy_as(A, Some(1001), 1, PathBuf::from("/spool/a"));
+        c.deploy(A, Some(1001), 1, PathBuf::from("/spool/a"));
         let acts = drain(&mut c);
         assert!(acts.contains(&Action::RemoveFile(PathBuf::from("/spool/a"))));
         assert!(acts

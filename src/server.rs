@@ -1196,7 +1196,7 @@ impl Server {
                     None => {
                         conn.awaiting += 1;
                         self.drc_pending.insert((key, xid), drc_key);
-                        self.coord.deploy_as(Caller { conn: key, xid }, who, replicas, path)
+                        self.coord.deploy(Caller { conn: key, xid }, who, replicas, path)
                     }
                 }
             }
@@ -1262,9 +1262,9 @@ impl Server {
             }
             proto::STATUS => r.u32().map(|t| self.coord.status(caller, t)).is_ok(),
             proto::RETRIEVE => {
-                proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve_as(caller, who, t, w)).is_ok()
+                proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, who, t, w)).is_ok()
             }
-            proto::CLOSE => r.u32().map(|t| self.coord.close_as(caller, who, t)).is_ok(),
+            proto::CLOSE => r.u32().map(|t| self.coord.close(caller, who, t)).is_ok(),
             _ => false, // a DEPLOY too short to stream
         };
         if !ok {
