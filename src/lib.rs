@@ -29,6 +29,8 @@
 //!
 //! The reactor and the edges:
 //! - [`server`] - the single-threaded mio reactor that drives all of the above.
+//! - `conn` - one of its connections: socket, role, reader, outbox, the
+//!   spool file a streamed opaque goes to, lingering close.
 //! - [`config`] - `cloud_nodes.txt`.
 //! - [`client`] - a blocking client for the command-line programs.
 
@@ -36,6 +38,7 @@ pub mod archive_check;
 pub mod cgroup;
 pub mod client;
 pub mod config;
+mod conn;
 pub mod coordinator;
 pub mod drc;
 pub mod extract;

@@ -1,7 +1,7 @@
 //! The reactor: one thread, one `mio::Poll`, every socket and pipe.
 //!
-//! Owns: the poll, the slab of connections and child pipes (token = slab
-//! key + `first_key`), listeners, the signalfd (SIGCHLD; SIGINT, SIGTERM, SIGHUP unless ignored),
+//! Owns: the poll, the slab of connections (each a `conn::Conn`) and child
+//! pipes (token = slab key + `first_key`), listeners, the signalfd (SIGCHLD; SIGINT, SIGTERM, SIGHUP unless ignored),
 //! reading until `WouldBlock` into the session readers, writing outboxes
 //! until `WouldBlock`, serving each client one call at a time
 //! (backpressure), spooling streamed archives and outputs to disk (a
@@ -22,11 +22,11 @@
 //! (`spawn`), a node's replica bookkeeping (`node`). Each event is turned
 //! into a call on one of those and their answers into bytes.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -39,15 +39,16 @@ use slab::Slab;
 
 use crate::archive_check::ArchiveCheck;
 use crate::config::NodesFile;
+use crate::conn::{Conn, Linger, Pending, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
 use crate::drc::{self, Drc};
 use crate::node::{Drained, Finished, Node, NodeConfig};
 use crate::peer::{self, PeerId};
-use crate::proto::{self, CloudStat, RunArgs, RunResult, CLOUD_PROGRAM, NODE_PROGRAM};
+use crate::proto::{self, CloudStat, RunArgs, RunResult};
 use crate::record::{self, Outbox, Piece};
 use crate::rpc::{self, AcceptStat};
 use crate::scheduler::NodeId;
-use crate::session::{Call, CallEvent, CallReader, ReplyEvent, ReplyReader};
+use crate::session::{Call, CallEvent, ReplyEvent};
 use crate::spawn::{Containment, JobLimits, Sandbox};
 use crate::tickets::TicketStore;
 use crate::timers::{ConnTimers, Phase};
@@ -64,8 +65,6 @@ const READ_BUDGET: usize = 4;
 /// Bytes a DEPLOY's archive check may inflate per read before that read
 /// uses up the connection's budget for the turn (a highly compressed upload).
 const INFLATE_PER_READ: u64 = 4 << 20;
-/// Largest buffered (non-streamed) record: calls and small replies.
-const MAX_RECORD: usize = 64 * 1024;
 
 /// What the operator chose on the command line.
 #[derive(Debug, Clone)]
@@ -114,200 +113,6 @@ pub fn effective_max_connections(requested: usize, nofile: u64, nodes: usize) ->
     let headroom = FD_HEADROOM_BASE + FD_HEADROOM_PER_NODE * nodes as u64 + nofile / FD_SPOOL_SHARE;
     let room = nofile.saturating_sub(headroom);
     (requested as u64).min(room) as usize
-}
-
-/// A call on a node link, remembered until its reply.
-#[derive(Debug)]
-enum Pending {
-    Run,
-    Fetch { ticket: u32, replica: u32, into: PathBuf },
-    Drop,
-}
-
-/// NODE_FETCH's successful results end in the output, streamed.
-fn pending_stream_at(p: &Pending) -> Option<usize> {
-    matches!(p, Pending::Fetch { .. }).then_some(proto::FETCH_OUTPUT_AT)
-}
-
-#[derive(Debug)]
-enum Role {
-    /// A client of the main server.
-    Client,
-    /// A node's end of the link from the main server.
-    NodeInbound(NodeId),
-    /// The main server's end of the link to a node.
-    NodeLink { node: NodeId, connected: bool },
-}
-
-/// The connection's protocol state machine (`session`).
-#[derive(Debug)]
-enum Reader {
-    /// We serve calls (a client's connection, or a node's inbound link).
-    Calls(CallReader),
-    /// We make calls (the main server's link to a node).
-    Replies(ReplyReader<Pending>),
-}
-
-/// Where a streamed opaque goes.
-#[derive(Debug)]
-enum Sink {
-    None,
-    /// An archive or output spooled to a file.
-    File {
-        xid: u32,
-        what: Streamed,
-        file: Option<File>,
-        path: PathBuf,
-        error: Option<String>,
-    },
-}
-
-impl Sink {
-    /// A spool file at `path` for the stream of call `xid`.
-    fn open(xid: u32, what: Streamed, path: PathBuf) -> Sink {
-        match create_spool(&path) {
-            Ok(file) => Sink::File { xid, what, file: Some(file), path, error: None },
-            Err(e) => {
-                log::error!("cannot create {}: {e}", path.display());
-                Sink::failed(xid, what, store_error(&e))
-            }
-        }
-    }
-
-    /// A stream that will be swallowed and then reported as failed.
-    fn failed(xid: u32, what: Streamed, error: String) -> Sink {
-        Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some(error) }
-    }
-
-    /// Append to the spool file; a failure turns the sink into a failed one.
-    fn write(&mut self, data: &[u8]) {
-        let Sink::File { file: Some(f), path, error, .. } = self else { return };
-        if let Err(e) = f.write_all(data) {
-            log::error!("cannot write {}: {e}", path.display());
-            *error = Some(format!("the server cannot store the data: {e}"));
-            if let Sink::File { file, path, .. } = self {
-                *file = None;
-                let _ = fs::remove_file(&*path);
-            }
-        }
-    }
-
-    /// Bytes a DEPLOY's archive check inflated since the last call.
-    fn inflated_since(&mut self) -> u64 {
-        match self {
-            Sink::File { what: Streamed::Deploy { check, .. }, .. } => check.take_inflated(),
-            _ => 0,
-        }
-    }
-
-    /// Drop the stream in progress and its file; returns what it was.
-    fn discard(&mut self) -> Sink {
-        let old = std::mem::replace(self, Sink::None);
-        if let Sink::File { path, file: Some(_), .. } = &old {
-            let _ = fs::remove_file(path);
-        }
-        old
-    }
-}
-
-#[derive(Debug)]
-enum Streamed {
-    /// The archive is checked as it arrives (`archive_check`).
-    Deploy {
-        replicas: u32,
-        who: Option<u32>,
-        check: Box<ArchiveCheck>,
-    },
-    Run {
-        args: RunArgs,
-    },
-    /// `gone`: the node said it has no output (final), rather than a
-    /// failure that may pass.
-    Fetch {
-        ticket: u32,
-        replica: u32,
-        gone: bool,
-    },
-}
-
-#[derive(Debug)]
-struct Conn {
-    stream: TcpStream,
-    token: Token,
-    role: Role,
-    reader: Reader,
-    outbox: Outbox,
-    sink: Sink,
-    /// Close once the outbox is sent.
-    closing: bool,
-    linger: Linger,
-    writable: bool,
-    /// Calls handed to the coordinator and not yet answered.
-    awaiting: usize,
-    /// Bytes read but not yet decoded, held while a client waits for a reply.
-    held: Vec<u8>,
-    /// Who a client connection belongs to, found once at accept.
-    peer: PeerId,
-    /// Bytes read since the timers last heard of this connection.
-    moved: u64,
-    /// `outbox.written()` when the timers last heard of it.
-    written_seen: u64,
-}
-
-impl Conn {
-    /// A client is served one call at a time: while its reply is pending
-    /// (deferred or unsent), nothing more of it is read. This bounds what
-    /// any one connection can make the server hold, whatever it pipelines.
-    fn busy(&self) -> bool {
-        matches!(self.role, Role::Client) && (self.awaiting > 0 || !self.outbox.is_empty())
-    }
-
-    /// Closing, and owing the peer nothing more: a client that half-closed
-    /// after its call still gets the answer.
-    fn finished(&self) -> bool {
-        self.closing && self.outbox.is_empty() && self.awaiting == 0 && self.linger == Linger::No
-    }
-
-    /// Close once the queued answer is out, without losing it: the peer may
-    /// still be sending (an upload we refused), and closing a socket with
-    /// unread data makes the kernel send a RST that can overtake the answer.
-    /// So: send the answer, half-close, and read and drop until the peer's EOF.
-    fn close_after_answer(&mut self) {
-        self.closing = true;
-        self.linger = Linger::Answering;
-    }
-}
-
-/// A lingering close (see `Conn::close_after_answer`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Linger {
-    No,
-    /// The answer is still being sent.
-    Answering,
-    /// Answer sent and write side shut: dropping input until EOF.
-    Draining,
-}
-
-impl Conn {
-    /// Read and drop what a refused peer still sends, within `budget` reads.
-    /// Returns false if the budget ran out first.
-    fn drain_refused(&mut self, buf: &mut [u8], budget: &mut usize) -> bool {
-        while *budget > 0 {
-            *budget -= 1;
-            match self.stream.read(buf) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        if *budget == 0 {
-            return false;
-        }
-        self.linger = Linger::No; // EOF or error: nothing left to protect
-        true
-    }
 }
 
 #[derive(Debug)]
@@ -841,29 +646,7 @@ impl Server {
         let token = Token(key + first_key(self.nodes.len()));
         let interest = if writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
         self.poll.registry().register(&mut stream, token, interest)?;
-        let reader = match role {
-            Role::Client => Reader::Calls(CallReader::new(CLOUD_PROGRAM, MAX_RECORD, self.max_archive)),
-            Role::NodeInbound(_) => Reader::Calls(CallReader::new(NODE_PROGRAM, MAX_RECORD, self.max_archive)),
-            Role::NodeLink { .. } => {
-                Reader::Replies(ReplyReader::new(MAX_RECORD, u64::from(u32::MAX), pending_stream_at))
-            }
-        };
-        entry.insert(Source::Conn(Box::new(Conn {
-            stream,
-            token,
-            role,
-            reader,
-            outbox: Outbox::new(),
-            sink: Sink::None,
-            closing: false,
-            linger: Linger::No,
-            writable,
-            awaiting: 0,
-            held: Vec::new(),
-            peer: PeerId::Unverified,
-            moved: 0,
-            written_seen: 0,
-        })));
+        entry.insert(Source::Conn(Box::new(Conn::new(stream, token, role, writable, self.max_archive))));
         if matches!(self.slab.get(key), Some(Source::Conn(c)) if matches!(c.role, Role::Client)) {
             self.timers.add(key, Instant::now());
         }
@@ -1116,7 +899,7 @@ impl Server {
                 let Ok(replicas) = r.u32() else { return conn.outbox.push_bytes(garbage(call.xid)) };
                 let who = match self.identify_call(key, conn, &call) {
                     Ok(who) => who,
-                    Err(refusal) => return answer_before_upload(conn, len, refusal),
+                    Err(refusal) => return conn.answer_before_upload(len, refusal),
                 };
                 let drc_key = drc::Key { xid: call.xid, uid: who, proc_num: proto::DEPLOY };
                 if let Some(Reply::Deploy(Ok(ticket))) = self.drc.lookup(&drc_key, Instant::now()) {
@@ -1126,12 +909,12 @@ impl Server {
                     );
                     let mut w = rpc::accepted(call.xid, AcceptStat::Success);
                     w.u32(CloudStat::Ok as u32).u32(ticket);
-                    return answer_before_upload(conn, len, w.into_bytes());
+                    return conn.answer_before_upload(len, w.into_bytes());
                 }
                 if let Some((stat, msg)) = self.coord.deploy_refusal(who, replicas) {
                     let mut w = rpc::accepted(call.xid, AcceptStat::Success);
                     proto::encode_error(&mut w, stat, &msg);
-                    return answer_before_upload(conn, len, w.into_bytes());
+                    return conn.answer_before_upload(len, w.into_bytes());
                 }
                 Streamed::Deploy { replicas, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) }
             }
@@ -1571,37 +1354,9 @@ impl Server {
     }
 }
 
-/// Answer a streamed call before its opaque is taken: a small one is let
-/// in and dropped (the connection stays), a large one is answered now and
-/// the connection closed after a lingering drain.
-fn answer_before_upload(conn: &mut Conn, len: u32, reply: Vec<u8>) {
-    if u64::from(len) <= MAX_RECORD as u64 {
-        if let Reader::Calls(r) = &mut conn.reader {
-            r.refuse_stream(reply);
-        }
-    } else {
-        conn.outbox.push_bytes(reply);
-        conn.close_after_answer();
-    }
-}
-
 /// The GARBAGE_ARGS reply to call `xid`.
 fn garbage(xid: u32) -> Vec<u8> {
     rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()
-}
-
-/// Why data could not be stored, for the caller: a lack of descriptors is
-/// temporary and says so.
-fn store_error(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE) => "the server is out of file descriptors; retry later".into(),
-        _ => format!("the server cannot store the data: {e}"),
-    }
-}
-
-fn create_spool(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
 }
 
 fn run_reply(xid: u32, result: &RunResult) -> Vec<u8> {

@@ -1,0 +1,276 @@
+//! One connection of the reactor: its socket, role, protocol reader,
+//! outbox, the sink a streamed opaque goes to, and its lingering close.
+//!
+//! Owns: the per-connection state `server` drives ([`Conn`]), what a
+//! streamed archive or output is spooled into ([`Sink`], a spool file
+//! created `0600`, never overwritten), when a client is busy (served one
+//! call at a time) and when a closing connection owes its peer nothing more.
+//! Must not touch: the poll or the slab (the reactor registers, times and
+//! closes connections), what calls mean (`coordinator`, `node`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use mio::net::TcpStream;
+use mio::Token;
+
+use crate::archive_check::ArchiveCheck;
+use crate::peer::PeerId;
+use crate::proto::{self, RunArgs, CLOUD_PROGRAM, NODE_PROGRAM};
+use crate::record::Outbox;
+use crate::scheduler::NodeId;
+use crate::session::{CallReader, ReplyReader};
+
+/// Largest buffered (non-streamed) record: calls and small replies.
+pub(crate) const MAX_RECORD: usize = 64 * 1024;
+
+/// A call on a node link, remembered until its reply.
+#[derive(Debug)]
+pub(crate) enum Pending {
+    Run,
+    Fetch { ticket: u32, replica: u32, into: PathBuf },
+    Drop,
+}
+
+/// NODE_FETCH's successful results end in the output, streamed.
+fn pending_stream_at(p: &Pending) -> Option<usize> {
+    matches!(p, Pending::Fetch { .. }).then_some(proto::FETCH_OUTPUT_AT)
+}
+
+#[derive(Debug)]
+pub(crate) enum Role {
+    /// A client of the main server.
+    Client,
+    /// A node's end of the link from the main server.
+    NodeInbound(NodeId),
+    /// The main server's end of the link to a node.
+    NodeLink { node: NodeId, connected: bool },
+}
+
+/// The connection's protocol state machine (`session`).
+#[derive(Debug)]
+pub(crate) enum Reader {
+    /// We serve calls (a client's connection, or a node's inbound link).
+    Calls(CallReader),
+    /// We make calls (the main server's link to a node).
+    Replies(ReplyReader<Pending>),
+}
+
+/// Where a streamed opaque goes.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    None,
+    /// An archive or output spooled to a file.
+    File {
+        xid: u32,
+        what: Streamed,
+        file: Option<File>,
+        path: PathBuf,
+        error: Option<String>,
+    },
+}
+
+impl Sink {
+    /// A spool file at `path` for the stream of call `xid`.
+    pub(crate) fn open(xid: u32, what: Streamed, path: PathBuf) -> Sink {
+        match create_spool(&path) {
+            Ok(file) => Sink::File { xid, what, file: Some(file), path, error: None },
+            Err(e) => {
+                log::error!("cannot create {}: {e}", path.display());
+                Sink::failed(xid, what, store_error(&e))
+            }
+        }
+    }
+
+    /// A stream that will be swallowed and then reported as failed.
+    pub(crate) fn failed(xid: u32, what: Streamed, error: String) -> Sink {
+        Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some(error) }
+    }
+
+    /// Append to the spool file; a failure turns the sink into a failed one.
+    pub(crate) fn write(&mut self, data: &[u8]) {
+        let Sink::File { file: Some(f), path, error, .. } = self else { return };
+        if let Err(e) = f.write_all(data) {
+            log::error!("cannot write {}: {e}", path.display());
+            *error = Some(store_error(&e));
+            if let Sink::File { file, path, .. } = self {
+                *file = None;
+                let _ = fs::remove_file(&*path);
+            }
+        }
+    }
+
+    /// Bytes a DEPLOY's archive check inflated since the last call.
+    pub(crate) fn inflated_since(&mut self) -> u64 {
+        match self {
+            Sink::File { what: Streamed::Deploy { check, .. }, .. } => check.take_inflated(),
+            _ => 0,
+        }
+    }
+
+    /// Drop the stream in progress and its file; returns what it was.
+    pub(crate) fn discard(&mut self) -> Sink {
+        let old = std::mem::replace(self, Sink::None);
+        if let Sink::File { path, file: Some(_), .. } = &old {
+            let _ = fs::remove_file(path);
+        }
+        old
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Streamed {
+    /// The archive is checked as it arrives (`archive_check`).
+    Deploy {
+        replicas: u32,
+        who: Option<u32>,
+        check: Box<ArchiveCheck>,
+    },
+    Run {
+        args: RunArgs,
+    },
+    /// `gone`: the node said it has no output (final), rather than a
+    /// failure that may pass.
+    Fetch {
+        ticket: u32,
+        replica: u32,
+        gone: bool,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) stream: TcpStream,
+    pub(crate) token: Token,
+    pub(crate) role: Role,
+    pub(crate) reader: Reader,
+    pub(crate) outbox: Outbox,
+    pub(crate) sink: Sink,
+    /// Close once the outbox is sent.
+    pub(crate) closing: bool,
+    pub(crate) linger: Linger,
+    pub(crate) writable: bool,
+    /// Calls handed to the coordinator and not yet answered.
+    pub(crate) awaiting: usize,
+    /// Bytes read but not yet decoded, held while a client waits for a reply.
+    pub(crate) held: Vec<u8>,
+    /// Who a client connection belongs to, found once at accept.
+    pub(crate) peer: PeerId,
+    /// Bytes read since the timers last heard of this connection.
+    pub(crate) moved: u64,
+    /// `outbox.written()` when the timers last heard of it.
+    pub(crate) written_seen: u64,
+}
+
+impl Conn {
+    /// A new connection in `role`, registered under `token`; streamed
+    /// opaques up to `max_stream` bytes are accepted.
+    pub(crate) fn new(stream: TcpStream, token: Token, role: Role, writable: bool, max_stream: u64) -> Conn {
+        let reader = match role {
+            Role::Client => Reader::Calls(CallReader::new(CLOUD_PROGRAM, MAX_RECORD, max_stream)),
+            Role::NodeInbound(_) => Reader::Calls(CallReader::new(NODE_PROGRAM, MAX_RECORD, max_stream)),
+            Role::NodeLink { .. } => {
+                Reader::Replies(ReplyReader::new(MAX_RECORD, u64::from(u32::MAX), pending_stream_at))
+            }
+        };
+        Conn {
+            stream,
+            token,
+            role,
+            reader,
+            outbox: Outbox::new(),
+            sink: Sink::None,
+            closing: false,
+            linger: Linger::No,
+            writable,
+            awaiting: 0,
+            held: Vec::new(),
+            peer: PeerId::Unverified,
+            moved: 0,
+            written_seen: 0,
+        }
+    }
+
+    /// A client is served one call at a time: while its reply is pending
+    /// (deferred or unsent), nothing more of it is read. This bounds what
+    /// any one connection can make the server hold, whatever it pipelines.
+    pub(crate) fn busy(&self) -> bool {
+        matches!(self.role, Role::Client) && (self.awaiting > 0 || !self.outbox.is_empty())
+    }
+
+    /// Closing, and owing the peer nothing more: a client that half-closed
+    /// after its call still gets the answer.
+    pub(crate) fn finished(&self) -> bool {
+        self.closing && self.outbox.is_empty() && self.awaiting == 0 && self.linger == Linger::No
+    }
+
+    /// Close once the queued answer is out, without losing it: the peer may
+    /// still be sending (an upload we refused), and closing a socket with
+    /// unread data makes the kernel send a RST that can overtake the answer.
+    /// So: send the answer, half-close, and read and drop until the peer's EOF.
+    pub(crate) fn close_after_answer(&mut self) {
+        self.closing = true;
+        self.linger = Linger::Answering;
+    }
+}
+
+/// A lingering close (see `Conn::close_after_answer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Linger {
+    No,
+    /// The answer is still being sent.
+    Answering,
+    /// Answer sent and write side shut: dropping input until EOF.
+    Draining,
+}
+
+impl Conn {
+    /// Read and drop what a refused peer still sends, within `budget` reads.
+    /// Returns false if the budget ran out first.
+    pub(crate) fn drain_refused(&mut self, buf: &mut [u8], budget: &mut usize) -> bool {
+        while *budget > 0 {
+            *budget -= 1;
+            match self.stream.read(buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if *budget == 0 {
+            return false;
+        }
+        self.linger = Linger::No; // EOF or error: nothing left to protect
+        true
+    }
+
+    /// Answer a streamed call before its opaque is taken: a small one is let
+    /// in and dropped (the connection stays), a large one is answered now and
+    /// the connection closed after a lingering drain.
+    pub(crate) fn answer_before_upload(&mut self, len: u32, reply: Vec<u8>) {
+        if u64::from(len) <= MAX_RECORD as u64 {
+            if let Reader::Calls(r) = &mut self.reader {
+                r.refuse_stream(reply);
+            }
+        } else {
+            self.outbox.push_bytes(reply);
+            self.close_after_answer();
+        }
+    }
+}
+
+/// Why data could not be stored, for the caller: a lack of descriptors is
+/// temporary and says so.
+fn store_error(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE) => "the server is out of file descriptors; retry later".into(),
+        _ => format!("the server cannot store the data: {e}"),
+    }
+}
+
+fn create_spool(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+}
