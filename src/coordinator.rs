@@ -4,8 +4,9 @@
 //! Owns: the scheduler, spooled archives of waiting jobs, fetched outputs,
 //! deferred RETRIEVE callers, ticket expiry (time comes in as `now`; there
 //! is no clock inside), who owns each ticket (the uid that deployed it; only
-//! that uid or root may RETRIEVE or CLOSE it), and what each event means
-//! for them.
+//! that uid or root may RETRIEVE or CLOSE it), the duplicate request cache
+//! (`drc`) that answers a retried DEPLOY or CLOSE with its first reply, and
+//! what each event means for them.
 //! Must not touch: sockets, the reactor, processes. File *paths* are
 //! decided here; opening, writing and deleting them is the caller's job,
 //! done in the order the actions come out.
@@ -14,7 +15,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::proto::{CloudStat, JobState, JobStatus, ReplicaStatus, RunArgs, RunResult};
+use crate::drc::{self, Drc};
+use crate::proto::{self, CloudStat, JobState, JobStatus, ReplicaStatus, RunArgs, RunResult};
 use crate::scheduler::{NodeId, Scheduler, SubmitError, Ticket};
 
 /// A connection, by its reactor token.
@@ -88,6 +90,9 @@ pub struct Coordinator {
     /// Only this uid may deploy (a server without root runs jobs as its own
     /// user, so by default it takes jobs from that user alone); `None`: anyone.
     only_deployer: Option<u32>,
+    /// First replies to DEPLOY and CLOSE calls that changed something, for
+    /// their retries (a refused call changed nothing and may run again).
+    drc: Drc<Reply>,
 }
 
 /// How many expired tickets are remembered for CLOUD_EXPIRED answers.
@@ -111,6 +116,7 @@ impl Coordinator {
             owners: HashMap::new(),
             first_ticket: 1,
             only_deployer: None,
+            drc: Drc::new(drc::MAX_ENTRIES, drc::MAX_AGE),
         }
     }
 
@@ -190,8 +196,18 @@ impl Coordinator {
         self.actions.push_back(Action::Reply { to, reply });
     }
 
+    /// The ticket a DEPLOY call `xid` by `who` was already given, if this
+    /// call is a retry (same xid, same caller) of one still remembered.
+    pub fn retried_deploy(&mut self, xid: u32, who: Option<u32>, now: Instant) -> Option<Ticket> {
+        let key = drc::Key { xid, uid: who, proc_num: proto::DEPLOY };
+        match self.drc.lookup(&key, now) {
+            Some(Reply::Deploy(Ok(ticket))) => Some(ticket),
+            _ => None,
+        }
+    }
+
     /// A DEPLOY by `owner` (`None`: anonymous) whose archive has been spooled.
-    pub fn deploy(&mut self, to: Caller, owner: Option<u32>, replicas: u32, archive: PathBuf) {
+    pub fn deploy(&mut self, to: Caller, owner: Option<u32>, replicas: u32, archive: PathBuf, now: Instant) {
         if let Some(failure) = self.not_a_deployer(owner) {
             self.actions.push_back(Action::RemoveFile(archive));
             return self.reply(to, Reply::Deploy(Err(failure)));
@@ -204,6 +220,8 @@ impl Coordinator {
                     self.owners.insert(ticket, uid);
                 }
                 self.archives.insert(ticket, archive);
+                let key = drc::Key { xid: to.xid, uid: owner, proc_num: proto::DEPLOY };
+                self.drc.insert(key, Reply::Deploy(Ok(ticket)), now);
                 self.reply(to, Reply::Deploy(Ok(ticket)));
                 self.start_ready();
             }
@@ -423,8 +441,14 @@ impl Coordinator {
         self.fetch_outputs(ticket);
     }
 
-    /// CLOSE by `who`: refused unless `who` owns the ticket or is root.
-    pub fn close(&mut self, to: Caller, who: Option<u32>, ticket: Ticket) {
+    /// CLOSE by `who`: refused unless `who` owns the ticket or is root. A
+    /// retried CLOSE gets its first reply.
+    pub fn close(&mut self, to: Caller, who: Option<u32>, ticket: Ticket, now: Instant) {
+        let key = drc::Key { xid: to.xid, uid: who, proc_num: proto::CLOSE };
+        if let Some(first) = self.drc.lookup(&key, now) {
+            log::info!("connection {}: xid {:#x} is a retried CLOSE; answering as the first time", to.conn, to.xid);
+            return self.reply(to, first);
+        }
         if let Some(refusal) = self.not_owner(ticket, who) {
             return self.reply(to, Reply::Close(Err(refusal)));
         }
@@ -433,6 +457,7 @@ impl Coordinator {
             return self.reply(to, Reply::Close(Err(failure)));
         }
         log::info!("ticket {ticket}: closed");
+        self.drc.insert(key, Reply::Close(Ok(())), now);
         self.reply(to, Reply::Close(Ok(())));
         self.start_ready();
     }
@@ -539,11 +564,11 @@ mod tests {
     fn no_such_ticket_says_never_issued_closed_or_lost_in_a_restart() {
         let mut c = coord(1);
         c.resume_tickets_from(1025);
-        c.deploy(A, None, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into(), t0());
         drain(&mut c);
         c.run_finished(0, ok(), t0());
         drain(&mut c);
-        c.close(A, None, 1025);
+        c.close(A, None, 1025, t0());
         drain(&mut c);
         for (ticket, why) in [
             (0, "(never issued)"),
@@ -563,7 +588,7 @@ mod tests {
     #[test]
     fn only_the_owner_or_root_may_retrieve_or_close() {
         let mut c = coord(1);
-        c.deploy(A, Some(1000), 1, "/spool/in".into());
+        c.deploy(A, Some(1000), 1, "/spool/in".into(), t0());
         drain(&mut c);
         c.run_finished(0, ok(), t0());
         drain(&mut c);
@@ -575,7 +600,7 @@ mod tests {
         assert!(refused(drain(&mut c)));
         c.retrieve(B, None, 1, false);
         assert!(refused(drain(&mut c)));
-        c.close(B, Some(1001), 1);
+        c.close(B, Some(1001), 1, t0());
         assert!(refused(drain(&mut c)));
         // Nothing happened to it; STATUS is open to all.
         c.status(B, 1);
@@ -583,19 +608,47 @@ mod tests {
         // The owner, and root, may.
         c.retrieve(A, Some(1000), 1, true);
         assert!(matches!(&drain(&mut c)[0], Action::Node { call: NodeCall::Fetch { .. }, .. }));
-        c.close(B, Some(0), 1);
+        c.close(B, Some(0), 1, t0());
         assert!(drain(&mut c).iter().any(|a| matches!(a, Action::Reply { to: B, reply: Reply::Close(Ok(())) })));
         // Anonymous tickets are anyone's.
-        c.deploy(A, None, 1, "/spool/in2".into());
+        c.deploy(A, None, 1, "/spool/in2".into(), t0());
         drain(&mut c);
-        c.close(B, Some(1234), 2);
+        c.close(B, Some(1234), 2, t0());
         assert!(drain(&mut c).iter().any(|a| matches!(a, Action::Reply { to: B, reply: Reply::Close(Ok(())) })));
+    }
+
+    #[test]
+    fn a_retried_deploy_or_close_gets_its_first_reply_and_a_refusal_is_not_kept() {
+        let mut c = coord(1);
+        assert_eq!(c.retried_deploy(A.xid, Some(1000), t0()), None);
+        c.deploy(A, Some(1000), 1, "/spool/in".into(), t0());
+        drain(&mut c);
+        assert_eq!(c.retried_deploy(A.xid, Some(1000), t0()), Some(1));
+        assert_eq!(c.retried_deploy(A.xid, Some(1001), t0()), None, "another caller's xid is another call");
+        assert_eq!(c.retried_deploy(B.xid, Some(1000), t0()), None);
+        // A refused CLOSE changed nothing: its retry is decided again.
+        c.close(B, Some(1001), 1, t0());
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Action::Reply { reply: Reply::Close(Err((CloudStat::NotOwner, _))), .. }]
+        ));
+        c.close(B, Some(1000), 1, t0());
+        assert!(drain(&mut c).contains(&Action::Reply { to: B, reply: Reply::Close(Ok(())) }));
+        // The same CLOSE again: OK as the first time, though the ticket is gone.
+        c.close(B, Some(1000), 1, t0());
+        assert_eq!(drain(&mut c), vec![Action::Reply { to: B, reply: Reply::Close(Ok(())) }]);
+        let other = Caller { conn: 3, xid: 30 };
+        c.close(other, Some(1000), 1, t0());
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Action::Reply { reply: Reply::Close(Err((CloudStat::NoSuchTicket, _))), .. }]
+        ));
     }
 
     #[test]
     fn unretrieved_jobs_expire_and_late_callers_are_told() {
         let mut c = coord(1);
-        c.deploy(A, None, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into(), t0());
         drain(&mut c);
         assert_eq!(c.next_deadline(), None, "no clock runs for a running job");
         c.run_finished(0, ok(), t0());
@@ -609,7 +662,7 @@ mod tests {
         let (stat, msg) = c.job_status(1).unwrap_err();
         assert_eq!(stat, CloudStat::Expired);
         assert!(msg.contains("--ticket-ttl"), "{msg}");
-        c.close(B, None, 1);
+        c.close(B, None, 1, t0());
         assert!(matches!(&drain(&mut c)[0], Action::Reply { reply: Reply::Close(Err((CloudStat::Expired, _))), .. }));
         assert_eq!(c.job_status(99).unwrap_err().0, CloudStat::NoSuchTicket);
     }
@@ -617,7 +670,7 @@ mod tests {
     #[test]
     fn a_job_being_retrieved_does_not_expire_under_its_caller() {
         let mut c = coord(1);
-        c.deploy(A, None, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into(), t0());
         c.run_finished(0, ok(), t0());
         c.retrieve(B, None, 1, true); // parked while its output is fetched
         drain(&mut c);
@@ -626,7 +679,7 @@ mod tests {
         assert_eq!(c.job_state(1), Some(JobState::Completed));
         assert_eq!(c.next_deadline(), Some(t0() + Duration::from_secs(121)));
         // A ticket closed by its owner leaves no timer behind.
-        c.close(A, None, 1);
+        c.close(A, None, 1, t0());
         assert_eq!(c.next_deadline(), None);
     }
 
@@ -636,7 +689,7 @@ mod tests {
     #[test]
     fn deploy_runs_replicas_then_removes_the_spooled_archive() {
         let mut c = coord(2);
-        c.deploy(A, None, 2, "/spool/in".into());
+        c.deploy(A, None, 2, "/spool/in".into(), t0());
         let acts = drain(&mut c);
         assert_eq!(acts[0], Action::Reply { to: A, reply: Reply::Deploy(Ok(1)) });
         assert!(
@@ -649,7 +702,7 @@ mod tests {
     #[test]
     fn waiting_retrieve_is_answered_after_the_last_replica_and_its_fetch() {
         let mut c = coord(1);
-        c.deploy(A, None, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into(), t0());
         drain(&mut c);
         c.retrieve(B, None, 1, true);
         assert!(drain(&mut c).is_empty(), "deferred while running");
@@ -668,7 +721,7 @@ mod tests {
     #[test]
     fn a_failed_fetch_is_an_error_then_a_retry_fetches_again() {
         let mut c = coord(2);
-        c.deploy(A, None, 2, "/spool/in".into());
+        c.deploy(A, None, 2, "/spool/in".into(), t0());
         c.run_finished(0, ok(), t0());
         c.run_finished(1, ok(), t0());
         drain(&mut c);
@@ -698,7 +751,7 @@ mod tests {
     #[test]
     fn retrieve_without_wait_on_running_job_is_not_ready() {
         let mut c = coord(1);
-        c.deploy(A, None, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into(), t0());
         drain(&mut c);
         c.retrieve(B, None, 1, false);
         let acts = drain(&mut c);
@@ -708,10 +761,10 @@ mod tests {
     #[test]
     fn close_drops_on_nodes_and_answers_parked_retrievers() {
         let mut c = coord(1);
-        c.deploy(A, None, 1, "/spool/in".into());
+        c.deploy(A, None, 1, "/spool/in".into(), t0());
         drain(&mut c);
         c.retrieve(B, None, 1, true);
-        c.close(A, None, 1);
+        c.close(A, None, 1, t0());
         let acts = drain(&mut c);
         assert_eq!(acts[0], Action::Node { node: 0, call: NodeCall::Drop { ticket: 1 } });
         assert!(matches!(&acts[1], Action::Reply { to: B, reply: Reply::Retrieve(Err((CloudStat::NoSuchTicket, _))) }));
@@ -726,8 +779,8 @@ mod tests {
     #[test]
     fn queued_job_reports_position_and_starts_when_nodes_free() {
         let mut c = coord(1);
-        c.deploy(A, None, 1, "/spool/a".into());
-        c.deploy(B, None, 1, "/spool/b".into());
+        c.deploy(A, None, 1, "/spool/a".into(), t0());
+        c.deploy(B, None, 1, "/spool/b".into(), t0());
         drain(&mut c);
         assert_eq!(c.job_status(2).unwrap().queue_position, 1);
         assert_eq!(c.job_status(2).unwrap().state, JobState::Waiting);
@@ -748,7 +801,7 @@ mod tests {
             assert_eq!(stat, CloudStat::Denied);
             assert!(msg.contains("--allow-other-users"), "{msg}");
         }
-        c.deploy(A, Some(1001), 1, PathBuf::from("/spool/a"));
+        c.deploy(A, Some(1001), 1, PathBuf::from("/spool/a"), t0());
         let acts = drain(&mut c);
         assert!(acts.contains(&Action::RemoveFile(PathBuf::from("/spool/a"))));
         assert!(acts

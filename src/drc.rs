@@ -4,8 +4,9 @@
 //!
 //! Owns: replies already given, keyed by (xid, caller uid, procedure), and
 //! the bounds on them (entries and age, oldest evicted first).
-//! Must not touch: connections, the coordinator. The server looks a call up
-//! before carrying it out and records the reply once it is given.
+//! Must not touch: connections, tickets, what a reply means. The
+//! coordinator keeps one: it looks a call up before carrying it out and
+//! records the reply it gives.
 //!
 //! A client that lost its connection retries the call with the same xid on
 //! a new connection; the cache answers it with the first reply instead of

@@ -11,8 +11,9 @@
 //! (reclaiming what an earlier run left, one empty network namespace per
 //! node, the containment probe, cgroups) and shutdown. At accept it asks
 //! `peer` who owns a loopback client's socket;
-//! each client call's identity (`peer::caller_uid`) goes to the coordinator,
-//! DEPLOY and CLOSE pass through the duplicate request cache (`drc`), and a
+//! each client call's identity (`peer::caller_uid`) goes to the coordinator
+//! (which answers a retried DEPLOY or CLOSE from its duplicate request
+//! cache, also asked before a retried DEPLOY's archive is taken), and a
 //! DEPLOY waits for its ticket number to be persisted (`tickets`).
 //! Connection limits: client timeouts (decided in `timers`, applied
 //! here), `--max-connections` (the longest-idle client makes room), and a
@@ -41,7 +42,6 @@ use crate::archive_check::ArchiveCheck;
 use crate::config::NodesFile;
 use crate::conn::{Conn, Linger, Pending, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
-use crate::drc::{self, Drc};
 use crate::node::{Drained, Finished, Node, NodeConfig};
 use crate::peer::{self, PeerId};
 use crate::proto::{self, CloudStat, RunArgs, RunResult};
@@ -152,10 +152,6 @@ pub struct Server {
     more_input: Vec<usize>,
     shutdown: bool,
     summary: String,
-    /// Replies to DEPLOY and CLOSE already given, for retries.
-    drc: Drc<Reply>,
-    /// DEPLOY and CLOSE calls handed to the coordinator, by (connection, xid).
-    drc_pending: std::collections::HashMap<(usize, u32), drc::Key>,
     tickets: TicketStore,
     /// Client connection deadlines.
     timers: ConnTimers,
@@ -344,8 +340,6 @@ impl Server {
             more_input: Vec::new(),
             shutdown: false,
             summary: format!("{}; {cgroup_summary}", cfg.sandbox_summary),
-            drc: Drc::new(drc::MAX_ENTRIES, drc::MAX_AGE),
-            drc_pending: std::collections::HashMap::new(),
             tickets,
             timers: ConnTimers::new(cfg.idle_timeout, cfg.call_timeout),
             max_connections,
@@ -901,8 +895,7 @@ impl Server {
                     Ok(who) => who,
                     Err(refusal) => return conn.answer_before_upload(len, refusal),
                 };
-                let drc_key = drc::Key { xid: call.xid, uid: who, proc_num: proto::DEPLOY };
-                if let Some(Reply::Deploy(Ok(ticket))) = self.drc.lookup(&drc_key, Instant::now()) {
+                if let Some(ticket) = self.coord.retried_deploy(call.xid, who, Instant::now()) {
                     log::info!(
                         "connection {key}: xid {:#x} is a retried DEPLOY; answering ticket {ticket} again, archive dropped",
                         call.xid
@@ -953,11 +946,10 @@ impl Server {
                 // The same call may have been uploaded on two connections at
                 // once (a retry while the first upload was still arriving):
                 // the one that ends second gets the first one's reply.
-                let drc_key = drc::Key { xid, uid: who, proc_num: proto::DEPLOY };
-                if let Some(first @ Reply::Deploy(Ok(_))) = self.drc.lookup(&drc_key, Instant::now()) {
+                if let Some(ticket) = self.coord.retried_deploy(xid, who, Instant::now()) {
                     log::info!("connection {key}: xid {xid:#x} was uploaded twice; answering as the first time");
                     let _ = fs::remove_file(&path);
-                    return conn.outbox.push(encode_reply(xid, first));
+                    return conn.outbox.push(encode_reply(xid, Reply::Deploy(Ok(ticket))));
                 }
                 let refusal = match (error, check.finish()) {
                     (Some(msg), _) => Some((CloudStat::Internal, msg)),
@@ -978,8 +970,7 @@ impl Server {
                     }
                     None => {
                         conn.awaiting += 1;
-                        self.drc_pending.insert((key, xid), drc_key);
-                        self.coord.deploy(Caller { conn: key, xid }, who, replicas, path)
+                        self.coord.deploy(Caller { conn: key, xid }, who, replicas, path, Instant::now())
                     }
                 }
             }
@@ -1027,14 +1018,6 @@ impl Server {
             Ok(who) => who,
             Err(refusal) => return conn.outbox.push_bytes(refusal),
         };
-        if call.proc_num == proto::CLOSE {
-            let drc_key = drc::Key { xid: call.xid, uid: who, proc_num: proto::CLOSE };
-            if let Some(first) = self.drc.lookup(&drc_key, Instant::now()) {
-                log::info!("connection {key}: xid {:#x} is a retried CLOSE; answering as the first time", call.xid);
-                return conn.outbox.push(encode_reply(call.xid, first));
-            }
-            self.drc_pending.insert((key, call.xid), drc_key);
-        }
         // STATUS, RETRIEVE and CLOSE are answered by the coordinator.
         conn.awaiting += 1;
         let ok = match call.proc_num {
@@ -1047,12 +1030,11 @@ impl Server {
             proto::RETRIEVE => {
                 proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, who, t, w)).is_ok()
             }
-            proto::CLOSE => r.u32().map(|t| self.coord.close(caller, who, t)).is_ok(),
+            proto::CLOSE => r.u32().map(|t| self.coord.close(caller, who, t, Instant::now())).is_ok(),
             _ => false, // a DEPLOY too short to stream
         };
         if !ok {
             conn.awaiting -= 1;
-            self.drc_pending.remove(&(key, call.xid));
             conn.outbox.push_bytes(garbage(call.xid));
         }
     }
@@ -1109,12 +1091,6 @@ impl Server {
             Action::Reply { to, reply } => {
                 if matches!(&reply, Reply::Deploy(Ok(_)) | Reply::Close(Ok(_))) {
                     log::debug!("connection {}: xid {:#x}: {reply:?}", to.conn, to.xid);
-                }
-                if let Some(key) = self.drc_pending.remove(&(to.conn, to.xid)) {
-                    // Only what changed something is kept: a refusal may be retried.
-                    if matches!(&reply, Reply::Deploy(Ok(_)) | Reply::Close(Ok(_))) {
-                        self.drc.insert(key, reply.clone(), Instant::now());
-                    }
                 }
                 let pieces = encode_reply(to.xid, reply);
                 self.answer(to.conn, pieces);
@@ -1260,12 +1236,7 @@ impl Server {
         self.peer_closed(&mut conn);
         log::debug!("connection {key} closed ({:?})", conn.role);
         match conn.role {
-            Role::Client => {
-                if !self.drc_pending.is_empty() {
-                    self.drc_pending.retain(|&(k, _), _| k != key);
-                }
-                self.coord.conn_closed(key)
-            }
+            Role::Client => self.coord.conn_closed(key),
             Role::NodeLink { node, .. } => {
                 self.links[node] = None;
                 self.coord.node_lost(node, Instant::now());
