@@ -41,7 +41,7 @@ use slab::Slab;
 use crate::archive_check::ArchiveCheck;
 use crate::config::NodesFile;
 use crate::conn::{Conn, Linger, Pending, Reader, Role, Sink, Streamed};
-use crate::coordinator::{Action, Caller, Coordinator, NodeCall, OutputRef, Reply};
+use crate::coordinator::{Action, Caller, Coordinator, Failure, NodeCall, OutputRef, Reply};
 use crate::node::{Drained, Finished, Node, NodeConfig};
 use crate::peer::{self, PeerId};
 use crate::proto::{self, CloudStat, RunArgs, RunResult};
@@ -904,10 +904,8 @@ impl Server {
                     w.u32(CloudStat::Ok as u32).u32(ticket);
                     return conn.answer_before_upload(len, w.into_bytes());
                 }
-                if let Some((stat, msg)) = self.coord.deploy_refusal(who, replicas) {
-                    let mut w = rpc::accepted(call.xid, AcceptStat::Success);
-                    proto::encode_error(&mut w, stat, &msg);
-                    return conn.answer_before_upload(len, w.into_bytes());
+                if let Some(failure) = self.coord.deploy_refusal(who, replicas) {
+                    return conn.answer_before_upload(len, failure_reply(call.xid, &failure));
                 }
                 Streamed::Deploy { replicas, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) }
             }
@@ -1340,27 +1338,30 @@ fn run_reply(xid: u32, result: &RunResult) -> Vec<u8> {
 pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
     let mut w = rpc::accepted(xid, AcceptStat::Success);
     let ok = CloudStat::Ok as u32;
-    let err = match reply {
+    match reply {
         Reply::Deploy(Ok(ticket)) => {
             w.u32(ok).u32(ticket);
-            None
         }
         Reply::Status(Ok(st)) => {
             w.u32(ok);
             st.encode(&mut w);
-            None
         }
         Reply::Close(Ok(())) => {
             w.u32(ok);
-            None
         }
         Reply::Retrieve(Ok(outs)) => return retrieve_pieces(xid, outs),
-        Reply::Deploy(Err(e)) | Reply::Status(Err(e)) | Reply::Retrieve(Err(e)) | Reply::Close(Err(e)) => Some(e),
-    };
-    if let Some((stat, msg)) = err {
-        proto::encode_error(&mut w, stat, &msg);
+        Reply::Deploy(Err(e)) | Reply::Status(Err(e)) | Reply::Retrieve(Err(e)) | Reply::Close(Err(e)) => {
+            return vec![Piece::Bytes(failure_reply(xid, &e))]
+        }
     }
     vec![Piece::Bytes(w.into_bytes())]
+}
+
+/// A CLOUD_PROG error result for call `xid`.
+fn failure_reply(xid: u32, (stat, msg): &Failure) -> Vec<u8> {
+    let mut w = rpc::accepted(xid, AcceptStat::Success);
+    proto::encode_error(&mut w, *stat, msg);
+    w.into_bytes()
 }
 
 /// RETRIEVE's OK reply. Every output is opened now, so the reply is OK only
@@ -1386,10 +1387,8 @@ fn retrieve_pieces(xid: u32, outs: Vec<OutputRef>) -> Vec<Piece> {
                     Some(libc::EMFILE | libc::ENFILE) => "the server is out of file descriptors".to_string(),
                     _ => e.to_string(),
                 };
-                let msg = format!("could not read the outputs: {why}; retry");
-                let mut w = rpc::accepted(xid, AcceptStat::Success);
-                proto::encode_error(&mut w, CloudStat::Internal, &msg);
-                return vec![Piece::Bytes(w.into_bytes())];
+                let failure = (CloudStat::Internal, format!("could not read the outputs: {why}; retry"));
+                return vec![Piece::Bytes(failure_reply(xid, &failure))];
             }
         }
     }
