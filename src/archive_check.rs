@@ -757,7 +757,7 @@ pub fn kind_name(kind: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extract::tarkit::{entry, gz, tar_gz};
+    use crate::extract::tarkit::{entry, gnu_tar, gz, pax, tar_gz, ustar};
     use proptest::prelude::*;
     use tar::EntryType::*;
 
@@ -795,14 +795,7 @@ mod tests {
 
     /// A .tar.gz built by the tar crate (GNU headers, long names as 'L').
     fn built(files: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut t = tar::Builder::new(Vec::new());
-        for (name, data) in files {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            t.append_data(&mut h, name, *data).unwrap();
-        }
-        gz(&t.into_inner().unwrap())
+        gz(&gnu_tar(files))
     }
 
     #[test]
@@ -1002,40 +995,6 @@ mod tests {
         let mut dangling = [l.as_bytes().to_vec(), b"a\0".to_vec(), vec![0; 510]].concat();
         dangling.extend_from_slice(&[0; 1024]);
         assert!(refused(&gz(&[makefile(), dangling].concat())).contains("describes no entry"));
-    }
-
-    fn pax(records: &[(&str, &str)]) -> Vec<u8> {
-        let mut data = Vec::new();
-        for (k, v) in records {
-            let body = format!(" {k}={v}\n");
-            let mut len = body.len() + 1;
-            while format!("{len}{body}").len() != len {
-                len += 1;
-            }
-            data.extend_from_slice(format!("{len}{body}").as_bytes());
-        }
-        let mut h = tar::Header::new_ustar();
-        h.set_path("PaxHeaders/x").unwrap();
-        h.set_entry_type(XHeader);
-        h.set_size(data.len() as u64);
-        h.set_cksum();
-        let mut out = h.as_bytes().to_vec();
-        out.extend_from_slice(&data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-        out
-    }
-
-    fn ustar(name: &str, kind: tar::EntryType, data: &[u8]) -> Vec<u8> {
-        let mut h = tar::Header::new_ustar();
-        h.as_ustar_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
-        h.set_entry_type(kind);
-        h.set_mode(0o644);
-        h.set_size(data.len() as u64);
-        h.set_cksum();
-        let mut out = h.as_bytes().to_vec();
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-        out
     }
 
     #[test]

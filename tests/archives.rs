@@ -13,7 +13,7 @@ use cloudinfra::proto::{self, CloudStat};
 use cloudinfra::record::{Event, RecordDecoder, Shape};
 use cloudinfra::rpc;
 use cloudinfra::xdr::XdrReader;
-use common::tarkit::{entry, gz, tar_gz};
+use common::tarkit::{entry, gnu_tar, gz, pax, tar_gz};
 use common::*;
 use tar::EntryType::*;
 
@@ -27,40 +27,6 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
     p
-}
-
-/// A tar built by the tar crate (GNU format: long names as 'L' entries).
-fn gnu_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut t = tar::Builder::new(Vec::new());
-    for (name, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        t.append_data(&mut h, name, *data).unwrap();
-    }
-    t.into_inner().unwrap()
-}
-
-/// A PAX extended header ('x') holding these records.
-fn pax(records: &[(&str, &str)]) -> Vec<u8> {
-    let mut data = Vec::new();
-    for (k, v) in records {
-        let body = format!(" {k}={v}\n");
-        let mut len = body.len() + 1;
-        while format!("{len}{body}").len() != len {
-            len += 1;
-        }
-        data.extend_from_slice(format!("{len}{body}").as_bytes());
-    }
-    let mut h = tar::Header::new_ustar();
-    h.set_path("PaxHeaders/0").unwrap();
-    h.set_entry_type(XHeader);
-    h.set_size(data.len() as u64);
-    h.set_cksum();
-    let mut out = h.as_bytes().to_vec();
-    out.extend_from_slice(&data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-    out
 }
 
 /// `cloud deploy 1 FILE` must fail with one line saying `why`.
