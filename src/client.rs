@@ -125,20 +125,17 @@ impl Client {
 
     /// The one line for an I/O error of a call.
     fn io_error(&self, e: &io::Error) -> ClientError {
-        match (e.kind(), self.timeout) {
-            (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(t)) => ClientError::Transport(format!(
-                "no answer from the cloud server at {} within {}s; it may be overloaded or stuck: check it, or raise --timeout",
-                self.server,
-                t.as_secs()
-            )),
-            _ => self.transport(e),
-        }
+        ClientError::Transport(io_message(&self.server, self.timeout, e))
     }
 
     /// The connection broke again on the retry: most likely not a cloud
     /// server at all (a node's port, another program), so say what to check.
     fn broken_twice(&self, e: &io::Error) -> ClientError {
-        ClientError::Transport(broken_twice_msg(&self.server, e))
+        let server = &self.server;
+        ClientError::Transport(format!(
+            "lost the connection to {server} again on the retry ({e}): check that {server} is a cloud-server's \
+             client address (its ready line says \"listening on ...\"), not a node's port"
+        ))
     }
 
     /// After a broken connection: a new one, for one retry with the same xid.
@@ -156,14 +153,33 @@ impl Client {
         );
     }
 
-    /// Send one call; return its xid. While sending, watch for an early
+    /// Run one attempt of a call; if its connection broke before the reply
+    /// was in, run it once more on a new connection (same xid: the server's
+    /// duplicate request cache makes a retried DEPLOY or CLOSE happen once).
+    fn retry_once<T>(&mut self, mut attempt: impl FnMut(&mut Self) -> Result<T, Failed>) -> Result<T, ClientError> {
+        let why = match attempt(self) {
+            Err((ClientError::Transport(_), Some(why))) if is_broken(&why) => why,
+            first => return first.map_err(|(e, _)| e),
+        };
+        self.reconnect()?;
+        match attempt(self) {
+            Err((ClientError::Transport(_), Some(e))) if is_broken(&e) => Err(self.broken_twice(&e)),
+            again => {
+                if !matches!(again, Err((ClientError::Transport(_), _))) {
+                    self.retried(&why);
+                }
+                again.map_err(|(e, _)| e)
+            }
+        }
+    }
+
+    /// Send one call. While sending, watch for an early
     /// reply: a server that refuses an upload (too large, too many
     /// replicas) answers at once, and there is no point sending the rest.
-    fn send(&mut self, xid: u32, proc_num: u32, pieces: Vec<Piece>) -> io::Result<u32> {
+    fn send(&mut self, pieces: Vec<Piece>) -> io::Result<()> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
         let mut out = Outbox::new();
-        let _ = proc_num;
         out.push(pieces);
         let wait = match self.timeout {
             Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
@@ -172,7 +188,7 @@ impl Client {
         self.stream.set_nonblocking(true)?;
         let sent = loop {
             match out.write_to(&mut self.stream) {
-                Ok(true) => break Ok(xid),
+                Ok(true) => break Ok(()),
                 Ok(false) => {}
                 Err(e) => break Err(e),
             }
@@ -180,7 +196,7 @@ impl Client {
             match poll(&mut fds, wait) {
                 Ok(0) => break Err(io::ErrorKind::TimedOut.into()),
                 Ok(_) if fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) => {
-                    break Ok(xid); // answered before we finished: read it
+                    break Ok(()); // answered before we finished: read it
                 }
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => break Err(e.into()),
@@ -195,8 +211,7 @@ impl Client {
         rpc::call_sys(xid, CLOUD_PROG, CLOUD_VERS, proc_num, &self.cred)
     }
 
-    /// Send one call and read its reply record; retried once, with the same
-    /// xid, if the connection breaks before the reply is in.
+    /// Send one call and read its reply record (`retry_once`).
     fn call(
         &mut self,
         proc_num: u32,
@@ -204,21 +219,8 @@ impl Client {
     ) -> Result<Vec<u8>, ClientError> {
         self.xid = self.xid.wrapping_add(1);
         let xid = self.xid;
-        let mut broke: Option<io::Error> = None;
-        let record = loop {
-            match self.attempt(xid, proc_num, &mut pieces) {
-                Ok(record) => break record,
-                Err(e) if is_broken(&e) && broke.is_none() => {
-                    self.reconnect()?;
-                    broke = Some(e);
-                }
-                Err(e) if is_broken(&e) => return Err(self.broken_twice(&e)),
-                Err(e) => return Err(self.io_error(&e)),
-            }
-        };
-        if let Some(why) = &broke {
-            self.retried(why);
-        }
+        let record =
+            self.retry_once(|c| c.attempt(xid, proc_num, &mut pieces).map_err(|e| (c.io_error(&e), Some(e))))?;
         let (rxid, outcome) = rpc::decode_reply(&record).map_err(|e| self.transport(e))?;
         if rxid != xid {
             return Err(self.transport(format!("reply xid {rxid:#x} does not match call xid {xid:#x}")));
@@ -235,7 +237,7 @@ impl Client {
         proc_num: u32,
         pieces: &mut impl FnMut(XdrWriter) -> io::Result<Vec<Piece>>,
     ) -> io::Result<Vec<u8>> {
-        let sent = pieces(self.header(xid, proc_num)).and_then(|p| self.send(xid, proc_num, p));
+        let sent = pieces(self.header(xid, proc_num)).and_then(|p| self.send(p));
         let mut record = Vec::new();
         let read = Payload::new(&mut self.stream).take(MAX_REPLY).read_to_end(&mut record);
         // A server that refuses a call mid-stream (CLOUD_TOO_LARGE) answers
@@ -275,20 +277,7 @@ impl Client {
     ) -> Result<Vec<(ReplicaStatus, PathBuf)>, ClientError> {
         self.xid = self.xid.wrapping_add(1);
         let xid = self.xid;
-        match self.retrieve_attempt(xid, ticket, wait, &output_file) {
-            Err((ClientError::Transport(_), Some(why))) if is_broken(&why) => {
-                self.reconnect()?;
-                let again = self.retrieve_attempt(xid, ticket, wait, &output_file);
-                if !matches!(&again, Err((ClientError::Transport(_), Some(e))) if is_broken(e)) {
-                    self.retried(&why);
-                }
-                again.map_err(|failed| match failed {
-                    (ClientError::Transport(_), Some(e)) if is_broken(&e) => self.broken_twice(&e),
-                    (e, _) => e,
-                })
-            }
-            other => other.map_err(|(e, _)| e),
-        }
+        self.retry_once(|c| c.retrieve_attempt(xid, ticket, wait, &output_file))
     }
 
     /// One RETRIEVE; on failure, the error and the I/O error behind it.
@@ -301,18 +290,12 @@ impl Client {
     ) -> Result<Vec<(ReplicaStatus, PathBuf)>, Failed> {
         let mut args = self.header(xid, proto::RETRIEVE);
         args.u32(ticket).bool(wait);
-        let sent = self.send(xid, proto::RETRIEVE, vec![Piece::Bytes(args.into_bytes())]);
+        let sent = self.send(vec![Piece::Bytes(args.into_bytes())]);
         let cause = std::cell::RefCell::new(None);
         let server = self.server.clone();
         let timeout = self.timeout;
         let lost = |e: io::Error| {
-            let msg = match (e.kind(), timeout) {
-                (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(t)) => format!(
-                    "no answer from the cloud server at {server} within {}s; it may be overloaded or stuck: check it, or raise --timeout",
-                    t.as_secs()
-                ),
-                _ => format!("lost the connection to {server}: {e}"),
-            };
+            let msg = io_message(&server, timeout, &e);
             *cause.borrow_mut() = Some(e);
             ClientError::Transport(msg)
         };
@@ -419,12 +402,15 @@ fn open(server: &str, timeout: Option<Duration>) -> Result<TcpStream, ClientErro
     Ok(stream)
 }
 
-/// The one line for a connection that broke on the first try and the retry.
-fn broken_twice_msg(server: &str, e: &io::Error) -> String {
-    format!(
-        "lost the connection to {server} again on the retry ({e}): check that {server} is a cloud-server's \
-         client address (its ready line says \"listening on ...\"), not a node's port"
-    )
+/// The one line for an I/O error talking to `server`; a timeout says so.
+fn io_message(server: &str, timeout: Option<Duration>, e: &io::Error) -> String {
+    match (e.kind(), timeout) {
+        (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(t)) => format!(
+            "no answer from the cloud server at {server} within {}s; it may be overloaded or stuck: check it, or raise --timeout",
+            t.as_secs()
+        ),
+        _ => format!("lost the connection to {server}: {e}"),
+    }
 }
 
 /// Decode a `*_res` union: the OK arm with `ok`, else the server's message.
