@@ -431,7 +431,7 @@ impl TarScan {
     }
 
     /// The reason for an archive without a top-level Makefile.
-    pub fn no_makefile(&self) -> String {
+    fn no_makefile(&self) -> String {
         if self.makefile_dir {
             "bad archive: Makefile is a directory; make run needs a regular file named Makefile at the top level".into()
         } else if let Some(nested) = &self.nested_makefile {

@@ -84,7 +84,7 @@ fn first_xid() -> u32 {
 }
 
 /// The AUTH_SYS credential of this process: who the kernel says we are.
-pub fn own_credential() -> AuthSys {
+fn own_credential() -> AuthSys {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as u32);
     let gid = nix::unistd::getegid().as_raw();
@@ -111,12 +111,6 @@ impl Client {
             .set_read_timeout(timeout)
             .and_then(|_| self.stream.set_write_timeout(timeout))
             .map_err(|e| self.transport(e))
-    }
-
-    /// Use these credentials instead of the process's own (tests).
-    pub fn with_credential(mut self, cred: AuthSys) -> Self {
-        self.cred = cred;
-        self
     }
 
     fn transport(&self, e: impl std::fmt::Display) -> ClientError {
