@@ -40,6 +40,26 @@ fn refuse<T>(why: impl Into<String>) -> Result<T, Refusal> {
     Err(Refusal(why.into()))
 }
 
+/// A refusal that sticks: once refused, every later call gives the same
+/// answer and looks at nothing more.
+#[derive(Debug, Default)]
+struct Sticky(Option<Refusal>);
+
+impl Sticky {
+    /// The earlier refusal, if there was one.
+    fn check(&self) -> Result<(), Refusal> {
+        self.0.as_ref().map_or(Ok(()), |r| Err(r.clone()))
+    }
+
+    /// Keep `r`'s refusal, if it is one.
+    fn keep<T>(&mut self, r: Result<T, Refusal>) -> Result<T, Refusal> {
+        if let Err(e) = &r {
+            self.0 = Some(e.clone());
+        }
+        r
+    }
+}
+
 /// What an accepted archive holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
@@ -107,7 +127,7 @@ pub struct ArchiveCheck {
     trailer: [u8; 8],
     out: Vec<u8>,
     tar: TarScan,
-    refused: Option<Refusal>,
+    refused: Sticky,
     wire: u64,
     /// `inflate.total_out()` at the last `take_inflated`.
     charged: u64,
@@ -137,7 +157,7 @@ impl ArchiveCheck {
             trailer: [0; 8],
             out: vec![0; 32 * 1024],
             tar: TarScan::new(limits),
-            refused: None,
+            refused: Sticky::default(),
             wire: 0,
             charged: 0,
         }
@@ -146,32 +166,22 @@ impl ArchiveCheck {
     /// Check the next bytes of the upload. After a refusal every call
     /// returns the same refusal and looks at nothing more.
     pub fn feed(&mut self, data: &[u8]) -> Result<(), Refusal> {
-        if let Some(r) = &self.refused {
-            return Err(r.clone());
-        }
+        self.refused.check()?;
         self.wire += data.len() as u64;
         let r = self.step(data);
-        if let Err(e) = &r {
-            self.refused = Some(e.clone());
-        }
-        r
+        self.refused.keep(r)
     }
 
     /// The upload is complete: the verdict.
     pub fn finish(&mut self) -> Result<Summary, Refusal> {
-        if let Some(r) = &self.refused {
-            return Err(r.clone());
-        }
+        self.refused.check()?;
         let r = match self.gz {
             Gz::Fixed { have: 0 } => refuse("bad archive: the file is empty (deploy expects a .tar.gz)"),
             Gz::Done => self.tar.finish().and_then(|s| if s.makefile { Ok(s) } else { refuse(self.tar.no_makefile()) }),
             Gz::Deflate | Gz::Trailer { .. } => refuse("bad archive: truncated (the gzip stream ends early)"),
             _ => refuse("bad archive: truncated (the gzip header is cut short)"),
         };
-        if let Err(e) = &r {
-            self.refused = Some(e.clone());
-        }
-        r
+        self.refused.keep(r)
     }
 
     /// Bytes of inflated data so far.
@@ -369,7 +379,7 @@ pub struct TarScan {
     makefile: bool,
     makefile_dir: bool,
     nested_makefile: Option<String>,
-    refused: Option<Refusal>,
+    refused: Sticky,
 }
 
 impl TarScan {
@@ -390,27 +400,20 @@ impl TarScan {
             makefile: false,
             makefile_dir: false,
             nested_makefile: None,
-            refused: None,
+            refused: Sticky::default(),
         }
     }
 
     /// Scan the next inflated bytes.
     pub fn feed(&mut self, data: &[u8]) -> Result<(), Refusal> {
-        if let Some(r) = &self.refused {
-            return Err(r.clone());
-        }
+        self.refused.check()?;
         let r = self.step(data);
-        if let Err(e) = &r {
-            self.refused = Some(e.clone());
-        }
-        r
+        self.refused.keep(r)
     }
 
     /// The inflated stream ended: is the tar archive complete?
     pub fn finish(&mut self) -> Result<Summary, Refusal> {
-        if let Some(r) = &self.refused {
-            return Err(r.clone());
-        }
+        self.refused.check()?;
         let pending = self.long_name.is_some() || self.long_link.is_some() || self.pax.is_some();
         match self.state {
             TarState::Header if self.hdr.is_empty() && !pending => {}
