@@ -90,14 +90,13 @@ impl Sink {
 
     /// Append to the spool file; a failure turns the sink into a failed one.
     pub(crate) fn write(&mut self, data: &[u8]) {
-        let Sink::File { file: Some(f), path, error, .. } = self else { return };
+        let Sink::File { file, path, error, .. } = self else { return };
+        let Some(f) = file else { return };
         if let Err(e) = f.write_all(data) {
             log::error!("cannot write {}: {e}", path.display());
             *error = Some(store_error(&e));
-            if let Sink::File { file, path, .. } = self {
-                *file = None;
-                let _ = fs::remove_file(&*path);
-            }
+            *file = None;
+            let _ = fs::remove_file(&*path);
         }
     }
 
