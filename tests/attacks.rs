@@ -123,7 +123,7 @@ fn start_server(top: &Path, listen: &str, nobody: bool, extra: &[&str]) -> Resul
             });
         }
     }
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = spawn_copied(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()));
     let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
     let mut line = String::new();
     while lines.read_line(&mut line).unwrap_or(0) > 0 {

@@ -57,7 +57,7 @@ impl Server {
     }
 
     fn try_start(mut cmd: Command) -> Result<Server, String> {
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+        let mut child = spawn_copied(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()));
         let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
         let mut line = String::new();
         let mut got = String::new();
@@ -435,7 +435,7 @@ fn without_root_a_job_cannot_touch_the_server() {
                 Ok(())
             });
         }
-        cmd.output().unwrap()
+        spawn_copied(cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped())).wait_with_output().unwrap()
     };
     let other = deploy_as(65533);
     let err = String::from_utf8_lossy(&other.stderr);

@@ -325,6 +325,21 @@ impl Gate {
     }
 }
 
+/// Start `cmd`, whose program is a copy this test process just wrote (to
+/// run it as another user): until a child that another test thread forked
+/// meanwhile execs, it holds that copy open for writing, and exec fails with
+/// ETXTBSY. Try again then, within a deadline.
+pub fn spawn_copied(cmd: &mut Command) -> Child {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cmd.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => std::thread::yield_now(),
+            Err(e) => panic!("cannot start {:?}: {e}", cmd.get_program()),
+        }
+    }
+}
+
 /// Wait (up to 20 s) for a condition the server reaches asynchronously.
 pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
