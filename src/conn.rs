@@ -4,7 +4,9 @@
 //! Owns: the per-connection state `server` drives ([`Conn`]), what a
 //! streamed archive or output is spooled into ([`Sink`], a spool file
 //! created `0600`, never overwritten), when a client is busy (served one
-//! call at a time) and when a closing connection owes its peer nothing more.
+//! call at a time), what phase it is in for `timers` (idle, reading,
+//! writing, owed a reply), and when a closing connection owes its peer
+//! nothing more.
 //! Must not touch: the poll or the slab (the reactor registers, times and
 //! closes connections), what calls mean (`coordinator`, `node`).
 
@@ -21,6 +23,7 @@ use crate::proto::{self, RunArgs, CLOUD_PROGRAM, NODE_PROGRAM};
 use crate::record::Outbox;
 use crate::scheduler::NodeId;
 use crate::session::{CallReader, ReplyReader};
+use crate::timers::Phase;
 
 /// Largest buffered (non-streamed) record: calls and small replies.
 pub(crate) const MAX_RECORD: usize = 64 * 1024;
@@ -163,9 +166,16 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// A new connection in `role`, registered under `token`; streamed
-    /// opaques up to `max_stream` bytes are accepted.
-    pub(crate) fn new(stream: TcpStream, token: Token, role: Role, writable: bool, max_stream: u64) -> Conn {
+    /// A new connection in `role` from `peer`, registered under `token`;
+    /// streamed opaques up to `max_stream` bytes are accepted.
+    pub(crate) fn new(
+        stream: TcpStream,
+        token: Token,
+        role: Role,
+        peer: PeerId,
+        writable: bool,
+        max_stream: u64,
+    ) -> Conn {
         let reader = match role {
             Role::Client => Reader::Calls(CallReader::new(CLOUD_PROGRAM, MAX_RECORD, max_stream)),
             Role::NodeInbound(_) => Reader::Calls(CallReader::new(NODE_PROGRAM, MAX_RECORD, max_stream)),
@@ -185,7 +195,7 @@ impl Conn {
             writable,
             awaiting: 0,
             held: Vec::new(),
-            peer: PeerId::Unverified,
+            peer,
             moved: 0,
             written_seen: 0,
         }
@@ -202,6 +212,34 @@ impl Conn {
     /// after its call still gets the answer.
     pub(crate) fn finished(&self) -> bool {
         self.closing && self.outbox.is_empty() && self.awaiting == 0 && self.linger == Linger::No
+    }
+
+    /// What a client connection is doing now, for `timers`, and the bytes
+    /// it read or wrote since the last time it was asked; `None` for the
+    /// node links, which are not timed.
+    pub(crate) fn timer_phase(&mut self) -> Option<(Phase, u64)> {
+        if !matches!(self.role, Role::Client) {
+            return None;
+        }
+        let calls = match &self.reader {
+            Reader::Calls(r) => r.at_boundary(),
+            Reader::Replies(_) => true,
+        };
+        let written = self.outbox.written();
+        let moved = self.moved + (written - self.written_seen);
+        self.moved = 0;
+        self.written_seen = written;
+        Some(if self.linger == Linger::Draining {
+            (Phase::Reading, 0) // what a refused peer still sends earns no time
+        } else if !self.outbox.is_empty() {
+            (Phase::Writing, moved)
+        } else if self.awaiting > 0 {
+            (Phase::Owed, moved)
+        } else if !calls || !self.held.is_empty() || !matches!(self.sink, Sink::None) {
+            (Phase::Reading, moved)
+        } else {
+            (Phase::Idle, moved)
+        })
     }
 
     /// Close once the queued answer is out, without losing it: the peer may

@@ -51,7 +51,7 @@ use crate::scheduler::NodeId;
 use crate::session::{Call, CallEvent, ReplyEvent};
 use crate::spawn::{Containment, JobLimits, Sandbox};
 use crate::tickets::TicketStore;
-use crate::timers::{ConnTimers, Phase};
+use crate::timers::ConnTimers;
 use crate::xdr::XdrReader;
 
 const SIGNALS: Token = Token(0);
@@ -360,7 +360,9 @@ impl Server {
             let _ = stream.set_nodelay(true);
             self.link_addrs[i] = Some(stream.local_addr().map_err(|e| format!("link to node {addr}: {e}"))?);
             let role = Role::NodeLink { node: i, connected: false };
-            let key = self.add_conn(stream, role, true).map_err(|e| format!("cannot register link: {e}"))?;
+            let key = self
+                .add_conn(stream, role, PeerId::Unverified, true)
+                .map_err(|e| format!("cannot register link: {e}"))?;
             self.links[i] = Some(key);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -536,13 +538,8 @@ impl Server {
                         (None, Ok(local)) => peer::identify(peer, local),
                         _ => PeerId::Unverified,
                     };
-                    match self.add_conn(stream, role, false) {
-                        Ok(key) => {
-                            if let Some(Source::Conn(c)) = self.slab.get_mut(key) {
-                                c.peer = id;
-                            }
-                        }
-                        Err(e) => log::warn!("cannot register connection from {peer}: {e}"),
+                    if let Err(e) = self.add_conn(stream, role, id, false) {
+                        log::warn!("cannot register connection from {peer}: {e}");
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -608,39 +605,18 @@ impl Server {
 
     /// Tell the timers what a client connection is doing now.
     fn retime(&mut self, key: usize, conn: &mut Conn) {
-        if !matches!(conn.role, Role::Client) {
-            return;
+        if let Some((phase, moved)) = conn.timer_phase() {
+            self.timers.update(key, phase, moved, Instant::now());
         }
-        let calls = match &conn.reader {
-            Reader::Calls(r) => r.at_boundary(),
-            Reader::Replies(_) => true,
-        };
-        // Bytes read or written since the last update.
-        let written = conn.outbox.written();
-        let moved = conn.moved + (written - conn.written_seen);
-        conn.moved = 0;
-        conn.written_seen = written;
-        let (phase, moved) = if conn.linger == Linger::Draining {
-            (Phase::Reading, 0) // what a refused peer still sends earns no time
-        } else if !conn.outbox.is_empty() {
-            (Phase::Writing, moved)
-        } else if conn.awaiting > 0 {
-            (Phase::Owed, moved)
-        } else if !calls || !conn.held.is_empty() || !matches!(conn.sink, Sink::None) {
-            (Phase::Reading, moved)
-        } else {
-            (Phase::Idle, moved)
-        };
-        self.timers.update(key, phase, moved, Instant::now());
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream, role: Role, writable: bool) -> io::Result<usize> {
+    fn add_conn(&mut self, mut stream: TcpStream, role: Role, peer: PeerId, writable: bool) -> io::Result<usize> {
         let entry = self.slab.vacant_entry();
         let key = entry.key();
         let token = Token(key + first_key(self.nodes.len()));
         let interest = if writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
         self.poll.registry().register(&mut stream, token, interest)?;
-        entry.insert(Source::Conn(Box::new(Conn::new(stream, token, role, writable, self.max_archive))));
+        entry.insert(Source::Conn(Box::new(Conn::new(stream, token, role, peer, writable, self.max_archive))));
         if matches!(self.slab.get(key), Some(Source::Conn(c)) if matches!(c.role, Role::Client)) {
             self.timers.add(key, Instant::now());
         }
