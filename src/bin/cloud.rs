@@ -4,10 +4,10 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-use clap::{Parser, Subcommand};
 use std::time::Duration;
 
+use clap::{Parser, Subcommand};
+use cloudinfra::archive_check::MAKEFILE_NAMES;
 use cloudinfra::client::{pack_directory, Client, ClientError, DEFAULT_TIMEOUT};
 use cloudinfra::proto::{JobState, JobStatus, ReplicaStatus};
 
@@ -191,9 +191,8 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
 /// A directory to pack must have a makefile at its top (the server would
 /// refuse the archive anyway; here we can name the directory to deploy).
 fn has_makefile(dir: &Path) -> Result<(), String> {
-    const NAMES: [&str; 3] = ["GNUmakefile", "makefile", "Makefile"];
     // A symlinked or odd Makefile is left to the server, which says what is wrong with it.
-    if NAMES.iter().any(|n| fs::symlink_metadata(dir.join(n)).is_ok()) {
+    if MAKEFILE_NAMES.iter().any(|n| fs::symlink_metadata(dir.join(n)).is_ok()) {
         return Ok(());
     }
     let sub = fs::read_dir(dir)
@@ -201,7 +200,7 @@ fn has_makefile(dir: &Path) -> Result<(), String> {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.is_dir() && NAMES.iter().any(|n| p.join(n).is_file()))
+        .filter(|p| p.is_dir() && MAKEFILE_NAMES.iter().any(|n| p.join(n).is_file()))
         .min();
     Err(match sub {
         Some(sub) => format!(
