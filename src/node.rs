@@ -375,6 +375,15 @@ impl Node {
 
     fn remove_ticket(&self, ticket: u32) {
         let dir = self.ticket_dir(ticket);
+        // An uncontained job's files are on disk, maybe 200,000 of them:
+        // removed by a child, never on the reactor thread. (Contained, the
+        // folder holds the output and an empty mount point.)
+        if self.cfg.sandbox.containment == Containment::Uncontained && dir.exists() {
+            match spawn::remove_tree_in_background(&dir) {
+                Ok(pid) => return log::debug!("node {}: removing {} in pid {pid}", self.cfg.port, dir.display()),
+                Err(e) => log::warn!("node {}: cannot fork to remove {}: {e}", self.cfg.port, dir.display()),
+            }
+        }
         if let Err(e) = fs::remove_dir_all(&dir) {
             if e.kind() != io::ErrorKind::NotFound {
                 log::warn!("node {}: cannot remove {}: {e}", self.cfg.port, dir.display());

@@ -889,6 +889,29 @@ pub fn empty_network() -> Result<OwnedFd, String> {
     empty
 }
 
+/// Remove a directory tree without holding up the reactor: a forked child
+/// execs `rm -rf` (GNU rm walks any depth without recursing on its stack
+/// and never follows links) and is reaped like any other child. For trees
+/// on disk (`--uncontained` workspaces); a contained workspace is a tmpfs
+/// that goes with its namespace.
+pub fn remove_tree_in_background(dir: &Path) -> nix::Result<Pid> {
+    let path = CString::new(dir.as_os_str().as_bytes()).map_err(|_| nix::Error::EINVAL)?;
+    let argv = [c"rm".to_owned(), c"-rf".to_owned(), c"--one-file-system".to_owned(), c"--".to_owned(), path];
+    // SAFETY: single-threaded server; the child only closes descriptors,
+    // resets its signal mask and execs or _exits.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Child => {
+            close_all_but(&[]);
+            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+            for rm in [c"/bin/rm", c"/usr/bin/rm"] {
+                let _ = nix::unistd::execv(rm, &argv);
+            }
+            unsafe_exit(127)
+        }
+        ForkResult::Parent { child } => Ok(child),
+    }
+}
+
 /// Ask a replica to stop: SIGTERM to every process of its namespace (init
 /// forwards it), or to its process group when uncontained.
 pub fn terminate(pid: Pid, control: Option<&OwnedFd>) {

@@ -342,9 +342,14 @@ pub fn spawn_copied(cmd: &mut Command) -> Child {
 
 /// Wait (up to 20 s) for a condition the server reaches asynchronously.
 pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_within(Duration::from_secs(20), what, cond);
+}
+
+/// Wait (up to `limit`) for a condition the server reaches asynchronously.
+pub fn wait_within(limit: Duration, what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
