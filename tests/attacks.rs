@@ -5,7 +5,8 @@
 //! passing for a network peer through the host's own address, host
 //! services on unix sockets under /run, the host's ptys, forks without
 //! limit without root, one tenant using up a shared uid's processes, and
-//! nested user namespaces.
+//! nested user namespaces, control characters from archive names in STATUS
+//! and the log.
 //! Tests that need root say so when skipped; CI runs as root.
 
 mod common;
@@ -455,4 +456,27 @@ fn with_one_shared_uid_a_tenant_cannot_use_up_the_others_processes() {
     let first = output(&c, t1);
     assert!(held(&first) < 40, "--max-procs still bounds a job: {first}");
     assert!(held(&out) > 20, "a tenant could not fork while another held its processes: {out}");
+}
+
+/// A tenant chooses the names in its archive, and an extraction error
+/// quotes them in the replica's message, which STATUS shows to anyone and
+/// the server logs: escape sequences and newlines there would write on
+/// another user's terminal and forge status and log lines. They come out
+/// escaped, on one line.
+#[test]
+fn archive_names_cannot_put_control_characters_in_status_or_log() {
+    let c = Cluster::start(1);
+    let evil = "x\n\x1b[31mFORGED ticket 1: COMPLETED\x1b]0;pwned\x07\n\u{1}cloud-init wait status 0";
+    // The same file twice: the deploy-time check lets clashes through,
+    // extraction refuses the second one and quotes its name.
+    let a = archive(c.dir.path(), "evil.tar.gz", &[("Makefile", "run:\n\techo hi\n"), (evil, "a"), (evil, "b")]);
+    let t = c.deploy(1, &a);
+    c.wait_status(t, |s| s["status"] == "INVALID");
+    let out = c.cloud(&["status", &t.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains('\x1b') && !text.contains('\x07') && !text.contains('\u{1}'), "{text:?}");
+    assert_eq!(text.lines().count(), 2, "a ticket line and one replica line: {text:?}");
+    assert!(text.contains("cannot create x\\n\\u{1b}[31mFORGED"), "{text:?}");
+    let log = c.log();
+    assert!(!log.contains('\x1b') && !log.lines().any(|l| l.starts_with("FORGED") || l.contains("\u{1}")), "{log:?}");
 }
