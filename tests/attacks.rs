@@ -6,7 +6,7 @@
 //! services on unix sockets under /run, the host's ptys, forks without
 //! limit without root, one tenant using up a shared uid's processes, and
 //! nested user namespaces, control characters from archive names in STATUS
-//! and the log.
+//! and the log, a work dir another user planted links in.
 //! Tests that need root say so when skipped; CI runs as root.
 
 mod common;
@@ -479,4 +479,52 @@ fn archive_names_cannot_put_control_characters_in_status_or_log() {
     assert!(text.contains("cannot create x\\n\\u{1b}[31mFORGED"), "{text:?}");
     let log = c.log();
     assert!(!log.contains('\x1b') && !log.lines().any(|l| l.starts_with("FORGED") || l.contains("\u{1}")), "{log:?}");
+}
+
+/// Another local user makes the work dir first (in a shared directory, as
+/// /tmp or the `work` of a shared cwd) and plants a link where the server
+/// writes its ticket counter: root then overwrote the link's target. The
+/// server now refuses a work dir within other users' reach.
+#[test]
+fn a_work_dir_planted_by_another_user_is_refused() {
+    if !need_root("a_work_dir_planted_by_another_user_is_refused") {
+        return;
+    }
+    let top = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let victim = top.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let shared = top.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    // What user nobody can do in a sticky shared directory.
+    let work = shared.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let nobody = Some(nix::unistd::Uid::from_raw(65534));
+    let nogroup = Some(nix::unistd::Gid::from_raw(65534));
+    nix::unistd::chown(&work, nobody, nogroup).unwrap();
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::symlink(&victim, work.join("tickets.tmp")).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nodes = top.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
+    let mut server = Reaped(
+        Command::new(SERVER)
+            .args(["--slot-uids", &(1_000_000 + u32::from(port) * 64).to_string(), "--listen", "127.0.0.1:0"])
+            .arg("--nodes")
+            .arg(&nodes)
+            .arg("--work-dir")
+            .arg(&work)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(server.stderr.take().unwrap());
+    let mut first = String::new();
+    while err.read_line(&mut first).unwrap_or(0) > 0 && !first.contains("cloud-server:") {}
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "the server wrote through the link");
+    assert!(first.contains("another user could plant links") && first.contains("--work-dir"), "{first}");
+    assert!(!server.wait().unwrap().success());
 }

@@ -258,6 +258,9 @@ fn lock_work_dir(dir: &Path) -> Result<Flock<File>, String> {
     std::fs::create_dir_all(dir).map_err(|e| {
         format!("cannot create work dir {}: {e} (pick one you can write with --work-dir)", dir.display())
     })?;
+    safe_work_dir(dir).map_err(|e| {
+        format!("work dir {}: {e}: another user could plant links there (pick another --work-dir)", dir.display())
+    })?;
     lock_file(&dir.join("server.lock")).map_err(|e| match e {
         Ok(pid) => format!(
             "work dir {} is in use by another cloud-server (pid {pid}): stop it or pick another --work-dir",
@@ -265,6 +268,52 @@ fn lock_work_dir(dir: &Path) -> Result<Flock<File>, String> {
         ),
         Err(e) => format!("cannot lock work dir {}: {e} (pick one you can write with --work-dir)", dir.display()),
     })
+}
+
+/// The work dir and the path to it must be out of other users' reach: the
+/// server (often root) writes the ticket counter, the spool and outputs
+/// there, and removes workspaces. A directory another user made first (in
+/// /tmp, or `work` of a shared cwd), or one in a directory another user
+/// may rename it out of, would let them plant links that the server
+/// follows. So: no symbolic link on the way that is not root's or ours;
+/// the work dir ours and not writable by group or others; every directory
+/// above it root's or ours, and writable by others only if sticky (/tmp).
+fn safe_work_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = Uid::effective().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    let abs = std::path::absolute(dir).map_err(|e| e.to_string())?;
+    let mut at = PathBuf::new();
+    for part in abs.components() {
+        at.push(part);
+        let meta = std::fs::symlink_metadata(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+        if meta.file_type().is_symlink() && !trusted(meta.uid()) {
+            return Err(format!("{} is a symbolic link of uid {}", at.display(), meta.uid()));
+        }
+    }
+    let real = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
+    let meta = std::fs::metadata(&real).map_err(|e| e.to_string())?;
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} belongs to uid {} with mode {:o}; it must be uid {me}'s and not writable by group or others",
+            real.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    for up in real.ancestors().skip(1) {
+        let meta = std::fs::metadata(up).map_err(|e| format!("{}: {e}", up.display()))?;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if !trusted(meta.uid()) || (meta.mode() & 0o022 != 0 && !sticky) {
+            return Err(format!(
+                "{} above it belongs to uid {} with mode {:o}",
+                up.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Create `dir` (mode 0700) or check that the one there is a directory of
@@ -423,5 +472,26 @@ mod tests {
         std::os::unix::fs::symlink(top.path().join("victim"), fresh.join("slot-1.lock")).unwrap();
         assert!(lock_file(&fresh.join("slot-1.lock")).is_err());
         assert!(!top.path().join("victim").exists());
+    }
+
+    #[test]
+    fn a_work_dir_within_other_users_reach_is_refused() {
+        let top = tempfile::tempdir().unwrap();
+        let ours = top.path().join("ours");
+        std::fs::create_dir(&ours).unwrap();
+        safe_work_dir(&ours).expect("a dir of ours in a tempdir");
+        let open = top.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = safe_work_dir(&open).unwrap_err();
+        assert!(e.contains("not writable by group or others"), "{e}");
+        // Inside a directory others may write (no sticky bit): refused.
+        let inner = open.join("work");
+        std::fs::create_dir(&inner).unwrap();
+        let e = safe_work_dir(&inner).unwrap_err();
+        assert!(e.contains("above it"), "{e}");
+        // Sticky, as /tmp: fine.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        safe_work_dir(&inner).expect("under a sticky dir");
     }
 }
