@@ -1128,7 +1128,11 @@ impl Server {
                     w.u32(CloudStat::Ok as u32).u32(ticket);
                     return answer_before_upload(conn, len, w.into_bytes());
                 }
-                if let Some((stat, msg)) = self.coord.deploy_refusal(who, replicas) {
+                // A network peer's AUTH_SYS uid is only a claim: it cannot
+                // make it the server's own user (or root) where only that
+                // user may deploy (a server without root).
+                let deployer = if conn.peer == PeerId::Remote { None } else { who };
+                if let Some((stat, msg)) = self.coord.deploy_refusal(deployer, replicas) {
                     let mut w = rpc::accepted(call.xid, AcceptStat::Success);
                     proto::encode_error(&mut w, stat, &msg);
                     return answer_before_upload(conn, len, w.into_bytes());

@@ -6,7 +6,8 @@
 //! services on unix sockets under /run, the host's ptys, forks without
 //! limit without root, one tenant using up a shared uid's processes, and
 //! nested user namespaces, control characters from archive names in STATUS
-//! and the log, a work dir another user planted links in.
+//! and the log, a work dir another user planted links in, a network peer
+//! claiming uid 0 on a server without root.
 //! Tests that need root say so when skipped; CI runs as root.
 
 mod common;
@@ -527,4 +528,84 @@ fn a_work_dir_planted_by_another_user_is_refused() {
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "the server wrote through the link");
     assert!(first.contains("another user could plant links") && first.contains("--work-dir"), "{first}");
     assert!(!server.wait().unwrap().success());
+}
+
+/// A network namespace joined to the host's by a veth pair: a client run
+/// in it is a real network peer to the server (its socket is not in the
+/// host's table). Removed when dropped.
+struct RemoteNet {
+    ns: String,
+    host_ip: String,
+}
+
+impl RemoteNet {
+    fn new() -> Option<RemoteNet> {
+        let id = std::process::id();
+        let ns = format!("cloudi-remote-{id}");
+        let (h, n) = (format!("crh{}", id % 100_000), format!("crn{}", id % 100_000));
+        let net = format!("10.{}.{}", 200 + (id / 250) % 50, id % 250);
+        let host_ip = format!("{net}.1");
+        let ip = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+        let me = RemoteNet { ns: ns.clone(), host_ip: host_ip.clone() };
+        let ok = ip(&["netns", "add", &ns])
+            && ip(&["link", "add", &h, "type", "veth", "peer", "name", &n])
+            && ip(&["link", "set", &n, "netns", &ns])
+            && ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &h])
+            && ip(&["link", "set", &h, "up"])
+            && ip(&["netns", "exec", &ns, "ip", "addr", "add", &format!("{net}.2/30"), "dev", &n])
+            && ip(&["netns", "exec", &ns, "ip", "link", "set", &n, "up"]);
+        ok.then_some(me)
+    }
+
+    /// `cloud ARGS` run in the remote namespace.
+    fn cloud(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip").args(["netns", "exec", &self.ns, CLIENT]).args(args).output().expect("run cloud remotely")
+    }
+}
+
+impl Drop for RemoteNet {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// A server without root takes jobs only from its own user; a network
+/// peer's AUTH_SYS uid is a mere claim, and claiming uid 0 (or the
+/// server's uid) got a job run as the server's user, whose output the
+/// peer then retrieved: any file that user can read. A network peer is
+/// now refused there, whatever it claims.
+#[test]
+fn a_network_peer_cannot_claim_its_way_into_a_server_without_root() {
+    if !need_root("a_network_peer_cannot_claim_its_way_into_a_server_without_root") {
+        return;
+    }
+    let Some(net) = RemoteNet::new() else {
+        assert!(std::env::var("CI").is_err(), "cannot make a network namespace with ip(8) (iproute2)");
+        eprintln!("SKIPPED a_network_peer_cannot_claim_its_way_into_a_server_without_root: no ip(8) netns");
+        return;
+    };
+    let secret = HostDir::new("/var/lib", "server-user-secret", 0o700, Some(65534));
+    std::fs::write(secret.0.join("key"), "SECRET of the server's user\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = match start_server(dir.path(), "0.0.0.0:0", true, &[]) {
+        Ok(s) => s,
+        Err(e) => panic!("cloud-server did not start as nobody: {e}"),
+    };
+    assert!(s.ready.contains("jobs taken only from uid 65534"), "{}", s.ready);
+    let steal = job(dir.path(), "steal.tar.gz", &[format!("cat {}/key", secret.0.display())]);
+    std::fs::set_permissions(&steal, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = format!("{}:{}", net.host_ip, s.addr.port());
+    let out = net.cloud(&["deploy", "--server", &server, "1", &steal.display().to_string()]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        let into = dir.path().join("stolen");
+        let _ = net.cloud(&["retrieve", "--server", &server, "1", &into.display().to_string()]);
+        let got: String = std::fs::read_dir(&into)
+            .map(|d| d.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect())
+            .unwrap_or_default();
+        panic!("a network peer (as uid 0) ran a job as the server's user: {text} {got}");
+    }
+    assert!(text.contains("takes them only from that user") && text.contains("unverified"), "{text}");
 }
