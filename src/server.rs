@@ -75,6 +75,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub work_dir: PathBuf,
     pub max_queue: usize,
+    /// Tickets one uid may hold at once (`--max-tickets-per-user`).
+    pub max_tickets_per_user: usize,
     pub max_archive: u64,
     pub limits: JobLimits,
     pub time_limit: Duration,
@@ -496,6 +498,7 @@ impl Server {
         log::info!("tickets continue from {next_ticket}");
         let mut coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
         coord.resume_tickets_from(next_ticket);
+        coord.max_tickets_per_user(cfg.max_tickets_per_user);
         if let Some(uid) = cfg.only_deployer {
             coord.only_deployer(uid);
         }
@@ -1131,8 +1134,8 @@ impl Server {
                 // A network peer's AUTH_SYS uid is only a claim: it cannot
                 // make it the server's own user (or root) where only that
                 // user may deploy (a server without root).
-                let deployer = if conn.peer == PeerId::Remote { None } else { who };
-                if let Some((stat, msg)) = self.coord.deploy_refusal(deployer, replicas) {
+                let verified = conn.peer != PeerId::Remote;
+                if let Some((stat, msg)) = self.coord.deploy_refusal(who, verified, replicas) {
                     let mut w = rpc::accepted(call.xid, AcceptStat::Success);
                     proto::encode_error(&mut w, stat, &msg);
                     return answer_before_upload(conn, len, w.into_bytes());

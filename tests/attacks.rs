@@ -7,7 +7,8 @@
 //! limit without root, one tenant using up a shared uid's processes, and
 //! nested user namespaces, control characters from archive names in STATUS
 //! and the log, a work dir another user planted links in, a network peer
-//! claiming uid 0 on a server without root.
+//! claiming uid 0 on a server without root, one user filling the disk with
+//! unretrieved tickets.
 //! Tests that need root say so when skipped; CI runs as root.
 
 mod common;
@@ -608,4 +609,32 @@ fn a_network_peer_cannot_claim_its_way_into_a_server_without_root() {
         panic!("a network peer (as uid 0) ran a job as the server's user: {text} {got}");
     }
     assert!(text.contains("takes them only from that user") && text.contains("unverified"), "{text}");
+}
+
+/// Any user could deploy tiny jobs that print `--max-output` and never
+/// retrieve them: each finished ticket keeps its outputs on disk for
+/// `--ticket-ttl` (a day), and one user filled about 150 MB/s of the work
+/// dir's file system (the host's, by default). One user now holds at most
+/// `--max-tickets-per-user` (64) tickets; others are not held back, and a
+/// retrieved ticket frees a place.
+#[test]
+fn one_user_cannot_fill_the_disk_with_unretrieved_tickets() {
+    let c = Cluster::start(2);
+    let quiet = job(c.dir.path(), "quiet.tar.gz", &["@echo done"]);
+    let mut tickets = Vec::new();
+    let refused = loop {
+        let out = c.cloud(&["deploy", "1", quiet.to_str().unwrap()]);
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        tickets.push(String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("Job ticket#: ").to_string());
+        assert!(tickets.len() <= 64, "one user holds {} tickets nobody retrieved", tickets.len());
+    };
+    assert_eq!(tickets.len(), 64, "{refused}");
+    assert!(refused.contains("--max-tickets-per-user 64") && refused.contains("retrieve or close"), "{refused}");
+    // Retrieving one makes room.
+    let into = c.dir.path().join("out");
+    let out = c.cloud(&["retrieve", &tickets[0], into.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.deploy(1, &quiet);
 }

@@ -44,6 +44,10 @@ struct Args {
     /// Jobs that may wait for nodes before deploys get "queue full".
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_queue: usize,
+    /// Tickets one user may hold at once (waiting, running, or finished and
+    /// not yet retrieved): each keeps its outputs on disk until it expires.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_tickets_per_user: usize,
     /// Largest archive a deploy may send.
     #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
     max_archive: u64,
@@ -404,6 +408,7 @@ fn run(args: Args) -> Result<(), String> {
         listen: args.listen,
         work_dir: args.work_dir.clone(),
         max_queue: args.max_queue,
+        max_tickets_per_user: args.max_tickets_per_user,
         max_archive: args.max_archive,
         limits: JobLimits {
             extract: ExtractLimits {
