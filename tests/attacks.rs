@@ -8,7 +8,7 @@
 //! nested user namespaces, control characters from archive names in STATUS
 //! and the log, a work dir another user planted links in, a network peer
 //! claiming uid 0 on a server without root, one user filling the disk with
-//! unretrieved tickets.
+//! unretrieved tickets, a link planted where `cloud retrieve` writes.
 //! Tests that need root say so when skipped; CI runs as root.
 
 mod common;
@@ -637,4 +637,27 @@ fn one_user_cannot_fill_the_disk_with_unretrieved_tickets() {
     let out = c.cloud(&["retrieve", &tickets[0], into.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     c.deploy(1, &quiet);
+}
+
+/// `cloud retrieve N DIR` into a directory someone else can write (a
+/// shared one, or one they made in /tmp): a link planted at the
+/// predictable `output_PORT.txt.part` made the client (often root) write
+/// the job's output, chosen by its tenant, into the link's target. The
+/// client now writes only a file it created itself.
+#[test]
+fn retrieve_does_not_write_through_a_planted_link() {
+    let c = Cluster::start(1);
+    let t = c.deploy(1, &job(c.dir.path(), "says.tar.gz", &["@echo 'root::0:0::/root:/bin/bash'"]));
+    c.wait_status(t, |s| s["status"] == "COMPLETED");
+    let into = c.dir.path().join("shared-out");
+    std::fs::create_dir(&into).unwrap();
+    let victim = c.dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let port = c.ports[0];
+    std::os::unix::fs::symlink(&victim, into.join(format!("output_{port}.txt.part"))).unwrap();
+    let out = c.cloud(&["retrieve", &t.to_string(), into.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "the client wrote through a planted link");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = std::fs::read_to_string(into.join(format!("output_{port}.txt"))).unwrap();
+    assert!(got.contains("root::0:0"), "{got}");
 }
