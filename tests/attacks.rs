@@ -8,7 +8,8 @@
 //! nested user namespaces, control characters from archive names in STATUS
 //! and the log, a work dir another user planted links in, a network peer
 //! claiming uid 0 on a server without root, one user filling the disk with
-//! unretrieved tickets, a link planted where `cloud retrieve` writes.
+//! unretrieved tickets, a link planted where `cloud retrieve` writes, slot
+//! uids that are host accounts.
 //! Tests that need root say so when skipped; CI runs as root.
 
 mod common;
@@ -660,4 +661,41 @@ fn retrieve_does_not_write_through_a_planted_link() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got = std::fs::read_to_string(into.join(format!("output_{port}.txt"))).unwrap();
     assert!(got.contains("root::0:0"), "{got}");
+}
+
+/// A slot uid base that overlaps the host's accounts (`--slot-uids 1`:
+/// daemon, bin, ...; or a real user's uid) ran every job as that user,
+/// with its files and groups (gid 42 is shadow's on Debian), and each
+/// start killed that user's processes. Refused at start now.
+#[test]
+fn slot_uids_that_belong_to_host_accounts_are_refused() {
+    if !need_root("slot_uids_that_belong_to_host_accounts_are_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nodes = dir.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
+    let daemon = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(1)).ok().flatten().map(|u| u.name);
+    let Some(daemon) = daemon else {
+        eprintln!("SKIPPED slot_uids_that_belong_to_host_accounts_are_refused: no user with uid 1 here");
+        return;
+    };
+    let mut server = Reaped(
+        Command::new(SERVER)
+            .args(["--slot-uids", "1", "--listen", "127.0.0.1:0", "--nodes"])
+            .arg(&nodes)
+            .arg("--work-dir")
+            .arg(dir.path().join("work"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(server.stderr.take().unwrap());
+    let mut first = String::new();
+    while err.read_line(&mut first).unwrap_or(0) > 0 && !first.contains("cloud-server:") {}
+    assert!(first.contains(&format!("uid 1 is user {daemon}'s")) && first.contains("pick another base"), "{first}");
+    assert!(!server.wait().unwrap().success());
 }

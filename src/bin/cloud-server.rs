@@ -224,6 +224,21 @@ fn identities(args: &Args, n: usize) -> Result<Identities, String> {
     if base == 0 || base.checked_add(n as u32).is_none() {
         return Err(format!("--slot-uids {base} is not a usable uid base"));
     }
+    // Slot uids and gids must belong to nobody on this host: replicas run
+    // as them (a user's files, a group such as shadow's, would be the
+    // job's), and every start kills whatever runs as them.
+    for id in base..base + n as u32 {
+        let taken = match (User::from_uid(Uid::from_raw(id)), nix::unistd::Group::from_gid(Gid::from_raw(id))) {
+            (Ok(Some(u)), _) => Some(format!("uid {id} is user {}'s", u.name)),
+            (_, Ok(Some(g))) => Some(format!("gid {id} is group {}'s", g.name)),
+            _ => None,
+        };
+        if let Some(taken) = taken {
+            return Err(format!(
+                "--slot-uids {base}: {taken}; slot uids must be unused (replicas run as them, and each start kills their processes): pick another base"
+            ));
+        }
+    }
     let ids = (0..n as u32).map(|i| Some((Uid::from_raw(base + i), Gid::from_raw(base + i)))).collect();
     let summary = format!("replicas run as slot uids {}..{}", base, base + n as u32 - 1);
     Ok(Identities { per_node: ids, slot_uids: true, summary })
