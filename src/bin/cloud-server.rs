@@ -274,7 +274,9 @@ fn lock_file(path: &Path) -> Result<Flock<File>, io::Result<u32>> {
 /// One server per work dir: a second one would remove the first one's
 /// workspaces and spool, and issue its ticket numbers again.
 fn lock_work_dir(dir: &Path) -> Result<Flock<File>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| {
+    // 0755 whatever the umask (002 would make it group-writable, and refused).
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).map_err(|e| {
         format!("cannot create work dir {}: {e} (pick one you can write with --work-dir)", dir.display())
     })?;
     safe_work_dir(dir).map_err(|e| {
