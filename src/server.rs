@@ -351,6 +351,11 @@ pub struct Server {
     summary: String,
     /// Replies to DEPLOY and CLOSE already given, for retries.
     drc: Drc<Reply>,
+    /// The uids replicas run as (slot uids, or `--run-as`): a job (with
+    /// `--allow-network`) calling its own server is refused, or it could
+    /// deploy jobs that outlive its ticket, owned by a uid its deployer
+    /// cannot close, and reach tickets of the uid's earlier tenants.
+    job_uids: Vec<u32>,
     /// DEPLOY and CLOSE calls handed to the coordinator, by (connection, xid).
     drc_pending: std::collections::HashMap<(usize, u32), drc::Key>,
     tickets: TicketStore,
@@ -543,6 +548,7 @@ impl Server {
             shutdown: false,
             summary: format!("{}; {cgroup_summary}", cfg.sandbox_summary),
             drc: Drc::new(drc::MAX_ENTRIES, drc::MAX_AGE),
+            job_uids: cfg.identities.iter().flatten().map(|(u, _)| u.as_raw()).collect(),
             drc_pending: std::collections::HashMap::new(),
             tickets,
             timers: ConnTimers::new(cfg.idle_timeout, cfg.call_timeout),
@@ -1284,6 +1290,12 @@ impl Server {
     /// The uid a client call is made as (`None`: anonymous), or the
     /// AUTH_ERROR reply to a credential that lies about it.
     fn identify_call(&self, key: usize, conn: &Conn, call: &Call) -> Result<Option<u32>, Vec<u8>> {
+        if let PeerId::Verified(uid) = conn.peer {
+            if self.job_uids.contains(&uid) {
+                log::warn!("connection {key}: xid {:#x}: a call from uid {uid}, a replica's: refused", call.xid);
+                return Err(rpc::auth_error(call.xid, rpc::AUTH_TOOWEAK));
+            }
+        }
         peer::caller_uid(conn.peer, call.sys_uid).map_err(|auth_stat| {
             let owner = match conn.peer {
                 PeerId::Verified(uid) => format!("uid {uid}"),

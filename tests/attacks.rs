@@ -9,7 +9,7 @@
 //! and the log, a work dir another user planted links in, a network peer
 //! claiming uid 0 on a server without root, one user filling the disk with
 //! unretrieved tickets, a link planted where `cloud retrieve` writes, slot
-//! uids that are host accounts.
+//! uids that are host accounts, a job deploying jobs to its own server.
 //! Tests that need root say so when skipped; CI runs as root.
 
 mod common;
@@ -698,4 +698,43 @@ fn slot_uids_that_belong_to_host_accounts_are_refused() {
     while err.read_line(&mut first).unwrap_or(0) > 0 && !first.contains("cloud-server:") {}
     assert!(first.contains(&format!("uid 1 is user {daemon}'s")) && first.contains("pick another base"), "{first}");
     assert!(!server.wait().unwrap().success());
+}
+
+/// A perl DEPLOY of `Makefile` to 127.0.0.1:`port`, as the uid it runs as;
+/// prints the reply's words.
+const SELF_DEPLOY: &str = r#"use IO::Socket::INET;
+my ($port) = @ARGV;
+system("tar czf /tmp/child.tar.gz Makefile") == 0 or die "tar failed\n";
+open my $f, '<:raw', '/tmp/child.tar.gz' or die; local $/; my $a = <$f>; close $f;
+my $cred = pack('N N N N N', 0, 0, $<, $(+0, 0);
+my $body = pack('N N N N N N', 0x5151, 0, 2, 0x2000C10D, 1, 1) . pack('N N', 1, length $cred) . $cred . pack('N N', 0, 0)
+  . pack('N', 1) . pack('N', length $a) . $a . ("\0" x ((4 - length($a) % 4) % 4));
+my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port") or die "connect: $!\n";
+print $s pack('N', 0x80000000 | length $body) . $body;
+read($s, my $m, 4) == 4 or die "no reply\n";
+read($s, my $r, unpack('N', $m) & 0x7fffffff);
+print "reply: @{[unpack('N*', $r)]}\n";
+"#;
+
+/// With `--allow-network` a job reached its own server as its slot uid and
+/// deployed: a chain of jobs, each deploying the next, outlived every
+/// ticket its deployer could close (they belonged to the slot uid), and
+/// the uid's next tenants could retrieve or close them. Calls from the
+/// uids replicas run as are refused (AUTH_TOOWEAK).
+#[test]
+fn a_job_cannot_deploy_jobs_to_its_own_server() {
+    if !need_root("a_job_cannot_deploy_jobs_to_its_own_server") {
+        return;
+    }
+    let c = Cluster::start_with(2, &["--allow-network"]);
+    let port = c.addr.port();
+    let mk = format!("run:\n\t@perl deploy.pl {port} || echo failed\n");
+    let a = archive(c.dir.path(), "nest.tar.gz", &[("Makefile", &mk), ("deploy.pl", SELF_DEPLOY)]);
+    let t = c.deploy(1, &a);
+    let out = output(&c, t);
+    let status = c.cloud(&["status", &(t + 1).to_string()]);
+    assert!(!status.status.success(), "a job deployed ticket {}: {out}", t + 1);
+    // xid, REPLY, MSG_DENIED, AUTH_ERROR, AUTH_TOOWEAK.
+    assert!(out.contains("reply: 20817 1 1 1 5"), "{out}");
+    assert!(c.log().contains("a replica's: refused"), "{}", c.log());
 }
