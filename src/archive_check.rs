@@ -737,12 +737,21 @@ pub fn checked_path(raw: &[u8], max_path: usize) -> Result<PathBuf, String> {
 
 /// A path for a one-line message: long ones are cut, so that a message
 /// stays far below the protocol's string limit whatever `--max-path` is.
+/// Control characters are escaped: the message may reach a terminal
+/// (STATUS is open to all) and the server's log.
 pub fn shown(path: &Path) -> String {
     let text = path.to_string_lossy();
-    match text.char_indices().nth(120) {
+    let cut = match text.char_indices().nth(120) {
         Some((at, _)) => format!("{}...", &text[..at]),
         None => text.into_owned(),
-    }
+    };
+    printable(&cut)
+}
+
+/// `text` with every control character escaped (`\u{1b}`, `\n`): for
+/// messages that quote what a job or an archive chose.
+pub fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// A tar type flag, for people.

@@ -13,6 +13,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -439,7 +440,11 @@ fn read_outputs(
         .map_err(lost)?;
         let len = u64::from(word(p).map_err(lost)?);
         let path = output_file(&status);
-        let written = File::create(&path).and_then(|mut f| {
+        // A new file, never one already there: in a directory others can
+        // write, a planted link or hard link would be written through.
+        let _ = std::fs::remove_file(&path);
+        let fresh = std::fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(&path);
+        let written = fresh.and_then(|mut f| {
             let copied = io::copy(&mut p.take(len), &mut f)?;
             if copied < len {
                 return Err(io::ErrorKind::UnexpectedEof.into());

@@ -4,9 +4,10 @@
 //! Owns: the scheduler, spooled archives of waiting jobs, fetched outputs,
 //! deferred RETRIEVE callers, ticket expiry (time comes in as `now`; there
 //! is no clock inside), who owns each ticket (the uid that deployed it; only
-//! that uid or root may RETRIEVE or CLOSE it), the duplicate request cache
-//! (`drc`) that answers a retried DEPLOY or CLOSE with its first reply, and
-//! what each event means for them.
+//! that uid or root may RETRIEVE or CLOSE it), how many tickets each
+//! owner holds (at most `--max-tickets-per-user`), the duplicate request
+//! cache (`drc`) that answers a retried DEPLOY or CLOSE with its first
+//! reply, and what each event means for them.
 //! Must not touch: sockets, the reactor, processes. File *paths* are
 //! decided here; opening, writing and deleting them is the caller's job,
 //! done in the order the actions come out.
@@ -93,6 +94,11 @@ pub struct Coordinator {
     /// First replies to DEPLOY and CLOSE calls that changed something, for
     /// their retries (a refused call changed nothing and may run again).
     drc: Drc<Reply>,
+    /// Tickets each owner holds (deployed, not yet closed or expired);
+    /// `None`: the anonymous callers together.
+    held: HashMap<Option<u32>, usize>,
+    /// At most this many per owner (`--max-tickets-per-user`); `None`: no cap.
+    max_held: Option<usize>,
 }
 
 /// How many expired tickets are remembered for CLOUD_EXPIRED answers.
@@ -117,12 +123,36 @@ impl Coordinator {
             first_ticket: 1,
             only_deployer: None,
             drc: Drc::new(drc::MAX_ENTRIES, drc::MAX_AGE),
+            held: HashMap::new(),
+            max_held: None,
         }
     }
 
     /// Accept DEPLOY only from `uid` (and root).
     pub fn only_deployer(&mut self, uid: u32) {
         self.only_deployer = Some(uid);
+    }
+
+    /// Each owner may hold at most `n` tickets at once: every finished,
+    /// unretrieved ticket keeps its outputs on disk until it expires.
+    pub fn max_tickets_per_user(&mut self, n: usize) {
+        self.max_held = Some(n);
+    }
+
+    /// Why `who` may not deploy one more ticket now, if so.
+    fn holds_too_many(&self, who: Option<u32>) -> Option<Failure> {
+        let max = self.max_held?;
+        let held = self.held.get(&who).copied().unwrap_or(0);
+        if held < max {
+            return None;
+        }
+        let you = who.map_or("anonymous callers together".to_string(), |u| format!("uid {u}"));
+        Some((
+            CloudStat::QueueFull,
+            format!(
+                "{you}: {held} tickets held, the most one user may (--max-tickets-per-user {max}); retrieve or close some, then deploy again"
+            ),
+        ))
     }
 
     /// The ticket the next accepted DEPLOY gets.
@@ -208,7 +238,7 @@ impl Coordinator {
 
     /// A DEPLOY by `owner` (`None`: anonymous) whose archive has been spooled.
     pub fn deploy(&mut self, to: Caller, owner: Option<u32>, replicas: u32, archive: PathBuf, now: Instant) {
-        if let Some(failure) = self.not_a_deployer(owner) {
+        if let Some(failure) = self.not_a_deployer(owner).or_else(|| self.holds_too_many(owner)) {
             self.actions.push_back(Action::RemoveFile(archive));
             return self.reply(to, Reply::Deploy(Err(failure)));
         }
@@ -219,6 +249,7 @@ impl Coordinator {
                 if let Some(uid) = owner {
                     self.owners.insert(ticket, uid);
                 }
+                *self.held.entry(owner).or_default() += 1;
                 self.archives.insert(ticket, archive);
                 let key = drc::Key { xid: to.xid, uid: owner, proc_num: proto::DEPLOY };
                 self.drc.insert(key, Reply::Deploy(Ok(ticket)), now);
@@ -234,8 +265,12 @@ impl Coordinator {
 
     /// Would a DEPLOY of `replicas` be refused? Asked when its header
     /// arrives, so a refused archive is not uploaded for nothing.
-    pub fn deploy_refusal(&self, who: Option<u32>, replicas: u32) -> Option<Failure> {
-        self.not_a_deployer(who).or_else(|| self.sched.admissible(replicas).err().map(refusal))
+    /// `verified`: `who` comes from the kernel (a local caller), not from
+    /// a network peer's claim, which never makes it the only deployer.
+    pub fn deploy_refusal(&self, who: Option<u32>, verified: bool, replicas: u32) -> Option<Failure> {
+        self.not_a_deployer(if verified { who } else { None })
+            .or_else(|| self.holds_too_many(who))
+            .or_else(|| self.sched.admissible(replicas).err().map(refusal))
     }
 
     /// Why `who` may not deploy here at all, if so.
@@ -466,7 +501,13 @@ impl Coordinator {
     /// outputs; parked retrievers are told. False if there was no such job.
     fn forget(&mut self, ticket: Ticket) -> bool {
         let Some(closed) = self.sched.close(ticket) else { return false };
-        self.owners.remove(&ticket);
+        let owner = self.owners.remove(&ticket);
+        if let Some(n) = self.held.get_mut(&owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.held.remove(&owner);
+            }
+        }
         self.expiry.retain(|&(_, t)| t != ticket);
         if let Some(archive) = self.archives.remove(&ticket) {
             self.actions.push_back(Action::RemoveFile(archive));
@@ -791,13 +832,38 @@ mod tests {
     }
 
     #[test]
+    fn one_owner_holds_at_most_max_tickets_until_it_closes_some() {
+        let mut c = coord(2);
+        c.max_tickets_per_user(2);
+        for (i, who) in [Some(7), Some(7), None, None, Some(8)].into_iter().enumerate() {
+            assert!(c.deploy_refusal(who, true, 1).is_none());
+            c.deploy(Caller { conn: i, xid: 1 }, who, 1, PathBuf::from(format!("/spool/{i}")), t0());
+        }
+        drain(&mut c);
+        for who in [Some(7), None] {
+            let (stat, msg) = c.deploy_refusal(who, true, 1).expect("refused");
+            assert_eq!(stat, CloudStat::QueueFull);
+            assert!(msg.contains("--max-tickets-per-user 2") && msg.contains("retrieve or close"), "{msg}");
+        }
+        assert!(c.deploy_refusal(Some(8), true, 1).is_none(), "others are not held back");
+        // Refused after the upload too (several uploads at once).
+        c.deploy(Caller { conn: 9, xid: 1 }, Some(7), 1, PathBuf::from("/spool/9"), t0());
+        assert!(drain(&mut c).contains(&Action::RemoveFile(PathBuf::from("/spool/9"))));
+        c.close(Caller { conn: 9, xid: 2 }, Some(7), 1, t0());
+        drain(&mut c);
+        assert!(c.deploy_refusal(Some(7), true, 1).is_none(), "a closed ticket frees a place");
+    }
+
+    #[test]
     fn a_server_for_one_user_refuses_other_deployers_before_and_after_upload() {
         let mut c = coord(2);
         c.only_deployer(1000);
-        assert!(c.deploy_refusal(Some(1000), 1).is_none());
-        assert!(c.deploy_refusal(Some(0), 1).is_none(), "root may");
+        assert!(c.deploy_refusal(Some(1000), true, 1).is_none());
+        assert!(c.deploy_refusal(Some(0), true, 1).is_none(), "root may");
+        assert!(c.deploy_refusal(Some(1000), false, 1).is_some(), "a network peer's claim is not enough");
+        assert!(c.deploy_refusal(Some(0), false, 1).is_some(), "nor for root");
         for who in [Some(1001), None] {
-            let (stat, msg) = c.deploy_refusal(who, 1).expect("refused");
+            let (stat, msg) = c.deploy_refusal(who, true, 1).expect("refused");
             assert_eq!(stat, CloudStat::Denied);
             assert!(msg.contains("--allow-other-users"), "{msg}");
         }

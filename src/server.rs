@@ -74,6 +74,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub work_dir: PathBuf,
     pub max_queue: usize,
+    /// Tickets one uid may hold at once (`--max-tickets-per-user`).
+    pub max_tickets_per_user: usize,
     pub max_archive: u64,
     pub limits: JobLimits,
     pub time_limit: Duration,
@@ -152,6 +154,11 @@ pub struct Server {
     more_input: Vec<usize>,
     shutdown: bool,
     summary: String,
+    /// The uids replicas run as (slot uids, or `--run-as`): a job (with
+    /// `--allow-network`) calling its own server is refused, or it could
+    /// deploy jobs that outlive its ticket, owned by a uid its deployer
+    /// cannot close, and reach tickets of the uid's earlier tenants.
+    job_uids: Vec<u32>,
     tickets: TicketStore,
     /// Client connection deadlines.
     timers: ConnTimers,
@@ -297,6 +304,7 @@ impl Server {
         log::info!("tickets continue from {next_ticket}");
         let mut coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
         coord.resume_tickets_from(next_ticket);
+        coord.max_tickets_per_user(cfg.max_tickets_per_user);
         if let Some(uid) = cfg.only_deployer {
             coord.only_deployer(uid);
         }
@@ -340,6 +348,7 @@ impl Server {
             more_input: Vec::new(),
             shutdown: false,
             summary: format!("{}; {cgroup_summary}", cfg.sandbox_summary),
+            job_uids: cfg.identities.iter().flatten().map(|(u, _)| u.as_raw()).collect(),
             tickets,
             timers: ConnTimers::new(cfg.idle_timeout, cfg.call_timeout),
             max_connections,
@@ -880,7 +889,11 @@ impl Server {
                     w.u32(CloudStat::Ok as u32).u32(ticket);
                     return conn.answer_before_upload(len, w.into_bytes());
                 }
-                if let Some(failure) = self.coord.deploy_refusal(who, replicas) {
+                // A network peer's AUTH_SYS uid is only a claim: it cannot
+                // make it the server's own user (or root) where only that
+                // user may deploy (a server without root).
+                let verified = conn.peer != PeerId::Remote;
+                if let Some(failure) = self.coord.deploy_refusal(who, verified, replicas) {
                     return conn.answer_before_upload(len, failure_reply(call.xid, &failure));
                 }
                 Streamed::Deploy { replicas, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) }
@@ -1016,6 +1029,12 @@ impl Server {
     /// The uid a client call is made as (`None`: anonymous), or the
     /// AUTH_ERROR reply to a credential that lies about it.
     fn identify_call(&self, key: usize, conn: &Conn, call: &Call) -> Result<Option<u32>, Vec<u8>> {
+        if let PeerId::Verified(uid) = conn.peer {
+            if self.job_uids.contains(&uid) {
+                log::warn!("connection {key}: xid {:#x}: a call from uid {uid}, a replica's: refused", call.xid);
+                return Err(rpc::auth_error(call.xid, rpc::AUTH_TOOWEAK));
+            }
+        }
         peer::caller_uid(conn.peer, call.sys_uid).map_err(|auth_stat| {
             let owner = match conn.peer {
                 PeerId::Verified(uid) => format!("uid {uid}"),

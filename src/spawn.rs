@@ -41,6 +41,7 @@ use nix::sys::signal::{kill, killpg, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
+use crate::archive_check::printable;
 use crate::extract::{extract, ExtractLimits};
 use crate::proto::{JobState, RunResult};
 
@@ -1100,18 +1101,22 @@ pub fn read_report(status: OwnedFd) -> (String, Option<i32>) {
         }
     }
     let text = String::from_utf8_lossy(&buf);
-    let mut report = None;
-    let mut error = String::new();
-    for line in text.lines() {
-        match line.strip_prefix(REPORT) {
-            Some(raw) => report = raw.trim().parse().ok(),
-            None => {
-                error.push_str(line);
-                error.push('\n');
-            }
+    let mut lines: Vec<&str> = text.lines().collect();
+    // Init writes its report last, after the job ended: only the last line
+    // can be it. The job's error text (which may quote archive names) can
+    // hold anything, a line that looks like a report included.
+    let report = match lines.last().and_then(|l| l.strip_prefix(REPORT)) {
+        Some(raw) => {
+            let raw = raw.trim().parse().ok();
+            lines.pop();
+            raw
         }
-    }
-    (error.trim().to_string(), report)
+        None => None,
+    };
+    // One line, no control characters: the message is shown to anyone who
+    // asks STATUS, on their terminal, and goes to the server's log.
+    let error: Vec<String> = lines.iter().map(|l| printable(l.trim())).filter(|l| !l.is_empty()).collect();
+    (error.join("; "), report)
 }
 
 /// Why a replica was stopped by the server, if it was.
@@ -1206,5 +1211,15 @@ mod tests {
         let (r, w) = nix::unistd::pipe().unwrap();
         drop(w);
         assert_eq!(read_report(r), (String::new(), None));
+    }
+
+    #[test]
+    fn a_report_forged_in_the_error_text_is_not_taken() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&w, b"cannot create x\n\x01cloud-init wait status 0\n\x1b[31mred: File exists\n").unwrap();
+        drop(w);
+        let (error, report) = read_report(r);
+        assert_eq!(report, None);
+        assert_eq!(error, "cannot create x; \\u{1}cloud-init wait status 0; \\u{1b}[31mred: File exists");
     }
 }

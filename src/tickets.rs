@@ -12,6 +12,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::scheduler::Ticket;
@@ -81,7 +82,9 @@ impl TicketStore {
     /// Persist `mark` (temp file, fsync, rename, fsync of the directory).
     fn write(&mut self, mark: Ticket) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
-        let mut f = File::create(&tmp)?;
+        // Never through a link planted in the work dir.
+        let mut f =
+            fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
         f.write_all(format!("{mark}\n").as_bytes())?;
         f.sync_all()?;
         fs::rename(&tmp, &self.path)?;

@@ -5,7 +5,11 @@
 //! passing for a network peer through the host's own address, host
 //! services on unix sockets under /run, the host's ptys, forks without
 //! limit without root, one tenant using up a shared uid's processes, and
-//! nested user namespaces.
+//! nested user namespaces, control characters from archive names in STATUS
+//! and the log, a work dir another user planted links in, a network peer
+//! claiming uid 0 on a server without root, one user filling the disk with
+//! unretrieved tickets, a link planted where `cloud retrieve` writes, slot
+//! uids that are host accounts, a job deploying jobs to its own server.
 //! Tests that need root say so when skipped; CI runs as root.
 
 mod common;
@@ -455,4 +459,282 @@ fn with_one_shared_uid_a_tenant_cannot_use_up_the_others_processes() {
     let first = output(&c, t1);
     assert!(held(&first) < 40, "--max-procs still bounds a job: {first}");
     assert!(held(&out) > 20, "a tenant could not fork while another held its processes: {out}");
+}
+
+/// A tenant chooses the names in its archive, and an extraction error
+/// quotes them in the replica's message, which STATUS shows to anyone and
+/// the server logs: escape sequences and newlines there would write on
+/// another user's terminal and forge status and log lines. They come out
+/// escaped, on one line.
+#[test]
+fn archive_names_cannot_put_control_characters_in_status_or_log() {
+    let c = Cluster::start(1);
+    let evil = "x\n\x1b[31mFORGED ticket 1: COMPLETED\x1b]0;pwned\x07\n\u{1}cloud-init wait status 0";
+    // The same file twice: the deploy-time check lets clashes through,
+    // extraction refuses the second one and quotes its name.
+    let a = archive(c.dir.path(), "evil.tar.gz", &[("Makefile", "run:\n\techo hi\n"), (evil, "a"), (evil, "b")]);
+    let t = c.deploy(1, &a);
+    c.wait_status(t, |s| s["status"] == "INVALID");
+    let out = c.cloud(&["status", &t.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains('\x1b') && !text.contains('\x07') && !text.contains('\u{1}'), "{text:?}");
+    assert_eq!(text.lines().count(), 2, "a ticket line and one replica line: {text:?}");
+    assert!(text.contains("cannot create x\\n\\u{1b}[31mFORGED"), "{text:?}");
+    let log = c.log();
+    assert!(!log.contains('\x1b') && !log.lines().any(|l| l.starts_with("FORGED") || l.contains("\u{1}")), "{log:?}");
+}
+
+/// Another local user makes the work dir first (in a shared directory, as
+/// /tmp or the `work` of a shared cwd) and plants a link where the server
+/// writes its ticket counter: root then overwrote the link's target. The
+/// server now refuses a work dir within other users' reach.
+#[test]
+fn a_work_dir_planted_by_another_user_is_refused() {
+    if !need_root("a_work_dir_planted_by_another_user_is_refused") {
+        return;
+    }
+    let top = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let victim = top.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let shared = top.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    // What user nobody can do in a sticky shared directory.
+    let work = shared.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let nobody = Some(nix::unistd::Uid::from_raw(65534));
+    let nogroup = Some(nix::unistd::Gid::from_raw(65534));
+    nix::unistd::chown(&work, nobody, nogroup).unwrap();
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::symlink(&victim, work.join("tickets.tmp")).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nodes = top.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
+    let mut server = Reaped(
+        Command::new(SERVER)
+            .args(["--slot-uids", &(1_000_000 + u32::from(port) * 64).to_string(), "--listen", "127.0.0.1:0"])
+            .arg("--nodes")
+            .arg(&nodes)
+            .arg("--work-dir")
+            .arg(&work)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(server.stderr.take().unwrap());
+    let mut first = String::new();
+    while err.read_line(&mut first).unwrap_or(0) > 0 && !first.contains("cloud-server:") {}
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "the server wrote through the link");
+    assert!(first.contains("another user could plant links") && first.contains("--work-dir"), "{first}");
+    assert!(!server.wait().unwrap().success());
+}
+
+/// A network namespace joined to the host's by a veth pair: a client run
+/// in it is a real network peer to the server (its socket is not in the
+/// host's table). Removed when dropped.
+struct RemoteNet {
+    ns: String,
+    host_ip: String,
+}
+
+impl RemoteNet {
+    fn new() -> Option<RemoteNet> {
+        let id = std::process::id();
+        let ns = format!("cloudi-remote-{id}");
+        let (h, n) = (format!("crh{}", id % 100_000), format!("crn{}", id % 100_000));
+        let net = format!("10.{}.{}", 200 + (id / 250) % 50, id % 250);
+        let host_ip = format!("{net}.1");
+        let ip = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+        let me = RemoteNet { ns: ns.clone(), host_ip: host_ip.clone() };
+        let ok = ip(&["netns", "add", &ns])
+            && ip(&["link", "add", &h, "type", "veth", "peer", "name", &n])
+            && ip(&["link", "set", &n, "netns", &ns])
+            && ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &h])
+            && ip(&["link", "set", &h, "up"])
+            && ip(&["netns", "exec", &ns, "ip", "addr", "add", &format!("{net}.2/30"), "dev", &n])
+            && ip(&["netns", "exec", &ns, "ip", "link", "set", &n, "up"]);
+        ok.then_some(me)
+    }
+
+    /// `cloud ARGS` run in the remote namespace.
+    fn cloud(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip").args(["netns", "exec", &self.ns, CLIENT]).args(args).output().expect("run cloud remotely")
+    }
+}
+
+impl Drop for RemoteNet {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// A server without root takes jobs only from its own user; a network
+/// peer's AUTH_SYS uid is a mere claim, and claiming uid 0 (or the
+/// server's uid) got a job run as the server's user, whose output the
+/// peer then retrieved: any file that user can read. A network peer is
+/// now refused there, whatever it claims.
+#[test]
+fn a_network_peer_cannot_claim_its_way_into_a_server_without_root() {
+    if !need_root("a_network_peer_cannot_claim_its_way_into_a_server_without_root") {
+        return;
+    }
+    let Some(net) = RemoteNet::new() else {
+        assert!(std::env::var("CI").is_err(), "cannot make a network namespace with ip(8) (iproute2)");
+        eprintln!("SKIPPED a_network_peer_cannot_claim_its_way_into_a_server_without_root: no ip(8) netns");
+        return;
+    };
+    let secret = HostDir::new("/var/lib", "server-user-secret", 0o700, Some(65534));
+    std::fs::write(secret.0.join("key"), "SECRET of the server's user\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = match start_server(dir.path(), "0.0.0.0:0", true, &[]) {
+        Ok(s) => s,
+        Err(e) => panic!("cloud-server did not start as nobody: {e}"),
+    };
+    assert!(s.ready.contains("jobs taken only from uid 65534"), "{}", s.ready);
+    let steal = job(dir.path(), "steal.tar.gz", &[format!("cat {}/key", secret.0.display())]);
+    std::fs::set_permissions(&steal, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = format!("{}:{}", net.host_ip, s.addr.port());
+    let out = net.cloud(&["deploy", "--server", &server, "1", &steal.display().to_string()]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        let into = dir.path().join("stolen");
+        let _ = net.cloud(&["retrieve", "--server", &server, "1", &into.display().to_string()]);
+        let got: String = std::fs::read_dir(&into)
+            .map(|d| d.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect())
+            .unwrap_or_default();
+        panic!("a network peer (as uid 0) ran a job as the server's user: {text} {got}");
+    }
+    assert!(text.contains("takes them only from that user") && text.contains("unverified"), "{text}");
+}
+
+/// Any user could deploy tiny jobs that print `--max-output` and never
+/// retrieve them: each finished ticket keeps its outputs on disk for
+/// `--ticket-ttl` (a day), and one user filled about 150 MB/s of the work
+/// dir's file system (the host's, by default). One user now holds at most
+/// `--max-tickets-per-user` (64) tickets; others are not held back, and a
+/// retrieved ticket frees a place.
+#[test]
+fn one_user_cannot_fill_the_disk_with_unretrieved_tickets() {
+    let c = Cluster::start(2);
+    let quiet = job(c.dir.path(), "quiet.tar.gz", &["@echo done"]);
+    let mut tickets = Vec::new();
+    let refused = loop {
+        let out = c.cloud(&["deploy", "1", quiet.to_str().unwrap()]);
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        tickets.push(String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("Job ticket#: ").to_string());
+        assert!(tickets.len() <= 64, "one user holds {} tickets nobody retrieved", tickets.len());
+    };
+    assert_eq!(tickets.len(), 64, "{refused}");
+    assert!(refused.contains("--max-tickets-per-user 64") && refused.contains("retrieve or close"), "{refused}");
+    // Retrieving one makes room.
+    let into = c.dir.path().join("out");
+    let out = c.cloud(&["retrieve", &tickets[0], into.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.deploy(1, &quiet);
+}
+
+/// `cloud retrieve N DIR` into a directory someone else can write (a
+/// shared one, or one they made in /tmp): a link planted at the
+/// predictable `output_PORT.txt.part` made the client (often root) write
+/// the job's output, chosen by its tenant, into the link's target. The
+/// client now writes only a file it created itself.
+#[test]
+fn retrieve_does_not_write_through_a_planted_link() {
+    let c = Cluster::start(1);
+    let t = c.deploy(1, &job(c.dir.path(), "says.tar.gz", &["@echo 'root::0:0::/root:/bin/bash'"]));
+    c.wait_status(t, |s| s["status"] == "COMPLETED");
+    let into = c.dir.path().join("shared-out");
+    std::fs::create_dir(&into).unwrap();
+    let victim = c.dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let port = c.ports[0];
+    std::os::unix::fs::symlink(&victim, into.join(format!("output_{port}.txt.part"))).unwrap();
+    let out = c.cloud(&["retrieve", &t.to_string(), into.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "the client wrote through a planted link");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = std::fs::read_to_string(into.join(format!("output_{port}.txt"))).unwrap();
+    assert!(got.contains("root::0:0"), "{got}");
+}
+
+/// A slot uid base that overlaps the host's accounts (`--slot-uids 1`:
+/// daemon, bin, ...; or a real user's uid) ran every job as that user,
+/// with its files and groups (gid 42 is shadow's on Debian), and each
+/// start killed that user's processes. Refused at start now.
+#[test]
+fn slot_uids_that_belong_to_host_accounts_are_refused() {
+    if !need_root("slot_uids_that_belong_to_host_accounts_are_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nodes = dir.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
+    let daemon = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(1)).ok().flatten().map(|u| u.name);
+    let Some(daemon) = daemon else {
+        eprintln!("SKIPPED slot_uids_that_belong_to_host_accounts_are_refused: no user with uid 1 here");
+        return;
+    };
+    let mut server = Reaped(
+        Command::new(SERVER)
+            .args(["--slot-uids", "1", "--listen", "127.0.0.1:0", "--nodes"])
+            .arg(&nodes)
+            .arg("--work-dir")
+            .arg(dir.path().join("work"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(server.stderr.take().unwrap());
+    let mut first = String::new();
+    while err.read_line(&mut first).unwrap_or(0) > 0 && !first.contains("cloud-server:") {}
+    assert!(first.contains(&format!("uid 1 is user {daemon}'s")) && first.contains("pick another base"), "{first}");
+    assert!(!server.wait().unwrap().success());
+}
+
+/// A perl DEPLOY of `Makefile` to 127.0.0.1:`port`, as the uid it runs as;
+/// prints the reply's words.
+const SELF_DEPLOY: &str = r#"use IO::Socket::INET;
+my ($port) = @ARGV;
+system("tar czf /tmp/child.tar.gz Makefile") == 0 or die "tar failed\n";
+open my $f, '<:raw', '/tmp/child.tar.gz' or die; local $/; my $a = <$f>; close $f;
+my $cred = pack('N N N N N', 0, 0, $<, $(+0, 0);
+my $body = pack('N N N N N N', 0x5151, 0, 2, 0x2000C10D, 1, 1) . pack('N N', 1, length $cred) . $cred . pack('N N', 0, 0)
+  . pack('N', 1) . pack('N', length $a) . $a . ("\0" x ((4 - length($a) % 4) % 4));
+my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port") or die "connect: $!\n";
+print $s pack('N', 0x80000000 | length $body) . $body;
+read($s, my $m, 4) == 4 or die "no reply\n";
+read($s, my $r, unpack('N', $m) & 0x7fffffff);
+print "reply: @{[unpack('N*', $r)]}\n";
+"#;
+
+/// With `--allow-network` a job reached its own server as its slot uid and
+/// deployed: a chain of jobs, each deploying the next, outlived every
+/// ticket its deployer could close (they belonged to the slot uid), and
+/// the uid's next tenants could retrieve or close them. Calls from the
+/// uids replicas run as are refused (AUTH_TOOWEAK).
+#[test]
+fn a_job_cannot_deploy_jobs_to_its_own_server() {
+    if !need_root("a_job_cannot_deploy_jobs_to_its_own_server") {
+        return;
+    }
+    let c = Cluster::start_with(2, &["--allow-network"]);
+    let port = c.addr.port();
+    let mk = format!("run:\n\t@perl deploy.pl {port} || echo failed\n");
+    let a = archive(c.dir.path(), "nest.tar.gz", &[("Makefile", &mk), ("deploy.pl", SELF_DEPLOY)]);
+    let t = c.deploy(1, &a);
+    let out = output(&c, t);
+    let status = c.cloud(&["status", &(t + 1).to_string()]);
+    assert!(!status.status.success(), "a job deployed ticket {}: {out}", t + 1);
+    // xid, REPLY, MSG_DENIED, AUTH_ERROR, AUTH_TOOWEAK.
+    assert!(out.contains("reply: 20817 1 1 1 5"), "{out}");
+    assert!(c.log().contains("a replica's: refused"), "{}", c.log());
 }

@@ -44,6 +44,10 @@ struct Args {
     /// Jobs that may wait for nodes before deploys get "queue full".
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_queue: usize,
+    /// Tickets one user may hold at once (waiting, running, or finished and
+    /// not yet retrieved): each keeps its outputs on disk until it expires.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_tickets_per_user: usize,
     /// Largest archive a deploy may send.
     #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
     max_archive: u64,
@@ -220,6 +224,21 @@ fn identities(args: &Args, n: usize) -> Result<Identities, String> {
     if base == 0 || base.checked_add(n as u32).is_none() {
         return Err(format!("--slot-uids {base} is not a usable uid base"));
     }
+    // Slot uids and gids must belong to nobody on this host: replicas run
+    // as them (a user's files, a group such as shadow's, would be the
+    // job's), and every start kills whatever runs as them.
+    for id in base..base + n as u32 {
+        let taken = match (User::from_uid(Uid::from_raw(id)), nix::unistd::Group::from_gid(Gid::from_raw(id))) {
+            (Ok(Some(u)), _) => Some(format!("uid {id} is user {}'s", u.name)),
+            (_, Ok(Some(g))) => Some(format!("gid {id} is group {}'s", g.name)),
+            _ => None,
+        };
+        if let Some(taken) = taken {
+            return Err(format!(
+                "--slot-uids {base}: {taken}; slot uids must be unused (replicas run as them, and each start kills their processes): pick another base"
+            ));
+        }
+    }
     let ids = (0..n as u32).map(|i| Some((Uid::from_raw(base + i), Gid::from_raw(base + i)))).collect();
     let summary = format!("replicas run as slot uids {}..{}", base, base + n as u32 - 1);
     Ok(Identities { per_node: ids, slot_uids: true, summary })
@@ -255,8 +274,13 @@ fn lock_file(path: &Path) -> Result<Flock<File>, io::Result<u32>> {
 /// One server per work dir: a second one would remove the first one's
 /// workspaces and spool, and issue its ticket numbers again.
 fn lock_work_dir(dir: &Path) -> Result<Flock<File>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| {
+    // 0755 whatever the umask (002 would make it group-writable, and refused).
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).map_err(|e| {
         format!("cannot create work dir {}: {e} (pick one you can write with --work-dir)", dir.display())
+    })?;
+    safe_work_dir(dir).map_err(|e| {
+        format!("work dir {}: {e}: another user could plant links there (pick another --work-dir)", dir.display())
     })?;
     lock_file(&dir.join("server.lock")).map_err(|e| match e {
         Ok(pid) => format!(
@@ -265,6 +289,52 @@ fn lock_work_dir(dir: &Path) -> Result<Flock<File>, String> {
         ),
         Err(e) => format!("cannot lock work dir {}: {e} (pick one you can write with --work-dir)", dir.display()),
     })
+}
+
+/// The work dir and the path to it must be out of other users' reach: the
+/// server (often root) writes the ticket counter, the spool and outputs
+/// there, and removes workspaces. A directory another user made first (in
+/// /tmp, or `work` of a shared cwd), or one in a directory another user
+/// may rename it out of, would let them plant links that the server
+/// follows. So: no symbolic link on the way that is not root's or ours;
+/// the work dir ours and not writable by group or others; every directory
+/// above it root's or ours, and writable by others only if sticky (/tmp).
+fn safe_work_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = Uid::effective().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    let abs = std::path::absolute(dir).map_err(|e| e.to_string())?;
+    let mut at = PathBuf::new();
+    for part in abs.components() {
+        at.push(part);
+        let meta = std::fs::symlink_metadata(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+        if meta.file_type().is_symlink() && !trusted(meta.uid()) {
+            return Err(format!("{} is a symbolic link of uid {}", at.display(), meta.uid()));
+        }
+    }
+    let real = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
+    let meta = std::fs::metadata(&real).map_err(|e| e.to_string())?;
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} belongs to uid {} with mode {:o}; it must be uid {me}'s and not writable by group or others",
+            real.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    for up in real.ancestors().skip(1) {
+        let meta = std::fs::metadata(up).map_err(|e| format!("{}: {e}", up.display()))?;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if !trusted(meta.uid()) || (meta.mode() & 0o022 != 0 && !sticky) {
+            return Err(format!(
+                "{} above it belongs to uid {} with mode {:o}",
+                up.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Create `dir` (mode 0700) or check that the one there is a directory of
@@ -355,6 +425,7 @@ fn run(args: Args) -> Result<(), String> {
         listen: args.listen,
         work_dir: args.work_dir.clone(),
         max_queue: args.max_queue,
+        max_tickets_per_user: args.max_tickets_per_user,
         max_archive: args.max_archive,
         limits: JobLimits {
             extract: ExtractLimits {
@@ -423,5 +494,26 @@ mod tests {
         std::os::unix::fs::symlink(top.path().join("victim"), fresh.join("slot-1.lock")).unwrap();
         assert!(lock_file(&fresh.join("slot-1.lock")).is_err());
         assert!(!top.path().join("victim").exists());
+    }
+
+    #[test]
+    fn a_work_dir_within_other_users_reach_is_refused() {
+        let top = tempfile::tempdir().unwrap();
+        let ours = top.path().join("ours");
+        std::fs::create_dir(&ours).unwrap();
+        safe_work_dir(&ours).expect("a dir of ours in a tempdir");
+        let open = top.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = safe_work_dir(&open).unwrap_err();
+        assert!(e.contains("not writable by group or others"), "{e}");
+        // Inside a directory others may write (no sticky bit): refused.
+        let inner = open.join("work");
+        std::fs::create_dir(&inner).unwrap();
+        let e = safe_work_dir(&inner).unwrap_err();
+        assert!(e.contains("above it"), "{e}");
+        // Sticky, as /tmp: fine.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        safe_work_dir(&inner).expect("under a sticky dir");
     }
 }
