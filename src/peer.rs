@@ -24,7 +24,8 @@ pub enum PeerId {
     /// A loopback peer whose socket could not be found (it went away, or
     /// the lookup failed): its calls are anonymous and its claims refused.
     Unverified,
-    /// A peer on another host: AUTH_SYS is taken as claimed (NFS sec=sys).
+    /// A peer on another host: AUTH_SYS is taken as claimed (NFS sec=sys),
+    /// except a claim of root, which is refused.
     Remote,
 }
 
@@ -36,6 +37,9 @@ pub fn caller_uid(peer: PeerId, claimed: Option<u32>) -> Result<Option<u32>, u32
         (PeerId::Verified(v), _) => Ok(Some(v)),
         (PeerId::Unverified, Some(_)) => Err(crate::rpc::AUTH_REJECTEDCRED),
         (PeerId::Unverified, None) => Ok(None),
+        // Root is not taken on trust from another host (NFS's root_squash):
+        // it could retrieve and close every ticket, local users' included.
+        (PeerId::Remote, Some(0)) => Err(crate::rpc::AUTH_TOOWEAK),
         (PeerId::Remote, c) => Ok(c),
     }
 }
@@ -383,6 +387,7 @@ mod tests {
         assert_eq!(caller_uid(PeerId::Unverified, None), Ok(None));
         assert_eq!(caller_uid(PeerId::Unverified, Some(5)), Err(AUTH_REJECTEDCRED));
         assert_eq!(caller_uid(PeerId::Remote, Some(5)), Ok(Some(5)));
+        assert_eq!(caller_uid(PeerId::Remote, Some(0)), Err(crate::rpc::AUTH_TOOWEAK), "remote root is squashed");
         assert_eq!(caller_uid(PeerId::Remote, None), Ok(None));
         assert!(is_loopback("127.3.4.5".parse().unwrap()));
         assert!(is_loopback("::ffff:127.0.0.1".parse().unwrap()));

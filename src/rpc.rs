@@ -316,6 +316,7 @@ pub fn decode_reply(record: &[u8]) -> Result<(u32, ReplyOutcome), XdrError> {
                     AUTH_BADCRED | AUTH_REJECTEDCRED => {
                         "the server refused our credentials: the uid they claim is not the one that owns this connection".into()
                     }
+                    AUTH_TOOWEAK => "the server does not take calls from this user here (root from another host, or a uid jobs run as; see the server's log)".into(),
                     n => format!("authentication error {n}"),
                 },
             };

@@ -612,6 +612,45 @@ fn a_network_peer_cannot_claim_its_way_into_a_server_without_root() {
     assert!(text.contains("takes them only from that user") && text.contains("unverified"), "{text}");
 }
 
+/// A network peer's AUTH_SYS uid is taken as claimed, except root: a
+/// claim of uid 0 from another host would retrieve and close every
+/// ticket, local users' included (NFS squashes remote root for the same
+/// reason).
+#[test]
+fn a_network_peer_is_never_root() {
+    if !need_root("a_network_peer_is_never_root") {
+        return;
+    }
+    let Some(net) = RemoteNet::new() else {
+        assert!(std::env::var("CI").is_err(), "cannot make a network namespace with ip(8) (iproute2)");
+        eprintln!("SKIPPED a_network_peer_is_never_root: no ip(8) netns");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = start_server(dir.path(), "0.0.0.0:0", false, &[]).expect("cloud-server starts as root");
+    let local = s.addr.to_string();
+    let mine = job(dir.path(), "mine.tar.gz", &["@echo a local user's output"]);
+    let out = Command::new(CLIENT).args(["deploy", "1", mine.to_str().unwrap(), "--server", &local]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("Job ticket#: ").to_string();
+    let remote = format!("{}:{}", net.host_ip, s.addr.port());
+    for args in [vec!["retrieve", t.as_str()], vec!["status", t.as_str()]] {
+        let mut a = args.clone();
+        a.extend(["--server", remote.as_str()]);
+        let out = net.cloud(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if args[0] == "retrieve" {
+            assert!(!out.status.success(), "a remote root closed a local user's ticket");
+            assert!(err.contains("does not take calls from this user"), "{err}");
+        } else {
+            assert!(!out.status.success(), "remote root is refused for every call: {err}");
+        }
+    }
+    let out = Command::new(CLIENT).args(["status", &t, "--server", &local]).output().unwrap();
+    assert!(out.status.success(), "the ticket is still there: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Any user could deploy tiny jobs that print `--max-output` and never
 /// retrieve them: each finished ticket keeps its outputs on disk for
 /// `--ticket-ttl` (a day), and one user filled about 150 MB/s of the work
