@@ -114,18 +114,8 @@ fn start_server(top: &Path, listen: &str, nobody: bool, extra: &[&str]) -> Resul
     let mut cmd = Command::new(&bin);
     cmd.args(["--listen", listen, "--time-limit", "30"]).arg("--nodes").arg(&nodes).arg("--work-dir").arg(&work);
     cmd.args(["--slot-uids", &(1_000_000 + u32::from(port) * 64).to_string()]).args(extra);
-    use std::os::unix::process::CommandExt;
     if nobody {
-        // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let id = 65534;
-                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(id) != 0 || libc::setuid(id) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        as_user(&mut cmd, 65534);
     }
     let mut child = spawn_copied(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()));
     let mut lines = BufReader::new(child.stderr.take().expect("stderr"));

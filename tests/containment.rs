@@ -393,17 +393,7 @@ fn without_root_a_job_cannot_touch_the_server() {
     std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
     let mut cmd = Command::new(&server_bin);
     cmd.args(["--listen", "127.0.0.1:0", "--time-limit", "30"]).arg("--nodes").arg(&nodes).arg("--work-dir").arg(&work);
-    use std::os::unix::process::CommandExt;
-    // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let id = 65534;
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(id) != 0 || libc::setuid(id) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    as_user(&mut cmd, 65534);
     let s = match Server::try_start(cmd) {
         Ok(s) => s,
         Err(e) if e.contains("user namespaces") => {
@@ -438,15 +428,7 @@ fn without_root_a_job_cannot_touch_the_server() {
     let deploy_as = |uid: u32| {
         let mut cmd = Command::new(&client_bin);
         cmd.args(["deploy", "1", archive.to_str().unwrap(), "--server", &s.addr.to_string()]);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        as_user(&mut cmd, uid);
         spawn_copied(cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped())).wait_with_output().unwrap()
     };
     let other = deploy_as(65533);
@@ -511,16 +493,7 @@ fn at_start_processes_of_the_slot_uids_are_reclaimed() {
     let base = slot_base(port);
     let mut leftover = Command::new("sleep");
     leftover.arg("1000");
-    use std::os::unix::process::CommandExt;
-    // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
-    unsafe {
-        leftover.pre_exec(move || {
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(base) != 0 || libc::setuid(base) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    as_user(&mut leftover, base);
     let mut leftover = leftover.spawn().unwrap();
     let nodes = dir.path().join("nodes.txt");
     std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();

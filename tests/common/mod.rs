@@ -427,3 +427,10 @@ impl Drop for Reaped {
         }
     }
 }
+
+/// Make `cmd` run as `uid` (and gid `uid`; std drops the supplementary
+/// groups when root changes uid).
+pub fn as_user(cmd: &mut Command, uid: u32) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    cmd.uid(uid).gid(uid)
+}
