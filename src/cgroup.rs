@@ -181,6 +181,11 @@ impl Cgroups {
         let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
         let mounts = parse_mountinfo(&mountinfo);
         let (flavor, bases) = plan(&mounts, &own, |d| fs::read_to_string(d.join("cgroup.controllers")).ok())?;
+        if flavor == Flavor::V2 {
+            // The root may offer the controllers without handing them down
+            // yet (a host without systemd): best effort, checked below.
+            let _ = write_file(&bases[0].join("cgroup.subtree_control"), "+memory +pids");
+        }
         let name = format!("cloudinfra-{tag}");
         let parents: Vec<PathBuf> = bases.iter().map(|b| b.join(&name)).collect();
         for p in &parents {
