@@ -501,25 +501,16 @@ fn a_work_dir_planted_by_another_user_is_refused() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let nodes = top.path().join("nodes.txt");
     std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
-    let mut server = Reaped(
+    let first = refused_start(
         Command::new(SERVER)
             .args(["--slot-uids", &(1_000_000 + u32::from(port) * 64).to_string(), "--listen", "127.0.0.1:0"])
             .arg("--nodes")
             .arg(&nodes)
             .arg("--work-dir")
-            .arg(&work)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(&work),
     );
-    let mut err = BufReader::new(server.stderr.take().unwrap());
-    let mut first = String::new();
-    while err.read_line(&mut first).unwrap_or(0) > 0 && !first.contains("cloud-server:") {}
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "the server wrote through the link");
     assert!(first.contains("another user could plant links") && first.contains("--work-dir"), "{first}");
-    assert!(!server.wait().unwrap().success());
 }
 
 /// A network namespace joined to the host's by a veth pair: a client run
@@ -719,23 +710,14 @@ fn slot_uids_that_belong_to_host_accounts_are_refused() {
         eprintln!("SKIPPED slot_uids_that_belong_to_host_accounts_are_refused: no user with uid 1 here");
         return;
     };
-    let mut server = Reaped(
+    let first = refused_start(
         Command::new(SERVER)
             .args(["--slot-uids", "1", "--listen", "127.0.0.1:0", "--nodes"])
             .arg(&nodes)
             .arg("--work-dir")
-            .arg(dir.path().join("work"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(dir.path().join("work")),
     );
-    let mut err = BufReader::new(server.stderr.take().unwrap());
-    let mut first = String::new();
-    while err.read_line(&mut first).unwrap_or(0) > 0 && !first.contains("cloud-server:") {}
     assert!(first.contains(&format!("uid 1 is user {daemon}'s")) && first.contains("pick another base"), "{first}");
-    assert!(!server.wait().unwrap().success());
 }
 
 /// A perl DEPLOY of `Makefile` to 127.0.0.1:`port`, as the uid it runs as;

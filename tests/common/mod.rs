@@ -434,3 +434,18 @@ pub fn as_user(cmd: &mut Command, uid: u32) -> &mut Command {
     use std::os::unix::process::CommandExt;
     cmd.uid(uid).gid(uid)
 }
+
+/// Start `cloud-server` as `cmd` says, expecting it to refuse: returns what
+/// it printed up to its `cloud-server: ...` line, once it has exited with a
+/// failure (the test fails if it starts serving instead).
+pub fn refused_start(cmd: &mut Command) -> String {
+    let mut server = Reaped(
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn cloud-server"),
+    );
+    let mut err = BufReader::new(server.stderr.take().expect("stderr"));
+    let mut text = String::new();
+    while err.read_line(&mut text).unwrap_or(0) > 0 && !text.contains("cloud-server:") {}
+    assert!(!text.contains("listening on"), "the server started: {text}");
+    assert!(!server.wait().expect("wait").success(), "the server exited successfully: {text}");
+    text
+}
