@@ -680,10 +680,10 @@ fn number(field: &[u8]) -> Option<u64> {
     Some(field[skip..].iter().fold(first, |acc, b| (acc << 8) | u64::from(*b)))
 }
 
-/// Well-formed PAX records ("LEN key=value\n") as (key, value); malformed
-/// ones are skipped.
-fn pax_records(data: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
-    data.split(|b| *b == b'\n').take_while(|l| !l.is_empty()).filter_map(|line| {
+/// The PAX records ("LEN key=value\n") of `data`, each as (key, value),
+/// or `None` where a record is malformed.
+fn pax_lines(data: &[u8]) -> impl Iterator<Item = Option<(&[u8], &[u8])>> {
+    data.split(|b| *b == b'\n').take_while(|l| !l.is_empty()).map(|line| {
         let sp = line.iter().position(|b| *b == b' ')?;
         let len: usize = std::str::from_utf8(&line[..sp]).ok()?.parse().ok()?;
         if line.len() + 1 != len {
@@ -695,19 +695,18 @@ fn pax_records(data: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     })
 }
 
+/// Well-formed PAX records as (key, value); malformed ones are skipped.
+fn pax_records(data: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    pax_lines(data).flatten()
+}
+
 /// A numeric PAX value, as the `tar` crate reads it: the first malformed
 /// record ends the search.
 fn pax_number(data: &[u8], key: &str) -> Option<u64> {
-    for line in data.split(|b| *b == b'\n').take_while(|l| !l.is_empty()) {
-        let sp = line.iter().position(|b| *b == b' ')?;
-        let len: usize = std::str::from_utf8(&line[..sp]).ok()?.parse().ok()?;
-        if line.len() + 1 != len {
-            return None;
-        }
-        let kv = &line[sp + 1..];
-        let eq = kv.iter().position(|b| *b == b'=')?;
-        if &kv[..eq] == key.as_bytes() {
-            return std::str::from_utf8(&kv[eq + 1..]).ok()?.parse().ok();
+    for record in pax_lines(data) {
+        let (k, v) = record?;
+        if k == key.as_bytes() {
+            return std::str::from_utf8(v).ok()?.parse().ok();
         }
     }
     None
