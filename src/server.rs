@@ -227,11 +227,9 @@ impl Server {
             cfg.limits.nproc_rlimit = cfg.limits.processes.is_some();
         }
         // Before listening: can replicas be contained as configured here?
-        let sandbox = Sandbox {
-            identity: cfg.identities.first().copied().flatten(),
-            isolate_network: cfg.isolate_network,
-            containment: cfg.containment,
-        };
+        let (isolate_network, containment) = (cfg.isolate_network, cfg.containment);
+        let sandbox_for = |identity| Sandbox { identity, isolate_network, containment };
+        let sandbox = sandbox_for(cfg.identities.first().copied().flatten());
         let probe_ns = netns.first().and_then(|ns| ns.as_deref()).map(|fd| std::os::fd::AsFd::as_fd(fd));
         crate::spawn::probe(sandbox, &cfg.limits, &work_dir, probe_ns, cgroups.as_deref())?;
         let spool = work_dir.join("spool");
@@ -256,11 +254,7 @@ impl Server {
                 port,
                 dir: dir.clone(),
                 limits: cfg.limits.clone(),
-                sandbox: Sandbox {
-                    identity: cfg.identities[i],
-                    isolate_network: cfg.isolate_network,
-                    containment: cfg.containment,
-                },
+                sandbox: sandbox_for(cfg.identities[i]),
                 time_limit: cfg.time_limit,
                 kill_grace: cfg.kill_grace,
                 max_output: cfg.max_output,
