@@ -120,7 +120,7 @@ fn run_doc(doc: &str, must_have: bool) -> Vec<String> {
         .expect("run sh");
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let at = stderr.lines().filter(|l| l.starts_with(">>> ")).last().unwrap_or(">>> (before any block)");
+        let at = stderr.lines().rfind(|l| l.starts_with(">>> ")).unwrap_or(">>> (before any block)");
         failures.push(format!(
             "{doc}: the block at {} failed ({})\n--- stdout\n{}\n--- stderr\n{stderr}\n--- server log\n{}",
             at.trim_start_matches(">>> "),
