@@ -10,6 +10,8 @@
 //! - [`rpc`] - ONC RPC v2 headers and error replies (RFC 5531).
 //! - [`proto`] - CLOUD_PROG and NODE_PROG from docs/cloud.x.
 //! - [`peer`] - who owns a loopback peer's socket (the kernel's answer).
+//! - [`node_auth`] - the node link's shared secret: HMAC challenge/response
+//!   both ways before a node takes orders; `--secret-file`; binding rule.
 //! - [`session`] - both ends of an RPC connection: calls in, refusals and
 //!   streams out; replies matched to pending calls.
 //!
@@ -43,6 +45,7 @@ pub mod coordinator;
 pub mod drc;
 pub mod extract;
 pub mod node;
+pub mod node_auth;
 pub mod peer;
 pub mod proto;
 pub mod record;
