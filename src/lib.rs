@@ -19,6 +19,8 @@
 //! - [`scheduler`] - free-node FIFO, wait queue, job table.
 //! - [`coordinator`] - the main server's logic; events in, actions out.
 //! - [`drc`] - the duplicate request cache: at-most-once DEPLOY and CLOSE.
+//! - [`journal`] - the main server's job state on disk, replayed after a
+//!   crash: append-only, CRC-checked records, compacted.
 //! - [`tickets`] - ticket numbers never reused, leased in blocks on disk.
 //! - [`timers`] - client connection timeouts (idle, call, write) and eviction order.
 //!
@@ -44,6 +46,7 @@ mod conn;
 pub mod coordinator;
 pub mod drc;
 pub mod extract;
+pub mod journal;
 pub mod node;
 pub mod node_auth;
 pub mod peer;
