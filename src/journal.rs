@@ -547,17 +547,17 @@ impl Journal {
             return Ok(false);
         }
         let new_path = self.dir.join("journal.new");
-        let mut new = File::options().write(true).create(true).truncate(true).mode(0o600).open(&new_path)?;
+        let mut new = File::options().read(true).write(true).create(true).truncate(true).mode(0o600).open(&new_path)?;
         new.write_all(&live)?;
         new.sync_all()?;
-        drop(new);
         fs::rename(&new_path, self.dir.join("journal"))?;
-        sync_dir(&self.dir)?;
-        self.file = open_rw(&self.dir.join("journal"), false)?;
+        // From here on the new file is the journal, whatever follows.
+        self.file = new;
         self.len = live.len() as u64;
         self.pending.clear();
         self.due = false;
         self.next_check = COMPACT_MIN.max(self.len.saturating_mul(COMPACT_RATIO));
+        sync_dir(&self.dir)?;
         Ok(true)
     }
 }
