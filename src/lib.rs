@@ -10,6 +10,8 @@
 //! - [`rpc`] - ONC RPC v2 headers and error replies (RFC 5531).
 //! - [`proto`] - CLOUD_PROG and NODE_PROG from docs/cloud.x.
 //! - [`peer`] - who owns a loopback peer's socket (the kernel's answer).
+//! - [`node_auth`] - the node link's shared secret: HMAC challenge/response
+//!   both ways before a node takes orders; `--secret-file`; binding rule.
 //! - [`session`] - both ends of an RPC connection: calls in, refusals and
 //!   streams out; replies matched to pending calls.
 //!
@@ -17,6 +19,8 @@
 //! - [`scheduler`] - free-node FIFO, wait queue, job table.
 //! - [`coordinator`] - the main server's logic; events in, actions out.
 //! - [`drc`] - the duplicate request cache: at-most-once DEPLOY and CLOSE.
+//! - [`journal`] - the main server's job state on disk, replayed after a
+//!   crash: append-only, CRC-checked records, compacted.
 //! - [`tickets`] - ticket numbers never reused, leased in blocks on disk.
 //! - [`timers`] - client connection timeouts (idle, call, write) and eviction order.
 //!
@@ -42,7 +46,9 @@ mod conn;
 pub mod coordinator;
 pub mod drc;
 pub mod extract;
+pub mod journal;
 pub mod node;
+pub mod node_auth;
 pub mod peer;
 pub mod proto;
 pub mod record;

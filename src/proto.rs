@@ -25,9 +25,13 @@ pub const NODE_NULL: u32 = 0;
 pub const NODE_RUN: u32 = 1;
 pub const NODE_FETCH: u32 = 2;
 pub const NODE_DROP: u32 = 3;
+/// The node link's handshake (see `node_auth`): the main server's
+/// challenge, then its proof.
+pub const NODE_HELLO: u32 = 4;
+pub const NODE_AUTH: u32 = 5;
 
 pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: CLOSE };
-pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_DROP };
+pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_AUTH };
 
 /// Longest string we accept in a message or node name.
 pub const MAX_STRING: usize = 4096;
@@ -228,6 +232,76 @@ impl RunArgs {
     }
 }
 
+/// Bytes of a handshake nonce (`opaque nonce[32]`).
+pub const NONCE_LEN: usize = 32;
+/// Bytes of a handshake proof, an HMAC-SHA256 (`opaque proof[32]`).
+pub const PROOF_LEN: usize = 32;
+
+/// `struct hello_args` of NODE_HELLO: the main server's fresh nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HelloArgs {
+    pub main_nonce: [u8; NONCE_LEN],
+}
+
+impl HelloArgs {
+    pub fn encode(&self, w: &mut XdrWriter) {
+        w.fixed(&self.main_nonce);
+    }
+
+    pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
+        Ok(HelloArgs { main_nonce: fixed_array(r)? })
+    }
+}
+
+/// `union hello_res` of NODE_HELLO: the node's fresh nonce and its proof,
+/// or why it will not take part (a node without `--secret-file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HelloRes {
+    Ok { node_nonce: [u8; NONCE_LEN], node_proof: [u8; PROOF_LEN] },
+    Err(CloudStat, String),
+}
+
+impl HelloRes {
+    pub fn encode(&self, w: &mut XdrWriter) {
+        match self {
+            HelloRes::Ok { node_nonce, node_proof } => {
+                w.u32(CloudStat::Ok as u32).fixed(node_nonce).fixed(node_proof);
+            }
+            HelloRes::Err(stat, message) => encode_error(w, *stat, message),
+        }
+    }
+
+    pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
+        Ok(match decode_stat(r)? {
+            Ok(()) => HelloRes::Ok { node_nonce: fixed_array(r)?, node_proof: fixed_array(r)? },
+            Err((stat, message)) => HelloRes::Err(stat, message),
+        })
+    }
+}
+
+/// `struct auth_args` of NODE_AUTH: the main server's proof. The result is
+/// a bare `cloud_stat` (CLOUD_OK, or CLOUD_DENIED and the link closes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthArgs {
+    pub main_proof: [u8; PROOF_LEN],
+}
+
+impl AuthArgs {
+    pub fn encode(&self, w: &mut XdrWriter) {
+        w.fixed(&self.main_proof);
+    }
+
+    pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
+        Ok(AuthArgs { main_proof: fixed_array(r)? })
+    }
+}
+
+fn fixed_array<const N: usize>(r: &mut XdrReader) -> Result<[u8; N], XdrError> {
+    let mut out = [0u8; N];
+    out.copy_from_slice(r.fixed(N)?);
+    Ok(out)
+}
+
 /// Offset of the output's length word in a NODE_FETCH success result
 /// (`struct fetch_res { cloud_stat stat; opaque output<>; }`).
 pub const FETCH_OUTPUT_AT: usize = 4;
@@ -256,6 +330,35 @@ mod tests {
         let mut r = XdrReader::new(&bytes);
         assert_eq!(JobStatus::decode(&mut r).unwrap(), st);
         r.finish().unwrap();
+    }
+
+    #[test]
+    fn handshake_messages_round_trip_and_short_ones_fail() {
+        let hello = HelloArgs { main_nonce: [7; NONCE_LEN] };
+        let mut w = XdrWriter::new();
+        hello.encode(&mut w);
+        let bytes = w.into_bytes();
+        assert_eq!(bytes.len(), NONCE_LEN, "a fixed opaque has no length word");
+        assert_eq!(HelloArgs::decode(&mut XdrReader::new(&bytes)).unwrap(), hello);
+        assert_eq!(HelloArgs::decode(&mut XdrReader::new(&bytes[..31])), Err(XdrError::Short));
+
+        for res in [
+            HelloRes::Ok { node_nonce: [1; NONCE_LEN], node_proof: [2; PROOF_LEN] },
+            HelloRes::Err(CloudStat::Denied, "no secret here".into()),
+        ] {
+            let mut w = XdrWriter::new();
+            res.encode(&mut w);
+            let bytes = w.into_bytes();
+            let mut r = XdrReader::new(&bytes);
+            assert_eq!(HelloRes::decode(&mut r).unwrap(), res);
+            r.finish().unwrap();
+            assert!(HelloRes::decode(&mut XdrReader::new(&bytes[..bytes.len() - 1])).is_err());
+        }
+
+        let auth = AuthArgs { main_proof: [9; PROOF_LEN] };
+        let mut w = XdrWriter::new();
+        auth.encode(&mut w);
+        assert_eq!(AuthArgs::decode(&mut XdrReader::new(&w.into_bytes())).unwrap(), auth);
     }
 
     #[test]

@@ -66,6 +66,13 @@ impl XdrWriter {
         self.pad(data.len())
     }
 
+    /// Fixed-length opaque (`opaque x[n]`): the bytes and their padding,
+    /// no length word.
+    pub fn fixed(&mut self, data: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(data);
+        self.pad(data.len())
+    }
+
     /// Zero bytes that follow `len` bytes of opaque data written elsewhere.
     pub fn pad(&mut self, len: usize) -> &mut Self {
         self.buf.extend_from_slice(&[0u8; 3][..padding(len)]);
@@ -144,6 +151,16 @@ impl<'a> XdrReader<'a> {
         let data = self.take(len)?;
         let pad = self.take(padding(len))?;
         if pad.iter().any(|&b| b != 0) {
+            return Err(XdrError::Invalid("non-zero padding".into()));
+        }
+        Ok(data)
+    }
+
+    /// Fixed-length opaque (`opaque x[n]`): `n` bytes and their padding,
+    /// which must be zero.
+    pub fn fixed(&mut self, n: usize) -> Result<&'a [u8], XdrError> {
+        let data = self.take(n)?;
+        if self.take(padding(n))?.iter().any(|&b| b != 0) {
             return Err(XdrError::Invalid("non-zero padding".into()));
         }
         Ok(data)
