@@ -31,9 +31,15 @@
 //! - [`archive_check`] - a DEPLOY's archive checked as it streams in (sans-I/O).
 //! - [`extract`] - safe archive extraction.
 //!
-//! The reactor and the edges:
-//! - [`server`] - the single-threaded mio reactor that drives all of the above.
-//! - `conn` - one of its connections: socket, role, reader, outbox, the
+//! The reactor, the two roles, and the edges:
+//! - `reactor` - the single-threaded mio reactor that drives all of the
+//!   above: poll, slab, signals, accept, reads and writes, timeouts.
+//! - `main_service` - the main server role: client calls to the
+//!   coordinator, its actions to replies and node calls.
+//! - `node_service` - the node role: NODE_PROG calls to `node`, replicas'
+//!   output pipes and ends; in-process nodes are called directly.
+//! - [`server`] - the public face: `Server`, `ServerConfig`.
+//! - `conn` - one of the reactor's connections: socket, role, reader, outbox, the
 //!   spool file a streamed opaque goes to, lingering close.
 //! - [`config`] - `cloud_nodes.txt`.
 //! - [`client`] - a blocking client for the command-line programs.
@@ -47,10 +53,13 @@ pub mod coordinator;
 pub mod drc;
 pub mod extract;
 pub mod journal;
+mod main_service;
 pub mod node;
 pub mod node_auth;
+mod node_service;
 pub mod peer;
 pub mod proto;
+mod reactor;
 pub mod record;
 pub mod rpc;
 pub mod scheduler;

@@ -19,7 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -127,14 +127,18 @@ impl Node {
 
     /// Create the ticket's folder and the file its archive streams into.
     pub fn prepare_archive(&self, ticket: u32) -> io::Result<(File, PathBuf)> {
+        self.fresh_ticket_dir(ticket)?;
+        let path = self.archive_path(ticket);
+        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+        Ok((file, path))
+    }
+
+    fn fresh_ticket_dir(&self, ticket: u32) -> io::Result<()> {
         let dir = self.ticket_dir(ticket);
         if dir.exists() {
             fs::remove_dir_all(&dir)?;
         }
-        fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        let path = self.archive_path(ticket);
-        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
-        Ok((file, path))
+        fs::DirBuilder::new().mode(0o700).create(&dir)
     }
 
     pub fn running_pid(&self) -> Option<Pid> {
@@ -358,6 +362,34 @@ impl Node {
         })?;
         let len = file.metadata().map_err(|e| (false, e.to_string()))?.len();
         Ok((file, len))
+    }
+
+    /// An in-process node's NODE_RUN archive: the main server's spool file
+    /// hard-linked into the ticket's folder (same file system: no copy;
+    /// copied where a link cannot be made).
+    pub fn adopt_archive(&self, ticket: u32, from: &Path) -> io::Result<()> {
+        self.fresh_ticket_dir(ticket)?;
+        let path = self.archive_path(ticket);
+        if let Err(e) = fs::hard_link(from, &path) {
+            log::debug!("node {}: cannot link {} ({e}); copying", self.cfg.port, from.display());
+            fs::copy(from, &path)?;
+        }
+        Ok(())
+    }
+
+    /// An in-process node's NODE_FETCH: the ticket's output hard-linked
+    /// (or copied) to `into`. Errors as `fetch`'s.
+    pub fn link_output(&self, ticket: u32, into: &Path) -> Result<(), (bool, String)> {
+        let path = self.output_path(ticket);
+        let failed = |e: io::Error| {
+            let gone = e.kind() == io::ErrorKind::NotFound;
+            (gone, format!("{}: cannot open the output of ticket {ticket}: {e}", self.name()))
+        };
+        match fs::hard_link(&path, into) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(failed(e)),
+            Err(_) => fs::copy(&path, into).map(drop).map_err(failed),
+        }
     }
 
     /// Forget a ticket: kill its replica if running (the folder goes when

@@ -279,3 +279,33 @@ fn unretrieved_tickets_expire_with_a_clear_answer() {
     assert!(!ok);
     wait_until("the expired ticket's workspace is gone", || node_leftovers(&c).is_empty());
 }
+
+/// TCP connections (any state but LISTEN) with `port` at either end, from
+/// /proc/net/tcp and tcp6 (ports are hex, after the colon).
+fn tcp_connections_on(port: u16) -> usize {
+    let hex = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() > 3 && cols[3] != "0A" && (cols[1].ends_with(&hex) || cols[2].ends_with(&hex))
+        })
+        .count()
+}
+
+#[test]
+fn local_nodes_are_called_in_process_without_a_loopback_link() {
+    let c = Cluster::start(2);
+    let t = c.deploy(2, &job(c.dir.path(), "two.tar.gz", &["@echo replica $$CLOUD_REPLICA"]));
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok);
+    assert_eq!(outs.len(), 2);
+    // Each node's port is held (nothing else may take it) but no link
+    // connects to it: the main server calls its nodes directly.
+    for &port in &c.ports {
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err(), "node port {port} is held");
+        assert_eq!(tcp_connections_on(port), 0, "no connection on node port {port}");
+    }
+}

@@ -1,0 +1,372 @@
+//! The main server role: client calls in, coordinator actions out.
+//!
+//! Owns: turning each CLOUD_PROG call into a coordinator call (the
+//! caller's identity from `peer`, a retried DEPLOY or CLOSE answered from
+//! the coordinator's duplicate request cache); a DEPLOY's archive streamed
+//! to `<work-dir>/spool`, fed to `archive_check` as it arrives (refused
+//! with CLOUD_BAD_ARCHIVE, spool file removed, no ticket) and answered
+//! only once its ticket number is persisted (`tickets`); the coordinator's
+//! actions turned into replies (encoded here) and node calls ([`Out`]):
+//! a NODE_RUN/FETCH/DROP on a link's connection, or a direct call into the
+//! in-process node service for a local node; a link's replies and the
+//! node service's [`NodeEvent`]s turned back into coordinator events; a
+//! lost link reported to the coordinator.
+//! Must not touch: the poll or the slab (the reactor carries out each
+//! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
+
+use std::fs::{self, File};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::archive_check::ArchiveCheck;
+use crate::conn::{Conn, Pending, Role, Sink, Streamed};
+use crate::coordinator::{Action, Caller, Coordinator, Failure, NodeCall, OutputRef, Reply};
+use crate::node_service::{garbage, NodeEvent};
+use crate::peer::{self, PeerId};
+use crate::proto::{self, CloudStat, RunResult};
+use crate::record::{self, Piece};
+use crate::rpc::{self, AcceptStat};
+use crate::scheduler::NodeId;
+use crate::session::{Call, ReplyEvent};
+use crate::tickets::TicketStore;
+use crate::xdr::XdrReader;
+
+/// How the main server reaches node i.
+#[derive(Debug)]
+pub(crate) enum Link {
+    /// In this process: direct calls into the node service.
+    Local,
+}
+
+/// What the reactor must do to carry out one coordinator action.
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// Answer a client's call on connection `key`.
+    Answer { key: usize, pieces: Vec<Piece> },
+    /// A call into the in-process node service.
+    Local { node: NodeId, call: NodeCall },
+}
+
+pub(crate) struct MainService {
+    pub(crate) coord: Coordinator,
+    pub(crate) spool: PathBuf,
+    pub(crate) node_names: Vec<String>,
+    pub(crate) links: Vec<Link>,
+    /// The uids replicas run as (slot uids, or `--run-as`): a job (with
+    /// `--allow-network`) calling its own server is refused, or it could
+    /// deploy jobs that outlive its ticket, owned by a uid its deployer
+    /// cannot close, and reach tickets of the uid's earlier tenants.
+    pub(crate) job_uids: Vec<u32>,
+    pub(crate) tickets: TicketStore,
+    /// The rules a DEPLOY's archive is checked against as it arrives.
+    pub(crate) extract_limits: crate::extract::ExtractLimits,
+    pub(crate) next_spool: u64,
+}
+
+impl MainService {
+    /// Carry out one coordinator action, or say what the reactor must do.
+    pub(crate) fn perform(&mut self, action: Action) -> Option<Out> {
+        match action {
+            Action::Reply { to, reply } => {
+                if matches!(&reply, Reply::Deploy(Ok(_)) | Reply::Close(Ok(_))) {
+                    log::debug!("connection {}: xid {:#x}: {reply:?}", to.conn, to.xid);
+                }
+                Some(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) })
+            }
+            Action::RemoveFile(path) => {
+                if let Err(e) = fs::remove_file(&path) {
+                    log::warn!("cannot remove {}: {e}", path.display());
+                }
+                None
+            }
+            Action::Node { node, call } => match self.links[node] {
+                Link::Local => Some(Out::Local { node, call }),
+            },
+        }
+    }
+
+    /// What an in-process node answered.
+    pub(crate) fn on_node_event(&mut self, ev: NodeEvent) {
+        match ev {
+            NodeEvent::RunFinished { node, result } => self.coord.run_finished(node, result, Instant::now()),
+            NodeEvent::Fetched { ticket, replica, result } => match result {
+                Ok(path) => self.coord.fetched(ticket, replica, Ok(path)),
+                // Missing for good: final, the message says so.
+                Err((true, why)) => self.coord.fetched(ticket, replica, Err(why)),
+                Err((false, why)) => self.coord.fetch_failed(ticket, replica, &why),
+            },
+        }
+    }
+
+    /// A link to node i is gone: its running replica is lost.
+    pub(crate) fn link_lost(&mut self, node: NodeId) {
+        self.coord.node_lost(node, Instant::now());
+    }
+
+    /// A whole call from a client of the main server.
+    pub(crate) fn client_call(&mut self, key: usize, conn: &mut Conn, call: Call) {
+        let caller = Caller { conn: key, xid: call.xid };
+        let mut r = XdrReader::new(&call.args);
+        log::debug!("connection {key}: call xid {:#x} proc {}", call.xid, call.proc_num);
+        let who = match self.identify_call(key, conn, &call) {
+            Ok(who) => who,
+            Err(refusal) => return conn.outbox.push_bytes(refusal),
+        };
+        // STATUS, RETRIEVE and CLOSE are answered by the coordinator.
+        conn.awaiting += 1;
+        let ok = match call.proc_num {
+            proto::CLOUD_NULL => {
+                conn.awaiting -= 1;
+                conn.outbox.push_bytes(rpc::accepted(call.xid, AcceptStat::Success).into_bytes());
+                true
+            }
+            proto::STATUS => r.u32().map(|t| self.coord.status(caller, t)).is_ok(),
+            proto::RETRIEVE => {
+                proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, who, t, w)).is_ok()
+            }
+            proto::CLOSE => r.u32().map(|t| self.coord.close(caller, who, t, Instant::now())).is_ok(),
+            _ => false, // a DEPLOY too short to stream
+        };
+        if !ok {
+            conn.awaiting -= 1;
+            conn.outbox.push_bytes(garbage(call.xid));
+        }
+    }
+
+    /// The uid a client call is made as (`None`: anonymous), or the
+    /// AUTH_ERROR reply to a credential that lies about it.
+    fn identify_call(&self, key: usize, conn: &Conn, call: &Call) -> Result<Option<u32>, Vec<u8>> {
+        if let PeerId::Verified(uid) = conn.peer {
+            if self.job_uids.contains(&uid) {
+                log::warn!("connection {key}: xid {:#x}: a call from uid {uid}, a replica's: refused", call.xid);
+                return Err(rpc::auth_error(call.xid, rpc::AUTH_TOOWEAK));
+            }
+        }
+        peer::caller_uid(conn.peer, call.sys_uid).map_err(|auth_stat| {
+            let owner = match conn.peer {
+                PeerId::Verified(uid) => format!("uid {uid}"),
+                _ => "an unknown user".into(),
+            };
+            log::warn!(
+                "connection {key}: xid {:#x}: AUTH_SYS claims uid {} but the socket belongs to {owner}; refused",
+                call.xid,
+                call.sys_uid.unwrap_or(0)
+            );
+            rpc::auth_error(call.xid, auth_stat)
+        })
+    }
+
+    /// A client's DEPLOY starts streaming its archive: refuse it now, or
+    /// spool it (checked as it arrives).
+    pub(crate) fn deploy_start(&mut self, key: usize, conn: &mut Conn, call: Call, len: u32) {
+        let mut r = XdrReader::new(&call.args);
+        let Ok(replicas) = r.u32() else { return conn.outbox.push_bytes(garbage(call.xid)) };
+        let who = match self.identify_call(key, conn, &call) {
+            Ok(who) => who,
+            Err(refusal) => return conn.answer_before_upload(len, refusal),
+        };
+        if let Some(ticket) = self.coord.retried_deploy(call.xid, who, Instant::now()) {
+            log::info!(
+                "connection {key}: xid {:#x} is a retried DEPLOY; answering ticket {ticket} again, archive dropped",
+                call.xid
+            );
+            let mut w = rpc::accepted(call.xid, AcceptStat::Success);
+            w.u32(CloudStat::Ok as u32).u32(ticket);
+            return conn.answer_before_upload(len, w.into_bytes());
+        }
+        // A network peer's AUTH_SYS uid is only a claim: it cannot
+        // make it the server's own user (or root) where only that
+        // user may deploy (a server without root).
+        let verified = conn.peer != PeerId::Remote;
+        if let Some(failure) = self.coord.deploy_refusal(who, verified, replicas) {
+            return conn.answer_before_upload(len, failure_reply(call.xid, &failure));
+        }
+        let what = Streamed::Deploy { replicas, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) };
+        log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", call.xid);
+        self.next_spool += 1;
+        conn.sink = Sink::open(call.xid, what, self.spool.join(format!("incoming-{key}-{}", self.next_spool)));
+    }
+
+    /// A chunk of a DEPLOY's archive, checked before it is spooled. Returns
+    /// true if it was refused (answered, the connection closing).
+    pub(crate) fn deploy_data(&mut self, key: usize, conn: &mut Conn, data: &[u8]) -> bool {
+        if let Sink::File { xid, what: Streamed::Deploy { check, .. }, error: None, .. } = &mut conn.sink {
+            if let Err(why) = check.feed(data) {
+                // Refused mid-stream (a bomb, a traversal, not gzip):
+                // answer now and hang up rather than take the rest.
+                log::info!("connection {key}: deploy refused: {why}");
+                let reply = encode_reply(*xid, Reply::Deploy(Err((CloudStat::BadArchive, why.0))));
+                conn.sink.discard();
+                conn.outbox.push(reply);
+                conn.close_after_answer();
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The end of a streamed DEPLOY archive (a client) or NODE_FETCH output
+    /// (a link).
+    pub(crate) fn stream_end(&mut self, key: usize, conn: &mut Conn) {
+        let Sink::File { xid, what, file, path, error } = std::mem::replace(&mut conn.sink, Sink::None) else {
+            return;
+        };
+        drop(file);
+        match what {
+            Streamed::Fetch { ticket, replica, gone } => match error {
+                Some(why) if !gone => {
+                    let _ = fs::remove_file(&path);
+                    self.coord.fetch_failed(ticket, replica, &why);
+                }
+                error => self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err)),
+            },
+            Streamed::Deploy { replicas, who, mut check } => {
+                // The same call may have been uploaded on two connections at
+                // once (a retry while the first upload was still arriving):
+                // the one that ends second gets the first one's reply.
+                if let Some(ticket) = self.coord.retried_deploy(xid, who, Instant::now()) {
+                    log::info!("connection {key}: xid {xid:#x} was uploaded twice; answering as the first time");
+                    let _ = fs::remove_file(&path);
+                    return conn.outbox.push(encode_reply(xid, Reply::Deploy(Ok(ticket))));
+                }
+                let refusal = match (error, check.finish()) {
+                    (Some(msg), _) => Some((CloudStat::Internal, msg)),
+                    (None, Err(why)) => {
+                        log::info!("connection {key}: deploy refused: {why}");
+                        Some((CloudStat::BadArchive, why.0))
+                    }
+                    // The ticket this DEPLOY may get is on disk before it is answered.
+                    (None, Ok(_)) => self.tickets.ensure(self.coord.next_ticket()).err().map(|e| {
+                        log::error!("cannot persist the ticket counter: {e}");
+                        (CloudStat::Internal, format!("the server cannot record ticket numbers ({e}); retry later"))
+                    }),
+                };
+                match refusal {
+                    Some(failure) => {
+                        let _ = fs::remove_file(&path);
+                        conn.outbox.push(encode_reply(xid, Reply::Deploy(Err(failure))));
+                    }
+                    None => {
+                        conn.awaiting += 1;
+                        self.coord.deploy(Caller { conn: key, xid }, who, replicas, path, Instant::now())
+                    }
+                }
+            }
+            Streamed::Run { .. } => {} // a node's, never a main server's
+        }
+    }
+
+    /// Handle what the main server's link to a node read.
+    pub(crate) fn on_reply_event(&mut self, conn: &mut Conn, ev: ReplyEvent<Pending>) {
+        let Role::NodeLink { node, .. } = conn.role else { return };
+        let name = &self.node_names[node];
+        match ev {
+            ReplyEvent::Reply { call: Pending::Run, results } => {
+                let result = results
+                    .and_then(|b| RunResult::decode(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))
+                    .unwrap_or_else(|why| RunResult::invalid(format!("node {name}: {why}")));
+                self.coord.run_finished(node, result, Instant::now());
+            }
+            ReplyEvent::Reply { call: Pending::Fetch { ticket, replica, .. }, results } => {
+                let why = results.err().unwrap_or_else(|| "the node sent no output".into());
+                self.coord.fetched(ticket, replica, Err(why));
+            }
+            ReplyEvent::Reply { call: Pending::Drop, .. } => {}
+            ReplyEvent::StreamStart { call: Pending::Fetch { ticket, replica, into }, head, .. } => {
+                let stat = XdrReader::new(&head).u32().unwrap_or(u32::MAX);
+                let gone = stat == CloudStat::NoSuchTicket as u32;
+                let what = Streamed::Fetch { ticket, replica, gone };
+                conn.sink = if gone {
+                    // The opaque holds the node's error message.
+                    Sink::failed(0, what, format!("node {name} has no output for ticket {ticket}"))
+                } else if stat != CloudStat::Ok as u32 {
+                    Sink::failed(0, what, format!("node {name} cannot open the output now"))
+                } else {
+                    Sink::open(0, what, into)
+                };
+            }
+            ReplyEvent::StreamStart { .. } => conn.sink = Sink::None,
+            ReplyEvent::StreamData(data) => conn.sink.write(data),
+            ReplyEvent::StreamEnd => self.stream_end(0, conn),
+            ReplyEvent::StreamBroken => {
+                if let Sink::File { what: Streamed::Fetch { ticket, replica, .. }, .. } = conn.sink.discard() {
+                    self.coord.fetch_failed(ticket, replica, &format!("node {name}'s reply was cut short"));
+                }
+            }
+            ReplyEvent::Garbled(why) => {
+                log::error!("node {name}: {why}; dropping the link");
+                conn.closing = true;
+            }
+        }
+    }
+
+    /// Shutdown: remove the spool, give back unused ticket numbers.
+    pub(crate) fn stop(&mut self) {
+        let _ = fs::remove_dir_all(&self.spool);
+        if let Err(e) = self.tickets.release(self.coord.next_ticket()) {
+            log::warn!("cannot give back unused ticket numbers: {e}");
+        }
+    }
+}
+
+/// Encode a CLOUD_PROG result; RETRIEVE outputs are streamed from their files.
+pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
+    let mut w = rpc::accepted(xid, AcceptStat::Success);
+    let ok = CloudStat::Ok as u32;
+    match reply {
+        Reply::Deploy(Ok(ticket)) => {
+            w.u32(ok).u32(ticket);
+        }
+        Reply::Status(Ok(st)) => {
+            w.u32(ok);
+            st.encode(&mut w);
+        }
+        Reply::Close(Ok(())) => {
+            w.u32(ok);
+        }
+        Reply::Retrieve(Ok(outs)) => return retrieve_pieces(xid, outs),
+        Reply::Deploy(Err(e)) | Reply::Status(Err(e)) | Reply::Retrieve(Err(e)) | Reply::Close(Err(e)) => {
+            return vec![Piece::Bytes(failure_reply(xid, &e))]
+        }
+    }
+    vec![Piece::Bytes(w.into_bytes())]
+}
+
+/// A CLOUD_PROG error result for call `xid`.
+fn failure_reply(xid: u32, (stat, msg): &Failure) -> Vec<u8> {
+    let mut w = rpc::accepted(xid, AcceptStat::Success);
+    proto::encode_error(&mut w, *stat, msg);
+    w.into_bytes()
+}
+
+/// RETRIEVE's OK reply. Every output is opened now, so the reply is OK only
+/// if all of them can be sent (a queued reply holds at most one descriptor
+/// per replica); if one cannot, the reply is an error, the spooled outputs
+/// stay, and a retry may succeed.
+fn retrieve_pieces(xid: u32, outs: Vec<OutputRef>) -> Vec<Piece> {
+    let mut w = rpc::accepted(xid, AcceptStat::Success);
+    w.u32(CloudStat::Ok as u32).u32(outs.len() as u32);
+    let mut pieces = Vec::new();
+    for out in outs {
+        out.status.encode(&mut w);
+        if out.path.as_os_str().is_empty() {
+            w.u32(0); // never ran, or lost with its node: the message says so
+            continue;
+        }
+        let opened = File::open(&out.path).and_then(|f| f.metadata().map(|m| (f, m.len())));
+        match opened {
+            Ok((file, len)) => w = record::push_opaque(&mut pieces, w, Piece::File { file, len }),
+            Err(e) => {
+                log::warn!("cannot open {}: {e}", out.path.display());
+                let why = match e.raw_os_error() {
+                    Some(libc::EMFILE | libc::ENFILE) => "the server is out of file descriptors".to_string(),
+                    _ => e.to_string(),
+                };
+                let failure = (CloudStat::Internal, format!("could not read the outputs: {why}; retry"));
+                return vec![Piece::Bytes(failure_reply(xid, &failure))];
+            }
+        }
+    }
+    pieces.push(Piece::Bytes(w.into_bytes()));
+    pieces
+}
