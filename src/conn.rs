@@ -31,8 +31,13 @@ pub(crate) const MAX_RECORD: usize = 64 * 1024;
 /// A call on a node link, remembered until its reply.
 #[derive(Debug)]
 pub(crate) enum Pending {
-    Run,
-    Fetch { ticket: u32, replica: u32, into: PathBuf },
+    /// NODE_RUN of this ticket.
+    Run(u32),
+    Fetch {
+        ticket: u32,
+        replica: u32,
+        into: PathBuf,
+    },
     Drop,
 }
 

@@ -18,6 +18,10 @@ pub const DEPLOY: u32 = 1;
 pub const STATUS: u32 = 2;
 pub const RETRIEVE: u32 = 3;
 pub const CLOSE: u32 = 4;
+/// DEPLOY with flags (branch sched): `deploy_opts_args`.
+pub const DEPLOY_OPTS: u32 = 10;
+/// `deploy_opts_args.flags`: when one replica fails, stop the others.
+pub const DEPLOY_FAIL_FAST: u32 = 1;
 
 pub const NODE_PROG: u32 = 0x2000_C10F;
 pub const NODE_VERS: u32 = 1;

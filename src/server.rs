@@ -826,11 +826,11 @@ impl Server {
         let Role::NodeLink { node, .. } = conn.role else { return };
         let name = &self.node_names[node];
         match ev {
-            ReplyEvent::Reply { call: Pending::Run, results } => {
+            ReplyEvent::Reply { call: Pending::Run(ticket), results } => {
                 let result = results
                     .and_then(|b| RunResult::decode(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))
                     .unwrap_or_else(|why| RunResult::invalid(format!("node {name}: {why}")));
-                self.coord.run_finished(node, result, Instant::now());
+                self.coord.run_finished(node, ticket, result, Instant::now());
             }
             ReplyEvent::Reply { call: Pending::Fetch { ticket, replica, .. }, results } => {
                 let why = results.err().unwrap_or_else(|| "the node sent no output".into());
@@ -1102,21 +1102,22 @@ impl Server {
                     Err(e) => {
                         let msg = format!("the spooled archive is gone: {e}");
                         // Report it as the node would, so the node is freed.
-                        self.coord.run_finished(node, RunResult::invalid(msg), Instant::now());
+                        self.coord.run_finished(node, args.ticket, RunResult::invalid(msg), Instant::now());
                         return;
                     }
                 };
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_RUN);
                 args.encode(&mut w);
                 // Opened now: the spooled archive is unlinked right after.
-                (proto::NODE_RUN, Pending::Run, record::with_opaque(w, Piece::File { file, len }))
+                (proto::NODE_RUN, Pending::Run(args.ticket), record::with_opaque(w, Piece::File { file, len }))
             }
             NodeCall::Fetch { ticket, replica, into } => {
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_FETCH);
                 w.u32(ticket);
                 (proto::NODE_FETCH, Pending::Fetch { ticket, replica, into }, vec![Piece::Bytes(w.into_bytes())])
             }
-            NodeCall::Drop { ticket } => {
+            // sched: Stop is a drop until nodes have a stop that keeps output.
+            NodeCall::Drop { ticket } | NodeCall::Stop { ticket } => {
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_DROP);
                 w.u32(ticket);
                 (proto::NODE_DROP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
@@ -1124,8 +1125,9 @@ impl Server {
         };
         log::debug!("node {}: call xid {xid:#x} proc {proc_num}", self.node_names[node]);
         let Some(key) = self.links[node] else {
-            if let Pending::Run = pending {
-                self.coord.run_finished(node, RunResult::invalid("the node is unreachable"), Instant::now());
+            if let Pending::Run(ticket) = pending {
+                let why = RunResult::invalid("the node is unreachable");
+                self.coord.run_finished(node, ticket, why, Instant::now());
             }
             return;
         };
@@ -1226,7 +1228,7 @@ impl Server {
             Role::Client => self.coord.conn_closed(key),
             Role::NodeLink { node, .. } => {
                 self.links[node] = None;
-                self.coord.node_lost(node, Instant::now());
+                self.coord.node_down(node, Instant::now());
             }
             Role::NodeInbound(_) => {}
         }
