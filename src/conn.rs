@@ -131,6 +131,8 @@ pub(crate) enum Streamed {
     /// The archive is checked as it arrives (`archive_check`).
     Deploy {
         replicas: u32,
+        /// DEPLOY_OPTS flags (`proto::DEPLOY_FAIL_FAST`); 0 for DEPLOY.
+        flags: u32,
         who: Option<u32>,
         check: Box<ArchiveCheck>,
     },

@@ -30,7 +30,9 @@ pub const NODE_RUN: u32 = 1;
 pub const NODE_FETCH: u32 = 2;
 pub const NODE_DROP: u32 = 3;
 
-pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: CLOSE };
+/// Procedures 5 to 9 (other branches' CLUSTER, CANCEL, ...) are answered
+/// PROC_UNAVAIL by the server until they exist.
+pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: DEPLOY_OPTS };
 pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_DROP };
 
 /// Longest string we accept in a message or node name.
@@ -39,8 +41,9 @@ pub const MAX_STRING: usize = 4096;
 /// Where a procedure's streamed opaque length sits within its arguments.
 pub fn call_stream_at(prog: u32, vers: u32, proc_num: u32) -> Option<usize> {
     match (prog, vers, proc_num) {
-        (CLOUD_PROG, CLOUD_VERS, DEPLOY) => Some(4),  // replicas, archive
-        (NODE_PROG, NODE_VERS, NODE_RUN) => Some(12), // ticket, replica, replicas, archive
+        (CLOUD_PROG, CLOUD_VERS, DEPLOY) => Some(4),      // replicas, archive
+        (CLOUD_PROG, CLOUD_VERS, DEPLOY_OPTS) => Some(8), // replicas, flags, archive
+        (NODE_PROG, NODE_VERS, NODE_RUN) => Some(12),     // ticket, replica, replicas, archive
         _ => None,
     }
 }

@@ -23,6 +23,7 @@
 //! (`spawn`), a node's replica bookkeeping (`node`). Each event is turned
 //! into a call on one of those and their answers into bytes.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -83,13 +84,16 @@ pub struct ServerConfig {
     pub max_output: u64,
     /// Finished jobs not retrieved within this are closed (`None`: never).
     pub ticket_ttl: Option<Duration>,
-    /// Per-node identity: `None` runs as the server's own user.
+    /// Per-slot identity, node by node (`NodesFile::slot_offset`): `None`
+    /// runs as the server's own user.
     pub identities: Vec<Option<(nix::unistd::Uid, nix::unistd::Gid)>>,
     /// Whether each node's uid is its own (what an earlier run left under
     /// those uids is killed at start).
     pub slot_uids: bool,
     pub isolate_network: bool,
     pub containment: Containment,
+    /// `--requeue-lost`: a replica lost with its node runs again elsewhere.
+    pub requeue_lost: bool,
     /// How replicas run, for the ready line.
     pub sandbox_summary: String,
     /// Only this uid (and root) may deploy; `None`: anyone.
@@ -121,7 +125,7 @@ pub fn effective_max_connections(requested: usize, nofile: u64, nodes: usize) ->
 enum Source {
     Conn(Box<Conn>),
     /// The output pipe of node i's running replica.
-    ChildOutput(NodeId),
+    ChildOutput(NodeId, u32), // sched: (node, ticket)
     /// Placeholder while a connection is being handled.
     Taken,
 }
@@ -133,7 +137,7 @@ pub struct Server {
     node_listeners: Vec<TcpListener>,
     signals: SignalFd,
     nodes: Vec<Node>,
-    child_keys: Vec<Option<usize>>,
+    child_keys: HashMap<(NodeId, u32), usize>, // sched: by (node, ticket)
     links: Vec<Option<usize>>,
     /// The main server's end of each link: the only peer a node accepts.
     link_addrs: Vec<Option<SocketAddr>>,
@@ -149,7 +153,7 @@ pub struct Server {
     rbuf: Vec<u8>,
     dead: Vec<usize>,
     /// Nodes whose output pipe still had data when their read budget ran out.
-    more_output: Vec<NodeId>,
+    more_output: Vec<(NodeId, u32)>,
     /// Connections that used their read budget with data possibly left.
     more_input: Vec<usize>,
     shutdown: bool,
@@ -254,13 +258,15 @@ impl Server {
                 port,
                 dir: dir.clone(),
                 limits: cfg.limits.clone(),
-                sandbox: sandbox_for(cfg.identities[i]),
+                sandbox: sandbox_for(cfg.identities[cfg.nodes.slot_offset(i)]),
                 time_limit: cfg.time_limit,
                 kill_grace: cfg.kill_grace,
                 max_output: cfg.max_output,
                 work_dir: work_dir.clone(),
                 netns: netns[i].clone(),
                 cgroups: cgroups.clone(),
+                // sched: node i's slots take the next `slots[i]` identities.
+                slot_identities: cfg.identities[cfg.nodes.slot_offset(i)..][..cfg.nodes.slots[i] as usize].to_vec(),
             })
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
             nodes.push(node);
@@ -296,7 +302,9 @@ impl Server {
 
         let (tickets, next_ticket) = TicketStore::open(&cfg.work_dir)?;
         log::info!("tickets continue from {next_ticket}");
-        let mut coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
+        let mut coord =
+            Coordinator::with_slots(node_names.clone(), &cfg.nodes.slots, cfg.max_queue, spool.clone(), cfg.ticket_ttl);
+        coord.requeue_lost(cfg.requeue_lost);
         coord.resume_tickets_from(next_ticket);
         coord.max_tickets_per_user(cfg.max_tickets_per_user);
         if let Some(uid) = cfg.only_deployer {
@@ -325,7 +333,7 @@ impl Server {
             node_listeners,
             signals,
             nodes,
-            child_keys: vec![None; n],
+            child_keys: HashMap::new(),
             links: vec![None; n],
             link_addrs: vec![None; n],
             coord,
@@ -434,8 +442,8 @@ impl Server {
             }
             // Pipes and sockets left with data (edge-triggered: no new event
             // will say so).
-            for node in std::mem::take(&mut self.more_output) {
-                self.drain_child(node);
+            for (node, ticket) in std::mem::take(&mut self.more_output) {
+                self.drain_child(node, ticket);
             }
             for key in std::mem::take(&mut self.more_input) {
                 if matches!(self.slab.get(key), Some(Source::Conn(_))) {
@@ -480,10 +488,7 @@ impl Server {
                 let key = t - first_key(self.nodes.len());
                 match self.slab.get(key) {
                     Some(Source::Conn(_)) => self.conn_event(key),
-                    Some(Source::ChildOutput(i)) => {
-                        let i = *i;
-                        self.drain_child(i);
-                    }
+                    Some(&Source::ChildOutput(i, ticket)) => self.drain_child(i, ticket),
                     _ => {} // stale event for a closed source
                 }
             }
@@ -870,6 +875,11 @@ impl Server {
         let what = match conn.role {
             Role::Client => {
                 let Ok(replicas) = r.u32() else { return conn.outbox.push_bytes(garbage(call.xid)) };
+                // sched: DEPLOY_OPTS carries flags after the replicas; unknown bits are refused.
+                let flags = if call.proc_num == proto::DEPLOY_OPTS { r.u32().ok() } else { Some(0) };
+                let Some(flags @ (0 | proto::DEPLOY_FAIL_FAST)) = flags else {
+                    return conn.outbox.push_bytes(garbage(call.xid));
+                };
                 let who = match self.identify_call(key, conn, &call) {
                     Ok(who) => who,
                     Err(refusal) => return conn.answer_before_upload(len, refusal),
@@ -890,7 +900,7 @@ impl Server {
                 if let Some(failure) = self.coord.deploy_refusal(who, verified, replicas) {
                     return conn.answer_before_upload(len, failure_reply(call.xid, &failure));
                 }
-                Streamed::Deploy { replicas, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) }
+                Streamed::Deploy { replicas, flags, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) }
             }
             _ => match RunArgs::decode(&mut r) {
                 Ok(args) => Streamed::Run { args },
@@ -923,7 +933,7 @@ impl Server {
                 }
                 error => self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err)),
             },
-            Streamed::Deploy { replicas, who, mut check } => {
+            Streamed::Deploy { replicas, flags, who, mut check } => {
                 // The same call may have been uploaded on two connections at
                 // once (a retry while the first upload was still arriving):
                 // the one that ends second gets the first one's reply.
@@ -951,18 +961,19 @@ impl Server {
                     }
                     None => {
                         conn.awaiting += 1;
-                        self.coord.deploy(Caller { conn: key, xid }, who, replicas, path, Instant::now())
+                        self.coord.deploy_opts(Caller { conn: key, xid }, who, replicas, flags, path, Instant::now())
                     }
                 }
             }
             Streamed::Run { args } => {
                 let Role::NodeInbound(i) = conn.role else { return };
+                let ticket = args.ticket;
                 let started = match error {
                     Some(msg) => Err(RunResult::invalid(msg)),
                     None => self.nodes[i].start(args, (key, xid), Instant::now()),
                 };
                 match started {
-                    Ok(fd) => self.watch_child(i, fd),
+                    Ok(fd) => self.watch_child(i, ticket, fd),
                     Err(result) => conn.outbox.push_bytes(run_reply(xid, &result)),
                 }
             }
@@ -970,24 +981,25 @@ impl Server {
     }
 
     /// Read a replica's output, a bounded amount per turn of the loop.
-    fn drain_child(&mut self, node: NodeId) {
-        if self.nodes[node].drain_output(DRAIN_BUDGET) == Drained::More && !self.more_output.contains(&node) {
-            self.more_output.push(node);
+    fn drain_child(&mut self, node: NodeId, ticket: u32) {
+        let more = self.nodes[node].drain_output(ticket, DRAIN_BUDGET) == Drained::More;
+        if more && !self.more_output.contains(&(node, ticket)) {
+            self.more_output.push((node, ticket));
         }
     }
 
-    fn watch_child(&mut self, node: NodeId, fd: std::os::fd::RawFd) {
+    fn watch_child(&mut self, node: NodeId, ticket: u32, fd: std::os::fd::RawFd) {
         let entry = self.slab.vacant_entry();
         let token = Token(entry.key() + first_key(self.nodes.len()));
         match self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE) {
             Ok(()) => {
-                self.child_keys[node] = Some(entry.key());
-                entry.insert(Source::ChildOutput(node));
+                self.child_keys.insert((node, ticket), entry.key());
+                entry.insert(Source::ChildOutput(node, ticket));
             }
             Err(e) => log::error!("cannot watch a replica's output: {e}"),
         }
         // Output written before registration is read now.
-        self.drain_child(node);
+        self.drain_child(node, ticket);
     }
 
     /// A whole call from a client of the main server.
@@ -1012,7 +1024,12 @@ impl Server {
                 proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, who, t, w)).is_ok()
             }
             proto::CLOSE => r.u32().map(|t| self.coord.close(caller, who, t, Instant::now())).is_ok(),
-            _ => false, // a DEPLOY too short to stream
+            proto::DEPLOY | proto::DEPLOY_OPTS => false, // too short to stream
+            _ => {
+                // sched: numbers below DEPLOY_OPTS that do not exist (yet).
+                conn.awaiting -= 1;
+                return conn.outbox.push_bytes(rpc::accepted(call.xid, AcceptStat::ProcUnavail).into_bytes());
+            }
         };
         if !ok {
             conn.awaiting -= 1;
@@ -1280,7 +1297,7 @@ impl Server {
     }
 
     fn finish_replica(&mut self, node: NodeId, fin: Finished) {
-        if let Some(key) = self.child_keys[node].take() {
+        if let Some(key) = self.child_keys.remove(&(node, fin.ticket)) {
             let _ = self.poll.registry().deregister(&mut SourceFd(&fin.pipe.as_raw_fd()));
             self.slab.try_remove(key);
         }
@@ -1293,7 +1310,7 @@ impl Server {
     /// them, remove the nodes' folders and the spool.
     fn stop(&mut self) {
         for node in &mut self.nodes {
-            if let Some(pid) = node.shutdown() {
+            for pid in node.shutdown() {
                 // Blocking is fine now: SIGKILL to init ends its namespace.
                 if let Ok(status) = waitpid(pid, None) {
                     let _ = node.on_exit(pid, status);
