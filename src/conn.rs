@@ -38,6 +38,7 @@ pub(crate) enum Pending {
         replica: u32,
         into: PathBuf,
     },
+    /// NODE_DROP or NODE_STOP: nothing to do with the reply.
     Drop,
 }
 

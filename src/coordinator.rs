@@ -57,8 +57,8 @@ pub enum NodeCall {
     Fetch { ticket: Ticket, replica: u32, into: PathBuf },
     /// Kill the ticket's processes if any and remove its workspace.
     Drop { ticket: Ticket },
-    /// Fail-fast: end the ticket's replica now (its status is decided
-    /// here, "stopped: replica i failed"); keeping its output is better.
+    /// Fail-fast: end the ticket's replica now, keeping its output (its
+    /// status is decided here, "stopped: replica i failed").
     Stop { ticket: Ticket },
 }
 

@@ -403,6 +403,16 @@ impl Node {
         }
     }
 
+    /// Stop a ticket's replica (fail-fast) and keep its output for NODE_FETCH.
+    pub fn stop_ticket(&mut self, ticket: u32) {
+        let Some(r) = self.running.get_mut(&ticket) else { return };
+        if r.stop != Some(StopReason::Closed) {
+            log::debug!("node {}: ticket {ticket}: stopped by the main server, SIGKILL", self.cfg.port);
+            r.stop = Some(StopReason::Stopped);
+        }
+        self.kill_everything(ticket);
+    }
+
     fn remove_ticket(&self, ticket: u32) {
         let dir = self.ticket_dir(ticket);
         // An uncontained job's files are on disk, maybe 200,000 of them:

@@ -29,11 +29,13 @@ pub const NODE_NULL: u32 = 0;
 pub const NODE_RUN: u32 = 1;
 pub const NODE_FETCH: u32 = 2;
 pub const NODE_DROP: u32 = 3;
+/// Kill the ticket's replica, keep its output (until NODE_DROP).
+pub const NODE_STOP: u32 = 4;
 
 /// Procedures 5 to 9 (other branches' CLUSTER, CANCEL, ...) are answered
 /// PROC_UNAVAIL by the server until they exist.
 pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: DEPLOY_OPTS };
-pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_DROP };
+pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_STOP };
 
 /// Longest string we accept in a message or node name.
 pub const MAX_STRING: usize = 4096;

@@ -1079,8 +1079,11 @@ impl Server {
                     vec![Piece::Bytes(w.into_bytes())]
                 }
             },
-            (proto::NODE_DROP, Ok(ticket)) => {
-                self.nodes[i].drop_ticket(ticket);
+            (proto::NODE_DROP | proto::NODE_STOP, Ok(ticket)) => {
+                match call.proc_num {
+                    proto::NODE_STOP => self.nodes[i].stop_ticket(ticket),
+                    _ => self.nodes[i].drop_ticket(ticket),
+                }
                 w.u32(CloudStat::Ok as u32);
                 vec![Piece::Bytes(w.into_bytes())]
             }
@@ -1133,8 +1136,12 @@ impl Server {
                 w.u32(ticket);
                 (proto::NODE_FETCH, Pending::Fetch { ticket, replica, into }, vec![Piece::Bytes(w.into_bytes())])
             }
-            // sched: Stop is a drop until nodes have a stop that keeps output.
-            NodeCall::Drop { ticket } | NodeCall::Stop { ticket } => {
+            NodeCall::Stop { ticket } => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_STOP);
+                w.u32(ticket);
+                (proto::NODE_STOP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
+            }
+            NodeCall::Drop { ticket } => {
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_DROP);
                 w.u32(ticket);
                 (proto::NODE_DROP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])

@@ -90,7 +90,7 @@ fn fail_fast_stops_the_other_replicas_when_one_fails() {
     // Both replicas block on the gate; released, replica 0 exits 1. Replica
     // 1 is never released: only fail-fast can end it.
     let recipe =
-        [format!("@exec 3<>/dev/tcp/127.0.0.1/{}; echo r$$CLOUD_REPLICA >&3; read -r go <&3; exit 1", gate.port())];
+        [format!("@echo replica $$CLOUD_REPLICA was here; exec 3<>/dev/tcp/127.0.0.1/{}; echo r$$CLOUD_REPLICA >&3; read -r go <&3; exit 1", gate.port())];
     let a = job(c.dir.path(), "ff.tar.gz", &recipe);
     let out = c.cloud(&["deploy", "--fail-fast", "2", a.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -112,4 +112,11 @@ fn fail_fast_stops_the_other_replicas_when_one_fails() {
     assert_ne!(st["replicas"][0]["message"], "stopped: replica 1 failed", "{st}");
     drop(r1);
     c.wait_no_children();
+    // The stopped replica's output is kept, as the failed one's.
+    // (retrieve exits 1: the job is INVALID.)
+    let (_, outs) = c.retrieve(t);
+    assert_eq!(outs.len(), 2, "{outs:?}");
+    for (i, (_, text)) in outs.iter().enumerate() {
+        assert!(text.contains(&format!("replica {i} was here")), "replica {i}: {text:?}");
+    }
 }
