@@ -116,7 +116,9 @@ fn fail_fast_stops_the_other_replicas_when_one_fails() {
     // (retrieve exits 1: the job is INVALID.)
     let (_, outs) = c.retrieve(t);
     assert_eq!(outs.len(), 2, "{outs:?}");
-    for (i, (_, text)) in outs.iter().enumerate() {
-        assert!(text.contains(&format!("replica {i} was here")), "replica {i}: {text:?}");
+    // (Files are named by node port; either replica may be on either node.)
+    let all: String = outs.iter().map(|(_, text)| text.as_str()).collect();
+    for i in 0..2 {
+        assert!(all.contains(&format!("replica {i} was here")), "replica {i}: {outs:?}");
     }
 }
