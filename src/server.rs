@@ -878,7 +878,7 @@ impl Server {
                 // sched: DEPLOY_OPTS carries flags after the replicas; unknown bits are refused.
                 let flags = if call.proc_num == proto::DEPLOY_OPTS { r.u32().ok() } else { Some(0) };
                 let Some(flags @ (0 | proto::DEPLOY_FAIL_FAST)) = flags else {
-                    return conn.outbox.push_bytes(garbage(call.xid));
+                    return conn.answer_before_upload(len, garbage(call.xid));
                 };
                 let who = match self.identify_call(key, conn, &call) {
                     Ok(who) => who,

@@ -122,3 +122,32 @@ fn fail_fast_stops_the_other_replicas_when_one_fails() {
         assert!(all.contains(&format!("replica {i} was here")), "replica {i}: {outs:?}");
     }
 }
+
+/// accept_stat of a reply record (MSG_ACCEPTED with an empty verifier).
+fn accept_stat(reply: &[u8]) -> u32 {
+    u32::from_be_bytes(reply[20..24].try_into().expect("a whole accepted reply"))
+}
+
+#[test]
+fn deploy_opts_refuses_unknown_flags_and_procedures_below_it_are_unavailable() {
+    use cloudinfra::{proto, record, rpc};
+    use std::io::Write;
+    let c = Cluster::start(1);
+    let mut s = std::net::TcpStream::connect(c.addr).expect("connect");
+    let limit = std::time::Duration::from_secs(30);
+    // Flag bit 2 means nothing: GARBAGE_ARGS (4), and no job.
+    let mut w = rpc::call(1, proto::CLOUD_PROG, proto::CLOUD_VERS, proto::DEPLOY_OPTS);
+    w.u32(1).u32(2).opaque(&vec![b'x'; 60_000]);
+    s.write_all(&record::frame(&w.into_bytes())).expect("send");
+    assert_eq!(accept_stat(&read_reply(&s, limit).expect("answered")), 4);
+    // The refused upload (under 64 KiB) was let in and dropped: the connection goes on.
+    // 5 to 9 do not exist on this branch: PROC_UNAVAIL (3), as before.
+    for proc_num in 5..10 {
+        let mut w = rpc::call(10 + proc_num, proto::CLOUD_PROG, proto::CLOUD_VERS, proc_num);
+        w.u32(1);
+        s.write_all(&record::frame(&w.into_bytes())).expect("send");
+        assert_eq!(accept_stat(&read_reply(&s, limit).expect("answered")), 3, "proc {proc_num}");
+    }
+    let st = c.cloud(&["status", "1"]);
+    assert!(!st.status.success(), "no job was made");
+}
