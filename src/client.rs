@@ -255,6 +255,17 @@ impl Client {
         decode(&res, |r| r.u32())
     }
 
+    /// DEPLOY_OPTS: `deploy` with `flags` (`proto::DEPLOY_FAIL_FAST`).
+    pub fn deploy_opts(&mut self, replicas: u32, flags: u32, archive: File, len: u64) -> Result<u32, ClientError> {
+        let res = self.call(proto::DEPLOY_OPTS, |mut w| {
+            let mut file = archive.try_clone()?;
+            file.seek(SeekFrom::Start(0))?;
+            w.u32(replicas).u32(flags);
+            Ok(record::with_opaque(w, Piece::File { file, len }))
+        })?;
+        decode(&res, |r| r.u32())
+    }
+
     pub fn status(&mut self, ticket: u32) -> Result<JobStatus, ClientError> {
         let res = self.call(proto::STATUS, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]))?;
         decode(&res, JobStatus::decode)

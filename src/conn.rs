@@ -32,8 +32,14 @@ pub(crate) const MAX_RECORD: usize = 64 * 1024;
 #[allow(dead_code)] // made by remote links (issue 9, next on branch `split`)
 #[derive(Debug)]
 pub(crate) enum Pending {
-    Run,
-    Fetch { ticket: u32, replica: u32, into: PathBuf },
+    /// NODE_RUN of this ticket.
+    Run(u32),
+    Fetch {
+        ticket: u32,
+        replica: u32,
+        into: PathBuf,
+    },
+    /// NODE_DROP or NODE_STOP: nothing to do with the reply.
     Drop,
 }
 
@@ -128,6 +134,8 @@ pub(crate) enum Streamed {
     /// The archive is checked as it arrives (`archive_check`).
     Deploy {
         replicas: u32,
+        /// DEPLOY_OPTS flags (`proto::DEPLOY_FAIL_FAST`); 0 for DEPLOY.
+        flags: u32,
         who: Option<u32>,
         check: Box<ArchiveCheck>,
     },

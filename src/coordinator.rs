@@ -7,7 +7,9 @@
 //! that uid or root may RETRIEVE or CLOSE it), how many tickets each
 //! owner holds (at most `--max-tickets-per-user`), the duplicate request
 //! cache (`drc`) that answers a retried DEPLOY or CLOSE with its first
-//! reply, and what each event means for them.
+//! reply, the job rules (fail-fast stops, what a node going down or coming
+//! back does to its replicas, `--requeue-lost`), and what each event means
+//! for them.
 //! Must not touch: sockets, the reactor, processes. File *paths* are
 //! decided here; opening, writing and deleting them is the caller's job,
 //! done in the order the actions come out.
@@ -55,6 +57,9 @@ pub enum NodeCall {
     Fetch { ticket: Ticket, replica: u32, into: PathBuf },
     /// Kill the ticket's processes if any and remove its workspace.
     Drop { ticket: Ticket },
+    /// Fail-fast: end the ticket's replica now, keeping its output (its
+    /// status is decided here, "stopped: replica i failed").
+    Stop { ticket: Ticket },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +104,9 @@ pub struct Coordinator {
     held: HashMap<Option<u32>, usize>,
     /// At most this many per owner (`--max-tickets-per-user`); `None`: no cap.
     max_held: Option<usize>,
+    /// A replica lost with its node runs again elsewhere (`--requeue-lost`);
+    /// its job's spooled archive is then kept until the job is finished.
+    requeue_lost: bool,
 }
 
 /// How many expired tickets are remembered for CLOUD_EXPIRED answers.
@@ -108,8 +116,20 @@ impl Coordinator {
     /// `node_names[i]` is how node i is shown ("127.0.0.1:9001"); finished
     /// jobs not retrieved within `ttl` are closed (`None`: never).
     pub fn new(node_names: Vec<String>, max_queue: usize, spool: PathBuf, ttl: Option<Duration>) -> Self {
+        let slots = vec![1; node_names.len()];
+        Self::with_slots(node_names, &slots, max_queue, spool, ttl)
+    }
+
+    /// `new`, where node i runs up to `slots[i]` replicas at once.
+    pub fn with_slots(
+        node_names: Vec<String>,
+        slots: &[u32],
+        max_queue: usize,
+        spool: PathBuf,
+        ttl: Option<Duration>,
+    ) -> Self {
         Coordinator {
-            sched: Scheduler::new(node_names.len(), max_queue),
+            sched: Scheduler::new(slots, max_queue),
             node_names,
             spool,
             archives: HashMap::new(),
@@ -125,7 +145,14 @@ impl Coordinator {
             drc: Drc::new(drc::MAX_ENTRIES, drc::MAX_AGE),
             held: HashMap::new(),
             max_held: None,
+            requeue_lost: false,
         }
+    }
+
+    /// `--requeue-lost`: a replica lost with its node is put back at the
+    /// head of the queue to run on another node, instead of ending INVALID.
+    pub fn requeue_lost(&mut self, on: bool) {
+        self.requeue_lost = on;
     }
 
     /// Accept DEPLOY only from `uid` (and root).
@@ -212,6 +239,9 @@ impl Coordinator {
 
     /// Start the expiry clock of a job that has just finished.
     fn finished_now(&mut self, ticket: Ticket, now: Instant) {
+        if let Some(archive) = self.archives.remove(&ticket) {
+            self.actions.push_back(Action::RemoveFile(archive));
+        }
         if let Some(ttl) = self.ttl {
             self.expiry.insert((now + ttl, ticket));
         }
@@ -238,11 +268,25 @@ impl Coordinator {
 
     /// A DEPLOY by `owner` (`None`: anonymous) whose archive has been spooled.
     pub fn deploy(&mut self, to: Caller, owner: Option<u32>, replicas: u32, archive: PathBuf, now: Instant) {
+        self.deploy_opts(to, owner, replicas, 0, archive, now)
+    }
+
+    /// DEPLOY_OPTS: `deploy` with `flags` (`proto::DEPLOY_FAIL_FAST`).
+    pub fn deploy_opts(
+        &mut self,
+        to: Caller,
+        owner: Option<u32>,
+        replicas: u32,
+        flags: u32,
+        archive: PathBuf,
+        now: Instant,
+    ) {
         if let Some(failure) = self.not_a_deployer(owner).or_else(|| self.holds_too_many(owner)) {
             self.actions.push_back(Action::RemoveFile(archive));
             return self.reply(to, Reply::Deploy(Err(failure)));
         }
-        match self.sched.submit(replicas) {
+        let fail_fast = flags & proto::DEPLOY_FAIL_FAST != 0;
+        match self.sched.submit_opts(replicas, fail_fast) {
             Ok(ticket) => {
                 let by = owner.map_or("anonymous".to_string(), |u| format!("uid {u}"));
                 log::info!("ticket {ticket}: accepted from {by}, {replicas} replica(s), WAITING");
@@ -294,13 +338,18 @@ impl Coordinator {
             let Some(archive) = self.archives.remove(&start.ticket) else {
                 continue;
             };
-            let replicas = start.nodes.len() as u32;
-            for (i, &node) in start.nodes.iter().enumerate() {
+            let replicas = self.sched.job(start.ticket).map_or(0, |j| j.replicas.len() as u32);
+            for &(i, node) in &start.placed {
                 log::info!("ticket {}: replica {i} -> node {}, RUNNING", start.ticket, self.node_names[node]);
-                let args = RunArgs { ticket: start.ticket, replica: i as u32, replicas };
+                let args = RunArgs { ticket: start.ticket, replica: i, replicas };
                 self.actions.push_back(Action::Node { node, call: NodeCall::Run { args, archive: archive.clone() } });
             }
-            self.actions.push_back(Action::RemoveFile(archive));
+            if self.requeue_lost && !self.sched.job(start.ticket).is_some_and(|j| j.finished()) {
+                // A replica may have to run again: keep the archive.
+                self.archives.insert(start.ticket, archive);
+            } else {
+                self.actions.push_back(Action::RemoveFile(archive));
+            }
         }
     }
 
@@ -428,23 +477,43 @@ impl Coordinator {
         }
     }
 
-    /// A node's NODE_RUN came back: its replica's process has ended.
-    pub fn run_finished(&mut self, node: NodeId, result: RunResult, now: Instant) {
-        if let Some((ticket, replica)) = self.sched.replica_finished(node, &result) {
+    /// A node's NODE_RUN for `ticket` came back: its replica's process has ended.
+    pub fn run_finished(&mut self, node: NodeId, ticket: Ticket, result: RunResult, now: Instant) {
+        if let Some(ended) = self.sched.replica_finished(node, ticket, &result) {
             log::info!(
-                "ticket {ticket}: replica {replica} on {} {}: {}",
+                "ticket {ticket}: replica {} on {} {}: {}",
+                ended.replica,
                 self.node_names[node],
                 result.state.name(),
                 result.message
             );
-            if self.sched.job(ticket).is_some_and(|j| j.finished()) {
-                self.finished_now(ticket, now);
-                if self.retrievers.contains_key(&ticket) {
-                    self.fetch_outputs(ticket);
-                }
-            }
+            self.stop_replicas(ticket, ended.replica, &ended.stop);
+            self.after_replica_ended(ticket, now);
         }
         self.start_ready();
+    }
+
+    /// Fail-fast: replica `failed` of `ticket` failed; its other replicas
+    /// on `nodes` are stopped.
+    fn stop_replicas(&mut self, ticket: Ticket, failed: u32, nodes: &[NodeId]) {
+        for &node in nodes {
+            log::info!(
+                "ticket {ticket}: replica {failed} failed, stopping the one on {} (fail-fast)",
+                self.node_names[node]
+            );
+            self.actions.push_back(Action::Node { node, call: NodeCall::Stop { ticket } });
+        }
+    }
+
+    /// A replica of `ticket` ended: if that finished the job, start its
+    /// expiry clock and answer its retrievers.
+    fn after_replica_ended(&mut self, ticket: Ticket, now: Instant) {
+        if self.sched.job(ticket).is_some_and(|j| j.finished()) {
+            self.finished_now(ticket, now);
+            if self.retrievers.contains_key(&ticket) {
+                self.fetch_outputs(ticket);
+            }
+        }
     }
 
     /// A NODE_FETCH could not be completed for a reason that may pass (out
@@ -536,14 +605,24 @@ impl Coordinator {
         self.retrievers.retain(|_, c| !c.is_empty());
     }
 
-    /// A node link broke: its replica fails and the node is not used again.
-    pub fn node_lost(&mut self, node: NodeId, now: Instant) {
-        let why = format!("lost contact with node {}", self.node_names[node]);
-        log::error!("{why}");
-        if let Some((ticket, _)) = self.sched.node_lost(node, &why) {
-            if self.sched.job(ticket).is_some_and(|j| j.finished()) {
-                self.finished_now(ticket, now);
-            }
+    /// A node cannot be reached (its link broke, or it is not connected
+    /// yet): its running replicas end INVALID "node lost: ..." (with
+    /// `--requeue-lost`: go back to the head of the queue, "requeued after
+    /// node X was lost"), and it takes no new work until `node_up`.
+    pub fn node_down(&mut self, node: NodeId, now: Instant) {
+        let name = &self.node_names[node];
+        let was_up = self.sched.is_up(node);
+        let lost = format!("node lost: lost contact with node {name}");
+        let requeued = format!("requeued after node {name} was lost");
+        let down = self.sched.node_down(node, self.requeue_lost, &lost, &requeued);
+        if was_up {
+            log::error!("lost contact with node {name}: no new work goes to it until it is back");
+        }
+        for &(ticket, replica) in &down.requeued {
+            log::warn!("ticket {ticket}: replica {replica} {requeued}");
+        }
+        for (stop_on, ticket) in down.stop {
+            self.actions.push_back(Action::Node { node: stop_on, call: NodeCall::Stop { ticket } });
         }
         for (&(ticket, replica), f) in self.fetches.iter_mut() {
             let on_node = self
@@ -552,7 +631,12 @@ impl Coordinator {
                 .and_then(|j| j.replicas.get(replica as usize))
                 .is_some_and(|r| r.node == Some(node));
             if on_node && matches!(f, Fetch::Pending) {
-                *f = Fetch::Done(Err(why.clone()));
+                *f = Fetch::Done(Err(lost.clone()));
+            }
+        }
+        for &(ticket, _) in &down.failed {
+            if self.sched.job(ticket).is_some_and(|j| j.finished()) {
+                self.finished_now(ticket, now);
             }
         }
         let tickets: Vec<Ticket> = self.retrievers.keys().copied().collect();
@@ -561,6 +645,15 @@ impl Coordinator {
                 self.fetch_outputs(t);
             }
         }
+        self.start_ready();
+    }
+
+    /// A node is reachable again: it takes work.
+    pub fn node_up(&mut self, node: NodeId, _now: Instant) {
+        if !self.sched.is_up(node) {
+            log::info!("node {} is up: it takes work", self.node_names[node]);
+        }
+        self.sched.node_up(node);
         self.start_ready();
     }
 
@@ -607,7 +700,7 @@ mod tests {
         c.resume_tickets_from(1025);
         c.deploy(A, None, 1, "/spool/in".into(), t0());
         drain(&mut c);
-        c.run_finished(0, ok(), t0());
+        c.run_finished(0, 1025, ok(), t0());
         drain(&mut c);
         c.close(A, None, 1025, t0());
         drain(&mut c);
@@ -631,7 +724,7 @@ mod tests {
         let mut c = coord(1);
         c.deploy(A, Some(1000), 1, "/spool/in".into(), t0());
         drain(&mut c);
-        c.run_finished(0, ok(), t0());
+        c.run_finished(0, 1, ok(), t0());
         drain(&mut c);
         let refused = |acts: Vec<Action>| {
             matches!(&acts[..], [Action::Reply { reply: Reply::Retrieve(Err((CloudStat::NotOwner, m))) | Reply::Close(Err((CloudStat::NotOwner, m))), .. }]
@@ -692,7 +785,7 @@ mod tests {
         c.deploy(A, None, 1, "/spool/in".into(), t0());
         drain(&mut c);
         assert_eq!(c.next_deadline(), None, "no clock runs for a running job");
-        c.run_finished(0, ok(), t0());
+        c.run_finished(0, 1, ok(), t0());
         drain(&mut c);
         assert_eq!(c.next_deadline(), Some(t0() + Duration::from_secs(60)));
         c.on_timer(t0() + Duration::from_secs(59));
@@ -712,7 +805,7 @@ mod tests {
     fn a_job_being_retrieved_does_not_expire_under_its_caller() {
         let mut c = coord(1);
         c.deploy(A, None, 1, "/spool/in".into(), t0());
-        c.run_finished(0, ok(), t0());
+        c.run_finished(0, 1, ok(), t0());
         c.retrieve(B, None, 1, true); // parked while its output is fetched
         drain(&mut c);
         c.on_timer(t0() + Duration::from_secs(61));
@@ -747,7 +840,7 @@ mod tests {
         drain(&mut c);
         c.retrieve(B, None, 1, true);
         assert!(drain(&mut c).is_empty(), "deferred while running");
-        c.run_finished(0, RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() }, t0());
+        c.run_finished(0, 1, RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() }, t0());
         let acts = drain(&mut c);
         let Action::Node { node: 0, call: NodeCall::Fetch { ticket: 1, replica: 0, into } } = &acts[0] else {
             panic!("{acts:?}")
@@ -763,8 +856,8 @@ mod tests {
     fn a_failed_fetch_is_an_error_then_a_retry_fetches_again() {
         let mut c = coord(2);
         c.deploy(A, None, 2, "/spool/in".into(), t0());
-        c.run_finished(0, ok(), t0());
-        c.run_finished(1, ok(), t0());
+        c.run_finished(0, 1, ok(), t0());
+        c.run_finished(1, 1, ok(), t0());
         drain(&mut c);
         c.retrieve(B, None, 1, true);
         let acts = drain(&mut c);
@@ -825,7 +918,7 @@ mod tests {
         drain(&mut c);
         assert_eq!(c.job_status(2).unwrap().queue_position, 1);
         assert_eq!(c.job_status(2).unwrap().state, JobState::Waiting);
-        c.run_finished(0, RunResult::invalid("make run exited with status 2"), t0());
+        c.run_finished(0, 1, RunResult::invalid("make run exited with status 2"), t0());
         let acts = drain(&mut c);
         assert!(matches!(&acts[0], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.ticket == 2));
         assert_eq!(c.job_state(1), Some(JobState::Invalid));
@@ -874,5 +967,94 @@ mod tests {
             .iter()
             .any(|a| matches!(a, Action::Reply { reply: Reply::Deploy(Err((CloudStat::Denied, _))), .. })));
         assert_eq!(c.job_state(1), None, "no job");
+    }
+}
+
+#[cfg(test)]
+mod job_rules {
+    use super::*;
+
+    const A: Caller = Caller { conn: 1, xid: 10 };
+
+    fn coord(nodes: usize) -> Coordinator {
+        let names = (0..nodes).map(|i| format!("127.0.0.1:{}", 9001 + i)).collect();
+        Coordinator::new(names, 10, PathBuf::from("/spool"), None)
+    }
+
+    fn drain(c: &mut Coordinator) -> Vec<Action> {
+        std::iter::from_fn(|| c.poll_action()).collect()
+    }
+
+    fn runs(acts: &[Action]) -> Vec<(NodeId, Ticket, u32)> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Node { node, call: NodeCall::Run { args, .. } } => Some((*node, args.ticket, args.replica)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn replica(c: &Coordinator, ticket: Ticket, i: usize) -> ReplicaStatus {
+        c.job_status(ticket).unwrap().replicas[i].clone()
+    }
+
+    #[test]
+    fn a_lost_node_fails_its_replica_and_is_used_again_once_up() {
+        let now = Instant::now();
+        let mut c = coord(2);
+        c.deploy(A, None, 1, "/spool/a".into(), now);
+        drain(&mut c);
+        c.node_down(0, now);
+        let r = replica(&c, 1, 0);
+        assert_eq!(r.state, JobState::Invalid);
+        assert!(r.message.contains("node lost"), "{}", r.message);
+        // Two replicas are admitted (two nodes are configured) and wait.
+        c.deploy(A, None, 2, "/spool/b".into(), now);
+        let acts = drain(&mut c);
+        assert!(runs(&acts).is_empty(), "{acts:?}");
+        assert_eq!(c.job_status(2).unwrap().state, JobState::Waiting);
+        c.node_up(0, now);
+        assert_eq!(runs(&drain(&mut c)).len(), 2);
+    }
+
+    #[test]
+    fn requeue_lost_runs_the_replica_elsewhere_from_the_kept_archive() {
+        let now = Instant::now();
+        let mut c = coord(3);
+        c.requeue_lost(true);
+        c.deploy(A, None, 2, "/spool/a".into(), now);
+        let acts = drain(&mut c);
+        assert_eq!(runs(&acts), vec![(0, 1, 0), (1, 1, 1)]);
+        assert!(!acts.contains(&Action::RemoveFile("/spool/a".into())), "kept for a requeue");
+        c.node_down(1, now);
+        let acts = drain(&mut c);
+        assert_eq!(runs(&acts), vec![(2, 1, 1)], "on the free node that has no replica of the job");
+        let r = replica(&c, 1, 1);
+        assert_eq!(r.state, JobState::Running);
+        assert!(r.message.contains("requeued after node 127.0.0.1:9002 was lost"), "{}", r.message);
+        c.run_finished(0, 1, RunResult { state: JobState::Completed, exit_code: 0, message: "ok".into() }, now);
+        assert!(drain(&mut c).is_empty());
+        c.run_finished(2, 1, RunResult { state: JobState::Completed, exit_code: 0, message: "ok".into() }, now);
+        assert_eq!(drain(&mut c), vec![Action::RemoveFile("/spool/a".into())], "finished: archive goes");
+        assert_eq!(c.job_status(1).unwrap().state, JobState::Completed);
+    }
+
+    #[test]
+    fn fail_fast_stops_the_other_replicas_and_reports_them_stopped() {
+        let now = Instant::now();
+        let mut c = coord(2);
+        c.deploy_opts(A, None, 2, proto::DEPLOY_FAIL_FAST, "/spool/a".into(), now);
+        drain(&mut c);
+        c.run_finished(0, 1, RunResult { state: JobState::Invalid, exit_code: 1, message: "exit 1".into() }, now);
+        assert_eq!(drain(&mut c), vec![Action::Node { node: 1, call: NodeCall::Stop { ticket: 1 } }]);
+        c.run_finished(1, 1, RunResult::invalid("killed by signal 9"), now);
+        let r = replica(&c, 1, 1);
+        assert_eq!((r.state, r.message.as_str()), (JobState::Invalid, "stopped: replica 0 failed"));
+        // Off by default: the others keep running.
+        c.deploy(A, None, 2, "/spool/b".into(), now);
+        drain(&mut c);
+        c.run_finished(1, 2, RunResult { state: JobState::Invalid, exit_code: 1, message: "exit 1".into() }, now);
+        assert!(drain(&mut c).iter().all(|a| !matches!(a, Action::Node { call: NodeCall::Stop { .. }, .. })));
+        assert_eq!(replica(&c, 2, 0).state, JobState::Running);
     }
 }

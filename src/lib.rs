@@ -16,7 +16,7 @@
 //!   streams out; replies matched to pending calls.
 //!
 //! Decisions (sans-I/O):
-//! - [`scheduler`] - free-node FIFO, wait queue, job table.
+//! - [`scheduler`] - node slots, fair election, wait queue, job table.
 //! - [`coordinator`] - the main server's logic; events in, actions out.
 //! - [`drc`] - the duplicate request cache: at-most-once DEPLOY and CLOSE.
 //! - [`journal`] - the main server's job state on disk, replayed after a

@@ -88,7 +88,9 @@ impl MainService {
     /// What an in-process node answered.
     pub(crate) fn on_node_event(&mut self, ev: NodeEvent) {
         match ev {
-            NodeEvent::RunFinished { node, result } => self.coord.run_finished(node, result, Instant::now()),
+            NodeEvent::RunFinished { node, ticket, result } => {
+                self.coord.run_finished(node, ticket, result, Instant::now())
+            }
             NodeEvent::Fetched { ticket, replica, result } => match result {
                 Ok(path) => self.coord.fetched(ticket, replica, Ok(path)),
                 // Missing for good: final, the message says so.
@@ -100,7 +102,7 @@ impl MainService {
 
     /// A link to node i is gone: its running replica is lost.
     pub(crate) fn link_lost(&mut self, node: NodeId) {
-        self.coord.node_lost(node, Instant::now());
+        self.coord.node_down(node, Instant::now());
     }
 
     /// A whole call from a client of the main server.
@@ -125,7 +127,12 @@ impl MainService {
                 proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, who, t, w)).is_ok()
             }
             proto::CLOSE => r.u32().map(|t| self.coord.close(caller, who, t, Instant::now())).is_ok(),
-            _ => false, // a DEPLOY too short to stream
+            proto::DEPLOY | proto::DEPLOY_OPTS => false, // too short to stream
+            _ => {
+                // Numbers below DEPLOY_OPTS that do not exist (yet).
+                conn.awaiting -= 1;
+                return conn.outbox.push_bytes(rpc::accepted(call.xid, AcceptStat::ProcUnavail).into_bytes());
+            }
         };
         if !ok {
             conn.awaiting -= 1;
@@ -161,6 +168,11 @@ impl MainService {
     pub(crate) fn deploy_start(&mut self, key: usize, conn: &mut Conn, call: Call, len: u32) {
         let mut r = XdrReader::new(&call.args);
         let Ok(replicas) = r.u32() else { return conn.outbox.push_bytes(garbage(call.xid)) };
+        // DEPLOY_OPTS carries flags after the replicas; unknown bits are refused.
+        let flags = if call.proc_num == proto::DEPLOY_OPTS { r.u32().ok() } else { Some(0) };
+        let Some(flags @ (0 | proto::DEPLOY_FAIL_FAST)) = flags else {
+            return conn.answer_before_upload(len, garbage(call.xid));
+        };
         let who = match self.identify_call(key, conn, &call) {
             Ok(who) => who,
             Err(refusal) => return conn.answer_before_upload(len, refusal),
@@ -181,7 +193,7 @@ impl MainService {
         if let Some(failure) = self.coord.deploy_refusal(who, verified, replicas) {
             return conn.answer_before_upload(len, failure_reply(call.xid, &failure));
         }
-        let what = Streamed::Deploy { replicas, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) };
+        let what = Streamed::Deploy { replicas, flags, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) };
         log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", call.xid);
         self.next_spool += 1;
         conn.sink = Sink::open(call.xid, what, self.spool.join(format!("incoming-{key}-{}", self.next_spool)));
@@ -220,7 +232,7 @@ impl MainService {
                 }
                 error => self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err)),
             },
-            Streamed::Deploy { replicas, who, mut check } => {
+            Streamed::Deploy { replicas, flags, who, mut check } => {
                 // The same call may have been uploaded on two connections at
                 // once (a retry while the first upload was still arriving):
                 // the one that ends second gets the first one's reply.
@@ -248,7 +260,7 @@ impl MainService {
                     }
                     None => {
                         conn.awaiting += 1;
-                        self.coord.deploy(Caller { conn: key, xid }, who, replicas, path, Instant::now())
+                        self.coord.deploy_opts(Caller { conn: key, xid }, who, replicas, flags, path, Instant::now())
                     }
                 }
             }
@@ -261,11 +273,11 @@ impl MainService {
         let Role::NodeLink { node, .. } = conn.role else { return };
         let name = &self.node_names[node];
         match ev {
-            ReplyEvent::Reply { call: Pending::Run, results } => {
+            ReplyEvent::Reply { call: Pending::Run(ticket), results } => {
                 let result = results
                     .and_then(|b| RunResult::decode(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))
                     .unwrap_or_else(|why| RunResult::invalid(format!("node {name}: {why}")));
-                self.coord.run_finished(node, result, Instant::now());
+                self.coord.run_finished(node, ticket, result, Instant::now());
             }
             ReplyEvent::Reply { call: Pending::Fetch { ticket, replica, .. }, results } => {
                 let why = results.err().unwrap_or_else(|| "the node sent no output".into());

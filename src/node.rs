@@ -1,13 +1,14 @@
-//! A side node: runs one replica at a time and keeps finished outputs
-//! until the main server drops the ticket.
+//! A side node: runs up to `slots` replicas at once (of different tickets:
+//! one job's replicas never share a node) and keeps finished outputs until
+//! the main server drops the ticket.
 //!
 //! Owns: the node's directory `<work-dir>/output_<port>/` (one subfolder
 //! per ticket: `job.tar.gz`, `output.txt`, and the workspace `work/`, which
 //! for a contained replica is only a mount point inside its own mount
 //! namespace, a tmpfs gone with it), the node's empty network namespace,
-//! the running replica (init's pid, output pipe, control pipe, time limit,
-//! why it was stopped), capping captured output, and what to answer when
-//! the replica ends. Nothing to sweep: the kernel ends a contained
+//! the running replicas by ticket (each with its slot and the slot's uid,
+//! init's pid, output pipe, control pipe, time limit, why it was stopped),
+//! capping captured output, and what to answer when a replica ends. Nothing to sweep: the kernel ends a contained
 //! replica's every process when its init exits or is killed. Where the
 //! host has cgroups, each replica also gets a group of its own (memory and
 //! process totals, a second kill path, OOM detection), removed once the
@@ -15,6 +16,7 @@
 //! Must not touch: sockets or the reactor (the server hands it bytes and
 //! events), the main server's job table (it only ever learns through RPC).
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -49,6 +51,9 @@ pub struct NodeConfig {
     pub netns: Option<Rc<OwnedFd>>,
     /// Where replicas get a cgroup each (`None`: the host has none for us).
     pub cgroups: Option<Rc<Cgroups>>,
+    /// One identity per slot: how many replicas run at once, and who each
+    /// runs as (`sandbox.identity` is ignored; `None`: the server's user).
+    pub slot_identities: Vec<Option<(nix::unistd::Uid, nix::unistd::Gid)>>,
 }
 
 /// How long a busy cgroup waits before its removal is tried again.
@@ -60,6 +65,8 @@ pub type ReplyTo = (usize, u32);
 #[derive(Debug)]
 struct Running {
     ticket: u32,
+    /// Which of the node's slots (and so which slot uid) it holds.
+    slot: usize,
     pid: Pid,
     reply_to: ReplyTo,
     output: OwnedFd,
@@ -87,6 +94,7 @@ pub enum Drained {
 /// A replica that has ended.
 #[derive(Debug)]
 pub struct Finished {
+    pub ticket: u32,
     pub reply_to: ReplyTo,
     pub result: RunResult,
     /// The output pipe, still open so the reactor can deregister it.
@@ -96,7 +104,8 @@ pub struct Finished {
 #[derive(Debug)]
 pub struct Node {
     pub cfg: NodeConfig,
-    running: Option<Running>,
+    /// Running replicas by ticket.
+    running: BTreeMap<u32, Running>,
     /// Groups of reaped replicas still busy (their processes leaving).
     stale_groups: Vec<Cgroup>,
     retry_groups: Option<Instant>,
@@ -106,7 +115,13 @@ pub struct Node {
 impl Node {
     pub fn new(cfg: NodeConfig) -> io::Result<Self> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&cfg.dir)?;
-        Ok(Node { cfg, running: None, stale_groups: Vec::new(), retry_groups: None, buf: vec![0; 64 * 1024] })
+        Ok(Node {
+            cfg,
+            running: BTreeMap::new(),
+            stale_groups: Vec::new(),
+            retry_groups: None,
+            buf: vec![0; 64 * 1024],
+        })
     }
 
     pub fn name(&self) -> String {
@@ -141,15 +156,33 @@ impl Node {
         fs::DirBuilder::new().mode(0o700).create(&dir)
     }
 
-    pub fn running_pid(&self) -> Option<Pid> {
-        self.running.as_ref().map(|r| r.pid)
+    /// How many replicas it runs at once.
+    pub fn slots(&self) -> usize {
+        self.cfg.slot_identities.len().max(1)
     }
 
     /// Start the replica whose archive is in place. On success returns the
     /// output pipe's fd to register; on failure, the result to reply at once.
     pub fn start(&mut self, args: RunArgs, reply_to: ReplyTo, now: Instant) -> Result<RawFd, RunResult> {
-        if let Some(r) = &self.running {
-            return Err(RunResult::invalid(format!("{} is busy with ticket {}", self.name(), r.ticket)));
+        if self.running.contains_key(&args.ticket) {
+            return Err(RunResult::invalid(format!(
+                "{} already runs a replica of ticket {}",
+                self.name(),
+                args.ticket
+            )));
+        }
+        let Some(slot) = (0..self.slots()).find(|s| self.running.values().all(|r| r.slot != *s)) else {
+            let tickets: Vec<String> = self.running.keys().map(|t| t.to_string()).collect();
+            return Err(RunResult::invalid(format!(
+                "{} is busy: its {} slot(s) run tickets {}",
+                self.name(),
+                self.slots(),
+                tickets.join(", ")
+            )));
+        };
+        let mut sandbox = self.cfg.sandbox;
+        if let Some(&identity) = self.cfg.slot_identities.get(slot) {
+            sandbox.identity = identity;
         }
         let out_path = self.output_path(args.ticket);
         let file = OpenOptions::new()
@@ -184,7 +217,7 @@ impl Node {
             workspace: &workspace,
             env,
             limits: &self.cfg.limits,
-            sandbox: self.cfg.sandbox,
+            sandbox,
             netns: self.cfg.netns.as_deref().map(|fd| fd.as_fd()),
             cgroup: &join,
         };
@@ -199,8 +232,9 @@ impl Node {
             self.cfg.sandbox.containment
         );
         let fd = spawned.output.as_raw_fd();
-        self.running = Some(Running {
+        let running = Running {
             ticket: args.ticket,
+            slot,
             pid: spawned.pid,
             reply_to,
             output: spawned.output,
@@ -212,16 +246,17 @@ impl Node {
             truncated: false,
             deadline: now + self.cfg.time_limit,
             stop: None,
-        });
+        };
+        self.running.insert(args.ticket, running);
         Ok(fd)
     }
 
     /// Move what the pipe holds into the output file, up to the cap,
     /// reading at most `budget` chunks so a flooding job cannot keep the
     /// reactor from its other work.
-    pub fn drain_output(&mut self, budget: usize) -> Drained {
+    pub fn drain_output(&mut self, ticket: u32, budget: usize) -> Drained {
         let max = self.cfg.max_output;
-        let Some(r) = self.running.as_mut() else {
+        let Some(r) = self.running.get_mut(&ticket) else {
             return Drained::Closed;
         };
         for _ in 0..budget {
@@ -253,8 +288,7 @@ impl Node {
 
     /// The next moment `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
-        let running = self.running.as_ref().map(|r| r.deadline);
-        running.into_iter().chain(self.retry_groups).min()
+        self.running.values().map(|r| r.deadline).chain(self.retry_groups).min()
     }
 
     /// Enforce the time limit: SIGTERM, then SIGKILL after the grace period.
@@ -264,35 +298,33 @@ impl Node {
         if self.retry_groups.is_some_and(|t| t <= now) {
             self.remove_stale_groups(now);
         }
-        let Some(r) = self.running.as_mut() else {
-            return;
-        };
-        if now < r.deadline {
-            return;
-        }
-        match r.stop {
-            None => {
-                log::debug!("node {}: ticket {}: time limit, SIGTERM", self.cfg.port, r.ticket);
-                r.stop = Some(StopReason::TimeLimit { seconds, killed: false });
-                r.deadline = now + grace;
-                spawn::terminate(r.pid, r.control.as_ref());
-            }
-            Some(_) => {
-                log::debug!("node {}: ticket {}: grace over, SIGKILL", self.cfg.port, r.ticket);
-                if matches!(r.stop, Some(StopReason::TimeLimit { .. })) {
-                    r.stop = Some(StopReason::TimeLimit { seconds, killed: true });
+        let due: Vec<u32> = self.running.values().filter(|r| r.deadline <= now).map(|r| r.ticket).collect();
+        for ticket in due {
+            let Some(r) = self.running.get_mut(&ticket) else { continue };
+            match r.stop {
+                None => {
+                    log::debug!("node {}: ticket {}: time limit, SIGTERM", self.cfg.port, r.ticket);
+                    r.stop = Some(StopReason::TimeLimit { seconds, killed: false });
+                    r.deadline = now + grace;
+                    spawn::terminate(r.pid, r.control.as_ref());
                 }
-                r.deadline = now + Duration::from_secs(3600);
-                self.kill_everything();
+                Some(_) => {
+                    log::debug!("node {}: ticket {}: grace over, SIGKILL", self.cfg.port, r.ticket);
+                    if matches!(r.stop, Some(StopReason::TimeLimit { .. })) {
+                        r.stop = Some(StopReason::TimeLimit { seconds, killed: true });
+                    }
+                    r.deadline = now + Duration::from_secs(3600);
+                    self.kill_everything(ticket);
+                }
             }
         }
     }
 
-    /// End the running replica now: SIGKILL to its init takes its whole
-    /// namespace down (uncontained: SIGKILL to its process group). The
-    /// node is free once init has been reaped (`on_exit`).
-    fn kill_everything(&mut self) {
-        let Some(r) = &self.running else { return };
+    /// End a running replica now: SIGKILL to its init takes its whole
+    /// namespace down (uncontained: SIGKILL to its process group). Its
+    /// slot is free once init has been reaped (`on_exit`).
+    fn kill_everything(&mut self, ticket: u32) {
+        let Some(r) = self.running.get(&ticket) else { return };
         spawn::kill_replica(r.pid, self.cfg.sandbox.containment != Containment::Uncontained);
         // The second path: every process in the replica's cgroup.
         if let Some(g) = &r.group {
@@ -312,15 +344,13 @@ impl Node {
         self.retry_groups = (!self.stale_groups.is_empty()).then_some(now + GROUP_RETRY);
     }
 
-    /// A child was reaped. If it was our replica's init, finish it.
+    /// A child was reaped. If it was one of our replicas' inits, finish it.
     pub fn on_exit(&mut self, pid: Pid, status: WaitStatus) -> Option<Finished> {
-        if self.running_pid() != Some(pid) {
-            return None;
-        }
+        let ticket = self.running.values().find(|r| r.pid == pid)?.ticket;
         // Uncontained, a daemon may still hold the pipe: read what is there
         // (bounded), not until EOF.
-        self.drain_output(1024);
-        let r = self.running.take()?;
+        self.drain_output(ticket, 1024);
+        let r = self.running.remove(&ticket)?;
         let (setup_error, report) = spawn::read_report(r.status);
         // Init reports how the job's main process ended; without a report
         // (init was killed, or uncontained) init's own status is the job's.
@@ -348,7 +378,7 @@ impl Node {
         if r.stop == Some(StopReason::Closed) {
             self.remove_ticket(r.ticket);
         }
-        Some(Finished { reply_to: r.reply_to, result, pipe: r.output })
+        Some(Finished { ticket: r.ticket, reply_to: r.reply_to, result, pipe: r.output })
     }
 
     /// The ticket's output file and its length. The error says whether the
@@ -395,14 +425,24 @@ impl Node {
     /// Forget a ticket: kill its replica if running (the folder goes when
     /// it has exited), else remove its folder now.
     pub fn drop_ticket(&mut self, ticket: u32) {
-        match self.running.as_mut() {
-            Some(r) if r.ticket == ticket => {
+        match self.running.get_mut(&ticket) {
+            Some(r) => {
                 log::debug!("node {}: ticket {ticket}: closed while running, SIGKILL", self.cfg.port);
                 r.stop = Some(StopReason::Closed);
-                self.kill_everything();
+                self.kill_everything(ticket);
             }
-            _ => self.remove_ticket(ticket),
+            None => self.remove_ticket(ticket),
         }
+    }
+
+    /// Stop a ticket's replica (fail-fast) and keep its output for NODE_FETCH.
+    pub fn stop_ticket(&mut self, ticket: u32) {
+        let Some(r) = self.running.get_mut(&ticket) else { return };
+        if r.stop != Some(StopReason::Closed) {
+            log::debug!("node {}: ticket {ticket}: stopped by the main server, SIGKILL", self.cfg.port);
+            r.stop = Some(StopReason::Stopped);
+        }
+        self.kill_everything(ticket);
     }
 
     fn remove_ticket(&self, ticket: u32) {
@@ -430,12 +470,15 @@ impl Node {
         self.retry_groups = None;
     }
 
-    /// Server shutdown: kill the running replica; returns the child to reap.
-    pub fn shutdown(&mut self) -> Option<Pid> {
-        if let Some(r) = self.running.as_mut() {
-            r.stop = Some(StopReason::Shutdown);
-            self.kill_everything();
+    /// Server shutdown: kill the running replicas; returns the children to reap.
+    pub fn shutdown(&mut self) -> Vec<Pid> {
+        let tickets: Vec<u32> = self.running.keys().copied().collect();
+        for ticket in tickets {
+            if let Some(r) = self.running.get_mut(&ticket) {
+                r.stop = Some(StopReason::Shutdown);
+            }
+            self.kill_everything(ticket);
         }
-        self.running_pid()
+        self.running.values().map(|r| r.pid).collect()
     }
 }

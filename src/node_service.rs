@@ -16,7 +16,7 @@
 //! replica's output pipe under the key it is given here and routes
 //! replies), the job table (`coordinator`), process setup (`spawn`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -48,7 +48,7 @@ const LOCAL: usize = usize::MAX;
 #[derive(Debug)]
 pub(crate) enum NodeEvent {
     /// A replica started by `run_local` ended, or could not start.
-    RunFinished { node: NodeId, result: RunResult },
+    RunFinished { node: NodeId, ticket: u32, result: RunResult },
     /// `fetch_local`'s answer: the output is at `into`, or why not
     /// (`gone`: the node has none for good; else a retry may work).
     Fetched { ticket: u32, replica: u32, result: Result<PathBuf, (bool, String)> },
@@ -56,10 +56,10 @@ pub(crate) enum NodeEvent {
 
 pub(crate) struct NodeService {
     pub(crate) nodes: Vec<Node>,
-    /// Slab key of each node's replica output pipe while it runs.
-    pub(crate) child_keys: Vec<Option<usize>>,
-    /// Nodes whose output pipe still had data when their read budget ran out.
-    pub(crate) more_output: Vec<NodeId>,
+    /// Slab key of each running replica's output pipe, by (node, ticket).
+    pub(crate) child_keys: HashMap<(NodeId, u32), usize>,
+    /// Replicas whose output pipe still had data when their read budget ran out.
+    pub(crate) more_output: Vec<(NodeId, u32)>,
     /// Answers to direct calls, for the in-process main service.
     pub(crate) events: VecDeque<NodeEvent>,
     /// What containment the host gives replicas here, for the ready line.
@@ -125,20 +125,24 @@ impl NodeService {
                 port,
                 dir: dir.clone(),
                 limits: limits.clone(),
-                sandbox: sandbox_for(cfg.identities.get(i).copied().flatten()),
+                sandbox: sandbox_for(cfg.identities.get(cfg.nodes.slot_offset(i)).copied().flatten()),
                 time_limit: cfg.time_limit,
                 kill_grace: cfg.kill_grace,
                 max_output: cfg.max_output,
                 work_dir: work_dir.to_path_buf(),
                 netns: netns[i].clone(),
                 cgroups: cgroups.clone(),
+                // Node i's slots take the next `slots[i]` identities.
+                slot_identities: (0..cfg.nodes.slots[i] as usize)
+                    .map(|s| cfg.identities.get(cfg.nodes.slot_offset(i) + s).copied().flatten())
+                    .collect(),
             })
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
             nodes.push(node);
         }
         Ok(NodeService {
             nodes,
-            child_keys: vec![None; n],
+            child_keys: HashMap::new(),
             more_output: Vec::new(),
             events: VecDeque::new(),
             cgroup_summary,
@@ -168,8 +172,11 @@ impl NodeService {
                     vec![Piece::Bytes(w.into_bytes())]
                 }
             },
-            (proto::NODE_DROP, Ok(ticket)) => {
-                self.nodes[i].drop_ticket(ticket);
+            (proto::NODE_DROP | proto::NODE_STOP, Ok(ticket)) => {
+                match call.proc_num {
+                    proto::NODE_STOP => self.nodes[i].stop_ticket(ticket),
+                    _ => self.nodes[i].drop_ticket(ticket),
+                }
                 w.u32(CloudStat::Ok as u32);
                 vec![Piece::Bytes(w.into_bytes())]
             }
@@ -207,6 +214,7 @@ impl NodeService {
     /// The in-process main service's NODE_RUN: the replica's output pipe to
     /// watch; if it cannot start, a `RunFinished` event says why.
     pub(crate) fn run_local(&mut self, i: NodeId, args: RunArgs, archive: &Path) -> Option<RawFd> {
+        let ticket = args.ticket;
         let started = match self.nodes[i].adopt_archive(args.ticket, archive) {
             Ok(()) => self.nodes[i].start(args, (LOCAL, 0), Instant::now()),
             Err(e) => Err(RunResult::invalid(format!("the node cannot store the archive: {e}"))),
@@ -214,7 +222,7 @@ impl NodeService {
         match started {
             Ok(fd) => Some(fd),
             Err(result) => {
-                self.events.push_back(NodeEvent::RunFinished { node: i, result });
+                self.events.push_back(NodeEvent::RunFinished { node: i, ticket, result });
                 None
             }
         }
@@ -226,15 +234,21 @@ impl NodeService {
         self.events.push_back(NodeEvent::Fetched { ticket, replica, result });
     }
 
+    /// The in-process main service's NODE_STOP: kill, keep the output.
+    pub(crate) fn stop_local(&mut self, i: NodeId, ticket: u32) {
+        self.nodes[i].stop_ticket(ticket);
+    }
+
     /// The in-process main service's NODE_DROP.
     pub(crate) fn drop_local(&mut self, i: NodeId, ticket: u32) {
         self.nodes[i].drop_ticket(ticket);
     }
 
     /// Read a replica's output, a bounded amount per turn of the loop.
-    pub(crate) fn drain(&mut self, i: NodeId) {
-        if self.nodes[i].drain_output(DRAIN_BUDGET) == Drained::More && !self.more_output.contains(&i) {
-            self.more_output.push(i);
+    pub(crate) fn drain(&mut self, i: NodeId, ticket: u32) {
+        let more = self.nodes[i].drain_output(ticket, DRAIN_BUDGET) == Drained::More;
+        if more && !self.more_output.contains(&(i, ticket)) {
+            self.more_output.push((i, ticket));
         }
     }
 
@@ -250,7 +264,7 @@ impl NodeService {
         drop(fin.pipe);
         let (key, xid) = fin.reply_to;
         if key == LOCAL {
-            self.events.push_back(NodeEvent::RunFinished { node: i, result: fin.result });
+            self.events.push_back(NodeEvent::RunFinished { node: i, ticket: fin.ticket, result: fin.result });
             return None;
         }
         Some((key, run_reply(xid, &fin.result)))
@@ -273,7 +287,7 @@ impl NodeService {
     /// wait for it; the caller reaps what else is left, then `release`.
     pub(crate) fn kill_all(&mut self) {
         for node in &mut self.nodes {
-            if let Some(pid) = node.shutdown() {
+            for pid in node.shutdown() {
                 // Blocking is fine now: SIGKILL to init ends its namespace.
                 if let Ok(status) = waitpid(pid, None) {
                     let _ = node.on_exit(pid, status);

@@ -18,6 +18,10 @@ pub const DEPLOY: u32 = 1;
 pub const STATUS: u32 = 2;
 pub const RETRIEVE: u32 = 3;
 pub const CLOSE: u32 = 4;
+/// DEPLOY with flags (branch sched): `deploy_opts_args`.
+pub const DEPLOY_OPTS: u32 = 10;
+/// `deploy_opts_args.flags`: when one replica fails, stop the others.
+pub const DEPLOY_FAIL_FAST: u32 = 1;
 
 pub const NODE_PROG: u32 = 0x2000_C10F;
 pub const NODE_VERS: u32 = 1;
@@ -29,9 +33,13 @@ pub const NODE_DROP: u32 = 3;
 /// challenge, then its proof.
 pub const NODE_HELLO: u32 = 4;
 pub const NODE_AUTH: u32 = 5;
+/// Kill the ticket's replica, keep its output (until NODE_DROP).
+pub const NODE_STOP: u32 = 6;
 
-pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: CLOSE };
-pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_AUTH };
+/// Procedures 5 to 9 (other branches' CLUSTER, CANCEL, ...) are answered
+/// PROC_UNAVAIL by the server until they exist.
+pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: DEPLOY_OPTS };
+pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_STOP };
 
 /// Longest string we accept in a message or node name.
 pub const MAX_STRING: usize = 4096;
@@ -39,8 +47,9 @@ pub const MAX_STRING: usize = 4096;
 /// Where a procedure's streamed opaque length sits within its arguments.
 pub fn call_stream_at(prog: u32, vers: u32, proc_num: u32) -> Option<usize> {
     match (prog, vers, proc_num) {
-        (CLOUD_PROG, CLOUD_VERS, DEPLOY) => Some(4),  // replicas, archive
-        (NODE_PROG, NODE_VERS, NODE_RUN) => Some(12), // ticket, replica, replicas, archive
+        (CLOUD_PROG, CLOUD_VERS, DEPLOY) => Some(4),      // replicas, archive
+        (CLOUD_PROG, CLOUD_VERS, DEPLOY_OPTS) => Some(8), // replicas, flags, archive
+        (NODE_PROG, NODE_VERS, NODE_RUN) => Some(12),     // ticket, replica, replicas, archive
         _ => None,
     }
 }

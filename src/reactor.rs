@@ -78,13 +78,16 @@ pub struct ServerConfig {
     pub max_output: u64,
     /// Finished jobs not retrieved within this are closed (`None`: never).
     pub ticket_ttl: Option<Duration>,
-    /// Per-node identity: `None` runs as the server's own user.
+    /// Per-slot identity, node by node (`NodesFile::slot_offset`): `None`
+    /// runs as the server's own user.
     pub identities: Vec<Option<(nix::unistd::Uid, nix::unistd::Gid)>>,
     /// Whether each node's uid is its own (what an earlier run left under
     /// those uids is killed at start).
     pub slot_uids: bool,
     pub isolate_network: bool,
     pub containment: Containment,
+    /// `--requeue-lost`: a replica lost with its node runs again elsewhere.
+    pub requeue_lost: bool,
     /// How replicas run, for the ready line.
     pub sandbox_summary: String,
     /// Only this uid (and root) may deploy; `None`: anyone.
@@ -116,7 +119,7 @@ pub fn effective_max_connections(requested: usize, nofile: u64, nodes: usize) ->
 enum Source {
     Conn(Box<Conn>),
     /// The output pipe of node i's running replica.
-    ChildOutput(NodeId),
+    ChildOutput(NodeId, u32),
     /// Placeholder while a connection is being handled.
     Taken,
 }
@@ -211,7 +214,9 @@ impl Server {
 
         let (tickets, next_ticket) = TicketStore::open(&cfg.work_dir)?;
         log::info!("tickets continue from {next_ticket}");
-        let mut coord = Coordinator::new(node_names.clone(), cfg.max_queue, spool.clone(), cfg.ticket_ttl);
+        let mut coord =
+            Coordinator::with_slots(node_names.clone(), &cfg.nodes.slots, cfg.max_queue, spool.clone(), cfg.ticket_ttl);
+        coord.requeue_lost(cfg.requeue_lost);
         coord.resume_tickets_from(next_ticket);
         coord.max_tickets_per_user(cfg.max_tickets_per_user);
         if let Some(uid) = cfg.only_deployer {
@@ -299,8 +304,8 @@ impl Server {
             }
             // Pipes and sockets left with data (edge-triggered: no new event
             // will say so).
-            for node in std::mem::take(&mut self.nodes.more_output) {
-                self.nodes.drain(node);
+            for (node, ticket) in std::mem::take(&mut self.nodes.more_output) {
+                self.nodes.drain(node, ticket);
             }
             for key in std::mem::take(&mut self.more_input) {
                 if matches!(self.slab.get(key), Some(Source::Conn(_))) {
@@ -346,10 +351,7 @@ impl Server {
                 let key = t - self.first_key;
                 match self.slab.get(key) {
                     Some(Source::Conn(_)) => self.conn_event(key),
-                    Some(Source::ChildOutput(i)) => {
-                        let i = *i;
-                        self.nodes.drain(i);
-                    }
+                    Some(&Source::ChildOutput(i, ticket)) => self.nodes.drain(i, ticket),
                     _ => {} // stale event for a closed source
                 }
             }
@@ -708,8 +710,9 @@ impl Server {
             return;
         };
         drop(file);
+        let ticket = args.ticket;
         match self.nodes.run_received(i, (key, xid), args, error) {
-            Ok(fd) => self.watch_child(i, fd),
+            Ok(fd) => self.watch_child(i, ticket, fd),
             Err(reply) => conn.outbox.push_bytes(reply),
         }
     }
@@ -720,28 +723,30 @@ impl Server {
             Out::Answer { key, pieces } => self.answer(key, pieces),
             Out::Local { node, call } => match call {
                 NodeCall::Run { args, archive } => {
+                    let ticket = args.ticket;
                     if let Some(fd) = self.nodes.run_local(node, args, &archive) {
-                        self.watch_child(node, fd);
+                        self.watch_child(node, ticket, fd);
                     }
                 }
                 NodeCall::Fetch { ticket, replica, into } => self.nodes.fetch_local(node, ticket, replica, into),
                 NodeCall::Drop { ticket } => self.nodes.drop_local(node, ticket),
+                NodeCall::Stop { ticket } => self.nodes.stop_local(node, ticket),
             },
         }
     }
 
-    fn watch_child(&mut self, node: NodeId, fd: std::os::fd::RawFd) {
+    fn watch_child(&mut self, node: NodeId, ticket: u32, fd: std::os::fd::RawFd) {
         let entry = self.slab.vacant_entry();
         let token = Token(entry.key() + self.first_key);
         match self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE) {
             Ok(()) => {
-                self.nodes.child_keys[node] = Some(entry.key());
-                entry.insert(Source::ChildOutput(node));
+                self.nodes.child_keys.insert((node, ticket), entry.key());
+                entry.insert(Source::ChildOutput(node, ticket));
             }
             Err(e) => log::error!("cannot watch a replica's output: {e}"),
         }
         // Output written before registration is read now.
-        self.nodes.drain(node);
+        self.nodes.drain(node, ticket);
     }
 
     /// Send the coordinator's answer to a client's call; that client's
@@ -880,7 +885,7 @@ impl Server {
     }
 
     fn finish_replica(&mut self, node: NodeId, fin: Finished) {
-        if let Some(key) = self.nodes.child_keys[node].take() {
+        if let Some(key) = self.nodes.child_keys.remove(&(node, fin.ticket)) {
             let _ = self.poll.registry().deregister(&mut SourceFd(&fin.pipe.as_raw_fd()));
             self.slab.try_remove(key);
         }

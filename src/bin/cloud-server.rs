@@ -92,13 +92,19 @@ struct Args {
     /// When root and slot uids are off: the user replicas run as.
     #[arg(long, value_name = "USER", default_value = "nobody")]
     run_as: String,
-    /// When root: node i runs replicas as uid and gid BASE+i (no passwd entry
-    /// needed). Two servers on one host need bases at least N nodes apart.
+    /// When root: each node slot runs replicas as a uid and gid of its own,
+    /// BASE, BASE+1, ... in node order (node i slot s: BASE + the slots of
+    /// nodes before i + s; no passwd entry needed). Two servers on one host
+    /// need bases at least their total slots apart.
     #[arg(long, value_name = "BASE", default_value_t = 61000)]
     slot_uids: u32,
     /// Run every node's replicas as --run-as instead of per-node slot uids.
     #[arg(long)]
     no_slot_uids: bool,
+    /// A replica lost with its node (link broken) runs again on another node,
+    /// keeping its place at the head of the queue, instead of ending INVALID.
+    #[arg(long)]
+    requeue_lost: bool,
     /// Let replicas use the host network (default: an empty network namespace).
     #[arg(long)]
     allow_network: bool,
@@ -193,6 +199,7 @@ fn main() -> ExitCode {
 
 /// Who each node's replicas run as.
 struct Identities {
+    /// One per slot, node by node (`NodesFile::slot_offset`).
     per_node: Vec<Option<(Uid, Gid)>>,
     /// Each node has a uid of its own.
     slot_uids: bool,
@@ -380,10 +387,11 @@ fn lock_slot_uids(base: u32, n: usize) -> Result<Vec<Flock<File>>, String> {
 
 fn run(args: Args) -> Result<(), String> {
     let nodes = NodesFile::load(&args.nodes)?;
-    let ids = identities(&args, nodes.ports.len())?;
+    // One identity per slot, node by node (`NodesFile::slot_offset`).
+    let ids = identities(&args, nodes.total_slots())?;
     // Held until the process ends.
     let _work_lock = lock_work_dir(&args.work_dir)?;
-    let _slot_locks = if ids.slot_uids { lock_slot_uids(args.slot_uids, nodes.ports.len())? } else { Vec::new() };
+    let _slot_locks = if ids.slot_uids { lock_slot_uids(args.slot_uids, nodes.total_slots())? } else { Vec::new() };
     let root = Uid::effective().is_root();
     let containment = match (args.uncontained, root) {
         (true, _) => Containment::Uncontained,
@@ -453,6 +461,7 @@ fn run(args: Args) -> Result<(), String> {
         slot_uids: ids.slot_uids,
         isolate_network,
         containment,
+        requeue_lost: args.requeue_lost,
         sandbox_summary: format!("{contained}{host_fs}; {}, {net}{who_deploys}", ids.summary),
         only_deployer,
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),

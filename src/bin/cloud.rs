@@ -41,6 +41,10 @@ struct DeployArgs {
     replicas: u32,
     /// A .tar.gz of sources with a makefile, or a directory to pack.
     archive: PathBuf,
+    /// When one replica fails (nonzero exit, setup error, limit), stop the
+    /// others; they are reported "stopped: replica i failed".
+    #[arg(long)]
+    fail_fast: bool,
     #[command(flatten)]
     server: ServerArg,
 }
@@ -183,7 +187,12 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
         return Err(format!("{} is {len} bytes; an archive must be under 4 GiB", a.archive.display()));
     }
     let mut client = connect(&a.server)?;
-    let ticket = client.deploy(a.replicas, file, len).map_err(|e| e.to_string())?;
+    let ticket = if a.fail_fast {
+        client.deploy_opts(a.replicas, cloudinfra::proto::DEPLOY_FAIL_FAST, file, len)
+    } else {
+        client.deploy(a.replicas, file, len)
+    }
+    .map_err(|e| e.to_string())?;
     println!("Job ticket#: {ticket}");
     Ok(ExitCode::SUCCESS)
 }

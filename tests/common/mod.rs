@@ -44,12 +44,25 @@ impl Cluster {
     /// As `start_with`, with `tweak` applied to the server's command first
     /// (e.g. a `pre_exec` that lowers a resource limit).
     pub fn start_tweaked(nodes: usize, extra: &[&str], tweak: impl Fn(&mut Command)) -> Cluster {
+        Self::start_full(&vec![1; nodes], extra, tweak)
+    }
+
+    /// As `start_with`, node i with `slots[i]` slots (`PORT slots=K` lines).
+    pub fn start_slots(slots: &[u32], extra: &[&str]) -> Cluster {
+        Self::start_full(slots, extra, |_| {})
+    }
+
+    fn start_full(slots: &[u32], extra: &[&str], tweak: impl Fn(&mut Command)) -> Cluster {
+        let nodes = slots.len();
         for _attempt in 0..5 {
             let dir = tempfile::tempdir().expect("tempdir");
             let ports = free_ports(nodes);
             let mut text = format!("{nodes}\n");
-            for p in &ports {
-                text.push_str(&format!("{p}\n"));
+            for (p, k) in ports.iter().zip(slots) {
+                match k {
+                    1 => text.push_str(&format!("{p}\n")),
+                    k => text.push_str(&format!("{p} slots={k}\n")),
+                }
             }
             let nodes_file = dir.path().join("nodes.txt");
             std::fs::write(&nodes_file, text).expect("write nodes file");
