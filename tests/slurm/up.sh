@@ -17,7 +17,7 @@ fail() { echo "slurm up: $*" >&2; exit 1; }
 for tool in munged slurmctld slurmd sinfo sbatch squeue scontrol scancel ss runuser; do
     command -v "$tool" >/dev/null || fail "$tool not found: apt-get install slurmctld slurmd slurm-client munge"
 done
-start=$(date +%s.%N)
+start=$(date +%s%N)
 [ -e "$dir/slurmctld.pid" ] && "$(dirname "$0")/down.sh" "$dir" >/dev/null 2>&1
 mkdir -p "$dir/state" "$dir/spool" || fail "cannot create $dir"
 dir=$(cd "$dir" && pwd)
@@ -37,18 +37,21 @@ else
     munge_note="started munged"
 fi
 
-# Two free TCP ports (none fixed: other tests and users share the host).
-free_port() {
+# Two free TCP ports (none fixed: other tests and users share the host),
+# below the kernel's ephemeral range so no outgoing connection holds them.
+low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+free_port() { # port to avoid
     local p
     for _ in $(seq 200); do
-        p=$((20000 + RANDOM % 30000))
-        ss -Htln "sport = :$p" | grep -q . || { echo "$p"; return; }
+        p=$(( 10000 + $(od -An -N2 -tu2 /dev/urandom) % (low - 10000) ))
+        [ "$p" != "${1:-}" ] || continue
+        ss -Htan "sport = :$p" | grep -q . || { echo "$p"; return; }
     done
-    fail "no free port found"
+    echo "no free port found between 10000 and $low" >&2
+    return 1
 }
-ctld_port=$(free_port); slurmd_port=$(free_port)
-[ "$ctld_port" != "$slurmd_port" ] || slurmd_port=$((ctld_port + 1))
-host=$(hostname -s)
+ctld_port=$(free_port) && slurmd_port=$(free_port "$ctld_port") || fail "no free port found below $low"
+host=$(hostname -s 2>/dev/null || uname -n | cut -d. -f1)
 cpus=$(nproc)
 cat >"$dir/slurm.conf" <<CONF
 # Written by tests/slurm/up.sh: a throwaway one-host cluster.
@@ -95,6 +98,12 @@ state=
 while [ "$(date +%s)" -lt "$deadline" ]; do
     state=$(sinfo -h -p "$partition" -o %t 2>/dev/null | head -n 1)
     [ "$state" = idle ] && break
+    for d in slurmctld slurmd; do
+        pid=$(cat "$dir/$d.pid" 2>/dev/null) && [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null && {
+            "$(dirname "$0")/down.sh" "$dir" >/dev/null 2>&1
+            fail "$d exited: $(grep -i -E 'error|fatal' "$dir/$d.log" 2>/dev/null | tail -n 3 | tr '\n' ' ')"
+        }
+    done
     sleep 0.2
 done
 if [ "$state" != idle ]; then
@@ -102,5 +111,5 @@ if [ "$state" != idle ]; then
     "$(dirname "$0")/down.sh" "$dir" >/dev/null 2>&1
     fail "$why; slurmctld.log: $(tail -n 3 "$dir/slurmctld.log" 2>/dev/null | tr '\n' ' ') slurmd.log: $(tail -n 3 "$dir/slurmd.log" 2>/dev/null | tr '\n' ' ')"
 fi
-took=$(echo "$(date +%s.%N) - $start" | bc 2>/dev/null || echo "?")
-echo "slurm up: $munge_note; slurmctld :$ctld_port and slurmd :$slurmd_port up, node $host ($cpus CPUs) idle in partition $partition after ${took}s; SLURM_CONF=$SLURM_CONF"
+took_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+echo "slurm up: $munge_note; slurmctld :$ctld_port and slurmd :$slurmd_port up, node $host ($cpus CPUs) idle in partition $partition after ${took_ms} ms; SLURM_CONF=$SLURM_CONF"
