@@ -756,9 +756,17 @@ impl SlurmNode {
     }
 
     fn remove_ticket(&self, ticket: u32) {
-        // Slurm's replica wrote `work/`, up to whatever the job made: removed
-        // here only when small; a big tree costs one unlink per file.
-        if let Err(e) = fs::remove_dir_all(self.ticket_dir(ticket)) {
+        let dir = self.ticket_dir(ticket);
+        // The replica's files are on disk, maybe 200,000 of them: removed by
+        // a child (reaped by the reactor like any other), never on the
+        // reactor thread.
+        if dir.join("work").exists() {
+            match crate::spawn::remove_tree_in_background(&dir) {
+                Ok(pid) => return log::debug!("{}: removing {} in pid {pid}", self.name(), dir.display()),
+                Err(e) => log::warn!("{}: cannot fork to remove {}: {e}", self.name(), dir.display()),
+            }
+        }
+        if let Err(e) = fs::remove_dir_all(&dir) {
             if e.kind() != io::ErrorKind::NotFound {
                 log::warn!("{}: cannot remove ticket {ticket}'s folder: {e}", self.name());
             }
