@@ -384,6 +384,8 @@ struct Cmd {
     pipe: OwnedFd,
     out: Vec<u8>,
     deadline: Instant,
+    /// Killed by us for running past `command_timeout`.
+    hung: bool,
 }
 
 /// A replica that has ended: the deferred NODE_RUN reply.
@@ -518,7 +520,8 @@ impl SlurmNode {
         drop(cmd);
         log::debug!("{}: pid {pid}: {}", self.name(), argv.join(" "));
         self.new_pipes.push(read.as_raw_fd());
-        self.cmds.push(Cmd { pid, purpose, pipe: read, out: Vec::new(), deadline: now + self.cfg.command_timeout });
+        let deadline = now + self.cfg.command_timeout;
+        self.cmds.push(Cmd { pid, purpose, pipe: read, out: Vec::new(), deadline, hung: false });
         Ok(())
     }
 
@@ -539,14 +542,12 @@ impl SlurmNode {
     /// Poll Slurm, enforce the time limit, kill hung commands, give up on
     /// cancels Slurm never confirmed.
     pub fn on_timer(&mut self, now: Instant) -> Vec<SlurmFinished> {
-        for c in &self.cmds {
-            if c.deadline <= now {
-                log::warn!("{}: pid {} ({:?}) hung, killing it", self.name(), c.pid, c.purpose);
-                let _ = kill(c.pid, Signal::SIGKILL);
-            }
-        }
+        let name = self.name();
         for c in &mut self.cmds {
             if c.deadline <= now {
+                log::warn!("{name}: pid {} ({:?}) hung, killing it", c.pid, c.purpose);
+                let _ = kill(c.pid, Signal::SIGKILL);
+                c.hung = true;
                 c.deadline = now + Duration::from_secs(3600);
             }
         }
@@ -629,7 +630,14 @@ impl SlurmNode {
                     }
                 }
                 (_, answer) => {
-                    let why = answer.err().unwrap_or_else(|| one_line(&text, &format!("{status:?}")));
+                    let why = match answer {
+                        _ if c.hung => format!(
+                            "no answer within {}s (is slurmctld up?); killed",
+                            self.cfg.command_timeout.as_secs()
+                        ),
+                        Err(e) => e,
+                        Ok(_) => one_line(&text, &format!("{status:?}")),
+                    };
                     let message = format!("{}: sbatch failed: {why}", self.name());
                     finished.extend(self.finish(ticket, RunResult::invalid(message)));
                 }
@@ -714,6 +722,10 @@ impl SlurmNode {
 
     fn finish(&mut self, ticket: u32, result: RunResult) -> Option<SlurmFinished> {
         let r = self.replicas.remove(&ticket)?;
+        if self.replicas.is_empty() {
+            // An idle Slurm node runs nothing and wakes for nothing.
+            self.next_poll = None;
+        }
         log::debug!("{}: ticket {ticket} replica {}: {}", self.name(), r.replica, result.message);
         let dir = self.ticket_dir(ticket);
         if r.stop == Some(StopReason::Closed) {

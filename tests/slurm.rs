@@ -23,6 +23,13 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
 const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/slurm");
 
+/// `drive` reaps any child of the test process: one test at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A running one-host Slurm; dropping it runs down.sh.
 struct Slurm {
     dir: tempfile::TempDir,
@@ -181,6 +188,7 @@ fn output(node: &SlurmNode, ticket: u32) -> String {
 
 #[test]
 fn slurm_runs_replicas_and_maps_failures_and_cancels() {
+    let _one = one_at_a_time();
     let Ok(slurm) = Slurm::up() else { return };
     let work = tempfile::tempdir().expect("temp dir");
     let hello = job(
@@ -282,4 +290,63 @@ fn slurm_runs_replicas_and_maps_failures_and_cancels() {
     // Nothing of ours is left in Slurm.
     let left = slurm.command(&["squeue", "-h", "-o", "%i %T"]);
     assert_eq!(left.trim(), "", "jobs left in Slurm");
+}
+
+/// Stand-ins for the Slurm commands (no root, no Slurm): each a shell script.
+fn fake_slurm(dir: &Path, scripts: &[(&str, &str)], time_limit: Duration) -> SlurmNode {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    for (name, body) in scripts {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write fake");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let line = parse_node_line("slurm:fake").expect("line").expect("slurm line");
+    let mut cfg = SlurmConfig::new(line, dir.join("node"), time_limit);
+    cfg.env = vec![("PATH".into(), format!("{}:/usr/bin:/bin", bin.display()).into())];
+    cfg.command_timeout = Duration::from_secs(1);
+    cfg.kill_grace = Duration::from_secs(2);
+    SlurmNode::new(cfg).expect("node")
+}
+
+#[test]
+fn a_hung_sbatch_is_killed_and_a_purged_job_is_reported_unknown() {
+    let _one = one_at_a_time();
+    let work = tempfile::tempdir().expect("temp dir");
+    let hello = job(work.path(), "hello.tar.gz", &["@echo hi"]);
+    let mut hung = fake_slurm(&work.path().join("hung"), &[("sbatch", "exec sleep 600")], Duration::from_secs(60));
+    let invalid = "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1";
+    let mut purged = fake_slurm(
+        &work.path().join("purged"),
+        &[("sbatch", "echo 77"), ("squeue", invalid), ("scontrol", invalid)],
+        Duration::from_secs(60),
+    );
+    // Slurm never confirms the cancel of a job past our time limit.
+    let mut stuck = fake_slurm(
+        &work.path().join("stuck"),
+        &[("sbatch", "echo 78"), ("squeue", "echo 78 RUNNING None"), ("scancel", "exit 0")],
+        Duration::from_secs(1),
+    );
+    submit(&mut hung, &hello, 1, 0, 1);
+    submit(&mut purged, &hello, 2, 0, 1);
+    submit(&mut stuck, &hello, 3, 0, 1);
+    let started = Instant::now();
+    let results = drive(
+        &mut [&mut hung, &mut purged, &mut stuck],
+        Duration::from_secs(30),
+        |_| {},
+        |r| r.iter().all(|v| v.len() == 1),
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    let result = |i: usize| results[i][0].result.clone();
+    assert_eq!(result(0).state, JobState::Invalid);
+    assert_eq!(result(0).message, "slurm:fake: sbatch failed: no answer within 1s (is slurmctld up?); killed");
+    assert_eq!(result(1).state, JobState::Invalid);
+    assert_eq!(result(1).message, "slurm job 77: no longer known to Slurm; its outcome is unknown");
+    assert_eq!(result(2).state, JobState::Invalid);
+    assert_eq!(result(2).message, "slurm job 78: scancel sent, but Slurm still says RUNNING; given up");
+    for n in [&hung, &purged, &stuck] {
+        assert_eq!((n.busy(), n.command_pids().len(), n.deadline()), (0, 0, None), "{}: idle at the end", n.name());
+    }
 }
