@@ -503,25 +503,13 @@ impl SlurmNode {
         Ok(())
     }
 
-    /// Start a Slurm command: stdout and stderr into one non-blocking pipe.
+    /// Start a Slurm command and keep it until `on_exit`.
     fn run(&mut self, argv: &[String], purpose: Purpose, now: Instant) -> io::Result<()> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        fcntl(&read, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .envs(self.cfg.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(write.try_clone()?))
-            .stderr(Stdio::from(write));
-        let child = cmd.spawn()?;
-        // Reaped by the reactor's waitpid, reported through on_exit; the
-        // Child is dropped without waiting.
-        let pid = Pid::from_raw(child.id() as i32);
-        drop(cmd);
+        let (pid, pipe) = spawn_command(argv, &self.cfg.env)?;
         log::debug!("{}: pid {pid}: {}", self.name(), argv.join(" "));
-        self.new_pipes.push(read.as_raw_fd());
+        self.new_pipes.push(pipe.as_raw_fd());
         let deadline = now + self.cfg.command_timeout;
-        self.cmds.push(Cmd { pid, purpose, pipe: read, out: Vec::new(), deadline, hung: false });
+        self.cmds.push(Cmd { pid, purpose, pipe, out: Vec::new(), deadline, hung: false });
         Ok(())
     }
 
@@ -798,6 +786,26 @@ impl SlurmNode {
     }
 }
 
+/// Start a command (argv[0] looked up in PATH, `env` added to the
+/// server's environment) with stdin from /dev/null and stdout and stderr
+/// into one pipe; returns its pid and the pipe's non-blocking read end.
+/// The child is not waited for here: the reactor's reaper reaps it.
+pub fn spawn_command(argv: &[String], env: &[(OsString, OsString)]) -> io::Result<(Pid, OwnedFd)> {
+    let (program, args) = argv.split_first().ok_or_else(|| io::Error::other("empty command"))?;
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    fcntl(&read, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
+    let child = Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write.try_clone()?))
+        .stderr(Stdio::from(write))
+        .spawn()?;
+    // The Child is dropped without waiting (dropping neither kills nor reaps).
+    let pid = i32::try_from(child.id()).map_err(io::Error::other)?;
+    Ok((Pid::from_raw(pid), read))
+}
+
 /// Read what a command's pipe holds, keeping at most MAX_COMMAND_OUTPUT.
 fn drain(c: &mut Cmd) {
     let mut buf = [0u8; 8192];
@@ -817,6 +825,17 @@ fn drain(c: &mut Cmd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_answers_through_its_pipe() {
+        let argv: Vec<String> = ["sh", "-c", "echo \"$GREETING\"; echo oops >&2; exit 4"].map(String::from).to_vec();
+        let (pid, pipe) = spawn_command(&argv, &[("GREETING".into(), "hello".into())]).unwrap();
+        assert_eq!(nix::sys::wait::waitpid(pid, None).unwrap(), WaitStatus::Exited(pid, 4));
+        let mut c = Cmd { pid, purpose: Purpose::Cancel, pipe, out: Vec::new(), deadline: Instant::now(), hung: false };
+        drain(&mut c);
+        assert_eq!(String::from_utf8_lossy(&c.out), "hello\noops\n");
+        assert!(spawn_command(&["/nonexistent/sbatch".to_string()], &[]).is_err());
+    }
 
     #[test]
     fn node_lines() {
