@@ -26,6 +26,7 @@
 //!
 //! Processes and files:
 //! - [`node`] - a side node and its running replica.
+//! - [`slurm`] - a node whose replicas run in Slurm (`slurm:PARTITION`).
 //! - [`spawn`] - fork, sandbox, exec `make run`, kill, classify exits.
 //! - [`cgroup`] - per-replica memory and process totals, a second kill path.
 //! - [`archive_check`] - a DEPLOY's archive checked as it streams in (sans-I/O).
@@ -65,6 +66,7 @@ pub mod rpc;
 pub mod scheduler;
 pub mod server;
 pub mod session;
+pub mod slurm;
 pub mod spawn;
 pub mod tickets;
 pub mod timers;
