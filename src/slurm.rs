@@ -283,6 +283,7 @@ pub fn result_for(id: u64, info: &JobInfo, stop: Option<&StopReason>) -> RunResu
                 StopReason::TimeLimit { seconds, .. } => format!("time limit of {seconds}s exceeded (--time-limit)"),
                 StopReason::Closed => "the ticket was closed".into(),
                 StopReason::Shutdown => "the server shut down".into(),
+                StopReason::Stopped => "stopped by the main server".into(),
             };
             return invalid(format!("slurm job {id}: cancelled: {why}"));
         }
