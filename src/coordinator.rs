@@ -536,24 +536,50 @@ impl Coordinator {
         self.retrievers.retain(|_, c| !c.is_empty());
     }
 
+    /// Node i cannot take work (its link is down, or not up yet): as
+    /// `node_lost`, until `node_up`. (Smallest version for remote links,
+    /// branch `split`; branch `sched` owns these.)
+    pub fn node_down(&mut self, node: NodeId, now: Instant) {
+        self.node_lost(node, now);
+    }
+
+    /// Node i's link is up (again): it takes work.
+    pub fn node_up(&mut self, node: NodeId, _now: Instant) {
+        if self.sched.node_up(node) {
+            log::info!("node {} is up", self.node_names[node]);
+            self.start_ready();
+        }
+    }
+
     /// A node link broke: its replica fails and the node is not used again.
     pub fn node_lost(&mut self, node: NodeId, now: Instant) {
-        let why = format!("lost contact with node {}", self.node_names[node]);
-        log::error!("{why}");
-        if let Some((ticket, _)) = self.sched.node_lost(node, &why) {
+        let why = format!("node lost: lost contact with node {}", self.node_names[node]);
+        let failed = self.sched.node_lost(node, &why);
+        match failed {
+            Some((ticket, replica)) => log::error!("{why}; ticket {ticket}: replica {replica} INVALID"),
+            None => log::warn!("node {} is down", self.node_names[node]),
+        }
+        if let Some((ticket, replica)) = failed {
+            // Its output went with the node: nothing to fetch, ever.
+            self.fetches.insert((ticket, replica), Fetch::Done(Err(why.clone())));
             if self.sched.job(ticket).is_some_and(|j| j.finished()) {
                 self.finished_now(ticket, now);
             }
         }
-        for (&(ticket, replica), f) in self.fetches.iter_mut() {
-            let on_node = self
-                .sched
-                .job(ticket)
-                .and_then(|j| j.replicas.get(replica as usize))
-                .is_some_and(|r| r.node == Some(node));
-            if on_node && matches!(f, Fetch::Pending) {
-                *f = Fetch::Done(Err(why.clone()));
-            }
+        // Fetches in flight on its link get no reply: they may pass once the
+        // node is back (its outputs of finished replicas are on its disk).
+        let cut: Vec<(Ticket, u32)> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| matches!(f, Fetch::Pending))
+            .map(|(&k, _)| k)
+            .filter(|&(ticket, replica)| {
+                let replica = self.sched.job(ticket).and_then(|j| j.replicas.get(replica as usize));
+                replica.is_some_and(|r| r.node == Some(node))
+            })
+            .collect();
+        for (ticket, replica) in cut {
+            self.fetch_failed(ticket, replica, &why);
         }
         let tickets: Vec<Ticket> = self.retrievers.keys().copied().collect();
         for t in tickets {

@@ -141,6 +141,11 @@ impl Node {
         fs::DirBuilder::new().mode(0o700).create(&dir)
     }
 
+    /// The running replica's ticket and where its NODE_RUN reply goes.
+    pub fn running(&self) -> Option<(u32, ReplyTo)> {
+        self.running.as_ref().map(|r| (r.ticket, r.reply_to))
+    }
+
     pub fn running_pid(&self) -> Option<Pid> {
         self.running.as_ref().map(|r| r.pid)
     }

@@ -11,7 +11,8 @@
 //! come back as [`NodeEvent`]s, the events a link's replies would make;
 //! draining each replica's output pipe; reaped children turned into
 //! finished replicas, then into NODE_RUN replies or events; time limits;
-//! killing and reaping everything at shutdown.
+//! killing a replica whose link has gone (nobody awaits it); killing and
+//! reaping everything at shutdown.
 //! Must not touch: the poll or the slab (the reactor registers each
 //! replica's output pipe under the key it is given here and routes
 //! replies), the job table (`coordinator`), process setup (`spawn`).
@@ -47,8 +48,9 @@ const LOCAL: usize = usize::MAX;
 /// NODE_RUN and NODE_FETCH replies would make.
 #[derive(Debug)]
 pub(crate) enum NodeEvent {
-    /// A replica started by `run_local` ended, or could not start.
-    RunFinished { node: NodeId, result: RunResult },
+    /// A replica started by `run_local` on the service's node `node` (its
+    /// index here, not the coordinator's) ended, or could not start.
+    RunFinished { node: usize, result: RunResult },
     /// `fetch_local`'s answer: the output is at `into`, or why not
     /// (`gone`: the node has none for good; else a retry may work).
     Fetched { ticket: u32, replica: u32, result: Result<PathBuf, (bool, String)> },
@@ -71,6 +73,11 @@ impl NodeService {
     /// `work_dir` (absolute). Errors are one line for the operator.
     pub(crate) fn start(cfg: &ServerConfig, work_dir: &Path, ports: &[u16]) -> Result<NodeService, String> {
         let n = ports.len();
+        if n == 0 {
+            let cgroup_summary = "no local nodes".to_string();
+            let (nodes, child_keys, more_output, events) = (Vec::new(), Vec::new(), Vec::new(), VecDeque::new());
+            return Ok(NodeService { nodes, child_keys, more_output, events, cgroup_summary });
+        }
         // Processes an earlier run left under our slot uids (it was killed
         // before it could stop them) must not meet the next tenants.
         if cfg.slot_uids {
@@ -143,10 +150,6 @@ impl NodeService {
             events: VecDeque::new(),
             cgroup_summary,
         })
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.nodes.len()
     }
 
     /// A whole (non-streamed) call from the main server to node i: the reply.
@@ -229,6 +232,20 @@ impl NodeService {
     /// The in-process main service's NODE_DROP.
     pub(crate) fn drop_local(&mut self, i: NodeId, ticket: u32) {
         self.nodes[i].drop_ticket(ticket);
+    }
+
+    /// The main server's link on connection `key` is gone: nobody awaits
+    /// the replicas it started, so they are killed (their folders go when
+    /// they have exited). Outputs of finished replicas stay until dropped.
+    pub(crate) fn link_closed(&mut self, key: usize) {
+        for node in &mut self.nodes {
+            if let Some((ticket, (k, _))) = node.running() {
+                if k == key {
+                    log::warn!("{}: the main server's link is gone; killing ticket {ticket}'s replica", node.name());
+                    node.drop_ticket(ticket);
+                }
+            }
+        }
     }
 
     /// Read a replica's output, a bounded amount per turn of the loop.

@@ -149,7 +149,8 @@ impl Scheduler {
 
     /// Whether a job of `replicas` replicas would be accepted now.
     pub fn admissible(&self, replicas: u32) -> Result<(), SubmitError> {
-        let usable = self.node_count - self.lost.len();
+        // Lost nodes count: a remote node's link comes back (`node_up`).
+        let usable = self.node_count;
         if replicas == 0 || replicas as usize > usable {
             return Err(SubmitError::BadReplicas { asked: replicas, nodes: usable });
         }
@@ -220,6 +221,17 @@ impl Scheduler {
         self.free.retain(|&n| n != node);
         self.lost.push(node);
         failed
+    }
+
+    /// A lost node is reachable again: free for new replicas. (Smallest
+    /// version for remote links, branch `split`; branch `sched` owns this.)
+    pub fn node_up(&mut self, node: NodeId) -> bool {
+        if !self.lost.contains(&node) || self.busy.contains_key(&node) || node >= self.node_count {
+            return false;
+        }
+        self.lost.retain(|&n| n != node);
+        self.free.push_back(node);
+        true
     }
 
     /// Forget a ticket. Its running replicas keep their nodes until their
@@ -336,13 +348,21 @@ mod tests {
     }
 
     #[test]
-    fn lost_node_fails_its_replica_and_shrinks_the_cluster() {
+    fn lost_node_fails_its_replica_and_takes_work_again_once_up() {
         let mut s = Scheduler::new(2, 10);
         let t = s.submit(1).unwrap();
         s.start_ready();
         assert_eq!(s.node_lost(0, "lost contact with node"), Some((t, 0)));
         assert_eq!(s.job(t).unwrap().state(), JobState::Invalid);
-        assert!(matches!(s.submit(2), Err(SubmitError::BadReplicas { .. })));
+        // A job for every node waits (the link may come back) ...
+        let u = s.submit(2).unwrap();
+        assert!(s.start_ready().is_empty());
+        s.check_invariants();
+        // ... and starts once it is up again.
+        assert!(s.node_up(0));
+        assert!(!s.node_up(0), "up once");
+        assert_eq!(s.start_ready(), vec![Start { ticket: u, nodes: vec![1, 0] }]);
+        assert!(matches!(s.submit(3), Err(SubmitError::BadReplicas { .. })));
         s.check_invariants();
     }
 
