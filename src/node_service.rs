@@ -64,6 +64,9 @@ pub(crate) struct NodeService {
     pub(crate) more_output: Vec<NodeId>,
     /// Answers to direct calls, for the in-process main service.
     pub(crate) events: VecDeque<NodeEvent>,
+    /// Replicas (node, reply-to) whose link is gone: their NODE_RUN reply
+    /// is dropped, never sent on a newer connection that reuses the key.
+    orphans: Vec<(usize, ReplyTo)>,
     /// What containment the host gives replicas here, for the ready line.
     pub(crate) cgroup_summary: String,
 }
@@ -76,7 +79,7 @@ impl NodeService {
         if n == 0 {
             let cgroup_summary = "no local nodes".to_string();
             let (nodes, child_keys, more_output, events) = (Vec::new(), Vec::new(), Vec::new(), VecDeque::new());
-            return Ok(NodeService { nodes, child_keys, more_output, events, cgroup_summary });
+            return Ok(NodeService { nodes, child_keys, more_output, events, orphans: Vec::new(), cgroup_summary });
         }
         // Processes an earlier run left under our slot uids (it was killed
         // before it could stop them) must not meet the next tenants.
@@ -148,6 +151,7 @@ impl NodeService {
             child_keys: vec![None; n],
             more_output: Vec::new(),
             events: VecDeque::new(),
+            orphans: Vec::new(),
             cgroup_summary,
         })
     }
@@ -238,11 +242,12 @@ impl NodeService {
     /// the replicas it started, so they are killed (their folders go when
     /// they have exited). Outputs of finished replicas stay until dropped.
     pub(crate) fn link_closed(&mut self, key: usize) {
-        for node in &mut self.nodes {
-            if let Some((ticket, (k, _))) = node.running() {
-                if k == key {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if let Some((ticket, reply_to)) = node.running() {
+                if reply_to.0 == key {
                     log::warn!("{}: the main server's link is gone; killing ticket {ticket}'s replica", node.name());
                     node.drop_ticket(ticket);
+                    self.orphans.push((i, reply_to));
                 }
             }
         }
@@ -266,6 +271,11 @@ impl NodeService {
     pub(crate) fn finished(&mut self, i: NodeId, fin: Finished) -> Option<(usize, Vec<u8>)> {
         drop(fin.pipe);
         let (key, xid) = fin.reply_to;
+        if let Some(at) = self.orphans.iter().position(|&o| o == (i, fin.reply_to)) {
+            self.orphans.swap_remove(at);
+            log::debug!("node {i}: a replica of a link that is gone ended: {:?}", fin.result.state);
+            return None;
+        }
         if key == LOCAL {
             self.events.push_back(NodeEvent::RunFinished { node: i, result: fin.result });
             return None;

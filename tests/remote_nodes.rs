@@ -182,3 +182,28 @@ fn a_node_refuses_a_non_loopback_listen_without_a_secret() {
     let err = refused_start(&mut cmd);
     assert!(err.contains("line 2") && err.contains("not on loopback"), "{err}");
 }
+
+#[test]
+fn a_node_kills_the_replica_of_a_main_server_that_is_gone_and_serves_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start("127.0.0.5", None, &dir.path().join("n"));
+    let mut first = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
+    wait_until("the link is up", || ups(&first, &node.addr) == 1);
+    let gate = Gate::new();
+    first.deploy(1, &job(first.dir.path(), "g.tar.gz", &gate.wait_recipe("g")));
+    let (_, conn) = gate.arrive();
+    first.stop_with(nix::sys::signal::Signal::SIGKILL);
+    // Nobody awaits that replica any more: the node kills it (the job's
+    // end of the gate connection closes).
+    let mut r = BufReader::new(conn);
+    let mut rest = String::new();
+    assert_eq!(r.read_line(&mut rest).unwrap_or(0), 0, "the replica is gone: {rest}");
+    wait_until("the node logs it", || node.log.lock().unwrap().contains("link is gone; killing ticket"));
+    // A new main server links to the same node and runs a job there.
+    let second = Cluster::start_lines(std::slice::from_ref(&node.addr), &[]);
+    wait_until("the new link is up", || ups(&second, &node.addr) == 1);
+    let t = second.deploy(1, &job(second.dir.path(), "q.tar.gz", &["@echo second"]));
+    let (ok, outs) = second.retrieve(t);
+    assert!(ok, "{outs:?}");
+    assert!(outs[0].1.contains("second"), "{outs:?}");
+}
