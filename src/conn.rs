@@ -29,7 +29,6 @@ use crate::timers::Phase;
 pub(crate) const MAX_RECORD: usize = 64 * 1024;
 
 /// A call on a node link, remembered until its reply.
-#[allow(dead_code)] // made by remote links (issue 9, next on branch `split`)
 #[derive(Debug)]
 pub(crate) enum Pending {
     /// NODE_RUN of this ticket.
@@ -48,7 +47,6 @@ fn pending_stream_at(p: &Pending) -> Option<usize> {
     matches!(p, Pending::Fetch { .. }).then_some(proto::FETCH_OUTPUT_AT)
 }
 
-#[allow(dead_code)] // the node roles: `cloud-server node` and remote links (issue 9)
 #[derive(Debug)]
 pub(crate) enum Role {
     /// A client of the main server.

@@ -624,15 +624,24 @@ impl Coordinator {
         for (stop_on, ticket) in down.stop {
             self.actions.push_back(Action::Node { node: stop_on, call: NodeCall::Stop { ticket } });
         }
-        for (&(ticket, replica), f) in self.fetches.iter_mut() {
-            let on_node = self
-                .sched
-                .job(ticket)
-                .and_then(|j| j.replicas.get(replica as usize))
-                .is_some_and(|r| r.node == Some(node));
-            if on_node && matches!(f, Fetch::Pending) {
-                *f = Fetch::Done(Err(lost.clone()));
-            }
+        // A lost replica's output went with the node: nothing to fetch, ever.
+        for &(ticket, replica) in &down.failed {
+            self.fetches.insert((ticket, replica), Fetch::Done(Err(lost.clone())));
+        }
+        // Fetches in flight on its link get no reply: they may pass once the
+        // node is back (outputs of finished replicas are on its disk).
+        let cut: Vec<(Ticket, u32)> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| matches!(f, Fetch::Pending))
+            .map(|(&k, _)| k)
+            .filter(|&(ticket, replica)| {
+                let replica = self.sched.job(ticket).and_then(|j| j.replicas.get(replica as usize));
+                replica.is_some_and(|r| r.node == Some(node))
+            })
+            .collect();
+        for (ticket, replica) in cut {
+            self.fetch_failed(ticket, replica, &lost);
         }
         for &(ticket, _) in &down.failed {
             if self.sched.job(ticket).is_some_and(|j| j.finished()) {

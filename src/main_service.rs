@@ -9,14 +9,18 @@
 //! actions turned into replies (encoded here) and node calls ([`Out`]):
 //! a NODE_RUN/FETCH/DROP on a link's connection, or a direct call into the
 //! in-process node service for a local node; a link's replies and the
-//! node service's [`NodeEvent`]s turned back into coordinator events; a
-//! lost link reported to the coordinator.
+//! node service's [`NodeEvent`]s turned back into coordinator events; each
+//! remote node's link state ([`RemoteLink`]: Down -> Connecting ->
+//! Authenticating -> Ready -> Down, reconnecting with backoff from 100 ms
+//! to 5 s; `Coordinator::node_up` once Ready, `node_down` when it ends,
+//! so only linked nodes get replicas).
 //! Must not touch: the poll or the slab (the reactor carries out each
 //! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
 
 use std::fs::{self, File};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::archive_check::ArchiveCheck;
 use crate::conn::{Conn, Pending, Role, Sink, Streamed};
@@ -31,11 +35,48 @@ use crate::session::{Call, ReplyEvent};
 use crate::tickets::TicketStore;
 use crate::xdr::XdrReader;
 
+/// First wait before connecting again to a remote node; it doubles after
+/// each failure up to `BACKOFF_MAX`, and starts over once a link is up.
+pub(crate) const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 /// How the main server reaches node i.
 #[derive(Debug)]
 pub(crate) enum Link {
-    /// In this process: direct calls into the node service.
-    Local,
+    /// In this process: direct calls into the node service's node `.0`.
+    Local(usize),
+    /// A `cloud-server node` reached over TCP.
+    Remote(RemoteLink),
+}
+
+/// The main server's link to a remote node: Down -> Connecting ->
+/// Authenticating -> Ready, and back to Down when the connection ends.
+#[derive(Debug)]
+pub(crate) struct RemoteLink {
+    pub(crate) addr: SocketAddr,
+    pub(crate) state: LinkState,
+    backoff: Duration,
+    /// When a Down link is connected again.
+    retry_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LinkState {
+    /// No connection; the next attempt is at `retry_at`.
+    Down,
+    /// A non-blocking connect in progress on connection `.0`.
+    Connecting(usize),
+    /// Connected on `.0`; the node handshake runs here (branch `auth`'s
+    /// `node_auth`: see `MainService::authenticate`). Not used for jobs yet.
+    Authenticating(usize),
+    /// Up on connection `.0`: the node takes work.
+    Ready(usize),
+}
+
+impl RemoteLink {
+    pub(crate) fn new(addr: SocketAddr, now: Instant) -> RemoteLink {
+        RemoteLink { addr, state: LinkState::Down, backoff: BACKOFF_FIRST, retry_at: now }
+    }
 }
 
 /// What the reactor must do to carry out one coordinator action.
@@ -43,8 +84,11 @@ pub(crate) enum Link {
 pub(crate) enum Out {
     /// Answer a client's call on connection `key`.
     Answer { key: usize, pieces: Vec<Piece> },
-    /// A call into the in-process node service.
-    Local { node: NodeId, call: NodeCall },
+    /// A call into the in-process node service's node `local`.
+    Local { local: usize, call: NodeCall },
+    /// A call on a remote node's link, connection `key`: its reply is
+    /// matched by `xid` to `pending`.
+    Send { key: usize, xid: u32, pending: Pending, pieces: Vec<Piece> },
 }
 
 pub(crate) struct MainService {
@@ -52,6 +96,9 @@ pub(crate) struct MainService {
     pub(crate) spool: PathBuf,
     pub(crate) node_names: Vec<String>,
     pub(crate) links: Vec<Link>,
+    /// The global node id of each of the node service's nodes.
+    pub(crate) locals: Vec<NodeId>,
+    pub(crate) next_xid: u32,
     /// The uids replicas run as (slot uids, or `--run-as`): a job (with
     /// `--allow-network`) calling its own server is refused, or it could
     /// deploy jobs that outlive its ticket, owned by a uid its deployer
@@ -79,9 +126,149 @@ impl MainService {
                 }
                 None
             }
-            Action::Node { node, call } => match self.links[node] {
-                Link::Local => Some(Out::Local { node, call }),
+            Action::Node { node, call } => match &self.links[node] {
+                Link::Local(local) => Some(Out::Local { local: *local, call }),
+                Link::Remote(RemoteLink { state: LinkState::Ready(key), .. }) => self.call_remote(node, *key, call),
+                Link::Remote(_) => {
+                    self.unreachable(node, call);
+                    None
+                }
             },
+        }
+    }
+
+    /// A NODE_PROG call on a remote node's link.
+    fn call_remote(&mut self, node: NodeId, key: usize, call: NodeCall) -> Option<Out> {
+        let xid = self.next_xid;
+        self.next_xid = self.next_xid.wrapping_add(1);
+        let (proc_num, pending, pieces) = match call {
+            NodeCall::Run { args, archive } => {
+                let opened = File::open(&archive).and_then(|f| f.metadata().map(|m| (f, m.len())));
+                let (file, len) = match opened {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let msg = format!("the spooled archive is gone: {e}");
+                        // Report it as the node would, so the node is freed.
+                        self.coord.run_finished(node, args.ticket, RunResult::invalid(msg), Instant::now());
+                        return None;
+                    }
+                };
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_RUN);
+                args.encode(&mut w);
+                // Opened now: the spooled archive is unlinked right after.
+                (proto::NODE_RUN, Pending::Run(args.ticket), record::with_opaque(w, Piece::File { file, len }))
+            }
+            NodeCall::Fetch { ticket, replica, into } => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_FETCH);
+                w.u32(ticket);
+                (proto::NODE_FETCH, Pending::Fetch { ticket, replica, into }, vec![Piece::Bytes(w.into_bytes())])
+            }
+            NodeCall::Drop { ticket } => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_DROP);
+                w.u32(ticket);
+                (proto::NODE_DROP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
+            }
+            NodeCall::Stop { ticket } => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_STOP);
+                w.u32(ticket);
+                (proto::NODE_STOP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
+            }
+        };
+        log::debug!("node {}: call xid {xid:#x} proc {proc_num}", self.node_names[node]);
+        Some(Out::Send { key, xid, pending, pieces })
+    }
+
+    /// A node call for a node whose link is not up: answered as the node
+    /// would fail it (the scheduler does not start replicas on such nodes;
+    /// a link that just went down may still be asked).
+    fn unreachable(&mut self, node: NodeId, call: NodeCall) {
+        let why = format!("node lost: node {} is unreachable", self.node_names[node]);
+        match call {
+            NodeCall::Run { args, .. } => {
+                self.coord.run_finished(node, args.ticket, RunResult::invalid(why), Instant::now())
+            }
+            NodeCall::Fetch { ticket, replica, .. } => {
+                self.coord.fetch_failed(ticket, replica, &format!("{why}; retry"))
+            }
+            // Its outputs stay on that node's disk until it is restarted.
+            NodeCall::Drop { ticket } => log::warn!("{why}: ticket {ticket} not dropped there"),
+            NodeCall::Stop { ticket } => log::warn!("{why}: ticket {ticket} not stopped there"),
+        }
+    }
+
+    /// Remote links that are down and due for another connection attempt.
+    pub(crate) fn links_due(&self, now: Instant) -> Vec<NodeId> {
+        let due = |l: &Link| matches!(l, Link::Remote(r) if r.state == LinkState::Down && r.retry_at <= now);
+        self.links.iter().enumerate().filter(|(_, l)| due(l)).map(|(i, _)| i).collect()
+    }
+
+    /// When the next remote link is due to be connected again.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let retries = self.links.iter().filter_map(|l| match l {
+            Link::Remote(r) if r.state == LinkState::Down => Some(r.retry_at),
+            _ => None,
+        });
+        retries.chain(self.coord.next_deadline()).min()
+    }
+
+    fn remote(&mut self, node: NodeId) -> Option<&mut RemoteLink> {
+        match self.links.get_mut(node) {
+            Some(Link::Remote(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// A connection attempt to node i is under way on connection `key`.
+    pub(crate) fn link_connecting(&mut self, node: NodeId, key: usize) {
+        if let Some(r) = self.remote(node) {
+            r.state = LinkState::Connecting(key);
+        }
+    }
+
+    /// Node i's connection is established: authenticate, then take work.
+    pub(crate) fn link_connected(&mut self, node: NodeId, now: Instant) {
+        let Some(r) = self.remote(node) else { return };
+        let LinkState::Connecting(key) = r.state else { return };
+        r.state = LinkState::Authenticating(key);
+        if self.authenticate(node) {
+            self.link_ready(node, now);
+        }
+    }
+
+    /// The node handshake's hook: branch `auth` (`node_auth`, HMAC
+    /// challenge and response over NODE_PROG) starts it here and calls
+    /// `link_ready` when it succeeds, or closes the connection. Without a
+    /// secret there is none (nodes are on loopback only): ready at once.
+    fn authenticate(&mut self, _node: NodeId) -> bool {
+        true
+    }
+
+    /// Node i's link is authenticated: it takes work.
+    pub(crate) fn link_ready(&mut self, node: NodeId, now: Instant) {
+        let Some(r) = self.remote(node) else { return };
+        let LinkState::Authenticating(key) = r.state else { return };
+        r.state = LinkState::Ready(key);
+        r.backoff = BACKOFF_FIRST;
+        log::info!("link to node {} is up", self.node_names[node]);
+        self.coord.node_up(node, now);
+    }
+
+    /// A link to node i is gone (or could not be made): its running
+    /// replica is lost, and it is connected again after a backoff.
+    pub(crate) fn link_lost(&mut self, node: NodeId, now: Instant) {
+        let name = self.node_names[node].clone();
+        let Some(r) = self.remote(node) else { return };
+        let was = r.state;
+        r.state = LinkState::Down;
+        r.retry_at = now + r.backoff;
+        let wait = r.backoff;
+        r.backoff = (r.backoff * 2).min(BACKOFF_MAX);
+        match was {
+            LinkState::Ready(_) => {
+                log::warn!("link to node {name} is down; connecting again in {} ms", wait.as_millis());
+                self.coord.node_down(node, now);
+            }
+            _ => log::debug!("node {name}: not reachable; trying again in {} ms", wait.as_millis()),
         }
     }
 
@@ -89,7 +276,7 @@ impl MainService {
     pub(crate) fn on_node_event(&mut self, ev: NodeEvent) {
         match ev {
             NodeEvent::RunFinished { node, ticket, result } => {
-                self.coord.run_finished(node, ticket, result, Instant::now())
+                self.coord.run_finished(self.locals[node], ticket, result, Instant::now())
             }
             NodeEvent::Fetched { ticket, replica, result } => match result {
                 Ok(path) => self.coord.fetched(ticket, replica, Ok(path)),
@@ -98,11 +285,6 @@ impl MainService {
                 Err((false, why)) => self.coord.fetch_failed(ticket, replica, &why),
             },
         }
-    }
-
-    /// A link to node i is gone: its running replica is lost.
-    pub(crate) fn link_lost(&mut self, node: NodeId) {
-        self.coord.node_down(node, Instant::now());
     }
 
     /// A whole call from a client of the main server.

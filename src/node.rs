@@ -161,6 +161,11 @@ impl Node {
         self.cfg.slot_identities.len().max(1)
     }
 
+    /// The running replicas' tickets and where their NODE_RUN replies go.
+    pub fn running(&self) -> Vec<(u32, ReplyTo)> {
+        self.running.values().map(|r| (r.ticket, r.reply_to)).collect()
+    }
+
     /// Start the replica whose archive is in place. On success returns the
     /// output pipe's fd to register; on failure, the result to reply at once.
     pub fn start(&mut self, args: RunArgs, reply_to: ReplyTo, now: Instant) -> Result<RawFd, RunResult> {

@@ -11,7 +11,8 @@
 //! come back as [`NodeEvent`]s, the events a link's replies would make;
 //! draining each replica's output pipe; reaped children turned into
 //! finished replicas, then into NODE_RUN replies or events; time limits;
-//! killing and reaping everything at shutdown.
+//! killing a replica whose link has gone (nobody awaits it); killing and
+//! reaping everything at shutdown.
 //! Must not touch: the poll or the slab (the reactor registers each
 //! replica's output pipe under the key it is given here and routes
 //! replies), the job table (`coordinator`), process setup (`spawn`).
@@ -47,8 +48,9 @@ const LOCAL: usize = usize::MAX;
 /// NODE_RUN and NODE_FETCH replies would make.
 #[derive(Debug)]
 pub(crate) enum NodeEvent {
-    /// A replica started by `run_local` ended, or could not start.
-    RunFinished { node: NodeId, ticket: u32, result: RunResult },
+    /// A replica started by `run_local` on the service's node `node` (its
+    /// index here, not the coordinator's) ended, or could not start.
+    RunFinished { node: usize, ticket: u32, result: RunResult },
     /// `fetch_local`'s answer: the output is at `into`, or why not
     /// (`gone`: the node has none for good; else a retry may work).
     Fetched { ticket: u32, replica: u32, result: Result<PathBuf, (bool, String)> },
@@ -62,6 +64,9 @@ pub(crate) struct NodeService {
     pub(crate) more_output: Vec<(NodeId, u32)>,
     /// Answers to direct calls, for the in-process main service.
     pub(crate) events: VecDeque<NodeEvent>,
+    /// Replicas (node, reply-to) whose link is gone: their NODE_RUN reply
+    /// is dropped, never sent on a newer connection that reuses the key.
+    orphans: Vec<(usize, ReplyTo)>,
     /// What containment the host gives replicas here, for the ready line.
     pub(crate) cgroup_summary: String,
 }
@@ -69,8 +74,13 @@ pub(crate) struct NodeService {
 impl NodeService {
     /// Prepare the host and create node `i` for each of `ports` under
     /// `work_dir` (absolute). Errors are one line for the operator.
-    pub(crate) fn start(cfg: &ServerConfig, work_dir: &Path, ports: &[u16]) -> Result<NodeService, String> {
+    pub(crate) fn start(cfg: &ServerConfig, work_dir: &Path, ports: &[(u16, u32)]) -> Result<NodeService, String> {
         let n = ports.len();
+        if n == 0 {
+            let cgroup_summary = "no local nodes".to_string();
+            let (nodes, child_keys, more_output, events) = (Vec::new(), HashMap::new(), Vec::new(), VecDeque::new());
+            return Ok(NodeService { nodes, child_keys, more_output, events, orphans: Vec::new(), cgroup_summary });
+        }
         // Processes an earlier run left under our slot uids (it was killed
         // before it could stop them) must not meet the next tenants.
         if cfg.slot_uids {
@@ -118,24 +128,26 @@ impl NodeService {
         crate::spawn::probe(sandbox, &limits, work_dir, probe_ns, cgroups.as_deref())?;
 
         let mut nodes = Vec::with_capacity(n);
-        for (i, &port) in ports.iter().enumerate() {
+        // Node i's slots take the next `slots` identities, node by node.
+        let mut first_slot = 0;
+        for (i, &(port, slots)) in ports.iter().enumerate() {
+            let slot_identities: Vec<_> =
+                (first_slot..first_slot + slots as usize).map(|s| cfg.identities.get(s).copied().flatten()).collect();
+            first_slot += slots as usize;
             let dir = work_dir.join(format!("output_{port}"));
             let _ = fs::remove_dir_all(&dir); // stale workspaces of an earlier run
             let node = Node::new(NodeConfig {
                 port,
                 dir: dir.clone(),
                 limits: limits.clone(),
-                sandbox: sandbox_for(cfg.identities.get(cfg.nodes.slot_offset(i)).copied().flatten()),
+                sandbox: sandbox_for(slot_identities.first().copied().flatten()),
                 time_limit: cfg.time_limit,
                 kill_grace: cfg.kill_grace,
                 max_output: cfg.max_output,
                 work_dir: work_dir.to_path_buf(),
                 netns: netns[i].clone(),
                 cgroups: cgroups.clone(),
-                // Node i's slots take the next `slots[i]` identities.
-                slot_identities: (0..cfg.nodes.slots[i] as usize)
-                    .map(|s| cfg.identities.get(cfg.nodes.slot_offset(i) + s).copied().flatten())
-                    .collect(),
+                slot_identities,
             })
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
             nodes.push(node);
@@ -145,12 +157,9 @@ impl NodeService {
             child_keys: HashMap::new(),
             more_output: Vec::new(),
             events: VecDeque::new(),
+            orphans: Vec::new(),
             cgroup_summary,
         })
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.nodes.len()
     }
 
     /// A whole (non-streamed) call from the main server to node i: the reply.
@@ -244,6 +253,21 @@ impl NodeService {
         self.nodes[i].drop_ticket(ticket);
     }
 
+    /// The main server's link on connection `key` is gone: nobody awaits
+    /// the replicas it started, so they are killed (their folders go when
+    /// they have exited). Outputs of finished replicas stay until dropped.
+    pub(crate) fn link_closed(&mut self, key: usize) {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            for (ticket, reply_to) in node.running() {
+                if reply_to.0 == key {
+                    log::warn!("{}: the main server's link is gone; killing ticket {ticket}'s replica", node.name());
+                    node.drop_ticket(ticket);
+                    self.orphans.push((i, reply_to));
+                }
+            }
+        }
+    }
+
     /// Read a replica's output, a bounded amount per turn of the loop.
     pub(crate) fn drain(&mut self, i: NodeId, ticket: u32) {
         let more = self.nodes[i].drain_output(ticket, DRAIN_BUDGET) == Drained::More;
@@ -263,6 +287,11 @@ impl NodeService {
     pub(crate) fn finished(&mut self, i: NodeId, fin: Finished) -> Option<(usize, Vec<u8>)> {
         drop(fin.pipe);
         let (key, xid) = fin.reply_to;
+        if let Some(at) = self.orphans.iter().position(|&o| o == (i, fin.reply_to)) {
+            self.orphans.swap_remove(at);
+            log::debug!("node {i}: a replica of a link that is gone ended: {:?}", fin.result.state);
+            return None;
+        }
         if key == LOCAL {
             self.events.push_back(NodeEvent::RunFinished { node: i, ticket: fin.ticket, result: fin.result });
             return None;

@@ -19,6 +19,11 @@
 //! service, no loopback round trip.
 //! A local node's port (a port line of the nodes file) is bound, so that
 //! nothing else takes it, but takes no connections: each is closed at once.
+//! Links to remote nodes: non-blocking connects when the main service says
+//! one is due, short TCP keepalive and TCP_USER_TIMEOUT on both ends
+//! (`LINK_DEAD_WITHIN`). As `cloud-server node` (`start_node`) there is no
+//! main service: the listener takes the main server's link (its own user's
+//! only; the newest wins) and the node service serves it.
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`), what calls mean.
 
@@ -37,10 +42,10 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use slab::Slab;
 
-use crate::config::NodesFile;
+use crate::config::{NodeKind, NodeSpec, NodesFile};
 use crate::conn::{Conn, Linger, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Coordinator, NodeCall};
-use crate::main_service::{Link, MainService, Out};
+use crate::main_service::{Link, MainService, Out, RemoteLink};
 use crate::node::Finished;
 use crate::node_service::NodeService;
 use crate::peer::{self, PeerId};
@@ -134,8 +139,12 @@ pub struct Server {
     /// The slab key + this is a token (listeners come first).
     first_key: usize,
     signals: SignalFd,
-    main: MainService,
+    /// The main server role; `None` in a `cloud-server node`.
+    main: Option<MainService>,
     nodes: NodeService,
+    /// A `cloud-server node`'s link from its main server (the newest one
+    /// accepted; an older one is closed).
+    node_link: Option<usize>,
     local_addr: SocketAddr,
     max_archive: u64,
     rbuf: Vec<u8>,
@@ -158,51 +167,128 @@ pub struct Server {
 }
 
 impl Server {
-    /// Bind every port and start the nodes. Errors are one line for the operator.
+    /// Bind every port, start the local nodes, and begin connecting to
+    /// remote ones (start-up never waits for them). Errors are one line
+    /// for the operator.
     pub fn start(cfg: ServerConfig) -> Result<Server, String> {
-        let n = cfg.nodes.ports.len();
-        fs::create_dir_all(&cfg.work_dir)
-            .map_err(|e| format!("cannot create work dir {}: {e}", cfg.work_dir.display()))?;
-        // Absolute: replicas' init mounts over it by path.
-        let work_dir = fs::canonicalize(&cfg.work_dir)
-            .map_err(|e| format!("cannot resolve work dir {}: {e}", cfg.work_dir.display()))?;
-        let nodes = NodeService::start(&cfg, &work_dir, &cfg.nodes.ports)?;
+        let n = cfg.nodes.len();
+        let line = |spec: &NodeSpec| format!("{} line {}", cfg.nodes_path.display(), spec.line);
+        // What each node line is: checked before anything is started.
+        let now = Instant::now();
+        let (mut links, mut locals, mut local_ports) = (Vec::with_capacity(n), Vec::new(), Vec::new());
+        for (i, spec) in cfg.nodes.nodes.iter().enumerate() {
+            match &spec.kind {
+                NodeKind::Local { port } => {
+                    links.push(Link::Local(locals.len()));
+                    locals.push(i);
+                    local_ports.push((*port, spec.slots));
+                }
+                NodeKind::Remote { host, port } => {
+                    let addr = resolve(host, *port).map_err(|e| format!("{}: {e}", line(spec)))?;
+                    // No handshake yet (branch `auth`): jobs would cross the
+                    // network to anyone who answers on that address.
+                    if !addr.ip().is_loopback() {
+                        return Err(format!(
+                            "{}: node {} is not on loopback: links to other hosts need node \
+                             authentication (--secret-file), not built yet; use a 127.x.x.x address",
+                            line(spec),
+                            spec.name()
+                        ));
+                    }
+                    links.push(Link::Remote(RemoteLink::new(addr, now)));
+                }
+                NodeKind::Slurm { .. } => {
+                    return Err(format!(
+                        "{}: {}: the Slurm backend is not built yet; use PORT or HOST:PORT lines",
+                        line(spec),
+                        spec.name()
+                    ))
+                }
+            }
+        }
+        let work_dir = work_dir(&cfg.work_dir)?;
+        let nodes = NodeService::start(&cfg, &work_dir, &local_ports)?;
         let spool = work_dir.join("spool");
         let _ = fs::remove_dir_all(&spool);
         fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
 
         let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
-        let mut clients = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
-        let local_addr = clients.local_addr().map_err(|e| e.to_string())?;
-        let mut node_listeners = Vec::with_capacity(n);
-        let mut node_names = Vec::with_capacity(n);
-        for (i, &port) in cfg.nodes.ports.iter().enumerate() {
+        let clients = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
+        let mut node_listeners = Vec::with_capacity(locals.len());
+        for (&i, &(port, _)) in locals.iter().zip(&local_ports) {
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let where_ = format!("{} line {}", cfg.nodes_path.display(), cfg.nodes.line_of(i));
-            let l = TcpListener::bind(addr).map_err(|e| bind_error(e, addr, &where_))?;
+            let l = TcpListener::bind(addr).map_err(|e| bind_error(e, addr, &line(&cfg.nodes.nodes[i])))?;
             node_listeners.push(l);
-            node_names.push(addr.to_string());
         }
+        let node_names: Vec<String> = cfg.nodes.nodes.iter().map(NodeSpec::name).collect();
 
-        // Signals arrive as readable events, never as handlers.
-        let mut mask = SigSet::empty();
-        mask.add(Signal::SIGCHLD);
-        mask.add(Signal::SIGINT);
-        mask.add(Signal::SIGTERM);
-        // Started under nohup, SIGHUP is ignored: leave it so (blocked, it
-        // would be queued for the signalfd and stop us when the terminal goes).
-        if !ignored(Signal::SIGHUP) {
-            mask.add(Signal::SIGHUP);
+        let (tickets, next_ticket) = TicketStore::open(&cfg.work_dir)?;
+        log::info!("tickets continue from {next_ticket}");
+        let mut coord = Coordinator::with_slots(
+            node_names.clone(),
+            &cfg.nodes.slots(),
+            cfg.max_queue,
+            spool.clone(),
+            cfg.ticket_ttl,
+        );
+        coord.requeue_lost(cfg.requeue_lost);
+        coord.resume_tickets_from(next_ticket);
+        coord.max_tickets_per_user(cfg.max_tickets_per_user);
+        if let Some(uid) = cfg.only_deployer {
+            coord.only_deployer(uid);
         }
-        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
-            .map_err(|e| format!("cannot block signals: {e}"))?;
-        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-            .map_err(|e| format!("cannot create signalfd: {e}"))?;
-        // Orphaned descendants of replicas are re-parented to us, so we reap them.
-        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-            log::warn!("cannot become a child subreaper: {e}");
+        // Remote nodes take work once their link is up.
+        for (i, link) in links.iter().enumerate() {
+            if matches!(link, Link::Remote(_)) {
+                coord.node_down(i, now);
+            }
         }
+        let main = MainService {
+            coord,
+            spool,
+            node_names,
+            links,
+            locals,
+            next_xid: 1,
+            job_uids: cfg.identities.iter().flatten().map(|(u, _)| u.as_raw()).collect(),
+            tickets,
+            extract_limits: cfg.limits.extract,
+            next_spool: 0,
+        };
+        Server::assemble(&cfg, poll, clients, node_listeners, Some(main), nodes)
+    }
 
+    /// `cloud-server node`: one node alone, serving NODE_PROG on
+    /// `cfg.listen` (its port names the node: `output_<port>/`) to the
+    /// main server that connects to it.
+    pub fn start_node(cfg: ServerConfig) -> Result<Server, String> {
+        if !cfg.listen.ip().is_loopback() {
+            return Err(format!(
+                "--listen {}: a node without node authentication (--secret-file, not built yet) \
+                 listens on loopback only; use a 127.x.x.x address",
+                cfg.listen
+            ));
+        }
+        let work_dir = work_dir(&cfg.work_dir)?;
+        let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
+        let listener = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let slots = cfg.nodes.nodes.first().map_or(1, |s| s.slots);
+        let nodes = NodeService::start(&cfg, &work_dir, &[(port, slots)])?;
+        Server::assemble(&cfg, poll, listener, Vec::new(), None, nodes)
+    }
+
+    /// The signalfd, registrations and limits, for either role.
+    fn assemble(
+        cfg: &ServerConfig,
+        poll: Poll,
+        mut clients: TcpListener,
+        mut node_listeners: Vec<TcpListener>,
+        main: Option<MainService>,
+        nodes: NodeService,
+    ) -> Result<Server, String> {
+        let local_addr = clients.local_addr().map_err(|e| e.to_string())?;
+        let signals = block_signals()?;
         let reg = poll.registry();
         reg.register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)
             .and_then(|_| reg.register(&mut clients, CLIENTS, Interest::READABLE))
@@ -211,17 +297,7 @@ impl Server {
             reg.register(l, Token(NODE_LISTENER_BASE + i), Interest::READABLE)
                 .map_err(|e| format!("cannot register with epoll: {e}"))?;
         }
-
-        let (tickets, next_ticket) = TicketStore::open(&cfg.work_dir)?;
-        log::info!("tickets continue from {next_ticket}");
-        let mut coord =
-            Coordinator::with_slots(node_names.clone(), &cfg.nodes.slots, cfg.max_queue, spool.clone(), cfg.ticket_ttl);
-        coord.requeue_lost(cfg.requeue_lost);
-        coord.resume_tickets_from(next_ticket);
-        coord.max_tickets_per_user(cfg.max_tickets_per_user);
-        if let Some(uid) = cfg.only_deployer {
-            coord.only_deployer(uid);
-        }
+        let n = cfg.nodes.len();
         let nofile =
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
         let max_connections = effective_max_connections(cfg.max_connections, nofile, n);
@@ -230,24 +306,17 @@ impl Server {
                 "RLIMIT_NOFILE is {nofile}: too low to serve clients with {n} nodes; raise it (ulimit -n)"
             ));
         }
-        let limits_line = format!(
-            "up to {max_connections} client connections (--max-connections {}, RLIMIT_NOFILE {nofile}); \
-             idle timeout {}s, call timeout {}s",
-            cfg.max_connections,
-            cfg.idle_timeout.as_secs(),
-            cfg.call_timeout.as_secs()
-        );
-        let reserve = File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
-        let main = MainService {
-            coord,
-            spool,
-            node_names,
-            links: (0..n).map(|_| Link::Local).collect(),
-            job_uids: cfg.identities.iter().flatten().map(|(u, _)| u.as_raw()).collect(),
-            tickets,
-            extract_limits: cfg.limits.extract,
-            next_spool: 0,
+        let limits_line = match main {
+            Some(_) => format!(
+                "up to {max_connections} client connections (--max-connections {}, RLIMIT_NOFILE {nofile}); \
+                 idle timeout {}s, call timeout {}s",
+                cfg.max_connections,
+                cfg.idle_timeout.as_secs(),
+                cfg.call_timeout.as_secs()
+            ),
+            None => format!("RLIMIT_NOFILE {nofile}"),
         };
+        let reserve = File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
         Ok(Server {
             poll,
             slab: Slab::new(),
@@ -258,6 +327,7 @@ impl Server {
             summary: format!("{}; {}", cfg.sandbox_summary, nodes.cgroup_summary),
             main,
             nodes,
+            node_link: None,
             local_addr,
             max_archive: cfg.max_archive,
             rbuf: vec![0; 64 * 1024],
@@ -279,13 +349,18 @@ impl Server {
 
     /// The one line printed when the server is ready.
     pub fn ready_line(&self) -> String {
-        format!(
-            "cloud-server: listening on {} with {} nodes: {}; {}",
-            self.local_addr,
-            self.nodes.len(),
-            self.main.node_names.join(" "),
-            self.summary
-        )
+        match &self.main {
+            Some(main) => format!(
+                "cloud-server: listening on {} with {} nodes: {}; {}",
+                self.local_addr,
+                main.node_names.len(),
+                main.node_names.join(" "),
+                self.summary
+            ),
+            None => {
+                format!("cloud-server node: listening on {} for its main server; {}", self.local_addr, self.summary)
+            }
+        }
     }
 
     /// Serve until SIGINT, SIGTERM or SIGHUP, then stop every replica.
@@ -314,7 +389,10 @@ impl Server {
             }
             let now = Instant::now();
             self.nodes.on_timer(now);
-            self.main.coord.on_timer(now);
+            if let Some(main) = &mut self.main {
+                main.coord.on_timer(now);
+            }
+            self.connect_links(now);
             for (key, phase) in self.timers.expired(now) {
                 log::debug!("connection {key}: timed out ({phase:?}); closing");
                 self.close_conn(key);
@@ -334,12 +412,8 @@ impl Server {
         let now = Instant::now();
         let conns = self.timers.next_deadline();
         let nodes = self.nodes.next_deadline();
-        nodes
-            .into_iter()
-            .chain(self.main.coord.next_deadline())
-            .chain(conns)
-            .min()
-            .map(|d| d.saturating_duration_since(now))
+        let main = self.main.as_ref().and_then(MainService::next_deadline);
+        nodes.into_iter().chain(main).chain(conns).min().map(|d| d.saturating_duration_since(now))
     }
 
     fn dispatch(&mut self, token: Token) {
@@ -363,15 +437,17 @@ impl Server {
     fn settle(&mut self) {
         loop {
             let mut busy = false;
-            while let Some(action) = self.main.coord.poll_action() {
+            while let Some(action) = self.main.as_mut().and_then(|m| m.coord.poll_action()) {
                 busy = true;
-                if let Some(out) = self.main.perform(action) {
+                if let Some(out) = self.main.as_mut().and_then(|m| m.perform(action)) {
                     self.carry_out(out);
                 }
             }
             while let Some(ev) = self.nodes.events.pop_front() {
                 busy = true;
-                self.main.on_node_event(ev);
+                if let Some(main) = &mut self.main {
+                    main.on_node_event(ev);
+                }
             }
             while let Some(key) = self.dead.pop() {
                 busy = true;
@@ -395,20 +471,24 @@ impl Server {
             match res {
                 Ok((stream, peer)) => {
                     self.warned_fds = false;
-                    if node.is_none() && !self.make_room() {
-                        continue; // dropped: closed at once, never left waiting
-                    }
                     if let Some(i) = node {
                         // Its main server calls it directly: nobody else may.
-                        log::debug!("node {}: closed a connection from {peer}", self.main.node_names[i]);
+                        log::debug!("node {i}: closed a connection from {peer}");
                         continue;
+                    }
+                    if self.main.is_none() {
+                        self.accept_link(stream, peer);
+                        continue;
+                    }
+                    if !self.make_room() {
+                        continue; // dropped: closed at once, never left waiting
                     }
                     let role = Role::Client;
                     log::debug!("accepted {peer} as {role:?}");
                     let _ = stream.set_nodelay(true);
                     // Who owns the client's socket: asked once, before its first call.
-                    let id = match (node, stream.local_addr()) {
-                        (None, Ok(local)) => peer::identify(peer, local),
+                    let id = match stream.local_addr() {
+                        Ok(local) => peer::identify(peer, local),
                         _ => PeerId::Unverified,
                     };
                     if let Err(e) = self.add_conn(stream, role, id, false) {
@@ -446,6 +526,52 @@ impl Server {
                 Err(e) => {
                     log::warn!("accept failed: {e}");
                     return;
+                }
+            }
+        }
+    }
+
+    /// A `cloud-server node`: a connection from its main server. Without
+    /// node authentication, only a peer of this process's own user is
+    /// served (the kernel's answer, as for clients); the newest link wins.
+    fn accept_link(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let me = nix::unistd::Uid::effective().as_raw();
+        let id = stream.local_addr().map_or(PeerId::Unverified, |local| peer::identify(peer, local));
+        if id != PeerId::Verified(me) {
+            log::warn!("refused a connection from {peer} ({id:?}): a node serves only its own user's main server");
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        keepalive(&stream);
+        match self.add_conn(stream, Role::NodeInbound(0), id, false) {
+            Ok(key) => {
+                log::info!("link from the main server at {peer} is up");
+                if let Some(old) = self.node_link.replace(key) {
+                    log::warn!("a new link replaces connection {old}");
+                    self.close_conn(old);
+                }
+            }
+            Err(e) => log::warn!("cannot register connection from {peer}: {e}"),
+        }
+    }
+
+    /// Connect every remote link that is due (non-blocking).
+    fn connect_links(&mut self, now: Instant) {
+        let Some(main) = &self.main else { return };
+        for i in main.links_due(now) {
+            let Some(Link::Remote(r)) = self.main.as_ref().and_then(|m| m.links.get(i)) else { continue };
+            let addr = r.addr;
+            let started = TcpStream::connect(addr).and_then(|stream| {
+                let _ = stream.set_nodelay(true);
+                keepalive(&stream);
+                self.add_conn(stream, Role::NodeLink { node: i, connected: false }, PeerId::Unverified, true)
+            });
+            let Some(main) = &mut self.main else { return };
+            match started {
+                Ok(key) => main.link_connecting(i, key),
+                Err(e) => {
+                    log::debug!("cannot connect to node {addr}: {e}");
+                    main.link_lost(i, now);
                 }
             }
         }
@@ -515,11 +641,13 @@ impl Server {
                 match conn.stream.take_error() {
                     Ok(None) if conn.stream.peer_addr().is_ok() => {
                         *connected = true;
-                        log::debug!("link to node {} is up", self.main.node_names[*node]);
+                        if let Some(main) = &mut self.main {
+                            main.link_connected(*node, Instant::now());
+                        }
                     }
                     Ok(None) => {} // still connecting
                     Ok(Some(e)) | Err(e) => {
-                        log::error!("cannot connect to node {}: {e}", self.main.node_names[*node]);
+                        log::debug!("cannot connect to node {node}: {e}");
                         conn.closing = true;
                     }
                 }
@@ -617,7 +745,9 @@ impl Server {
                 },
                 Reader::Replies(r) => match r.read(data) {
                     (n, Some(ev)) => {
-                        self.main.on_reply_event(conn, ev);
+                        if let Some(main) = &mut self.main {
+                            main.on_reply_event(conn, ev);
+                        }
                         (n, Some(false))
                     }
                     (n, None) => (n, None),
@@ -643,7 +773,11 @@ impl Server {
                         let reply = self.nodes.serve_call(i, call);
                         conn.outbox.push(reply);
                     }
-                    _ => self.main.client_call(key, conn, call),
+                    _ => {
+                        if let Some(main) = &mut self.main {
+                            main.client_call(key, conn, call);
+                        }
+                    }
                 }
                 true
             }
@@ -652,7 +786,7 @@ impl Server {
                 false
             }
             CallEvent::StreamData(data) => {
-                if self.main.deploy_data(key, conn, data) {
+                if self.main.as_mut().is_some_and(|m| m.deploy_data(key, conn, data)) {
                     return true;
                 }
                 conn.sink.write(data);
@@ -696,13 +830,20 @@ impl Server {
                 }
                 Err(reply) => conn.outbox.push_bytes(reply),
             },
-            _ => self.main.deploy_start(key, conn, call, len),
+            _ => {
+                if let Some(main) = &mut self.main {
+                    main.deploy_start(key, conn, call, len);
+                }
+            }
         }
     }
 
     fn stream_end(&mut self, key: usize, conn: &mut Conn) {
         let Role::NodeInbound(i) = conn.role else {
-            return self.main.stream_end(key, conn);
+            if let Some(main) = &mut self.main {
+                main.stream_end(key, conn);
+            }
+            return;
         };
         let Sink::File { xid, what: Streamed::Run { args }, file, error, .. } =
             std::mem::replace(&mut conn.sink, Sink::None)
@@ -721,7 +862,15 @@ impl Server {
     fn carry_out(&mut self, out: Out) {
         match out {
             Out::Answer { key, pieces } => self.answer(key, pieces),
-            Out::Local { node, call } => match call {
+            Out::Send { key, xid, pending, pieces } => {
+                if let Some(Source::Conn(c)) = self.slab.get_mut(key) {
+                    if let Reader::Replies(r) = &mut c.reader {
+                        r.expect(xid, pending);
+                    }
+                }
+                self.send(key, pieces);
+            }
+            Out::Local { local: node, call } => match call {
                 NodeCall::Run { args, archive } => {
                     let ticket = args.ticket;
                     if let Some(fd) = self.nodes.run_local(node, args, &archive) {
@@ -835,9 +984,23 @@ impl Server {
         self.peer_closed(&mut conn);
         log::debug!("connection {key} closed ({:?})", conn.role);
         match conn.role {
-            Role::Client => self.main.coord.conn_closed(key),
-            Role::NodeLink { node, .. } => self.main.link_lost(node),
-            Role::NodeInbound(_) => {}
+            Role::Client => {
+                if let Some(main) = &mut self.main {
+                    main.coord.conn_closed(key);
+                }
+            }
+            Role::NodeLink { node, .. } => {
+                if let Some(main) = &mut self.main {
+                    main.link_lost(node, Instant::now());
+                }
+            }
+            Role::NodeInbound(_) => {
+                if self.node_link == Some(key) {
+                    self.node_link = None;
+                    log::warn!("the main server's link is gone");
+                }
+                self.nodes.link_closed(key);
+            }
         }
     }
 
@@ -900,7 +1063,72 @@ impl Server {
         self.nodes.kill_all();
         self.reap();
         self.nodes.release();
-        self.main.stop();
+        if let Some(main) = &mut self.main {
+            main.stop();
+        }
+    }
+}
+
+/// The work dir, created, as an absolute path (replicas' init mounts over
+/// it by path).
+fn work_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create work dir {}: {e}", dir.display()))?;
+    fs::canonicalize(dir).map_err(|e| format!("cannot resolve work dir {}: {e}", dir.display()))
+}
+
+/// A remote node's address (a name is looked up once, at start).
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve node {host}:{port}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("node {host}:{port} has no address"))
+}
+
+/// Signals arrive as readable events, never as handlers.
+fn block_signals() -> Result<SignalFd, String> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGTERM);
+    // Started under nohup, SIGHUP is ignored: leave it so (blocked, it
+    // would be queued for the signalfd and stop us when the terminal goes).
+    if !ignored(Signal::SIGHUP) {
+        mask.add(Signal::SIGHUP);
+    }
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| format!("cannot create signalfd: {e}"))?;
+    // Orphaned descendants of replicas are re-parented to us, so we reap them.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        log::warn!("cannot become a child subreaper: {e}");
+    }
+    Ok(signals)
+}
+
+/// Keepalive idle, interval and probes on node links, and how long sent
+/// data may stay unacknowledged: a silent network drop is noticed within
+/// `LINK_DEAD_WITHIN` (EOF or RST at once).
+const KEEPALIVE_IDLE_SECS: u32 = 5;
+const KEEPALIVE_INTERVAL_SECS: u32 = 2;
+const KEEPALIVE_PROBES: u32 = 3;
+/// idle + interval * probes = 11 s when quiet; TCP_USER_TIMEOUT bounds a
+/// link with data in flight.
+pub const LINK_DEAD_WITHIN: Duration = Duration::from_secs(15);
+
+/// Short TCP keepalive (and a user timeout) on a node link, best effort.
+fn keepalive(stream: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let user_timeout = LINK_DEAD_WITHIN.as_millis() as u32;
+    let set = setsockopt(stream, sockopt::KeepAlive, &true)
+        .and_then(|_| setsockopt(stream, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_SECS))
+        .and_then(|_| setsockopt(stream, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_SECS))
+        .and_then(|_| setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES))
+        .and_then(|_| setsockopt(stream, sockopt::TcpUserTimeout, &user_timeout));
+    if let Err(e) = set {
+        log::warn!("cannot set keepalive on a node link: {e}");
     }
 }
 

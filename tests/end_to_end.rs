@@ -280,8 +280,9 @@ fn unretrieved_tickets_expire_with_a_clear_answer() {
     wait_until("the expired ticket's workspace is gone", || node_leftovers(&c).is_empty());
 }
 
-/// TCP connections (any state but LISTEN) with `port` at either end, from
-/// /proc/net/tcp and tcp6 (ports are hex, after the colon).
+/// Established TCP connections with `port` at either end, from
+/// /proc/net/tcp and tcp6 (ports are hex, after the colon; state 01).
+/// TIME_WAIT leftovers of other tests' clients do not count.
 fn tcp_connections_on(port: u16) -> usize {
     let hex = format!(":{port:04X}");
     ["/proc/net/tcp", "/proc/net/tcp6"]
@@ -290,7 +291,7 @@ fn tcp_connections_on(port: u16) -> usize {
         .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
         .filter(|line| {
             let cols: Vec<&str> = line.split_whitespace().collect();
-            cols.len() > 3 && cols[3] != "0A" && (cols[1].ends_with(&hex) || cols[2].ends_with(&hex))
+            cols.len() > 3 && cols[3] == "01" && (cols[1].ends_with(&hex) || cols[2].ends_with(&hex))
         })
         .count()
 }

@@ -1,4 +1,6 @@
-//! `cloud-server`: the main server and its side nodes in one reactor.
+//! `cloud-server`: the main server and its local side nodes in one
+//! reactor; `cloud-server node --listen HOST:PORT`: one node alone, for a
+//! main server elsewhere (a `HOST:PORT` line of its nodes file).
 //!
 //! Also owns the locks that keep servers apart: one server per work dir
 //! (`<work-dir>/server.lock`), and no slot uid shared by two servers on one
@@ -14,7 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use cloudinfra::config::NodesFile;
+use cloudinfra::config::{NodeKind, NodeSpec, NodesFile};
 use cloudinfra::extract::ExtractLimits;
 use cloudinfra::server::{Server, ServerConfig};
 use cloudinfra::spawn::{Containment, JobLimits};
@@ -31,7 +33,9 @@ use nix::unistd::{Gid, Uid, User};
 #[derive(Parser, Debug)]
 #[command(name = "cloud-server", version)]
 struct Args {
-    /// Nodes file: first line N, then N lines each with one unique port.
+    /// Nodes file: first line N, then N lines each PORT (a node in this
+    /// process), HOST:PORT (a `cloud-server node`) or slurm:PARTITION,
+    /// optionally followed by slots=K.
     #[arg(long, value_name = "FILE", default_value = "cloud_nodes.txt")]
     nodes: PathBuf,
     /// Address clients connect to, IP:PORT (port 0 picks a free port; the ready line shows it).
@@ -41,6 +45,10 @@ struct Args {
     /// ticket counter (tickets) live; one server per work dir (server.lock).
     #[arg(long, value_name = "DIR", default_value = "work")]
     work_dir: PathBuf,
+    /// A replica lost with its node (link broken) runs again on another node,
+    /// keeping its place at the head of the queue, instead of ending INVALID.
+    #[arg(long)]
+    requeue_lost: bool,
     /// Jobs that may wait for nodes before deploys get "queue full".
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_queue: usize,
@@ -48,6 +56,65 @@ struct Args {
     /// not yet retrieved): each keeps its outputs on disk until it expires.
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_tickets_per_user: usize,
+    /// Seconds a finished job waits to be retrieved before it is closed and
+    /// its outputs discarded (later calls get CLOUD_EXPIRED); 0 keeps it forever.
+    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    ticket_ttl: u64,
+    /// Client connections held at once; at the limit the one idle the longest
+    /// is closed to make room. Lowered to what RLIMIT_NOFILE leaves room for.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Seconds a client connection may sit with no call in progress and no
+    /// reply owed before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
+    /// Seconds a call being received (or a reply being sent) may go without
+    /// 64 KiB of progress before the connection is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    call_timeout: u64,
+    /// Without root, replicas run as this server's own user, so by default
+    /// only that user (and root) may deploy; this lets every local user
+    /// deploy, with that user's file permissions (see docs/SECURITY.md).
+    #[arg(long)]
+    allow_other_users: bool,
+    #[command(flatten)]
+    job: JobFlags,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Run one node alone, serving NODE_PROG to the main server that
+    /// connects to it (a `HOST:PORT` line of its nodes file).
+    Node(NodeArgs),
+}
+
+/// `cloud-server node --listen HOST:PORT`: its port names the node
+/// (`output_PORT/` under the work dir).
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    /// Address the main server connects to, IP:PORT. Without node
+    /// authentication it must be a loopback address (127.x.x.x, ::1).
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Where the node's workspaces (output_PORT/) live; one server or node per work dir.
+    #[arg(long, value_name = "DIR", default_value = "work")]
+    work_dir: PathBuf,
+    /// Shared secret for node authentication (not built yet: refused).
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+    /// Replicas the node may run at once (as `slots=K` on its nodes file line).
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    slots: u32,
+    #[command(flatten)]
+    job: JobFlags,
+}
+
+/// How replicas run: limits, identities, containment (the main server's
+/// local nodes and a `cloud-server node` alike).
+#[derive(clap::Args, Debug, Clone)]
+struct JobFlags {
     /// Largest archive a deploy may send.
     #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
     max_archive: u64,
@@ -82,10 +149,6 @@ struct Args {
     /// Processes of one job: its cgroup's pids limit where there are cgroups, and RLIMIT_NPROC where its uid is its own (slot uids; without root on Linux 5.14+).
     #[arg(long, value_name = "N", default_value_t = 128)]
     max_procs: u64,
-    /// Seconds a finished job waits to be retrieved before it is closed and
-    /// its outputs discarded (later calls get CLOUD_EXPIRED); 0 keeps it forever.
-    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
-    ticket_ttl: u64,
     /// Captured output kept per replica; the rest is dropped after a marker line.
     #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
     max_output: u64,
@@ -101,25 +164,9 @@ struct Args {
     /// Run every node's replicas as --run-as instead of per-node slot uids.
     #[arg(long)]
     no_slot_uids: bool,
-    /// A replica lost with its node (link broken) runs again on another node,
-    /// keeping its place at the head of the queue, instead of ending INVALID.
-    #[arg(long)]
-    requeue_lost: bool,
     /// Let replicas use the host network (default: an empty network namespace).
     #[arg(long)]
     allow_network: bool,
-    /// Client connections held at once; at the limit the one idle the longest
-    /// is closed to make room. Lowered to what RLIMIT_NOFILE leaves room for.
-    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
-    max_connections: u64,
-    /// Seconds a client connection may sit with no call in progress and no
-    /// reply owed before it is closed.
-    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
-    idle_timeout: u64,
-    /// Seconds a call being received (or a reply being sent) may go without
-    /// 64 KiB of progress before the connection is closed.
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    call_timeout: u64,
     /// Size of each replica's private /tmp, /var/tmp and /dev/shm (tmpfs).
     #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
     max_tmp: u64,
@@ -131,11 +178,6 @@ struct Args {
     /// root nor unprivileged user namespaces are available.
     #[arg(long)]
     uncontained: bool,
-    /// Without root, replicas run as this server's own user, so by default
-    /// only that user (and root) may deploy; this lets every local user
-    /// deploy, with that user's file permissions (see docs/SECURITY.md).
-    #[arg(long)]
-    allow_other_users: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -207,27 +249,27 @@ struct Identities {
     summary: String,
 }
 
-fn identities(args: &Args, n: usize) -> Result<Identities, String> {
+fn identities(job: &JobFlags, n: usize) -> Result<Identities, String> {
     if !Uid::effective().is_root() {
         let me = User::from_uid(Uid::effective()).ok().flatten().map_or("this user".into(), |u| u.name);
-        let summary = if args.uncontained {
+        let summary = if job.uncontained {
             format!("not root: replicas run as {me}, without slot uids, RLIMIT_NPROC or network isolation")
         } else {
             format!("not root: replicas run as {me} (uid 0 of a user namespace, no capabilities), without slot uids")
         };
         return Ok(Identities { per_node: vec![None; n], slot_uids: false, summary });
     }
-    if args.no_slot_uids {
-        let user = User::from_name(&args.run_as)
-            .map_err(|e| format!("cannot look up --run-as user '{}': {e}", args.run_as))?
-            .ok_or_else(|| format!("--run-as user '{}' does not exist: create it or pick another", args.run_as))?;
+    if job.no_slot_uids {
+        let user = User::from_name(&job.run_as)
+            .map_err(|e| format!("cannot look up --run-as user '{}': {e}", job.run_as))?
+            .ok_or_else(|| format!("--run-as user '{}' does not exist: create it or pick another", job.run_as))?;
         if user.uid.is_root() {
             return Err("--run-as must not be root: replicas run code the server did not write".into());
         }
         let summary = format!("replicas run as {} (uid {})", user.name, user.uid);
         return Ok(Identities { per_node: vec![Some((user.uid, user.gid)); n], slot_uids: false, summary });
     }
-    let base = args.slot_uids;
+    let base = job.slot_uids;
     if base == 0 || base.checked_add(n as u32).is_none() {
         return Err(format!("--slot-uids {base} is not a usable uid base"));
     }
@@ -385,20 +427,44 @@ fn lock_slot_uids(base: u32, n: usize) -> Result<Vec<Flock<File>>, String> {
         .collect()
 }
 
+/// The main server, or with `cloud-server node` one node alone.
 fn run(args: Args) -> Result<(), String> {
-    let nodes = NodesFile::load(&args.nodes)?;
-    // One identity per slot, node by node (`NodesFile::slot_offset`).
-    let ids = identities(&args, nodes.total_slots())?;
+    let (nodes, nodes_path, listen, work_dir, job, alone) = match &args.command {
+        Some(Command::Node(n)) => {
+            if n.secret_file.is_some() {
+                return Err(
+                    "--secret-file: node authentication is not built yet; run nodes on loopback without it".into()
+                );
+            }
+            let spec = NodeSpec { kind: NodeKind::Local { port: n.listen.port() }, slots: n.slots, line: 1 };
+            (
+                NodesFile { nodes: vec![spec] },
+                PathBuf::from("--listen"),
+                n.listen,
+                n.work_dir.clone(),
+                n.job.clone(),
+                true,
+            )
+        }
+        None => {
+            let nodes = NodesFile::load(&args.nodes)?;
+            (nodes, args.nodes.clone(), args.listen, args.work_dir.clone(), args.job.clone(), false)
+        }
+    };
+    // One identity per slot of the nodes run here, node by node.
+    let local_slots: usize =
+        nodes.nodes.iter().filter(|s| matches!(s.kind, NodeKind::Local { .. })).map(|s| s.slots as usize).sum();
+    let ids = identities(&job, local_slots)?;
     // Held until the process ends.
-    let _work_lock = lock_work_dir(&args.work_dir)?;
-    let _slot_locks = if ids.slot_uids { lock_slot_uids(args.slot_uids, nodes.total_slots())? } else { Vec::new() };
+    let _work_lock = lock_work_dir(&work_dir)?;
+    let _slot_locks = if ids.slot_uids { lock_slot_uids(job.slot_uids, local_slots)? } else { Vec::new() };
     let root = Uid::effective().is_root();
-    let containment = match (args.uncontained, root) {
+    let containment = match (job.uncontained, root) {
         (true, _) => Containment::Uncontained,
         (false, true) => Containment::Namespaces,
         (false, false) => Containment::UserNamespace,
     };
-    let isolate_network = (root || containment != Containment::Uncontained) && !args.allow_network;
+    let isolate_network = (root || containment != Containment::Uncontained) && !job.allow_network;
     let net = if isolate_network { "network isolated (loopback only)" } else { "host network" };
     let contained = match containment {
         Containment::Namespaces if isolate_network => "replicas contained: pid+mount+ipc+net namespaces",
@@ -411,7 +477,7 @@ fn run(args: Args) -> Result<(), String> {
     // it to that user's own jobs unless told otherwise.
     let me = Uid::effective().as_raw();
     let only_deployer = (!root && !args.allow_other_users).then_some(me);
-    if !root && args.allow_other_users && args.allow_network {
+    if !root && args.allow_other_users && job.allow_network {
         // A job's socket would belong to this server's user: it could
         // retrieve and close every ticket that user deployed.
         return Err("--allow-other-users with --allow-network needs root: a job could act as this server's user toward it; drop one of them or run as root".into());
@@ -428,34 +494,30 @@ fn run(args: Args) -> Result<(), String> {
         _ => ", host file system read-only at / only (this kernel lacks mount_setattr, Linux 5.12)",
     };
     let cfg = ServerConfig {
-        nodes_path: args.nodes.clone(),
+        nodes_path,
         nodes,
-        listen: args.listen,
-        work_dir: args.work_dir.clone(),
+        listen,
+        work_dir,
         max_queue: args.max_queue,
         max_tickets_per_user: args.max_tickets_per_user,
-        max_archive: args.max_archive,
+        max_archive: job.max_archive,
         limits: JobLimits {
-            extract: ExtractLimits {
-                max_bytes: args.max_extract,
-                max_entries: args.max_entries,
-                max_path: args.max_path,
-            },
-            cpu_seconds: args.max_cpu,
-            address_space: args.max_memory,
-            open_files: args.max_open_files,
-            file_size: args.max_file_size,
-            processes: (root || nproc_per_userns).then_some(args.max_procs),
+            extract: ExtractLimits { max_bytes: job.max_extract, max_entries: job.max_entries, max_path: job.max_path },
+            cpu_seconds: job.max_cpu,
+            address_space: job.max_memory,
+            open_files: job.max_open_files,
+            file_size: job.max_file_size,
+            processes: (root || nproc_per_userns).then_some(job.max_procs),
             // Only where the uid is the replica's alone: slot uids, or a user
             // namespace per replica where the kernel counts per namespace
             // (the server turns it on for a shared uid without cgroups).
             nproc_rlimit: ids.slot_uids || nproc_per_userns,
-            tmp_bytes: args.max_tmp,
-            disk_bytes: args.max_disk,
+            tmp_bytes: job.max_tmp,
+            disk_bytes: job.max_disk,
         },
-        time_limit: Duration::from_secs(args.time_limit),
-        kill_grace: Duration::from_secs(args.kill_grace),
-        max_output: args.max_output,
+        time_limit: Duration::from_secs(job.time_limit),
+        kill_grace: Duration::from_secs(job.kill_grace),
+        max_output: job.max_output,
         ticket_ttl: (args.ticket_ttl > 0).then(|| Duration::from_secs(args.ticket_ttl)),
         identities: ids.per_node,
         slot_uids: ids.slot_uids,
@@ -472,7 +534,7 @@ fn run(args: Args) -> Result<(), String> {
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
-    let mut server = Server::start(cfg)?;
+    let mut server = if alone { Server::start_node(cfg)? } else { Server::start(cfg)? };
     eprintln!("{}", server.ready_line());
     server.run().map_err(|e| format!("the reactor failed: {e}"))?;
     eprintln!("cloud-server: stopped; every replica killed and reaped");

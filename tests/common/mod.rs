@@ -55,21 +55,53 @@ impl Cluster {
     fn start_full(slots: &[u32], extra: &[&str], tweak: impl Fn(&mut Command)) -> Cluster {
         let nodes = slots.len();
         for _attempt in 0..5 {
-            let dir = tempfile::tempdir().expect("tempdir");
             let ports = free_ports(nodes);
-            let mut text = format!("{nodes}\n");
-            for (p, k) in ports.iter().zip(slots) {
-                match k {
-                    1 => text.push_str(&format!("{p}\n")),
-                    k => text.push_str(&format!("{p} slots={k}\n")),
-                }
-            }
-            let nodes_file = dir.path().join("nodes.txt");
-            std::fs::write(&nodes_file, text).expect("write nodes file");
+            let lines: Vec<String> = ports
+                .iter()
+                .zip(slots)
+                .map(|(p, k)| match k {
+                    1 => p.to_string(),
+                    k => format!("{p} slots={k}"),
+                })
+                .collect();
             // Servers running side by side must not share slot uids (a
             // uid-wide kill in one would hit the other's replicas): derive
             // the base from this cluster's first port, which is unique while held.
-            let slot_base = (1_000_000 + u32::from(ports[0]) * 64).to_string();
+            let slot_base = 1_000_000 + u32::from(ports[0]) * 64;
+            match Self::launch(&lines, ports, slot_base, extra, &tweak) {
+                Ok(c) => return c,
+                Err(got) if got.contains("already in use") => continue,
+                Err(got) => panic!("cloud-server did not start: {got}"),
+            }
+        }
+        panic!("could not find free ports for cloud-server");
+    }
+
+    /// A server whose nodes file lists `lines` (e.g. remote `HOST:PORT`
+    /// nodes): no local ports of its own to pick.
+    pub fn start_lines(lines: &[String], extra: &[&str]) -> Cluster {
+        let slot_base = 1_000_000 + u32::from(free_ports(1)[0]) * 64;
+        Self::launch(lines, Vec::new(), slot_base, extra, &|_| {})
+            .unwrap_or_else(|got| panic!("cloud-server did not start: {got}"))
+    }
+
+    /// Start a server with this nodes file; `Err`: the line it gave up with.
+    fn launch(
+        lines: &[String],
+        ports: Vec<u16>,
+        slot_base: u32,
+        extra: &[&str],
+        tweak: &dyn Fn(&mut Command),
+    ) -> Result<Cluster, String> {
+        {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut text = format!("{}\n", lines.len());
+            for l in lines {
+                text.push_str(&format!("{l}\n"));
+            }
+            let nodes_file = dir.path().join("nodes.txt");
+            std::fs::write(&nodes_file, text).expect("write nodes file");
+            let slot_base = slot_base.to_string();
             let mut cmd = Command::new(SERVER);
             cmd.args(["--slot-uids", &slot_base])
                 .arg("--nodes")
@@ -104,14 +136,11 @@ impl Cluster {
                         sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
                     }
                 });
-                return Cluster { child, addr, ports, dir, log, log_reader: Some(reader) };
+                return Ok(Cluster { child, addr, ports, dir, log, log_reader: Some(reader) });
             }
             let _ = child.wait();
-            if !got.contains("already in use") {
-                panic!("cloud-server did not start: {got}");
-            }
+            Err(got)
         }
-        panic!("could not find free ports for cloud-server");
     }
 
     pub fn pid(&self) -> u32 {
