@@ -23,7 +23,7 @@
 //! one is due, short TCP keepalive and TCP_USER_TIMEOUT on both ends
 //! (`LINK_DEAD_WITHIN`). As `cloud-server node` (`start_node`) there is no
 //! main service: the listener takes the main server's link (its own user's
-//! only; the newest wins) and the node service serves it.
+//! only) and the node service serves it.
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`), what calls mean.
 
@@ -142,9 +142,6 @@ pub struct Server {
     /// The main server role; `None` in a `cloud-server node`.
     main: Option<MainService>,
     nodes: NodeService,
-    /// A `cloud-server node`'s link from its main server (the newest one
-    /// accepted; an older one is closed).
-    node_link: Option<usize>,
     local_addr: SocketAddr,
     max_archive: u64,
     rbuf: Vec<u8>,
@@ -327,7 +324,6 @@ impl Server {
             summary: format!("{}; {}", cfg.sandbox_summary, nodes.cgroup_summary),
             main,
             nodes,
-            node_link: None,
             local_addr,
             max_archive: cfg.max_archive,
             rbuf: vec![0; 64 * 1024],
@@ -533,7 +529,11 @@ impl Server {
 
     /// A `cloud-server node`: a connection from its main server. Without
     /// node authentication, only a peer of this process's own user is
-    /// served (the kernel's answer, as for clients); the newest link wins.
+    /// served (the kernel's answer, as for clients). Branch `auth`: the
+    /// node's side of the handshake goes here (a link is served once it
+    /// has answered the challenge). Each link's replicas are its own: a
+    /// second link (a main server restarted before the first link's end
+    /// was seen) does not disturb the first.
     fn accept_link(&mut self, stream: TcpStream, peer: SocketAddr) {
         let me = nix::unistd::Uid::effective().as_raw();
         let id = stream.local_addr().map_or(PeerId::Unverified, |local| peer::identify(peer, local));
@@ -544,13 +544,7 @@ impl Server {
         let _ = stream.set_nodelay(true);
         keepalive(&stream);
         match self.add_conn(stream, Role::NodeInbound(0), id, false) {
-            Ok(key) => {
-                log::info!("link from the main server at {peer} is up");
-                if let Some(old) = self.node_link.replace(key) {
-                    log::warn!("a new link replaces connection {old}");
-                    self.close_conn(old);
-                }
-            }
+            Ok(key) => log::info!("link from the main server at {peer} is up (connection {key})"),
             Err(e) => log::warn!("cannot register connection from {peer}: {e}"),
         }
     }
@@ -995,10 +989,7 @@ impl Server {
                 }
             }
             Role::NodeInbound(_) => {
-                if self.node_link == Some(key) {
-                    self.node_link = None;
-                    log::warn!("the main server's link is gone");
-                }
+                log::warn!("a link from the main server is gone (connection {key})");
                 self.nodes.link_closed(key);
             }
         }
