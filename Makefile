@@ -6,7 +6,7 @@ RELEASE := target/release
 CLIENT_LINKS := client/cloud client/deploy client/status client/retrieve
 # Where `make runserver` listens and which nodes it runs; on a shared machine
 # pick free ones: make runserver LISTEN=127.0.0.1:9100 NODES=my_nodes.txt
-# SERVER_ARGS="--slot-uids 62000" (see README.md, "On a shared machine").
+# SERVER_ARGS="--time-limit 60" (see README.md, "On a shared machine").
 LISTEN ?= 127.0.0.1:9000
 NODES ?= cloud_nodes.txt
 SERVER_ARGS ?=

@@ -1,7 +1,7 @@
 //! Reading `cloud_nodes.txt`: first line N, then N node lines.
 //!
 //! A node line is `PORT` (a node in the server's own process, on
-//! 127.0.0.1:PORT), `HOST:PORT` (a `cloud-server node` elsewhere; an IPv6
+//! 127.0.0.1:PORT; `0` takes a free port, named once bound), `HOST:PORT` (a `cloud-server node` elsewhere; an IPv6
 //! host in brackets, `[::1]:9001`) or `slurm:PARTITION`, each optionally
 //! followed by `slots=K` (K >= 1, default 1). The original format (N, then
 //! N ports) is the first kind only. Blank lines are skipped.
@@ -77,7 +77,8 @@ impl NodesFile {
                 return Err(format!("line {line}: more nodes than the {n} announced on line {first}"));
             }
             let spec = parse_line(line, text)?;
-            if !matches!(spec.kind, NodeKind::Slurm { .. }) {
+            // Port 0 (any free port) may repeat: each gets its own.
+            if !matches!(spec.kind, NodeKind::Slurm { .. } | NodeKind::Local { port: 0 }) {
                 if let Some(other) = nodes.iter().find(|o| o.kind == spec.kind) {
                     return Err(format!("line {line}: {} is a duplicate of line {}", describe(&spec), other.line));
                 }
@@ -160,7 +161,11 @@ fn parse_line(line: usize, text: &str) -> Result<NodeSpec, String> {
         };
         NodeKind::Remote { host, port }
     } else {
-        NodeKind::Local { port: parse_port(line, what, what)? }
+        // 0: a free port, picked when the server binds it.
+        match what {
+            "0" => NodeKind::Local { port: 0 },
+            _ => NodeKind::Local { port: parse_port(line, what, what)? },
+        }
     };
     Ok(NodeSpec { kind, slots, line })
 }

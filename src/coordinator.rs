@@ -657,6 +657,13 @@ impl Coordinator {
         self.start_ready();
     }
 
+    /// Node i is not reachable yet at start (a remote node before its link
+    /// is up): it takes no work until `node_up`; nothing was lost.
+    pub fn node_not_up_yet(&mut self, node: NodeId) {
+        let none = self.sched.node_down(node, false, "", "");
+        debug_assert!(none.failed.is_empty() && none.requeued.is_empty());
+    }
+
     /// A node is reachable again: it takes work.
     pub fn node_up(&mut self, node: NodeId, _now: Instant) {
         if !self.sched.is_up(node) {

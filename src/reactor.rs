@@ -203,6 +203,17 @@ impl Server {
                 }
             }
         }
+        // Local nodes' ports, held: port 0 takes a free one, which then
+        // names the node (`make demo`, tests).
+        let mut node_listeners = Vec::with_capacity(locals.len());
+        let mut node_names: Vec<String> = cfg.nodes.nodes.iter().map(NodeSpec::name).collect();
+        for (&i, (port, _)) in locals.iter().zip(&mut local_ports) {
+            let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+            let l = TcpListener::bind(addr).map_err(|e| bind_error(e, addr, &line(&cfg.nodes.nodes[i])))?;
+            *port = l.local_addr().map_err(|e| format!("{}: {e}", line(&cfg.nodes.nodes[i])))?.port();
+            node_names[i] = format!("127.0.0.1:{port}");
+            node_listeners.push(l);
+        }
         let work_dir = work_dir(&cfg.work_dir)?;
         let nodes = NodeService::start(&cfg, &work_dir, &local_ports)?;
         let spool = work_dir.join("spool");
@@ -211,13 +222,6 @@ impl Server {
 
         let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
         let clients = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
-        let mut node_listeners = Vec::with_capacity(locals.len());
-        for (&i, &(port, _)) in locals.iter().zip(&local_ports) {
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let l = TcpListener::bind(addr).map_err(|e| bind_error(e, addr, &line(&cfg.nodes.nodes[i])))?;
-            node_listeners.push(l);
-        }
-        let node_names: Vec<String> = cfg.nodes.nodes.iter().map(NodeSpec::name).collect();
 
         let (tickets, next_ticket) = TicketStore::open(&cfg.work_dir)?;
         log::info!("tickets continue from {next_ticket}");
@@ -237,7 +241,7 @@ impl Server {
         // Remote nodes take work once their link is up.
         for (i, link) in links.iter().enumerate() {
             if matches!(link, Link::Remote(_)) {
-                coord.node_down(i, now);
+                coord.node_not_up_yet(i);
             }
         }
         let main = MainService {

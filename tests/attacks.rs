@@ -717,7 +717,10 @@ fn slot_uids_that_belong_to_host_accounts_are_refused() {
             .arg("--work-dir")
             .arg(dir.path().join("work")),
     );
-    assert!(first.contains(&format!("uid 1 is user {daemon}'s")) && first.contains("pick another base"), "{first}");
+    assert!(
+        first.contains(&format!("uid 1 is user {daemon}'s")) && first.contains("pick another --slot-uids base"),
+        "{first}"
+    );
 }
 
 /// A perl DEPLOY of `Makefile` to 127.0.0.1:`port`, as the uid it runs as;

@@ -509,3 +509,45 @@ fn the_same_deploy_uploaded_on_two_connections_at_once_makes_one_job() {
     assert_eq!(tickets[0], tickets[1], "two jobs from one call");
     assert_eq!(c.deploy(1, &job(c.dir.path(), "then.tar.gz", &["@true"])), tickets[0] + 1);
 }
+
+/// The slot uid range a ready line names ("slot uids A..B").
+fn slot_range(ready: &str) -> std::ops::RangeInclusive<u32> {
+    let r = ready.split("slot uids ").nth(1).and_then(|r| r.split([',', ';', ' ']).next()).expect("slot uids");
+    let (a, b) = r.split_once("..").expect("A..B");
+    a.parse().unwrap()..=b.parse().unwrap()
+}
+
+#[test]
+fn servers_without_slot_uids_given_take_blocks_of_their_own() {
+    if !need_root("servers_without_slot_uids_given_take_blocks_of_their_own") {
+        return;
+    }
+    // Two students' servers on one lab machine, neither naming a base.
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        let nodes = nodes_file(dir.path(), 2);
+        let mut child = Reaped(
+            Command::new(SERVER)
+                .args(["--listen", "127.0.0.1:0", "--nodes"])
+                .arg(&nodes)
+                .arg("--work-dir")
+                .arg(dir.path().join(name))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut lines = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while lines.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("listening on") {
+            assert!(!line.starts_with("cloud-server:"), "refused: {line}");
+            line.clear();
+        }
+        (child, line, lines)
+    };
+    let (_a, first, _la) = start("a");
+    let (_b, second, _lb) = start("b");
+    let (x, y) = (slot_range(&first), slot_range(&second));
+    assert!(x.end() < y.start() || y.end() < x.start(), "{first}\n{second}");
+}

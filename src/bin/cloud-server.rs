@@ -157,10 +157,11 @@ struct JobFlags {
     run_as: String,
     /// When root: each node slot runs replicas as a uid and gid of its own,
     /// BASE, BASE+1, ... in node order (node i slot s: BASE + the slots of
-    /// nodes before i + s; no passwd entry needed). Two servers on one host
-    /// need bases at least their total slots apart.
-    #[arg(long, value_name = "BASE", default_value_t = 61000)]
-    slot_uids: u32,
+    /// nodes before i + s; no passwd entry needed). Without this option the
+    /// first free block from 61000 up is taken (another server's block, or
+    /// host accounts, are skipped); with it, exactly BASE or a refusal.
+    #[arg(long, value_name = "BASE")]
+    slot_uids: Option<u32>,
     /// Run every node's replicas as --run-as instead of per-node slot uids.
     #[arg(long)]
     no_slot_uids: bool,
@@ -247,7 +248,14 @@ struct Identities {
     slot_uids: bool,
     /// For the ready line.
     summary: String,
+    /// The slot uids' locks, held until the process ends.
+    _locks: Vec<Flock<File>>,
 }
+
+/// Where slot uid blocks are looked for without `--slot-uids`.
+const DEFAULT_SLOT_BASE: u32 = 61000;
+/// Blocks tried from there before giving up.
+const SLOT_BLOCKS_TRIED: u32 = 64;
 
 fn identities(job: &JobFlags, n: usize) -> Result<Identities, String> {
     if !Uid::effective().is_root() {
@@ -257,7 +265,7 @@ fn identities(job: &JobFlags, n: usize) -> Result<Identities, String> {
         } else {
             format!("not root: replicas run as {me} (uid 0 of a user namespace, no capabilities), without slot uids")
         };
-        return Ok(Identities { per_node: vec![None; n], slot_uids: false, summary });
+        return Ok(Identities { per_node: vec![None; n], slot_uids: false, summary, _locks: Vec::new() });
     }
     if job.no_slot_uids {
         let user = User::from_name(&job.run_as)
@@ -267,9 +275,38 @@ fn identities(job: &JobFlags, n: usize) -> Result<Identities, String> {
             return Err("--run-as must not be root: replicas run code the server did not write".into());
         }
         let summary = format!("replicas run as {} (uid {})", user.name, user.uid);
-        return Ok(Identities { per_node: vec![Some((user.uid, user.gid)); n], slot_uids: false, summary });
+        let per_node = vec![Some((user.uid, user.gid)); n];
+        return Ok(Identities { per_node, slot_uids: false, summary, _locks: Vec::new() });
     }
-    let base = job.slot_uids;
+    // The operator's base, or the first usable block from the default up
+    // (two servers on one host then never share a slot uid by accident).
+    let (bases, explicit): (Vec<u32>, bool) = match job.slot_uids {
+        Some(base) => (vec![base], true),
+        None => ((0..SLOT_BLOCKS_TRIED).map(|k| DEFAULT_SLOT_BASE + k * n.max(1) as u32).collect(), false),
+    };
+    let mut why = String::new();
+    for base in bases {
+        match slot_block(base, n) {
+            Ok(locks) => {
+                let ids = (0..n as u32).map(|i| Some((Uid::from_raw(base + i), Gid::from_raw(base + i)))).collect();
+                let summary = format!("replicas run as slot uids {}..{}", base, base + n as u32 - 1);
+                return Ok(Identities { per_node: ids, slot_uids: true, summary, _locks: locks });
+            }
+            Err(e) if explicit => return Err(format!("{e}: pick another --slot-uids base")),
+            Err(e) => {
+                log::info!("{e}; taking the next block of slot uids");
+                why = e;
+            }
+        }
+    }
+    Err(format!(
+        "no free block of {n} slot uids from {DEFAULT_SLOT_BASE} up (last: {why}); pick one with --slot-uids BASE"
+    ))
+}
+
+/// Check and lock slot uids `base..base + n`: they must belong to no host
+/// account and to no other server here.
+fn slot_block(base: u32, n: usize) -> Result<Vec<Flock<File>>, String> {
     if base == 0 || base.checked_add(n as u32).is_none() {
         return Err(format!("--slot-uids {base} is not a usable uid base"));
     }
@@ -284,13 +321,11 @@ fn identities(job: &JobFlags, n: usize) -> Result<Identities, String> {
         };
         if let Some(taken) = taken {
             return Err(format!(
-                "--slot-uids {base}: {taken}; slot uids must be unused (replicas run as them, and each start kills their processes): pick another base"
+                "--slot-uids {base}: {taken}; slot uids must be unused (replicas run as them, and each start kills their processes)"
             ));
         }
     }
-    let ids = (0..n as u32).map(|i| Some((Uid::from_raw(base + i), Gid::from_raw(base + i)))).collect();
-    let summary = format!("replicas run as slot uids {}..{}", base, base + n as u32 - 1);
-    Ok(Identities { per_node: ids, slot_uids: true, summary })
+    lock_slot_uids(base, n)
 }
 
 /// Lock `path` exclusively without waiting, and write our pid into it.
@@ -419,7 +454,7 @@ fn lock_slot_uids(base: u32, n: usize) -> Result<Vec<Flock<File>>, String> {
             let uid = base + i;
             lock_file(&dir.join(format!("slot-{uid}.lock"))).map_err(|e| match e {
                 Ok(pid) => {
-                    format!("slot uid {uid} is in use by cloud-server pid {pid}: pick another --slot-uids base")
+                    format!("slot uid {uid} is in use by cloud-server pid {pid}")
                 }
                 Err(e) => format!("cannot lock slot uid {uid} in {}: {e}", dir.display()),
             })
@@ -457,7 +492,7 @@ fn run(args: Args) -> Result<(), String> {
     let ids = identities(&job, local_slots)?;
     // Held until the process ends.
     let _work_lock = lock_work_dir(&work_dir)?;
-    let _slot_locks = if ids.slot_uids { lock_slot_uids(job.slot_uids, local_slots)? } else { Vec::new() };
+    // `ids._locks` (the slot uids') are held until the process ends, too.
     let root = Uid::effective().is_root();
     let containment = match (job.uncontained, root) {
         (true, _) => Containment::Uncontained,
