@@ -564,6 +564,34 @@ impl Coordinator {
         self.start_ready();
     }
 
+    /// The cluster as the live page shows it (`http`): asked only while a
+    /// browser is subscribed.
+    pub fn cluster_view(&self) -> crate::http::ClusterView {
+        use crate::http::{ClusterView, NodeView, QueuedView};
+        let nodes = (0..self.node_names.len())
+            .map(|i| {
+                let used = self.sched.node_use(i);
+                NodeView {
+                    name: self.node_names[i].clone(),
+                    down: used.is_none(),
+                    slots: 1,
+                    running: used.flatten().into_iter().collect(),
+                }
+            })
+            .collect();
+        let queue = self
+            .sched
+            .waiting()
+            .map(|j| QueuedView {
+                ticket: j.ticket,
+                replicas: j.replicas.len() as u32,
+                owner: self.owners.get(&j.ticket).copied(),
+            })
+            .collect();
+        let jobs = self.sched.jobs().map(|j| (j.ticket, j.replicas.iter().map(|r| r.state).collect())).collect();
+        ClusterView { nodes, queue, jobs }
+    }
+
     pub fn job_state(&self, ticket: Ticket) -> Option<JobState> {
         self.sched.job(ticket).map(|j| j.state())
     }

@@ -33,6 +33,8 @@
 //!   spool file a streamed opaque goes to, lingering close.
 //! - [`config`] - `cloud_nodes.txt`.
 //! - [`client`] - a blocking client for the command-line programs.
+//! - [`portmap`] - registration with the local rpcbind (`--register`).
+//! - [`http`] - the live page (`--http`): requests and SSE frames, sans-I/O.
 
 pub mod archive_check;
 pub mod cgroup;
@@ -42,8 +44,10 @@ mod conn;
 pub mod coordinator;
 pub mod drc;
 pub mod extract;
+pub mod http;
 pub mod node;
 pub mod peer;
+pub mod portmap;
 pub mod proto;
 pub mod record;
 pub mod rpc;

@@ -142,6 +142,21 @@ impl Scheduler {
         self.free.iter().copied()
     }
 
+    /// What node i does now: `None` if lost, else the replica it runs, if any.
+    pub fn node_use(&self, node: NodeId) -> Option<Option<(Ticket, u32)>> {
+        (!self.lost.contains(&node)).then(|| self.busy.get(&node).copied())
+    }
+
+    /// Waiting jobs, in queue order.
+    pub fn waiting(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.waiting.iter().filter_map(|t| self.jobs.get(t))
+    }
+
+    /// Every job not yet closed, by ticket.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.jobs.values()
+    }
+
     /// 1-based position in the wait queue, 0 if not waiting.
     pub fn queue_position(&self, ticket: Ticket) -> u32 {
         self.waiting.iter().position(|&t| t == ticket).map_or(0, |p| p as u32 + 1)
