@@ -35,6 +35,7 @@
 //! - [`client`] - a blocking client for the command-line programs.
 //! - [`portmap`] - registration with the local rpcbind (`--register`).
 //! - [`http`] - the live page (`--http`): requests and SSE frames, sans-I/O.
+//! - [`live`] - the live page's sockets, driven from the reactor.
 
 pub mod archive_check;
 pub mod cgroup;
@@ -45,6 +46,7 @@ pub mod coordinator;
 pub mod drc;
 pub mod extract;
 pub mod http;
+pub mod live;
 pub mod node;
 pub mod peer;
 pub mod portmap;

@@ -100,6 +100,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// A call being received, or a reply being sent, must progress within this.
     pub call_timeout: Duration,
+    /// The live page's loopback address (`--http`), if any.
+    pub http: Option<SocketAddr>,
 }
 
 /// Descriptors kept back from `--max-connections`: listeners, signalfd,
@@ -171,6 +173,8 @@ pub struct Server {
     warned_full: bool,
     /// Logged once serving starts, after the ready line.
     limits_line: String,
+    /// The live page (`--http`): its own tokens from `live::TOKEN_BASE`.
+    live: Option<crate::live::Live>,
 }
 
 fn first_key(nodes: usize) -> usize {
@@ -318,6 +322,8 @@ impl Server {
             cfg.call_timeout.as_secs()
         );
         let reserve = File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
+        // live page
+        let live = cfg.http.map(|addr| crate::live::Live::start(addr, poll.registry())).transpose()?;
         let mut server = Server {
             poll,
             slab: Slab::new(),
@@ -350,6 +356,7 @@ impl Server {
             warned_fds: false,
             warned_full: false,
             limits_line,
+            live,
         };
         server.link_nodes()?;
         Ok(server)
@@ -421,6 +428,9 @@ impl Server {
     /// Serve until SIGINT, SIGTERM or SIGHUP, then stop every replica.
     pub fn run(&mut self) -> io::Result<()> {
         log::info!("{}", self.limits_line);
+        if let Some(addr) = self.live.as_ref().and_then(|l| l.local_addr().ok()) {
+            log::info!("live page at http://{addr}/"); // live page
+        }
         let mut events = Events::with_capacity(256);
         while !self.shutdown {
             let timeout = self.next_timeout();
@@ -454,6 +464,11 @@ impl Server {
                 self.close_conn(key);
             }
             self.settle();
+            // live page
+            if let Some(live) = &mut self.live {
+                live.on_timer(now, self.poll.registry());
+                live.after_turn(self.poll.registry(), &|| self.coord.cluster_view());
+            }
         }
         self.stop();
         Ok(())
@@ -468,13 +483,20 @@ impl Server {
         let now = Instant::now();
         let nodes = self.nodes.iter().filter_map(|n| n.deadline());
         let conns = self.timers.next_deadline();
-        nodes.chain(self.coord.next_deadline()).chain(conns).min().map(|d| d.saturating_duration_since(now))
+        let live = self.live.as_ref().and_then(|l| l.deadline()); // live page
+        nodes.chain(self.coord.next_deadline()).chain(conns).chain(live).min().map(|d| d.saturating_duration_since(now))
     }
 
     fn dispatch(&mut self, token: Token) {
         match token {
             SIGNALS => self.on_signals(),
             CLIENTS => self.accept(None),
+            // live page
+            t if crate::live::Live::owns(t) => {
+                if let Some(live) = &mut self.live {
+                    live.on_event(t, self.poll.registry(), &|| self.coord.cluster_view());
+                }
+            }
             Token(t) if t < first_key(self.nodes.len()) => self.accept(Some(t - NODE_LISTENER_BASE)),
             Token(t) => {
                 let key = t - first_key(self.nodes.len());
