@@ -2,7 +2,9 @@
 //! CLOUD_PROG, `rpcinfo -t` pings it, and after a clean stop it is gone.
 //! Everything runs in private network and mount namespaces (`unshare -n -m`,
 //! a tmpfs on /run for rpcbind's socket and lock), so the machine's own
-//! rpcbind, if any, is never touched. Needs root (CI runs as root).
+//! rpcbind, if any, is never touched. The course's C client (rpcgen stubs,
+//! `clnt_create(host, PROG, VERS, "tcp")`) finds the server the same way.
+//! Needs root (CI runs as root).
 
 mod common;
 
@@ -49,11 +51,39 @@ echo "== rpcinfo -p"
 rpcinfo -p
 echo "== rpcinfo -t"
 rpcinfo -t 127.0.0.1 536920333 1 && echo "PING OK"
+echo "== clnt_create"
+"$CLNT" 127.0.0.1 4000000000; echo "client exit $?"
 kill -TERM $S; wait $S; echo "server exit $?"
 echo "== after stop"
 rpcinfo -p
 kill $RB
 "#;
+
+/// rpcgen's stubs for docs/cloud.x and tests/interop/cloud_portmap.c, on
+/// libtirpc (as tests/interop.rs builds them; .ci/run installs the tools).
+fn build_course_client(d: &Path) -> std::path::PathBuf {
+    let root = env!("CARGO_MANIFEST_DIR");
+    std::fs::copy(format!("{root}/docs/cloud.x"), d.join("cloud.x")).unwrap();
+    std::fs::copy(format!("{root}/tests/interop/cloud_portmap.c"), d.join("cloud_portmap.c")).unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd.current_dir(d).output().expect("run a build tool (rpcgen, cc)");
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    for (flag, out) in [("-h", "cloud.h"), ("-c", "cloud_xdr.c"), ("-l", "cloud_clnt.c")] {
+        run(Command::new("rpcgen").args([flag, "-o", out, "cloud.x"]));
+    }
+    run(Command::new("cc").args([
+        "-D_GNU_SOURCE",
+        "-I/usr/include/tirpc",
+        "-o",
+        "cloud_portmap",
+        "cloud_portmap.c",
+        "cloud_clnt.c",
+        "cloud_xdr.c",
+        "-ltirpc",
+    ]));
+    d.join("cloud_portmap")
+}
 
 fn have(tool: &str) -> bool {
     ["/usr/sbin", "/usr/bin", "/sbin", "/bin"].iter().any(|d| Path::new(d).join(tool).exists())
@@ -65,20 +95,22 @@ fn register_lists_the_server_with_rpcbind_and_unsets_it_at_stop() {
     if !need_root(test) {
         return;
     }
-    for tool in ["rpcbind", "rpcinfo", "unshare", "ip"] {
+    for tool in ["rpcbind", "rpcinfo", "unshare", "ip", "rpcgen", "cc"] {
         if !have(tool) {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{test} needs {tool} (.ci/run installs rpcbind, util-linux, iproute2)");
+                panic!("{test} needs {tool} (.ci/run installs rpcbind, util-linux, iproute2, rpcsvc-proto, gcc)");
             }
             eprintln!("SKIPPED {test}: no {tool}");
             return;
         }
     }
     let dir = tempfile::tempdir().unwrap();
+    let clnt = build_course_client(dir.path());
     let out = Command::new("timeout")
         .args(["120", "unshare", "-n", "-m", "sh", "-c", SCRIPT])
         .env("SERVER", SERVER)
         .env("DIR", dir.path())
+        .env("CLNT", &clnt)
         .output()
         .expect("run unshare");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -111,6 +143,10 @@ fn register_lists_the_server_with_rpcbind_and_unsets_it_at_stop() {
         "rpcinfo -p lists CLOUD_PROG on TCP at our port {port}: {text}"
     );
     assert!(section("rpcinfo -t").contains("program 536920333 version 1 ready and waiting"), "{text}");
+    // The course's own client code, unchanged: clnt_create through the portmapper.
+    let course = section("clnt_create");
+    assert!(course.contains("clnt_create found the server; STATUS 4000000000: stat 1 ("), "{text}");
+    assert!(course.contains("client exit 0"), "{text}");
     assert!(text.contains("server exit 0"), "{text}");
     let after = section("after stop");
     assert!(after.contains("portmapper") && !after.contains("536920333"), "unset at stop: {text}");
