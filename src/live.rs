@@ -5,7 +5,9 @@
 //! the SSE streams. Sockets are registered edge-triggered for both
 //! directions once (no reregistration per write). At most
 //! `MAX_CONNECTIONS` browsers at once (more are accepted and closed); a
-//! browser that sends more than a request's worth is closed. The
+//! browser that sends more than a request's worth, or takes over
+//! `REQUEST_TIMEOUT` to send a request and take the answer (event streams
+//! excepted), is closed. The
 //! coordinator's view is asked for only when a request arrives or while
 //! someone is subscribed, so without the page the per-job path is untouched.
 //! Must not touch: the RPC connections, job rules, the HTTP rules (`http`).
@@ -26,10 +28,21 @@ pub const TOKEN_BASE: usize = usize::MAX / 2;
 pub const MAX_CONNECTIONS: usize = 64;
 /// Bytes read from a browser before it is closed as not a browser.
 const MAX_READ: usize = 4 * MAX_REQUEST;
+/// A browser must have sent its request and taken its answer (all but an
+/// event stream) within this, or it is closed (a slowloris holds no slot).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One browser: its socket, its HTTP state, bytes read, when it came.
+struct Browser {
+    stream: TcpStream,
+    conn: HttpConn,
+    read: usize,
+    since: Instant,
+}
 
 pub struct Live {
     listener: TcpListener,
-    conns: Slab<(TcpStream, HttpConn, usize)>,
+    conns: Slab<Browser>,
     hub: EventHub,
     keepalive_at: Option<Instant>,
     buf: Vec<u8>,
@@ -58,7 +71,7 @@ impl Live {
     }
 
     fn subscribers(&self) -> bool {
-        self.conns.iter().any(|(_, (_, c, _))| c.subscribed())
+        self.conns.iter().any(|(_, b)| b.conn.subscribed())
     }
 
     /// A readiness event for one of our tokens.
@@ -67,7 +80,7 @@ impl Live {
             return self.accept(registry);
         }
         let key = token.0 - TOKEN_BASE - 1;
-        let Some((stream, conn, read)) = self.conns.get_mut(key) else { return };
+        let Some(Browser { stream, conn, read, .. }) = self.conns.get_mut(key) else { return };
         let mut close = false;
         let (mut refreshed, mut changed) = (false, false);
         loop {
@@ -120,7 +133,7 @@ impl Live {
                     let entry = self.conns.vacant_entry();
                     let token = Token(TOKEN_BASE + 1 + entry.key());
                     if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_ok() {
-                        entry.insert((stream, HttpConn::new(), 0));
+                        entry.insert(Browser { stream, conn: HttpConn::new(), read: 0, since: Instant::now() });
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -135,7 +148,7 @@ impl Live {
 
     /// Write what can be written; close what is done.
     fn flush(&mut self, key: usize, registry: &Registry) {
-        let Some((stream, conn, _)) = self.conns.get_mut(key) else { return };
+        let Some(Browser { stream, conn, .. }) = self.conns.get_mut(key) else { return };
         while conn.wants_write() {
             match stream.write(conn.pending()) {
                 Ok(0) => break,
@@ -151,8 +164,8 @@ impl Live {
     }
 
     fn close(&mut self, key: usize, registry: &Registry) {
-        if let Some((mut stream, _, _)) = self.conns.try_remove(key) {
-            let _ = registry.deregister(&mut stream);
+        if let Some(mut b) = self.conns.try_remove(key) {
+            let _ = registry.deregister(&mut b.stream);
         }
     }
 
@@ -172,10 +185,10 @@ impl Live {
             Some(f) => f.to_vec(),
             None => crate::http::sse_frame(self.hub.json()),
         };
-        let keys: Vec<usize> = self.conns.iter().filter(|(_, (_, c, _))| c.subscribed()).map(|(k, _)| k).collect();
+        let keys: Vec<usize> = self.conns.iter().filter(|(_, b)| b.conn.subscribed()).map(|(k, _)| k).collect();
         for key in keys {
-            if let Some((_, conn, _)) = self.conns.get_mut(key) {
-                conn.push_event(&frame);
+            if let Some(b) = self.conns.get_mut(key) {
+                b.conn.push_event(&frame);
             }
             self.flush(key, registry);
         }
@@ -190,20 +203,32 @@ impl Live {
         };
     }
 
-    /// When the SSE streams need a keep-alive comment; `None` without subscribers.
+    /// The next keep-alive comment (only while someone is subscribed), or
+    /// the next browser's request timeout; `None` when no browser is here.
     pub fn deadline(&self) -> Option<Instant> {
-        self.keepalive_at
+        let requests = self.conns.iter().filter(|(_, b)| !b.conn.subscribed()).map(|(_, b)| b.since + REQUEST_TIMEOUT);
+        requests.chain(self.keepalive_at).min()
     }
 
     pub fn on_timer(&mut self, now: Instant, registry: &Registry) {
+        let late: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, b)| !b.conn.subscribed() && b.since + REQUEST_TIMEOUT <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in late {
+            log::debug!("live page: a browser took over {REQUEST_TIMEOUT:?} for one request; closing it");
+            self.close(key, registry);
+        }
         if self.keepalive_at.is_none_or(|at| at > now) {
             return;
         }
         self.keepalive_at = None;
-        let keys: Vec<usize> = self.conns.iter().filter(|(_, (_, c, _))| c.subscribed()).map(|(k, _)| k).collect();
+        let keys: Vec<usize> = self.conns.iter().filter(|(_, b)| b.conn.subscribed()).map(|(k, _)| k).collect();
         for key in keys {
-            if let Some((_, conn, _)) = self.conns.get_mut(key) {
-                conn.keepalive();
+            if let Some(b) = self.conns.get_mut(key) {
+                b.conn.keepalive();
             }
             self.flush(key, registry);
         }

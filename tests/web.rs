@@ -275,3 +275,19 @@ fn the_live_page_refuses_what_a_browser_elsewhere_could_send() {
     // The RPC side is unaffected.
     assert!(c.cloud(&["status", "1"]).status.code().is_some());
 }
+
+/// A connection that never sends its request (a slowloris) is closed after
+/// the request timeout, so it cannot hold one of the page's few slots.
+#[test]
+fn a_browser_that_sends_no_request_is_closed() {
+    let c = Cluster::start_with(1, &["--http", "127.0.0.1:0"]);
+    let mut s = TcpStream::connect(live_addr(&c)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(9) && took < Duration::from_secs(30), "closed after {took:?}");
+}
