@@ -19,6 +19,8 @@
 //! here), `--max-connections` (the longest-idle client makes room), and a
 //! reserve descriptor so that at EMFILE a new client is accepted and closed
 //! rather than left hanging in the backlog.
+//! With `--http`, tokens from `live::TOKEN_BASE` up are the live page's,
+//! handed to `live` with the coordinator's `cluster_view` (live page).
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`). Each event is turned
 //! into a call on one of those and their answers into bytes.
