@@ -8,8 +8,10 @@
 //! browser that sends more than a request's worth, or takes over
 //! `REQUEST_TIMEOUT` to send a request and take the answer (event streams
 //! excepted), is closed. The
-//! coordinator's view is asked for only when a request arrives or while
-//! someone is subscribed, so without the page the per-job path is untouched.
+//! coordinator's view is asked for only when a request arrives or, while
+//! someone is subscribed, at most once per `VIEW_INTERVAL` after turns of
+//! the loop: without the page the per-job path is untouched, and with it a
+//! burst of jobs costs one view per interval.
 //! Must not touch: the RPC connections, job rules, the HTTP rules (`http`).
 
 use std::io::{self, Read, Write};
@@ -26,6 +28,9 @@ use crate::http::{ClusterView, EventHub, HttpConn, KEEPALIVE_SECS, MAX_REQUEST};
 pub const TOKEN_BASE: usize = usize::MAX / 2;
 /// Browsers served at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Subscribers get the view at most this often: a burst of jobs costs one
+/// view per interval, not one per turn of the loop.
+pub const VIEW_INTERVAL: Duration = Duration::from_millis(200);
 /// Bytes read from a browser before it is closed as not a browser.
 const MAX_READ: usize = 4 * MAX_REQUEST;
 /// A browser must have sent its request and taken its answer (all but an
@@ -45,6 +50,10 @@ pub struct Live {
     conns: Slab<Browser>,
     hub: EventHub,
     keepalive_at: Option<Instant>,
+    /// The last time subscribers were sent the view (or it was compared).
+    viewed_at: Option<Instant>,
+    /// A turn of the loop ran since then: the view may have changed.
+    stale: bool,
     buf: Vec<u8>,
 }
 
@@ -59,7 +68,15 @@ impl Live {
         registry
             .register(&mut listener, Token(TOKEN_BASE), Interest::READABLE)
             .map_err(|e| format!("cannot register with epoll: {e}"))?;
-        Ok(Live { listener, conns: Slab::new(), hub: EventHub::new(), keepalive_at: None, buf: vec![0; 4096] })
+        Ok(Live {
+            listener,
+            conns: Slab::new(),
+            hub: EventHub::new(),
+            keepalive_at: None,
+            viewed_at: None,
+            stale: false,
+            buf: vec![0; 4096],
+        })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -169,12 +186,20 @@ impl Live {
         }
     }
 
-    /// After a turn of the loop: tell subscribers what changed. Asks for
-    /// the view only while someone is subscribed.
-    pub fn after_turn(&mut self, registry: &Registry, view: &dyn Fn() -> ClusterView) {
+    /// After a turn of the loop: tell subscribers what changed, at most
+    /// once per `VIEW_INTERVAL` (`deadline` wakes the loop for the rest).
+    /// Asks for the view only while someone is subscribed.
+    pub fn after_turn(&mut self, now: Instant, registry: &Registry, view: &dyn Fn() -> ClusterView) {
         if !self.subscribers() {
+            self.stale = false;
             return;
         }
+        self.stale = true;
+        if self.viewed_at.is_some_and(|at| now < at + VIEW_INTERVAL) {
+            return;
+        }
+        self.stale = false;
+        self.viewed_at = Some(now);
         if let Some(frame) = self.hub.update(view(), unix_now()) {
             self.broadcast(registry, Some(&frame));
         }
@@ -207,7 +232,8 @@ impl Live {
     /// the next browser's request timeout; `None` when no browser is here.
     pub fn deadline(&self) -> Option<Instant> {
         let requests = self.conns.iter().filter(|(_, b)| !b.conn.subscribed()).map(|(_, b)| b.since + REQUEST_TIMEOUT);
-        requests.chain(self.keepalive_at).min()
+        let view = self.viewed_at.filter(|_| self.stale).map(|at| at + VIEW_INTERVAL);
+        requests.chain(self.keepalive_at).chain(view).min()
     }
 
     pub fn on_timer(&mut self, now: Instant, registry: &Registry) {

@@ -469,7 +469,7 @@ impl Server {
             // live page
             if let Some(live) = &mut self.live {
                 live.on_timer(now, self.poll.registry());
-                live.after_turn(self.poll.registry(), &|| self.coord.cluster_view());
+                live.after_turn(now, self.poll.registry(), &|| self.coord.cluster_view());
             }
         }
         self.stop();
