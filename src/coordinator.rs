@@ -673,6 +673,31 @@ impl Coordinator {
         self.start_ready();
     }
 
+    /// The cluster as the live page shows it (`http`): asked only while a
+    /// browser is subscribed.
+    pub fn cluster_view(&self) -> crate::http::ClusterView {
+        use crate::http::{ClusterView, NodeView, QueuedView};
+        let nodes = (0..self.node_names.len())
+            .map(|i| NodeView {
+                name: self.node_names[i].clone(),
+                down: !self.sched.is_up(i),
+                slots: self.sched.slots_of(i),
+                running: self.sched.node_runs(i),
+            })
+            .collect();
+        let queue = self
+            .sched
+            .waiting()
+            .map(|j| QueuedView {
+                ticket: j.ticket,
+                replicas: j.replicas.len() as u32,
+                owner: self.owners.get(&j.ticket).copied(),
+            })
+            .collect();
+        let jobs = self.sched.jobs().map(|j| (j.ticket, j.replicas.iter().map(|r| r.state).collect())).collect();
+        ClusterView { nodes, queue, jobs }
+    }
+
     pub fn job_state(&self, ticket: Ticket) -> Option<JobState> {
         self.sched.job(ticket).map(|j| j.state())
     }

@@ -44,6 +44,9 @@
 //!   spool file a streamed opaque goes to, lingering close.
 //! - [`config`] - `cloud_nodes.txt`.
 //! - [`client`] - a blocking client for the command-line programs.
+//! - [`portmap`] - registration with the local rpcbind (`--register`).
+//! - [`http`] - the live page (`--http`): requests and SSE frames, sans-I/O.
+//! - [`live`] - the live page's sockets, driven from the reactor.
 
 pub mod archive_check;
 pub mod cgroup;
@@ -53,12 +56,15 @@ mod conn;
 pub mod coordinator;
 pub mod drc;
 pub mod extract;
+pub mod http;
 pub mod journal;
+pub mod live;
 mod main_service;
 pub mod node;
 pub mod node_auth;
 mod node_service;
 pub mod peer;
+pub mod portmap;
 pub mod proto;
 mod reactor;
 pub mod record;

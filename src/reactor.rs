@@ -103,6 +103,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// A call being received, or a reply being sent, must progress within this.
     pub call_timeout: Duration,
+    /// The live page's loopback address (`--http`), if any.
+    pub http: Option<SocketAddr>,
 }
 
 /// Descriptors kept back from `--max-connections`: listeners, signalfd,
@@ -131,6 +133,8 @@ enum Source {
 
 pub struct Server {
     poll: Poll,
+    /// The live page (`--http`): its own tokens from `live::TOKEN_BASE`.
+    live: Option<crate::live::Live>,
     slab: Slab<Source>,
     clients: TcpListener,
     /// Local nodes' ports: bound so that nothing else takes them; every
@@ -318,7 +322,13 @@ impl Server {
             None => format!("RLIMIT_NOFILE {nofile}"),
         };
         let reserve = File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
+        // The live page: the main server's, with tokens of its own.
+        let live = match (cfg.http, &main) {
+            (Some(addr), Some(_)) => Some(crate::live::Live::start(addr, poll.registry())?),
+            _ => None,
+        };
         Ok(Server {
+            live,
             poll,
             slab: Slab::new(),
             clients,
@@ -366,6 +376,9 @@ impl Server {
     /// Serve until SIGINT, SIGTERM or SIGHUP, then stop every replica.
     pub fn run(&mut self) -> io::Result<()> {
         log::info!("{}", self.limits_line);
+        if let Some(addr) = self.live.as_ref().and_then(|l| l.local_addr().ok()) {
+            log::info!("live page at http://{addr}/");
+        }
         let mut events = Events::with_capacity(256);
         while !self.shutdown {
             let timeout = self.next_timeout();
@@ -398,6 +411,10 @@ impl Server {
                 self.close_conn(key);
             }
             self.settle();
+            if let (Some(live), Some(main)) = (&mut self.live, &self.main) {
+                live.on_timer(now, self.poll.registry());
+                live.after_turn(now, self.poll.registry(), &|| main.coord.cluster_view());
+            }
         }
         self.stop();
         Ok(())
@@ -413,13 +430,19 @@ impl Server {
         let conns = self.timers.next_deadline();
         let nodes = self.nodes.next_deadline();
         let main = self.main.as_ref().and_then(MainService::next_deadline);
-        nodes.into_iter().chain(main).chain(conns).min().map(|d| d.saturating_duration_since(now))
+        let live = self.live.as_ref().and_then(|l| l.deadline());
+        nodes.into_iter().chain(main).chain(conns).chain(live).min().map(|d| d.saturating_duration_since(now))
     }
 
     fn dispatch(&mut self, token: Token) {
         match token {
             SIGNALS => self.on_signals(),
             CLIENTS => self.accept(None),
+            t if crate::live::Live::owns(t) => {
+                if let (Some(live), Some(main)) = (&mut self.live, &self.main) {
+                    live.on_event(t, self.poll.registry(), &|| main.coord.cluster_view());
+                }
+            }
             Token(t) if t < self.first_key => self.accept(Some(t - NODE_LISTENER_BASE)),
             Token(t) => {
                 let key = t - self.first_key;

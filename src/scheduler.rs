@@ -205,6 +205,26 @@ impl Scheduler {
         self.up.get(node).copied().unwrap_or(false)
     }
 
+    /// The (ticket, replica) pairs node i runs now, by ticket.
+    pub fn node_runs(&self, node: NodeId) -> Vec<(Ticket, u32)> {
+        self.running.get(node).map_or_else(Vec::new, |r| r.iter().map(|(&t, &i)| (t, i)).collect())
+    }
+
+    /// Slots of node i (replicas it may run at once).
+    pub fn slots_of(&self, node: NodeId) -> u32 {
+        self.slots.get(node).copied().unwrap_or(1)
+    }
+
+    /// Waiting jobs, in queue order.
+    pub fn waiting(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.waiting.iter().filter_map(|t| self.jobs.get(t))
+    }
+
+    /// Every job not yet closed, by ticket.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.jobs.values()
+    }
+
     /// 1-based position in the wait queue, 0 if not waiting.
     pub fn queue_position(&self, ticket: Ticket) -> u32 {
         self.waiting.iter().position(|&t| t == ticket).map_or(0, |p| p as u32 + 1)

@@ -18,6 +18,7 @@ use std::time::Duration;
 use clap::Parser;
 use cloudinfra::config::{NodeKind, NodeSpec, NodesFile};
 use cloudinfra::extract::ExtractLimits;
+use cloudinfra::portmap;
 use cloudinfra::server::{Server, ServerConfig};
 use cloudinfra::spawn::{Containment, JobLimits};
 use nix::fcntl::{Flock, FlockArg};
@@ -77,6 +78,15 @@ struct Args {
     /// deploy, with that user's file permissions (see docs/SECURITY.md).
     #[arg(long)]
     allow_other_users: bool,
+    /// Register CLOUD_PROG/CLOUD_VERS (TCP, our port) with the local rpcbind
+    /// at start and unset it at a clean stop, so `rpcinfo -p` lists the server
+    /// and clnt_create(host, PROG, VERS, "tcp") finds it.
+    #[arg(long)]
+    register: bool,
+    /// Serve the live page (nodes, queue, recent transitions) at this
+    /// loopback address, IP:PORT (port 0 picks a free one; the log shows it).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
     #[command(flatten)]
     job: JobFlags,
     #[command(subcommand)]
@@ -464,6 +474,9 @@ fn lock_slot_uids(base: u32, n: usize) -> Result<Vec<Flock<File>>, String> {
 
 /// The main server, or with `cloud-server node` one node alone.
 fn run(args: Args) -> Result<(), String> {
+    if let Some(addr) = args.http.filter(|a| !a.ip().is_loopback()) {
+        return Err(format!("--http {addr}: the live page is served on loopback only; use 127.0.0.1:PORT"));
+    }
     let (nodes, nodes_path, listen, work_dir, job, alone) = match &args.command {
         Some(Command::Node(n)) => {
             if n.secret_file.is_some() {
@@ -564,14 +577,35 @@ fn run(args: Args) -> Result<(), String> {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         call_timeout: Duration::from_secs(args.call_timeout),
+        http: args.http,
     };
     // Each client holds a socket; let the server use all it may.
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
     let mut server = if alone { Server::start_node(cfg)? } else { Server::start(cfg)? };
+    // Blocking calls with a short timeout, before serving and after: see `portmap`.
+    let prog = (cloudinfra::proto::CLOUD_PROG, cloudinfra::proto::CLOUD_VERS);
+    let registered = args.register
+        && !alone
+        && match portmap::register_at(portmap::RPCBIND, prog.0, prog.1, server.local_addr().port()) {
+            Ok(()) => {
+                log::info!("registered program {} version {} with rpcbind", prog.0, prog.1);
+                true
+            }
+            Err(line) => {
+                eprintln!("cloud-server: {line}");
+                false
+            }
+        };
     eprintln!("{}", server.ready_line());
-    server.run().map_err(|e| format!("the reactor failed: {e}"))?;
+    let served = server.run().map_err(|e| format!("the reactor failed: {e}"));
+    if registered {
+        if let Err(line) = portmap::unregister_at(portmap::RPCBIND, prog.0, prog.1) {
+            eprintln!("cloud-server: {line}");
+        }
+    }
+    served?;
     eprintln!("cloud-server: stopped; every replica killed and reaped");
     Ok(())
 }
