@@ -47,7 +47,7 @@ use crate::conn::{Conn, Linger, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Coordinator, NodeCall};
 use crate::main_service::{Link, MainService, Out, RemoteLink};
 use crate::node::Finished;
-use crate::node_service::NodeService;
+use crate::node_service::{NodeService, Reaped};
 use crate::peer::{self, PeerId};
 use crate::record::{Outbox, Piece};
 use crate::scheduler::NodeId;
@@ -125,6 +125,8 @@ enum Source {
     Conn(Box<Conn>),
     /// The output pipe of node i's running replica.
     ChildOutput(NodeId, u32),
+    /// The output pipe (fd) of one of Slurm node i's commands.
+    SlurmCommand(NodeId, std::os::fd::RawFd),
     /// Placeholder while a connection is being handled.
     Taken,
 }
@@ -176,6 +178,8 @@ impl Server {
         // What each node line is: checked before anything is started.
         let now = Instant::now();
         let (mut links, mut locals, mut local_ports) = (Vec::with_capacity(n), Vec::new(), Vec::new());
+        // Slurm nodes (global id, line) follow the forking ones in the node service.
+        let mut slurm_lines = Vec::new();
         for (i, spec) in cfg.nodes.nodes.iter().enumerate() {
             match &spec.kind {
                 NodeKind::Local { port } => {
@@ -197,17 +201,22 @@ impl Server {
                     }
                     links.push(Link::Remote(RemoteLink::new(addr, now)));
                 }
-                NodeKind::Slurm { .. } => {
-                    return Err(format!(
-                        "{}: {}: the Slurm backend is not built yet; use PORT or HOST:PORT lines",
-                        line(spec),
-                        spec.name()
-                    ))
+                NodeKind::Slurm { partition } => {
+                    links.push(Link::Local(usize::MAX)); // set below
+                    let slurm = crate::slurm::SlurmLine { partition: partition.clone(), slots: spec.slots };
+                    slurm_lines.push((i, slurm));
                 }
             }
         }
         let work_dir = work_dir(&cfg.work_dir)?;
-        let nodes = NodeService::start(&cfg, &work_dir, &local_ports)?;
+        let mut nodes = NodeService::start(&cfg, &work_dir, &local_ports)?;
+        let node_names = cfg.nodes.names();
+        for (i, slurm) in slurm_lines {
+            let local = nodes.add_slurm(&cfg, &work_dir, &node_names[i], slurm)?;
+            links[i] = Link::Local(local);
+            locals.push(i);
+        }
+        nodes.note_slurm();
         let spool = work_dir.join("spool");
         let _ = fs::remove_dir_all(&spool);
         fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
@@ -220,7 +229,6 @@ impl Server {
             let l = TcpListener::bind(addr).map_err(|e| bind_error(e, addr, &line(&cfg.nodes.nodes[i])))?;
             node_listeners.push(l);
         }
-        let node_names: Vec<String> = cfg.nodes.nodes.iter().map(NodeSpec::name).collect();
 
         let (tickets, next_ticket) = TicketStore::open(&cfg.work_dir)?;
         log::info!("tickets continue from {next_ticket}");
@@ -426,6 +434,7 @@ impl Server {
                 match self.slab.get(key) {
                     Some(Source::Conn(_)) => self.conn_event(key),
                     Some(&Source::ChildOutput(i, ticket)) => self.nodes.drain(i, ticket),
+                    Some(&Source::SlurmCommand(i, fd)) => self.nodes.command_readable(i, fd),
                     _ => {} // stale event for a closed source
                 }
             }
@@ -449,6 +458,7 @@ impl Server {
                     main.on_node_event(ev);
                 }
             }
+            self.watch_slurm_commands();
             while let Some(key) = self.dead.pop() {
                 busy = true;
                 // A reply queued since it was marked keeps it open a while longer.
@@ -884,6 +894,30 @@ impl Server {
         }
     }
 
+    /// Register the pipes of Slurm commands started since the last call.
+    fn watch_slurm_commands(&mut self) {
+        for (node, fd) in self.nodes.take_new_pipes() {
+            let entry = self.slab.vacant_entry();
+            let token = Token(entry.key() + self.first_key);
+            match self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE) {
+                Ok(()) => {
+                    self.nodes.command_keys.insert(fd, entry.key());
+                    entry.insert(Source::SlurmCommand(node, fd));
+                }
+                // Still read once it has exited (bounded), just not as it goes.
+                Err(e) => log::error!("cannot watch a Slurm command's output: {e}"),
+            }
+        }
+    }
+
+    /// A Slurm command was reaped: forget its pipe.
+    fn forget_slurm_command(&mut self, pipe: std::os::fd::OwnedFd) {
+        if let Some(key) = self.nodes.command_keys.remove(&pipe.as_raw_fd()) {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&pipe.as_raw_fd()));
+            self.slab.try_remove(key);
+        }
+    }
+
     fn watch_child(&mut self, node: NodeId, ticket: u32, fd: std::os::fd::RawFd) {
         let entry = self.slab.vacant_entry();
         let token = Token(entry.key() + self.first_key);
@@ -1037,8 +1071,10 @@ impl Server {
                 Ok(WaitStatus::StillAlive) => return,
                 Ok(status) => {
                     let Some(pid) = status.pid() else { return };
-                    if let Some((i, fin)) = self.nodes.on_exit(pid, status) {
-                        self.finish_replica(i, fin);
+                    match self.nodes.on_exit(pid, status) {
+                        Some(Reaped::Replica(i, fin)) => self.finish_replica(i, fin),
+                        Some(Reaped::Command(pipe)) => self.forget_slurm_command(pipe),
+                        None => {}
                     }
                 }
                 Err(nix::Error::EINTR) => {}
@@ -1062,9 +1098,55 @@ impl Server {
     fn stop(&mut self) {
         self.nodes.kill_all();
         self.reap();
+        self.wait_slurm_commands();
         self.nodes.release();
         if let Some(main) = &mut self.main {
             main.stop();
+        }
+    }
+}
+
+/// How long shutdown waits for Slurm nodes' commands (their scancels)
+/// before killing them.
+const SLURM_SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+impl Server {
+    /// Shutdown: wait, bounded, for the Slurm nodes' scancels (and commands
+    /// in flight: an sbatch that answers now has its job cancelled too),
+    /// reading only signals and their pipes; then kill what is left.
+    fn wait_slurm_commands(&mut self) {
+        let give_up = Instant::now() + SLURM_SHUTDOWN_WAIT;
+        let mut events = Events::with_capacity(64);
+        while self.nodes.commands_running() {
+            self.watch_slurm_commands();
+            let now = Instant::now();
+            if now >= give_up {
+                break;
+            }
+            match self.poll.poll(&mut events, Some(give_up - now)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    SIGNALS => self.on_signals(),
+                    Token(t) if t >= self.first_key => {
+                        if let Some(&Source::SlurmCommand(i, fd)) = self.slab.get(t - self.first_key) {
+                            self.nodes.command_readable(i, fd);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for pid in self.nodes.kill_commands() {
+            log::warn!("a Slurm command (pid {pid}) did not end within {SLURM_SHUTDOWN_WAIT:?}; killed");
+            if let Ok(status) = waitpid(pid, None) {
+                if let Some(Reaped::Command(pipe)) = self.nodes.on_exit(pid, status) {
+                    self.forget_slurm_command(pipe);
+                }
+            }
         }
     }
 }

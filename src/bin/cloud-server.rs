@@ -250,6 +250,11 @@ struct Identities {
 }
 
 fn identities(job: &JobFlags, n: usize) -> Result<Identities, String> {
+    if n == 0 {
+        // Only remote and Slurm nodes: no replica is forked here.
+        let summary = "no node of this process forks replicas".into();
+        return Ok(Identities { per_node: Vec::new(), slot_uids: false, summary });
+    }
     if !Uid::effective().is_root() {
         let me = User::from_uid(Uid::effective()).ok().flatten().map_or("this user".into(), |u| u.name);
         let summary = if job.uncontained {
