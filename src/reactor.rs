@@ -93,6 +93,9 @@ pub struct ServerConfig {
     pub containment: Containment,
     /// `--requeue-lost`: a replica lost with its node runs again elsewhere.
     pub requeue_lost: bool,
+    /// `--slurm-as-root`: a root server accepts Slurm lines (their
+    /// replicas run as root under Slurm).
+    pub slurm_as_root: bool,
     /// How replicas run, for the ready line.
     pub sandbox_summary: String,
     /// Only this uid (and root) may deploy; `None`: anyone.
@@ -202,6 +205,15 @@ impl Server {
                     links.push(Link::Remote(RemoteLink::new(addr, now)));
                 }
                 NodeKind::Slurm { partition } => {
+                    // Slurm runs the replica as the server's user.
+                    if nix::unistd::Uid::effective().is_root() && !cfg.slurm_as_root {
+                        return Err(format!(
+                            "{}: {}: as root, replicas on a Slurm node would run as root for whoever deploys; \
+                             run the server as an unprivileged user, or accept it with --slurm-as-root",
+                            line(spec),
+                            spec.name()
+                        ));
+                    }
                     links.push(Link::Local(usize::MAX)); // set below
                     let slurm = crate::slurm::SlurmLine { partition: partition.clone(), slots: spec.slots };
                     slurm_lines.push((i, slurm));

@@ -413,7 +413,21 @@ fn a_cluster_hands_replicas_to_slurm_nodes() {
     let hello = job(work.path(), "hello.tar.gz", &["@echo replica $$CLOUD_REPLICA slurm job $$SLURM_JOB_ID"]);
     let lines = ["slurm:cloudtest".to_string(), "slurm:cloudtest".to_string()];
     let conf = slurm.conf();
-    let mut c = Cluster::start_lines_tweaked(&lines, &["--time-limit", "120"], |cmd| {
+    // A root server refuses Slurm lines unless told that Slurm runs them as root.
+    let nodes = work.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("2\n{}\n", lines.join("\n"))).expect("nodes file");
+    let refused = refused_start(
+        Command::new(SERVER)
+            .args(["--listen", "127.0.0.1:0", "--nodes"])
+            .arg(&nodes)
+            .arg("--work-dir")
+            .arg(work.path().join("refused")),
+    );
+    assert!(
+        refused.contains("line 2: slurm:cloudtest: as root, replicas on a Slurm node would run as root"),
+        "{refused}"
+    );
+    let mut c = Cluster::start_lines_tweaked(&lines, &["--time-limit", "120", "--slurm-as-root"], |cmd| {
         cmd.env("SLURM_CONF", &conf);
     });
     let ready = c.log();

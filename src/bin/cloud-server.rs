@@ -77,6 +77,11 @@ struct Args {
     /// deploy, with that user's file permissions (see docs/SECURITY.md).
     #[arg(long)]
     allow_other_users: bool,
+    /// As root, accept slurm:PARTITION lines: their replicas run under
+    /// Slurm as root, for whoever deploys (see docs/SLURM.md). Without it a
+    /// root server refuses them; run the server as an unprivileged user.
+    #[arg(long)]
+    slurm_as_root: bool,
     #[command(flatten)]
     job: JobFlags,
     #[command(subcommand)]
@@ -529,6 +534,7 @@ fn run(args: Args) -> Result<(), String> {
         isolate_network,
         containment,
         requeue_lost: args.requeue_lost,
+        slurm_as_root: args.slurm_as_root,
         sandbox_summary: format!("{contained}{host_fs}; {}, {net}{who_deploys}", ids.summary),
         only_deployer,
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
