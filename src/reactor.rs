@@ -24,6 +24,9 @@
 //! (`LINK_DEAD_WITHIN`). As `cloud-server node` (`start_node`) there is no
 //! main service: the listener takes the main server's link (its own user's
 //! only; the newest wins) and the node service serves it.
+//! Slurm nodes (`slurm:PARTITION` lines) live in the node service; here
+//! only their commands' pipes (`Source::SlurmCommand`), registered after
+//! each settle, and at shutdown a bounded wait for their scancels.
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`), what calls mean.
 
