@@ -91,6 +91,28 @@ impl NodesFile {
         Ok(NodesFile { nodes })
     }
 
+    /// Each node's name (`NodeSpec::name`), except that Slurm lines of one
+    /// partition given more than once are told apart: `slurm:batch#1`,
+    /// `slurm:batch#2`, ... in file order ('#' is never in a partition name).
+    pub fn names(&self) -> Vec<String> {
+        let partition = |s: &NodeSpec| match &s.kind {
+            NodeKind::Slurm { partition } => Some(partition.clone()),
+            _ => None,
+        };
+        let mut seen = std::collections::HashMap::new();
+        self.nodes
+            .iter()
+            .map(|spec| match partition(spec) {
+                Some(p) if self.nodes.iter().filter(|o| partition(o).as_ref() == Some(&p)).count() > 1 => {
+                    let k = seen.entry(p).or_insert(0);
+                    *k += 1;
+                    format!("{}#{k}", spec.name())
+                }
+                _ => spec.name(),
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }
@@ -234,6 +256,12 @@ mod tests {
         );
         assert_eq!(f.nodes[3].name(), "[::1]:9002");
         assert_eq!(f.nodes[0].name(), "127.0.0.1:9001");
+    }
+
+    #[test]
+    fn slurm_lines_of_one_partition_get_names_of_their_own() {
+        let f = NodesFile::parse("4\nslurm:a\n9001\nslurm:b slots=2\nslurm:a\n").unwrap();
+        assert_eq!(f.names(), ["slurm:a#1", "127.0.0.1:9001", "slurm:b", "slurm:a#2"]);
     }
 
     #[test]

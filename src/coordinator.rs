@@ -493,6 +493,12 @@ impl Coordinator {
         self.start_ready();
     }
 
+    /// What a node says about a replica it runs (a Slurm node: its Slurm
+    /// job and state), shown as the replica's status message until it ends.
+    pub fn replica_note(&mut self, node: NodeId, ticket: Ticket, message: &str) {
+        self.sched.replica_note(node, ticket, message);
+    }
+
     /// Fail-fast: replica `failed` of `ticket` failed; its other replicas
     /// on `nodes` are stopped.
     fn stop_replicas(&mut self, ticket: Ticket, failed: u32, nodes: &[NodeId]) {

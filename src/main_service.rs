@@ -278,6 +278,7 @@ impl MainService {
             NodeEvent::RunFinished { node, ticket, result } => {
                 self.coord.run_finished(self.locals[node], ticket, result, Instant::now())
             }
+            NodeEvent::Note { node, ticket, message } => self.coord.replica_note(self.locals[node], ticket, &message),
             NodeEvent::Fetched { ticket, replica, result } => match result {
                 Ok(path) => self.coord.fetched(ticket, replica, Ok(path)),
                 // Missing for good: final, the message says so.

@@ -13,13 +13,20 @@
 //! finished replicas, then into NODE_RUN replies or events; time limits;
 //! killing a replica whose link has gone (nobody awaits it); killing and
 //! reaping everything at shutdown.
+//! Slurm nodes (`slurm:PARTITION` lines of the main server, `add_slurm`)
+//! sit next to the forking ones as [`LocalNode::Slurm`]: the same direct
+//! calls and [`NodeEvent`]s; the pipes of their Slurm commands are handed
+//! to the reactor to register (`take_new_pipes`), the reaper's pids go to
+//! them too (`Reaped::Command`), their deadlines join `next_deadline`;
+//! NODE_STOP and NODE_DROP become scancel.
 //! Must not touch: the poll or the slab (the reactor registers each
-//! replica's output pipe under the key it is given here and routes
-//! replies), the job table (`coordinator`), process setup (`spawn`).
+//! replica's output pipe and each Slurm command's pipe under the key it is
+//! given here and routes replies), the job table (`coordinator`), process
+//! setup (`spawn`), Slurm's commands and states (`slurm`).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -34,11 +41,16 @@ use crate::rpc::{self, AcceptStat};
 use crate::scheduler::NodeId;
 use crate::server::ServerConfig;
 use crate::session::Call;
+use crate::slurm::{SlurmConfig, SlurmFinished, SlurmLine, SlurmNode};
 use crate::spawn::{Containment, Sandbox};
 use crate::xdr::XdrReader;
 
 /// Chunks (64 KiB each) read from one replica's output per turn of the loop.
 const DRAIN_BUDGET: usize = 4;
+
+/// A Slurm node waits at least this long for Slurm to confirm a scancel
+/// before it gives the replica up (`--kill-grace` if longer).
+const SLURM_KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `Node::start`'s reply-to for a replica started by a direct call: no
 /// connection has this key (slab keys are small), the answer is an event.
@@ -51,13 +63,88 @@ pub(crate) enum NodeEvent {
     /// A replica started by `run_local` on the service's node `node` (its
     /// index here, not the coordinator's) ended, or could not start.
     RunFinished { node: usize, ticket: u32, result: RunResult },
+    /// What a Slurm node learnt about a running replica (its Slurm job id,
+    /// its state there): the replica's status message until it ends.
+    Note { node: usize, ticket: u32, message: String },
     /// `fetch_local`'s answer: the output is at `into`, or why not
     /// (`gone`: the node has none for good; else a retry may work).
     Fetched { ticket: u32, replica: u32, result: Result<PathBuf, (bool, String)> },
 }
 
+/// One node of this process: replicas forked here, or handed to Slurm.
+#[derive(Debug)]
+pub(crate) enum LocalNode {
+    Fork(Node),
+    /// Only in the main server (its `slurm:PARTITION` lines): called
+    /// directly, never over a link.
+    Slurm(SlurmNode),
+}
+
+impl LocalNode {
+    fn prepare_archive(&self, ticket: u32) -> std::io::Result<(fs::File, PathBuf)> {
+        match self {
+            LocalNode::Fork(n) => n.prepare_archive(ticket),
+            LocalNode::Slurm(n) => n.prepare_archive(ticket),
+        }
+    }
+
+    fn adopt_archive(&self, ticket: u32, from: &Path) -> std::io::Result<()> {
+        match self {
+            LocalNode::Fork(n) => n.adopt_archive(ticket, from),
+            LocalNode::Slurm(n) => n.adopt_archive(ticket, from),
+        }
+    }
+
+    fn fetch(&self, ticket: u32) -> Result<(fs::File, u64), (bool, String)> {
+        match self {
+            LocalNode::Fork(n) => n.fetch(ticket),
+            LocalNode::Slurm(n) => n.fetch(ticket),
+        }
+    }
+
+    fn link_output(&self, ticket: u32, into: &Path) -> Result<(), (bool, String)> {
+        match self {
+            LocalNode::Fork(n) => n.link_output(ticket, into),
+            LocalNode::Slurm(n) => n.link_output(ticket, into),
+        }
+    }
+
+    /// Kill (a Slurm node: scancel) the ticket's replica, keep its output.
+    fn stop_ticket(&mut self, ticket: u32) {
+        match self {
+            LocalNode::Fork(n) => n.stop_ticket(ticket),
+            LocalNode::Slurm(n) => n.stop_ticket(ticket, Instant::now()),
+        }
+    }
+
+    /// Forget the ticket (a running replica is killed or scancelled first).
+    fn drop_ticket(&mut self, ticket: u32) {
+        match self {
+            LocalNode::Fork(n) => n.drop_ticket(ticket),
+            LocalNode::Slurm(n) => n.drop_ticket(ticket, Instant::now()),
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            LocalNode::Fork(n) => n.deadline(),
+            LocalNode::Slurm(n) => n.deadline(),
+        }
+    }
+}
+
+/// A child the reaper handed to the node service.
+#[derive(Debug)]
+pub(crate) enum Reaped {
+    /// A forking node's replica ended.
+    Replica(NodeId, Finished),
+    /// One of a Slurm node's commands ended: its pipe, to deregister (its
+    /// replicas that ended are already `RunFinished` events).
+    Command(OwnedFd),
+}
+
 pub(crate) struct NodeService {
-    pub(crate) nodes: Vec<Node>,
+    pub(crate) nodes: Vec<LocalNode>,
     /// Slab key of each running replica's output pipe, by (node, ticket).
     pub(crate) child_keys: HashMap<(NodeId, u32), usize>,
     /// Replicas whose output pipe still had data when their read budget ran out.
@@ -69,6 +156,12 @@ pub(crate) struct NodeService {
     orphans: Vec<(usize, ReplyTo)>,
     /// What containment the host gives replicas here, for the ready line.
     pub(crate) cgroup_summary: String,
+    /// Slab key of each Slurm command's pipe, by its fd.
+    pub(crate) command_keys: HashMap<RawFd, usize>,
+    /// Slurm commands' pipes not yet registered with the poll (node, fd).
+    new_pipes: Vec<(NodeId, RawFd)>,
+    /// The Slurm nodes' names, for the ready line.
+    slurm_names: Vec<String>,
 }
 
 impl NodeService {
@@ -79,7 +172,17 @@ impl NodeService {
         if n == 0 {
             let cgroup_summary = "no local nodes".to_string();
             let (nodes, child_keys, more_output, events) = (Vec::new(), HashMap::new(), Vec::new(), VecDeque::new());
-            return Ok(NodeService { nodes, child_keys, more_output, events, orphans: Vec::new(), cgroup_summary });
+            return Ok(NodeService {
+                nodes,
+                child_keys,
+                more_output,
+                events,
+                orphans: Vec::new(),
+                cgroup_summary,
+                command_keys: HashMap::new(),
+                new_pipes: Vec::new(),
+                slurm_names: Vec::new(),
+            });
         }
         // Processes an earlier run left under our slot uids (it was killed
         // before it could stop them) must not meet the next tenants.
@@ -150,7 +253,7 @@ impl NodeService {
                 slot_identities,
             })
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
-            nodes.push(node);
+            nodes.push(LocalNode::Fork(node));
         }
         Ok(NodeService {
             nodes,
@@ -159,7 +262,108 @@ impl NodeService {
             events: VecDeque::new(),
             orphans: Vec::new(),
             cgroup_summary,
+            command_keys: HashMap::new(),
+            new_pipes: Vec::new(),
+            slurm_names: Vec::new(),
         })
+    }
+
+    /// Add a Slurm node (a main server's `slurm:PARTITION [slots=K]` line,
+    /// shown as `name`), its folder `<work_dir>/slurm_<name after slurm:>`;
+    /// returns its index here. Its replicas run as this server's user
+    /// under Slurm: no slot uid, none of our sandbox.
+    pub(crate) fn add_slurm(
+        &mut self,
+        cfg: &ServerConfig,
+        work_dir: &Path,
+        name: &str,
+        line: SlurmLine,
+    ) -> Result<usize, String> {
+        let dir = work_dir.join(format!("slurm_{}", name.strip_prefix("slurm:").unwrap_or(name)));
+        let _ = fs::remove_dir_all(&dir); // stale folders of an earlier run
+        let mut scfg = SlurmConfig::new(line, dir.clone(), cfg.time_limit);
+        // Slurm confirms a cancel on its own schedule (its KillWait): give it
+        // at least SLURM_KILL_GRACE before a replica is given up.
+        scfg.kill_grace = cfg.kill_grace.max(SLURM_KILL_GRACE);
+        scfg.max_output = cfg.max_output;
+        let node = SlurmNode::new(scfg).map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
+        self.nodes.push(LocalNode::Slurm(node));
+        self.slurm_names.push(name.to_string());
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Say in the ready line which nodes are Slurm's and how their replicas
+    /// run (after the last `add_slurm`).
+    pub(crate) fn note_slurm(&mut self) {
+        if self.slurm_names.is_empty() {
+            return;
+        }
+        let me = nix::unistd::Uid::effective();
+        let note = format!(
+            "Slurm nodes {}: replicas run in Slurm as uid {me} (this server's user), under Slurm's limits, \
+             not in our sandbox",
+            self.slurm_names.join(" ")
+        );
+        self.cgroup_summary =
+            if self.nodes.len() == self.slurm_names.len() { note } else { format!("{}; {note}", self.cgroup_summary) };
+    }
+
+    /// Pipes of Slurm commands started since the last call, to register:
+    /// (node, fd). Each stays open until `Reaped::Command` hands it back.
+    pub(crate) fn take_new_pipes(&mut self) -> Vec<(NodeId, RawFd)> {
+        std::mem::take(&mut self.new_pipes)
+    }
+
+    /// Collect the pipes node i's commands opened and what it learnt about
+    /// its replicas (after every call into it).
+    fn collect_pipes(&mut self, i: NodeId) {
+        if let LocalNode::Slurm(n) = &mut self.nodes[i] {
+            self.new_pipes.extend(n.take_new_pipes().into_iter().map(|fd| (i, fd)));
+            for (ticket, message) in n.take_notes() {
+                self.events.push_back(NodeEvent::Note { node: i, ticket, message });
+            }
+        }
+    }
+
+    /// A Slurm command's pipe is readable.
+    pub(crate) fn command_readable(&mut self, i: NodeId, fd: RawFd) {
+        if let Some(LocalNode::Slurm(n)) = self.nodes.get_mut(i) {
+            n.on_readable(fd);
+        }
+    }
+
+    /// Replicas a Slurm node says have ended: events for the main service.
+    fn slurm_finished(&mut self, i: NodeId, finished: Vec<SlurmFinished>) {
+        for f in finished {
+            if f.reply_to.0 != LOCAL {
+                // Slurm nodes take direct calls only (see `run_received`).
+                log::error!("node {i}: a Slurm replica of ticket {} had a link's reply-to; dropped", f.ticket);
+                continue;
+            }
+            self.events.push_back(NodeEvent::RunFinished { node: i, ticket: f.ticket, result: f.result });
+        }
+    }
+
+    /// Whether a Slurm command (a scancel at shutdown, ...) still runs.
+    pub(crate) fn commands_running(&self) -> bool {
+        self.nodes.iter().any(|n| matches!(n, LocalNode::Slurm(s) if !s.command_pids().is_empty()))
+    }
+
+    /// Shutdown, after waiting for them as long as it could: SIGKILL every
+    /// Slurm command still running; returns their pids to reap.
+    pub(crate) fn kill_commands(&mut self) -> Vec<Pid> {
+        let pids: Vec<Pid> = self
+            .nodes
+            .iter()
+            .flat_map(|n| match n {
+                LocalNode::Slurm(s) => s.command_pids(),
+                LocalNode::Fork(_) => Vec::new(),
+            })
+            .collect();
+        for &pid in &pids {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        pids
     }
 
     /// A whole (non-streamed) call from the main server to node i: the reply.
@@ -213,9 +417,12 @@ impl NodeService {
         args: RunArgs,
         error: Option<String>,
     ) -> Result<RawFd, Vec<u8>> {
-        let started = match error {
-            Some(msg) => Err(RunResult::invalid(msg)),
-            None => self.nodes[i].start(args, reply_to, Instant::now()),
+        let started = match (error, &mut self.nodes[i]) {
+            (Some(msg), _) => Err(RunResult::invalid(msg)),
+            (None, LocalNode::Fork(node)) => node.start(args, reply_to, Instant::now()),
+            (None, LocalNode::Slurm(node)) => {
+                Err(RunResult::invalid(format!("{} takes calls only from its own main server", node.name())))
+            }
         };
         started.map_err(|result| run_reply(reply_to.1, &result))
     }
@@ -224,12 +431,15 @@ impl NodeService {
     /// watch; if it cannot start, a `RunFinished` event says why.
     pub(crate) fn run_local(&mut self, i: NodeId, args: RunArgs, archive: &Path) -> Option<RawFd> {
         let ticket = args.ticket;
-        let started = match self.nodes[i].adopt_archive(args.ticket, archive) {
-            Ok(()) => self.nodes[i].start(args, (LOCAL, 0), Instant::now()),
-            Err(e) => Err(RunResult::invalid(format!("the node cannot store the archive: {e}"))),
+        let now = Instant::now();
+        let started = match (self.nodes[i].adopt_archive(args.ticket, archive), &mut self.nodes[i]) {
+            (Ok(()), LocalNode::Fork(node)) => node.start(args, (LOCAL, 0), now).map(Some),
+            (Ok(()), LocalNode::Slurm(node)) => node.start(args, (LOCAL, 0), now).map(|()| None),
+            (Err(e), _) => Err(RunResult::invalid(format!("the node cannot store the archive: {e}"))),
         };
+        self.collect_pipes(i);
         match started {
-            Ok(fd) => Some(fd),
+            Ok(fd) => fd,
             Err(result) => {
                 self.events.push_back(NodeEvent::RunFinished { node: i, ticket, result });
                 None
@@ -243,14 +453,16 @@ impl NodeService {
         self.events.push_back(NodeEvent::Fetched { ticket, replica, result });
     }
 
-    /// The in-process main service's NODE_STOP: kill, keep the output.
+    /// The in-process main service's NODE_STOP: kill (scancel), keep the output.
     pub(crate) fn stop_local(&mut self, i: NodeId, ticket: u32) {
         self.nodes[i].stop_ticket(ticket);
+        self.collect_pipes(i);
     }
 
     /// The in-process main service's NODE_DROP.
     pub(crate) fn drop_local(&mut self, i: NodeId, ticket: u32) {
         self.nodes[i].drop_ticket(ticket);
+        self.collect_pipes(i);
     }
 
     /// The main server's link on connection `key` is gone: nobody awaits
@@ -258,6 +470,7 @@ impl NodeService {
     /// they have exited). Outputs of finished replicas stay until dropped.
     pub(crate) fn link_closed(&mut self, key: usize) {
         for (i, node) in self.nodes.iter_mut().enumerate() {
+            let LocalNode::Fork(node) = node else { continue }; // direct calls only
             for (ticket, reply_to) in node.running() {
                 if reply_to.0 == key {
                     log::warn!("{}: the main server's link is gone; killing ticket {ticket}'s replica", node.name());
@@ -270,15 +483,39 @@ impl NodeService {
 
     /// Read a replica's output, a bounded amount per turn of the loop.
     pub(crate) fn drain(&mut self, i: NodeId, ticket: u32) {
-        let more = self.nodes[i].drain_output(ticket, DRAIN_BUDGET) == Drained::More;
+        let LocalNode::Fork(node) = &mut self.nodes[i] else { return };
+        let more = node.drain_output(ticket, DRAIN_BUDGET) == Drained::More;
         if more && !self.more_output.contains(&(i, ticket)) {
             self.more_output.push((i, ticket));
         }
     }
 
-    /// A reaped child: the replica it ended, if it was one of ours.
-    pub(crate) fn on_exit(&mut self, pid: Pid, status: WaitStatus) -> Option<(NodeId, Finished)> {
-        self.nodes.iter_mut().enumerate().find_map(|(i, n)| n.on_exit(pid, status).map(|fin| (i, fin)))
+    /// A reaped child: the replica it ended, or the Slurm command, if it
+    /// was one of ours.
+    pub(crate) fn on_exit(&mut self, pid: Pid, status: WaitStatus) -> Option<Reaped> {
+        let now = Instant::now();
+        for i in 0..self.nodes.len() {
+            match &mut self.nodes[i] {
+                LocalNode::Fork(n) => {
+                    if let Some(fin) = n.on_exit(pid, status) {
+                        return Some(Reaped::Replica(i, fin));
+                    }
+                }
+                LocalNode::Slurm(n) => {
+                    // Its pipes so far, so that the one of this command is
+                    // never handed out for registration once closed.
+                    self.new_pipes.extend(n.take_new_pipes().into_iter().map(|fd| (i, fd)));
+                    if let Some(exited) = n.on_exit(pid, status, now) {
+                        let fd = exited.pipe.as_raw_fd();
+                        self.new_pipes.retain(|&p| p != (i, fd));
+                        self.collect_pipes(i);
+                        self.slurm_finished(i, exited.finished);
+                        return Some(Reaped::Command(exited.pipe));
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// A finished replica's answer (its output pipe already deregistered):
@@ -305,21 +542,40 @@ impl NodeService {
     }
 
     pub(crate) fn on_timer(&mut self, now: Instant) {
-        for node in &mut self.nodes {
-            if node.deadline().is_some_and(|d| d <= now) {
-                node.on_timer(now);
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].deadline().is_none_or(|d| d > now) {
+                continue;
+            }
+            match &mut self.nodes[i] {
+                LocalNode::Fork(node) => node.on_timer(now),
+                LocalNode::Slurm(node) => {
+                    let finished = node.on_timer(now);
+                    self.collect_pipes(i);
+                    self.slurm_finished(i, finished);
+                }
             }
         }
     }
 
     /// Kill every replica (SIGKILL to each init ends its namespace) and
-    /// wait for it; the caller reaps what else is left, then `release`.
+    /// wait for it; scancel every replica in Slurm (the caller waits for
+    /// those commands while `commands_running`, reaps what else is left,
+    /// then `release`).
     pub(crate) fn kill_all(&mut self) {
-        for node in &mut self.nodes {
-            for pid in node.shutdown() {
-                // Blocking is fine now: SIGKILL to init ends its namespace.
-                if let Ok(status) = waitpid(pid, None) {
-                    let _ = node.on_exit(pid, status);
+        let now = Instant::now();
+        for i in 0..self.nodes.len() {
+            match &mut self.nodes[i] {
+                LocalNode::Fork(node) => {
+                    for pid in node.shutdown() {
+                        // Blocking is fine now: SIGKILL to init ends its namespace.
+                        if let Ok(status) = waitpid(pid, None) {
+                            let _ = node.on_exit(pid, status);
+                        }
+                    }
+                }
+                LocalNode::Slurm(node) => {
+                    node.shutdown(now);
+                    self.collect_pipes(i);
                 }
             }
         }
@@ -328,10 +584,15 @@ impl NodeService {
     /// After `kill_all` and reaping: remove the groups and the node folders.
     pub(crate) fn release(&mut self) {
         for node in &mut self.nodes {
-            node.release_groups();
-        }
-        for node in &self.nodes {
-            let _ = fs::remove_dir_all(&node.cfg.dir);
+            match node {
+                LocalNode::Fork(node) => {
+                    node.release_groups();
+                    let _ = fs::remove_dir_all(&node.cfg.dir);
+                }
+                LocalNode::Slurm(node) => {
+                    let _ = fs::remove_dir_all(&node.cfg.dir);
+                }
+            }
         }
     }
 }

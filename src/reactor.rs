@@ -24,6 +24,9 @@
 //! (`LINK_DEAD_WITHIN`). As `cloud-server node` (`start_node`) there is no
 //! main service: the listener takes the main server's link (its own user's
 //! only) and the node service serves it.
+//! Slurm nodes (`slurm:PARTITION` lines) live in the node service; here
+//! only their commands' pipes (`Source::SlurmCommand`), registered after
+//! each settle, and at shutdown a bounded wait for their scancels.
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`), what calls mean.
 
@@ -47,7 +50,7 @@ use crate::conn::{Conn, Linger, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Coordinator, NodeCall};
 use crate::main_service::{Link, MainService, Out, RemoteLink};
 use crate::node::Finished;
-use crate::node_service::NodeService;
+use crate::node_service::{NodeService, Reaped};
 use crate::peer::{self, PeerId};
 use crate::record::{Outbox, Piece};
 use crate::scheduler::NodeId;
@@ -93,6 +96,9 @@ pub struct ServerConfig {
     pub containment: Containment,
     /// `--requeue-lost`: a replica lost with its node runs again elsewhere.
     pub requeue_lost: bool,
+    /// `--slurm-as-root`: a root server accepts Slurm lines (their
+    /// replicas run as root under Slurm).
+    pub slurm_as_root: bool,
     /// How replicas run, for the ready line.
     pub sandbox_summary: String,
     /// Only this uid (and root) may deploy; `None`: anyone.
@@ -127,6 +133,8 @@ enum Source {
     Conn(Box<Conn>),
     /// The output pipe of node i's running replica.
     ChildOutput(NodeId, u32),
+    /// The output pipe (fd) of one of Slurm node i's commands.
+    SlurmCommand(NodeId, std::os::fd::RawFd),
     /// Placeholder while a connection is being handled.
     Taken,
 }
@@ -177,6 +185,8 @@ impl Server {
         // What each node line is: checked before anything is started.
         let now = Instant::now();
         let (mut links, mut locals, mut local_ports) = (Vec::with_capacity(n), Vec::new(), Vec::new());
+        // Slurm nodes (global id, line) follow the forking ones in the node service.
+        let mut slurm_lines = Vec::new();
         for (i, spec) in cfg.nodes.nodes.iter().enumerate() {
             match &spec.kind {
                 NodeKind::Local { port } => {
@@ -198,19 +208,26 @@ impl Server {
                     }
                     links.push(Link::Remote(RemoteLink::new(addr, now)));
                 }
-                NodeKind::Slurm { .. } => {
-                    return Err(format!(
-                        "{}: {}: the Slurm backend is not built yet; use PORT or HOST:PORT lines",
-                        line(spec),
-                        spec.name()
-                    ))
+                NodeKind::Slurm { partition } => {
+                    // Slurm runs the replica as the server's user.
+                    if nix::unistd::Uid::effective().is_root() && !cfg.slurm_as_root {
+                        return Err(format!(
+                            "{}: {}: as root, replicas on a Slurm node would run as root for whoever deploys; \
+                             run the server as an unprivileged user, or accept it with --slurm-as-root",
+                            line(spec),
+                            spec.name()
+                        ));
+                    }
+                    links.push(Link::Local(usize::MAX)); // set below
+                    let slurm = crate::slurm::SlurmLine { partition: partition.clone(), slots: spec.slots };
+                    slurm_lines.push((i, slurm));
                 }
             }
         }
         // Local nodes' ports, held: port 0 takes a free one, which then
         // names the node (`make demo`, tests).
         let mut node_listeners = Vec::with_capacity(locals.len());
-        let mut node_names: Vec<String> = cfg.nodes.nodes.iter().map(NodeSpec::name).collect();
+        let mut node_names = cfg.nodes.names();
         for (&i, (port, _)) in locals.iter().zip(&mut local_ports) {
             let addr = SocketAddr::from(([127, 0, 0, 1], *port));
             let l = TcpListener::bind(addr).map_err(|e| bind_error(e, addr, &line(&cfg.nodes.nodes[i])))?;
@@ -219,7 +236,13 @@ impl Server {
             node_listeners.push(l);
         }
         let work_dir = work_dir(&cfg.work_dir)?;
-        let nodes = NodeService::start(&cfg, &work_dir, &local_ports)?;
+        let mut nodes = NodeService::start(&cfg, &work_dir, &local_ports)?;
+        for (i, slurm) in slurm_lines {
+            let local = nodes.add_slurm(&cfg, &work_dir, &node_names[i], slurm)?;
+            links[i] = Link::Local(local);
+            locals.push(i);
+        }
+        nodes.note_slurm();
         let spool = work_dir.join("spool");
         let _ = fs::remove_dir_all(&spool);
         fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
@@ -449,6 +472,7 @@ impl Server {
                 match self.slab.get(key) {
                     Some(Source::Conn(_)) => self.conn_event(key),
                     Some(&Source::ChildOutput(i, ticket)) => self.nodes.drain(i, ticket),
+                    Some(&Source::SlurmCommand(i, fd)) => self.nodes.command_readable(i, fd),
                     _ => {} // stale event for a closed source
                 }
             }
@@ -472,6 +496,7 @@ impl Server {
                     main.on_node_event(ev);
                 }
             }
+            self.watch_slurm_commands();
             while let Some(key) = self.dead.pop() {
                 busy = true;
                 // A reply queued since it was marked keeps it open a while longer.
@@ -905,6 +930,30 @@ impl Server {
         }
     }
 
+    /// Register the pipes of Slurm commands started since the last call.
+    fn watch_slurm_commands(&mut self) {
+        for (node, fd) in self.nodes.take_new_pipes() {
+            let entry = self.slab.vacant_entry();
+            let token = Token(entry.key() + self.first_key);
+            match self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE) {
+                Ok(()) => {
+                    self.nodes.command_keys.insert(fd, entry.key());
+                    entry.insert(Source::SlurmCommand(node, fd));
+                }
+                // Still read once it has exited (bounded), just not as it goes.
+                Err(e) => log::error!("cannot watch a Slurm command's output: {e}"),
+            }
+        }
+    }
+
+    /// A Slurm command was reaped: forget its pipe.
+    fn forget_slurm_command(&mut self, pipe: std::os::fd::OwnedFd) {
+        if let Some(key) = self.nodes.command_keys.remove(&pipe.as_raw_fd()) {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&pipe.as_raw_fd()));
+            self.slab.try_remove(key);
+        }
+    }
+
     fn watch_child(&mut self, node: NodeId, ticket: u32, fd: std::os::fd::RawFd) {
         let entry = self.slab.vacant_entry();
         let token = Token(entry.key() + self.first_key);
@@ -1055,8 +1104,10 @@ impl Server {
                 Ok(WaitStatus::StillAlive) => return,
                 Ok(status) => {
                     let Some(pid) = status.pid() else { return };
-                    if let Some((i, fin)) = self.nodes.on_exit(pid, status) {
-                        self.finish_replica(i, fin);
+                    match self.nodes.on_exit(pid, status) {
+                        Some(Reaped::Replica(i, fin)) => self.finish_replica(i, fin),
+                        Some(Reaped::Command(pipe)) => self.forget_slurm_command(pipe),
+                        None => {}
                     }
                 }
                 Err(nix::Error::EINTR) => {}
@@ -1080,9 +1131,55 @@ impl Server {
     fn stop(&mut self) {
         self.nodes.kill_all();
         self.reap();
+        self.wait_slurm_commands();
         self.nodes.release();
         if let Some(main) = &mut self.main {
             main.stop();
+        }
+    }
+}
+
+/// How long shutdown waits for Slurm nodes' commands (their scancels)
+/// before killing them.
+const SLURM_SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+impl Server {
+    /// Shutdown: wait, bounded, for the Slurm nodes' scancels (and commands
+    /// in flight: an sbatch that answers now has its job cancelled too),
+    /// reading only signals and their pipes; then kill what is left.
+    fn wait_slurm_commands(&mut self) {
+        let give_up = Instant::now() + SLURM_SHUTDOWN_WAIT;
+        let mut events = Events::with_capacity(64);
+        while self.nodes.commands_running() {
+            self.watch_slurm_commands();
+            let now = Instant::now();
+            if now >= give_up {
+                break;
+            }
+            match self.poll.poll(&mut events, Some(give_up - now)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    SIGNALS => self.on_signals(),
+                    Token(t) if t >= self.first_key => {
+                        if let Some(&Source::SlurmCommand(i, fd)) = self.slab.get(t - self.first_key) {
+                            self.nodes.command_readable(i, fd);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for pid in self.nodes.kill_commands() {
+            log::warn!("a Slurm command (pid {pid}) did not end within {SLURM_SHUTDOWN_WAIT:?}; killed");
+            if let Ok(status) = waitpid(pid, None) {
+                if let Some(Reaped::Command(pipe)) = self.nodes.on_exit(pid, status) {
+                    self.forget_slurm_command(pipe);
+                }
+            }
         }
     }
 }

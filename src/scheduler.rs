@@ -372,6 +372,17 @@ impl Scheduler {
         Some(Ended { ticket, replica, stop })
     }
 
+    /// A running replica's message, as its node tells it (a Slurm node:
+    /// "slurm job 42: RUNNING"); kept until the replica ends. Ignored for a
+    /// replica not running on that node or being stopped.
+    pub fn replica_note(&mut self, node: NodeId, ticket: Ticket, message: &str) {
+        let Some(&replica) = self.running.get(node).and_then(|r| r.get(&ticket)) else { return };
+        let Some(r) = self.jobs.get_mut(&ticket).and_then(|j| j.replicas.get_mut(replica as usize)) else { return };
+        if r.state == JobState::Running && r.stopping.is_none() {
+            r.message = message.to_string();
+        }
+    }
+
     /// A node cannot be reached (its link broke, or it is not connected
     /// yet): it takes no new work, and each replica it ran ends INVALID with
     /// `lost` as its message, or with `requeue` is put back at the head of
@@ -645,6 +656,23 @@ mod tests {
         assert_eq!(s.start_ready(), vec![Start { ticket: t, placed: vec![(1, 2)] }, full(next, &[0])]);
         assert_eq!(s.job(t).unwrap().replicas[1].message, "requeued after node 1 was lost");
         assert_eq!(s.close(t).unwrap().nodes, vec![0, 2, 1], "the lost node drops its workspace too");
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_running_replica_shows_what_its_node_notes_until_it_ends() {
+        let mut s = Scheduler::new(&ones(2), 10);
+        let t = s.submit(1).unwrap();
+        let u = s.submit(2).unwrap();
+        s.start_ready();
+        s.replica_note(0, t, "slurm job 42: RUNNING");
+        s.replica_note(1, t, "wrong node: ignored");
+        s.replica_note(0, 99, "no such ticket: ignored");
+        assert_eq!(s.job(t).unwrap().replicas[0].message, "slurm job 42: RUNNING");
+        assert!(s.job(u).unwrap().replicas.iter().all(|r| r.message.is_empty()), "u waits: untouched");
+        s.replica_finished(0, t, &ok());
+        s.replica_note(0, t, "late: ignored");
+        assert_eq!(s.job(t).unwrap().replicas[0].message, "exit 0");
         s.check_invariants();
     }
 

@@ -368,6 +368,8 @@ struct Replica {
     state: String,
     /// An scontrol for the final state is under way.
     detailing: bool,
+    /// The last note about it (`take_notes`).
+    note: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,7 +409,8 @@ pub struct CommandExited {
 }
 
 /// A node whose replicas run in Slurm; the same shape as `node::Node`.
-/// After any call, `take_new_pipes` gives the pipes of commands it started.
+/// After any call, `take_new_pipes` gives the pipes of commands it started,
+/// and `take_notes` what it learnt about running replicas.
 #[derive(Debug)]
 pub struct SlurmNode {
     pub cfg: SlurmConfig,
@@ -415,12 +418,22 @@ pub struct SlurmNode {
     cmds: Vec<Cmd>,
     new_pipes: Vec<RawFd>,
     next_poll: Option<Instant>,
+    /// (ticket, message) for running replicas whose Slurm job or state is
+    /// new: "slurm job 42: PENDING (Resources)".
+    notes: Vec<(u32, String)>,
 }
 
 impl SlurmNode {
     pub fn new(cfg: SlurmConfig) -> io::Result<Self> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&cfg.dir)?;
-        Ok(SlurmNode { cfg, replicas: BTreeMap::new(), cmds: Vec::new(), new_pipes: Vec::new(), next_poll: None })
+        Ok(SlurmNode {
+            cfg,
+            replicas: BTreeMap::new(),
+            cmds: Vec::new(),
+            new_pipes: Vec::new(),
+            next_poll: None,
+            notes: Vec::new(),
+        })
     }
 
     pub fn name(&self) -> String {
@@ -451,6 +464,12 @@ impl SlurmNode {
         std::mem::take(&mut self.new_pipes)
     }
 
+    /// What became known about running replicas since the last call, as a
+    /// status message each: (ticket, "slurm job 42: RUNNING").
+    pub fn take_notes(&mut self) -> Vec<(u32, String)> {
+        std::mem::take(&mut self.notes)
+    }
+
     /// Create the ticket's folder and the file its archive streams into.
     pub fn prepare_archive(&self, ticket: u32) -> io::Result<(File, PathBuf)> {
         let dir = self.ticket_dir(ticket);
@@ -461,6 +480,20 @@ impl SlurmNode {
         let path = dir.join("job.tar.gz");
         let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
         Ok((file, path))
+    }
+
+    /// An in-process node's archive: the main server's spool file
+    /// hard-linked into the ticket's folder (copied where a link cannot be
+    /// made), as `node::Node::adopt_archive`.
+    pub fn adopt_archive(&self, ticket: u32, from: &Path) -> io::Result<()> {
+        let (file, path) = self.prepare_archive(ticket)?;
+        drop(file);
+        fs::remove_file(&path)?;
+        if let Err(e) = fs::hard_link(from, &path) {
+            log::debug!("{}: cannot link {} ({e}); copying", self.name(), from.display());
+            fs::copy(from, &path)?;
+        }
+        Ok(())
     }
 
     /// Submit the replica whose archive is in place (sbatch runs as a
@@ -499,6 +532,7 @@ impl SlurmNode {
                 give_up: None,
                 state: "SUBMITTING".into(),
                 detailing: false,
+                note: String::new(),
             },
         );
         Ok(())
@@ -611,6 +645,8 @@ impl SlurmNode {
                     if let Some(r) = self.replicas.get_mut(&ticket) {
                         r.job = Some(id);
                         r.state = "PENDING".into();
+                        r.note = format!("slurm job {id}: PENDING");
+                        self.notes.push((ticket, r.note.clone()));
                         if r.stop.is_some() {
                             // Closed (or shut down) while sbatch ran.
                             r.give_up = Some(now + self.cfg.kill_grace);
@@ -638,7 +674,15 @@ impl SlurmNode {
                         continue;
                     };
                     match rows.iter().find(|(j, _, _)| *j == id) {
-                        Some((_, state, _)) => {
+                        Some((_, state, reason)) => {
+                            let note = match reason.as_str() {
+                                "" | "None" => format!("slurm job {id}: {state}"),
+                                reason => format!("slurm job {id}: {state} ({reason})"),
+                            };
+                            if r.note != note && phase(state) != Phase::Final {
+                                r.note = note.clone();
+                                self.notes.push((ticket, note));
+                            }
                             r.state = state.clone();
                             match phase(state) {
                                 Phase::Queued => {}
@@ -736,6 +780,47 @@ impl SlurmNode {
         })?;
         let len = file.metadata().map_err(|e| (false, e.to_string()))?.len();
         Ok((file, len.min(self.cfg.max_output)))
+    }
+
+    /// An in-process node's NODE_FETCH: the output Slurm wrote, cut to
+    /// `max_output` bytes (with a marker line), hard-linked (or copied) to
+    /// `into`. Errors as `fetch`'s.
+    pub fn link_output(&self, ticket: u32, into: &Path) -> Result<(), (bool, String)> {
+        let path = self.ticket_dir(ticket).join("output.txt");
+        let failed = |e: io::Error| {
+            let gone = e.kind() == io::ErrorKind::NotFound;
+            (gone, format!("{}: cannot open the output of ticket {ticket}: {e}", self.name()))
+        };
+        let max = self.cfg.max_output;
+        let file = OpenOptions::new().append(true).open(&path).map_err(failed)?;
+        if file.metadata().map_err(failed)?.len() > max {
+            // The replica has ended: nobody writes this file any more.
+            file.set_len(max)
+                .and_then(|()| writeln!(&file, "\n[cloud: output truncated at {max} bytes (--max-output)]"))
+                .map_err(failed)?;
+        }
+        drop(file);
+        match fs::hard_link(&path, into) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(failed(e)),
+            Err(_) => fs::copy(&path, into).map(drop).map_err(failed),
+        }
+    }
+
+    /// Stop a ticket's replica (fail-fast): scancel it and keep its output
+    /// for NODE_FETCH. A replica still being submitted is cancelled once
+    /// sbatch answers.
+    pub fn stop_ticket(&mut self, ticket: u32, now: Instant) {
+        let grace = self.cfg.kill_grace;
+        let Some(r) = self.replicas.get_mut(&ticket) else { return };
+        if r.stop.is_some() {
+            return;
+        }
+        r.stop = Some(StopReason::Stopped);
+        if let Some(id) = r.job {
+            r.give_up = Some(now + grace);
+            self.cancel(&[id], now);
+        }
     }
 
     /// Forget a ticket: scancel its replica if in Slurm (the folder goes

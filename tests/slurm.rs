@@ -1,10 +1,12 @@
 //! The Slurm node against a real one-host Slurm: tests/slurm/up.sh brings
-//! munged, slurmctld and slurmd up in a temporary folder (as root), the
-//! test drives `SlurmNode`s the way the reactor does (pipes polled, children
-//! reaped, timers from `deadline()`), and a guard runs tests/slurm/down.sh
-//! even when an assertion fails. Under CI=true a Slurm that cannot start
-//! fails the test with the script's reason; elsewhere, without root or
-//! without the Slurm packages, the test says it is skipped.
+//! munged, slurmctld and slurmd up in a temporary folder (as root), once
+//! for the whole test binary (the first test that needs it), and
+//! tests/slurm/down.sh runs when the binary exits, whether tests passed or
+//! failed. One test drives `SlurmNode`s the way the reactor does (pipes
+//! polled, children reaped, timers from `deadline()`); another runs a whole
+//! cluster whose nodes are `slurm:cloudtest` lines. Under CI=true a Slurm
+//! that cannot start fails the test with the script's reason; elsewhere,
+//! without root or without the Slurm packages, the test says it is skipped.
 
 mod common;
 
@@ -33,6 +35,33 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 /// A running one-host Slurm; dropping it runs down.sh.
 struct Slurm {
     dir: tempfile::TempDir,
+}
+
+/// The one Slurm of this test binary, or why there is none (skipped).
+static SHARED: std::sync::OnceLock<Result<Slurm, String>> = std::sync::OnceLock::new();
+
+/// Slurm, brought up by the first test that asks; `None`: skip.
+fn shared_slurm() -> Option<&'static Slurm> {
+    let slurm = SHARED.get_or_init(|| {
+        let up = Slurm::up();
+        if up.is_ok() {
+            // SAFETY: registers a plain `extern "C" fn()` that touches only
+            // the static above, which lives until the process ends.
+            if unsafe { libc::atexit(tear_down) } != 0 {
+                eprintln!("cannot register Slurm's tear-down: run tests/slurm/down.sh by hand");
+            }
+        }
+        up
+    });
+    slurm.as_ref().ok()
+}
+
+/// At exit (passed or failed): down.sh, then the folder goes.
+extern "C" fn tear_down() {
+    if let Some(Ok(slurm)) = SHARED.get() {
+        slurm.down();
+        let _ = std::fs::remove_dir_all(slurm.dir.path());
+    }
 }
 
 impl Slurm {
@@ -88,6 +117,12 @@ impl Slurm {
 
 impl Drop for Slurm {
     fn drop(&mut self) {
+        self.down();
+    }
+}
+
+impl Slurm {
+    fn down(&self) {
         let out = Command::new(format!("{SCRIPTS}/down.sh")).arg(self.dir.path()).output();
         match out {
             Ok(o) => eprintln!("{}", String::from_utf8_lossy(&o.stdout).trim()),
@@ -189,7 +224,7 @@ fn output(node: &SlurmNode, ticket: u32) -> String {
 #[test]
 fn slurm_runs_replicas_and_maps_failures_and_cancels() {
     let _one = one_at_a_time();
-    let Ok(slurm) = Slurm::up() else { return };
+    let Some(slurm) = shared_slurm() else { return };
     let work = tempfile::tempdir().expect("temp dir");
     let hello = job(
         work.path(),
@@ -349,4 +384,124 @@ fn a_hung_sbatch_is_killed_and_a_purged_job_is_reported_unknown() {
     for n in [&hung, &purged, &stuck] {
         assert_eq!((n.busy(), n.command_pids().len(), n.deadline()), (0, 0, None), "{}: idle at the end", n.name());
     }
+    // What status showed while it ran: its Slurm job, each state once.
+    let notes = stuck.take_notes();
+    assert_eq!(notes, [(3, "slurm job 78: PENDING".to_string()), (3, "slurm job 78: RUNNING".to_string())]);
+}
+
+/// Whether every replica of a status has ended.
+fn ended(st: &serde_json::Value) -> bool {
+    st["replicas"]
+        .as_array()
+        .is_some_and(|rs| rs.iter().all(|r| r["status"] == "COMPLETED" || r["status"] == "INVALID"))
+}
+
+/// The Slurm job id a status message names ("slurm job 42: ...").
+fn named_job(message: &serde_json::Value) -> u64 {
+    let m = message.as_str().unwrap_or_default();
+    m.strip_prefix("slurm job ")
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no Slurm job id in {message}"))
+}
+
+#[test]
+fn a_cluster_hands_replicas_to_slurm_nodes() {
+    let _one = one_at_a_time();
+    let Some(slurm) = shared_slurm() else { return };
+    let work = tempfile::tempdir().expect("temp dir");
+    let hello = job(work.path(), "hello.tar.gz", &["@echo replica $$CLOUD_REPLICA slurm job $$SLURM_JOB_ID"]);
+    let lines = ["slurm:cloudtest".to_string(), "slurm:cloudtest".to_string()];
+    let conf = slurm.conf();
+    // A root server refuses Slurm lines unless told that Slurm runs them as root.
+    let nodes = work.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("2\n{}\n", lines.join("\n"))).expect("nodes file");
+    let refused = refused_start(
+        Command::new(SERVER)
+            .args(["--listen", "127.0.0.1:0", "--nodes"])
+            .arg(&nodes)
+            .arg("--work-dir")
+            .arg(work.path().join("refused")),
+    );
+    assert!(
+        refused.contains("line 2: slurm:cloudtest: as root, replicas on a Slurm node would run as root"),
+        "{refused}"
+    );
+    let mut c = Cluster::start_lines_tweaked(&lines, &["--time-limit", "120", "--slurm-as-root"], |cmd| {
+        cmd.env("SLURM_CONF", &conf);
+    });
+    let ready = c.log();
+    assert!(ready.contains("2 nodes: slurm:cloudtest#1 slurm:cloudtest#2"), "{ready}");
+    assert!(ready.contains("replicas run in Slurm"), "{ready}");
+
+    // Two replicas, one on each Slurm node: both complete, status names
+    // their Slurm jobs, retrieve gets both outputs.
+    let started = Instant::now();
+    let t = c.deploy(2, &hello);
+    let st = c.wait_status(t, ended);
+    eprintln!("two replicas through Slurm in {:?}", started.elapsed());
+    let replicas = st["replicas"].as_array().expect("replicas").clone();
+    let mut nodes: Vec<&str> = replicas.iter().map(|r| r["node"].as_str().unwrap_or_default()).collect();
+    nodes.sort();
+    assert_eq!(nodes, ["slurm:cloudtest#1", "slurm:cloudtest#2"], "{st}");
+    let mut want = Vec::new();
+    for r in &replicas {
+        assert_eq!(r["status"], "COMPLETED", "{st}");
+        assert!(r["message"].as_str().is_some_and(|m| m.contains(": COMPLETED")), "{st}");
+        want.push(format!("replica {} slurm job {}\n", r["replica"], named_job(&r["message"])));
+    }
+    assert_ne!(named_job(&replicas[0]["message"]), named_job(&replicas[1]["message"]), "{st}");
+    let (ok, files) = c.retrieve(t);
+    assert!(ok, "retrieve failed: {files:?}");
+    let mut got: Vec<String> = files.into_iter().map(|(_, text)| text).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    let out_dir = c.dir.path().join(format!("out-{t}"));
+    for name in ["output_cloudtest#1.txt", "output_cloudtest#2.txt"] {
+        assert!(out_dir.join(name).exists(), "{name} not retrieved");
+    }
+
+    // --fail-fast: replica 0 fails, so replica 1 (pending or running in
+    // Slurm) is scancelled and reported stopped.
+    let fails = job(
+        work.path(),
+        "failfast.tar.gz",
+        &["@if [ $$CLOUD_REPLICA = 0 ]; then echo failing; exit 3; fi; echo waiting; sleep 600"],
+    );
+    let out = c.cloud(&["deploy", "2", fails.to_str().expect("path"), "--fail-fast"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let t = stdout.trim().strip_prefix("Job ticket#: ").and_then(|n| n.parse::<u32>().ok());
+    let t = t.unwrap_or_else(|| panic!("deploy --fail-fast: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    let st = c.wait_status(t, ended);
+    let first = &st["replicas"][0];
+    assert_eq!(first["status"], "INVALID", "{st}");
+    assert!(first["message"].as_str().is_some_and(|m| m.ends_with(": FAILED, exit 2")), "{st}");
+    assert_eq!(st["replicas"][1]["status"], "INVALID", "{st}");
+    assert!(st["replicas"][1]["message"].as_str().is_some_and(|m| m.contains("stopped: replica 0 failed")), "{st}");
+    let in_slurm = || slurm.command(&["squeue", "-h", "-o", "%i %T"]);
+    wait_within(Duration::from_secs(30), "Slurm has no job left after fail-fast", || in_slurm().trim().is_empty());
+    assert!(c.cloud(&["retrieve", &t.to_string()]).status.success());
+
+    // CLOSE of a running replica and server shutdown are scancels.
+    let sleeps = job(work.path(), "sleeps.tar.gz", &["@echo sleeping", "@sleep 600"]);
+    let closed = c.deploy(1, &sleeps);
+    let _kept = c.deploy(1, &sleeps);
+    wait_within(Duration::from_secs(60), "both jobs run in Slurm", || in_slurm().matches("RUNNING").count() == 2);
+    // While it runs, status names its Slurm job.
+    let running =
+        |st: &serde_json::Value| st["replicas"][0]["message"].as_str().is_some_and(|m| m.ends_with(": RUNNING"));
+    let st = c.wait_status(closed, running);
+    let id = named_job(&st["replicas"][0]["message"]);
+    assert!(in_slurm().contains(&format!("{id} RUNNING")), "{st} not in {}", in_slurm());
+    assert!(c.cloud(&["retrieve", &closed.to_string()]).status.success());
+    wait_within(Duration::from_secs(30), "the closed job leaves Slurm", || in_slurm().lines().count() == 1);
+    let folders = || {
+        ["slurm_cloudtest#1", "slurm_cloudtest#2"].iter().any(|n| c.work().join(n).join(closed.to_string()).exists())
+    };
+    wait_until("the closed ticket's folder is gone", || !folders());
+    let stopping = Instant::now();
+    assert!(c.terminate().is_some_and(|s| s.success()), "{}", c.log());
+    eprintln!("server with a replica in Slurm stopped in {:?}", stopping.elapsed());
+    wait_within(Duration::from_secs(30), "Slurm has no job left after shutdown", || in_slurm().trim().is_empty());
 }

@@ -87,6 +87,11 @@ struct Args {
     /// loopback address, IP:PORT (port 0 picks a free one; the log shows it).
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
+    /// As root, accept slurm:PARTITION lines: their replicas run under
+    /// Slurm as root, for whoever deploys (see docs/SLURM.md). Without it a
+    /// root server refuses them; run the server as an unprivileged user.
+    #[arg(long)]
+    slurm_as_root: bool,
     #[command(flatten)]
     job: JobFlags,
     #[command(subcommand)]
@@ -268,6 +273,11 @@ const DEFAULT_SLOT_BASE: u32 = 61000;
 const SLOT_BLOCKS_TRIED: u32 = 64;
 
 fn identities(job: &JobFlags, n: usize) -> Result<Identities, String> {
+    if n == 0 {
+        // Only remote and Slurm nodes: no replica is forked here.
+        let summary = "no node of this process forks replicas".into();
+        return Ok(Identities { per_node: Vec::new(), slot_uids: false, summary, _locks: Vec::new() });
+    }
     if !Uid::effective().is_root() {
         let me = User::from_uid(Uid::effective()).ok().flatten().map_or("this user".into(), |u| u.name);
         let summary = if job.uncontained {
@@ -572,6 +582,7 @@ fn run(args: Args) -> Result<(), String> {
         isolate_network,
         containment,
         requeue_lost: args.requeue_lost,
+        slurm_as_root: args.slurm_as_root,
         sandbox_summary: format!("{contained}{host_fs}; {}, {net}{who_deploys}", ids.summary),
         only_deployer,
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),

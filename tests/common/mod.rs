@@ -80,8 +80,14 @@ impl Cluster {
     /// A server whose nodes file lists `lines` (e.g. remote `HOST:PORT`
     /// nodes): no local ports of its own to pick.
     pub fn start_lines(lines: &[String], extra: &[&str]) -> Cluster {
+        Self::start_lines_tweaked(lines, extra, |_| {})
+    }
+
+    /// As `start_lines`, with `tweak` applied to the server's command first
+    /// (e.g. `SLURM_CONF` in its environment).
+    pub fn start_lines_tweaked(lines: &[String], extra: &[&str], tweak: impl Fn(&mut Command)) -> Cluster {
         let slot_base = 1_000_000 + u32::from(free_ports(1)[0]) * 64;
-        Self::launch(lines, Vec::new(), slot_base, extra, &|_| {})
+        Self::launch(lines, Vec::new(), slot_base, extra, &tweak)
             .unwrap_or_else(|got| panic!("cloud-server did not start: {got}"))
     }
 
