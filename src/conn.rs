@@ -40,6 +40,12 @@ pub(crate) enum Pending {
     },
     /// NODE_DROP or NODE_STOP: nothing to do with the reply.
     Drop,
+    /// Setting the link up (`main_service`): NODE_HELLO and NODE_AUTH of
+    /// the handshake, or without a secret a NODE_NULL that asks whether the
+    /// node takes calls without one.
+    Hello,
+    Auth,
+    Probe,
 }
 
 /// NODE_FETCH's successful results end in the output, streamed.
@@ -171,6 +177,9 @@ pub(crate) struct Conn {
     pub(crate) moved: u64,
     /// `outbox.written()` when the timers last heard of it.
     pub(crate) written_seen: u64,
+    /// A node's inbound link with a secret: every call passes the gate
+    /// (`node_auth`) first.
+    pub(crate) gate: Option<Box<crate::node_auth::NodeGate>>,
 }
 
 impl Conn {
@@ -206,6 +215,7 @@ impl Conn {
             peer,
             moved: 0,
             written_seen: 0,
+            gate: None,
         }
     }
 

@@ -168,6 +168,8 @@ impl NodeService {
         let mut w = rpc::accepted(xid, AcceptStat::Success);
         match (call.proc_num, XdrReader::new(&call.args).u32()) {
             (proto::NODE_NULL, _) => vec![Piece::Bytes(w.into_bytes())],
+            // Only a node without a secret gets here with it (`node_auth`).
+            (proto::NODE_HELLO, _) => vec![Piece::Bytes(crate::node_auth::hello_refused_without_secret(xid))],
             (proto::NODE_FETCH, Ok(ticket)) => match self.nodes[i].fetch(ticket) {
                 Ok((file, len)) => {
                     // Opened now: a DROP right behind this FETCH may remove it.

@@ -47,6 +47,7 @@ use crate::conn::{Conn, Linger, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Coordinator, NodeCall};
 use crate::main_service::{Link, MainService, Out, RemoteLink};
 use crate::node::Finished;
+use crate::node_auth::{self, NodeGate, Secret};
 use crate::node_service::NodeService;
 use crate::peer::{self, PeerId};
 use crate::record::{Outbox, Piece};
@@ -103,6 +104,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// A call being received, or a reply being sent, must progress within this.
     pub call_timeout: Duration,
+    /// The node links' shared secret (`--secret-file`): the main server
+    /// proves it to each remote node, a node demands it of every link.
+    pub secret: Option<Secret>,
 }
 
 /// Descriptors kept back from `--max-connections`: listeners, signalfd,
@@ -161,6 +165,10 @@ pub struct Server {
     warned_full: bool,
     /// Logged once serving starts, after the ready line.
     limits_line: String,
+    /// `cloud-server node` with `--secret-file`: each link from a main
+    /// server passes a `NodeGate` (any address); without, only loopback
+    /// peers of our own user are served.
+    secret: Option<Secret>,
 }
 
 impl Server {
@@ -182,12 +190,13 @@ impl Server {
                 }
                 NodeKind::Remote { host, port } => {
                     let addr = resolve(host, *port).map_err(|e| format!("{}: {e}", line(spec)))?;
-                    // No handshake yet (branch `auth`): jobs would cross the
-                    // network to anyone who answers on that address.
-                    if !addr.ip().is_loopback() {
+                    // Without the handshake, jobs would cross the network to
+                    // anyone who answers on that address.
+                    if !addr.ip().to_canonical().is_loopback() && cfg.secret.is_none() {
                         return Err(format!(
-                            "{}: node {} is not on loopback: links to other hosts need node \
-                             authentication (--secret-file), not built yet; use a 127.x.x.x address",
+                            "{}: node {} is not on loopback: links to other hosts need a shared secret; \
+                             give the main server and the node the same --secret-file F (chmod 600 F), \
+                             or use a 127.x.x.x address",
                             line(spec),
                             spec.name()
                         ));
@@ -203,6 +212,8 @@ impl Server {
                 }
             }
         }
+        // Clients off loopback only with a secret (issue 9's binding rule).
+        node_auth::check_bind(cfg.listen, cfg.secret.is_some())?;
         let work_dir = work_dir(&cfg.work_dir)?;
         let nodes = NodeService::start(&cfg, &work_dir, &local_ports)?;
         let spool = work_dir.join("spool");
@@ -251,6 +262,7 @@ impl Server {
             tickets,
             extract_limits: cfg.limits.extract,
             next_spool: 0,
+            secret: cfg.secret.clone(),
         };
         Server::assemble(&cfg, poll, clients, node_listeners, Some(main), nodes)
     }
@@ -259,13 +271,7 @@ impl Server {
     /// `cfg.listen` (its port names the node: `output_<port>/`) to the
     /// main server that connects to it.
     pub fn start_node(cfg: ServerConfig) -> Result<Server, String> {
-        if !cfg.listen.ip().is_loopback() {
-            return Err(format!(
-                "--listen {}: a node without node authentication (--secret-file, not built yet) \
-                 listens on loopback only; use a 127.x.x.x address",
-                cfg.listen
-            ));
-        }
+        node_auth::check_bind(cfg.listen, cfg.secret.is_some())?;
         let work_dir = work_dir(&cfg.work_dir)?;
         let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
         let listener = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
@@ -336,6 +342,7 @@ impl Server {
             warned_fds: false,
             warned_full: false,
             limits_line,
+            secret: cfg.secret.clone(),
         })
     }
 
@@ -389,6 +396,10 @@ impl Server {
                 main.coord.on_timer(now);
             }
             self.connect_links(now);
+            // Node links not up in time (authwire): closed, tried again later.
+            for key in self.main.as_mut().map(|m| m.links_stalled(now)).unwrap_or_default() {
+                self.close_conn(key);
+            }
             for (key, phase) in self.timers.expired(now) {
                 log::debug!("connection {key}: timed out ({phase:?}); closing");
                 self.close_conn(key);
@@ -535,16 +546,43 @@ impl Server {
     /// second link (a main server restarted before the first link's end
     /// was seen) does not disturb the first.
     fn accept_link(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let me = nix::unistd::Uid::effective().as_raw();
-        let id = stream.local_addr().map_or(PeerId::Unverified, |local| peer::identify(peer, local));
-        if id != PeerId::Verified(me) {
-            log::warn!("refused a connection from {peer} ({id:?}): a node serves only its own user's main server");
-            return;
-        }
+        // With a secret: any address, every call through the gate.
+        let (id, gate) = match &self.secret {
+            Some(secret) => {
+                let gate = stream.local_addr().and_then(|node| {
+                    let link = node_auth::Link { main: peer, node };
+                    Ok(Box::new(NodeGate::new(secret.clone(), link, node_auth::random_nonce()?)))
+                });
+                match gate {
+                    Ok(gate) => (PeerId::Unverified, Some(gate)),
+                    Err(e) => return log::warn!("refused a connection from {peer}: {e}"),
+                }
+            }
+            None => {
+                let me = nix::unistd::Uid::effective().as_raw();
+                let id = stream.local_addr().map_or(PeerId::Unverified, |local| peer::identify(peer, local));
+                if id != PeerId::Verified(me) {
+                    log::warn!(
+                        "refused a connection from {peer} ({id:?}): a node without --secret-file serves only its own user's main server"
+                    );
+                    return;
+                }
+                (id, None)
+            }
+        };
         let _ = stream.set_nodelay(true);
         keepalive(&stream);
+        let gated = gate.is_some();
         match self.add_conn(stream, Role::NodeInbound(0), id, false) {
-            Ok(key) => log::info!("link from the main server at {peer} is up (connection {key})"),
+            Ok(key) => {
+                if let Some(Source::Conn(c)) = self.slab.get_mut(key) {
+                    c.gate = gate;
+                }
+                match gated {
+                    true => log::info!("link from {peer} (connection {key}): awaiting its proof of the shared secret"),
+                    false => log::info!("link from the main server at {peer} is up (connection {key})"),
+                }
+            }
             Err(e) => log::warn!("cannot register connection from {peer}: {e}"),
         }
     }
@@ -562,7 +600,7 @@ impl Server {
             });
             let Some(main) = &mut self.main else { return };
             match started {
-                Ok(key) => main.link_connecting(i, key),
+                Ok(key) => main.link_connecting(i, key, now),
                 Err(e) => {
                     log::debug!("cannot connect to node {addr}: {e}");
                     main.link_lost(i, now);
@@ -635,8 +673,9 @@ impl Server {
                 match conn.stream.take_error() {
                     Ok(None) if conn.stream.peer_addr().is_ok() => {
                         *connected = true;
+                        let node = *node;
                         if let Some(main) = &mut self.main {
-                            main.link_connected(*node, Instant::now());
+                            main.link_connected(node, &mut conn);
                         }
                     }
                     Ok(None) => {} // still connecting
@@ -764,6 +803,13 @@ impl Server {
             CallEvent::Call(call) => {
                 match conn.role {
                     Role::NodeInbound(i) => {
+                        if let Some((reply, close)) = gate(conn, &call) {
+                            conn.outbox.push_bytes(reply);
+                            if close {
+                                conn.close_after_answer();
+                            }
+                            return true;
+                        }
                         let reply = self.nodes.serve_call(i, call);
                         conn.outbox.push(reply);
                     }
@@ -816,6 +862,18 @@ impl Server {
     /// A streamed call begins: a client's DEPLOY (the main service) or a
     /// NODE_RUN (the node service).
     fn stream_start(&mut self, key: usize, conn: &mut Conn, call: Call, len: u32) {
+        if let Some((reply, close)) = gate(conn, &call) {
+            // A NODE_RUN refused before auth (only node links have a gate):
+            // its archive is swallowed, never stored.
+            match (close, &mut conn.reader) {
+                (false, Reader::Calls(r)) => r.refuse_stream(reply),
+                _ => {
+                    conn.outbox.push_bytes(reply);
+                    conn.close_after_answer();
+                }
+            }
+            return;
+        }
         match conn.role {
             Role::NodeInbound(i) => match self.nodes.run_sink(i, &call) {
                 Ok(sink) => {
@@ -989,7 +1047,13 @@ impl Server {
                 }
             }
             Role::NodeInbound(_) => {
-                log::warn!("a link from the main server is gone (connection {key})");
+                match conn.gate.as_deref() {
+                    Some(g) if !g.is_open() => match g.ended_note() {
+                        Some(note) => log::warn!("{note}"),
+                        None => log::info!("node link from {}: closed unauthenticated (connection {key})", g.peer()),
+                    },
+                    _ => log::warn!("a link from the main server is gone (connection {key})"),
+                }
                 self.nodes.link_closed(key);
             }
         }
@@ -1056,6 +1120,21 @@ impl Server {
         self.nodes.release();
         if let Some(main) = &mut self.main {
             main.stop();
+        }
+    }
+}
+
+/// A node's inbound link with a secret: `Some((reply, close))` if the call
+/// must be answered by the gate (the handshake, or a refusal before auth)
+/// instead of carried out; its log line, if any, is logged here.
+fn gate(conn: &mut Conn, call: &Call) -> Option<(Vec<u8>, bool)> {
+    match conn.gate.as_mut()?.on_call(call) {
+        node_auth::Verdict::Pass => None,
+        node_auth::Verdict::Answer { reply, close, log } => {
+            if let Some(line) = log {
+                log::warn!("{line}");
+            }
+            Some((reply, close))
         }
     }
 }
