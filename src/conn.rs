@@ -180,6 +180,8 @@ pub(crate) struct Conn {
     /// A node's inbound link with a secret: every call passes the gate
     /// (`node_auth`) first.
     pub(crate) gate: Option<Box<crate::node_auth::NodeGate>>,
+    /// When a gated link must have passed its handshake by (else closed).
+    pub(crate) gate_by: Option<std::time::Instant>,
 }
 
 impl Conn {
@@ -216,6 +218,7 @@ impl Conn {
             moved: 0,
             written_seen: 0,
             gate: None,
+            gate_by: None,
         }
     }
 

@@ -169,6 +169,8 @@ pub struct Server {
     /// server passes a `NodeGate` (any address); without, only loopback
     /// peers of our own user are served.
     secret: Option<Secret>,
+    /// The earliest time a gated link must have passed its handshake by.
+    gates_due: Option<Instant>,
 }
 
 impl Server {
@@ -343,6 +345,7 @@ impl Server {
             warned_full: false,
             limits_line,
             secret: cfg.secret.clone(),
+            gates_due: None,
         })
     }
 
@@ -400,6 +403,9 @@ impl Server {
             for key in self.main.as_mut().map(|m| m.links_stalled(now)).unwrap_or_default() {
                 self.close_conn(key);
             }
+            if self.gates_due.is_some_and(|due| due <= now) {
+                self.close_silent_links(now);
+            }
             for (key, phase) in self.timers.expired(now) {
                 log::debug!("connection {key}: timed out ({phase:?}); closing");
                 self.close_conn(key);
@@ -420,7 +426,7 @@ impl Server {
         let conns = self.timers.next_deadline();
         let nodes = self.nodes.next_deadline();
         let main = self.main.as_ref().and_then(MainService::next_deadline);
-        nodes.into_iter().chain(main).chain(conns).min().map(|d| d.saturating_duration_since(now))
+        nodes.into_iter().chain(main).chain(conns).chain(self.gates_due).min().map(|d| d.saturating_duration_since(now))
     }
 
     fn dispatch(&mut self, token: Token) {
@@ -577,6 +583,11 @@ impl Server {
             Ok(key) => {
                 if let Some(Source::Conn(c)) = self.slab.get_mut(key) {
                     c.gate = gate;
+                    if gated {
+                        let by = Instant::now() + crate::main_service::LINK_SETUP_WITHIN;
+                        c.gate_by = Some(by);
+                        self.gates_due = Some(self.gates_due.map_or(by, |d| d.min(by)));
+                    }
                 }
                 match gated {
                     true => log::info!("link from {peer} (connection {key}): awaiting its proof of the shared secret"),
@@ -584,6 +595,33 @@ impl Server {
                 }
             }
             Err(e) => log::warn!("cannot register connection from {peer}: {e}"),
+        }
+    }
+
+    /// A node's gated links that have not passed the handshake in time are
+    /// closed: a stranger cannot hold connections (descriptors) forever.
+    /// Runs only when the earliest such deadline has passed.
+    fn close_silent_links(&mut self, now: Instant) {
+        let mut late = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (key, source) in self.slab.iter_mut() {
+            let Source::Conn(c) = source else { continue };
+            let (Some(gate), Some(by)) = (c.gate.as_deref(), c.gate_by) else { continue };
+            if gate.is_open() {
+                c.gate_by = None;
+            } else if by <= now {
+                late.push((key, gate.peer()));
+            } else {
+                next = Some(next.map_or(by, |n| n.min(by)));
+            }
+        }
+        self.gates_due = next;
+        for (key, peer) in late {
+            log::info!(
+                "node link from {peer}: no handshake within {} s; closing",
+                crate::main_service::LINK_SETUP_WITHIN.as_secs()
+            );
+            self.close_conn(key);
         }
     }
 

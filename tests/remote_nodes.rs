@@ -326,7 +326,14 @@ fn a_stranger_without_the_handshake_gets_auth_error_and_nothing_runs() {
         let words: Vec<u32> = reply.chunks(4).take(5).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
         assert_eq!(words, [xid, 1, 1, 1, 5], "{reply:?}");
     }
-    drop(s);
+    // Refused calls do not end the link, but a link without a handshake
+    // does not last: closed within 10 s (then the poll's turn).
+    let mut rest = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let held = Instant::now();
+    assert_eq!(s.read_to_end(&mut rest).map(|_| rest.len()).ok(), Some(0), "the node closes the link");
+    assert!(held.elapsed() < Duration::from_secs(15), "closed after {:?}", held.elapsed());
+    assert!(node_log(&node).contains("no handshake within 10 s"), "{}", node_log(&node));
     wait_until("the node logs the stranger", || node_log(&node).contains("before authentication"));
     let log = node_log(&node);
     assert!(log.contains("node link from 127.0.0.1:") && log.contains("procedure 1"), "{log}");
@@ -393,4 +400,17 @@ fn listening_off_loopback_needs_a_secret() {
     cmd.args(["node", "--listen", "127.0.0.1:0", "--work-dir", nwork, "--secret-file", open.to_str().unwrap()]);
     let err = refused_start(&mut cmd);
     assert!(err.contains(&format!("chmod 600 {}", open.display())), "{err}");
+}
+
+#[test]
+fn a_silent_peer_on_a_nodes_address_is_given_up_and_tried_again() {
+    // Something holds the node's port and accepts (the kernel's backlog),
+    // but never answers.
+    let squatter = TcpListener::bind("127.0.0.11:0").unwrap();
+    let addr = squatter.local_addr().unwrap().to_string();
+    let c = Cluster::start_lines(std::slice::from_ref(&addr), &[]);
+    let line = format!("node {addr}: no link within 10 s of connecting");
+    wait_within(Duration::from_secs(30), "the main server gives the link up", || c.log().contains(&line));
+    assert_eq!(ups(&c, &addr), 0);
+    drop(squatter);
 }
