@@ -5,8 +5,9 @@
 //! streamed archive or output is spooled into ([`Sink`], a spool file
 //! created `0600`, never overwritten), when a client is busy (served one
 //! call at a time), what phase it is in for `timers` (idle, reading,
-//! writing, owed a reply), and when a closing connection owes its peer
-//! nothing more.
+//! writing, owed a reply), when a closing connection owes its peer
+//! nothing more, and a node link's `node_auth::NodeGate` (with its
+//! handshake deadline), which lives and dies with the connection.
 //! Must not touch: the poll or the slab (the reactor registers, times and
 //! closes connections), what calls mean (`coordinator`, `node`).
 

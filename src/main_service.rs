@@ -13,7 +13,12 @@
 //! remote node's link state ([`RemoteLink`]: Down -> Connecting ->
 //! Authenticating -> Ready -> Down, reconnecting with backoff from 100 ms
 //! to 5 s; `Coordinator::node_up` once Ready, `node_down` when it ends,
-//! so only linked nodes get replicas).
+//! so only linked nodes get replicas); setting a link up: with
+//! `--secret-file`, `node_auth`'s handshake (NODE_HELLO, NODE_AUTH) driven
+//! over the link, without it a NODE_NULL (a node that wants a secret says
+//! so with AUTH_TOOWEAK); a refusal is one line in the log (warned once
+//! per reason) and the link closed; a link not up within
+//! `LINK_SETUP_WITHIN` is given up (the reactor closes it).
 //! Must not touch: the poll or the slab (the reactor carries out each
 //! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
 
@@ -254,9 +259,8 @@ impl MainService {
     /// closes them (`link_lost` follows).
     pub(crate) fn links_stalled(&mut self, now: Instant) -> Vec<usize> {
         let mut keys = Vec::new();
-        for i in 0..self.links.len() {
-            let name = self.node_names[i].clone();
-            let Some(r) = self.remote(i) else { continue };
+        for (link, name) in self.links.iter_mut().zip(&self.node_names) {
+            let Link::Remote(r) = link else { continue };
             let (LinkState::Connecting(key) | LinkState::Authenticating(key)) = r.state else { continue };
             if r.setup_by <= now {
                 let why = format!(

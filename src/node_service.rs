@@ -5,7 +5,8 @@
 //! the slot uids, one empty network namespace per node, cgroups, the
 //! containment probe); NODE_NULL, NODE_RUN (the archive streamed into the
 //! ticket's folder, then `Node::start`), NODE_FETCH and NODE_DROP served
-//! over a link; the same three as direct calls from the in-process main
+//! over a link (the reactor's `NodeGate` has let them through when there
+//! is a secret; without one, NODE_HELLO is answered "no --secret-file"); the same three as direct calls from the in-process main
 //! service (`run_local`, `fetch_local`, `drop_local`: the spooled archive
 //! and the output are hard-linked, no loopback round trip), whose answers
 //! come back as [`NodeEvent`]s, the events a link's replies would make;

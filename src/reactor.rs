@@ -22,8 +22,13 @@
 //! Links to remote nodes: non-blocking connects when the main service says
 //! one is due, short TCP keepalive and TCP_USER_TIMEOUT on both ends
 //! (`LINK_DEAD_WITHIN`). As `cloud-server node` (`start_node`) there is no
-//! main service: the listener takes the main server's link (its own user's
-//! only) and the node service serves it.
+//! main service: the listener takes the main server's link and the node
+//! service serves it. Without `--secret-file`, only a peer of its own user
+//! (and nodes and clients listen on loopback only: `node_auth::check_bind`);
+//! with one, any address, each link behind a `node_auth::NodeGate` that
+//! answers the handshake and refuses every other call (a NODE_RUN's archive
+//! swallowed, never stored) until the main server has proved the secret;
+//! a gated link without a handshake within `LINK_SETUP_WITHIN` is closed.
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`), what calls mean.
 
@@ -544,11 +549,10 @@ impl Server {
         }
     }
 
-    /// A `cloud-server node`: a connection from its main server. Without
-    /// node authentication, only a peer of this process's own user is
-    /// served (the kernel's answer, as for clients). Branch `auth`: the
-    /// node's side of the handshake goes here (a link is served once it
-    /// has answered the challenge). Each link's replicas are its own: a
+    /// A `cloud-server node`: a connection from its main server. Without a
+    /// secret, only a peer of this process's own user is served (the
+    /// kernel's answer, as for clients); with one, a peer from anywhere,
+    /// whose calls pass its `NodeGate` first. Each link's replicas are its own: a
     /// second link (a main server restarted before the first link's end
     /// was seen) does not disturb the first.
     fn accept_link(&mut self, stream: TcpStream, peer: SocketAddr) {
