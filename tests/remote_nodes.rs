@@ -414,3 +414,65 @@ fn a_silent_peer_on_a_nodes_address_is_given_up_and_tried_again() {
     assert_eq!(ups(&c, &addr), 0);
     drop(squatter);
 }
+
+#[test]
+fn with_a_secret_a_node_serves_a_main_server_of_another_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !need_root("with_a_secret_a_node_serves_a_main_server_of_another_user") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = "a secret across users, 0123456789";
+    let for_node = secret_file(dir.path(), "node-secret", text, None);
+    let for_main = secret_file(dir.path(), "main-secret", text, Some(65534));
+    // The node runs as root; its main server as nobody: the kernel's
+    // socket owner is not the node's user, the secret is what counts.
+    let node =
+        NodeProc::start_with("127.0.0.13", None, &dir.path().join("n"), &["--secret-file", for_node.to_str().unwrap()]);
+    let bin = dir.path().join("cloud-server");
+    std::fs::copy(SERVER, &bin).unwrap();
+    let work = dir.path().join("m");
+    std::fs::create_dir(&work).unwrap();
+    nix::unistd::chown(&work, Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534)))
+        .unwrap();
+    let nodes = dir.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("1\n{}\n", node.addr)).unwrap();
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--listen", "127.0.0.1:0", "--nodes"]).arg(&nodes).arg("--work-dir").arg(&work);
+    cmd.arg("--secret-file").arg(&for_main).env("RUST_LOG", "info");
+    as_user(&mut cmd, 65534);
+    let mut main = Reaped(spawn_copied(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped())));
+    let mut lines = BufReader::new(main.stderr.take().expect("stderr"));
+    let mut ready = String::new();
+    while lines.read_line(&mut ready).unwrap_or(0) > 0 && !ready.contains("cloud-server") {}
+    let addr = ready.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).map(str::to_string);
+    let addr = addr.unwrap_or_else(|| panic!("the main server did not start as nobody: {ready}"));
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = lines.read(&mut buf) {
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let up = format!("link to node {} is up", node.addr);
+    wait_until("the link of another user's main server is up", || log.lock().unwrap().contains(&up));
+    assert!(!node_log(&node).contains("refused a connection"), "{}", node_log(&node));
+    // And a job runs there.
+    let archive = job(dir.path(), "q.tar.gz", &["@echo across users"]);
+    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out =
+        Command::new(CLIENT).args(["deploy", "1", archive.to_str().unwrap(), "--server", &addr]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("Job ticket#: ").to_string();
+    let into = dir.path().join("out");
+    let out = Command::new(CLIENT).args(["retrieve", &t, into.to_str().unwrap(), "--server", &addr]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: String =
+        std::fs::read_dir(&into).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
+    assert!(got.contains("across users"), "{got}");
+    let pid = nix::unistd::Pid::from_raw(main.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = main.wait();
+}
