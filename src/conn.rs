@@ -5,8 +5,9 @@
 //! streamed archive or output is spooled into ([`Sink`], a spool file
 //! created `0600`, never overwritten), when a client is busy (served one
 //! call at a time), what phase it is in for `timers` (idle, reading,
-//! writing, owed a reply), and when a closing connection owes its peer
-//! nothing more.
+//! writing, owed a reply), when a closing connection owes its peer
+//! nothing more, and a node link's `node_auth::NodeGate` (with its
+//! handshake deadline), which lives and dies with the connection.
 //! Must not touch: the poll or the slab (the reactor registers, times and
 //! closes connections), what calls mean (`coordinator`, `node`).
 
@@ -40,6 +41,12 @@ pub(crate) enum Pending {
     },
     /// NODE_DROP or NODE_STOP: nothing to do with the reply.
     Drop,
+    /// Setting the link up (`main_service`): NODE_HELLO and NODE_AUTH of
+    /// the handshake, or without a secret a NODE_NULL that asks whether the
+    /// node takes calls without one.
+    Hello,
+    Auth,
+    Probe,
 }
 
 /// NODE_FETCH's successful results end in the output, streamed.
@@ -171,6 +178,11 @@ pub(crate) struct Conn {
     pub(crate) moved: u64,
     /// `outbox.written()` when the timers last heard of it.
     pub(crate) written_seen: u64,
+    /// A node's inbound link with a secret: every call passes the gate
+    /// (`node_auth`) first.
+    pub(crate) gate: Option<Box<crate::node_auth::NodeGate>>,
+    /// When a gated link must have passed its handshake by (else closed).
+    pub(crate) gate_by: Option<std::time::Instant>,
 }
 
 impl Conn {
@@ -206,6 +218,8 @@ impl Conn {
             peer,
             moved: 0,
             written_seen: 0,
+            gate: None,
+            gate_by: None,
         }
     }
 

@@ -13,7 +13,12 @@
 //! remote node's link state ([`RemoteLink`]: Down -> Connecting ->
 //! Authenticating -> Ready -> Down, reconnecting with backoff from 100 ms
 //! to 5 s; `Coordinator::node_up` once Ready, `node_down` when it ends,
-//! so only linked nodes get replicas).
+//! so only linked nodes get replicas); setting a link up: with
+//! `--secret-file`, `node_auth`'s handshake (NODE_HELLO, NODE_AUTH) driven
+//! over the link, without it a NODE_NULL (a node that wants a secret says
+//! so with AUTH_TOOWEAK); a refusal is one line in the log (warned once
+//! per reason) and the link closed; a link not up within
+//! `LINK_SETUP_WITHIN` is given up (the reactor closes it).
 //! Must not touch: the poll or the slab (the reactor carries out each
 //! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
 
@@ -23,8 +28,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::archive_check::ArchiveCheck;
-use crate::conn::{Conn, Pending, Role, Sink, Streamed};
+use crate::conn::{Conn, Pending, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Action, Caller, Coordinator, Failure, NodeCall, OutputRef, Reply};
+use crate::node_auth::{self, MainHandshake, Secret};
 use crate::node_service::{garbage, NodeEvent};
 use crate::peer::{self, PeerId};
 use crate::proto::{self, CloudStat, RunResult};
@@ -39,6 +45,10 @@ use crate::xdr::XdrReader;
 /// each failure up to `BACKOFF_MAX`, and starts over once a link is up.
 pub(crate) const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A link not up (connected and authenticated) within this of its connect
+/// is closed and tried again after the backoff: a silent peer on the
+/// node's port cannot hold it forever.
+pub(crate) const LINK_SETUP_WITHIN: Duration = Duration::from_secs(10);
 
 /// How the main server reaches node i.
 #[derive(Debug)]
@@ -58,6 +68,13 @@ pub(crate) struct RemoteLink {
     backoff: Duration,
     /// When a Down link is connected again.
     retry_at: Instant,
+    /// When a Connecting or Authenticating link is given up.
+    setup_by: Instant,
+    /// The handshake under way while Authenticating with a secret.
+    handshake: Option<Box<MainHandshake>>,
+    /// Why the last attempt was refused: logged as a warning when it
+    /// changes, so a node that keeps refusing is not a warning every 5 s.
+    refused: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,8 +83,8 @@ pub(crate) enum LinkState {
     Down,
     /// A non-blocking connect in progress on connection `.0`.
     Connecting(usize),
-    /// Connected on `.0`; the node handshake runs here (branch `auth`'s
-    /// `node_auth`: see `MainService::authenticate`). Not used for jobs yet.
+    /// Connected on `.0`: the handshake runs (`MainService::authenticate`).
+    /// Not used for jobs yet.
     Authenticating(usize),
     /// Up on connection `.0`: the node takes work.
     Ready(usize),
@@ -75,7 +92,15 @@ pub(crate) enum LinkState {
 
 impl RemoteLink {
     pub(crate) fn new(addr: SocketAddr, now: Instant) -> RemoteLink {
-        RemoteLink { addr, state: LinkState::Down, backoff: BACKOFF_FIRST, retry_at: now }
+        RemoteLink {
+            addr,
+            state: LinkState::Down,
+            backoff: BACKOFF_FIRST,
+            retry_at: now,
+            setup_by: now,
+            handshake: None,
+            refused: None,
+        }
     }
 }
 
@@ -108,6 +133,9 @@ pub(crate) struct MainService {
     /// The rules a DEPLOY's archive is checked against as it arrives.
     pub(crate) extract_limits: crate::extract::ExtractLimits,
     pub(crate) next_spool: u64,
+    /// The node links' shared secret: proved to each remote node, whose
+    /// proof is checked, before it takes work.
+    pub(crate) secret: Option<Secret>,
 }
 
 impl MainService {
@@ -206,6 +234,7 @@ impl MainService {
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         let retries = self.links.iter().filter_map(|l| match l {
             Link::Remote(r) if r.state == LinkState::Down => Some(r.retry_at),
+            Link::Remote(r) if !matches!(r.state, LinkState::Ready(_)) => Some(r.setup_by),
             _ => None,
         });
         retries.chain(self.coord.next_deadline()).min()
@@ -219,32 +248,120 @@ impl MainService {
     }
 
     /// A connection attempt to node i is under way on connection `key`.
-    pub(crate) fn link_connecting(&mut self, node: NodeId, key: usize) {
+    pub(crate) fn link_connecting(&mut self, node: NodeId, key: usize, now: Instant) {
         if let Some(r) = self.remote(node) {
             r.state = LinkState::Connecting(key);
+            r.setup_by = now + LINK_SETUP_WITHIN;
         }
     }
 
-    /// Node i's connection is established: authenticate, then take work.
-    pub(crate) fn link_connected(&mut self, node: NodeId, now: Instant) {
+    /// Connections of links not up within `LINK_SETUP_WITHIN`: the reactor
+    /// closes them (`link_lost` follows).
+    pub(crate) fn links_stalled(&mut self, now: Instant) -> Vec<usize> {
+        let mut keys = Vec::new();
+        for (link, name) in self.links.iter_mut().zip(&self.node_names) {
+            let Link::Remote(r) = link else { continue };
+            let (LinkState::Connecting(key) | LinkState::Authenticating(key)) = r.state else { continue };
+            if r.setup_by <= now {
+                let why = format!(
+                    "node {name}: no link within {} s of connecting (no answer to the connect or the handshake); closing",
+                    LINK_SETUP_WITHIN.as_secs()
+                );
+                refused(r, why);
+                keys.push(key);
+            }
+        }
+        keys
+    }
+
+    /// Node i's connection `conn` is established: authenticate, then take
+    /// work (`link_ready` once the node has answered).
+    pub(crate) fn link_connected(&mut self, node: NodeId, conn: &mut Conn) {
         let Some(r) = self.remote(node) else { return };
         let LinkState::Connecting(key) = r.state else { return };
         r.state = LinkState::Authenticating(key);
-        if self.authenticate(node) {
-            self.link_ready(node, now);
+        self.authenticate(node, conn);
+    }
+
+    /// Start setting node i's link up on `conn`. With a secret: NODE_HELLO,
+    /// the first step of `node_auth`'s handshake. Without: a NODE_NULL,
+    /// whose AUTH_TOOWEAK says the node wants a secret we do not have.
+    fn authenticate(&mut self, node: NodeId, conn: &mut Conn) {
+        let xid = self.take_xid();
+        let name = self.node_names[node].clone();
+        let secret = self.secret.clone();
+        let Some(r) = self.remote(node) else { return };
+        let Some(secret) = secret else {
+            let w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_NULL);
+            return send_setup(conn, xid, Pending::Probe, w);
+        };
+        let link =
+            conn.stream.local_addr().and_then(|main| Ok(node_auth::Link { main, node: conn.stream.peer_addr()? }));
+        let started = link.and_then(|link| Ok(MainHandshake::new(secret, link, node_auth::random_nonce()?)));
+        match started {
+            Ok(handshake) => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_HELLO);
+                w.fixed(&handshake.hello_args());
+                r.handshake = Some(Box::new(handshake));
+                send_setup(conn, xid, Pending::Hello, w);
+            }
+            Err(e) => {
+                refused(r, format!("node {name}: cannot start the handshake: {e}; closing"));
+                conn.closing = true;
+            }
         }
     }
 
-    /// The node handshake's hook: branch `auth` (`node_auth`, HMAC
-    /// challenge and response over NODE_PROG) starts it here and calls
-    /// `link_ready` when it succeeds, or closes the connection. Without a
-    /// secret there is none (nodes are on loopback only): ready at once.
-    fn authenticate(&mut self, _node: NodeId) -> bool {
-        true
+    /// A reply to a call that sets node i's link up: the next step, the
+    /// link up, or a refusal (logged, the link closed; connected again
+    /// after the backoff, never used meanwhile).
+    fn setup_reply(&mut self, node: NodeId, conn: &mut Conn, call: Pending, results: Result<Vec<u8>, String>) {
+        let name = self.node_names[node].clone();
+        let xid = self.take_xid();
+        let Some(r) = self.remote(node) else { return };
+        if !matches!(r.state, LinkState::Authenticating(_)) {
+            return;
+        }
+        let step = match (call, results, r.handshake.as_mut()) {
+            (Pending::Probe, Ok(_), _) => Ok(None),
+            (Pending::Probe, Err(why), _) if why == rpc::AUTH_TOOWEAK_TEXT => Err(format!(
+                "node {name} takes orders only from a main server that proves a shared secret (it has a --secret-file), and this one has none: start the main server with the node's --secret-file"
+            )),
+            (Pending::Hello, Ok(res), Some(h)) => h.on_hello_results(&res).map(Some),
+            (Pending::Auth, Ok(res), Some(h)) => h.on_auth_results(&res).map(|()| None),
+            (Pending::Hello, Err(why), _) => {
+                Err(format!("node {name} did not take part in the handshake ({why}): is it an older cloud-server?"))
+            }
+            (_, Err(why), _) => Err(format!("node {name} refused to set the link up: {why}")),
+            (_, Ok(_), _) => Err(format!("node {name}: a handshake reply out of turn; closing the link")),
+        };
+        match step {
+            Ok(Some(auth_args)) => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_AUTH);
+                w.fixed(&auth_args);
+                send_setup(conn, xid, Pending::Auth, w);
+            }
+            Ok(None) => {
+                r.handshake = None;
+                r.refused = None;
+                self.link_ready(node, Instant::now());
+            }
+            Err(why) => {
+                r.handshake = None;
+                refused(r, why);
+                conn.closing = true;
+            }
+        }
+    }
+
+    fn take_xid(&mut self) -> u32 {
+        let xid = self.next_xid;
+        self.next_xid = self.next_xid.wrapping_add(1);
+        xid
     }
 
     /// Node i's link is authenticated: it takes work.
-    pub(crate) fn link_ready(&mut self, node: NodeId, now: Instant) {
+    fn link_ready(&mut self, node: NodeId, now: Instant) {
         let Some(r) = self.remote(node) else { return };
         let LinkState::Authenticating(key) = r.state else { return };
         r.state = LinkState::Ready(key);
@@ -260,6 +377,7 @@ impl MainService {
         let Some(r) = self.remote(node) else { return };
         let was = r.state;
         r.state = LinkState::Down;
+        r.handshake = None;
         r.retry_at = now + r.backoff;
         let wait = r.backoff;
         r.backoff = (r.backoff * 2).min(BACKOFF_MAX);
@@ -454,6 +572,12 @@ impl MainService {
     /// Handle what the main server's link to a node read.
     pub(crate) fn on_reply_event(&mut self, conn: &mut Conn, ev: ReplyEvent<Pending>) {
         let Role::NodeLink { node, .. } = conn.role else { return };
+        let ev = match ev {
+            ReplyEvent::Reply { call: call @ (Pending::Hello | Pending::Auth | Pending::Probe), results } => {
+                return self.setup_reply(node, conn, call, results)
+            }
+            ev => ev,
+        };
         let name = &self.node_names[node];
         match ev {
             ReplyEvent::Reply { call: Pending::Run(ticket), results } => {
@@ -466,7 +590,7 @@ impl MainService {
                 let why = results.err().unwrap_or_else(|| "the node sent no output".into());
                 self.coord.fetched(ticket, replica, Err(why));
             }
-            ReplyEvent::Reply { call: Pending::Drop, .. } => {}
+            ReplyEvent::Reply { call: Pending::Drop | Pending::Hello | Pending::Auth | Pending::Probe, .. } => {}
             ReplyEvent::StreamStart { call: Pending::Fetch { ticket, replica, into }, head, .. } => {
                 let stat = XdrReader::new(&head).u32().unwrap_or(u32::MAX);
                 let gone = stat == CloudStat::NoSuchTicket as u32;
@@ -501,6 +625,25 @@ impl MainService {
         if let Err(e) = self.tickets.release(self.coord.next_ticket()) {
             log::warn!("cannot give back unused ticket numbers: {e}");
         }
+    }
+}
+
+/// Send a call that sets a link up, expecting its reply as `pending`.
+fn send_setup(conn: &mut Conn, xid: u32, pending: Pending, call: crate::xdr::XdrWriter) {
+    if let Reader::Replies(r) = &mut conn.reader {
+        r.expect(xid, pending);
+    }
+    conn.outbox.push_bytes(call.into_bytes());
+}
+
+/// Log why node `name`'s link was refused: a warning the first time (or
+/// when the reason changes), then quietly while it stays the same.
+fn refused(r: &mut RemoteLink, why: String) {
+    if r.refused.as_ref() == Some(&why) {
+        log::debug!("{why} (again)");
+    } else {
+        log::warn!("{why}");
+        r.refused = Some(why);
     }
 }
 

@@ -274,6 +274,22 @@ impl NodeGate {
         self.state == GateState::Open
     }
 
+    /// The main server's address on this link, as the node sees it.
+    pub fn peer(&self) -> SocketAddr {
+        self.link.main
+    }
+
+    /// The line to log if the link ends now, halfway through the handshake:
+    /// a main server that leaves after this node's proof did not accept it.
+    pub fn ended_note(&self) -> Option<String> {
+        matches!(self.state, GateState::AwaitAuth { .. }).then(|| {
+            format!(
+                "node link from {}: closed after NODE_HELLO without NODE_AUTH: the main server did not accept this node's proof (a different --secret-file, or an address-translated link)",
+                self.link.main
+            )
+        })
+    }
+
     /// Decide what to do with an admitted call.
     pub fn on_call(&mut self, call: &Call) -> Verdict {
         let peer = self.link.main;

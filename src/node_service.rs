@@ -5,7 +5,8 @@
 //! the slot uids, one empty network namespace per node, cgroups, the
 //! containment probe); NODE_NULL, NODE_RUN (the archive streamed into the
 //! ticket's folder, then `Node::start`), NODE_FETCH and NODE_DROP served
-//! over a link; the same three as direct calls from the in-process main
+//! over a link (the reactor's `NodeGate` has let them through when there
+//! is a secret; without one, NODE_HELLO is answered "no --secret-file"); the same three as direct calls from the in-process main
 //! service (`run_local`, `fetch_local`, `drop_local`: the spooled archive
 //! and the output are hard-linked, no loopback round trip), whose answers
 //! come back as [`NodeEvent`]s, the events a link's replies would make;
@@ -372,6 +373,8 @@ impl NodeService {
         let mut w = rpc::accepted(xid, AcceptStat::Success);
         match (call.proc_num, XdrReader::new(&call.args).u32()) {
             (proto::NODE_NULL, _) => vec![Piece::Bytes(w.into_bytes())],
+            // Only a node without a secret gets here with it (`node_auth`).
+            (proto::NODE_HELLO, _) => vec![Piece::Bytes(crate::node_auth::hello_refused_without_secret(xid))],
             (proto::NODE_FETCH, Ok(ticket)) => match self.nodes[i].fetch(ticket) {
                 Ok((file, len)) => {
                     // Opened now: a DROP right behind this FETCH may remove it.

@@ -22,8 +22,13 @@
 //! Links to remote nodes: non-blocking connects when the main service says
 //! one is due, short TCP keepalive and TCP_USER_TIMEOUT on both ends
 //! (`LINK_DEAD_WITHIN`). As `cloud-server node` (`start_node`) there is no
-//! main service: the listener takes the main server's link (its own user's
-//! only) and the node service serves it.
+//! main service: the listener takes the main server's link and the node
+//! service serves it. Without `--secret-file`, only a peer of its own user
+//! (and nodes and clients listen on loopback only: `node_auth::check_bind`);
+//! with one, any address, each link behind a `node_auth::NodeGate` that
+//! answers the handshake and refuses every other call (a NODE_RUN's archive
+//! swallowed, never stored) until the main server has proved the secret;
+//! a gated link without a handshake within `LINK_SETUP_WITHIN` is closed.
 //! Slurm nodes (`slurm:PARTITION` lines) live in the node service; here
 //! only their commands' pipes (`Source::SlurmCommand`), registered after
 //! each settle, and at shutdown a bounded wait for their scancels.
@@ -50,6 +55,7 @@ use crate::conn::{Conn, Linger, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Coordinator, NodeCall};
 use crate::main_service::{Link, MainService, Out, RemoteLink};
 use crate::node::Finished;
+use crate::node_auth::{self, NodeGate, Secret};
 use crate::node_service::{NodeService, Reaped};
 use crate::peer::{self, PeerId};
 use crate::record::{Outbox, Piece};
@@ -111,6 +117,9 @@ pub struct ServerConfig {
     pub call_timeout: Duration,
     /// The live page's loopback address (`--http`), if any.
     pub http: Option<SocketAddr>,
+    /// The node links' shared secret (`--secret-file`): the main server
+    /// proves it to each remote node, a node demands it of every link.
+    pub secret: Option<Secret>,
 }
 
 /// Descriptors kept back from `--max-connections`: listeners, signalfd,
@@ -173,6 +182,12 @@ pub struct Server {
     warned_full: bool,
     /// Logged once serving starts, after the ready line.
     limits_line: String,
+    /// `cloud-server node` with `--secret-file`: each link from a main
+    /// server passes a `NodeGate` (any address); without, only loopback
+    /// peers of our own user are served.
+    secret: Option<Secret>,
+    /// The earliest time a gated link must have passed its handshake by.
+    gates_due: Option<Instant>,
 }
 
 impl Server {
@@ -196,12 +211,13 @@ impl Server {
                 }
                 NodeKind::Remote { host, port } => {
                     let addr = resolve(host, *port).map_err(|e| format!("{}: {e}", line(spec)))?;
-                    // No handshake yet (branch `auth`): jobs would cross the
-                    // network to anyone who answers on that address.
-                    if !addr.ip().is_loopback() {
+                    // Without the handshake, jobs would cross the network to
+                    // anyone who answers on that address.
+                    if !addr.ip().to_canonical().is_loopback() && cfg.secret.is_none() {
                         return Err(format!(
-                            "{}: node {} is not on loopback: links to other hosts need node \
-                             authentication (--secret-file), not built yet; use a 127.x.x.x address",
+                            "{}: node {} is not on loopback: links to other hosts need a shared secret; \
+                             give the main server and the node the same --secret-file F (chmod 600 F), \
+                             or use a 127.x.x.x address",
                             line(spec),
                             spec.name()
                         ));
@@ -224,6 +240,8 @@ impl Server {
                 }
             }
         }
+        // Clients off loopback only with a secret (issue 9's binding rule).
+        node_auth::check_bind(cfg.listen, cfg.secret.is_some())?;
         // Local nodes' ports, held: port 0 takes a free one, which then
         // names the node (`make demo`, tests).
         let mut node_listeners = Vec::with_capacity(locals.len());
@@ -282,6 +300,7 @@ impl Server {
             tickets,
             extract_limits: cfg.limits.extract,
             next_spool: 0,
+            secret: cfg.secret.clone(),
         };
         Server::assemble(&cfg, poll, clients, node_listeners, Some(main), nodes)
     }
@@ -290,13 +309,7 @@ impl Server {
     /// `cfg.listen` (its port names the node: `output_<port>/`) to the
     /// main server that connects to it.
     pub fn start_node(cfg: ServerConfig) -> Result<Server, String> {
-        if !cfg.listen.ip().is_loopback() {
-            return Err(format!(
-                "--listen {}: a node without node authentication (--secret-file, not built yet) \
-                 listens on loopback only; use a 127.x.x.x address",
-                cfg.listen
-            ));
-        }
+        node_auth::check_bind(cfg.listen, cfg.secret.is_some())?;
         let work_dir = work_dir(&cfg.work_dir)?;
         let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
         let listener = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
@@ -373,6 +386,8 @@ impl Server {
             warned_fds: false,
             warned_full: false,
             limits_line,
+            secret: cfg.secret.clone(),
+            gates_due: None,
         })
     }
 
@@ -429,6 +444,13 @@ impl Server {
                 main.coord.on_timer(now);
             }
             self.connect_links(now);
+            // Node links not up in time (authwire): closed, tried again later.
+            for key in self.main.as_mut().map(|m| m.links_stalled(now)).unwrap_or_default() {
+                self.close_conn(key);
+            }
+            if self.gates_due.is_some_and(|due| due <= now) {
+                self.close_silent_links(now);
+            }
             for (key, phase) in self.timers.expired(now) {
                 log::debug!("connection {key}: timed out ({phase:?}); closing");
                 self.close_conn(key);
@@ -454,7 +476,15 @@ impl Server {
         let nodes = self.nodes.next_deadline();
         let main = self.main.as_ref().and_then(MainService::next_deadline);
         let live = self.live.as_ref().and_then(|l| l.deadline());
-        nodes.into_iter().chain(main).chain(conns).chain(live).min().map(|d| d.saturating_duration_since(now))
+        let gates = self.gates_due;
+        nodes
+            .into_iter()
+            .chain(main)
+            .chain(conns)
+            .chain(live)
+            .chain(gates)
+            .min()
+            .map(|d| d.saturating_duration_since(now))
     }
 
     fn dispatch(&mut self, token: Token) {
@@ -579,25 +609,83 @@ impl Server {
         }
     }
 
-    /// A `cloud-server node`: a connection from its main server. Without
-    /// node authentication, only a peer of this process's own user is
-    /// served (the kernel's answer, as for clients). Branch `auth`: the
-    /// node's side of the handshake goes here (a link is served once it
-    /// has answered the challenge). Each link's replicas are its own: a
+    /// A `cloud-server node`: a connection from its main server. Without a
+    /// secret, only a peer of this process's own user is served (the
+    /// kernel's answer, as for clients); with one, a peer from anywhere,
+    /// whose calls pass its `NodeGate` first. Each link's replicas are its own: a
     /// second link (a main server restarted before the first link's end
     /// was seen) does not disturb the first.
     fn accept_link(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let me = nix::unistd::Uid::effective().as_raw();
-        let id = stream.local_addr().map_or(PeerId::Unverified, |local| peer::identify(peer, local));
-        if id != PeerId::Verified(me) {
-            log::warn!("refused a connection from {peer} ({id:?}): a node serves only its own user's main server");
-            return;
-        }
+        // With a secret: any address, every call through the gate.
+        let (id, gate) = match &self.secret {
+            Some(secret) => {
+                let gate = stream.local_addr().and_then(|node| {
+                    let link = node_auth::Link { main: peer, node };
+                    Ok(Box::new(NodeGate::new(secret.clone(), link, node_auth::random_nonce()?)))
+                });
+                match gate {
+                    Ok(gate) => (PeerId::Unverified, Some(gate)),
+                    Err(e) => return log::warn!("refused a connection from {peer}: {e}"),
+                }
+            }
+            None => {
+                let me = nix::unistd::Uid::effective().as_raw();
+                let id = stream.local_addr().map_or(PeerId::Unverified, |local| peer::identify(peer, local));
+                if id != PeerId::Verified(me) {
+                    log::warn!(
+                        "refused a connection from {peer} ({id:?}): a node without --secret-file serves only its own user's main server"
+                    );
+                    return;
+                }
+                (id, None)
+            }
+        };
         let _ = stream.set_nodelay(true);
         keepalive(&stream);
+        let gated = gate.is_some();
         match self.add_conn(stream, Role::NodeInbound(0), id, false) {
-            Ok(key) => log::info!("link from the main server at {peer} is up (connection {key})"),
+            Ok(key) => {
+                if let Some(Source::Conn(c)) = self.slab.get_mut(key) {
+                    c.gate = gate;
+                    if gated {
+                        let by = Instant::now() + crate::main_service::LINK_SETUP_WITHIN;
+                        c.gate_by = Some(by);
+                        self.gates_due = Some(self.gates_due.map_or(by, |d| d.min(by)));
+                    }
+                }
+                match gated {
+                    true => log::info!("link from {peer} (connection {key}): awaiting its proof of the shared secret"),
+                    false => log::info!("link from the main server at {peer} is up (connection {key})"),
+                }
+            }
             Err(e) => log::warn!("cannot register connection from {peer}: {e}"),
+        }
+    }
+
+    /// A node's gated links that have not passed the handshake in time are
+    /// closed: a stranger cannot hold connections (descriptors) forever.
+    /// Runs only when the earliest such deadline has passed.
+    fn close_silent_links(&mut self, now: Instant) {
+        let mut late = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (key, source) in self.slab.iter_mut() {
+            let Source::Conn(c) = source else { continue };
+            let (Some(gate), Some(by)) = (c.gate.as_deref(), c.gate_by) else { continue };
+            if gate.is_open() {
+                c.gate_by = None;
+            } else if by <= now {
+                late.push((key, gate.peer()));
+            } else {
+                next = Some(next.map_or(by, |n| n.min(by)));
+            }
+        }
+        self.gates_due = next;
+        for (key, peer) in late {
+            log::info!(
+                "node link from {peer}: no handshake within {} s; closing",
+                crate::main_service::LINK_SETUP_WITHIN.as_secs()
+            );
+            self.close_conn(key);
         }
     }
 
@@ -614,7 +702,7 @@ impl Server {
             });
             let Some(main) = &mut self.main else { return };
             match started {
-                Ok(key) => main.link_connecting(i, key),
+                Ok(key) => main.link_connecting(i, key, now),
                 Err(e) => {
                     log::debug!("cannot connect to node {addr}: {e}");
                     main.link_lost(i, now);
@@ -687,8 +775,9 @@ impl Server {
                 match conn.stream.take_error() {
                     Ok(None) if conn.stream.peer_addr().is_ok() => {
                         *connected = true;
+                        let node = *node;
                         if let Some(main) = &mut self.main {
-                            main.link_connected(*node, Instant::now());
+                            main.link_connected(node, &mut conn);
                         }
                     }
                     Ok(None) => {} // still connecting
@@ -816,6 +905,13 @@ impl Server {
             CallEvent::Call(call) => {
                 match conn.role {
                     Role::NodeInbound(i) => {
+                        if let Some((reply, close)) = gate(conn, &call) {
+                            conn.outbox.push_bytes(reply);
+                            if close {
+                                conn.close_after_answer();
+                            }
+                            return true;
+                        }
                         let reply = self.nodes.serve_call(i, call);
                         conn.outbox.push(reply);
                     }
@@ -868,6 +964,18 @@ impl Server {
     /// A streamed call begins: a client's DEPLOY (the main service) or a
     /// NODE_RUN (the node service).
     fn stream_start(&mut self, key: usize, conn: &mut Conn, call: Call, len: u32) {
+        if let Some((reply, close)) = gate(conn, &call) {
+            // A NODE_RUN refused before auth (only node links have a gate):
+            // its archive is swallowed, never stored.
+            match (close, &mut conn.reader) {
+                (false, Reader::Calls(r)) => r.refuse_stream(reply),
+                _ => {
+                    conn.outbox.push_bytes(reply);
+                    conn.close_after_answer();
+                }
+            }
+            return;
+        }
         match conn.role {
             Role::NodeInbound(i) => match self.nodes.run_sink(i, &call) {
                 Ok(sink) => {
@@ -1065,7 +1173,13 @@ impl Server {
                 }
             }
             Role::NodeInbound(_) => {
-                log::warn!("a link from the main server is gone (connection {key})");
+                match conn.gate.as_deref() {
+                    Some(g) if !g.is_open() => match g.ended_note() {
+                        Some(note) => log::warn!("{note}"),
+                        None => log::info!("node link from {}: closed unauthenticated (connection {key})", g.peer()),
+                    },
+                    _ => log::warn!("a link from the main server is gone (connection {key})"),
+                }
                 self.nodes.link_closed(key);
             }
         }
@@ -1180,6 +1294,21 @@ impl Server {
                     self.forget_slurm_command(pipe);
                 }
             }
+        }
+    }
+}
+
+/// A node's inbound link with a secret: `Some((reply, close))` if the call
+/// must be answered by the gate (the handshake, or a refusal before auth)
+/// instead of carried out; its log line, if any, is logged here.
+fn gate(conn: &mut Conn, call: &Call) -> Option<(Vec<u8>, bool)> {
+    match conn.gate.as_mut()?.on_call(call) {
+        node_auth::Verdict::Pass => None,
+        node_auth::Verdict::Answer { reply, close, log } => {
+            if let Some(line) = log {
+                log::warn!("{line}");
+            }
+            Some((reply, close))
         }
     }
 }

@@ -281,6 +281,11 @@ pub enum ReplyOutcome {
     Denied(String),
 }
 
+/// How [`decode_reply`] words AUTH_TOOWEAK, as a client meets it. A node
+/// link compares against it to say what it means there instead (a node
+/// that wants a shared secret).
+pub const AUTH_TOOWEAK_TEXT: &str = "the server does not take calls from this user here (root from another host, or a uid jobs run as; see the server's log)";
+
 /// Decode a reply header: its xid and outcome.
 pub fn decode_reply(record: &[u8]) -> Result<(u32, ReplyOutcome), XdrError> {
     let mut r = XdrReader::new(record);
@@ -316,7 +321,7 @@ pub fn decode_reply(record: &[u8]) -> Result<(u32, ReplyOutcome), XdrError> {
                     AUTH_BADCRED | AUTH_REJECTEDCRED => {
                         "the server refused our credentials: the uid they claim is not the one that owns this connection".into()
                     }
-                    AUTH_TOOWEAK => "the server does not take calls from this user here (root from another host, or a uid jobs run as; see the server's log)".into(),
+                    AUTH_TOOWEAK => AUTH_TOOWEAK_TEXT.into(),
                     n => format!("authentication error {n}"),
                 },
             };

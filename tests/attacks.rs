@@ -113,6 +113,11 @@ fn start_server(top: &Path, listen: &str, nobody: bool, extra: &[&str]) -> Resul
     std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
     let mut cmd = Command::new(&bin);
     cmd.args(["--listen", listen, "--time-limit", "30"]).arg("--nodes").arg(&nodes).arg("--work-dir").arg(&work);
+    // Off loopback only with a secret (issue 9's binding rule).
+    if !listen.starts_with("127.") {
+        let secret = secret_file(top, "secret", "attack-tests-secret-0123456789", nobody.then_some(65534));
+        cmd.arg("--secret-file").arg(secret);
+    }
     cmd.args(["--slot-uids", &(1_000_000 + u32::from(port) * 64).to_string()]).args(extra);
     if nobody {
         as_user(&mut cmd, 65534);

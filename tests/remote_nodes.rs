@@ -22,6 +22,11 @@ impl NodeProc {
     /// Start a node on `ip` (a free port, or `port`), work dir `work`;
     /// returns once its ready line is out.
     fn start(ip: &str, port: Option<u16>, work: &std::path::Path) -> NodeProc {
+        Self::start_with(ip, port, work, &[])
+    }
+
+    /// As `start`, with extra flags (e.g. `--secret-file F`).
+    fn start_with(ip: &str, port: Option<u16>, work: &std::path::Path, extra: &[&str]) -> NodeProc {
         for _ in 0..5 {
             let chosen =
                 port.unwrap_or_else(|| TcpListener::bind((ip, 0)).expect("bind").local_addr().expect("addr").port());
@@ -31,6 +36,7 @@ impl NodeProc {
             let mut child = Command::new(SERVER)
                 .args(["node", "--listen", &addr, "--slot-uids", &slot_base, "--allow-network", "--work-dir"])
                 .arg(work)
+                .args(extra)
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -173,7 +179,8 @@ fn a_node_refuses_a_non_loopback_listen_without_a_secret() {
     let mut cmd = Command::new(SERVER);
     cmd.args(["node", "--listen", "0.0.0.0:0", "--work-dir"]).arg(dir.path().join("w"));
     let err = refused_start(&mut cmd);
-    assert!(err.contains("loopback"), "{err}");
+    assert!(err.contains("refusing to listen on 0.0.0.0:0 without a shared secret"), "{err}");
+    assert!(err.contains("--secret-file"), "{err}");
     // Nor does a main server link to a node on another host without one.
     let nodes = dir.path().join("nodes.txt");
     std::fs::write(&nodes, "1\n192.0.2.1:9001\n").unwrap();
@@ -206,4 +213,266 @@ fn a_node_kills_the_replica_of_a_main_server_that_is_gone_and_serves_the_next_on
     let (ok, outs) = second.retrieve(t);
     assert!(ok, "{outs:?}");
     assert!(outs[0].1.contains("second"), "{outs:?}");
+}
+
+/// The log of a `NodeProc`, as far as it has been read.
+fn node_log(n: &NodeProc) -> String {
+    n.log.lock().unwrap().clone()
+}
+
+/// `cloud-server` (or `cloud-server node`) as `args` say: up to and with
+/// its first `cloud-server...` line; it is killed once that line is read.
+fn first_line(args: &[&str]) -> String {
+    let mut server = Reaped(
+        Command::new(SERVER)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cloud-server"),
+    );
+    let mut err = BufReader::new(server.stderr.take().expect("stderr"));
+    let mut text = String::new();
+    while err.read_line(&mut text).unwrap_or(0) > 0 && !text.contains("cloud-server") {}
+    text
+}
+
+#[test]
+fn a_main_server_and_a_node_with_the_same_secret_run_a_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = secret_file(dir.path(), "secret", "the same secret, 32 bytes long!!", None);
+    let secret = secret.to_str().unwrap();
+    let node = NodeProc::start_with("127.0.0.6", None, &dir.path().join("n"), &["--secret-file", secret]);
+    let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--secret-file", secret]);
+    wait_until("the authenticated link is up", || ups(&c, &node.addr) == 1);
+    assert!(node_log(&node).contains("awaiting its proof of the shared secret"), "{}", node_log(&node));
+    let t = c.deploy(1, &job(c.dir.path(), "q.tar.gz", &["@echo authenticated on $$CLOUD_NODE_PORT"]));
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok, "{outs:?}");
+    assert_eq!(outs.len(), 1);
+    assert!(outs[0].1.contains(&format!("authenticated on {}", node.port())), "{outs:?}");
+    assert!(!c.log().contains("did not prove"), "{}", c.log());
+}
+
+#[test]
+fn a_node_with_another_secret_gets_no_job_until_restarted_with_the_right_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let right = secret_file(dir.path(), "right", "the main server's secret, 0123456789", None);
+    let wrong = secret_file(dir.path(), "wrong", "some other secret, 0123456789abcdef", None);
+    let (right, wrong) = (right.to_str().unwrap(), wrong.to_str().unwrap());
+    let mut node = NodeProc::start_with("127.0.0.7", None, &dir.path().join("n"), &["--secret-file", wrong]);
+    let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--secret-file", right]);
+    let refusal = format!("node {} did not prove the shared secret", node.addr);
+    wait_until("the main server logs the refusal", || c.log().contains(&refusal));
+    wait_until("the node logs the peer", || node_log(&node).contains("node link from 127.0.0.1:"));
+    assert!(node_log(&node).contains("did not accept this node's proof"), "{}", node_log(&node));
+    // Refused again and again (backoff), but warned about once.
+    wait_until("a second attempt", || node_log(&node).matches("did not accept this node's proof").count() >= 2);
+    assert_eq!(c.log().matches(&refusal).count(), 1, "{}", c.log());
+    assert_eq!(ups(&c, &node.addr), 0);
+
+    // No job runs there: it waits.
+    let gate = Gate::new();
+    let t = c.deploy(1, &job(c.dir.path(), "g.tar.gz", &gate.wait_recipe("g")));
+    wait_until("another refused attempt after the deploy", || {
+        node_log(&node).matches("did not accept this node's proof").count() >= 3
+    });
+    assert_eq!(c.status_json(t)["status"], "WAITING", "{}", c.status_json(t));
+    assert!(gate.nobody_waiting(), "a replica started on a node that did not prove the secret");
+    let children = processes().into_iter().filter(|p| p.ppid == node.child.id()).count();
+    assert_eq!(children, 0, "the node runs something");
+
+    // Restarted with the right secret, it joins and the job runs.
+    let port = node.port();
+    node.kill9();
+    let node = NodeProc::start_with("127.0.0.7", Some(port), &dir.path().join("n"), &["--secret-file", right]);
+    wait_until("the node joins", || ups(&c, &node.addr) == 1);
+    let (who, conn) = gate.arrive();
+    assert_eq!(who, "g");
+    release(conn);
+    let st = c.wait_status(t, |st| st["status"] == "COMPLETED");
+    assert_eq!(st["replicas"][0]["node"], node.addr.as_str(), "{st}");
+}
+
+#[test]
+fn a_stranger_without_the_handshake_gets_auth_error_and_nothing_runs() {
+    use cloudinfra::proto::{self, RunArgs};
+    use cloudinfra::rpc;
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = secret_file(dir.path(), "secret", "a node's secret, 0123456789abcdef", None);
+    let node =
+        NodeProc::start_with("127.0.0.8", None, &dir.path().join("n"), &["--secret-file", secret.to_str().unwrap()]);
+    let archive = std::fs::read(job(dir.path(), "x.tar.gz", &["@echo ran > /tmp/never"])).unwrap();
+    let record = |w: cloudinfra::xdr::XdrWriter| {
+        let payload = w.into_bytes();
+        let mut v = (payload.len() as u32 | 0x8000_0000).to_be_bytes().to_vec();
+        v.extend_from_slice(&payload);
+        v
+    };
+    let mut s = std::net::TcpStream::connect(&node.addr).unwrap();
+    // NODE_RUN with its archive, then NODE_NULL, on one connection.
+    let mut run = rpc::call(7, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_RUN);
+    RunArgs { ticket: 1, replica: 0, replicas: 1 }.encode(&mut run);
+    run.opaque(&archive);
+    let null = rpc::call(8, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_NULL);
+    for (xid, call) in [(7u32, record(run)), (8, record(null))] {
+        s.write_all(&call).unwrap();
+        let reply =
+            read_reply(&s, Duration::from_secs(20)).unwrap_or_else(|| panic!("no reply to {xid}: {}", node_log(&node)));
+        // xid, REPLY, MSG_DENIED, AUTH_ERROR, AUTH_TOOWEAK.
+        let words: Vec<u32> = reply.chunks(4).take(5).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(words, [xid, 1, 1, 1, 5], "{reply:?}");
+    }
+    // Refused calls do not end the link, but a link without a handshake
+    // does not last: closed within 10 s (then the poll's turn).
+    let mut rest = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let held = Instant::now();
+    assert_eq!(s.read_to_end(&mut rest).map(|_| rest.len()).ok(), Some(0), "the node closes the link");
+    assert!(held.elapsed() < Duration::from_secs(15), "closed after {:?}", held.elapsed());
+    assert!(node_log(&node).contains("no handshake within 10 s"), "{}", node_log(&node));
+    wait_until("the node logs the stranger", || node_log(&node).contains("before authentication"));
+    let log = node_log(&node);
+    assert!(log.contains("node link from 127.0.0.1:") && log.contains("procedure 1"), "{log}");
+    // Nothing ran, nothing was stored.
+    let children = processes().into_iter().filter(|p| p.ppid == node.child.id()).count();
+    assert_eq!(children, 0);
+    let stored: Vec<_> = std::fs::read_dir(dir.path().join("n").join(format!("output_{}", node.port())))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(stored.is_empty(), "{stored:?}");
+}
+
+#[test]
+fn a_secret_on_one_end_only_is_named_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = secret_file(dir.path(), "secret", "only one end has it, 0123456789", None);
+    let secret = secret.to_str().unwrap();
+    // The node has one, the main server not.
+    let node = NodeProc::start_with("127.0.0.9", None, &dir.path().join("a"), &["--secret-file", secret]);
+    let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &[]);
+    let line = format!("node {} takes orders only from a main server that proves a shared secret", node.addr);
+    wait_until("the main server says why", || c.log().contains(&line));
+    assert!(c.log().contains("start the main server with the node's --secret-file"), "{}", c.log());
+    assert!(!c.log().contains("root from another host"), "{}", c.log());
+    assert_eq!(ups(&c, &node.addr), 0);
+    // The main server has one, the node not.
+    let bare = NodeProc::start("127.0.0.10", None, &dir.path().join("b"));
+    let c = Cluster::start_lines(std::slice::from_ref(&bare.addr), &["--secret-file", secret]);
+    let line = format!("node {} refused the handshake", bare.addr);
+    wait_until("the main server says why", || c.log().contains(&line));
+    assert!(c.log().contains("this node has no --secret-file"), "{}", c.log());
+    assert_eq!(ups(&c, &bare.addr), 0);
+}
+
+#[test]
+fn listening_off_loopback_needs_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = dir.path().join("nodes.txt");
+    std::fs::write(&nodes, "1\n192.0.2.1:9001\n").unwrap();
+    let nodes = nodes.to_str().unwrap();
+    let work = dir.path().join("m");
+    let work = work.to_str().unwrap();
+    // Clients on 0.0.0.0 without a secret: refused, one line.
+    let mut cmd = Command::new(SERVER);
+    cmd.args(["--listen", "0.0.0.0:0", "--nodes", nodes, "--work-dir", work]);
+    let err = refused_start(&mut cmd);
+    assert!(err.contains("refusing to listen on 0.0.0.0:0 without a shared secret"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // With one, it starts (and links to a node on another host).
+    let secret = secret_file(dir.path(), "secret", "a secret for 0.0.0.0, 0123456789", None);
+    let secret = secret.to_str().unwrap();
+    let line = first_line(&["--listen", "0.0.0.0:0", "--nodes", nodes, "--work-dir", work, "--secret-file", secret]);
+    assert!(line.contains("listening on 0.0.0.0:"), "{line}");
+    // A node too.
+    let nwork = dir.path().join("n");
+    let nwork = nwork.to_str().unwrap();
+    let line =
+        first_line(&["node", "--listen", "0.0.0.0:0", "--work-dir", nwork, "--no-slot-uids", "--secret-file", secret]);
+    assert!(line.contains("listening on 0.0.0.0:"), "{line}");
+    // A secret file others may read is refused, saying what to do.
+    let open = secret_file(dir.path(), "open", "a secret for 0.0.0.0, 0123456789", None);
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut cmd = Command::new(SERVER);
+    cmd.args(["node", "--listen", "127.0.0.1:0", "--work-dir", nwork, "--secret-file", open.to_str().unwrap()]);
+    let err = refused_start(&mut cmd);
+    assert!(err.contains(&format!("chmod 600 {}", open.display())), "{err}");
+}
+
+#[test]
+fn a_silent_peer_on_a_nodes_address_is_given_up_and_tried_again() {
+    // Something holds the node's port and accepts (the kernel's backlog),
+    // but never answers.
+    let squatter = TcpListener::bind("127.0.0.11:0").unwrap();
+    let addr = squatter.local_addr().unwrap().to_string();
+    let c = Cluster::start_lines(std::slice::from_ref(&addr), &[]);
+    let line = format!("node {addr}: no link within 10 s of connecting");
+    wait_within(Duration::from_secs(30), "the main server gives the link up", || c.log().contains(&line));
+    assert_eq!(ups(&c, &addr), 0);
+    drop(squatter);
+}
+
+#[test]
+fn with_a_secret_a_node_serves_a_main_server_of_another_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !need_root("with_a_secret_a_node_serves_a_main_server_of_another_user") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = "a secret across users, 0123456789";
+    let for_node = secret_file(dir.path(), "node-secret", text, None);
+    let for_main = secret_file(dir.path(), "main-secret", text, Some(65534));
+    // The node runs as root; its main server as nobody: the kernel's
+    // socket owner is not the node's user, the secret is what counts.
+    let node =
+        NodeProc::start_with("127.0.0.13", None, &dir.path().join("n"), &["--secret-file", for_node.to_str().unwrap()]);
+    let bin = dir.path().join("cloud-server");
+    std::fs::copy(SERVER, &bin).unwrap();
+    let work = dir.path().join("m");
+    std::fs::create_dir(&work).unwrap();
+    nix::unistd::chown(&work, Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534)))
+        .unwrap();
+    let nodes = dir.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("1\n{}\n", node.addr)).unwrap();
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--listen", "127.0.0.1:0", "--nodes"]).arg(&nodes).arg("--work-dir").arg(&work);
+    cmd.arg("--secret-file").arg(&for_main).env("RUST_LOG", "info");
+    as_user(&mut cmd, 65534);
+    let mut main = Reaped(spawn_copied(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped())));
+    let mut lines = BufReader::new(main.stderr.take().expect("stderr"));
+    let mut ready = String::new();
+    while lines.read_line(&mut ready).unwrap_or(0) > 0 && !ready.contains("cloud-server") {}
+    let addr = ready.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).map(str::to_string);
+    let addr = addr.unwrap_or_else(|| panic!("the main server did not start as nobody: {ready}"));
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = lines.read(&mut buf) {
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let up = format!("link to node {} is up", node.addr);
+    wait_until("the link of another user's main server is up", || log.lock().unwrap().contains(&up));
+    assert!(!node_log(&node).contains("refused a connection"), "{}", node_log(&node));
+    // And a job runs there.
+    let archive = job(dir.path(), "q.tar.gz", &["@echo across users"]);
+    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out =
+        Command::new(CLIENT).args(["deploy", "1", archive.to_str().unwrap(), "--server", &addr]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("Job ticket#: ").to_string();
+    let into = dir.path().join("out");
+    let out = Command::new(CLIENT).args(["retrieve", &t, into.to_str().unwrap(), "--server", &addr]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: String =
+        std::fs::read_dir(&into).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
+    assert!(got.contains("across users"), "{got}");
+    let pid = nix::unistd::Pid::from_raw(main.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = main.wait();
 }

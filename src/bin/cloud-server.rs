@@ -92,6 +92,11 @@ struct Args {
     /// root server refuses them; run the server as an unprivileged user.
     #[arg(long)]
     slurm_as_root: bool,
+    /// Shared secret of the node links (chmod 600; at least 16 bytes): the
+    /// main server proves it to each remote node and checks theirs. Needed
+    /// for nodes and a `--listen` off loopback.
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
     #[command(flatten)]
     job: JobFlags,
     #[command(subcommand)]
@@ -109,14 +114,15 @@ enum Command {
 /// (`output_PORT/` under the work dir).
 #[derive(clap::Args, Debug)]
 struct NodeArgs {
-    /// Address the main server connects to, IP:PORT. Without node
-    /// authentication it must be a loopback address (127.x.x.x, ::1).
+    /// Address the main server connects to, IP:PORT. Without
+    /// --secret-file it must be a loopback address (127.x.x.x, ::1).
     #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
     /// Where the node's workspaces (output_PORT/) live; one server or node per work dir.
     #[arg(long, value_name = "DIR", default_value = "work")]
     work_dir: PathBuf,
-    /// Shared secret for node authentication (not built yet: refused).
+    /// Shared secret of the node link, the main server's --secret-file
+    /// (chmod 600): orders are taken only from a main server that proves it.
     #[arg(long, value_name = "FILE")]
     secret_file: Option<PathBuf>,
     /// Replicas the node may run at once (as `slots=K` on its nodes file line).
@@ -489,11 +495,6 @@ fn run(args: Args) -> Result<(), String> {
     }
     let (nodes, nodes_path, listen, work_dir, job, alone) = match &args.command {
         Some(Command::Node(n)) => {
-            if n.secret_file.is_some() {
-                return Err(
-                    "--secret-file: node authentication is not built yet; run nodes on loopback without it".into()
-                );
-            }
             let spec = NodeSpec { kind: NodeKind::Local { port: n.listen.port() }, slots: n.slots, line: 1 };
             (
                 NodesFile { nodes: vec![spec] },
@@ -509,6 +510,13 @@ fn run(args: Args) -> Result<(), String> {
             (nodes, args.nodes.clone(), args.listen, args.work_dir.clone(), args.job.clone(), false)
         }
     };
+    let secret_file = match &args.command {
+        Some(Command::Node(n)) => n.secret_file.as_deref(),
+        None => args.secret_file.as_deref(),
+    };
+    let secret = secret_file.map(cloudinfra::node_auth::load_secret).transpose()?;
+    // Off loopback only with a secret (issue 9), before anything is locked or started.
+    cloudinfra::node_auth::check_bind(listen, secret.is_some())?;
     // One identity per slot of the nodes run here, node by node.
     let local_slots: usize =
         nodes.nodes.iter().filter(|s| matches!(s.kind, NodeKind::Local { .. })).map(|s| s.slots as usize).sum();
@@ -589,6 +597,7 @@ fn run(args: Args) -> Result<(), String> {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         call_timeout: Duration::from_secs(args.call_timeout),
         http: args.http,
+        secret,
     };
     // Each client holds a socket; let the server use all it may.
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {

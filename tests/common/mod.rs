@@ -497,3 +497,18 @@ pub fn refused_start(cmd: &mut Command) -> String {
     assert!(!server.wait().expect("wait").success(), "the server exited successfully: {text}");
     text
 }
+
+/// A `--secret-file` for node links and off-loopback listens: `text` in
+/// `dir/name`, mode 0600, owned by `owner` (e.g. the uid a server runs as)
+/// or by whoever runs the test.
+pub fn secret_file(dir: &Path, name: &str, text: &str, owner: Option<u32>) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{text}\n")).expect("write the secret file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600 the secret file");
+    if let Some(uid) = owner {
+        let id = Some(nix::unistd::Uid::from_raw(uid));
+        nix::unistd::chown(&path, id, Some(nix::unistd::Gid::from_raw(uid))).expect("chown the secret file");
+    }
+    path
+}
