@@ -17,7 +17,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::proto::{self, CloudStat, JobState, JobStatus, ReplicaStatus, CLOUD_PROG, CLOUD_VERS, MAX_STRING};
+use crate::proto::{
+    self, CloudStat, ClusterView, JobState, JobStatus, ReplicaStatus, TicketInfo, CLOUD_PROG, CLOUD_VERS, MAX_STRING,
+};
 use crate::record::{self, Outbox, Piece, LAST_FRAGMENT};
 use crate::rpc::{self, AuthSys, ReplyOutcome};
 use crate::xdr::{padding, XdrReader, XdrWriter};
@@ -338,6 +340,30 @@ impl Client {
             }
         }
         outcome.map(|()| done).map_err(with_cause)
+    }
+
+    /// CLUSTER: every node, the wait queue, totals.
+    pub fn cluster(&mut self) -> Result<ClusterView, ClientError> {
+        let res = self.call(proto::CLUSTER, |w| Ok(vec![Piece::Bytes(w.into_bytes())]))?;
+        decode(&res, ClusterView::decode)
+    }
+
+    /// MINE: the tickets this user deployed.
+    pub fn mine(&mut self) -> Result<Vec<TicketInfo>, ClientError> {
+        let res = self.call(proto::MINE, |w| Ok(vec![Piece::Bytes(w.into_bytes())]))?;
+        decode(&res, proto::decode_tickets)
+    }
+
+    /// WAIT: the job's status once it has ended (the server defers its reply).
+    pub fn wait(&mut self, ticket: u32) -> Result<JobStatus, ClientError> {
+        let res = self.call(proto::WAIT, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]))?;
+        decode(&res, JobStatus::decode)
+    }
+
+    /// CANCEL: stop the job, keep its outputs.
+    pub fn cancel(&mut self, ticket: u32) -> Result<(), ClientError> {
+        let res = self.call(proto::CANCEL, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]))?;
+        decode(&res, |_| Ok(()))
     }
 
     pub fn close(&mut self, ticket: u32) -> Result<(), ClientError> {

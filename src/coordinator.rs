@@ -17,7 +17,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::drc::{self, Drc};
-use crate::proto::{self, CloudStat, JobState, JobStatus, ReplicaStatus, RunArgs, RunResult};
+use crate::proto::{
+    self, CloudStat, ClusterView, JobState, JobStatus, NodeInfo, NodeState, QueueEntry, ReplicaStatus, RunArgs,
+    RunResult, TicketInfo,
+};
 use crate::scheduler::{NodeId, Scheduler, SubmitError, Ticket};
 
 /// A connection, by its reactor token.
@@ -45,6 +48,9 @@ pub enum Reply {
     Status(Result<JobStatus, Failure>),
     Retrieve(Result<Vec<OutputRef>, Failure>),
     Close(Result<(), Failure>),
+    Cluster(ClusterView),
+    Mine(Vec<TicketInfo>),
+    Cancel(Result<(), Failure>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +61,8 @@ pub enum NodeCall {
     Fetch { ticket: Ticket, replica: u32, into: PathBuf },
     /// Kill the ticket's processes if any and remove its workspace.
     Drop { ticket: Ticket },
+    /// Kill the ticket's running replica, keep its output (CANCEL).
+    Kill { ticket: Ticket },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +107,15 @@ pub struct Coordinator {
     held: HashMap<Option<u32>, usize>,
     /// At most this many per owner (`--max-tickets-per-user`); `None`: no cap.
     max_held: Option<usize>,
+    /// Deferred WAIT callers, answered with the job's status once it ends.
+    waiters: HashMap<Ticket, Vec<Caller>>,
+    /// When each ticket was deployed, and when its replicas started.
+    submitted: HashMap<Ticket, Instant>,
+    started: HashMap<Ticket, Instant>,
+    /// When each lost node was lost.
+    lost_at: HashMap<NodeId, Instant>,
+    /// The latest `now` an event brought (jobs start at the event that frees nodes).
+    clock: Option<Instant>,
 }
 
 /// How many expired tickets are remembered for CLOUD_EXPIRED answers.
@@ -125,6 +142,11 @@ impl Coordinator {
             drc: Drc::new(drc::MAX_ENTRIES, drc::MAX_AGE),
             held: HashMap::new(),
             max_held: None,
+            waiters: HashMap::new(),
+            submitted: HashMap::new(),
+            started: HashMap::new(),
+            lost_at: HashMap::new(),
+            clock: None,
         }
     }
 
@@ -251,6 +273,8 @@ impl Coordinator {
                 }
                 *self.held.entry(owner).or_default() += 1;
                 self.archives.insert(ticket, archive);
+                self.clock = Some(now);
+                self.submitted.insert(ticket, now);
                 let key = drc::Key { xid: to.xid, uid: owner, proc_num: proto::DEPLOY };
                 self.drc.insert(key, Reply::Deploy(Ok(ticket)), now);
                 self.reply(to, Reply::Deploy(Ok(ticket)));
@@ -295,6 +319,9 @@ impl Coordinator {
                 continue;
             };
             let replicas = start.nodes.len() as u32;
+            if let Some(now) = self.clock {
+                self.started.insert(start.ticket, now);
+            }
             for (i, &node) in start.nodes.iter().enumerate() {
                 log::info!("ticket {}: replica {i} -> node {}, RUNNING", start.ticket, self.node_names[node]);
                 let args = RunArgs { ticket: start.ticket, replica: i as u32, replicas };
@@ -430,6 +457,7 @@ impl Coordinator {
 
     /// A node's NODE_RUN came back: its replica's process has ended.
     pub fn run_finished(&mut self, node: NodeId, result: RunResult, now: Instant) {
+        self.clock = Some(now);
         if let Some((ticket, replica)) = self.sched.replica_finished(node, &result) {
             log::info!(
                 "ticket {ticket}: replica {replica} on {} {}: {}",
@@ -438,13 +466,25 @@ impl Coordinator {
                 result.message
             );
             if self.sched.job(ticket).is_some_and(|j| j.finished()) {
-                self.finished_now(ticket, now);
-                if self.retrievers.contains_key(&ticket) {
-                    self.fetch_outputs(ticket);
-                }
+                self.job_ended(ticket, now);
             }
         }
         self.start_ready();
+    }
+
+    /// A job's last replica has ended: start its expiry clock, answer its
+    /// WAIT callers, and its RETRIEVE callers once outputs are fetched.
+    fn job_ended(&mut self, ticket: Ticket, now: Instant) {
+        self.finished_now(ticket, now);
+        if let Some(waiters) = self.waiters.remove(&ticket) {
+            let st = self.job_status(ticket);
+            for to in waiters {
+                self.reply(to, Reply::Status(st.clone()));
+            }
+        }
+        if self.retrievers.contains_key(&ticket) {
+            self.fetch_outputs(ticket);
+        }
     }
 
     /// A NODE_FETCH could not be completed for a reason that may pass (out
@@ -525,24 +565,37 @@ impl Coordinator {
             let msg = format!("ticket {ticket} was closed while waiting for its outputs");
             self.reply(waiter, Reply::Retrieve(Err((CloudStat::NoSuchTicket, msg))));
         }
+        for waiter in self.waiters.remove(&ticket).unwrap_or_default() {
+            let msg = format!("ticket {ticket} was closed while waiting for it to end");
+            self.reply(waiter, Reply::Status(Err((CloudStat::NoSuchTicket, msg))));
+        }
+        self.submitted.remove(&ticket);
+        self.started.remove(&ticket);
         true
     }
 
     /// A client connection went away: forget its deferred calls.
     pub fn conn_closed(&mut self, conn: ConnId) {
-        for callers in self.retrievers.values_mut() {
+        for callers in self.retrievers.values_mut().chain(self.waiters.values_mut()) {
             callers.retain(|c| c.conn != conn);
         }
         self.retrievers.retain(|_, c| !c.is_empty());
+        self.waiters.retain(|_, c| !c.is_empty());
     }
 
     /// A node link broke: its replica fails and the node is not used again.
     pub fn node_lost(&mut self, node: NodeId, now: Instant) {
         let why = format!("lost contact with node {}", self.node_names[node]);
         log::error!("{why}");
+        self.clock = Some(now);
+        self.lost_at.entry(node).or_insert(now);
         if let Some((ticket, _)) = self.sched.node_lost(node, &why) {
             if self.sched.job(ticket).is_some_and(|j| j.finished()) {
                 self.finished_now(ticket, now);
+                for to in self.waiters.remove(&ticket).unwrap_or_default() {
+                    let st = self.job_status(ticket);
+                    self.reply(to, Reply::Status(st));
+                }
             }
         }
         for (&(ticket, replica), f) in self.fetches.iter_mut() {
@@ -566,6 +619,119 @@ impl Coordinator {
 
     pub fn job_state(&self, ticket: Ticket) -> Option<JobState> {
         self.sched.job(ticket).map(|j| j.state())
+    }
+
+    // --- CLUSTER, MINE, WAIT, CANCEL (branch cli) ---
+
+    /// Whole seconds from `then` to `now`.
+    fn age(then: Option<&Instant>, now: Instant) -> u32 {
+        then.map_or(0, |&t| now.saturating_duration_since(t).as_secs().min(u64::from(u32::MAX)) as u32)
+    }
+
+    /// CLUSTER: every node, the wait queue in order, totals. Open to all.
+    pub fn cluster_view(&self, now: Instant) -> ClusterView {
+        let nodes = (0..self.node_names.len())
+            .map(|n| {
+                let name = self.node_names[n].clone();
+                if let Some((ticket, replica)) = self.sched.running_on(n) {
+                    let age = Self::age(self.started.get(&ticket), now);
+                    NodeInfo { name, state: NodeState::Busy, ticket, replica, age }
+                } else if self.sched.is_lost(n) {
+                    NodeInfo {
+                        name,
+                        state: NodeState::Down,
+                        ticket: 0,
+                        replica: 0,
+                        age: Self::age(self.lost_at.get(&n), now),
+                    }
+                } else {
+                    NodeInfo { name, state: NodeState::Free, ticket: 0, replica: 0, age: 0 }
+                }
+            })
+            .collect();
+        let queue = self
+            .sched
+            .waiting()
+            .enumerate()
+            .map(|(i, ticket)| QueueEntry {
+                ticket,
+                replicas: self.sched.job(ticket).map_or(0, |j| j.replicas.len() as u32),
+                position: i as u32 + 1,
+                owner: self.owners.get(&ticket).map_or(-1, |&u| u as i32),
+                age: Self::age(self.submitted.get(&ticket), now),
+            })
+            .collect();
+        let (mut jobs, mut running_jobs, mut finished_jobs) = (0, 0, 0);
+        for job in self.sched.jobs() {
+            jobs += 1;
+            if job.finished() {
+                finished_jobs += 1;
+            } else if job.state() != JobState::Waiting {
+                running_jobs += 1;
+            }
+        }
+        ClusterView { nodes, queue, jobs, running_jobs, finished_jobs }
+    }
+
+    pub fn cluster(&mut self, to: Caller, now: Instant) {
+        let view = self.cluster_view(now);
+        self.reply(to, Reply::Cluster(view));
+    }
+
+    /// MINE: the tickets `who` deployed (anonymous callers: the anonymous tickets).
+    pub fn mine(&mut self, to: Caller, who: Option<u32>, now: Instant) {
+        let tickets = self
+            .sched
+            .jobs()
+            .filter(|j| self.owners.get(&j.ticket).copied() == who)
+            .map(|j| TicketInfo {
+                ticket: j.ticket,
+                state: j.state(),
+                replicas: j.replicas.len() as u32,
+                age: Self::age(self.submitted.get(&j.ticket), now),
+            })
+            .collect();
+        self.reply(to, Reply::Mine(tickets));
+    }
+
+    /// WAIT: STATUS, answered once the job has ended (at once if it has).
+    pub fn wait(&mut self, to: Caller, ticket: Ticket) {
+        match self.sched.job(ticket) {
+            None => self.reply(to, Reply::Status(Err(self.unknown(ticket)))),
+            Some(job) if job.finished() => self.status(to, ticket),
+            Some(_) => self.waiters.entry(ticket).or_default().push(to),
+        }
+    }
+
+    /// CANCEL by `who` (owner or root): waiting replicas never start,
+    /// running ones are killed (the node reports them KILLED, cancelled);
+    /// outputs stay for RETRIEVE. Cancelling an ended job changes nothing.
+    pub fn cancel(&mut self, to: Caller, who: Option<u32>, ticket: Ticket, now: Instant) {
+        let Some(job) = self.sched.job(ticket) else {
+            return self.reply(to, Reply::Cancel(Err(self.unknown(ticket))));
+        };
+        if let Some(refusal) = self.not_owner(ticket, who) {
+            return self.reply(to, Reply::Cancel(Err(refusal)));
+        }
+        let was_finished = job.finished();
+        let running: Vec<NodeId> =
+            job.replicas.iter().filter(|r| r.state == JobState::Running).filter_map(|r| r.node).collect();
+        self.clock = Some(now);
+        if self.sched.cancel_waiting(ticket, "cancelled before it started (cloud cancel)") {
+            if let Some(archive) = self.archives.remove(&ticket) {
+                self.actions.push_back(Action::RemoveFile(archive));
+            }
+            log::info!("ticket {ticket}: cancelled while waiting");
+        }
+        for &node in &running {
+            log::info!("ticket {ticket}: cancelled, killing its replica on {}", self.node_names[node]);
+            self.actions.push_back(Action::Node { node, call: NodeCall::Kill { ticket } });
+        }
+        self.reply(to, Reply::Cancel(Ok(())));
+        if !was_finished && running.is_empty() && self.sched.job(ticket).is_some_and(|j| j.finished()) {
+            self.job_ended(ticket, now);
+        }
+        self.start_ready();
     }
 }
 
@@ -874,5 +1040,103 @@ mod tests {
             .iter()
             .any(|a| matches!(a, Action::Reply { reply: Reply::Deploy(Err((CloudStat::Denied, _))), .. })));
         assert_eq!(c.job_state(1), None, "no job");
+    }
+
+    #[test]
+    fn wait_is_deferred_until_the_job_ends_and_closing_answers_it() {
+        let mut c = coord(1);
+        c.deploy(A, None, 1, "/spool/a".into(), t0());
+        c.deploy(A, None, 1, "/spool/b".into(), t0());
+        drain(&mut c);
+        c.wait(B, 1);
+        c.wait(Caller { conn: 3, xid: 1 }, 2);
+        assert!(drain(&mut c).is_empty(), "deferred while running or waiting");
+        c.run_finished(0, RunResult::invalid("make run exited with status 2"), t0());
+        let acts = drain(&mut c);
+        assert!(
+            acts.iter().any(
+                |a| matches!(a, Action::Reply { to: B, reply: Reply::Status(Ok(st)) } if st.state == JobState::Invalid)
+            ),
+            "{acts:?}"
+        );
+        // Already ended: answered at once.
+        c.wait(B, 1);
+        assert!(matches!(&drain(&mut c)[..], [Action::Reply { to: B, reply: Reply::Status(Ok(_)) }]));
+        // Closed while waited for: told so.
+        c.close(A, None, 2, t0());
+        let acts = drain(&mut c);
+        assert!(
+            acts.iter().any(|a| matches!(
+                a,
+                Action::Reply { to: Caller { conn: 3, .. }, reply: Reply::Status(Err((CloudStat::NoSuchTicket, _))) }
+            )),
+            "{acts:?}"
+        );
+        // A caller that went away is forgotten.
+        c.deploy(A, None, 1, "/spool/c".into(), t0());
+        c.wait(B, 3);
+        c.conn_closed(B.conn);
+        drain(&mut c);
+        c.run_finished(0, ok(), t0());
+        assert!(!drain(&mut c).iter().any(|a| matches!(a, Action::Reply { to: B, .. })));
+    }
+
+    #[test]
+    fn cancel_kills_running_drops_waiting_keeps_the_ticket_and_owner_rules_hold() {
+        let mut c = coord(1);
+        c.deploy(A, Some(1000), 1, "/spool/a".into(), t0());
+        c.deploy(A, Some(1000), 1, "/spool/b".into(), t0());
+        drain(&mut c);
+        c.cancel(B, Some(1001), 1, t0());
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Action::Reply { reply: Reply::Cancel(Err((CloudStat::NotOwner, _))), .. }]
+        ));
+        c.wait(Caller { conn: 3, xid: 1 }, 2);
+        c.cancel(B, Some(1000), 2, t0());
+        let acts = drain(&mut c);
+        assert!(acts.contains(&Action::RemoveFile("/spool/b".into())), "{acts:?}");
+        assert!(
+            acts.iter().any(|a| matches!(a, Action::Reply { to: Caller { conn: 3, .. }, reply: Reply::Status(Ok(_)) })),
+            "its waiter is answered: {acts:?}"
+        );
+        let st = c.job_status(2).unwrap();
+        assert_eq!(st.state, JobState::Invalid);
+        assert!(st.replicas[0].message.contains("cancelled before it started"));
+        c.cancel(B, Some(0), 1, t0());
+        let acts = drain(&mut c);
+        assert_eq!(acts[0], Action::Node { node: 0, call: NodeCall::Kill { ticket: 1 } });
+        assert_eq!(acts[1], Action::Reply { to: B, reply: Reply::Cancel(Ok(())) });
+        assert_eq!(c.job_state(1), Some(JobState::Running), "until the node reports the kill");
+        c.run_finished(0, RunResult::invalid("killed: cancelled (cloud cancel); output kept"), t0());
+        drain(&mut c);
+        assert_eq!(c.job_state(1), Some(JobState::Invalid));
+        // The outputs stay for RETRIEVE.
+        c.retrieve(A, Some(1000), 1, true);
+        assert!(matches!(&drain(&mut c)[0], Action::Node { call: NodeCall::Fetch { ticket: 1, .. }, .. }));
+    }
+
+    #[test]
+    fn cluster_view_lists_nodes_queue_and_totals_and_mine_the_callers_tickets() {
+        let mut c = coord(2);
+        c.deploy(A, Some(1000), 2, "/spool/a".into(), t0());
+        c.deploy(A, None, 1, "/spool/b".into(), t0() + Duration::from_secs(1));
+        drain(&mut c);
+        let v = c.cluster_view(t0() + Duration::from_secs(5));
+        assert_eq!(v.nodes.len(), 2);
+        assert!(v.nodes.iter().all(|n| n.state == NodeState::Busy && n.ticket == 1 && n.age == 5), "{v:?}");
+        assert_eq!(v.nodes[1].replica, 1);
+        assert_eq!(v.queue, vec![QueueEntry { ticket: 2, replicas: 1, position: 1, owner: -1, age: 4 }]);
+        assert_eq!((v.jobs, v.running_jobs, v.finished_jobs), (2, 1, 0));
+        c.node_lost(1, t0() + Duration::from_secs(5));
+        drain(&mut c);
+        let v = c.cluster_view(t0() + Duration::from_secs(7));
+        assert_eq!(v.nodes[1].state, NodeState::Down);
+        assert_eq!(v.nodes[1].age, 2);
+        c.mine(B, Some(1000), t0() + Duration::from_secs(7));
+        let acts = drain(&mut c);
+        let [Action::Reply { reply: Reply::Mine(t), .. }] = &acts[..] else { panic!("{acts:?}") };
+        assert_eq!(t.iter().map(|t| t.ticket).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(t[0].age, 7);
     }
 }

@@ -373,6 +373,16 @@ impl Node {
         }
     }
 
+    /// NODE_KILL: end the ticket's running replica, keep its folder and
+    /// output (the NODE_RUN reply says it was cancelled).
+    pub fn cancel_ticket(&mut self, ticket: u32) {
+        if let Some(r) = self.running.as_mut().filter(|r| r.ticket == ticket && r.stop.is_none()) {
+            log::debug!("node {}: ticket {ticket}: cancelled while running, SIGKILL", self.cfg.port);
+            r.stop = Some(StopReason::Cancelled);
+            self.kill_everything();
+        }
+    }
+
     fn remove_ticket(&self, ticket: u32) {
         let dir = self.ticket_dir(ticket);
         // An uncontained job's files are on disk, maybe 200,000 of them:

@@ -18,6 +18,14 @@ pub const DEPLOY: u32 = 1;
 pub const STATUS: u32 = 2;
 pub const RETRIEVE: u32 = 3;
 pub const CLOSE: u32 = 4;
+/// The cluster view: nodes, wait queue, totals.
+pub const CLUSTER: u32 = 5;
+/// The caller's own tickets (uid from the connection).
+pub const MINE: u32 = 6;
+/// STATUS answered only once the job has ended (deferred reply).
+pub const WAIT: u32 = 7;
+/// Stop running replicas, never start waiting ones, keep outputs.
+pub const CANCEL: u32 = 8;
 
 pub const NODE_PROG: u32 = 0x2000_C10F;
 pub const NODE_VERS: u32 = 1;
@@ -25,9 +33,11 @@ pub const NODE_NULL: u32 = 0;
 pub const NODE_RUN: u32 = 1;
 pub const NODE_FETCH: u32 = 2;
 pub const NODE_DROP: u32 = 3;
+/// Kill the ticket's running replica, keep its output (CANCEL).
+pub const NODE_KILL: u32 = 4;
 
-pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: CLOSE };
-pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_DROP };
+pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: CANCEL };
+pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_KILL };
 
 /// Longest string we accept in a message or node name.
 pub const MAX_STRING: usize = 4096;
@@ -166,6 +176,156 @@ impl JobStatus {
         let replicas = (0..n).map(|_| ReplicaStatus::decode(r)).collect::<Result<_, _>>()?;
         Ok(JobStatus { ticket, state, queue_position, replicas })
     }
+}
+
+/// The name of a CLOUD_PROG procedure, for logs.
+pub fn cloud_proc_name(proc_num: u32) -> &'static str {
+    match proc_num {
+        CLOUD_NULL => "NULL",
+        DEPLOY => "DEPLOY",
+        STATUS => "STATUS",
+        RETRIEVE => "RETRIEVE",
+        CLOSE => "CLOSE",
+        CLUSTER => "CLUSTER",
+        MINE => "MINE",
+        WAIT => "WAIT",
+        CANCEL => "CANCEL",
+        _ => "unknown",
+    }
+}
+
+/// `enum node_state` of CLUSTER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    Free = 0,
+    Busy = 1,
+    Down = 2,
+}
+
+impl NodeState {
+    pub fn from_u32(v: u32) -> Result<Self, XdrError> {
+        Ok(match v {
+            0 => NodeState::Free,
+            1 => NodeState::Busy,
+            2 => NodeState::Down,
+            _ => return Err(XdrError::Invalid(format!("unknown node_state {v}"))),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeState::Free => "free",
+            NodeState::Busy => "busy",
+            NodeState::Down => "down",
+        }
+    }
+}
+
+/// `struct node_info`: one node in the cluster view. `ticket` 0: none;
+/// `age`: seconds since the replica started (or the node went down).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub state: NodeState,
+    pub ticket: u32,
+    pub replica: u32,
+    pub age: u32,
+}
+
+/// `struct queue_entry`: a waiting job. `owner` -1: anonymous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub ticket: u32,
+    pub replicas: u32,
+    pub position: u32,
+    pub owner: i32,
+    pub age: u32,
+}
+
+/// `struct cluster_view`: the reply of CLUSTER.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterView {
+    pub nodes: Vec<NodeInfo>,
+    pub queue: Vec<QueueEntry>,
+    /// Jobs in the table (not closed): waiting, running, finished.
+    pub jobs: u32,
+    pub running_jobs: u32,
+    pub finished_jobs: u32,
+}
+
+/// Refuse a count of items of at least `min` bytes each that cannot fit.
+fn count(r: &mut XdrReader, min: usize, what: &str) -> Result<usize, XdrError> {
+    let n = r.u32()? as usize;
+    if n > r.remaining() / min {
+        return Err(XdrError::Invalid(format!("{n} {what} cannot fit in the message")));
+    }
+    Ok(n)
+}
+
+impl ClusterView {
+    pub fn encode(&self, w: &mut XdrWriter) {
+        w.u32(self.nodes.len() as u32);
+        for n in &self.nodes {
+            w.string(&n.name).u32(n.state as u32).u32(n.ticket).u32(n.replica).u32(n.age);
+        }
+        w.u32(self.queue.len() as u32);
+        for q in &self.queue {
+            w.u32(q.ticket).u32(q.replicas).u32(q.position).i32(q.owner).u32(q.age);
+        }
+        w.u32(self.jobs).u32(self.running_jobs).u32(self.finished_jobs);
+    }
+
+    pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
+        let n = count(r, 20, "nodes")?;
+        let mut nodes = Vec::with_capacity(n);
+        for _ in 0..n {
+            nodes.push(NodeInfo {
+                name: r.string(MAX_STRING)?,
+                state: NodeState::from_u32(r.u32()?)?,
+                ticket: r.u32()?,
+                replica: r.u32()?,
+                age: r.u32()?,
+            });
+        }
+        let n = count(r, 20, "queue entries")?;
+        let mut queue = Vec::with_capacity(n);
+        for _ in 0..n {
+            queue.push(QueueEntry {
+                ticket: r.u32()?,
+                replicas: r.u32()?,
+                position: r.u32()?,
+                owner: r.i32()?,
+                age: r.u32()?,
+            });
+        }
+        Ok(ClusterView { nodes, queue, jobs: r.u32()?, running_jobs: r.u32()?, finished_jobs: r.u32()? })
+    }
+}
+
+/// `struct ticket_info`: one of the caller's tickets (MINE). `age`:
+/// seconds since it was deployed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketInfo {
+    pub ticket: u32,
+    pub state: JobState,
+    pub replicas: u32,
+    pub age: u32,
+}
+
+pub fn encode_tickets(w: &mut XdrWriter, tickets: &[TicketInfo]) {
+    w.u32(tickets.len() as u32);
+    for t in tickets {
+        w.u32(t.ticket).u32(t.state as u32).u32(t.replicas).u32(t.age);
+    }
+}
+
+pub fn decode_tickets(r: &mut XdrReader) -> Result<Vec<TicketInfo>, XdrError> {
+    let n = count(r, 16, "tickets")?;
+    (0..n)
+        .map(|_| {
+            Ok(TicketInfo { ticket: r.u32()?, state: JobState::from_u32(r.u32()?)?, replicas: r.u32()?, age: r.u32()? })
+        })
+        .collect()
 }
 
 /// Encode the default arm of any of the `*_res` unions.

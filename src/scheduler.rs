@@ -232,6 +232,45 @@ impl Scheduler {
         Some(Closed { was_waiting, nodes })
     }
 
+    // --- the cluster view and cancel (branch cli) ---
+
+    /// The replica node `node` runs, if busy.
+    pub fn running_on(&self, node: NodeId) -> Option<(Ticket, u32)> {
+        self.busy.get(&node).copied()
+    }
+
+    pub fn is_lost(&self, node: NodeId) -> bool {
+        self.lost.contains(&node)
+    }
+
+    /// Waiting tickets, head of the queue first.
+    pub fn waiting(&self) -> impl Iterator<Item = Ticket> + '_ {
+        self.waiting.iter().copied()
+    }
+
+    /// Every job in the table, by ticket.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.jobs.values()
+    }
+
+    /// Never start a waiting job: it leaves the queue and each replica ends
+    /// INVALID with `why`. Running replicas are the caller's to stop.
+    /// Returns whether the job was waiting.
+    pub fn cancel_waiting(&mut self, ticket: Ticket, why: &str) -> bool {
+        if !self.waiting.contains(&ticket) {
+            return false;
+        }
+        self.waiting.retain(|&t| t != ticket);
+        if let Some(job) = self.jobs.get_mut(&ticket) {
+            for r in job.replicas.iter_mut().filter(|r| r.state == JobState::Waiting) {
+                r.state = JobState::Invalid;
+                r.exit_code = -1;
+                r.message = why.to_string();
+            }
+        }
+        true
+    }
+
     #[cfg(test)]
     fn check_invariants(&self) {
         let mut seen = std::collections::HashSet::new();

@@ -994,7 +994,7 @@ impl Server {
     fn client_call(&mut self, key: usize, conn: &mut Conn, call: Call) {
         let caller = Caller { conn: key, xid: call.xid };
         let mut r = XdrReader::new(&call.args);
-        log::debug!("connection {key}: call xid {:#x} proc {}", call.xid, call.proc_num);
+        log::debug!("connection {key}: call xid {:#x} {}", call.xid, proto::cloud_proc_name(call.proc_num));
         let who = match self.identify_call(key, conn, &call) {
             Ok(who) => who,
             Err(refusal) => return conn.outbox.push_bytes(refusal),
@@ -1012,6 +1012,11 @@ impl Server {
                 proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, who, t, w)).is_ok()
             }
             proto::CLOSE => r.u32().map(|t| self.coord.close(caller, who, t, Instant::now())).is_ok(),
+            // branch cli: CLUSTER, MINE, WAIT, CANCEL
+            proto::CLUSTER => r.finish().map(|()| self.coord.cluster(caller, Instant::now())).is_ok(),
+            proto::MINE => r.finish().map(|()| self.coord.mine(caller, who, Instant::now())).is_ok(),
+            proto::WAIT => r.u32().map(|t| self.coord.wait(caller, t)).is_ok(),
+            proto::CANCEL => r.u32().map(|t| self.coord.cancel(caller, who, t, Instant::now())).is_ok(),
             _ => false, // a DEPLOY too short to stream
         };
         if !ok {
@@ -1064,6 +1069,11 @@ impl Server {
             },
             (proto::NODE_DROP, Ok(ticket)) => {
                 self.nodes[i].drop_ticket(ticket);
+                w.u32(CloudStat::Ok as u32);
+                vec![Piece::Bytes(w.into_bytes())]
+            }
+            (proto::NODE_KILL, Ok(ticket)) => {
+                self.nodes[i].cancel_ticket(ticket); // branch cli: CANCEL
                 w.u32(CloudStat::Ok as u32);
                 vec![Piece::Bytes(w.into_bytes())]
             }
@@ -1120,6 +1130,12 @@ impl Server {
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_DROP);
                 w.u32(ticket);
                 (proto::NODE_DROP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
+            }
+            NodeCall::Kill { ticket } => {
+                // branch cli: CANCEL; the reply is a cloud_stat, as DROP's.
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_KILL);
+                w.u32(ticket);
+                (proto::NODE_KILL, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
             }
         };
         log::debug!("node {}: call xid {xid:#x} proc {proc_num}", self.node_names[node]);
@@ -1335,13 +1351,23 @@ pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
             w.u32(ok);
             st.encode(&mut w);
         }
-        Reply::Close(Ok(())) => {
+        Reply::Close(Ok(())) | Reply::Cancel(Ok(())) => {
             w.u32(ok);
         }
-        Reply::Retrieve(Ok(outs)) => return retrieve_pieces(xid, outs),
-        Reply::Deploy(Err(e)) | Reply::Status(Err(e)) | Reply::Retrieve(Err(e)) | Reply::Close(Err(e)) => {
-            return vec![Piece::Bytes(failure_reply(xid, &e))]
+        Reply::Cluster(view) => {
+            w.u32(ok);
+            view.encode(&mut w);
         }
+        Reply::Mine(tickets) => {
+            w.u32(ok);
+            proto::encode_tickets(&mut w, &tickets);
+        }
+        Reply::Retrieve(Ok(outs)) => return retrieve_pieces(xid, outs),
+        Reply::Deploy(Err(e))
+        | Reply::Status(Err(e))
+        | Reply::Retrieve(Err(e))
+        | Reply::Close(Err(e))
+        | Reply::Cancel(Err(e)) => return vec![Piece::Bytes(failure_reply(xid, &e))],
     }
     vec![Piece::Bytes(w.into_bytes())]
 }

@@ -1122,9 +1122,14 @@ pub fn read_report(status: OwnedFd) -> (String, Option<i32>) {
 /// Why a replica was stopped by the server, if it was.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
-    TimeLimit { seconds: u64, killed: bool },
+    TimeLimit {
+        seconds: u64,
+        killed: bool,
+    },
     Closed,
     Shutdown,
+    /// `cloud cancel`: killed, output kept.
+    Cancelled,
 }
 
 /// Turn how the job ended into the replica's result.
@@ -1139,6 +1144,7 @@ pub fn classify_exit(status: WaitStatus, setup_error: &str, stopped: Option<&Sto
             }
             StopReason::Closed => "killed: the ticket was closed".into(),
             StopReason::Shutdown => "killed: the server shut down".into(),
+            StopReason::Cancelled => "killed: cancelled (cloud cancel); output kept".into(),
         };
         return RunResult { state: JobState::Invalid, exit_code: exit_code(status), message };
     }

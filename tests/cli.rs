@@ -1,0 +1,210 @@
+//! The client programs as a user sees them: the cluster view (`status`
+//! without a ticket, `--mine`), `status --wait`, `deploy --wait`, `cancel`,
+//! `retrieve` without a directory, their human and JSON formats and exit codes.
+
+mod common;
+
+use std::io::Write;
+use std::process::Output;
+
+use common::{job, wait_until, Cluster, Gate};
+use serde_json::Value;
+
+/// Jobs that use the gate reach it over loopback.
+const NET: &[&str] = &["--allow-network"];
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(out: &Output) -> Value {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(out)))
+}
+
+fn release(mut s: std::net::TcpStream) {
+    let _ = s.write_all(b"go\n");
+}
+
+#[test]
+fn cluster_view_shows_running_and_queued_jobs_in_text_and_json() {
+    let c = Cluster::start_with(1, NET);
+    let gate = Gate::new();
+    let running = c.deploy(1, &job(c.dir.path(), "a.tar.gz", &gate.wait_recipe("a")));
+    let (_, held) = gate.arrive();
+    let queued = c.deploy(1, &job(c.dir.path(), "b.tar.gz", &["true"]));
+
+    let v = json(&c.cloud(&["status", "--json"]));
+    let node = &v["nodes"][0];
+    assert_eq!(node["name"], format!("127.0.0.1:{}", c.ports[0]));
+    assert_eq!(node["state"], "busy");
+    assert_eq!(node["slots"], 1);
+    assert_eq!(node["running"][0]["ticket"], running);
+    assert_eq!(node["running"][0]["replica"], 0);
+    assert!(node["running"][0]["since"].as_u64().unwrap() > 1_700_000_000, "{v}");
+    assert_eq!(v["queue"][0]["ticket"], queued);
+    assert_eq!(v["queue"][0]["position"], 1);
+    assert_eq!(v["queue"][0]["replicas"], 1);
+    let uid = nix::unistd::geteuid().as_raw();
+    assert_eq!(v["queue"][0]["owner"], uid);
+    assert_eq!(v["totals"]["busy"], 1);
+    assert_eq!(v["totals"]["free"], 0);
+    assert_eq!(v["totals"]["waiting"], 1);
+    assert_eq!(v["totals"]["running"], 1);
+
+    let out = c.cloud(&["status"]);
+    assert!(out.status.success());
+    let t = text(&out);
+    assert!(t.contains(&format!("127.0.0.1:{}", c.ports[0])) && t.contains("busy"), "{t}");
+    let queue_line = t.lines().find(|l| l.starts_with("1 ")).unwrap_or_else(|| panic!("no queue line: {t}"));
+    assert!(queue_line.contains(&queued.to_string()) && queue_line.contains(&format!("uid {uid}")), "{t}");
+    assert!(t.contains("nodes: 1 (0 free, 1 busy, 0 down); jobs: 1 waiting, 1 running, 0 finished"), "{t}");
+
+    // --mine: the caller's tickets, with state and age.
+    let mine = json(&c.cloud(&["status", "--mine", "--json"]));
+    let tickets = mine["tickets"].as_array().unwrap();
+    assert_eq!(tickets.len(), 2, "{mine}");
+    assert_eq!(tickets[0]["ticket"], running);
+    assert_eq!(tickets[0]["status"], "RUNNING");
+    assert_eq!(tickets[1]["ticket"], queued);
+    assert_eq!(tickets[1]["status"], "WAITING");
+    let t = text(&c.cloud(&["status", "--mine"]));
+    assert!(t.lines().any(|l| l.starts_with(&running.to_string()) && l.contains("RUNNING")), "{t}");
+
+    release(held);
+    wait_until("both jobs end", || {
+        let v = json(&c.cloud(&["status", "--json"]));
+        v["totals"]["finished"] == 2 && v["nodes"][0]["state"] == "free"
+    });
+    let t = text(&c.cloud(&["status"]));
+    assert!(t.contains("queue: empty") && t.contains("free"), "{t}");
+}
+
+#[test]
+fn a_waiting_replica_has_null_node_and_exit_code_in_json() {
+    let c = Cluster::start_with(1, NET);
+    let gate = Gate::new();
+    let first = c.deploy(1, &job(c.dir.path(), "a.tar.gz", &gate.wait_recipe("a")));
+    let (_, held) = gate.arrive();
+    let second = c.deploy(1, &job(c.dir.path(), "b.tar.gz", &["true"]));
+    let st = c.status_json(second);
+    assert_eq!(st["replicas"][0]["node"], Value::Null, "{st}");
+    assert_eq!(st["replicas"][0]["exit_code"], Value::Null, "{st}");
+    let st = c.status_json(first);
+    assert_eq!(st["replicas"][0]["node"], format!("127.0.0.1:{}", c.ports[0]));
+    assert_eq!(st["replicas"][0]["exit_code"], Value::Null, "running: {st}");
+    release(held);
+    let st = c.wait_status(second, |s| s["status"] == "COMPLETED");
+    assert_eq!(st["replicas"][0]["exit_code"], 0);
+}
+
+#[test]
+fn status_wait_blocks_until_the_job_ends_and_exits_with_its_outcome() {
+    // Debug logging names each call: the test sees the WAIT arrive.
+    let c = Cluster::start_tweaked(1, NET, |cmd| {
+        cmd.env("RUST_LOG", "debug");
+    });
+    let gate = Gate::new();
+    let t = c.deploy(1, &job(c.dir.path(), "a.tar.gz", &gate.wait_recipe("a")));
+    let (_, held) = gate.arrive();
+    let mut waiter = c.cloud_spawn(&["status", &t.to_string(), "--wait", "--json"]);
+    // It is parked on the server while the job runs.
+    wait_until("the server has the WAIT call", || c.log().contains(" WAIT"));
+    assert!(waiter.try_wait().unwrap().is_none(), "status --wait returned while the job runs");
+    release(held);
+    let out = waiter.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["status"], "COMPLETED");
+
+    // A failing job: exit code 3, and the human output says INVALID.
+    let bad = c.deploy(1, &job(c.dir.path(), "bad.tar.gz", &["exit 3"]));
+    let out = c.cloud(&["status", &bad.to_string(), "--wait"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("INVALID"), "{}", text(&out));
+}
+
+#[test]
+fn cancel_kills_running_replicas_keeps_their_output_and_never_starts_waiting_ones() {
+    let c = Cluster::start_with(1, NET);
+    let gate = Gate::new();
+    let mut recipe = vec!["echo printed-before-cancel".to_string()];
+    recipe.extend(gate.wait_recipe("a"));
+    let running = c.deploy(1, &job(c.dir.path(), "a.tar.gz", &recipe));
+    let (_, _held) = gate.arrive();
+    let queued = c.deploy(1, &job(c.dir.path(), "b.tar.gz", &gate.wait_recipe("b")));
+
+    let out = c.cloud(&["cancel", &queued.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st = c.status_json(queued);
+    assert_eq!(st["status"], "INVALID");
+    assert!(st["replicas"][0]["message"].as_str().unwrap().contains("cancelled before it started"), "{st}");
+
+    let out = c.cloud(&["cancel", &running.to_string(), "--json"]);
+    assert_eq!(json(&out)["cancelled"], true);
+    let st = c.wait_status(running, |s| s["status"] == "INVALID");
+    assert!(st["replicas"][0]["message"].as_str().unwrap().contains("cancelled"), "{st}");
+    // The node is free again, and the cancelled waiting job never ran.
+    wait_until("the node is free", || json(&c.cloud(&["status", "--json"]))["nodes"][0]["state"] == "free");
+    assert!(gate.nobody_waiting(), "a cancelled waiting job started");
+
+    // What it printed before is kept for retrieve, which exits 3 (not completed).
+    let dir = c.dir.path().join("out");
+    let out = c.cloud(&["retrieve", &running.to_string(), dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let kept = std::fs::read_to_string(dir.join(format!("output_{}.txt", c.ports[0]))).unwrap();
+    assert!(kept.contains("printed-before-cancel"), "{kept:?}");
+}
+
+#[test]
+fn deploy_wait_writes_outputs_into_ticket_dir_and_exits_with_the_outcome() {
+    let c = Cluster::start(2);
+    let cwd = tempfile::tempdir().unwrap();
+    let archive = job(c.dir.path(), "a.tar.gz", &["echo hello from $CLOUD_REPLICA"]);
+    let out = std::process::Command::new(common::CLIENT)
+        .args(["deploy", "2", archive.to_str().unwrap(), "--wait", "--server", &c.addr.to_string()])
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = text(&out);
+    let ticket: u32 = t.lines().next().unwrap().strip_prefix("Job ticket#: ").unwrap().parse().unwrap();
+    for port in &c.ports {
+        let f = cwd.path().join(format!("ticket_{ticket}/output_{port}.txt"));
+        assert!(std::fs::read_to_string(&f).unwrap().contains("hello from"), "{}", f.display());
+    }
+    // Closed after: the ticket is gone.
+    assert!(!c.cloud(&["status", &ticket.to_string()]).status.success());
+
+    let bad = job(c.dir.path(), "bad.tar.gz", &["exit 4"]);
+    let out = std::process::Command::new(common::CLIENT)
+        .args(["deploy", "1", bad.to_str().unwrap(), "--wait", "--json", "--server", &c.addr.to_string()])
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["replicas"][0]["status"], "INVALID");
+}
+
+#[test]
+fn retrieve_without_a_directory_says_what_it_discarded() {
+    let c = Cluster::start(2);
+    let t = c.deploy(2, &job(c.dir.path(), "a.tar.gz", &["echo hi"]));
+    c.wait_status(t, |s| s["status"] == "COMPLETED");
+    let out = c.cloud(&["retrieve", &t.to_string()]);
+    assert!(out.status.success());
+    let said = text(&out);
+    assert!(said.contains(&format!("ticket {t} closed: discarded the outputs of 2 ended replica(s)")), "{said}");
+    assert!(said.contains("cloud retrieve"), "says how to keep them: {said}");
+}
+
+#[test]
+fn every_command_has_help_with_examples_and_exit_codes() {
+    for cmd in ["deploy", "status", "retrieve", "cancel"] {
+        let out = std::process::Command::new(common::CLIENT).args([cmd, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        let t = text(&out);
+        assert!(t.contains("Examples:") && t.contains("Exit codes:") && t.contains("--json"), "{cmd}: {t}");
+    }
+}
