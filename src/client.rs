@@ -18,7 +18,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::proto::{
-    self, CloudStat, ClusterView, JobState, JobStatus, ReplicaStatus, TicketInfo, CLOUD_PROG, CLOUD_VERS, MAX_STRING,
+    self, CloudStat, ClusterView, JobInfo, JobState, JobStatus, ReplicaStatus, TicketInfo, CLOUD_PROG, CLOUD_VERS,
+    MAX_STRING,
 };
 use crate::record::{self, Outbox, Piece, LAST_FRAGMENT};
 use crate::rpc::{self, AuthSys, ReplyOutcome};
@@ -358,6 +359,12 @@ impl Client {
     pub fn wait(&mut self, ticket: u32) -> Result<JobStatus, ClientError> {
         let res = self.call(proto::WAIT, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]))?;
         decode(&res, JobStatus::decode)
+    }
+
+    /// JOB_INFO: STATUS with outcome kinds and times.
+    pub fn info(&mut self, ticket: u32) -> Result<JobInfo, ClientError> {
+        let res = self.call(proto::JOB_INFO, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]))?;
+        decode(&res, JobInfo::decode)
     }
 
     /// CANCEL: stop the job, keep its outputs.

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use crate::drc::{self, Drc};
 use crate::proto::{
-    self, CloudStat, ClusterView, JobState, JobStatus, NodeInfo, NodeState, QueueEntry, ReplicaStatus, RunArgs,
-    RunResult, TicketInfo,
+    self, CloudStat, ClusterView, JobInfo, JobState, JobStatus, NodeInfo, NodeState, Outcome, QueueEntry, ReplicaInfo,
+    ReplicaStatus, RunArgs, RunResult, TicketInfo,
 };
 use crate::scheduler::{NodeId, Scheduler, SubmitError, Ticket};
 
@@ -51,6 +51,7 @@ pub enum Reply {
     Cluster(ClusterView),
     Mine(Vec<TicketInfo>),
     Cancel(Result<(), Failure>),
+    JobInfo(Result<JobInfo, Failure>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +115,8 @@ pub struct Coordinator {
     started: HashMap<Ticket, Instant>,
     /// When each lost node was lost.
     lost_at: HashMap<NodeId, Instant>,
+    /// How and when each ended replica ended: kind, make's recipe code (-1: none).
+    outcomes: HashMap<(Ticket, u32), (Outcome, i32, Instant)>,
     /// The latest `now` an event brought (jobs start at the event that frees nodes).
     clock: Option<Instant>,
 }
@@ -146,6 +149,7 @@ impl Coordinator {
             submitted: HashMap::new(),
             started: HashMap::new(),
             lost_at: HashMap::new(),
+            outcomes: HashMap::new(),
             clock: None,
         }
     }
@@ -459,6 +463,10 @@ impl Coordinator {
     pub fn run_finished(&mut self, node: NodeId, result: RunResult, now: Instant) {
         self.clock = Some(now);
         if let Some((ticket, replica)) = self.sched.replica_finished(node, &result) {
+            if self.sched.job(ticket).is_some() {
+                let kind = if result.kind == Outcome::None { Outcome::SetupError } else { result.kind };
+                self.outcomes.insert((ticket, replica), (kind, result.recipe_code, now));
+            }
             log::info!(
                 "ticket {ticket}: replica {replica} on {} {}: {}",
                 self.node_names[node],
@@ -571,6 +579,7 @@ impl Coordinator {
         }
         self.submitted.remove(&ticket);
         self.started.remove(&ticket);
+        self.outcomes.retain(|&(t, _), _| t != ticket);
         true
     }
 
@@ -589,7 +598,10 @@ impl Coordinator {
         log::error!("{why}");
         self.clock = Some(now);
         self.lost_at.entry(node).or_insert(now);
-        if let Some((ticket, _)) = self.sched.node_lost(node, &why) {
+        if let Some((ticket, replica)) = self.sched.node_lost(node, &why) {
+            if self.sched.job(ticket).is_some() {
+                self.outcomes.insert((ticket, replica), (Outcome::Lost, -1, now));
+            }
             if self.sched.job(ticket).is_some_and(|j| j.finished()) {
                 self.finished_now(ticket, now);
                 for to in self.waiters.remove(&ticket).unwrap_or_default() {
@@ -694,6 +706,29 @@ impl Coordinator {
         self.reply(to, Reply::Mine(tickets));
     }
 
+    /// JOB_INFO: STATUS with each replica's outcome kind and times.
+    pub fn job_info(&self, ticket: Ticket, now: Instant) -> Result<JobInfo, Failure> {
+        let job = self.job_status(ticket)?;
+        let age = |t: Option<&Instant>| t.map_or(-1, |&t| Self::age(Some(&t), now).min(i32::MAX as u32) as i32);
+        let started = self.started.get(&ticket);
+        let replicas = (0..job.replicas.len() as u32)
+            .map(|i| {
+                let (kind, recipe_code, ended) = match self.outcomes.get(&(ticket, i)) {
+                    Some(&(kind, code, at)) => (kind, code, age(Some(&at))),
+                    None => (Outcome::None, -1, -1),
+                };
+                let ran = !job.replicas[i as usize].node.is_empty();
+                ReplicaInfo { kind, recipe_code, started_age: if ran { age(started) } else { -1 }, ended_age: ended }
+            })
+            .collect();
+        Ok(JobInfo { job, submitted_age: age(self.submitted.get(&ticket)), replicas })
+    }
+
+    pub fn info(&mut self, to: Caller, ticket: Ticket, now: Instant) {
+        let info = self.job_info(ticket, now);
+        self.reply(to, Reply::JobInfo(info));
+    }
+
     /// WAIT: STATUS, answered once the job has ended (at once if it has).
     pub fn wait(&mut self, to: Caller, ticket: Ticket) {
         match self.sched.job(ticket) {
@@ -717,7 +752,11 @@ impl Coordinator {
         let running: Vec<NodeId> =
             job.replicas.iter().filter(|r| r.state == JobState::Running).filter_map(|r| r.node).collect();
         self.clock = Some(now);
+        let replicas = job.replicas.len() as u32;
         if self.sched.cancel_waiting(ticket, "cancelled before it started (cloud cancel)") {
+            for i in 0..replicas {
+                self.outcomes.insert((ticket, i), (Outcome::Killed, -1, now));
+            }
             if let Some(archive) = self.archives.remove(&ticket) {
                 self.actions.push_back(Action::RemoveFile(archive));
             }
@@ -764,7 +803,7 @@ mod tests {
     }
 
     fn ok() -> RunResult {
-        RunResult { state: JobState::Completed, exit_code: 0, message: "make run exited with status 0".into() }
+        RunResult::exited(0, "make run exited with status 0")
     }
 
     #[test]
@@ -913,7 +952,7 @@ mod tests {
         drain(&mut c);
         c.retrieve(B, None, 1, true);
         assert!(drain(&mut c).is_empty(), "deferred while running");
-        c.run_finished(0, RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() }, t0());
+        c.run_finished(0, RunResult::exited(0, "exit 0"), t0());
         let acts = drain(&mut c);
         let Action::Node { node: 0, call: NodeCall::Fetch { ticket: 1, replica: 0, into } } = &acts[0] else {
             panic!("{acts:?}")

@@ -27,7 +27,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use crate::cgroup::{Cgroup, Cgroups};
-use crate::proto::{JobState, RunArgs, RunResult};
+use crate::proto::{Outcome, RunArgs, RunResult};
 use crate::spawn::{self, Containment, JobLimits, Sandbox, SpawnSpec, StopReason};
 
 /// Everything a node needs to know; a later separate node process would
@@ -71,7 +71,12 @@ struct Running {
     truncated: bool,
     deadline: Instant,
     stop: Option<StopReason>,
+    /// The output's last bytes, for make's `Error N` line (the recipe's code).
+    tail: Vec<u8>,
 }
+
+/// How much of the output's end is kept for make's error line.
+const TAIL: usize = 1024;
 
 /// What `drain_output` left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +213,7 @@ impl Node {
             truncated: false,
             deadline: now + self.cfg.time_limit,
             stop: None,
+            tail: Vec::new(),
         });
         Ok(fd)
     }
@@ -229,6 +235,10 @@ impl Node {
                 Err(_) => return Drained::Closed,
             };
             let chunk = &self.buf[..n];
+            let from = chunk.len().saturating_sub(TAIL);
+            r.tail.extend_from_slice(&chunk[from..]);
+            let excess = r.tail.len().saturating_sub(TAIL);
+            r.tail.drain(..excess);
             let room = max.saturating_sub(r.written) as usize;
             let keep = chunk.len().min(room);
             if keep > 0 {
@@ -322,15 +332,20 @@ impl Node {
         // (init was killed, or uncontained) init's own status is the job's.
         let job = report.and_then(|raw| WaitStatus::from_raw(pid, raw).ok()).unwrap_or(status);
         let mut result = spawn::classify_exit(job, &setup_error, r.stop.as_ref());
+        if result.kind == Outcome::Failed {
+            result.recipe_code = spawn::recipe_code(&r.tail).unwrap_or(-1);
+        }
         if let Some(g) = r.group {
             if r.stop.is_none() && g.oom_killed() {
                 result = RunResult {
-                    state: JobState::Invalid,
                     exit_code: result.exit_code,
-                    message: format!(
-                        "memory limit (--max-memory) exceeded: the job's processes together used more than {} MiB",
-                        self.cfg.limits.address_space >> 20
-                    ),
+                    ..RunResult::ended(
+                        Outcome::Killed,
+                        format!(
+                            "memory limit (--max-memory) exceeded: the job's processes together used more than {} MiB",
+                            self.cfg.limits.address_space >> 20
+                        ),
+                    )
                 };
             }
             g.kill_all();

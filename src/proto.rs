@@ -26,6 +26,8 @@ pub const MINE: u32 = 6;
 pub const WAIT: u32 = 7;
 /// Stop running replicas, never start waiting ones, keep outputs.
 pub const CANCEL: u32 = 8;
+/// STATUS in the rich form: outcome kinds and times per replica.
+pub const JOB_INFO: u32 = 9;
 
 pub const NODE_PROG: u32 = 0x2000_C10F;
 pub const NODE_VERS: u32 = 1;
@@ -36,7 +38,7 @@ pub const NODE_DROP: u32 = 3;
 /// Kill the ticket's running replica, keep its output (CANCEL).
 pub const NODE_KILL: u32 = 4;
 
-pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: CANCEL };
+pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: JOB_INFO };
 pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_KILL };
 
 /// Longest string we accept in a message or node name.
@@ -190,6 +192,7 @@ pub fn cloud_proc_name(proc_num: u32) -> &'static str {
         MINE => "MINE",
         WAIT => "WAIT",
         CANCEL => "CANCEL",
+        JOB_INFO => "JOB_INFO",
         _ => "unknown",
     }
 }
@@ -348,25 +351,133 @@ pub fn decode_retrieve_args(r: &mut XdrReader) -> Result<(u32, bool), XdrError> 
     Ok((r.u32()?, r.bool()?))
 }
 
-/// `struct run_res` of NODE_RUN: how a replica ended.
+/// `enum outcome`: why a replica ended. `None` until it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Outcome {
+    #[default]
+    None = 0,
+    /// `make run` exited 0.
+    Completed = 1,
+    /// `make run` exited non-zero (the recipe's own code, if make said it).
+    Failed = 2,
+    /// A signal, the time limit, a resource limit, cancel: the message says which.
+    Killed = 3,
+    /// The replica could not be set up: bad archive, no make, no process.
+    SetupError = 4,
+    /// Its node was lost.
+    Lost = 5,
+}
+
+impl Outcome {
+    pub fn from_u32(v: u32) -> Result<Self, XdrError> {
+        const ALL: [Outcome; 6] =
+            [Outcome::None, Outcome::Completed, Outcome::Failed, Outcome::Killed, Outcome::SetupError, Outcome::Lost];
+        ALL.get(v as usize).copied().ok_or_else(|| XdrError::Invalid(format!("unknown outcome {v}")))
+    }
+
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Outcome::None => None,
+            Outcome::Completed => Some("COMPLETED"),
+            Outcome::Failed => Some("FAILED"),
+            Outcome::Killed => Some("KILLED"),
+            Outcome::SetupError => Some("SETUP_ERROR"),
+            Outcome::Lost => Some("LOST"),
+        }
+    }
+}
+
+/// `struct run_res` of NODE_RUN: how a replica ended. `recipe_code`: the
+/// code make reported for the failing recipe (`Error 3`), -1 if none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunResult {
     pub state: JobState,
     pub exit_code: i32,
     pub message: String,
+    pub kind: Outcome,
+    pub recipe_code: i32,
 }
 
 impl RunResult {
     pub fn encode(&self, w: &mut XdrWriter) {
-        w.u32(self.state as u32).i32(self.exit_code).string(&self.message);
+        w.u32(self.state as u32).i32(self.exit_code).string(&self.message).u32(self.kind as u32).i32(self.recipe_code);
     }
 
     pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
-        Ok(RunResult { state: JobState::from_u32(r.u32()?)?, exit_code: r.i32()?, message: r.string(MAX_STRING)? })
+        Ok(RunResult {
+            state: JobState::from_u32(r.u32()?)?,
+            exit_code: r.i32()?,
+            message: r.string(MAX_STRING)?,
+            kind: Outcome::from_u32(r.u32()?)?,
+            recipe_code: r.i32()?,
+        })
     }
 
+    /// A replica that ended as `kind` with no exit code of its own.
+    pub fn ended(kind: Outcome, message: impl Into<String>) -> Self {
+        RunResult { state: JobState::Invalid, exit_code: -1, message: message.into(), kind, recipe_code: -1 }
+    }
+
+    /// A replica that could not be set up.
     pub fn invalid(message: impl Into<String>) -> Self {
-        RunResult { state: JobState::Invalid, exit_code: -1, message: message.into() }
+        Self::ended(Outcome::SetupError, message)
+    }
+
+    /// A replica whose node was lost.
+    pub fn lost(message: impl Into<String>) -> Self {
+        Self::ended(Outcome::Lost, message)
+    }
+
+    /// `make run` exited with `code` (COMPLETED if 0, else FAILED).
+    pub fn exited(code: i32, message: impl Into<String>) -> Self {
+        let (state, kind) =
+            if code == 0 { (JobState::Completed, Outcome::Completed) } else { (JobState::Invalid, Outcome::Failed) };
+        RunResult { state, exit_code: code, message: message.into(), kind, recipe_code: -1 }
+    }
+}
+
+/// `struct replica_info` of JOB_INFO: what STATUS's `replica_status` lacks.
+/// Ages are seconds before the reply; -1: not yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    pub kind: Outcome,
+    pub recipe_code: i32,
+    pub started_age: i32,
+    pub ended_age: i32,
+}
+
+/// `struct job_info`: the reply of JOB_INFO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    pub job: JobStatus,
+    pub submitted_age: i32,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+impl JobInfo {
+    pub fn encode(&self, w: &mut XdrWriter) {
+        self.job.encode(w);
+        w.i32(self.submitted_age).u32(self.replicas.len() as u32);
+        for r in &self.replicas {
+            w.u32(r.kind as u32).i32(r.recipe_code).i32(r.started_age).i32(r.ended_age);
+        }
+    }
+
+    pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
+        let job = JobStatus::decode(r)?;
+        let submitted_age = r.i32()?;
+        let n = count(r, 16, "replicas")?;
+        let replicas = (0..n)
+            .map(|_| {
+                Ok(ReplicaInfo {
+                    kind: Outcome::from_u32(r.u32()?)?,
+                    recipe_code: r.i32()?,
+                    started_age: r.i32()?,
+                    ended_age: r.i32()?,
+                })
+            })
+            .collect::<Result<_, XdrError>>()?;
+        Ok(JobInfo { job, submitted_age, replicas })
     }
 }
 

@@ -216,7 +216,7 @@ impl Scheduler {
         if self.lost.contains(&node) {
             return None;
         }
-        let failed = self.replica_finished(node, &RunResult::invalid(why));
+        let failed = self.replica_finished(node, &RunResult::lost(why));
         self.free.retain(|&n| n != node);
         self.lost.push(node);
         failed
@@ -307,7 +307,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn ok() -> RunResult {
-        RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() }
+        RunResult::exited(0, "exit 0")
     }
 
     #[test]

@@ -829,7 +829,7 @@ impl Server {
             ReplyEvent::Reply { call: Pending::Run, results } => {
                 let result = results
                     .and_then(|b| RunResult::decode(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))
-                    .unwrap_or_else(|why| RunResult::invalid(format!("node {name}: {why}")));
+                    .unwrap_or_else(|why| RunResult::lost(format!("node {name}: {why}")));
                 self.coord.run_finished(node, result, Instant::now());
             }
             ReplyEvent::Reply { call: Pending::Fetch { ticket, replica, .. }, results } => {
@@ -1017,6 +1017,7 @@ impl Server {
             proto::MINE => r.finish().map(|()| self.coord.mine(caller, who, Instant::now())).is_ok(),
             proto::WAIT => r.u32().map(|t| self.coord.wait(caller, t)).is_ok(),
             proto::CANCEL => r.u32().map(|t| self.coord.cancel(caller, who, t, Instant::now())).is_ok(),
+            proto::JOB_INFO => r.u32().map(|t| self.coord.info(caller, t, Instant::now())).is_ok(),
             _ => false, // a DEPLOY too short to stream
         };
         if !ok {
@@ -1141,7 +1142,7 @@ impl Server {
         log::debug!("node {}: call xid {xid:#x} proc {proc_num}", self.node_names[node]);
         let Some(key) = self.links[node] else {
             if let Pending::Run = pending {
-                self.coord.run_finished(node, RunResult::invalid("the node is unreachable"), Instant::now());
+                self.coord.run_finished(node, RunResult::lost("the node is unreachable"), Instant::now());
             }
             return;
         };
@@ -1362,12 +1363,17 @@ pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
             w.u32(ok);
             proto::encode_tickets(&mut w, &tickets);
         }
+        Reply::JobInfo(Ok(info)) => {
+            w.u32(ok);
+            info.encode(&mut w);
+        }
         Reply::Retrieve(Ok(outs)) => return retrieve_pieces(xid, outs),
         Reply::Deploy(Err(e))
         | Reply::Status(Err(e))
         | Reply::Retrieve(Err(e))
         | Reply::Close(Err(e))
-        | Reply::Cancel(Err(e)) => return vec![Piece::Bytes(failure_reply(xid, &e))],
+        | Reply::Cancel(Err(e))
+        | Reply::JobInfo(Err(e)) => return vec![Piece::Bytes(failure_reply(xid, &e))],
     }
     vec![Piece::Bytes(w.into_bytes())]
 }

@@ -117,11 +117,12 @@ fn status_wait_blocks_until_the_job_ends_and_exits_with_its_outcome() {
     let st: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["status"], "COMPLETED");
 
-    // A failing job: exit code 3, and the human output says INVALID.
-    let bad = c.deploy(1, &job(c.dir.path(), "bad.tar.gz", &["exit 3"]));
+    // A failing job: exit code 3, and the human output says FAILED with
+    // make's code and the recipe's own.
+    let bad = c.deploy(1, &job(c.dir.path(), "bad.tar.gz", &["exit 5"]));
     let out = c.cloud(&["status", &bad.to_string(), "--wait"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    assert!(text(&out).contains("INVALID"), "{}", text(&out));
+    assert!(text(&out).contains("FAILED exit 2 (recipe exit 5)"), "{}", text(&out));
 }
 
 #[test]
@@ -148,10 +149,11 @@ fn cancel_kills_running_replicas_keeps_their_output_and_never_starts_waiting_one
     wait_until("the node is free", || json(&c.cloud(&["status", "--json"]))["nodes"][0]["state"] == "free");
     assert!(gate.nobody_waiting(), "a cancelled waiting job started");
 
-    // What it printed before is kept for retrieve, which exits 3 (not completed).
+    assert_eq!(st["replicas"][0]["outcome"], "KILLED", "{st}");
+    // What it printed before is kept for retrieve, which exits 4 (killed).
     let dir = c.dir.path().join("out");
     let out = c.cloud(&["retrieve", &running.to_string(), dir.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let kept = std::fs::read_to_string(dir.join(format!("output_{}.txt", c.ports[0]))).unwrap();
     assert!(kept.contains("printed-before-cancel"), "{kept:?}");
 }
@@ -185,6 +187,36 @@ fn deploy_wait_writes_outputs_into_ticket_dir_and_exits_with_the_outcome() {
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["replicas"][0]["status"], "INVALID");
+}
+
+#[test]
+fn each_outcome_kind_shows_in_status_and_sets_the_exit_code() {
+    let c = Cluster::start_with(1, &["--time-limit", "1"]);
+    let ok = c.deploy(1, &job(c.dir.path(), "ok.tar.gz", &["echo fine"]));
+    let out = c.cloud(&["status", &ok.to_string(), "--wait", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json(&out);
+    let r = &v["replicas"][0];
+    assert_eq!(r["outcome"], "COMPLETED", "{v}");
+    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r["recipe_exit_code"], Value::Null);
+    let (sub, start, end) =
+        (v["submitted"].as_u64().unwrap(), r["started"].as_u64().unwrap(), r["ended"].as_u64().unwrap());
+    assert!(sub <= start && start <= end && sub > 1_700_000_000, "{v}");
+
+    let failed = c.deploy(1, &job(c.dir.path(), "f.tar.gz", &["exit 3"]));
+    let out = c.cloud(&["status", &failed.to_string(), "--wait", "--json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["replicas"][0]["outcome"], "FAILED", "{v}");
+    assert_eq!(v["replicas"][0]["exit_code"], 2, "make's own code");
+    assert_eq!(v["replicas"][0]["recipe_exit_code"], 3, "the recipe's code, from make's Error line");
+
+    let killed = c.deploy(1, &job(c.dir.path(), "k.tar.gz", &["sleep 60"]));
+    let out = c.cloud(&["status", &killed.to_string(), "--wait"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("KILLED") && t.contains("time limit"), "{t}");
 }
 
 #[test]

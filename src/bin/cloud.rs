@@ -5,8 +5,8 @@
 //! a job (`status --wait`, `deploy --wait`, `retrieve DIR`), every replica
 //! COMPLETED; 1 an error (the server refused the call, or could not be
 //! reached: the message says which and what to do); 2 a usage error; 3 the
-//! job ended and some replica did not complete (INVALID: failed, killed,
-//! lost, bad setup; `status` shows why).
+//! job ended and some replica FAILED (make exited non-zero); 4 some replica
+//! was KILLED, LOST or had a SETUP_ERROR (4 wins over 3; `status` shows why).
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -16,16 +16,20 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use cloudinfra::archive_check::MAKEFILE_NAMES;
 use cloudinfra::client::{pack_directory, Client, ClientError, DEFAULT_TIMEOUT};
-use cloudinfra::proto::{ClusterView, JobState, JobStatus, NodeState, ReplicaStatus, TicketInfo};
+use cloudinfra::proto::{ClusterView, JobInfo, JobState, NodeState, Outcome, ReplicaStatus, TicketInfo};
 
 const DEFAULT_SERVER: &str = "127.0.0.1:9000";
 
-/// The job ended and some replica did not complete.
+/// The job ended and some replica FAILED (make exited non-zero).
 const EXIT_JOB_FAILED: u8 = 3;
+/// The job ended and some replica was KILLED, LOST, or had a SETUP_ERROR.
+const EXIT_JOB_KILLED: u8 = 4;
 
 const EXIT_CODES: &str = "Exit codes: 0 success (for a command that waits for a job: every replica COMPLETED); \
 1 an error (refused by the server, or the server cannot be reached); 2 a usage error; \
-3 the job ended and some replica did not complete.";
+3 the job ended and some replica FAILED (make run exited non-zero); \
+4 the job ended and some replica was KILLED (signal, time or resource limit, cancel), LOST (its node) \
+or had a SETUP_ERROR (bad archive, no make). 4 wins over 3.";
 
 #[derive(Parser, Debug)]
 #[command(name = "cloud", version, about = "Client of the cloudinfra job cluster", after_help = EXIT_CODES)]
@@ -59,7 +63,7 @@ enum Command {
         "Examples:\n  cloud deploy 2 job.tar.gz\n  cloud deploy 1 ./myjob --wait      ",
         "# deploy, wait, write ./ticket_N/output_PORT.txt, close\n  cloud deploy 1 job.tar.gz --json\n\n",
         "Exit codes: 0 deployed (with --wait: every replica COMPLETED); 1 an error; 2 a usage error; ",
-        "3 (--wait) some replica did not complete."
+        "3 (--wait) some replica FAILED; 4 some replica was KILLED, LOST or had a SETUP_ERROR."
     )
 )]
 struct DeployArgs {
@@ -87,7 +91,7 @@ struct DeployArgs {
         "  cloud status 7 --wait   # block until ticket 7 ends; exit with its outcome\n",
         "  cloud status --json\n\n",
         "Exit codes: 0 success (with --wait: every replica COMPLETED); 1 an error; 2 a usage error; ",
-        "3 (--wait) some replica did not complete."
+        "3 (--wait) some replica FAILED; 4 some replica was KILLED, LOST or had a SETUP_ERROR."
     )
 )]
 struct StatusArgs {
@@ -113,7 +117,7 @@ struct StatusArgs {
         "Examples:\n  cloud retrieve 7 out     # wait, write out/output_PORT.txt per replica, close\n",
         "  cloud retrieve 7         # close ticket 7 now, discarding its outputs (says what)\n\n",
         "Exit codes: 0 success (with DIR: every replica COMPLETED); 1 an error; 2 a usage error; ",
-        "3 some replica did not complete."
+        "3 some replica FAILED; 4 some replica was KILLED, LOST or had a SETUP_ERROR."
     )
 )]
 struct RetrieveArgs {
@@ -254,13 +258,21 @@ fn connect_waiting(s: &ServerArg) -> Result<Client, String> {
     Client::connect_with(&s.server, s.timeout_or(None)).map_err(|e| e.to_string())
 }
 
-/// 0 if every replica completed, else EXIT_JOB_FAILED.
-fn outcome(states: impl IntoIterator<Item = JobState>) -> ExitCode {
-    if states.into_iter().all(|s| s == JobState::Completed) {
+/// 0 if every replica completed, else EXIT_JOB_KILLED or EXIT_JOB_FAILED.
+fn outcome(info: &JobInfo) -> ExitCode {
+    let kinds = || info.replicas.iter().map(|r| r.kind);
+    if kinds().any(|k| matches!(k, Outcome::Killed | Outcome::Lost | Outcome::SetupError)) {
+        ExitCode::from(EXIT_JOB_KILLED)
+    } else if info.job.replicas.iter().all(|r| r.state == JobState::Completed) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_JOB_FAILED)
     }
+}
+
+/// Unix seconds `age` seconds ago, null for -1 (not yet).
+fn when(age: i32) -> Option<u64> {
+    u32::try_from(age).ok().map(since)
 }
 
 /// "5s", "3m20s", "2h05m".
@@ -367,11 +379,14 @@ fn status(a: StatusArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     };
     let (st, code) = if a.wait {
-        let st = connect_waiting(&a.server)?.wait(ticket).map_err(|e| e.to_string())?;
-        let code = outcome(st.replicas.iter().map(|r| r.state));
-        (st, code)
+        let mut client = connect_waiting(&a.server)?;
+        client.wait(ticket).map_err(|e| e.to_string())?;
+        client.set_timeout(a.server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
+        let info = client.info(ticket).map_err(|e| e.to_string())?;
+        let code = outcome(&info);
+        (info, code)
     } else {
-        (connect(&a.server)?.status(ticket).map_err(|e| e.to_string())?, ExitCode::SUCCESS)
+        (connect(&a.server)?.info(ticket).map_err(|e| e.to_string())?, ExitCode::SUCCESS)
     };
     if a.json {
         println!("{}", status_json(&st));
@@ -474,31 +489,67 @@ fn mine_text(mine: &[TicketInfo]) -> String {
     out
 }
 
-fn status_json(st: &JobStatus) -> serde_json::Value {
+fn status_json(info: &JobInfo) -> serde_json::Value {
+    let st = &info.job;
+    let none = proto_none();
     serde_json::json!({
         "ticket": st.ticket,
         "status": st.state.name(),
         "queue_position": st.queue_position,
-        "replicas": st.replicas.iter().map(|r| serde_json::json!({
-            "replica": r.replica,
-            "node": (!r.node.is_empty()).then_some(&r.node),
-            "status": r.state.name(),
-            "exit_code": r.state.is_final().then_some(r.exit_code),
-            "message": r.message,
-        })).collect::<Vec<_>>(),
+        "submitted": when(info.submitted_age),
+        "replicas": st.replicas.iter().enumerate().map(|(i, r)| {
+            let x = info.replicas.get(i).unwrap_or(&none);
+            serde_json::json!({
+                "replica": r.replica,
+                "node": (!r.node.is_empty()).then_some(&r.node),
+                "status": r.state.name(),
+                "outcome": x.kind.name(),
+                "exit_code": (r.state.is_final() && r.exit_code >= 0).then_some(r.exit_code),
+                "recipe_exit_code": (x.recipe_code >= 0).then_some(x.recipe_code),
+                "started": when(x.started_age),
+                "ended": when(x.ended_age),
+                "message": r.message,
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 
-fn status_text(st: &JobStatus) -> String {
+/// What a replica that JOB_INFO did not describe shows.
+fn proto_none() -> cloudinfra::proto::ReplicaInfo {
+    cloudinfra::proto::ReplicaInfo { kind: Outcome::None, recipe_code: -1, started_age: -1, ended_age: -1 }
+}
+
+fn status_text(info: &JobInfo) -> String {
+    let st = &info.job;
     let mut out = format!("ticket {}: {}", st.ticket, st.state.name());
     if st.state == JobState::Waiting {
         out.push_str(&format!(" (queue position {})", st.queue_position));
     }
+    if let Ok(s) = u32::try_from(info.submitted_age) {
+        out.push_str(&format!(", submitted {} ago", age(s)));
+    }
     out.push('\n');
-    for r in &st.replicas {
+    let none = proto_none();
+    for (i, r) in st.replicas.iter().enumerate() {
+        let x = info.replicas.get(i).unwrap_or(&none);
         let node = if r.node.is_empty() { "-" } else { &r.node };
-        let code = if r.state.is_final() { r.exit_code.to_string() } else { "-".into() };
-        let line = format!("  replica {}  {node}  {}  exit {code}  {}", r.replica, r.state.name(), r.message);
+        let mut what = match x.kind.name() {
+            Some(kind) => kind.to_string(),
+            None => r.state.name().to_string(),
+        };
+        if r.state.is_final() && r.exit_code >= 0 {
+            what.push_str(&format!(" exit {}", r.exit_code));
+        }
+        if x.recipe_code >= 0 {
+            what.push_str(&format!(" (recipe exit {})", x.recipe_code));
+        }
+        let times = match (u32::try_from(x.started_age), u32::try_from(x.ended_age)) {
+            (Ok(s), Ok(e)) => format!("ran {}, ended {} ago", age(s.saturating_sub(e)), age(e)),
+            (Ok(s), Err(_)) => format!("running for {}", age(s)),
+            (Err(_), Ok(e)) => format!("ended {} ago", age(e)),
+            _ => "waiting".into(),
+        };
+        let line = format!("  replica {}  {node}  {what}  {times}  {}", r.replica, r.message);
         out.push_str(line.trim_end());
         out.push('\n');
     }
@@ -586,8 +637,9 @@ fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool) -> Result<Ex
         let _ = d.sync_all();
     }
     client.set_timeout(server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
+    let info = client.info(ticket).map_err(|e| e.to_string())?;
     client.close(ticket).map_err(|e| e.to_string())?;
-    Ok(outcome(outputs.iter().map(|(s, _)| s.state)))
+    Ok(outcome(&info))
 }
 
 /// The port of "127.0.0.1:9001", for the original output_PORT.txt naming.
