@@ -355,16 +355,27 @@ impl Client {
         decode(&res, proto::decode_tickets)
     }
 
-    /// WAIT: the job's status once it has ended (the server defers its reply).
-    pub fn wait(&mut self, ticket: u32) -> Result<JobStatus, ClientError> {
-        let res = self.call(proto::WAIT, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]))?;
-        decode(&res, JobStatus::decode)
+    /// JOB_INFO: STATUS with outcome kinds and times; with `wait`, once
+    /// the job has ended (the server defers its reply).
+    pub fn info(&mut self, ticket: u32, wait: bool) -> Result<JobInfo, ClientError> {
+        let res =
+            self.call(proto::JOB_INFO, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).bool(wait).clone().into_bytes())]))?;
+        decode(&res, JobInfo::decode)
     }
 
-    /// JOB_INFO: STATUS with outcome kinds and times.
-    pub fn info(&mut self, ticket: u32) -> Result<JobInfo, ClientError> {
-        let res = self.call(proto::JOB_INFO, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]))?;
-        decode(&res, JobInfo::decode)
+    /// FOLLOW: replica `replica`'s output from `offset`, once there is
+    /// some (the server defers its reply); true once the replica has ended
+    /// and nothing follows.
+    pub fn follow(&mut self, ticket: u32, replica: u32, offset: u64) -> Result<(Vec<u8>, bool), ClientError> {
+        let res = self.call(proto::FOLLOW, |mut w| {
+            proto::encode_follow_args(&mut w, ticket, replica, offset);
+            Ok(vec![Piece::Bytes(w.into_bytes())])
+        })?;
+        match proto::decode_follow(&mut XdrReader::new(&res)) {
+            Ok(Ok(x)) => Ok(x),
+            Ok(Err((stat, msg))) => Err(ClientError::Server(stat, msg)),
+            Err(e) => Err(ClientError::Transport(format!("bad reply from {}: {e}", self.server))),
+        }
     }
 
     /// CANCEL: stop the job, keep its outputs.

@@ -32,8 +32,16 @@ pub(crate) const MAX_RECORD: usize = 64 * 1024;
 #[derive(Debug)]
 pub(crate) enum Pending {
     Run,
-    Fetch { ticket: u32, replica: u32, into: PathBuf },
+    Fetch {
+        ticket: u32,
+        replica: u32,
+        into: PathBuf,
+    },
     Drop,
+    /// NODE_FOLLOW for a client's FOLLOW call.
+    Follow {
+        caller: crate::coordinator::Caller,
+    },
 }
 
 /// NODE_FETCH's successful results end in the output, streamed.

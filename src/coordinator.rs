@@ -7,7 +7,10 @@
 //! that uid or root may RETRIEVE or CLOSE it), how many tickets each
 //! owner holds (at most `--max-tickets-per-user`), the duplicate request
 //! cache (`drc`) that answers a retried DEPLOY or CLOSE with its first
-//! reply, and what each event means for them.
+//! reply, and what each event means for them. Also (branch cli): the
+//! cluster view (CLUSTER, MINE), deferred JOB_INFO callers (wait), FOLLOW
+//! calls of replicas not started yet, CANCEL, and each replica's outcome
+//! kind and times (submitted, started, ended).
 //! Must not touch: sockets, the reactor, processes. File *paths* are
 //! decided here; opening, writing and deleting them is the caller's job,
 //! done in the order the actions come out.
@@ -52,6 +55,8 @@ pub enum Reply {
     Mine(Vec<TicketInfo>),
     Cancel(Result<(), Failure>),
     JobInfo(Result<JobInfo, Failure>),
+    /// FOLLOW: output bytes and whether the replica has ended.
+    Follow(Result<(Vec<u8>, bool), Failure>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +69,8 @@ pub enum NodeCall {
     Drop { ticket: Ticket },
     /// Kill the ticket's running replica, keep its output (CANCEL).
     Kill { ticket: Ticket },
+    /// The replica's output from `offset`, for `caller` (FOLLOW).
+    Follow { ticket: Ticket, offset: u64, caller: Caller },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +115,7 @@ pub struct Coordinator {
     held: HashMap<Option<u32>, usize>,
     /// At most this many per owner (`--max-tickets-per-user`); `None`: no cap.
     max_held: Option<usize>,
-    /// Deferred WAIT callers, answered with the job's status once it ends.
+    /// Deferred JOB_INFO (wait) callers, answered once the job ends.
     waiters: HashMap<Ticket, Vec<Caller>>,
     /// When each ticket was deployed, and when its replicas started.
     submitted: HashMap<Ticket, Instant>,
@@ -117,6 +124,8 @@ pub struct Coordinator {
     lost_at: HashMap<NodeId, Instant>,
     /// How and when each ended replica ended: kind, make's recipe code (-1: none).
     outcomes: HashMap<(Ticket, u32), (Outcome, i32, Instant)>,
+    /// FOLLOW calls for replicas still waiting: (caller, replica, offset).
+    follow_waiting: HashMap<Ticket, Vec<(Caller, u32, u64)>>,
     /// The latest `now` an event brought (jobs start at the event that frees nodes).
     clock: Option<Instant>,
 }
@@ -150,6 +159,7 @@ impl Coordinator {
             started: HashMap::new(),
             lost_at: HashMap::new(),
             outcomes: HashMap::new(),
+            follow_waiting: HashMap::new(),
             clock: None,
         }
     }
@@ -332,6 +342,13 @@ impl Coordinator {
                 self.actions.push_back(Action::Node { node, call: NodeCall::Run { args, archive: archive.clone() } });
             }
             self.actions.push_back(Action::RemoveFile(archive));
+            // Parked FOLLOWs go to the node right behind its NODE_RUN.
+            for (caller, replica, offset) in self.follow_waiting.remove(&start.ticket).unwrap_or_default() {
+                if let Some(&node) = start.nodes.get(replica as usize) {
+                    let call = NodeCall::Follow { ticket: start.ticket, offset, caller };
+                    self.actions.push_back(Action::Node { node, call });
+                }
+            }
         }
     }
 
@@ -485,9 +502,9 @@ impl Coordinator {
     fn job_ended(&mut self, ticket: Ticket, now: Instant) {
         self.finished_now(ticket, now);
         if let Some(waiters) = self.waiters.remove(&ticket) {
-            let st = self.job_status(ticket);
+            let info = self.job_info(ticket, now);
             for to in waiters {
-                self.reply(to, Reply::Status(st.clone()));
+                self.reply(to, Reply::JobInfo(info.clone()));
             }
         }
         if self.retrievers.contains_key(&ticket) {
@@ -575,11 +592,15 @@ impl Coordinator {
         }
         for waiter in self.waiters.remove(&ticket).unwrap_or_default() {
             let msg = format!("ticket {ticket} was closed while waiting for it to end");
-            self.reply(waiter, Reply::Status(Err((CloudStat::NoSuchTicket, msg))));
+            self.reply(waiter, Reply::JobInfo(Err((CloudStat::NoSuchTicket, msg))));
         }
         self.submitted.remove(&ticket);
         self.started.remove(&ticket);
         self.outcomes.retain(|&(t, _), _| t != ticket);
+        for (to, _, _) in self.follow_waiting.remove(&ticket).unwrap_or_default() {
+            let msg = format!("ticket {ticket} was closed before it started");
+            self.reply(to, Reply::Follow(Err((CloudStat::NoSuchTicket, msg))));
+        }
         true
     }
 
@@ -590,6 +611,10 @@ impl Coordinator {
         }
         self.retrievers.retain(|_, c| !c.is_empty());
         self.waiters.retain(|_, c| !c.is_empty());
+        for f in self.follow_waiting.values_mut() {
+            f.retain(|(c, _, _)| c.conn != conn);
+        }
+        self.follow_waiting.retain(|_, f| !f.is_empty());
     }
 
     /// A node link broke: its replica fails and the node is not used again.
@@ -605,8 +630,8 @@ impl Coordinator {
             if self.sched.job(ticket).is_some_and(|j| j.finished()) {
                 self.finished_now(ticket, now);
                 for to in self.waiters.remove(&ticket).unwrap_or_default() {
-                    let st = self.job_status(ticket);
-                    self.reply(to, Reply::Status(st));
+                    let info = self.job_info(ticket, now);
+                    self.reply(to, Reply::JobInfo(info));
                 }
             }
         }
@@ -633,7 +658,7 @@ impl Coordinator {
         self.sched.job(ticket).map(|j| j.state())
     }
 
-    // --- CLUSTER, MINE, WAIT, CANCEL (branch cli) ---
+    // --- CLUSTER, MINE, FOLLOW, CANCEL, JOB_INFO (branch cli) ---
 
     /// Whole seconds from `then` to `now`.
     fn age(then: Option<&Instant>, now: Instant) -> u32 {
@@ -706,6 +731,37 @@ impl Coordinator {
         self.reply(to, Reply::Mine(tickets));
     }
 
+    /// FOLLOW by `who` (owner or root, as RETRIEVE): the replica's output
+    /// from `offset`, asked of its node, which answers once there is some
+    /// or the replica has ended. A waiting replica's call waits for its start.
+    pub fn follow(&mut self, to: Caller, who: Option<u32>, ticket: Ticket, replica: u32, offset: u64) {
+        let Some(job) = self.sched.job(ticket) else {
+            return self.reply(to, Reply::Follow(Err(self.unknown(ticket))));
+        };
+        if let Some(refusal) = self.not_owner(ticket, who) {
+            return self.reply(to, Reply::Follow(Err(refusal)));
+        }
+        let Some(r) = job.replicas.get(replica as usize) else {
+            let n = job.replicas.len();
+            let msg = format!("ticket {ticket} has {n} replica(s), numbered 0 to {}; no replica {replica}", n - 1);
+            return self.reply(to, Reply::Follow(Err((CloudStat::BadReplicas, msg))));
+        };
+        match r.node {
+            Some(node) => {
+                self.actions.push_back(Action::Node { node, call: NodeCall::Follow { ticket, offset, caller: to } })
+            }
+            None if r.state == JobState::Waiting => {
+                self.follow_waiting.entry(ticket).or_default().push((to, replica, offset))
+            }
+            None => self.reply(to, Reply::Follow(Ok((Vec::new(), true)))),
+        }
+    }
+
+    /// A node answered a FOLLOW.
+    pub fn followed(&mut self, to: Caller, result: Result<(Vec<u8>, bool), String>) {
+        self.reply(to, Reply::Follow(result.map_err(|e| (CloudStat::NoSuchTicket, e))));
+    }
+
     /// JOB_INFO: STATUS with each replica's outcome kind and times.
     pub fn job_info(&self, ticket: Ticket, now: Instant) -> Result<JobInfo, Failure> {
         let job = self.job_status(ticket)?;
@@ -724,18 +780,13 @@ impl Coordinator {
         Ok(JobInfo { job, submitted_age: age(self.submitted.get(&ticket)), replicas })
     }
 
-    pub fn info(&mut self, to: Caller, ticket: Ticket, now: Instant) {
+    /// JOB_INFO; with `wait`, answered once the job has ended (at once if it has).
+    pub fn info(&mut self, to: Caller, ticket: Ticket, wait: bool, now: Instant) {
+        if wait && self.sched.job(ticket).is_some_and(|j| !j.finished()) {
+            return self.waiters.entry(ticket).or_default().push(to);
+        }
         let info = self.job_info(ticket, now);
         self.reply(to, Reply::JobInfo(info));
-    }
-
-    /// WAIT: STATUS, answered once the job has ended (at once if it has).
-    pub fn wait(&mut self, to: Caller, ticket: Ticket) {
-        match self.sched.job(ticket) {
-            None => self.reply(to, Reply::Status(Err(self.unknown(ticket)))),
-            Some(job) if job.finished() => self.status(to, ticket),
-            Some(_) => self.waiters.entry(ticket).or_default().push(to),
-        }
     }
 
     /// CANCEL by `who` (owner or root): waiting replicas never start,
@@ -761,6 +812,9 @@ impl Coordinator {
                 self.actions.push_back(Action::RemoveFile(archive));
             }
             log::info!("ticket {ticket}: cancelled while waiting");
+            for (to, _, _) in self.follow_waiting.remove(&ticket).unwrap_or_default() {
+                self.reply(to, Reply::Follow(Ok((Vec::new(), true))));
+            }
         }
         for &node in &running {
             log::info!("ticket {ticket}: cancelled, killing its replica on {}", self.node_names[node]);
@@ -1087,33 +1141,33 @@ mod tests {
         c.deploy(A, None, 1, "/spool/a".into(), t0());
         c.deploy(A, None, 1, "/spool/b".into(), t0());
         drain(&mut c);
-        c.wait(B, 1);
-        c.wait(Caller { conn: 3, xid: 1 }, 2);
+        c.info(B, 1, true, t0());
+        c.info(Caller { conn: 3, xid: 1 }, 2, true, t0());
         assert!(drain(&mut c).is_empty(), "deferred while running or waiting");
         c.run_finished(0, RunResult::invalid("make run exited with status 2"), t0());
         let acts = drain(&mut c);
         assert!(
             acts.iter().any(
-                |a| matches!(a, Action::Reply { to: B, reply: Reply::Status(Ok(st)) } if st.state == JobState::Invalid)
+                |a| matches!(a, Action::Reply { to: B, reply: Reply::JobInfo(Ok(i)) } if i.job.state == JobState::Invalid && i.replicas[0].kind == Outcome::SetupError)
             ),
             "{acts:?}"
         );
         // Already ended: answered at once.
-        c.wait(B, 1);
-        assert!(matches!(&drain(&mut c)[..], [Action::Reply { to: B, reply: Reply::Status(Ok(_)) }]));
+        c.info(B, 1, true, t0());
+        assert!(matches!(&drain(&mut c)[..], [Action::Reply { to: B, reply: Reply::JobInfo(Ok(_)) }]));
         // Closed while waited for: told so.
         c.close(A, None, 2, t0());
         let acts = drain(&mut c);
         assert!(
             acts.iter().any(|a| matches!(
                 a,
-                Action::Reply { to: Caller { conn: 3, .. }, reply: Reply::Status(Err((CloudStat::NoSuchTicket, _))) }
+                Action::Reply { to: Caller { conn: 3, .. }, reply: Reply::JobInfo(Err((CloudStat::NoSuchTicket, _))) }
             )),
             "{acts:?}"
         );
         // A caller that went away is forgotten.
         c.deploy(A, None, 1, "/spool/c".into(), t0());
-        c.wait(B, 3);
+        c.info(B, 3, true, t0());
         c.conn_closed(B.conn);
         drain(&mut c);
         c.run_finished(0, ok(), t0());
@@ -1131,12 +1185,12 @@ mod tests {
             &drain(&mut c)[..],
             [Action::Reply { reply: Reply::Cancel(Err((CloudStat::NotOwner, _))), .. }]
         ));
-        c.wait(Caller { conn: 3, xid: 1 }, 2);
+        c.info(Caller { conn: 3, xid: 1 }, 2, true, t0());
         c.cancel(B, Some(1000), 2, t0());
         let acts = drain(&mut c);
         assert!(acts.contains(&Action::RemoveFile("/spool/b".into())), "{acts:?}");
         assert!(
-            acts.iter().any(|a| matches!(a, Action::Reply { to: Caller { conn: 3, .. }, reply: Reply::Status(Ok(_)) })),
+            acts.iter().any(|a| matches!(a, Action::Reply { to: Caller { conn: 3, .. }, reply: Reply::JobInfo(Ok(i)) } if i.replicas[0].kind == Outcome::Killed)),
             "its waiter is answered: {acts:?}"
         );
         let st = c.job_status(2).unwrap();
@@ -1177,5 +1231,42 @@ mod tests {
         let [Action::Reply { reply: Reply::Mine(t), .. }] = &acts[..] else { panic!("{acts:?}") };
         assert_eq!(t.iter().map(|t| t.ticket).collect::<Vec<_>>(), vec![1]);
         assert_eq!(t[0].age, 7);
+    }
+
+    #[test]
+    fn follow_goes_to_the_replicas_node_and_waits_for_a_waiting_replica_to_start() {
+        let mut c = coord(1);
+        c.deploy(A, Some(1000), 1, "/spool/a".into(), t0());
+        c.deploy(A, Some(1000), 1, "/spool/b".into(), t0());
+        drain(&mut c);
+        c.follow(B, Some(1000), 1, 0, 5);
+        assert_eq!(
+            drain(&mut c),
+            vec![Action::Node { node: 0, call: NodeCall::Follow { ticket: 1, offset: 5, caller: B } }]
+        );
+        c.follow(B, Some(1001), 1, 0, 0);
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Action::Reply { reply: Reply::Follow(Err((CloudStat::NotOwner, _))), .. }]
+        ));
+        c.follow(B, Some(1000), 1, 4, 0);
+        assert!(
+            matches!(&drain(&mut c)[..], [Action::Reply { reply: Reply::Follow(Err((CloudStat::BadReplicas, m))), .. }] if m.contains("no replica 4"))
+        );
+        // Ticket 2 waits: its FOLLOW goes out right behind its NODE_RUN.
+        let f = Caller { conn: 5, xid: 1 };
+        c.follow(f, Some(1000), 2, 0, 0);
+        assert!(drain(&mut c).is_empty());
+        c.run_finished(0, ok(), t0());
+        let acts = drain(&mut c);
+        let run = acts
+            .iter()
+            .position(|a| matches!(a, Action::Node { call: NodeCall::Run { args, .. }, .. } if args.ticket == 2));
+        let follow = acts
+            .iter()
+            .position(|a| *a == Action::Node { node: 0, call: NodeCall::Follow { ticket: 2, offset: 0, caller: f } });
+        assert!(run.is_some() && follow.is_some() && run < follow, "{acts:?}");
+        c.followed(f, Ok((b"hi".to_vec(), false)));
+        assert_eq!(drain(&mut c), vec![Action::Reply { to: f, reply: Reply::Follow(Ok((b"hi".to_vec(), false))) }]);
     }
 }

@@ -7,7 +7,9 @@
 //! namespace, a tmpfs gone with it), the node's empty network namespace,
 //! the running replica (init's pid, output pipe, control pipe, time limit,
 //! why it was stopped), capping captured output, and what to answer when
-//! the replica ends. Nothing to sweep: the kernel ends a contained
+//! the replica ends (its outcome kind, and the recipe's code from make's
+//! `Error N` line, kept from the output's last KiB in memory), NODE_FOLLOW
+//! calls parked until the replica writes more, and cancel (kill, keep output). Nothing to sweep: the kernel ends a contained
 //! replica's every process when its init exits or is killed. Where the
 //! host has cgroups, each replica also gets a group of its own (memory and
 //! process totals, a second kill path, OOM detection), removed once the
@@ -27,7 +29,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use crate::cgroup::{Cgroup, Cgroups};
-use crate::proto::{Outcome, RunArgs, RunResult};
+use crate::proto::{Chunk, Outcome, RunArgs, RunResult, FOLLOW_CHUNK};
 use crate::spawn::{self, Containment, JobLimits, Sandbox, SpawnSpec, StopReason};
 
 /// Everything a node needs to know; a later separate node process would
@@ -106,12 +108,21 @@ pub struct Node {
     stale_groups: Vec<Cgroup>,
     retry_groups: Option<Instant>,
     buf: Vec<u8>,
+    /// NODE_FOLLOW calls parked until the running replica writes past their offset.
+    followers: Vec<(ReplyTo, u32, u64)>,
 }
 
 impl Node {
     pub fn new(cfg: NodeConfig) -> io::Result<Self> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&cfg.dir)?;
-        Ok(Node { cfg, running: None, stale_groups: Vec::new(), retry_groups: None, buf: vec![0; 64 * 1024] })
+        Ok(Node {
+            cfg,
+            running: None,
+            stale_groups: Vec::new(),
+            retry_groups: None,
+            buf: vec![0; 64 * 1024],
+            followers: Vec::new(),
+        })
     }
 
     pub fn name(&self) -> String {
@@ -396,6 +407,51 @@ impl Node {
             r.stop = Some(StopReason::Cancelled);
             self.kill_everything();
         }
+    }
+
+    /// NODE_FOLLOW: the ticket's output from `offset` (at most
+    /// FOLLOW_CHUNK bytes) and whether its replica has ended; `None`: the
+    /// replica runs and has written nothing past `offset` yet, so the call
+    /// is parked until it does or ends (`ready_followers`).
+    pub fn follow(&mut self, ticket: u32, offset: u64, reply_to: ReplyTo) -> Option<Result<Chunk, String>> {
+        match self.running.as_ref().filter(|r| r.ticket == ticket) {
+            Some(r) if r.written <= offset => {
+                self.followers.push((reply_to, ticket, offset));
+                None
+            }
+            running => Some(self.read_output(ticket, offset, running.is_none())),
+        }
+    }
+
+    /// Parked followers that can be answered now: new output, or the end.
+    pub fn ready_followers(&mut self) -> Vec<(ReplyTo, Result<Chunk, String>)> {
+        if self.followers.is_empty() {
+            return Vec::new();
+        }
+        let mut ready = Vec::new();
+        for (reply_to, ticket, offset) in std::mem::take(&mut self.followers) {
+            match self.running.as_ref().filter(|r| r.ticket == ticket) {
+                Some(r) if r.written <= offset => self.followers.push((reply_to, ticket, offset)),
+                running => {
+                    let ended = running.is_none();
+                    ready.push((reply_to, self.read_output(ticket, offset, ended)));
+                }
+            }
+        }
+        ready
+    }
+
+    /// Up to FOLLOW_CHUNK bytes of the ticket's output from `offset`; the
+    /// flag: the replica has `ended` and nothing is left after them.
+    fn read_output(&self, ticket: u32, offset: u64, ended: bool) -> Result<Chunk, String> {
+        use std::os::unix::fs::FileExt;
+        let file = File::open(self.output_path(ticket))
+            .map_err(|e| format!("{}: no output for ticket {ticket}: {e}", self.name()))?;
+        let mut buf = vec![0u8; FOLLOW_CHUNK];
+        let n = file.read_at(&mut buf, offset).map_err(|e| format!("{}: cannot read the output: {e}", self.name()))?;
+        buf.truncate(n);
+        let len = file.metadata().map_or(0, |m| m.len());
+        Ok((buf, ended && offset + n as u64 >= len))
     }
 
     fn remove_ticket(&self, ticket: u32) {

@@ -22,11 +22,12 @@ pub const CLOSE: u32 = 4;
 pub const CLUSTER: u32 = 5;
 /// The caller's own tickets (uid from the connection).
 pub const MINE: u32 = 6;
-/// STATUS answered only once the job has ended (deferred reply).
-pub const WAIT: u32 = 7;
+/// A running replica's output from an offset, answered when there is some.
+pub const FOLLOW: u32 = 7;
 /// Stop running replicas, never start waiting ones, keep outputs.
 pub const CANCEL: u32 = 8;
-/// STATUS in the rich form: outcome kinds and times per replica.
+/// STATUS in the rich form: outcome kinds and times per replica; with
+/// wait, deferred until the job has ended.
 pub const JOB_INFO: u32 = 9;
 
 pub const NODE_PROG: u32 = 0x2000_C10F;
@@ -37,9 +38,11 @@ pub const NODE_FETCH: u32 = 2;
 pub const NODE_DROP: u32 = 3;
 /// Kill the ticket's running replica, keep its output (CANCEL).
 pub const NODE_KILL: u32 = 4;
+/// A replica's output from an offset, deferred until there is some (FOLLOW).
+pub const NODE_FOLLOW: u32 = 5;
 
 pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: JOB_INFO };
-pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_KILL };
+pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_FOLLOW };
 
 /// Longest string we accept in a message or node name.
 pub const MAX_STRING: usize = 4096;
@@ -190,7 +193,7 @@ pub fn cloud_proc_name(proc_num: u32) -> &'static str {
         CLOSE => "CLOSE",
         CLUSTER => "CLUSTER",
         MINE => "MINE",
-        WAIT => "WAIT",
+        FOLLOW => "FOLLOW",
         CANCEL => "CANCEL",
         JOB_INFO => "JOB_INFO",
         _ => "unknown",
@@ -329,6 +332,35 @@ pub fn decode_tickets(r: &mut XdrReader) -> Result<Vec<TicketInfo>, XdrError> {
             Ok(TicketInfo { ticket: r.u32()?, state: JobState::from_u32(r.u32()?)?, replicas: r.u32()?, age: r.u32()? })
         })
         .collect()
+}
+
+/// FOLLOW's answer: output bytes, and whether the replica has ended with them.
+pub type Chunk = (Vec<u8>, bool);
+
+/// Most output bytes one FOLLOW reply carries.
+pub const FOLLOW_CHUNK: usize = 64 * 1024;
+
+/// `struct follow_args` (FOLLOW): ticket, replica, offset (unsigned hyper).
+pub fn encode_follow_args(w: &mut XdrWriter, ticket: u32, replica: u32, offset: u64) {
+    w.u32(ticket).u32(replica).u32((offset >> 32) as u32).u32(offset as u32);
+}
+
+pub fn decode_follow_args(r: &mut XdrReader) -> Result<(u32, u32, u64), XdrError> {
+    Ok((r.u32()?, r.u32()?, (u64::from(r.u32()?) << 32) | u64::from(r.u32()?)))
+}
+
+/// The OK arm of `follow_res` (FOLLOW and NODE_FOLLOW): bytes from the
+/// offset, and whether the replica has ended and this is the last of them.
+pub fn encode_follow_ok(w: &mut XdrWriter, data: &[u8], ended: bool) {
+    w.u32(CloudStat::Ok as u32).opaque(data).bool(ended);
+}
+
+/// A `follow_res`.
+pub fn decode_follow(r: &mut XdrReader) -> Result<Result<Chunk, (CloudStat, String)>, XdrError> {
+    match decode_stat(r)? {
+        Ok(()) => Ok(Ok((r.opaque(FOLLOW_CHUNK)?.to_vec(), r.bool()?))),
+        Err(e) => Ok(Err(e)),
+    }
 }
 
 /// Encode the default arm of any of the `*_res` unions.

@@ -769,6 +769,7 @@ impl Server {
         match ev {
             CallEvent::Call(call) => {
                 match conn.role {
+                    Role::NodeInbound(i) if call.proc_num == proto::NODE_FOLLOW => self.node_follow(i, key, conn, call),
                     Role::NodeInbound(i) => self.node_call(i, conn, call),
                     _ => self.client_call(key, conn, call),
                 }
@@ -837,6 +838,13 @@ impl Server {
                 self.coord.fetched(ticket, replica, Err(why));
             }
             ReplyEvent::Reply { call: Pending::Drop, .. } => {}
+            ReplyEvent::Reply { call: Pending::Follow { caller }, results } => {
+                // branch cli: FOLLOW
+                let result = results
+                    .and_then(|b| proto::decode_follow(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))
+                    .and_then(|r| r.map_err(|(_, msg)| msg));
+                self.coord.followed(caller, result);
+            }
             ReplyEvent::StreamStart { call: Pending::Fetch { ticket, replica, into }, head, .. } => {
                 let stat = XdrReader::new(&head).u32().unwrap_or(u32::MAX);
                 let gone = stat == CloudStat::NoSuchTicket as u32;
@@ -974,6 +982,7 @@ impl Server {
         if self.nodes[node].drain_output(DRAIN_BUDGET) == Drained::More && !self.more_output.contains(&node) {
             self.more_output.push(node);
         }
+        self.answer_followers(node); // branch cli: FOLLOW
     }
 
     fn watch_child(&mut self, node: NodeId, fd: std::os::fd::RawFd) {
@@ -1012,12 +1021,16 @@ impl Server {
                 proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, who, t, w)).is_ok()
             }
             proto::CLOSE => r.u32().map(|t| self.coord.close(caller, who, t, Instant::now())).is_ok(),
-            // branch cli: CLUSTER, MINE, WAIT, CANCEL
+            // branch cli: CLUSTER, MINE, FOLLOW, CANCEL, JOB_INFO
             proto::CLUSTER => r.finish().map(|()| self.coord.cluster(caller, Instant::now())).is_ok(),
             proto::MINE => r.finish().map(|()| self.coord.mine(caller, who, Instant::now())).is_ok(),
-            proto::WAIT => r.u32().map(|t| self.coord.wait(caller, t)).is_ok(),
             proto::CANCEL => r.u32().map(|t| self.coord.cancel(caller, who, t, Instant::now())).is_ok(),
-            proto::JOB_INFO => r.u32().map(|t| self.coord.info(caller, t, Instant::now())).is_ok(),
+            proto::FOLLOW => {
+                proto::decode_follow_args(&mut r).map(|(t, i, off)| self.coord.follow(caller, who, t, i, off)).is_ok()
+            }
+            proto::JOB_INFO => {
+                proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.info(caller, t, w, Instant::now())).is_ok()
+            }
             _ => false, // a DEPLOY too short to stream
         };
         if !ok {
@@ -1047,6 +1060,27 @@ impl Server {
             );
             rpc::auth_error(call.xid, auth_stat)
         })
+    }
+
+    /// branch cli: NODE_FOLLOW at node i: answered now if there is output
+    /// past the offset (or the replica has ended), else parked in the node
+    /// until `answer_followers`.
+    fn node_follow(&mut self, i: NodeId, key: usize, conn: &mut Conn, call: Call) {
+        let mut r = XdrReader::new(&call.args);
+        let Ok((ticket, _, offset)) = proto::decode_follow_args(&mut r) else {
+            return conn.outbox.push_bytes(garbage(call.xid));
+        };
+        if let Some(result) = self.nodes[i].follow(ticket, offset, (key, call.xid)) {
+            conn.outbox.push_bytes(follow_reply(call.xid, &result.map_err(|e| (CloudStat::NoSuchTicket, e))));
+        }
+    }
+
+    /// branch cli: answer node i's parked NODE_FOLLOW calls that have output now.
+    fn answer_followers(&mut self, i: NodeId) {
+        for ((key, xid), result) in self.nodes[i].ready_followers() {
+            let bytes = follow_reply(xid, &result.map_err(|e| (CloudStat::NoSuchTicket, e)));
+            self.send(key, vec![Piece::Bytes(bytes)]);
+        }
     }
 
     /// A whole call from the main server to node i.
@@ -1131,6 +1165,12 @@ impl Server {
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_DROP);
                 w.u32(ticket);
                 (proto::NODE_DROP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
+            }
+            NodeCall::Follow { ticket, offset, caller } => {
+                // branch cli: FOLLOW
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_FOLLOW);
+                proto::encode_follow_args(&mut w, ticket, 0, offset);
+                (proto::NODE_FOLLOW, Pending::Follow { caller }, vec![Piece::Bytes(w.into_bytes())])
             }
             NodeCall::Kill { ticket } => {
                 // branch cli: CANCEL; the reply is a cloud_stat, as DROP's.
@@ -1302,6 +1342,7 @@ impl Server {
         drop(fin.pipe);
         let (key, xid) = fin.reply_to;
         self.send(key, vec![Piece::Bytes(run_reply(xid, &fin.result))]);
+        self.answer_followers(node); // branch cli: FOLLOW
     }
 
     /// Kill every replica (SIGKILL to each init ends its namespace), reap
@@ -1363,6 +1404,9 @@ pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
             w.u32(ok);
             proto::encode_tickets(&mut w, &tickets);
         }
+        Reply::Follow(Ok((data, ended))) => {
+            return vec![Piece::Bytes(follow_reply(xid, &Ok((data, ended))))];
+        }
         Reply::JobInfo(Ok(info)) => {
             w.u32(ok);
             info.encode(&mut w);
@@ -1373,9 +1417,22 @@ pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
         | Reply::Retrieve(Err(e))
         | Reply::Close(Err(e))
         | Reply::Cancel(Err(e))
-        | Reply::JobInfo(Err(e)) => return vec![Piece::Bytes(failure_reply(xid, &e))],
+        | Reply::JobInfo(Err(e))
+        | Reply::Follow(Err(e)) => return vec![Piece::Bytes(failure_reply(xid, &e))],
     }
     vec![Piece::Bytes(w.into_bytes())]
+}
+
+/// branch cli: a `follow_res` (FOLLOW and NODE_FOLLOW) for call `xid`.
+fn follow_reply(xid: u32, result: &Result<(Vec<u8>, bool), Failure>) -> Vec<u8> {
+    match result {
+        Ok((data, ended)) => {
+            let mut w = rpc::accepted(xid, AcceptStat::Success);
+            proto::encode_follow_ok(&mut w, data, *ended);
+            w.into_bytes()
+        }
+        Err(e) => failure_reply(xid, e),
+    }
 }
 
 /// A CLOUD_PROG error result for call `xid`.

@@ -109,7 +109,7 @@ fn status_wait_blocks_until_the_job_ends_and_exits_with_its_outcome() {
     let (_, held) = gate.arrive();
     let mut waiter = c.cloud_spawn(&["status", &t.to_string(), "--wait", "--json"]);
     // It is parked on the server while the job runs.
-    wait_until("the server has the WAIT call", || c.log().contains(" WAIT"));
+    wait_until("the server has the JOB_INFO call", || c.log().contains(" JOB_INFO"));
     assert!(waiter.try_wait().unwrap().is_none(), "status --wait returned while the job runs");
     release(held);
     let out = waiter.wait_with_output().unwrap();
@@ -239,4 +239,45 @@ fn every_command_has_help_with_examples_and_exit_codes() {
         let t = text(&out);
         assert!(t.contains("Examples:") && t.contains("Exit codes:") && t.contains("--json"), "{cmd}: {t}");
     }
+}
+
+#[test]
+fn retrieve_follow_streams_a_running_replicas_output_and_ends_with_it() {
+    use std::io::BufRead;
+    let c = Cluster::start_with(1, NET);
+    let gate = Gate::new();
+    let mut recipe = vec!["@echo line-one".to_string()];
+    recipe.extend(gate.wait_recipe("a").into_iter().map(|l| format!("@{l}")));
+    recipe.push("@echo line-two".into());
+    let t = c.deploy(1, &job(c.dir.path(), "a.tar.gz", &recipe));
+    let (_, held) = gate.arrive();
+    let mut follower = c.cloud_spawn(&["retrieve", &t.to_string(), "--follow", "--replica", "0"]);
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let limit = std::time::Duration::from_secs(30);
+    // Streamed while the replica still runs (it is held at the gate).
+    assert_eq!(rx.recv_timeout(limit).expect("line-one streamed while running"), "line-one");
+    assert!(follower.try_wait().unwrap().is_none(), "follow ended while the replica runs");
+    release(held);
+    let mut rest = Vec::new();
+    while let Ok(line) = rx.recv_timeout(limit) {
+        rest.push(line);
+    }
+    assert!(rest.iter().any(|l| l == "line-two"), "{rest:?}");
+    let status = follower.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    // The ticket stays open: its outputs are still there to retrieve.
+    assert_eq!(c.status_json(t)["status"], "COMPLETED");
+    // A replica that does not exist: a one-line error.
+    let out = c.cloud(&["retrieve", &t.to_string(), "--follow", "--replica", "3"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no replica 3"));
 }

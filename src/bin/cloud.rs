@@ -115,7 +115,8 @@ struct StatusArgs {
     about = "Collect outputs: cloud retrieve <ticket> [<dir>]",
     after_help = concat!(
         "Examples:\n  cloud retrieve 7 out     # wait, write out/output_PORT.txt per replica, close\n",
-        "  cloud retrieve 7         # close ticket 7 now, discarding its outputs (says what)\n\n",
+        "  cloud retrieve 7         # close ticket 7 now, discarding its outputs (says what)\n",
+        "  cloud retrieve 7 --follow --replica 1   # print replica 1's output as it is produced\n\n",
         "Exit codes: 0 success (with DIR: every replica COMPLETED); 1 an error; 2 a usage error; ",
         "3 some replica FAILED; 4 some replica was KILLED, LOST or had a SETUP_ERROR."
     )
@@ -124,7 +125,15 @@ struct RetrieveArgs {
     /// The ticket number deploy printed.
     ticket: u32,
     /// Directory for output_PORT.txt files; omit it to close the ticket now.
+    #[arg(conflicts_with = "follow")]
     dir: Option<PathBuf>,
+    /// Print a replica's output to stdout as it is produced, until it ends
+    /// (the ticket stays open).
+    #[arg(long)]
+    follow: bool,
+    /// Which replica --follow shows.
+    #[arg(long, default_value_t = 0, requires = "follow")]
+    replica: u32,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -379,14 +388,11 @@ fn status(a: StatusArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     };
     let (st, code) = if a.wait {
-        let mut client = connect_waiting(&a.server)?;
-        client.wait(ticket).map_err(|e| e.to_string())?;
-        client.set_timeout(a.server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
-        let info = client.info(ticket).map_err(|e| e.to_string())?;
+        let info = connect_waiting(&a.server)?.info(ticket, true).map_err(|e| e.to_string())?;
         let code = outcome(&info);
         (info, code)
     } else {
-        (connect(&a.server)?.info(ticket).map_err(|e| e.to_string())?, ExitCode::SUCCESS)
+        (connect(&a.server)?.info(ticket, false).map_err(|e| e.to_string())?, ExitCode::SUCCESS)
     };
     if a.json {
         println!("{}", status_json(&st));
@@ -557,6 +563,9 @@ fn status_text(info: &JobInfo) -> String {
 }
 
 fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
+    if a.follow {
+        return follow(&a);
+    }
     let Some(dir) = a.dir else {
         let mut client = connect(&a.server)?;
         // Say what closing discards: ask first (STATUS is open to all).
@@ -579,6 +588,46 @@ fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     };
     collect(a.ticket, &dir, &a.server, a.json)
+}
+
+/// Each reply is deferred by the server until there is output past the
+/// offset or the replica has ended: nothing polls.
+fn follow(a: &RetrieveArgs) -> Result<ExitCode, String> {
+    use std::io::Write;
+    let mut client = connect_waiting(&a.server)?;
+    let mut offset = 0u64;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let (data, ended) = client.follow(a.ticket, a.replica, offset).map_err(|e| e.to_string())?;
+        offset += data.len() as u64;
+        if a.json {
+            if !data.is_empty() {
+                let j =
+                    serde_json::json!({"offset": offset - data.len() as u64, "data": String::from_utf8_lossy(&data)});
+                let _ = writeln!(out, "{j}");
+            }
+        } else {
+            let _ = out.write_all(&data);
+        }
+        let _ = out.flush();
+        if ended {
+            break;
+        }
+    }
+    drop(out);
+    client.set_timeout(a.server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
+    let info = client.info(a.ticket, false).map_err(|e| e.to_string())?;
+    // The followed replica's own outcome.
+    let i = a.replica as usize;
+    let one = JobInfo {
+        job: cloudinfra::proto::JobStatus {
+            replicas: info.job.replicas.get(i).cloned().into_iter().collect(),
+            ..info.job
+        },
+        submitted_age: info.submitted_age,
+        replicas: info.replicas.get(i).cloned().into_iter().collect(),
+    };
+    Ok(outcome(&one))
 }
 
 fn cancel(a: CancelArgs) -> Result<ExitCode, String> {
@@ -637,7 +686,7 @@ fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool) -> Result<Ex
         let _ = d.sync_all();
     }
     client.set_timeout(server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
-    let info = client.info(ticket).map_err(|e| e.to_string())?;
+    let info = client.info(ticket, false).map_err(|e| e.to_string())?;
     client.close(ticket).map_err(|e| e.to_string())?;
     Ok(outcome(&info))
 }
