@@ -53,6 +53,8 @@ pub struct Client {
     cred: AuthSys,
     /// Longest wait for the server to make progress (`None`: no limit).
     timeout: Option<Duration>,
+    /// Told the bytes of the current call sent so far (a progress bar).
+    progress: Option<Box<dyn FnMut(u64)>>,
 }
 
 /// A failed attempt: the error, and the I/O error behind it (to tell a
@@ -105,10 +107,22 @@ impl Client {
     /// Connect; `timeout` bounds every wait for the server to make progress.
     pub fn connect_with(server: &str, timeout: Option<Duration>) -> Result<Client, ClientError> {
         let stream = open(server, timeout)?;
-        Ok(Client { stream, server: server.to_string(), xid: first_xid(), cred: own_credential(), timeout })
+        Ok(Client {
+            stream,
+            server: server.to_string(),
+            xid: first_xid(),
+            cred: own_credential(),
+            timeout,
+            progress: None,
+        })
     }
 
     /// Change the timeout for the calls that follow.
+    /// Call `f` with the bytes of each call sent so far, as they go out.
+    pub fn on_progress(&mut self, f: impl FnMut(u64) + 'static) {
+        self.progress = Some(Box::new(f));
+    }
+
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
         self.timeout = timeout;
         self.stream
@@ -185,7 +199,11 @@ impl Client {
         };
         self.stream.set_nonblocking(true)?;
         let sent = loop {
-            match out.write_to(&mut self.stream) {
+            let wrote = out.write_to(&mut self.stream);
+            if let Some(progress) = self.progress.as_mut() {
+                progress(out.written());
+            }
+            match wrote {
                 Ok(true) => break Ok(()),
                 Ok(false) => {}
                 Err(e) => break Err(e),

@@ -281,3 +281,24 @@ fn retrieve_follow_streams_a_running_replicas_output_and_ends_with_it() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no replica 3"));
 }
+
+#[test]
+fn deploy_of_a_large_archive_prints_no_progress_when_stderr_is_not_a_terminal() {
+    let c = Cluster::start(1);
+    // 5 MiB that gzip cannot shrink: over the progress bar's threshold.
+    let mut noise = vec![0u8; 5 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let noise = String::from_utf8_lossy(&noise).into_owned();
+    let archive = common::archive(c.dir.path(), "big.tar.gz", &[("Makefile", "run:\n\ttrue\n"), ("blob", &noise)]);
+    assert!(std::fs::metadata(&archive).unwrap().len() > 4 << 20);
+    let out = c.cloud(&["deploy", "1", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "stderr: {:?}", String::from_utf8_lossy(&out.stderr));
+    assert!(text(&out).starts_with("Job ticket#: "));
+}

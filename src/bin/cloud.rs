@@ -313,7 +313,15 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
         return Err(format!("{} is {len} bytes; an archive must be under 4 GiB", a.archive.display()));
     }
     let mut client = connect(&a.server)?;
-    let ticket = client.deploy(a.replicas, file, len).map_err(|e| e.to_string())?;
+    let bar = progress_bar(len);
+    if let Some(bar) = bar.clone() {
+        client.on_progress(move |sent| bar.set_position(sent.min(len)));
+    }
+    let deployed = client.deploy(a.replicas, file, len);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let ticket = deployed.map_err(|e| e.to_string())?;
     if !a.wait {
         if a.json {
             println!("{}", serde_json::json!({ "ticket": ticket }));
@@ -327,6 +335,26 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
     }
     let dir = PathBuf::from(format!("ticket_{ticket}"));
     collect(ticket, &dir, &a.server, a.json)
+}
+
+/// Archives at least this big show a progress bar (on a terminal).
+const PROGRESS_FROM: u64 = 4 << 20;
+
+/// A progress bar with bytes and rate on stderr, only when stderr is a
+/// terminal and the upload is large enough to be worth one.
+fn progress_bar(len: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if len < PROGRESS_FROM || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    let style =
+        indicatif::ProgressStyle::with_template("uploading {bytes}/{total_bytes} {bytes_per_sec} [{wide_bar}] {eta}")
+            .map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    Some(bar)
 }
 
 /// A directory to pack must have a makefile at its top (the server would
