@@ -124,6 +124,9 @@ pub struct Coordinator {
     lost_at: HashMap<NodeId, Instant>,
     /// How and when each ended replica ended: kind, make's recipe code (-1: none).
     outcomes: HashMap<(Ticket, u32), (Outcome, i32, Instant)>,
+    /// FOLLOW calls forwarded to each node and not answered yet (a lost
+    /// node's are answered here).
+    following: HashMap<NodeId, Vec<Caller>>,
     /// FOLLOW calls for replicas still waiting: (caller, replica, offset).
     follow_waiting: HashMap<Ticket, Vec<(Caller, u32, u64)>>,
     /// The latest `now` an event brought (jobs start at the event that frees nodes).
@@ -160,6 +163,7 @@ impl Coordinator {
             lost_at: HashMap::new(),
             outcomes: HashMap::new(),
             follow_waiting: HashMap::new(),
+            following: HashMap::new(),
             clock: None,
         }
     }
@@ -345,6 +349,7 @@ impl Coordinator {
             // Parked FOLLOWs go to the node right behind its NODE_RUN.
             for (caller, replica, offset) in self.follow_waiting.remove(&start.ticket).unwrap_or_default() {
                 if let Some(&node) = start.nodes.get(replica as usize) {
+                    self.following.entry(node).or_default().push(caller);
                     let call = NodeCall::Follow { ticket: start.ticket, offset, caller };
                     self.actions.push_back(Action::Node { node, call });
                 }
@@ -623,6 +628,9 @@ impl Coordinator {
         log::error!("{why}");
         self.clock = Some(now);
         self.lost_at.entry(node).or_insert(now);
+        for to in self.following.remove(&node).unwrap_or_default() {
+            self.reply(to, Reply::Follow(Err((CloudStat::Internal, format!("{why}; its output cannot be followed")))));
+        }
         if let Some((ticket, replica)) = self.sched.node_lost(node, &why) {
             if self.sched.job(ticket).is_some() {
                 self.outcomes.insert((ticket, replica), (Outcome::Lost, -1, now));
@@ -747,7 +755,12 @@ impl Coordinator {
             return self.reply(to, Reply::Follow(Err((CloudStat::BadReplicas, msg))));
         };
         match r.node {
+            Some(node) if self.sched.is_lost(node) => {
+                let msg = format!("node {} was lost; its output cannot be followed", self.node_names[node]);
+                self.reply(to, Reply::Follow(Err((CloudStat::Internal, msg))))
+            }
             Some(node) => {
+                self.following.entry(node).or_default().push(to);
                 self.actions.push_back(Action::Node { node, call: NodeCall::Follow { ticket, offset, caller: to } })
             }
             None if r.state == JobState::Waiting => {
@@ -759,6 +772,12 @@ impl Coordinator {
 
     /// A node answered a FOLLOW.
     pub fn followed(&mut self, to: Caller, result: Result<(Vec<u8>, bool), String>) {
+        for callers in self.following.values_mut() {
+            if let Some(i) = callers.iter().position(|&c| c == to) {
+                callers.swap_remove(i);
+                break;
+            }
+        }
         self.reply(to, Reply::Follow(result.map_err(|e| (CloudStat::NoSuchTicket, e))));
     }
 
@@ -1268,5 +1287,18 @@ mod tests {
         assert!(run.is_some() && follow.is_some() && run < follow, "{acts:?}");
         c.followed(f, Ok((b"hi".to_vec(), false)));
         assert_eq!(drain(&mut c), vec![Action::Reply { to: f, reply: Reply::Follow(Ok((b"hi".to_vec(), false))) }]);
+        // A FOLLOW on a node that is then lost is answered, not left hanging;
+        // the replica's outcome is LOST.
+        c.follow(f, Some(1000), 2, 0, 2);
+        drain(&mut c);
+        c.node_lost(0, t0() + Duration::from_secs(3));
+        let acts = drain(&mut c);
+        assert!(
+            acts.iter().any(|a| matches!(a, Action::Reply { to, reply: Reply::Follow(Err((CloudStat::Internal, m))) } if *to == f && m.contains("lost contact"))),
+            "{acts:?}"
+        );
+        let info = c.job_info(2, t0() + Duration::from_secs(5)).unwrap();
+        assert_eq!(info.replicas[0].kind, Outcome::Lost);
+        assert_eq!((info.replicas[0].started_age, info.replicas[0].ended_age), (5, 2));
     }
 }
