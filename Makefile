@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 RELEASE := target/release
-CLIENT_LINKS := client/cloud client/deploy client/status client/retrieve
+CLIENT_LINKS := client/cloud client/deploy client/status client/retrieve client/cancel
 # Where `make runserver` listens and which nodes it runs; on a shared machine
 # pick free ones: make runserver LISTEN=127.0.0.1:9100 NODES=my_nodes.txt
 # SERVER_ARGS="--time-limit 60" (see README.md, "On a shared machine").
@@ -24,6 +24,7 @@ cloudapps:
 	ln -sf cloud client/deploy
 	ln -sf cloud client/status
 	ln -sf cloud client/retrieve
+	ln -sf cloud client/cancel
 	tar czf client/client.tar.gz -C client/sample .
 
 # The server in the foreground, with ./cloud_nodes.txt (Ctrl-C stops it).

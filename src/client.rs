@@ -17,7 +17,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::proto::{self, CloudStat, JobState, JobStatus, ReplicaStatus, CLOUD_PROG, CLOUD_VERS, MAX_STRING};
+use crate::proto::{
+    self, CloudStat, ClusterView, JobInfo, JobState, JobStatus, ReplicaStatus, TicketInfo, CLOUD_PROG, CLOUD_VERS,
+    MAX_STRING,
+};
 use crate::record::{self, Outbox, Piece, LAST_FRAGMENT};
 use crate::rpc::{self, AuthSys, ReplyOutcome};
 use crate::xdr::{padding, XdrReader, XdrWriter};
@@ -50,6 +53,8 @@ pub struct Client {
     cred: AuthSys,
     /// Longest wait for the server to make progress (`None`: no limit).
     timeout: Option<Duration>,
+    /// Told the bytes of the current call sent so far (a progress bar).
+    progress: Option<Box<dyn FnMut(u64)>>,
 }
 
 /// A failed attempt: the error, and the I/O error behind it (to tell a
@@ -102,10 +107,22 @@ impl Client {
     /// Connect; `timeout` bounds every wait for the server to make progress.
     pub fn connect_with(server: &str, timeout: Option<Duration>) -> Result<Client, ClientError> {
         let stream = open(server, timeout)?;
-        Ok(Client { stream, server: server.to_string(), xid: first_xid(), cred: own_credential(), timeout })
+        Ok(Client {
+            stream,
+            server: server.to_string(),
+            xid: first_xid(),
+            cred: own_credential(),
+            timeout,
+            progress: None,
+        })
     }
 
     /// Change the timeout for the calls that follow.
+    /// Call `f` with the bytes of each call sent so far, as they go out.
+    pub fn on_progress(&mut self, f: impl FnMut(u64) + 'static) {
+        self.progress = Some(Box::new(f));
+    }
+
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
         self.timeout = timeout;
         self.stream
@@ -182,7 +199,11 @@ impl Client {
         };
         self.stream.set_nonblocking(true)?;
         let sent = loop {
-            match out.write_to(&mut self.stream) {
+            let wrote = out.write_to(&mut self.stream);
+            if let Some(progress) = self.progress.as_mut() {
+                progress(out.written());
+            }
+            match wrote {
                 Ok(true) => break Ok(()),
                 Ok(false) => {}
                 Err(e) => break Err(e),
@@ -349,6 +370,47 @@ impl Client {
             }
         }
         outcome.map(|()| done).map_err(with_cause)
+    }
+
+    /// CLUSTER: every node, the wait queue, totals.
+    pub fn cluster(&mut self) -> Result<ClusterView, ClientError> {
+        let res = self.call(proto::CLUSTER, |w| Ok(vec![Piece::Bytes(w.into_bytes())]))?;
+        decode(&res, ClusterView::decode)
+    }
+
+    /// MINE: the tickets this user deployed.
+    pub fn mine(&mut self) -> Result<Vec<TicketInfo>, ClientError> {
+        let res = self.call(proto::MINE, |w| Ok(vec![Piece::Bytes(w.into_bytes())]))?;
+        decode(&res, proto::decode_tickets)
+    }
+
+    /// JOB_INFO: STATUS with outcome kinds and times; with `wait`, once
+    /// the job has ended (the server defers its reply).
+    pub fn info(&mut self, ticket: u32, wait: bool) -> Result<JobInfo, ClientError> {
+        let res =
+            self.call(proto::JOB_INFO, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).bool(wait).clone().into_bytes())]))?;
+        decode(&res, JobInfo::decode)
+    }
+
+    /// FOLLOW: replica `replica`'s output from `offset`, once there is
+    /// some (the server defers its reply); true once the replica has ended
+    /// and nothing follows.
+    pub fn follow(&mut self, ticket: u32, replica: u32, offset: u64) -> Result<(Vec<u8>, bool), ClientError> {
+        let res = self.call(proto::FOLLOW, |mut w| {
+            proto::encode_follow_args(&mut w, ticket, replica, offset);
+            Ok(vec![Piece::Bytes(w.into_bytes())])
+        })?;
+        match proto::decode_follow(&mut XdrReader::new(&res)) {
+            Ok(Ok(x)) => Ok(x),
+            Ok(Err((stat, msg))) => Err(ClientError::Server(stat, msg)),
+            Err(e) => Err(ClientError::Transport(format!("bad reply from {}: {e}", self.server))),
+        }
+    }
+
+    /// CANCEL: stop the job, keep its outputs.
+    pub fn cancel(&mut self, ticket: u32) -> Result<(), ClientError> {
+        let res = self.call(proto::CANCEL, |mut w| Ok(vec![Piece::Bytes(w.u32(ticket).clone().into_bytes())]))?;
+        decode(&res, |_| Ok(()))
     }
 
     pub fn close(&mut self, ticket: u32) -> Result<(), ClientError> {

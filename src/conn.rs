@@ -47,6 +47,10 @@ pub(crate) enum Pending {
     Hello,
     Auth,
     Probe,
+    /// NODE_FOLLOW for a client's FOLLOW call.
+    Follow {
+        caller: crate::coordinator::Caller,
+    },
 }
 
 /// NODE_FETCH's successful results end in the output, streamed.

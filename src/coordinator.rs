@@ -9,7 +9,10 @@
 //! cache (`drc`) that answers a retried DEPLOY or CLOSE with its first
 //! reply, the job rules (fail-fast stops, what a node going down or coming
 //! back does to its replicas, `--requeue-lost`), and what each event means
-//! for them.
+//! for them. Also: the
+//! cluster view (CLUSTER, MINE), deferred JOB_INFO callers (wait), FOLLOW
+//! calls of replicas not started yet, CANCEL, and each replica's outcome
+//! kind and times (submitted, started, ended).
 //! Must not touch: sockets, the reactor, processes. File *paths* are
 //! decided here; opening, writing and deleting them is the caller's job,
 //! done in the order the actions come out.
@@ -19,7 +22,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::drc::{self, Drc};
-use crate::proto::{self, CloudStat, JobState, JobStatus, ReplicaStatus, RunArgs, RunResult};
+use crate::proto::{
+    self, CloudStat, ClusterView, JobInfo, JobState, JobStatus, NodeInfo, NodeState, Outcome, QueueEntry, ReplicaInfo,
+    ReplicaStatus, RunArgs, RunResult, TicketInfo,
+};
 use crate::scheduler::{NodeId, Scheduler, SubmitError, Ticket};
 
 /// A connection, by its reactor token.
@@ -47,6 +53,12 @@ pub enum Reply {
     Status(Result<JobStatus, Failure>),
     Retrieve(Result<Vec<OutputRef>, Failure>),
     Close(Result<(), Failure>),
+    Cluster(ClusterView),
+    Mine(Vec<TicketInfo>),
+    Cancel(Result<(), Failure>),
+    JobInfo(Result<JobInfo, Failure>),
+    /// FOLLOW: output bytes and whether the replica has ended.
+    Follow(Result<(Vec<u8>, bool), Failure>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +72,8 @@ pub enum NodeCall {
     /// Fail-fast: end the ticket's replica now, keeping its output (its
     /// status is decided here, "stopped: replica i failed").
     Stop { ticket: Ticket },
+    /// The replica's output from `offset`, for `caller` (FOLLOW).
+    Follow { ticket: Ticket, offset: u64, caller: Caller },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +121,22 @@ pub struct Coordinator {
     /// A replica lost with its node runs again elsewhere (`--requeue-lost`);
     /// its job's spooled archive is then kept until the job is finished.
     requeue_lost: bool,
+    /// Deferred JOB_INFO (wait) callers, answered once the job ends.
+    waiters: HashMap<Ticket, Vec<Caller>>,
+    /// When each ticket was deployed, and when its replicas started.
+    submitted: HashMap<Ticket, Instant>,
+    started: HashMap<Ticket, Instant>,
+    /// When each lost node was lost.
+    lost_at: HashMap<NodeId, Instant>,
+    /// How and when each ended replica ended: kind, make's recipe code (-1: none).
+    outcomes: HashMap<(Ticket, u32), (Outcome, i32, Instant)>,
+    /// FOLLOW calls forwarded to each node and not answered yet (a lost
+    /// node's are answered here).
+    following: HashMap<NodeId, Vec<Caller>>,
+    /// FOLLOW calls for replicas still waiting: (caller, replica, offset).
+    follow_waiting: HashMap<Ticket, Vec<(Caller, u32, u64)>>,
+    /// The latest `now` an event brought (jobs start at the event that frees nodes).
+    clock: Option<Instant>,
 }
 
 /// How many expired tickets are remembered for CLOUD_EXPIRED answers.
@@ -146,6 +176,14 @@ impl Coordinator {
             held: HashMap::new(),
             max_held: None,
             requeue_lost: false,
+            waiters: HashMap::new(),
+            submitted: HashMap::new(),
+            started: HashMap::new(),
+            lost_at: HashMap::new(),
+            outcomes: HashMap::new(),
+            follow_waiting: HashMap::new(),
+            following: HashMap::new(),
+            clock: None,
         }
     }
 
@@ -295,6 +333,8 @@ impl Coordinator {
                 }
                 *self.held.entry(owner).or_default() += 1;
                 self.archives.insert(ticket, archive);
+                self.clock = Some(now);
+                self.submitted.insert(ticket, now);
                 let key = drc::Key { xid: to.xid, uid: owner, proc_num: proto::DEPLOY };
                 self.drc.insert(key, Reply::Deploy(Ok(ticket)), now);
                 self.reply(to, Reply::Deploy(Ok(ticket)));
@@ -339,6 +379,9 @@ impl Coordinator {
                 continue;
             };
             let replicas = self.sched.job(start.ticket).map_or(0, |j| j.replicas.len() as u32);
+            if let Some(now) = self.clock {
+                self.started.entry(start.ticket).or_insert(now);
+            }
             for &(i, node) in &start.placed {
                 log::info!("ticket {}: replica {i} -> node {}, RUNNING", start.ticket, self.node_names[node]);
                 let args = RunArgs { ticket: start.ticket, replica: i, replicas };
@@ -349,6 +392,14 @@ impl Coordinator {
                 self.archives.insert(start.ticket, archive);
             } else {
                 self.actions.push_back(Action::RemoveFile(archive));
+            }
+            // Parked FOLLOWs go to the node right behind its NODE_RUN.
+            for (caller, replica, offset) in self.follow_waiting.remove(&start.ticket).unwrap_or_default() {
+                if let Some(&(_, node)) = start.placed.iter().find(|(i, _)| *i == replica) {
+                    self.following.entry(node).or_default().push(caller);
+                    let call = NodeCall::Follow { ticket: start.ticket, offset, caller };
+                    self.actions.push_back(Action::Node { node, call });
+                }
             }
         }
     }
@@ -479,7 +530,12 @@ impl Coordinator {
 
     /// A node's NODE_RUN for `ticket` came back: its replica's process has ended.
     pub fn run_finished(&mut self, node: NodeId, ticket: Ticket, result: RunResult, now: Instant) {
+        self.clock = Some(now);
         if let Some(ended) = self.sched.replica_finished(node, ticket, &result) {
+            if self.sched.job(ticket).is_some() {
+                let kind = if result.kind == Outcome::None { Outcome::SetupError } else { result.kind };
+                self.outcomes.insert((ticket, ended.replica), (kind, result.recipe_code, now));
+            }
             log::info!(
                 "ticket {ticket}: replica {} on {} {}: {}",
                 ended.replica,
@@ -515,10 +571,22 @@ impl Coordinator {
     /// expiry clock and answer its retrievers.
     fn after_replica_ended(&mut self, ticket: Ticket, now: Instant) {
         if self.sched.job(ticket).is_some_and(|j| j.finished()) {
-            self.finished_now(ticket, now);
-            if self.retrievers.contains_key(&ticket) {
-                self.fetch_outputs(ticket);
+            self.job_ended(ticket, now);
+        }
+    }
+
+    /// A job's last replica has ended: start its expiry clock, answer its
+    /// WAIT callers, and its RETRIEVE callers once outputs are fetched.
+    fn job_ended(&mut self, ticket: Ticket, now: Instant) {
+        self.finished_now(ticket, now);
+        if let Some(waiters) = self.waiters.remove(&ticket) {
+            let info = self.job_info(ticket, now);
+            for to in waiters {
+                self.reply(to, Reply::JobInfo(info.clone()));
             }
+        }
+        if self.retrievers.contains_key(&ticket) {
+            self.fetch_outputs(ticket);
         }
     }
 
@@ -600,15 +668,31 @@ impl Coordinator {
             let msg = format!("ticket {ticket} was closed while waiting for its outputs");
             self.reply(waiter, Reply::Retrieve(Err((CloudStat::NoSuchTicket, msg))));
         }
+        for waiter in self.waiters.remove(&ticket).unwrap_or_default() {
+            let msg = format!("ticket {ticket} was closed while waiting for it to end");
+            self.reply(waiter, Reply::JobInfo(Err((CloudStat::NoSuchTicket, msg))));
+        }
+        self.submitted.remove(&ticket);
+        self.started.remove(&ticket);
+        self.outcomes.retain(|&(t, _), _| t != ticket);
+        for (to, _, _) in self.follow_waiting.remove(&ticket).unwrap_or_default() {
+            let msg = format!("ticket {ticket} was closed before it started");
+            self.reply(to, Reply::Follow(Err((CloudStat::NoSuchTicket, msg))));
+        }
         true
     }
 
     /// A client connection went away: forget its deferred calls.
     pub fn conn_closed(&mut self, conn: ConnId) {
-        for callers in self.retrievers.values_mut() {
+        for callers in self.retrievers.values_mut().chain(self.waiters.values_mut()) {
             callers.retain(|c| c.conn != conn);
         }
         self.retrievers.retain(|_, c| !c.is_empty());
+        self.waiters.retain(|_, c| !c.is_empty());
+        for f in self.follow_waiting.values_mut() {
+            f.retain(|(c, _, _)| c.conn != conn);
+        }
+        self.follow_waiting.retain(|_, f| !f.is_empty());
     }
 
     /// A node cannot be reached (its link broke, or it is not connected
@@ -616,11 +700,19 @@ impl Coordinator {
     /// `--requeue-lost`: go back to the head of the queue, "requeued after
     /// node X was lost"), and it takes no new work until `node_up`.
     pub fn node_down(&mut self, node: NodeId, now: Instant) {
-        let name = &self.node_names[node];
+        let name = self.node_names[node].clone();
         let was_up = self.sched.is_up(node);
         let lost = format!("node lost: lost contact with node {name}");
         let requeued = format!("requeued after node {name} was lost");
         let down = self.sched.node_down(node, self.requeue_lost, &lost, &requeued);
+        self.clock = Some(now);
+        if was_up {
+            self.lost_at.insert(node, now);
+        }
+        for to in self.following.remove(&node).unwrap_or_default() {
+            let why = format!("{lost}; its output cannot be followed");
+            self.reply(to, Reply::Follow(Err((CloudStat::Internal, why))));
+        }
         if was_up {
             log::error!("lost contact with node {name}: no new work goes to it until it is back");
         }
@@ -633,6 +725,9 @@ impl Coordinator {
         // A lost replica's output went with the node: nothing to fetch, ever.
         for &(ticket, replica) in &down.failed {
             self.fetches.insert((ticket, replica), Fetch::Done(Err(lost.clone())));
+            if self.sched.job(ticket).is_some() {
+                self.outcomes.insert((ticket, replica), (Outcome::Lost, -1, now));
+            }
         }
         // Fetches in flight on its link get no reply: they may pass once the
         // node is back (outputs of finished replicas are on its disk).
@@ -652,6 +747,10 @@ impl Coordinator {
         for &(ticket, _) in &down.failed {
             if self.sched.job(ticket).is_some_and(|j| j.finished()) {
                 self.finished_now(ticket, now);
+                for to in self.waiters.remove(&ticket).unwrap_or_default() {
+                    let info = self.job_info(ticket, now);
+                    self.reply(to, Reply::JobInfo(info));
+                }
             }
         }
         let tickets: Vec<Ticket> = self.retrievers.keys().copied().collect();
@@ -681,7 +780,7 @@ impl Coordinator {
 
     /// The cluster as the live page shows it (`http`): asked only while a
     /// browser is subscribed.
-    pub fn cluster_view(&self) -> crate::http::ClusterView {
+    pub fn live_view(&self) -> crate::http::ClusterView {
         use crate::http::{ClusterView, NodeView, QueuedView};
         let nodes = (0..self.node_names.len())
             .map(|i| NodeView {
@@ -706,6 +805,186 @@ impl Coordinator {
 
     pub fn job_state(&self, ticket: Ticket) -> Option<JobState> {
         self.sched.job(ticket).map(|j| j.state())
+    }
+
+    // --- CLUSTER, MINE, FOLLOW, CANCEL, JOB_INFO (branch cli) ---
+
+    /// Whole seconds from `then` to `now`.
+    fn age(then: Option<&Instant>, now: Instant) -> u32 {
+        then.map_or(0, |&t| now.saturating_duration_since(t).as_secs().min(u64::from(u32::MAX)) as u32)
+    }
+
+    /// CLUSTER: every node, the wait queue in order, totals. Open to all.
+    pub fn cluster_view(&self, now: Instant) -> ClusterView {
+        // One row per slot: a node with `slots=K` is listed K times.
+        let mut nodes = Vec::new();
+        for n in 0..self.node_names.len() {
+            let name = &self.node_names[n];
+            if !self.sched.is_up(n) {
+                let age = Self::age(self.lost_at.get(&n), now);
+                let down = NodeInfo { name: name.clone(), state: NodeState::Down, ticket: 0, replica: 0, age };
+                nodes.extend(std::iter::repeat_n(down, self.sched.slots_of(n) as usize));
+                continue;
+            }
+            let runs = self.sched.node_runs(n);
+            for &(ticket, replica) in &runs {
+                let age = Self::age(self.started.get(&ticket), now);
+                nodes.push(NodeInfo { name: name.clone(), state: NodeState::Busy, ticket, replica, age });
+            }
+            let free = (self.sched.slots_of(n) as usize).saturating_sub(runs.len());
+            let idle = NodeInfo { name: name.clone(), state: NodeState::Free, ticket: 0, replica: 0, age: 0 };
+            nodes.extend(std::iter::repeat_n(idle, free));
+        }
+        let queue = self
+            .sched
+            .waiting()
+            .enumerate()
+            .map(|(i, job)| (i, job.ticket))
+            .map(|(i, ticket)| QueueEntry {
+                ticket,
+                replicas: self.sched.job(ticket).map_or(0, |j| j.replicas.len() as u32),
+                position: i as u32 + 1,
+                owner: self.owners.get(&ticket).map_or(-1, |&u| u as i32),
+                age: Self::age(self.submitted.get(&ticket), now),
+            })
+            .collect();
+        let (mut jobs, mut running_jobs, mut finished_jobs) = (0, 0, 0);
+        for job in self.sched.jobs() {
+            jobs += 1;
+            if job.finished() {
+                finished_jobs += 1;
+            } else if job.state() != JobState::Waiting {
+                running_jobs += 1;
+            }
+        }
+        ClusterView { nodes, queue, jobs, running_jobs, finished_jobs }
+    }
+
+    pub fn cluster(&mut self, to: Caller, now: Instant) {
+        let view = self.cluster_view(now);
+        self.reply(to, Reply::Cluster(view));
+    }
+
+    /// MINE: the tickets `who` deployed (anonymous callers: the anonymous tickets).
+    pub fn mine(&mut self, to: Caller, who: Option<u32>, now: Instant) {
+        let tickets = self
+            .sched
+            .jobs()
+            .filter(|j| self.owners.get(&j.ticket).copied() == who)
+            .map(|j| TicketInfo {
+                ticket: j.ticket,
+                state: j.state(),
+                replicas: j.replicas.len() as u32,
+                age: Self::age(self.submitted.get(&j.ticket), now),
+            })
+            .collect();
+        self.reply(to, Reply::Mine(tickets));
+    }
+
+    /// FOLLOW by `who` (owner or root, as RETRIEVE): the replica's output
+    /// from `offset`, asked of its node, which answers once there is some
+    /// or the replica has ended. A waiting replica's call waits for its start.
+    pub fn follow(&mut self, to: Caller, who: Option<u32>, ticket: Ticket, replica: u32, offset: u64) {
+        let Some(job) = self.sched.job(ticket) else {
+            return self.reply(to, Reply::Follow(Err(self.unknown(ticket))));
+        };
+        if let Some(refusal) = self.not_owner(ticket, who) {
+            return self.reply(to, Reply::Follow(Err(refusal)));
+        }
+        let Some(r) = job.replicas.get(replica as usize) else {
+            let n = job.replicas.len();
+            let msg = format!("ticket {ticket} has {n} replica(s), numbered 0 to {}; no replica {replica}", n - 1);
+            return self.reply(to, Reply::Follow(Err((CloudStat::BadReplicas, msg))));
+        };
+        match r.node {
+            Some(node) if !self.sched.is_up(node) => {
+                let msg = format!("node {} was lost; its output cannot be followed", self.node_names[node]);
+                self.reply(to, Reply::Follow(Err((CloudStat::Internal, msg))))
+            }
+            Some(node) => {
+                self.following.entry(node).or_default().push(to);
+                self.actions.push_back(Action::Node { node, call: NodeCall::Follow { ticket, offset, caller: to } })
+            }
+            None if r.state == JobState::Waiting => {
+                self.follow_waiting.entry(ticket).or_default().push((to, replica, offset))
+            }
+            None => self.reply(to, Reply::Follow(Ok((Vec::new(), true)))),
+        }
+    }
+
+    /// A node answered a FOLLOW.
+    pub fn followed(&mut self, to: Caller, result: Result<(Vec<u8>, bool), String>) {
+        for callers in self.following.values_mut() {
+            if let Some(i) = callers.iter().position(|&c| c == to) {
+                callers.swap_remove(i);
+                break;
+            }
+        }
+        self.reply(to, Reply::Follow(result.map_err(|e| (CloudStat::NoSuchTicket, e))));
+    }
+
+    /// JOB_INFO: STATUS with each replica's outcome kind and times.
+    pub fn job_info(&self, ticket: Ticket, now: Instant) -> Result<JobInfo, Failure> {
+        let job = self.job_status(ticket)?;
+        let age = |t: Option<&Instant>| t.map_or(-1, |&t| Self::age(Some(&t), now).min(i32::MAX as u32) as i32);
+        let started = self.started.get(&ticket);
+        let replicas = (0..job.replicas.len() as u32)
+            .map(|i| {
+                let (kind, recipe_code, ended) = match self.outcomes.get(&(ticket, i)) {
+                    Some(&(kind, code, at)) => (kind, code, age(Some(&at))),
+                    None => (Outcome::None, -1, -1),
+                };
+                let ran = !job.replicas[i as usize].node.is_empty();
+                ReplicaInfo { kind, recipe_code, started_age: if ran { age(started) } else { -1 }, ended_age: ended }
+            })
+            .collect();
+        Ok(JobInfo { job, submitted_age: age(self.submitted.get(&ticket)), replicas })
+    }
+
+    /// JOB_INFO; with `wait`, answered once the job has ended (at once if it has).
+    pub fn info(&mut self, to: Caller, ticket: Ticket, wait: bool, now: Instant) {
+        if wait && self.sched.job(ticket).is_some_and(|j| !j.finished()) {
+            return self.waiters.entry(ticket).or_default().push(to);
+        }
+        let info = self.job_info(ticket, now);
+        self.reply(to, Reply::JobInfo(info));
+    }
+
+    /// CANCEL by `who` (owner or root): waiting replicas never start,
+    /// running ones are killed (the node reports them KILLED, cancelled);
+    /// outputs stay for RETRIEVE. Cancelling an ended job changes nothing.
+    pub fn cancel(&mut self, to: Caller, who: Option<u32>, ticket: Ticket, now: Instant) {
+        let Some(job) = self.sched.job(ticket) else {
+            return self.reply(to, Reply::Cancel(Err(self.unknown(ticket))));
+        };
+        if let Some(refusal) = self.not_owner(ticket, who) {
+            return self.reply(to, Reply::Cancel(Err(refusal)));
+        }
+        let was_finished = job.finished();
+        self.clock = Some(now);
+        let replicas = job.replicas.len() as u32;
+        if self.sched.cancel_waiting(ticket, "cancelled before it started (cloud cancel)") {
+            for i in 0..replicas {
+                self.outcomes.insert((ticket, i), (Outcome::Killed, -1, now));
+            }
+            if let Some(archive) = self.archives.remove(&ticket) {
+                self.actions.push_back(Action::RemoveFile(archive));
+            }
+            log::info!("ticket {ticket}: cancelled while waiting");
+            for (to, _, _) in self.follow_waiting.remove(&ticket).unwrap_or_default() {
+                self.reply(to, Reply::Follow(Ok((Vec::new(), true))));
+            }
+        }
+        let running = self.sched.stop_running(ticket, "killed: cancelled (cloud cancel); output kept");
+        for &node in &running {
+            log::info!("ticket {ticket}: cancelled, killing its replica on {}", self.node_names[node]);
+            self.actions.push_back(Action::Node { node, call: NodeCall::Stop { ticket } });
+        }
+        self.reply(to, Reply::Cancel(Ok(())));
+        if !was_finished && running.is_empty() && self.sched.job(ticket).is_some_and(|j| j.finished()) {
+            self.job_ended(ticket, now);
+        }
+        self.start_ready();
     }
 }
 
@@ -737,8 +1016,13 @@ mod tests {
         *T0.get_or_init(Instant::now)
     }
 
+    /// The ticket node `n` runs (tests of one replica per node).
+    fn on_node(c: &Coordinator, n: NodeId) -> Ticket {
+        c.sched.node_runs(n).first().map_or(0, |&(t, _)| t)
+    }
+
     fn ok() -> RunResult {
-        RunResult { state: JobState::Completed, exit_code: 0, message: "make run exited with status 0".into() }
+        RunResult::exited(0, "make run exited with status 0")
     }
 
     #[test]
@@ -887,7 +1171,7 @@ mod tests {
         drain(&mut c);
         c.retrieve(B, None, 1, true);
         assert!(drain(&mut c).is_empty(), "deferred while running");
-        c.run_finished(0, 1, RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() }, t0());
+        c.run_finished(0, 1, RunResult::exited(0, "exit 0"), t0());
         let acts = drain(&mut c);
         let Action::Node { node: 0, call: NodeCall::Fetch { ticket: 1, replica: 0, into } } = &acts[0] else {
             panic!("{acts:?}")
@@ -1015,6 +1299,154 @@ mod tests {
             .any(|a| matches!(a, Action::Reply { reply: Reply::Deploy(Err((CloudStat::Denied, _))), .. })));
         assert_eq!(c.job_state(1), None, "no job");
     }
+
+    #[test]
+    fn wait_is_deferred_until_the_job_ends_and_closing_answers_it() {
+        let mut c = coord(1);
+        c.deploy(A, None, 1, "/spool/a".into(), t0());
+        c.deploy(A, None, 1, "/spool/b".into(), t0());
+        drain(&mut c);
+        c.info(B, 1, true, t0());
+        c.info(Caller { conn: 3, xid: 1 }, 2, true, t0());
+        assert!(drain(&mut c).is_empty(), "deferred while running or waiting");
+        c.run_finished(0, on_node(&c, 0), RunResult::invalid("make run exited with status 2"), t0());
+        let acts = drain(&mut c);
+        assert!(
+            acts.iter().any(
+                |a| matches!(a, Action::Reply { to: B, reply: Reply::JobInfo(Ok(i)) } if i.job.state == JobState::Invalid && i.replicas[0].kind == Outcome::SetupError)
+            ),
+            "{acts:?}"
+        );
+        // Already ended: answered at once.
+        c.info(B, 1, true, t0());
+        assert!(matches!(&drain(&mut c)[..], [Action::Reply { to: B, reply: Reply::JobInfo(Ok(_)) }]));
+        // Closed while waited for: told so.
+        c.close(A, None, 2, t0());
+        let acts = drain(&mut c);
+        assert!(
+            acts.iter().any(|a| matches!(
+                a,
+                Action::Reply { to: Caller { conn: 3, .. }, reply: Reply::JobInfo(Err((CloudStat::NoSuchTicket, _))) }
+            )),
+            "{acts:?}"
+        );
+        // A caller that went away is forgotten.
+        c.deploy(A, None, 1, "/spool/c".into(), t0());
+        c.info(B, 3, true, t0());
+        c.conn_closed(B.conn);
+        drain(&mut c);
+        c.run_finished(0, on_node(&c, 0), ok(), t0());
+        assert!(!drain(&mut c).iter().any(|a| matches!(a, Action::Reply { to: B, .. })));
+    }
+
+    #[test]
+    fn cancel_kills_running_drops_waiting_keeps_the_ticket_and_owner_rules_hold() {
+        let mut c = coord(1);
+        c.deploy(A, Some(1000), 1, "/spool/a".into(), t0());
+        c.deploy(A, Some(1000), 1, "/spool/b".into(), t0());
+        drain(&mut c);
+        c.cancel(B, Some(1001), 1, t0());
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Action::Reply { reply: Reply::Cancel(Err((CloudStat::NotOwner, _))), .. }]
+        ));
+        c.info(Caller { conn: 3, xid: 1 }, 2, true, t0());
+        c.cancel(B, Some(1000), 2, t0());
+        let acts = drain(&mut c);
+        assert!(acts.contains(&Action::RemoveFile("/spool/b".into())), "{acts:?}");
+        assert!(
+            acts.iter().any(|a| matches!(a, Action::Reply { to: Caller { conn: 3, .. }, reply: Reply::JobInfo(Ok(i)) } if i.replicas[0].kind == Outcome::Killed)),
+            "its waiter is answered: {acts:?}"
+        );
+        let st = c.job_status(2).unwrap();
+        assert_eq!(st.state, JobState::Invalid);
+        assert!(st.replicas[0].message.contains("cancelled before it started"));
+        c.cancel(B, Some(0), 1, t0());
+        let acts = drain(&mut c);
+        assert_eq!(acts[0], Action::Node { node: 0, call: NodeCall::Stop { ticket: 1 } });
+        assert_eq!(acts[1], Action::Reply { to: B, reply: Reply::Cancel(Ok(())) });
+        assert_eq!(c.job_state(1), Some(JobState::Running), "until the node reports the kill");
+        c.run_finished(0, on_node(&c, 0), RunResult::invalid("killed: cancelled (cloud cancel); output kept"), t0());
+        drain(&mut c);
+        assert_eq!(c.job_state(1), Some(JobState::Invalid));
+        // The outputs stay for RETRIEVE.
+        c.retrieve(A, Some(1000), 1, true);
+        assert!(matches!(&drain(&mut c)[0], Action::Node { call: NodeCall::Fetch { ticket: 1, .. }, .. }));
+    }
+
+    #[test]
+    fn cluster_view_lists_nodes_queue_and_totals_and_mine_the_callers_tickets() {
+        let mut c = coord(2);
+        c.deploy(A, Some(1000), 2, "/spool/a".into(), t0());
+        c.deploy(A, None, 1, "/spool/b".into(), t0() + Duration::from_secs(1));
+        drain(&mut c);
+        let v = c.cluster_view(t0() + Duration::from_secs(5));
+        assert_eq!(v.nodes.len(), 2);
+        assert!(v.nodes.iter().all(|n| n.state == NodeState::Busy && n.ticket == 1 && n.age == 5), "{v:?}");
+        assert_eq!(v.nodes[1].replica, 1);
+        assert_eq!(v.queue, vec![QueueEntry { ticket: 2, replicas: 1, position: 1, owner: -1, age: 4 }]);
+        assert_eq!((v.jobs, v.running_jobs, v.finished_jobs), (2, 1, 0));
+        c.node_down(1, t0() + Duration::from_secs(5));
+        drain(&mut c);
+        let v = c.cluster_view(t0() + Duration::from_secs(7));
+        assert_eq!(v.nodes[1].state, NodeState::Down);
+        assert_eq!(v.nodes[1].age, 2);
+        c.mine(B, Some(1000), t0() + Duration::from_secs(7));
+        let acts = drain(&mut c);
+        let [Action::Reply { reply: Reply::Mine(t), .. }] = &acts[..] else { panic!("{acts:?}") };
+        assert_eq!(t.iter().map(|t| t.ticket).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(t[0].age, 7);
+    }
+
+    #[test]
+    fn follow_goes_to_the_replicas_node_and_waits_for_a_waiting_replica_to_start() {
+        let mut c = coord(1);
+        c.deploy(A, Some(1000), 1, "/spool/a".into(), t0());
+        c.deploy(A, Some(1000), 1, "/spool/b".into(), t0());
+        drain(&mut c);
+        c.follow(B, Some(1000), 1, 0, 5);
+        assert_eq!(
+            drain(&mut c),
+            vec![Action::Node { node: 0, call: NodeCall::Follow { ticket: 1, offset: 5, caller: B } }]
+        );
+        c.follow(B, Some(1001), 1, 0, 0);
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Action::Reply { reply: Reply::Follow(Err((CloudStat::NotOwner, _))), .. }]
+        ));
+        c.follow(B, Some(1000), 1, 4, 0);
+        assert!(
+            matches!(&drain(&mut c)[..], [Action::Reply { reply: Reply::Follow(Err((CloudStat::BadReplicas, m))), .. }] if m.contains("no replica 4"))
+        );
+        // Ticket 2 waits: its FOLLOW goes out right behind its NODE_RUN.
+        let f = Caller { conn: 5, xid: 1 };
+        c.follow(f, Some(1000), 2, 0, 0);
+        assert!(drain(&mut c).is_empty());
+        c.run_finished(0, on_node(&c, 0), ok(), t0());
+        let acts = drain(&mut c);
+        let run = acts
+            .iter()
+            .position(|a| matches!(a, Action::Node { call: NodeCall::Run { args, .. }, .. } if args.ticket == 2));
+        let follow = acts
+            .iter()
+            .position(|a| *a == Action::Node { node: 0, call: NodeCall::Follow { ticket: 2, offset: 0, caller: f } });
+        assert!(run.is_some() && follow.is_some() && run < follow, "{acts:?}");
+        c.followed(f, Ok((b"hi".to_vec(), false)));
+        assert_eq!(drain(&mut c), vec![Action::Reply { to: f, reply: Reply::Follow(Ok((b"hi".to_vec(), false))) }]);
+        // A FOLLOW on a node that is then lost is answered, not left hanging;
+        // the replica's outcome is LOST.
+        c.follow(f, Some(1000), 2, 0, 2);
+        drain(&mut c);
+        c.node_down(0, t0() + Duration::from_secs(3));
+        let acts = drain(&mut c);
+        assert!(
+            acts.iter().any(|a| matches!(a, Action::Reply { to, reply: Reply::Follow(Err((CloudStat::Internal, m))) } if *to == f && m.contains("lost contact"))),
+            "{acts:?}"
+        );
+        let info = c.job_info(2, t0() + Duration::from_secs(5)).unwrap();
+        assert_eq!(info.replicas[0].kind, Outcome::Lost);
+        assert_eq!((info.replicas[0].started_age, info.replicas[0].ended_age), (5, 2));
+    }
 }
 
 #[cfg(test)]
@@ -1079,9 +1511,9 @@ mod job_rules {
         let r = replica(&c, 1, 1);
         assert_eq!(r.state, JobState::Running);
         assert!(r.message.contains("requeued after node 127.0.0.1:9002 was lost"), "{}", r.message);
-        c.run_finished(0, 1, RunResult { state: JobState::Completed, exit_code: 0, message: "ok".into() }, now);
+        c.run_finished(0, 1, RunResult::exited(0, "ok"), now);
         assert!(drain(&mut c).is_empty());
-        c.run_finished(2, 1, RunResult { state: JobState::Completed, exit_code: 0, message: "ok".into() }, now);
+        c.run_finished(2, 1, RunResult::exited(0, "ok"), now);
         assert_eq!(drain(&mut c), vec![Action::RemoveFile("/spool/a".into())], "finished: archive goes");
         assert_eq!(c.job_status(1).unwrap().state, JobState::Completed);
     }
@@ -1092,7 +1524,7 @@ mod job_rules {
         let mut c = coord(2);
         c.deploy_opts(A, None, 2, proto::DEPLOY_FAIL_FAST, "/spool/a".into(), now);
         drain(&mut c);
-        c.run_finished(0, 1, RunResult { state: JobState::Invalid, exit_code: 1, message: "exit 1".into() }, now);
+        c.run_finished(0, 1, RunResult::exited(1, "exit 1"), now);
         assert_eq!(drain(&mut c), vec![Action::Node { node: 1, call: NodeCall::Stop { ticket: 1 } }]);
         c.run_finished(1, 1, RunResult::invalid("killed by signal 9"), now);
         let r = replica(&c, 1, 1);
@@ -1100,7 +1532,7 @@ mod job_rules {
         // Off by default: the others keep running.
         c.deploy(A, None, 2, "/spool/b".into(), now);
         drain(&mut c);
-        c.run_finished(1, 2, RunResult { state: JobState::Invalid, exit_code: 1, message: "exit 1".into() }, now);
+        c.run_finished(1, 2, RunResult::exited(1, "exit 1"), now);
         assert!(drain(&mut c).iter().all(|a| !matches!(a, Action::Node { call: NodeCall::Stop { .. }, .. })));
         assert_eq!(replica(&c, 2, 0).state, JobState::Running);
     }

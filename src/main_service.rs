@@ -31,7 +31,7 @@ use crate::archive_check::ArchiveCheck;
 use crate::conn::{Conn, Pending, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Action, Caller, Coordinator, Failure, NodeCall, OutputRef, Reply};
 use crate::node_auth::{self, MainHandshake, Secret};
-use crate::node_service::{garbage, NodeEvent};
+use crate::node_service::{follow_reply, garbage, NodeEvent};
 use crate::peer::{self, PeerId};
 use crate::proto::{self, CloudStat, RunResult};
 use crate::record::{self, Piece};
@@ -201,6 +201,11 @@ impl MainService {
                 w.u32(ticket);
                 (proto::NODE_STOP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
             }
+            NodeCall::Follow { ticket, offset, caller } => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_FOLLOW);
+                proto::encode_follow_args(&mut w, ticket, 0, offset);
+                (proto::NODE_FOLLOW, Pending::Follow { caller }, vec![Piece::Bytes(w.into_bytes())])
+            }
         };
         log::debug!("node {}: call xid {xid:#x} proc {proc_num}", self.node_names[node]);
         Some(Out::Send { key, xid, pending, pieces })
@@ -213,8 +218,9 @@ impl MainService {
         let why = format!("node lost: node {} is unreachable", self.node_names[node]);
         match call {
             NodeCall::Run { args, .. } => {
-                self.coord.run_finished(node, args.ticket, RunResult::invalid(why), Instant::now())
+                self.coord.run_finished(node, args.ticket, RunResult::lost(why), Instant::now())
             }
+            NodeCall::Follow { caller, .. } => self.coord.followed(caller, Err(why)),
             NodeCall::Fetch { ticket, replica, .. } => {
                 self.coord.fetch_failed(ticket, replica, &format!("{why}; retry"))
             }
@@ -397,6 +403,7 @@ impl MainService {
                 self.coord.run_finished(self.locals[node], ticket, result, Instant::now())
             }
             NodeEvent::Note { node, ticket, message } => self.coord.replica_note(self.locals[node], ticket, &message),
+            NodeEvent::Followed { caller, result } => self.coord.followed(caller, result),
             NodeEvent::Fetched { ticket, replica, result } => match result {
                 Ok(path) => self.coord.fetched(ticket, replica, Ok(path)),
                 // Missing for good: final, the message says so.
@@ -410,7 +417,7 @@ impl MainService {
     pub(crate) fn client_call(&mut self, key: usize, conn: &mut Conn, call: Call) {
         let caller = Caller { conn: key, xid: call.xid };
         let mut r = XdrReader::new(&call.args);
-        log::debug!("connection {key}: call xid {:#x} proc {}", call.xid, call.proc_num);
+        log::debug!("connection {key}: call xid {:#x} {}", call.xid, proto::cloud_proc_name(call.proc_num));
         let who = match self.identify_call(key, conn, &call) {
             Ok(who) => who,
             Err(refusal) => return conn.outbox.push_bytes(refusal),
@@ -428,6 +435,15 @@ impl MainService {
                 proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.retrieve(caller, who, t, w)).is_ok()
             }
             proto::CLOSE => r.u32().map(|t| self.coord.close(caller, who, t, Instant::now())).is_ok(),
+            proto::CLUSTER => r.finish().map(|()| self.coord.cluster(caller, Instant::now())).is_ok(),
+            proto::MINE => r.finish().map(|()| self.coord.mine(caller, who, Instant::now())).is_ok(),
+            proto::CANCEL => r.u32().map(|t| self.coord.cancel(caller, who, t, Instant::now())).is_ok(),
+            proto::FOLLOW => {
+                proto::decode_follow_args(&mut r).map(|(t, i, off)| self.coord.follow(caller, who, t, i, off)).is_ok()
+            }
+            proto::JOB_INFO => {
+                proto::decode_retrieve_args(&mut r).map(|(t, w)| self.coord.info(caller, t, w, Instant::now())).is_ok()
+            }
             proto::DEPLOY | proto::DEPLOY_OPTS => false, // too short to stream
             _ => {
                 // Numbers below DEPLOY_OPTS that do not exist (yet).
@@ -583,7 +599,7 @@ impl MainService {
             ReplyEvent::Reply { call: Pending::Run(ticket), results } => {
                 let result = results
                     .and_then(|b| RunResult::decode(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))
-                    .unwrap_or_else(|why| RunResult::invalid(format!("node {name}: {why}")));
+                    .unwrap_or_else(|why| RunResult::lost(format!("node {name}: {why}")));
                 self.coord.run_finished(node, ticket, result, Instant::now());
             }
             ReplyEvent::Reply { call: Pending::Fetch { ticket, replica, .. }, results } => {
@@ -591,6 +607,12 @@ impl MainService {
                 self.coord.fetched(ticket, replica, Err(why));
             }
             ReplyEvent::Reply { call: Pending::Drop | Pending::Hello | Pending::Auth | Pending::Probe, .. } => {}
+            ReplyEvent::Reply { call: Pending::Follow { caller }, results } => {
+                let result = results
+                    .and_then(|b| proto::decode_follow(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))
+                    .and_then(|r| r.map_err(|(_, msg)| msg));
+                self.coord.followed(caller, result);
+            }
             ReplyEvent::StreamStart { call: Pending::Fetch { ticket, replica, into }, head, .. } => {
                 let stat = XdrReader::new(&head).u32().unwrap_or(u32::MAX);
                 let gone = stat == CloudStat::NoSuchTicket as u32;
@@ -659,13 +681,30 @@ pub fn encode_reply(xid: u32, reply: Reply) -> Vec<Piece> {
             w.u32(ok);
             st.encode(&mut w);
         }
-        Reply::Close(Ok(())) => {
+        Reply::Close(Ok(())) | Reply::Cancel(Ok(())) => {
             w.u32(ok);
         }
-        Reply::Retrieve(Ok(outs)) => return retrieve_pieces(xid, outs),
-        Reply::Deploy(Err(e)) | Reply::Status(Err(e)) | Reply::Retrieve(Err(e)) | Reply::Close(Err(e)) => {
-            return vec![Piece::Bytes(failure_reply(xid, &e))]
+        Reply::Cluster(view) => {
+            w.u32(ok);
+            view.encode(&mut w);
         }
+        Reply::Mine(tickets) => {
+            w.u32(ok);
+            proto::encode_tickets(&mut w, &tickets);
+        }
+        Reply::Follow(Ok(chunk)) => return vec![Piece::Bytes(follow_reply(xid, &Ok(chunk)))],
+        Reply::JobInfo(Ok(info)) => {
+            w.u32(ok);
+            info.encode(&mut w);
+        }
+        Reply::Retrieve(Ok(outs)) => return retrieve_pieces(xid, outs),
+        Reply::Deploy(Err(e))
+        | Reply::Status(Err(e))
+        | Reply::Retrieve(Err(e))
+        | Reply::Close(Err(e))
+        | Reply::Cancel(Err(e))
+        | Reply::JobInfo(Err(e))
+        | Reply::Follow(Err(e)) => return vec![Piece::Bytes(failure_reply(xid, &e))],
     }
     vec![Piece::Bytes(w.into_bytes())]
 }

@@ -8,7 +8,11 @@
 //! namespace, a tmpfs gone with it), the node's empty network namespace,
 //! the running replicas by ticket (each with its slot and the slot's uid,
 //! init's pid, output pipe, control pipe, time limit, why it was stopped),
-//! capping captured output, and what to answer when a replica ends. Nothing to sweep: the kernel ends a contained
+//! capping captured output, and what to answer when a replica ends (its
+//! outcome kind, and the recipe's code from make's `Error N` line, kept
+//! from the output's last KiB in memory), NODE_FOLLOW calls parked until
+//! the replica writes more, and NODE_STOP (kill, keep output: fail-fast
+//! and cancel). Nothing to sweep: the kernel ends a contained
 //! replica's every process when its init exits or is killed. Where the
 //! host has cgroups, each replica also gets a group of its own (memory and
 //! process totals, a second kill path, OOM detection), removed once the
@@ -29,7 +33,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use crate::cgroup::{Cgroup, Cgroups};
-use crate::proto::{JobState, RunArgs, RunResult};
+use crate::proto::{Chunk, Outcome, RunArgs, RunResult, FOLLOW_CHUNK};
 use crate::spawn::{self, Containment, JobLimits, Sandbox, SpawnSpec, StopReason};
 
 /// Everything a node needs to know; a later separate node process would
@@ -78,7 +82,12 @@ struct Running {
     truncated: bool,
     deadline: Instant,
     stop: Option<StopReason>,
+    /// The output's last bytes, for make's `Error N` line (the recipe's code).
+    tail: Vec<u8>,
 }
+
+/// How much of the output's end is kept for make's error line.
+const TAIL: usize = 1024;
 
 /// What `drain_output` left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +119,8 @@ pub struct Node {
     stale_groups: Vec<Cgroup>,
     retry_groups: Option<Instant>,
     buf: Vec<u8>,
+    /// NODE_FOLLOW calls parked until the running replica writes past their offset.
+    followers: Vec<(ReplyTo, u32, u64)>,
 }
 
 impl Node {
@@ -121,6 +132,7 @@ impl Node {
             stale_groups: Vec::new(),
             retry_groups: None,
             buf: vec![0; 64 * 1024],
+            followers: Vec::new(),
         })
     }
 
@@ -251,6 +263,7 @@ impl Node {
             truncated: false,
             deadline: now + self.cfg.time_limit,
             stop: None,
+            tail: Vec::new(),
         };
         self.running.insert(args.ticket, running);
         Ok(fd)
@@ -273,6 +286,10 @@ impl Node {
                 Err(_) => return Drained::Closed,
             };
             let chunk = &self.buf[..n];
+            let from = chunk.len().saturating_sub(TAIL);
+            r.tail.extend_from_slice(&chunk[from..]);
+            let excess = r.tail.len().saturating_sub(TAIL);
+            r.tail.drain(..excess);
             let room = max.saturating_sub(r.written) as usize;
             let keep = chunk.len().min(room);
             if keep > 0 {
@@ -361,15 +378,20 @@ impl Node {
         // (init was killed, or uncontained) init's own status is the job's.
         let job = report.and_then(|raw| WaitStatus::from_raw(pid, raw).ok()).unwrap_or(status);
         let mut result = spawn::classify_exit(job, &setup_error, r.stop.as_ref());
+        if result.kind == Outcome::Failed {
+            result.recipe_code = spawn::recipe_code(&r.tail).unwrap_or(-1);
+        }
         if let Some(g) = r.group {
             if r.stop.is_none() && g.oom_killed() {
                 result = RunResult {
-                    state: JobState::Invalid,
                     exit_code: result.exit_code,
-                    message: format!(
-                        "memory limit (--max-memory) exceeded: the job's processes together used more than {} MiB",
-                        self.cfg.limits.address_space >> 20
-                    ),
+                    ..RunResult::ended(
+                        Outcome::Killed,
+                        format!(
+                            "memory limit (--max-memory) exceeded: the job's processes together used more than {} MiB",
+                            self.cfg.limits.address_space >> 20
+                        ),
+                    )
                 };
             }
             g.kill_all();
@@ -448,6 +470,51 @@ impl Node {
             r.stop = Some(StopReason::Stopped);
         }
         self.kill_everything(ticket);
+    }
+
+    /// NODE_FOLLOW: the ticket's output from `offset` (at most
+    /// FOLLOW_CHUNK bytes) and whether its replica has ended; `None`: the
+    /// replica runs and has written nothing past `offset` yet, so the call
+    /// is parked until it does or ends (`ready_followers`).
+    pub fn follow(&mut self, ticket: u32, offset: u64, reply_to: ReplyTo) -> Option<Result<Chunk, String>> {
+        match self.running.get(&ticket) {
+            Some(r) if r.written <= offset => {
+                self.followers.push((reply_to, ticket, offset));
+                None
+            }
+            running => Some(self.read_output(ticket, offset, running.is_none())),
+        }
+    }
+
+    /// Parked followers that can be answered now: new output, or the end.
+    pub fn ready_followers(&mut self) -> Vec<(ReplyTo, Result<Chunk, String>)> {
+        if self.followers.is_empty() {
+            return Vec::new();
+        }
+        let mut ready = Vec::new();
+        for (reply_to, ticket, offset) in std::mem::take(&mut self.followers) {
+            match self.running.get(&ticket) {
+                Some(r) if r.written <= offset => self.followers.push((reply_to, ticket, offset)),
+                running => {
+                    let ended = running.is_none();
+                    ready.push((reply_to, self.read_output(ticket, offset, ended)));
+                }
+            }
+        }
+        ready
+    }
+
+    /// Up to FOLLOW_CHUNK bytes of the ticket's output from `offset`; the
+    /// flag: the replica has `ended` and nothing is left after them.
+    fn read_output(&self, ticket: u32, offset: u64, ended: bool) -> Result<Chunk, String> {
+        use std::os::unix::fs::FileExt;
+        let file = File::open(self.output_path(ticket))
+            .map_err(|e| format!("{}: no output for ticket {ticket}: {e}", self.name()))?;
+        let mut buf = vec![0u8; FOLLOW_CHUNK];
+        let n = file.read_at(&mut buf, offset).map_err(|e| format!("{}: cannot read the output: {e}", self.name()))?;
+        buf.truncate(n);
+        let len = file.metadata().map_or(0, |m| m.len());
+        Ok((buf, ended && offset + n as u64 >= len))
     }
 
     fn remove_ticket(&self, ticket: u32) {

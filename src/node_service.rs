@@ -35,8 +35,9 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::conn::{Sink, Streamed};
+use crate::coordinator::Caller;
 use crate::node::{Drained, Finished, Node, NodeConfig, ReplyTo};
-use crate::proto::{self, CloudStat, RunArgs, RunResult};
+use crate::proto::{self, Chunk, CloudStat, RunArgs, RunResult};
 use crate::record::{self, Piece};
 use crate::rpc::{self, AcceptStat};
 use crate::scheduler::NodeId;
@@ -57,6 +58,11 @@ const SLURM_KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(10)
 /// connection has this key (slab keys are small), the answer is an event.
 const LOCAL: usize = usize::MAX;
 
+/// A parked NODE_FOLLOW's reply-to for a FOLLOW of the in-process main
+/// service's client on connection `c`: key `LOCAL_CALLERS + c` (no slab key
+/// is that large), the answer an event.
+const LOCAL_CALLERS: usize = usize::MAX / 4;
+
 /// What an in-process node answers the main service: the events a link's
 /// NODE_RUN and NODE_FETCH replies would make.
 #[derive(Debug)]
@@ -70,6 +76,9 @@ pub(crate) enum NodeEvent {
     /// `fetch_local`'s answer: the output is at `into`, or why not
     /// (`gone`: the node has none for good; else a retry may work).
     Fetched { ticket: u32, replica: u32, result: Result<PathBuf, (bool, String)> },
+    /// `follow_local`'s answer: output from the offset and whether the
+    /// replica has ended, or why not.
+    Followed { caller: Caller, result: Result<Chunk, String> },
 }
 
 /// One node of this process: replicas forked here, or handed to Slurm.
@@ -119,6 +128,24 @@ impl LocalNode {
     }
 
     /// Forget the ticket (a running replica is killed or scancelled first).
+    /// NODE_FOLLOW: output from `offset` now, or `None`: parked until there
+    /// is some (`ready_followers`). A Slurm node's output is not followed.
+    fn follow(&mut self, ticket: u32, offset: u64, reply_to: ReplyTo) -> Option<Result<Chunk, String>> {
+        match self {
+            LocalNode::Fork(n) => n.follow(ticket, offset, reply_to),
+            LocalNode::Slurm(_) => {
+                Some(Err("a replica on a Slurm node cannot be followed: retrieve its output when it ends".into()))
+            }
+        }
+    }
+
+    fn ready_followers(&mut self) -> Vec<(ReplyTo, Result<Chunk, String>)> {
+        match self {
+            LocalNode::Fork(n) => n.ready_followers(),
+            LocalNode::Slurm(_) => Vec::new(),
+        }
+    }
+
     fn drop_ticket(&mut self, ticket: u32) {
         match self {
             LocalNode::Fork(n) => n.drop_ticket(ticket),
@@ -163,6 +190,8 @@ pub(crate) struct NodeService {
     new_pipes: Vec<(NodeId, RawFd)>,
     /// The Slurm nodes' names, for the ready line.
     slurm_names: Vec<String>,
+    /// NODE_FOLLOW replies to send on links: (connection key, record).
+    pub(crate) follow_replies: Vec<(usize, Vec<u8>)>,
 }
 
 impl NodeService {
@@ -183,6 +212,7 @@ impl NodeService {
                 command_keys: HashMap::new(),
                 new_pipes: Vec::new(),
                 slurm_names: Vec::new(),
+                follow_replies: Vec::new(),
             });
         }
         // Processes an earlier run left under our slot uids (it was killed
@@ -266,6 +296,7 @@ impl NodeService {
             command_keys: HashMap::new(),
             new_pipes: Vec::new(),
             slurm_names: Vec::new(),
+            follow_replies: Vec::new(),
         })
     }
 
@@ -484,12 +515,45 @@ impl NodeService {
         }
     }
 
-    /// Read a replica's output, a bounded amount per turn of the loop.
+    /// Read a replica's output, a bounded amount per turn of the loop; its
+    /// parked followers get what is new.
     pub(crate) fn drain(&mut self, i: NodeId, ticket: u32) {
         let LocalNode::Fork(node) = &mut self.nodes[i] else { return };
         let more = node.drain_output(ticket, DRAIN_BUDGET) == Drained::More;
         if more && !self.more_output.contains(&(i, ticket)) {
             self.more_output.push((i, ticket));
+        }
+        self.answer_followers(i);
+    }
+
+    /// NODE_FOLLOW on a link (connection `key`): the reply now, or `None`
+    /// if parked until the replica writes more or ends.
+    pub(crate) fn serve_follow(&mut self, i: NodeId, key: usize, call: &Call) -> Option<Vec<u8>> {
+        let Ok((ticket, _, offset)) = proto::decode_follow_args(&mut XdrReader::new(&call.args)) else {
+            return Some(garbage(call.xid));
+        };
+        let result = self.nodes[i].follow(ticket, offset, (key, call.xid))?;
+        Some(follow_reply(call.xid, &result.map_err(|e| (CloudStat::NoSuchTicket, e))))
+    }
+
+    /// The in-process main service's NODE_FOLLOW for `caller`.
+    pub(crate) fn follow_local(&mut self, i: NodeId, ticket: u32, offset: u64, caller: Caller) {
+        if let Some(result) = self.nodes[i].follow(ticket, offset, (LOCAL_CALLERS + caller.conn, caller.xid)) {
+            self.events.push_back(NodeEvent::Followed { caller, result });
+        }
+    }
+
+    /// Answer node i's parked NODE_FOLLOWs that have output now (or whose
+    /// replica has ended).
+    fn answer_followers(&mut self, i: NodeId) {
+        for ((key, xid), result) in self.nodes[i].ready_followers() {
+            if key >= LOCAL_CALLERS && key != LOCAL {
+                let caller = Caller { conn: key - LOCAL_CALLERS, xid };
+                self.events.push_back(NodeEvent::Followed { caller, result });
+            } else {
+                let bytes = follow_reply(xid, &result.map_err(|e| (CloudStat::NoSuchTicket, e)));
+                self.follow_replies.push((key, bytes));
+            }
         }
     }
 
@@ -526,6 +590,8 @@ impl NodeService {
     /// call a `RunFinished` event.
     pub(crate) fn finished(&mut self, i: NodeId, fin: Finished) -> Option<(usize, Vec<u8>)> {
         drop(fin.pipe);
+        // Its followers get the rest and the end.
+        self.answer_followers(i);
         let (key, xid) = fin.reply_to;
         if let Some(at) = self.orphans.iter().position(|&o| o == (i, fin.reply_to)) {
             self.orphans.swap_remove(at);
@@ -603,6 +669,22 @@ impl NodeService {
 /// The GARBAGE_ARGS reply to call `xid`.
 pub(crate) fn garbage(xid: u32) -> Vec<u8> {
     rpc::accepted(xid, AcceptStat::GarbageArgs).into_bytes()
+}
+
+/// A `follow_res` (FOLLOW and NODE_FOLLOW) for call `xid`.
+pub(crate) fn follow_reply(xid: u32, result: &Result<Chunk, crate::coordinator::Failure>) -> Vec<u8> {
+    match result {
+        Ok((data, ended)) => {
+            let mut w = rpc::accepted(xid, AcceptStat::Success);
+            proto::encode_follow_ok(&mut w, data, *ended);
+            w.into_bytes()
+        }
+        Err((stat, msg)) => {
+            let mut w = rpc::accepted(xid, AcceptStat::Success);
+            proto::encode_error(&mut w, *stat, msg);
+            w.into_bytes()
+        }
+    }
 }
 
 fn run_reply(xid: u32, result: &RunResult) -> Vec<u8> {

@@ -22,6 +22,17 @@ pub const CLOSE: u32 = 4;
 pub const DEPLOY_OPTS: u32 = 10;
 /// `deploy_opts_args.flags`: when one replica fails, stop the others.
 pub const DEPLOY_FAIL_FAST: u32 = 1;
+/// The cluster view: nodes, wait queue, totals.
+pub const CLUSTER: u32 = 5;
+/// The caller's own tickets (uid from the connection).
+pub const MINE: u32 = 6;
+/// A running replica's output from an offset, answered when there is some.
+pub const FOLLOW: u32 = 7;
+/// Stop running replicas, never start waiting ones, keep outputs.
+pub const CANCEL: u32 = 8;
+/// STATUS in the rich form: outcome kinds and times per replica; with
+/// wait, deferred until the job has ended.
+pub const JOB_INFO: u32 = 9;
 
 pub const NODE_PROG: u32 = 0x2000_C10F;
 pub const NODE_VERS: u32 = 1;
@@ -33,13 +44,16 @@ pub const NODE_DROP: u32 = 3;
 /// challenge, then its proof.
 pub const NODE_HELLO: u32 = 4;
 pub const NODE_AUTH: u32 = 5;
-/// Kill the ticket's replica, keep its output (until NODE_DROP).
+/// Kill the ticket's replica, keep its output (until NODE_DROP): fail-fast
+/// and CANCEL.
 pub const NODE_STOP: u32 = 6;
+/// A replica's output from an offset, deferred until there is some (FOLLOW).
+pub const NODE_FOLLOW: u32 = 8;
 
 /// Procedures 5 to 9 (other branches' CLUSTER, CANCEL, ...) are answered
 /// PROC_UNAVAIL by the server until they exist.
 pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: DEPLOY_OPTS };
-pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_STOP };
+pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_FOLLOW };
 
 /// Longest string we accept in a message or node name.
 pub const MAX_STRING: usize = 4096;
@@ -181,6 +195,186 @@ impl JobStatus {
     }
 }
 
+/// The name of a CLOUD_PROG procedure, for logs.
+pub fn cloud_proc_name(proc_num: u32) -> &'static str {
+    match proc_num {
+        CLOUD_NULL => "NULL",
+        DEPLOY => "DEPLOY",
+        STATUS => "STATUS",
+        RETRIEVE => "RETRIEVE",
+        CLOSE => "CLOSE",
+        CLUSTER => "CLUSTER",
+        MINE => "MINE",
+        FOLLOW => "FOLLOW",
+        CANCEL => "CANCEL",
+        JOB_INFO => "JOB_INFO",
+        _ => "unknown",
+    }
+}
+
+/// `enum node_state` of CLUSTER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    Free = 0,
+    Busy = 1,
+    Down = 2,
+}
+
+impl NodeState {
+    pub fn from_u32(v: u32) -> Result<Self, XdrError> {
+        Ok(match v {
+            0 => NodeState::Free,
+            1 => NodeState::Busy,
+            2 => NodeState::Down,
+            _ => return Err(XdrError::Invalid(format!("unknown node_state {v}"))),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeState::Free => "free",
+            NodeState::Busy => "busy",
+            NodeState::Down => "down",
+        }
+    }
+}
+
+/// `struct node_info`: one node in the cluster view. `ticket` 0: none;
+/// `age`: seconds since the replica started (or the node went down).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub state: NodeState,
+    pub ticket: u32,
+    pub replica: u32,
+    pub age: u32,
+}
+
+/// `struct queue_entry`: a waiting job. `owner` -1: anonymous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub ticket: u32,
+    pub replicas: u32,
+    pub position: u32,
+    pub owner: i32,
+    pub age: u32,
+}
+
+/// `struct cluster_view`: the reply of CLUSTER.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterView {
+    pub nodes: Vec<NodeInfo>,
+    pub queue: Vec<QueueEntry>,
+    /// Jobs in the table (not closed): waiting, running, finished.
+    pub jobs: u32,
+    pub running_jobs: u32,
+    pub finished_jobs: u32,
+}
+
+/// Refuse a count of items of at least `min` bytes each that cannot fit.
+fn count(r: &mut XdrReader, min: usize, what: &str) -> Result<usize, XdrError> {
+    let n = r.u32()? as usize;
+    if n > r.remaining() / min {
+        return Err(XdrError::Invalid(format!("{n} {what} cannot fit in the message")));
+    }
+    Ok(n)
+}
+
+impl ClusterView {
+    pub fn encode(&self, w: &mut XdrWriter) {
+        w.u32(self.nodes.len() as u32);
+        for n in &self.nodes {
+            w.string(&n.name).u32(n.state as u32).u32(n.ticket).u32(n.replica).u32(n.age);
+        }
+        w.u32(self.queue.len() as u32);
+        for q in &self.queue {
+            w.u32(q.ticket).u32(q.replicas).u32(q.position).i32(q.owner).u32(q.age);
+        }
+        w.u32(self.jobs).u32(self.running_jobs).u32(self.finished_jobs);
+    }
+
+    pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
+        let n = count(r, 20, "nodes")?;
+        let mut nodes = Vec::with_capacity(n);
+        for _ in 0..n {
+            nodes.push(NodeInfo {
+                name: r.string(MAX_STRING)?,
+                state: NodeState::from_u32(r.u32()?)?,
+                ticket: r.u32()?,
+                replica: r.u32()?,
+                age: r.u32()?,
+            });
+        }
+        let n = count(r, 20, "queue entries")?;
+        let mut queue = Vec::with_capacity(n);
+        for _ in 0..n {
+            queue.push(QueueEntry {
+                ticket: r.u32()?,
+                replicas: r.u32()?,
+                position: r.u32()?,
+                owner: r.i32()?,
+                age: r.u32()?,
+            });
+        }
+        Ok(ClusterView { nodes, queue, jobs: r.u32()?, running_jobs: r.u32()?, finished_jobs: r.u32()? })
+    }
+}
+
+/// `struct ticket_info`: one of the caller's tickets (MINE). `age`:
+/// seconds since it was deployed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketInfo {
+    pub ticket: u32,
+    pub state: JobState,
+    pub replicas: u32,
+    pub age: u32,
+}
+
+pub fn encode_tickets(w: &mut XdrWriter, tickets: &[TicketInfo]) {
+    w.u32(tickets.len() as u32);
+    for t in tickets {
+        w.u32(t.ticket).u32(t.state as u32).u32(t.replicas).u32(t.age);
+    }
+}
+
+pub fn decode_tickets(r: &mut XdrReader) -> Result<Vec<TicketInfo>, XdrError> {
+    let n = count(r, 16, "tickets")?;
+    (0..n)
+        .map(|_| {
+            Ok(TicketInfo { ticket: r.u32()?, state: JobState::from_u32(r.u32()?)?, replicas: r.u32()?, age: r.u32()? })
+        })
+        .collect()
+}
+
+/// FOLLOW's answer: output bytes, and whether the replica has ended with them.
+pub type Chunk = (Vec<u8>, bool);
+
+/// Most output bytes one FOLLOW reply carries.
+pub const FOLLOW_CHUNK: usize = 64 * 1024;
+
+/// `struct follow_args` (FOLLOW): ticket, replica, offset (unsigned hyper).
+pub fn encode_follow_args(w: &mut XdrWriter, ticket: u32, replica: u32, offset: u64) {
+    w.u32(ticket).u32(replica).u32((offset >> 32) as u32).u32(offset as u32);
+}
+
+pub fn decode_follow_args(r: &mut XdrReader) -> Result<(u32, u32, u64), XdrError> {
+    Ok((r.u32()?, r.u32()?, (u64::from(r.u32()?) << 32) | u64::from(r.u32()?)))
+}
+
+/// The OK arm of `follow_res` (FOLLOW and NODE_FOLLOW): bytes from the
+/// offset, and whether the replica has ended and this is the last of them.
+pub fn encode_follow_ok(w: &mut XdrWriter, data: &[u8], ended: bool) {
+    w.u32(CloudStat::Ok as u32).opaque(data).bool(ended);
+}
+
+/// A `follow_res`.
+pub fn decode_follow(r: &mut XdrReader) -> Result<Result<Chunk, (CloudStat, String)>, XdrError> {
+    match decode_stat(r)? {
+        Ok(()) => Ok(Ok((r.opaque(FOLLOW_CHUNK)?.to_vec(), r.bool()?))),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
 /// Encode the default arm of any of the `*_res` unions.
 pub fn encode_error(w: &mut XdrWriter, stat: CloudStat, message: &str) {
     w.u32(stat as u32).string(message);
@@ -201,25 +395,133 @@ pub fn decode_retrieve_args(r: &mut XdrReader) -> Result<(u32, bool), XdrError> 
     Ok((r.u32()?, r.bool()?))
 }
 
-/// `struct run_res` of NODE_RUN: how a replica ended.
+/// `enum outcome`: why a replica ended. `None` until it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Outcome {
+    #[default]
+    None = 0,
+    /// `make run` exited 0.
+    Completed = 1,
+    /// `make run` exited non-zero (the recipe's own code, if make said it).
+    Failed = 2,
+    /// A signal, the time limit, a resource limit, cancel: the message says which.
+    Killed = 3,
+    /// The replica could not be set up: bad archive, no make, no process.
+    SetupError = 4,
+    /// Its node was lost.
+    Lost = 5,
+}
+
+impl Outcome {
+    pub fn from_u32(v: u32) -> Result<Self, XdrError> {
+        const ALL: [Outcome; 6] =
+            [Outcome::None, Outcome::Completed, Outcome::Failed, Outcome::Killed, Outcome::SetupError, Outcome::Lost];
+        ALL.get(v as usize).copied().ok_or_else(|| XdrError::Invalid(format!("unknown outcome {v}")))
+    }
+
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Outcome::None => None,
+            Outcome::Completed => Some("COMPLETED"),
+            Outcome::Failed => Some("FAILED"),
+            Outcome::Killed => Some("KILLED"),
+            Outcome::SetupError => Some("SETUP_ERROR"),
+            Outcome::Lost => Some("LOST"),
+        }
+    }
+}
+
+/// `struct run_res` of NODE_RUN: how a replica ended. `recipe_code`: the
+/// code make reported for the failing recipe (`Error 3`), -1 if none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunResult {
     pub state: JobState,
     pub exit_code: i32,
     pub message: String,
+    pub kind: Outcome,
+    pub recipe_code: i32,
 }
 
 impl RunResult {
     pub fn encode(&self, w: &mut XdrWriter) {
-        w.u32(self.state as u32).i32(self.exit_code).string(&self.message);
+        w.u32(self.state as u32).i32(self.exit_code).string(&self.message).u32(self.kind as u32).i32(self.recipe_code);
     }
 
     pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
-        Ok(RunResult { state: JobState::from_u32(r.u32()?)?, exit_code: r.i32()?, message: r.string(MAX_STRING)? })
+        Ok(RunResult {
+            state: JobState::from_u32(r.u32()?)?,
+            exit_code: r.i32()?,
+            message: r.string(MAX_STRING)?,
+            kind: Outcome::from_u32(r.u32()?)?,
+            recipe_code: r.i32()?,
+        })
     }
 
+    /// A replica that ended as `kind` with no exit code of its own.
+    pub fn ended(kind: Outcome, message: impl Into<String>) -> Self {
+        RunResult { state: JobState::Invalid, exit_code: -1, message: message.into(), kind, recipe_code: -1 }
+    }
+
+    /// A replica that could not be set up.
     pub fn invalid(message: impl Into<String>) -> Self {
-        RunResult { state: JobState::Invalid, exit_code: -1, message: message.into() }
+        Self::ended(Outcome::SetupError, message)
+    }
+
+    /// A replica whose node was lost.
+    pub fn lost(message: impl Into<String>) -> Self {
+        Self::ended(Outcome::Lost, message)
+    }
+
+    /// `make run` exited with `code` (COMPLETED if 0, else FAILED).
+    pub fn exited(code: i32, message: impl Into<String>) -> Self {
+        let (state, kind) =
+            if code == 0 { (JobState::Completed, Outcome::Completed) } else { (JobState::Invalid, Outcome::Failed) };
+        RunResult { state, exit_code: code, message: message.into(), kind, recipe_code: -1 }
+    }
+}
+
+/// `struct replica_info` of JOB_INFO: what STATUS's `replica_status` lacks.
+/// Ages are seconds before the reply; -1: not yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    pub kind: Outcome,
+    pub recipe_code: i32,
+    pub started_age: i32,
+    pub ended_age: i32,
+}
+
+/// `struct job_info`: the reply of JOB_INFO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    pub job: JobStatus,
+    pub submitted_age: i32,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+impl JobInfo {
+    pub fn encode(&self, w: &mut XdrWriter) {
+        self.job.encode(w);
+        w.i32(self.submitted_age).u32(self.replicas.len() as u32);
+        for r in &self.replicas {
+            w.u32(r.kind as u32).i32(r.recipe_code).i32(r.started_age).i32(r.ended_age);
+        }
+    }
+
+    pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
+        let job = JobStatus::decode(r)?;
+        let submitted_age = r.i32()?;
+        let n = count(r, 16, "replicas")?;
+        let replicas = (0..n)
+            .map(|_| {
+                Ok(ReplicaInfo {
+                    kind: Outcome::from_u32(r.u32()?)?,
+                    recipe_code: r.i32()?,
+                    started_age: r.i32()?,
+                    ended_age: r.i32()?,
+                })
+            })
+            .collect::<Result<_, XdrError>>()?;
+        Ok(JobInfo { job, submitted_age, replicas })
     }
 }
 

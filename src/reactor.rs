@@ -458,7 +458,7 @@ impl Server {
             self.settle();
             if let (Some(live), Some(main)) = (&mut self.live, &self.main) {
                 live.on_timer(now, self.poll.registry());
-                live.after_turn(now, self.poll.registry(), &|| main.coord.cluster_view());
+                live.after_turn(now, self.poll.registry(), &|| main.coord.live_view());
             }
         }
         self.stop();
@@ -493,7 +493,7 @@ impl Server {
             CLIENTS => self.accept(None),
             t if crate::live::Live::owns(t) => {
                 if let (Some(live), Some(main)) = (&mut self.live, &self.main) {
-                    live.on_event(t, self.poll.registry(), &|| main.coord.cluster_view());
+                    live.on_event(t, self.poll.registry(), &|| main.coord.live_view());
                 }
             }
             Token(t) if t < self.first_key => self.accept(Some(t - NODE_LISTENER_BASE)),
@@ -519,6 +519,10 @@ impl Server {
                 if let Some(out) = self.main.as_mut().and_then(|m| m.perform(action)) {
                     self.carry_out(out);
                 }
+            }
+            for (key, reply) in std::mem::take(&mut self.nodes.follow_replies) {
+                busy = true;
+                self.send(key, vec![Piece::Bytes(reply)]);
             }
             while let Some(ev) = self.nodes.events.pop_front() {
                 busy = true;
@@ -912,6 +916,13 @@ impl Server {
                             }
                             return true;
                         }
+                        if call.proc_num == crate::proto::NODE_FOLLOW {
+                            // Parked at the node until its replica writes more.
+                            if let Some(reply) = self.nodes.serve_follow(i, key, &call) {
+                                conn.outbox.push_bytes(reply);
+                            }
+                            return true;
+                        }
                         let reply = self.nodes.serve_call(i, call);
                         conn.outbox.push(reply);
                     }
@@ -1034,6 +1045,7 @@ impl Server {
                 NodeCall::Fetch { ticket, replica, into } => self.nodes.fetch_local(node, ticket, replica, into),
                 NodeCall::Drop { ticket } => self.nodes.drop_local(node, ticket),
                 NodeCall::Stop { ticket } => self.nodes.stop_local(node, ticket),
+                NodeCall::Follow { ticket, offset, caller } => self.nodes.follow_local(node, ticket, offset, caller),
             },
         }
     }

@@ -446,6 +446,38 @@ impl Scheduler {
         Some(Closed { was_waiting, nodes })
     }
 
+    // --- cancel (CANCEL) ---
+
+    /// Never start a waiting job: it leaves the queue and each replica ends
+    /// INVALID with `why`. Running replicas are the caller's to stop.
+    /// Returns whether the job was waiting.
+    pub fn cancel_waiting(&mut self, ticket: Ticket, why: &str) -> bool {
+        if !self.waiting.contains(&ticket) {
+            return false;
+        }
+        self.waiting.retain(|&t| t != ticket);
+        if let Some(job) = self.jobs.get_mut(&ticket) {
+            for r in job.replicas.iter_mut().filter(|r| r.state == JobState::Waiting) {
+                r.state = JobState::Invalid;
+                r.exit_code = -1;
+                r.message = why.to_string();
+            }
+        }
+        true
+    }
+
+    /// Stop the ticket's running replicas (CANCEL): each ends INVALID with
+    /// `why`, whatever its node reports. Returns their nodes.
+    pub fn stop_running(&mut self, ticket: Ticket, why: &str) -> Vec<NodeId> {
+        let Some(job) = self.jobs.get_mut(&ticket) else { return Vec::new() };
+        let mut nodes = Vec::new();
+        for r in job.replicas.iter_mut().filter(|r| r.state == JobState::Running && r.stopping.is_none()) {
+            r.stopping = Some(why.to_string());
+            nodes.extend(r.node);
+        }
+        nodes
+    }
+
     #[cfg(test)]
     fn check_invariants(&self) {
         for (n, running) in self.running.iter().enumerate() {
@@ -499,11 +531,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn ok() -> RunResult {
-        RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() }
+        RunResult::exited(0, "exit 0")
     }
 
     fn fail() -> RunResult {
-        RunResult { state: JobState::Invalid, exit_code: 1, message: "make run exited with status 1".into() }
+        RunResult::exited(1, "make run exited with status 1")
     }
 
     fn ones(n: usize) -> Vec<u32> {

@@ -45,7 +45,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use crate::node::ReplyTo;
-use crate::proto::{JobState, RunArgs, RunResult};
+use crate::proto::{Outcome, RunArgs, RunResult};
 use crate::spawn::{StopReason, REPLICA_PATH};
 
 /// A parsed node line `slurm:PARTITION [slots=K]`.
@@ -273,7 +273,9 @@ pub fn result_for(id: u64, info: &JobInfo, stop: Option<&StopReason>) -> RunResu
         Some((_, sig)) => 128 + sig,
         None => -1,
     };
-    let invalid = |message: String| RunResult { state: JobState::Invalid, exit_code, message };
+    // How it ended, as our outcome kinds say it.
+    let ended = |kind: Outcome, message: String| RunResult { exit_code, ..RunResult::ended(kind, message) };
+    let invalid = |message: String| ended(Outcome::Killed, message);
     let state = info.state.as_str();
     if let (Some(stop), "CANCELLED" | "FAILED" | "COMPLETED" | "TIMEOUT") = (stop, state) {
         // What we asked for happened (or the job ended on its own meanwhile,
@@ -284,24 +286,21 @@ pub fn result_for(id: u64, info: &JobInfo, stop: Option<&StopReason>) -> RunResu
                 StopReason::Closed => "the ticket was closed".into(),
                 StopReason::Shutdown => "the server shut down".into(),
                 StopReason::Stopped => "stopped by the main server".into(),
+                StopReason::Cancelled => "cancelled (cloud cancel)".into(),
             };
-            return invalid(format!("slurm job {id}: cancelled: {why}"));
+            return ended(Outcome::Killed, format!("slurm job {id}: cancelled: {why}"));
         }
     }
     match state {
-        "COMPLETED" => RunResult {
-            state: JobState::Completed,
-            exit_code: 0,
-            message: format!("slurm job {id}: COMPLETED, make run exited with status 0"),
-        },
+        "COMPLETED" => RunResult::exited(0, format!("slurm job {id}: COMPLETED, make run exited with status 0")),
         "FAILED" => match info.exit {
             Some((_, sig)) if sig != 0 => invalid(format!("slurm job {id}: FAILED, killed by signal {sig}")),
-            Some((code, _)) => invalid(format!("slurm job {id}: FAILED, exit {code}")),
-            None => invalid(format!("slurm job {id}: FAILED ({})", info.reason)),
+            Some((code, _)) => ended(Outcome::Failed, format!("slurm job {id}: FAILED, exit {code}")),
+            None => ended(Outcome::Failed, format!("slurm job {id}: FAILED ({})", info.reason)),
         },
         "TIMEOUT" => invalid(format!("slurm job {id}: TIMEOUT, Slurm's time limit for it ran out")),
         "CANCELLED" => invalid(format!("slurm job {id}: CANCELLED, cancelled in Slurm (scancel or an operator)")),
-        "NODE_FAIL" => invalid(format!("slurm job {id}: NODE_FAIL, the Slurm node running it failed")),
+        "NODE_FAIL" => ended(Outcome::Lost, format!("slurm job {id}: NODE_FAIL, the Slurm node running it failed")),
         "OUT_OF_MEMORY" => invalid(format!("slurm job {id}: OUT_OF_MEMORY, it went over its Slurm memory limit")),
         "PREEMPTED" => invalid(format!("slurm job {id}: PREEMPTED by another Slurm job")),
         other if info.reason.is_empty() || info.reason == "None" => invalid(format!("slurm job {id}: {other}")),
@@ -911,6 +910,7 @@ fn drain(c: &mut Cmd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::JobState;
 
     #[test]
     fn a_command_answers_through_its_pipe() {

@@ -43,7 +43,7 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
 use crate::archive_check::printable;
 use crate::extract::{extract, ExtractLimits};
-use crate::proto::{JobState, RunResult};
+use crate::proto::{Outcome, RunResult};
 
 /// Limits applied to every replica; each is a server option (defaults live
 /// in `cloud-server --help` and docs/LIMITS.md).
@@ -1130,6 +1130,8 @@ pub enum StopReason {
     Shutdown,
     /// The main server stopped it (fail-fast); its output is kept.
     Stopped,
+    /// `cloud cancel`: killed, output kept.
+    Cancelled,
 }
 
 /// Turn how the job ended into the replica's result.
@@ -1145,21 +1147,15 @@ pub fn classify_exit(status: WaitStatus, setup_error: &str, stopped: Option<&Sto
             StopReason::Closed => "killed: the ticket was closed".into(),
             StopReason::Shutdown => "killed: the server shut down".into(),
             StopReason::Stopped => "killed: stopped by the main server".into(),
+            StopReason::Cancelled => "killed: cancelled (cloud cancel); output kept".into(),
         };
-        return RunResult { state: JobState::Invalid, exit_code: exit_code(status), message };
+        return RunResult { exit_code: exit_code(status), ..RunResult::ended(Outcome::Killed, message) };
     }
     if !setup_error.is_empty() {
-        return RunResult { state: JobState::Invalid, exit_code: exit_code(status), message: setup_error.into() };
+        return RunResult { exit_code: exit_code(status), ..RunResult::invalid(setup_error) };
     }
     match status {
-        WaitStatus::Exited(_, 0) => {
-            RunResult { state: JobState::Completed, exit_code: 0, message: "make run exited with status 0".into() }
-        }
-        WaitStatus::Exited(_, code) => RunResult {
-            state: JobState::Invalid,
-            exit_code: code,
-            message: format!("make run exited with status {code}"),
-        },
+        WaitStatus::Exited(_, code) => RunResult::exited(code, format!("make run exited with status {code}")),
         WaitStatus::Signaled(_, sig, _) => {
             let hint = match sig {
                 Signal::SIGXCPU => " (CPU time limit, --max-cpu)",
@@ -1167,13 +1163,20 @@ pub fn classify_exit(status: WaitStatus, setup_error: &str, stopped: Option<&Sto
                 _ => "",
             };
             RunResult {
-                state: JobState::Invalid,
                 exit_code: 128 + sig as i32,
-                message: format!("make run was killed by signal {}{hint}", sig.as_str()),
+                ..RunResult::ended(Outcome::Killed, format!("make run was killed by signal {}{hint}", sig.as_str()))
             }
         }
-        other => RunResult::invalid(format!("make run ended unexpectedly: {other:?}")),
+        other => RunResult::ended(Outcome::Killed, format!("make run ended unexpectedly: {other:?}")),
     }
+}
+
+/// The code make reported for the failing recipe, from the end of its
+/// output: the first `*** [...] Error N` line (the innermost make's, under
+/// recursive makes), e.g. `make: *** [Makefile:2: run] Error 3` gives 3.
+pub fn recipe_code(tail: &[u8]) -> Option<i32> {
+    let text = String::from_utf8_lossy(tail);
+    text.lines().filter(|l| l.contains("*** [")).find_map(|l| l.rsplit_once("] Error ")?.1.trim().parse().ok())
 }
 
 fn exit_code(status: WaitStatus) -> i32 {
@@ -1207,6 +1210,16 @@ pub fn workspace_path(ticket_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recipe_code_is_taken_from_makes_error_line() {
+        assert_eq!(recipe_code(b"hello\nmake: *** [Makefile:2: run] Error 3\n"), Some(3));
+        let nested =
+            b"make[1]: *** [Makefile:5: inner] Error 7\nmake[1]: Leaving\nmake: *** [Makefile:2: run] Error 2\n";
+        assert_eq!(recipe_code(nested), Some(7));
+        assert_eq!(recipe_code(b"make: *** No rule to make target 'run'.  Stop.\n"), None);
+        assert_eq!(recipe_code(b"exit 3"), None);
+    }
 
     #[test]
     fn the_report_is_told_apart_from_setup_errors() {

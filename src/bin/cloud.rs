@@ -1,5 +1,12 @@
 //! `cloud`: the client programs. Called as `deploy`, `status` or `retrieve`
 //! (links to this binary, as in the original), or as `cloud <command>`.
+//!
+//! Exit codes (every command): 0 success, and for a command that waits for
+//! a job (`status --wait`, `deploy --wait`, `retrieve DIR`), every replica
+//! COMPLETED; 1 an error (the server refused the call, or could not be
+//! reached: the message says which and what to do); 2 a usage error; 3 the
+//! job ended and some replica FAILED (make exited non-zero); 4 some replica
+//! was KILLED, LOST or had a SETUP_ERROR (4 wins over 3; `status` shows why).
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -9,12 +16,23 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use cloudinfra::archive_check::MAKEFILE_NAMES;
 use cloudinfra::client::{pack_directory, Client, ClientError, DEFAULT_TIMEOUT};
-use cloudinfra::proto::{JobState, JobStatus, ReplicaStatus};
+use cloudinfra::proto::{ClusterView, JobInfo, JobState, NodeState, Outcome, ReplicaStatus, TicketInfo};
 
 const DEFAULT_SERVER: &str = "127.0.0.1:9000";
 
+/// The job ended and some replica FAILED (make exited non-zero).
+const EXIT_JOB_FAILED: u8 = 3;
+/// The job ended and some replica was KILLED, LOST, or had a SETUP_ERROR.
+const EXIT_JOB_KILLED: u8 = 4;
+
+const EXIT_CODES: &str = "Exit codes: 0 success (for a command that waits for a job: every replica COMPLETED); \
+1 an error (refused by the server, or the server cannot be reached); 2 a usage error; \
+3 the job ended and some replica FAILED (make run exited non-zero); \
+4 the job ended and some replica was KILLED (signal, time or resource limit, cancel), LOST (its node) \
+or had a SETUP_ERROR (bad archive, no make). 4 wins over 3.";
+
 #[derive(Parser, Debug)]
-#[command(name = "cloud", version, about = "Client of the cloudinfra job cluster")]
+#[command(name = "cloud", version, about = "Client of the cloudinfra job cluster", after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,16 +44,28 @@ enum Command {
     /// runs it) or a directory (packed on the fly), on REPLICAS nodes.
     /// Prints "Job ticket#: N".
     Deploy(DeployArgs),
-    /// Show a job's state and one line per replica.
+    /// Show a job's state and one line per replica; without a ticket, the
+    /// cluster (nodes, wait queue, totals); --mine: your tickets.
     Status(StatusArgs),
     /// Wait for every replica, write DIR/output_PORT.txt for each, then
     /// close the ticket. Without DIR: close the ticket at once (running
     /// replicas are killed, outputs discarded).
     Retrieve(RetrieveArgs),
+    /// Stop a job: running replicas are killed, waiting ones never start;
+    /// outputs are kept for a later retrieve.
+    Cancel(CancelArgs),
 }
 
 #[derive(clap::Args, Debug)]
-#[command(about = "Deploy a job: cloud deploy <replicas> <archive.tar.gz | directory>")]
+#[command(
+    about = "Deploy a job: cloud deploy <replicas> <archive.tar.gz | directory>",
+    after_help = concat!(
+        "Examples:\n  cloud deploy 2 job.tar.gz\n  cloud deploy 1 ./myjob --wait      ",
+        "# deploy, wait, write ./ticket_N/output_PORT.txt, close\n  cloud deploy 1 job.tar.gz --json\n\n",
+        "Exit codes: 0 deployed (with --wait: every replica COMPLETED); 1 an error; 2 a usage error; ",
+        "3 (--wait) some replica FAILED; 4 some replica was KILLED, LOST or had a SETUP_ERROR."
+    )
+)]
 struct DeployArgs {
     /// Number of replicas (1 to the number of nodes).
     replicas: u32,
@@ -45,15 +75,38 @@ struct DeployArgs {
     /// others; they are reported "stopped: replica i failed".
     #[arg(long)]
     fail_fast: bool,
+    /// Wait for the job, write its outputs into ./ticket_N/, close it.
+    #[arg(long)]
+    wait: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     server: ServerArg,
 }
 
 #[derive(clap::Args, Debug)]
-#[command(about = "Show a job's status: cloud status <ticket> [--json]")]
+#[command(
+    about = "Show a job's status: cloud status [<ticket>] [--mine] [--wait] [--json]",
+    after_help = concat!(
+        "Examples:\n  cloud status            # the cluster: nodes, wait queue, totals\n",
+        "  cloud status --mine     # your tickets, with state and age\n",
+        "  cloud status 7          # ticket 7, one line per replica\n",
+        "  cloud status 7 --wait   # block until ticket 7 ends; exit with its outcome\n",
+        "  cloud status --json\n\n",
+        "Exit codes: 0 success (with --wait: every replica COMPLETED); 1 an error; 2 a usage error; ",
+        "3 (--wait) some replica FAILED; 4 some replica was KILLED, LOST or had a SETUP_ERROR."
+    )
+)]
 struct StatusArgs {
-    /// The ticket number deploy printed.
-    ticket: u32,
+    /// The ticket number deploy printed; omit it for the whole cluster.
+    ticket: Option<u32>,
+    /// Your own tickets (as the server identifies you) instead of the cluster.
+    #[arg(long, conflicts_with = "ticket")]
+    mine: bool,
+    /// Wait until the job has ended (no time limit unless --timeout).
+    #[arg(long, requires = "ticket")]
+    wait: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -62,12 +115,51 @@ struct StatusArgs {
 }
 
 #[derive(clap::Args, Debug)]
-#[command(about = "Collect outputs: cloud retrieve <ticket> [<dir>]")]
+#[command(
+    about = "Collect outputs: cloud retrieve <ticket> [<dir>]",
+    after_help = concat!(
+        "Examples:\n  cloud retrieve 7 out     # wait, write out/output_PORT.txt per replica, close\n",
+        "  cloud retrieve 7         # close ticket 7 now, discarding its outputs (says what)\n",
+        "  cloud retrieve 7 --follow --replica 1   # print replica 1's output as it is produced\n\n",
+        "Exit codes: 0 success (with DIR: every replica COMPLETED); 1 an error; 2 a usage error; ",
+        "3 some replica FAILED; 4 some replica was KILLED, LOST or had a SETUP_ERROR."
+    )
+)]
 struct RetrieveArgs {
     /// The ticket number deploy printed.
     ticket: u32,
     /// Directory for output_PORT.txt files; omit it to close the ticket now.
+    #[arg(conflicts_with = "follow")]
     dir: Option<PathBuf>,
+    /// Print a replica's output to stdout as it is produced, until it ends
+    /// (the ticket stays open).
+    #[arg(long)]
+    follow: bool,
+    /// Which replica --follow shows.
+    #[arg(long, default_value_t = 0, requires = "follow")]
+    replica: u32,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArg,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "Stop a job, keep its outputs: cloud cancel <ticket>",
+    after_help = concat!(
+        "Examples:\n  cloud cancel 7 && cloud retrieve 7 out   # stop it, then collect what it printed\n\n",
+        "Running replicas end INVALID (killed: cancelled); waiting ones never start.\n",
+        "Exit codes: 0 cancelled (or had already ended); 1 an error; 2 a usage error."
+    )
+)]
+struct CancelArgs {
+    /// The ticket number deploy printed.
+    ticket: u32,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     server: ServerArg,
 }
@@ -99,8 +191,8 @@ impl ServerArg {
 fn main() -> ExitCode {
     let mut argv: Vec<String> = std::env::args().collect();
     let invoked = argv.first().map(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()));
-    // Called as `deploy`, `status` or `retrieve`: treat the name as the subcommand.
-    let applet = invoked.flatten().filter(|n| matches!(n.as_str(), "deploy" | "status" | "retrieve"));
+    // Called as `deploy`, `status`, `retrieve` or `cancel`: treat the name as the subcommand.
+    let applet = invoked.flatten().filter(|n| matches!(n.as_str(), "deploy" | "status" | "retrieve" | "cancel"));
     if let Some(name) = &applet {
         argv[0] = name.clone();
         argv.insert(0, "cloud".into());
@@ -113,6 +205,7 @@ fn main() -> ExitCode {
         Command::Deploy(a) => ("deploy", deploy(a)),
         Command::Status(a) => ("status", status(a)),
         Command::Retrieve(a) => ("retrieve", retrieve(a)),
+        Command::Cancel(a) => ("cancel", cancel(a)),
     };
     match result {
         Ok(code) => code,
@@ -173,6 +266,43 @@ fn connect(s: &ServerArg) -> Result<Client, String> {
     Client::connect_with(&s.server, s.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())
 }
 
+/// A connection for a call that waits for a job: no time limit unless asked.
+fn connect_waiting(s: &ServerArg) -> Result<Client, String> {
+    Client::connect_with(&s.server, s.timeout_or(None)).map_err(|e| e.to_string())
+}
+
+/// 0 if every replica completed, else EXIT_JOB_KILLED or EXIT_JOB_FAILED.
+fn outcome(info: &JobInfo) -> ExitCode {
+    let kinds = || info.replicas.iter().map(|r| r.kind);
+    if kinds().any(|k| matches!(k, Outcome::Killed | Outcome::Lost | Outcome::SetupError)) {
+        ExitCode::from(EXIT_JOB_KILLED)
+    } else if info.job.replicas.iter().all(|r| r.state == JobState::Completed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_JOB_FAILED)
+    }
+}
+
+/// Unix seconds `age` seconds ago, null for -1 (not yet).
+fn when(age: i32) -> Option<u64> {
+    u32::try_from(age).ok().map(since)
+}
+
+/// "5s", "3m20s", "2h05m".
+fn age(secs: u32) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// Unix seconds `secs` ago.
+fn since(secs: u32) -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    now.saturating_sub(u64::from(secs))
+}
+
 fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
     let meta = fs::metadata(&a.archive).map_err(|e| format!("cannot open {}: {e}", a.archive.display()))?;
     let (file, len) = if meta.is_dir() {
@@ -187,14 +317,52 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
         return Err(format!("{} is {len} bytes; an archive must be under 4 GiB", a.archive.display()));
     }
     let mut client = connect(&a.server)?;
-    let ticket = if a.fail_fast {
+    let bar = progress_bar(len);
+    if let Some(bar) = bar.clone() {
+        client.on_progress(move |sent| bar.set_position(sent.min(len)));
+    }
+    let deployed = if a.fail_fast {
         client.deploy_opts(a.replicas, cloudinfra::proto::DEPLOY_FAIL_FAST, file, len)
     } else {
         client.deploy(a.replicas, file, len)
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
-    .map_err(|e| e.to_string())?;
-    println!("Job ticket#: {ticket}");
-    Ok(ExitCode::SUCCESS)
+    let ticket = deployed.map_err(|e| e.to_string())?;
+    if !a.wait {
+        if a.json {
+            println!("{}", serde_json::json!({ "ticket": ticket }));
+        } else {
+            println!("Job ticket#: {ticket}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !a.json {
+        println!("Job ticket#: {ticket}");
+    }
+    let dir = PathBuf::from(format!("ticket_{ticket}"));
+    collect(ticket, &dir, &a.server, a.json)
+}
+
+/// Archives at least this big show a progress bar (on a terminal).
+const PROGRESS_FROM: u64 = 4 << 20;
+
+/// A progress bar with bytes and rate on stderr, only when stderr is a
+/// terminal and the upload is large enough to be worth one.
+fn progress_bar(len: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if len < PROGRESS_FROM || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    let style =
+        indicatif::ProgressStyle::with_template("uploading {bytes}/{total_bytes} {bytes_per_sec} [{wide_bar}] {eta}")
+            .map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    Some(bar)
 }
 
 /// A directory to pack must have a makefile at its top (the server would
@@ -236,41 +404,194 @@ fn looks_gzip(mut f: &File, path: &Path) -> Result<(), String> {
 }
 
 fn status(a: StatusArgs) -> Result<ExitCode, String> {
-    let mut client = connect(&a.server)?;
-    let st = client.status(a.ticket).map_err(|e| e.to_string())?;
+    let Some(ticket) = a.ticket else {
+        let mut client = connect(&a.server)?;
+        if a.mine {
+            let mine = client.mine().map_err(|e| e.to_string())?;
+            if a.json {
+                println!("{}", mine_json(&mine));
+            } else {
+                print!("{}", mine_text(&mine));
+            }
+        } else {
+            let view = client.cluster().map_err(|e| e.to_string())?;
+            if a.json {
+                println!("{}", cluster_json(&view));
+            } else {
+                print!("{}", cluster_text(&view));
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let (st, code) = if a.wait {
+        let info = connect_waiting(&a.server)?.info(ticket, true).map_err(|e| e.to_string())?;
+        let code = outcome(&info);
+        (info, code)
+    } else {
+        (connect(&a.server)?.info(ticket, false).map_err(|e| e.to_string())?, ExitCode::SUCCESS)
+    };
     if a.json {
         println!("{}", status_json(&st));
     } else {
         print!("{}", status_text(&st));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
-fn status_json(st: &JobStatus) -> serde_json::Value {
+fn cluster_json(v: &ClusterView) -> serde_json::Value {
+    let count = |s: NodeState| v.nodes.iter().filter(|n| n.state == s).count();
     serde_json::json!({
-        "ticket": st.ticket,
-        "status": st.state.name(),
-        "queue_position": st.queue_position,
-        "replicas": st.replicas.iter().map(|r| serde_json::json!({
-            "replica": r.replica,
-            "node": r.node,
-            "status": r.state.name(),
-            "exit_code": r.exit_code,
-            "message": r.message,
+        "nodes": v.nodes.iter().map(|n| serde_json::json!({
+            "name": n.name,
+            "state": n.state.name(),
+            "slots": 1,
+            "running": if n.state == NodeState::Busy {
+                vec![serde_json::json!({"ticket": n.ticket, "replica": n.replica, "since": since(n.age)})]
+            } else {
+                vec![]
+            },
+            "since": (n.state == NodeState::Down).then(|| since(n.age)),
+        })).collect::<Vec<_>>(),
+        "queue": v.queue.iter().map(|q| serde_json::json!({
+            "ticket": q.ticket,
+            "replicas": q.replicas,
+            "position": q.position,
+            "owner": (q.owner >= 0).then_some(q.owner),
+            "submitted": since(q.age),
+        })).collect::<Vec<_>>(),
+        "totals": {
+            "nodes": v.nodes.len(),
+            "free": count(NodeState::Free),
+            "busy": count(NodeState::Busy),
+            "down": count(NodeState::Down),
+            "waiting": v.queue.len(),
+            "running": v.running_jobs,
+            "finished": v.finished_jobs,
+            "jobs": v.jobs,
+        },
+    })
+}
+
+fn cluster_text(v: &ClusterView) -> String {
+    let mut out = String::from("NODE                   STATE  TICKET  REPLICA  SINCE\n");
+    for n in &v.nodes {
+        let line = match n.state {
+            NodeState::Busy => {
+                format!("{:<22} {:<6} {:<7} {:<8} {} ago", n.name, "busy", n.ticket, n.replica, age(n.age))
+            }
+            NodeState::Down => format!("{:<22} {:<6} {:<7} {:<8} {} ago", n.name, "down", "-", "-", age(n.age)),
+            NodeState::Free => format!("{:<22} {:<6} {:<7} {:<8} -", n.name, "free", "-", "-"),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    if v.queue.is_empty() {
+        out.push_str("queue: empty\n");
+    } else {
+        out.push_str("QUEUE  TICKET  REPLICAS  OWNER   WAITING\n");
+        for q in &v.queue {
+            let owner = if q.owner >= 0 { format!("uid {}", q.owner) } else { "-".into() };
+            out.push_str(&format!("{:<6} {:<7} {:<9} {:<7} {}\n", q.position, q.ticket, q.replicas, owner, age(q.age)));
+        }
+    }
+    let count = |s: NodeState| v.nodes.iter().filter(|n| n.state == s).count();
+    out.push_str(&format!(
+        "nodes: {} ({} free, {} busy, {} down); jobs: {} waiting, {} running, {} finished\n",
+        v.nodes.len(),
+        count(NodeState::Free),
+        count(NodeState::Busy),
+        count(NodeState::Down),
+        v.queue.len(),
+        v.running_jobs,
+        v.finished_jobs
+    ));
+    out
+}
+
+fn mine_json(mine: &[TicketInfo]) -> serde_json::Value {
+    serde_json::json!({
+        "tickets": mine.iter().map(|t| serde_json::json!({
+            "ticket": t.ticket,
+            "status": t.state.name(),
+            "replicas": t.replicas,
+            "submitted": since(t.age),
+            "age": t.age,
         })).collect::<Vec<_>>(),
     })
 }
 
-fn status_text(st: &JobStatus) -> String {
+fn mine_text(mine: &[TicketInfo]) -> String {
+    if mine.is_empty() {
+        return "you hold no tickets\n".into();
+    }
+    let mut out = String::from("TICKET  STATE      REPLICAS  AGE\n");
+    for t in mine {
+        out.push_str(&format!("{:<7} {:<10} {:<9} {}\n", t.ticket, t.state.name(), t.replicas, age(t.age)));
+    }
+    out
+}
+
+fn status_json(info: &JobInfo) -> serde_json::Value {
+    let st = &info.job;
+    let none = proto_none();
+    serde_json::json!({
+        "ticket": st.ticket,
+        "status": st.state.name(),
+        "queue_position": st.queue_position,
+        "submitted": when(info.submitted_age),
+        "replicas": st.replicas.iter().enumerate().map(|(i, r)| {
+            let x = info.replicas.get(i).unwrap_or(&none);
+            serde_json::json!({
+                "replica": r.replica,
+                "node": (!r.node.is_empty()).then_some(&r.node),
+                "status": r.state.name(),
+                "outcome": x.kind.name(),
+                "exit_code": (r.state.is_final() && r.exit_code >= 0).then_some(r.exit_code),
+                "recipe_exit_code": (x.recipe_code >= 0).then_some(x.recipe_code),
+                "started": when(x.started_age),
+                "ended": when(x.ended_age),
+                "message": r.message,
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+/// What a replica that JOB_INFO did not describe shows.
+fn proto_none() -> cloudinfra::proto::ReplicaInfo {
+    cloudinfra::proto::ReplicaInfo { kind: Outcome::None, recipe_code: -1, started_age: -1, ended_age: -1 }
+}
+
+fn status_text(info: &JobInfo) -> String {
+    let st = &info.job;
     let mut out = format!("ticket {}: {}", st.ticket, st.state.name());
     if st.state == JobState::Waiting {
         out.push_str(&format!(" (queue position {})", st.queue_position));
     }
+    if let Ok(s) = u32::try_from(info.submitted_age) {
+        out.push_str(&format!(", submitted {} ago", age(s)));
+    }
     out.push('\n');
-    for r in &st.replicas {
+    let none = proto_none();
+    for (i, r) in st.replicas.iter().enumerate() {
+        let x = info.replicas.get(i).unwrap_or(&none);
         let node = if r.node.is_empty() { "-" } else { &r.node };
-        let code = if r.state.is_final() { r.exit_code.to_string() } else { "-".into() };
-        let line = format!("  replica {}  {node}  {}  exit {code}  {}", r.replica, r.state.name(), r.message);
+        let mut what = match x.kind.name() {
+            Some(kind) => kind.to_string(),
+            None => r.state.name().to_string(),
+        };
+        if r.state.is_final() && r.exit_code >= 0 {
+            what.push_str(&format!(" exit {}", r.exit_code));
+        }
+        if x.recipe_code >= 0 {
+            what.push_str(&format!(" (recipe exit {})", x.recipe_code));
+        }
+        let times = match (u32::try_from(x.started_age), u32::try_from(x.ended_age)) {
+            (Ok(s), Ok(e)) => format!("ran {}, ended {} ago", age(s.saturating_sub(e)), age(e)),
+            (Ok(s), Err(_)) => format!("running for {}", age(s)),
+            (Err(_), Ok(e)) => format!("ended {} ago", age(e)),
+            _ => "waiting".into(),
+        };
+        let line = format!("  replica {}  {node}  {what}  {times}  {}", r.replica, r.message);
         out.push_str(line.trim_end());
         out.push('\n');
     }
@@ -278,51 +599,132 @@ fn status_text(st: &JobStatus) -> String {
 }
 
 fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
+    if a.follow {
+        return follow(&a);
+    }
     let Some(dir) = a.dir else {
         let mut client = connect(&a.server)?;
+        // Say what closing discards: ask first (STATUS is open to all).
+        let st = client.status(a.ticket).ok();
         client.close(a.ticket).map_err(|e| e.to_string())?;
-        println!("ticket {} closed", a.ticket);
+        let running = st.as_ref().map_or(0, |s| s.replicas.iter().filter(|r| r.state == JobState::Running).count());
+        let ended = st.as_ref().map_or(0, |s| s.replicas.iter().filter(|r| r.state.is_final()).count());
+        let waiting = st.as_ref().map_or(0, |s| s.replicas.iter().filter(|r| r.state == JobState::Waiting).count());
+        if a.json {
+            let j = serde_json::json!({"ticket": a.ticket, "closed": true,
+                "discarded": {"ended": ended, "running": running, "waiting": waiting}});
+            println!("{j}");
+        } else {
+            println!(
+                "ticket {} closed: discarded the outputs of {ended} ended replica(s), killed {running} running, \
+                 dropped {waiting} waiting (to keep outputs: cloud retrieve {} DIR)",
+                a.ticket, a.ticket
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     };
+    collect(a.ticket, &dir, &a.server, a.json)
+}
+
+/// Each reply is deferred by the server until there is output past the
+/// offset or the replica has ended: nothing polls.
+fn follow(a: &RetrieveArgs) -> Result<ExitCode, String> {
+    use std::io::Write;
+    let mut client = connect_waiting(&a.server)?;
+    let mut offset = 0u64;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let (data, ended) = client.follow(a.ticket, a.replica, offset).map_err(|e| e.to_string())?;
+        offset += data.len() as u64;
+        if a.json {
+            if !data.is_empty() {
+                let j =
+                    serde_json::json!({"offset": offset - data.len() as u64, "data": String::from_utf8_lossy(&data)});
+                let _ = writeln!(out, "{j}");
+            }
+        } else {
+            let _ = out.write_all(&data);
+        }
+        let _ = out.flush();
+        if ended {
+            break;
+        }
+    }
+    drop(out);
+    client.set_timeout(a.server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
+    let info = client.info(a.ticket, false).map_err(|e| e.to_string())?;
+    // The followed replica's own outcome.
+    let i = a.replica as usize;
+    let one = JobInfo {
+        job: cloudinfra::proto::JobStatus {
+            replicas: info.job.replicas.get(i).cloned().into_iter().collect(),
+            ..info.job
+        },
+        submitted_age: info.submitted_age,
+        replicas: info.replicas.get(i).cloned().into_iter().collect(),
+    };
+    Ok(outcome(&one))
+}
+
+fn cancel(a: CancelArgs) -> Result<ExitCode, String> {
+    connect(&a.server)?.cancel(a.ticket).map_err(|e| e.to_string())?;
+    if a.json {
+        println!("{}", serde_json::json!({"ticket": a.ticket, "cancelled": true}));
+    } else {
+        println!("ticket {} cancelled; its outputs are kept: cloud retrieve {} DIR", a.ticket, a.ticket);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Wait for `ticket`, write DIR/output_PORT.txt per replica, close it.
+fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool) -> Result<ExitCode, String> {
     // Waiting for a job has no time limit unless asked for.
-    let mut client = Client::connect_with(&a.server.server, a.server.timeout_or(None)).map_err(|e| e.to_string())?;
+    let mut client = connect_waiting(server)?;
     // Outputs stream into .part files; each is fsynced and renamed into
     // place, and only then is the ticket closed. The directory is made only
     // once the server has said OK: an unknown ticket leaves nothing behind.
     let part = |s: &ReplicaStatus| {
-        let _ = fs::create_dir_all(&dir);
+        let _ = fs::create_dir_all(dir);
         dir.join(format!("output_{}.txt.part", port_of(&s.node)))
     };
-    let outputs = client.retrieve_into(a.ticket, true, part).map_err(|e: ClientError| e.to_string())?;
+    let outputs = client.retrieve_into(ticket, true, part).map_err(|e: ClientError| e.to_string())?;
     let remove_parts = || {
         for (_, part) in &outputs {
             let _ = fs::remove_file(part);
         }
     };
-    let mut all_ok = true;
+    let mut lines = Vec::new();
     for (s, part) in &outputs {
         let path = part.with_extension("");
         commit(part, &path).map_err(|e| {
             remove_parts();
             format!("cannot write {}: {e}; the ticket stays open, retry", path.display())
         })?;
-        println!(
-            "replica {} ({}): {} (exit {}) {} -> {}",
-            s.replica,
-            s.node,
-            s.state.name(),
-            s.exit_code,
-            s.message,
-            path.display()
-        );
-        all_ok &= s.state == JobState::Completed;
+        if json {
+            lines.push(serde_json::json!({"replica": s.replica, "node": s.node, "status": s.state.name(),
+                "exit_code": s.exit_code, "message": s.message, "output": path}));
+        } else {
+            println!(
+                "replica {} ({}): {} (exit {}) {} -> {}",
+                s.replica,
+                s.node,
+                s.state.name(),
+                s.exit_code,
+                s.message,
+                path.display()
+            );
+        }
     }
-    if let Ok(d) = File::open(&dir) {
+    if json {
+        println!("{}", serde_json::json!({"ticket": ticket, "replicas": lines}));
+    }
+    if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    client.set_timeout(a.server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
-    client.close(a.ticket).map_err(|e| e.to_string())?;
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    client.set_timeout(server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
+    let info = client.info(ticket, false).map_err(|e| e.to_string())?;
+    client.close(ticket).map_err(|e| e.to_string())?;
+    Ok(outcome(&info))
 }
 
 /// The port of "127.0.0.1:9001", for the original output_PORT.txt naming.
