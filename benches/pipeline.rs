@@ -257,8 +257,8 @@ fn svg_chart(rows: &[Row], title: &str) -> String {
         let color = if r.pass() == Some(true) { "#3a9d4a" } else { "#d04040" };
         let label = format!("{} [{}]", r.figure, r.fs);
         let dir = match r.target {
-            Target::AtLeast(_) => ">=",
-            _ => "<=",
+            Target::AtLeast(_) => "&#8805;",
+            _ => "&#8804;",
         };
         s.push_str(&format!(
             "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n\
