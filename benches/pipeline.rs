@@ -1000,6 +1000,14 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
 }
 
 fn main() {
+    // Room for 10,000 idle connections, here and in the servers we start
+    // (they inherit it; their --max-connections is lowered to fit it).
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            eprintln!("could not raise the open files limit from {soft} to {hard}");
+        }
+    }
     let rounds = std::env::var("CLOUD_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3usize).max(3);
     let quick = std::env::var("CLOUD_BENCH_QUICK").is_ok_and(|v| v == "1");
     let outdir = target_dir().join("bench");
