@@ -46,7 +46,11 @@ test:
 demo: cloudapps
 	sh client/demo.sh
 
-# Throughput against a plain `xargs -P4` pipeline, peak RSS, syscalls per job.
+# What a user measures, against what they would script instead (the real
+# client programs; ext4 work dir and tmpfs): a table on stdout,
+# target/bench/results.json and target/bench/ratios.svg. 1.5 to 3 minutes;
+# CLOUD_BENCH_QUICK=1 skips the 1 GiB transfer, CLOUD_BENCH_PROFILE=1 adds
+# strace counts and a perf flame graph. See docs/PERFORMANCE.md.
 bench:
 	$(CARGO) bench --bench pipeline
 
