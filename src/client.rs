@@ -540,16 +540,21 @@ fn read_outputs(
 }
 
 /// The payload of one incoming record, read through its fragment marks:
-/// `Read` ends (returns 0) at the end of the record.
+/// `Read` ends (returns 0) at the end of the record. Buffered, so a reply's
+/// many small XDR fields cost a few large reads, not one `recvfrom` each
+/// (the server sends nothing after the reply: one call at a time).
 struct Payload<'a> {
-    stream: &'a mut TcpStream,
+    stream: io::BufReader<&'a mut TcpStream>,
     left: u32,
     last: bool,
 }
 
+/// Bytes of a reply read from the socket at once.
+const REPLY_BUFFER: usize = 64 * 1024;
+
 impl<'a> Payload<'a> {
     fn new(stream: &'a mut TcpStream) -> Self {
-        Payload { stream, left: 0, last: false }
+        Payload { stream: io::BufReader::with_capacity(REPLY_BUFFER, stream), left: 0, last: false }
     }
 }
 
