@@ -56,6 +56,49 @@ pub struct NodeConfig {
     pub slot_identities: Vec<Option<(nix::unistd::Uid, nix::unistd::Gid)>>,
 }
 
+/// At start, a node's folder `dir` as an earlier run left it: each ticket
+/// folder that `keep` keeps stays, with its `output.txt` (its replica's
+/// archive and workspace go), every other entry is moved into `trash`
+/// (created on demand, same file system), named `<tag>-<entry>`, for the
+/// caller to remove in the background. Returns how many entries were
+/// moved. No folder yet: it is made later, nothing to do.
+pub fn sweep_dir(dir: &Path, trash: &Path, tag: &str, keep: impl Fn(u32) -> bool) -> io::Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut moved = 0;
+    let mut to_trash = |from: &Path, name: &str| -> io::Result<()> {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(trash)?;
+        let mut to = trash.join(format!("{tag}-{name}"));
+        let mut n = 0;
+        while to.symlink_metadata().is_ok() {
+            n += 1;
+            to = trash.join(format!("{tag}-{name}.{n}"));
+        }
+        fs::rename(from, &to)?;
+        moved += 1;
+        Ok(())
+    };
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let live = name.parse::<u32>().ok().filter(|t| keep(*t) && t.to_string() == name);
+        if live.is_none() || !e.file_type()?.is_dir() {
+            to_trash(&e.path(), &name)?;
+            continue;
+        }
+        // A replica that was running: its archive and workspace are stale.
+        let _ = fs::remove_file(e.path().join("job.tar.gz"));
+        let work = spawn::workspace_path(&e.path());
+        if work.symlink_metadata().is_ok() {
+            to_trash(&work, &format!("{name}-work"))?;
+        }
+    }
+    Ok(moved)
+}
+
 /// How long a busy cgroup waits before its removal is tried again.
 const GROUP_RETRY: Duration = Duration::from_millis(200);
 
@@ -432,6 +475,19 @@ impl Node {
                 self.kill_everything(ticket);
             }
             None => self.remove_ticket(ticket),
+        }
+    }
+
+    /// NODE_WAIT for a running replica: its end is now answered to
+    /// `reply_to` (the link it was started on may be gone). False if the
+    /// ticket runs no replica here.
+    pub fn rewait(&mut self, ticket: u32, reply_to: ReplyTo) -> bool {
+        match self.running.get_mut(&ticket) {
+            Some(r) => {
+                r.reply_to = reply_to;
+                true
+            }
+            None => false,
         }
     }
 

@@ -16,8 +16,7 @@
 //! replica's output pipe under the key it is given here and routes
 //! replies), the job table (`coordinator`), process setup (`spawn`).
 
-use std::collections::{HashMap, VecDeque};
-use std::fs;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -64,12 +63,24 @@ pub(crate) struct NodeService {
     pub(crate) events: VecDeque<NodeEvent>,
     /// What containment the host gives replicas here, for the ready line.
     pub(crate) cgroup_summary: String,
+    /// How each replica started over a link ended, kept until NODE_DROP:
+    /// its NODE_RUN reply may not have reached a main server that died or
+    /// restarted, which asks again with NODE_WAIT.
+    pub(crate) ended: HashMap<(NodeId, u32), RunResult>,
 }
 
 impl NodeService {
     /// Prepare the host and create node `i` for each of `ports` under
-    /// `work_dir` (absolute). Errors are one line for the operator.
-    pub(crate) fn start(cfg: &ServerConfig, work_dir: &Path, ports: &[u16]) -> Result<NodeService, String> {
+    /// `work_dir` (absolute). A node's folder keeps the tickets of `live`
+    /// (jobs restored from the journal: their outputs stay retrievable);
+    /// everything else in it is removed by a child. Errors are one line for
+    /// the operator.
+    pub(crate) fn start(
+        cfg: &ServerConfig,
+        work_dir: &Path,
+        ports: &[u16],
+        live: &HashSet<u32>,
+    ) -> Result<NodeService, String> {
         let n = ports.len();
         // Processes an earlier run left under our slot uids (it was killed
         // before it could stop them) must not meet the next tenants.
@@ -118,9 +129,14 @@ impl NodeService {
         crate::spawn::probe(sandbox, &limits, work_dir, probe_ns, cgroups.as_deref())?;
 
         let mut nodes = Vec::with_capacity(n);
+        // What an earlier run left and no live ticket needs goes here, then
+        // is removed by a child: it may be large (uncontained workspaces).
+        let trash = work_dir.join("trash");
+        let mut trashed = 0;
         for (i, &port) in ports.iter().enumerate() {
             let dir = work_dir.join(format!("output_{port}"));
-            let _ = fs::remove_dir_all(&dir); // stale workspaces of an earlier run
+            trashed += crate::node::sweep_dir(&dir, &trash, &format!("{port}"), |t| live.contains(&t))
+                .map_err(|e| format!("cannot clear node directory {}: {e}", dir.display()))?;
             let node = Node::new(NodeConfig {
                 port,
                 dir: dir.clone(),
@@ -140,12 +156,19 @@ impl NodeService {
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
             nodes.push(node);
         }
+        if trashed > 0 || trash.exists() {
+            match crate::spawn::remove_tree_in_background(&trash) {
+                Ok(pid) => log::debug!("removing {trashed} stale entries of node folders in pid {pid}"),
+                Err(e) => log::warn!("cannot fork to remove {}: {e}", trash.display()),
+            }
+        }
         Ok(NodeService {
             nodes,
             child_keys: HashMap::new(),
             more_output: Vec::new(),
             events: VecDeque::new(),
             cgroup_summary,
+            ended: HashMap::new(),
         })
     }
 
@@ -153,8 +176,33 @@ impl NodeService {
         self.nodes.len()
     }
 
-    /// A whole (non-streamed) call from the main server to node i: the reply.
-    pub(crate) fn serve_call(&mut self, i: NodeId, call: Call) -> Vec<Piece> {
+    /// A whole (non-streamed) call from the main server to node i, on
+    /// connection `key`: the reply, or `None` when it is deferred (a
+    /// NODE_WAIT for a replica still running is answered when it ends).
+    pub(crate) fn serve_call(&mut self, i: NodeId, key: usize, call: Call) -> Option<Vec<Piece>> {
+        let xid = call.xid;
+        if let (proto::NODE_WAIT, Ok(ticket)) = (call.proc_num, XdrReader::new(&call.args).u32()) {
+            return self.wait(i, (key, xid), ticket).map(|result| vec![Piece::Bytes(run_reply(xid, &result))]);
+        }
+        Some(self.serve_now(i, call))
+    }
+
+    /// NODE_WAIT: how the ticket's replica ended, now (`Some`) or, while it
+    /// runs, once it ends (sent to `reply_to`; `None`). A ticket the node
+    /// does not know ends INVALID "node lost".
+    fn wait(&mut self, i: NodeId, reply_to: ReplyTo, ticket: u32) -> Option<RunResult> {
+        if self.nodes[i].rewait(ticket, reply_to) {
+            return None;
+        }
+        Some(self.ended.get(&(i, ticket)).cloned().unwrap_or_else(|| {
+            RunResult::invalid(format!(
+                "node lost: {} has no replica of ticket {ticket} (it restarted, or dropped the ticket)",
+                self.nodes[i].name()
+            ))
+        }))
+    }
+
+    fn serve_now(&mut self, i: NodeId, call: Call) -> Vec<Piece> {
         let xid = call.xid;
         let mut w = rpc::accepted(xid, AcceptStat::Success);
         match (call.proc_num, XdrReader::new(&call.args).u32()) {
@@ -175,7 +223,10 @@ impl NodeService {
             (proto::NODE_DROP | proto::NODE_STOP, Ok(ticket)) => {
                 match call.proc_num {
                     proto::NODE_STOP => self.nodes[i].stop_ticket(ticket),
-                    _ => self.nodes[i].drop_ticket(ticket),
+                    _ => {
+                        self.ended.remove(&(i, ticket));
+                        self.nodes[i].drop_ticket(ticket)
+                    }
                 }
                 w.u32(CloudStat::Ok as u32);
                 vec![Piece::Bytes(w.into_bytes())]
@@ -244,6 +295,15 @@ impl NodeService {
         self.nodes[i].drop_ticket(ticket);
     }
 
+    /// The in-process main service's NODE_WAIT: a replica started by a
+    /// direct call reports its end by itself; any other ticket is answered
+    /// now with a `RunFinished` event.
+    pub(crate) fn wait_local(&mut self, i: NodeId, ticket: u32) {
+        if let Some(result) = self.wait(i, (LOCAL, 0), ticket) {
+            self.events.push_back(NodeEvent::RunFinished { node: i, ticket, result });
+        }
+    }
+
     /// Read a replica's output, a bounded amount per turn of the loop.
     pub(crate) fn drain(&mut self, i: NodeId, ticket: u32) {
         let more = self.nodes[i].drain_output(ticket, DRAIN_BUDGET) == Drained::More;
@@ -267,7 +327,9 @@ impl NodeService {
             self.events.push_back(NodeEvent::RunFinished { node: i, ticket: fin.ticket, result: fin.result });
             return None;
         }
-        Some((key, run_reply(xid, &fin.result)))
+        let reply = run_reply(xid, &fin.result);
+        self.ended.insert((i, fin.ticket), fin.result);
+        Some((key, reply))
     }
 
     /// The earliest time limit or cgroup retry.
@@ -296,13 +358,12 @@ impl NodeService {
         }
     }
 
-    /// After `kill_all` and reaping: remove the groups and the node folders.
+    /// After `kill_all` and reaping: remove the groups. The node folders
+    /// stay: live tickets' outputs are retrievable after a restart (which
+    /// clears the rest).
     pub(crate) fn release(&mut self) {
         for node in &mut self.nodes {
             node.release_groups();
-        }
-        for node in &self.nodes {
-            let _ = fs::remove_dir_all(&node.cfg.dir);
         }
     }
 }
@@ -316,4 +377,120 @@ fn run_reply(xid: u32, result: &RunResult) -> Vec<u8> {
     let mut w = rpc::accepted(xid, AcceptStat::Success);
     result.encode(&mut w);
     w.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extract::ExtractLimits;
+    use crate::proto::JobState;
+    use crate::spawn::JobLimits;
+    use std::fs;
+    use std::time::Duration;
+
+    fn service(dir: &Path) -> NodeService {
+        let limits = JobLimits {
+            extract: ExtractLimits { max_bytes: 1 << 20, max_entries: 100, max_path: 255 },
+            cpu_seconds: 10,
+            address_space: 1 << 30,
+            open_files: 64,
+            file_size: 1 << 20,
+            processes: None,
+            nproc_rlimit: false,
+            tmp_bytes: 1 << 20,
+            disk_bytes: 1 << 20,
+        };
+        let node = Node::new(NodeConfig {
+            port: 9001,
+            dir: dir.join("output_9001"),
+            limits,
+            sandbox: Sandbox { identity: None, isolate_network: false, containment: Containment::Uncontained },
+            time_limit: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(1),
+            max_output: 1 << 20,
+            work_dir: dir.to_path_buf(),
+            netns: None,
+            cgroups: None,
+            slot_identities: vec![None],
+        })
+        .unwrap();
+        NodeService {
+            nodes: vec![node],
+            child_keys: HashMap::new(),
+            more_output: Vec::new(),
+            events: VecDeque::new(),
+            cgroup_summary: String::new(),
+            ended: HashMap::new(),
+        }
+    }
+
+    fn wait_call(ticket: u32) -> Call {
+        let mut w = crate::xdr::XdrWriter::new();
+        w.u32(ticket);
+        Call { xid: 77, proc_num: proto::NODE_WAIT, args: w.into_bytes(), sys_uid: None }
+    }
+
+    fn result_of(pieces: Vec<Piece>) -> RunResult {
+        let [Piece::Bytes(bytes)] = &pieces[..] else { panic!("{pieces:?}") };
+        let (xid, outcome) = rpc::decode_reply(bytes).unwrap();
+        assert_eq!(xid, 77);
+        let rpc::ReplyOutcome::Success { results_at } = outcome else { panic!("{outcome:?}") };
+        RunResult::decode(&mut XdrReader::new(&bytes[results_at..])).unwrap()
+    }
+
+    #[test]
+    fn node_wait_answers_a_kept_end_at_once_and_an_unknown_ticket_as_node_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = service(dir.path());
+        // A replica started over a link ended; its reply may have been lost.
+        let (pipe, _w) = nix::unistd::pipe().unwrap();
+        let result = RunResult { state: JobState::Completed, exit_code: 0, message: "exit 0".into() };
+        let fin = Finished { ticket: 5, reply_to: (3, 9), result: result.clone(), pipe };
+        assert!(s.finished(0, fin).is_some(), "the NODE_RUN reply goes to its link");
+        // A new main server asks: answered at once, as the replica ended.
+        assert_eq!(result_of(s.serve_call(0, 4, wait_call(5)).expect("not deferred")), result);
+        // Asked again (a second restart): still known.
+        assert_eq!(result_of(s.serve_call(0, 4, wait_call(5)).unwrap()), result);
+        // Unknown ticket: INVALID, node lost.
+        let lost = result_of(s.serve_call(0, 4, wait_call(6)).unwrap());
+        assert_eq!(lost.state, JobState::Invalid);
+        assert!(lost.message.starts_with("node lost:") && lost.message.contains("ticket 6"), "{}", lost.message);
+        // NODE_DROP forgets it.
+        let mut w = crate::xdr::XdrWriter::new();
+        w.u32(5);
+        let drop_call = Call { xid: 78, proc_num: proto::NODE_DROP, args: w.into_bytes(), sys_uid: None };
+        assert!(s.serve_call(0, 4, drop_call).is_some());
+        assert_eq!(result_of(s.serve_call(0, 4, wait_call(5)).unwrap()).state, JobState::Invalid);
+        // The in-process form answers with an event.
+        s.wait_local(0, 6);
+        assert!(
+            matches!(s.events.pop_front(), Some(NodeEvent::RunFinished { ticket: 6, result, .. }) if result.message.starts_with("node lost"))
+        );
+    }
+
+    #[test]
+    fn a_node_folder_keeps_live_tickets_outputs_and_trashes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let node_dir = dir.path().join("output_9001");
+        for t in ["1", "2", "3"] {
+            fs::create_dir_all(node_dir.join(t).join("work/deep")).unwrap();
+            fs::write(node_dir.join(t).join("output.txt"), t).unwrap();
+            fs::write(node_dir.join(t).join("job.tar.gz"), "x").unwrap();
+        }
+        fs::write(node_dir.join("stray"), "x").unwrap();
+        let trash = dir.path().join("trash");
+        let moved = crate::node::sweep_dir(&node_dir, &trash, "9001", |t| t == 2).unwrap();
+        assert_eq!(moved, 4, "tickets 1 and 3, the stray file, ticket 2's workspace");
+        let mut left: Vec<_> = fs::read_dir(&node_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, ["2"]);
+        assert_eq!(fs::read_to_string(node_dir.join("2/output.txt")).unwrap(), "2");
+        assert!(!node_dir.join("2/job.tar.gz").exists() && !node_dir.join("2/work").exists());
+        // Again, with the same names in the trash already: no clash.
+        fs::create_dir_all(node_dir.join("1")).unwrap();
+        assert_eq!(crate::node::sweep_dir(&node_dir, &trash, "9001", |t| t == 2).unwrap(), 1);
+        assert_eq!(fs::read_dir(&trash).unwrap().count(), 5);
+        // No folder yet: nothing to do.
+        assert_eq!(crate::node::sweep_dir(&dir.path().join("none"), &trash, "x", |_| true).unwrap(), 0);
+    }
 }

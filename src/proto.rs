@@ -35,11 +35,15 @@ pub const NODE_HELLO: u32 = 4;
 pub const NODE_AUTH: u32 = 5;
 /// Kill the ticket's replica, keep its output (until NODE_DROP).
 pub const NODE_STOP: u32 = 6;
+/// After a main server restart: how the ticket's replica ended (run_res),
+/// deferred while it runs; a ticket the node does not know is INVALID
+/// "node lost".
+pub const NODE_WAIT: u32 = 7;
 
 /// Procedures 5 to 9 (other branches' CLUSTER, CANCEL, ...) are answered
 /// PROC_UNAVAIL by the server until they exist.
 pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: DEPLOY_OPTS };
-pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_STOP };
+pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_WAIT };
 
 /// Longest string we accept in a message or node name.
 pub const MAX_STRING: usize = 4096;

@@ -22,6 +22,7 @@
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`), what calls mean.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ use slab::Slab;
 use crate::config::NodesFile;
 use crate::conn::{Conn, Linger, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Coordinator, NodeCall};
+use crate::journal::{Journal, Opened};
 use crate::main_service::{Link, MainService, Out};
 use crate::node::Finished;
 use crate::node_service::NodeService;
@@ -155,6 +157,8 @@ pub struct Server {
     warned_full: bool,
     /// Logged once serving starts, after the ready line.
     limits_line: String,
+    /// What the journal held and what was restored, logged then too.
+    journal_lines: Vec<(log::Level, String)>,
 }
 
 impl Server {
@@ -166,9 +170,13 @@ impl Server {
         // Absolute: replicas' init mounts over it by path.
         let work_dir = fs::canonicalize(&cfg.work_dir)
             .map_err(|e| format!("cannot resolve work dir {}: {e}", cfg.work_dir.display()))?;
-        let nodes = NodeService::start(&cfg, &work_dir, &cfg.nodes.ports)?;
+        // The jobs of an earlier run: their node folders and spooled
+        // archives are kept (the rest is cleared), they are restored below.
+        let (journal, opened) = Journal::open(&work_dir)?;
+        let mut journal_lines = journal_opened_lines(&opened);
+        let live: HashSet<u32> = journal.live().jobs.keys().copied().collect();
+        let nodes = NodeService::start(&cfg, &work_dir, &cfg.nodes.ports, &live)?;
         let spool = work_dir.join("spool");
-        let _ = fs::remove_dir_all(&spool);
         fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
 
         let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
@@ -217,6 +225,7 @@ impl Server {
         let mut coord =
             Coordinator::with_slots(node_names.clone(), &cfg.nodes.slots, cfg.max_queue, spool.clone(), cfg.ticket_ttl);
         coord.requeue_lost(cfg.requeue_lost);
+        coord.enable_journal();
         coord.resume_tickets_from(next_ticket);
         coord.max_tickets_per_user(cfg.max_tickets_per_user);
         if let Some(uid) = cfg.only_deployer {
@@ -238,7 +247,7 @@ impl Server {
             cfg.call_timeout.as_secs()
         );
         let reserve = File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
-        let main = MainService {
+        let mut main = MainService {
             coord,
             spool,
             node_names,
@@ -247,7 +256,11 @@ impl Server {
             tickets,
             extract_limits: cfg.limits.extract,
             next_spool: 0,
+            journal,
+            held: Vec::new(),
+            sync_at: None,
         };
+        journal_lines.extend(main.restore(Instant::now())?.map(|l| (log::Level::Info, l)));
         Ok(Server {
             poll,
             slab: Slab::new(),
@@ -270,6 +283,7 @@ impl Server {
             warned_fds: false,
             warned_full: false,
             limits_line,
+            journal_lines,
         })
     }
 
@@ -291,6 +305,13 @@ impl Server {
     /// Serve until SIGINT, SIGTERM or SIGHUP, then stop every replica.
     pub fn run(&mut self) -> io::Result<()> {
         log::info!("{}", self.limits_line);
+        for (level, line) in std::mem::take(&mut self.journal_lines) {
+            log::log!(level, "{line}");
+        }
+        // Restored jobs start now; a folder removal forked at start may
+        // have ended before SIGCHLD was blocked.
+        self.reap();
+        self.settle();
         let mut events = Events::with_capacity(256);
         while !self.shutdown {
             let timeout = self.next_timeout();
@@ -337,6 +358,7 @@ impl Server {
         nodes
             .into_iter()
             .chain(self.main.coord.next_deadline())
+            .chain(self.main.next_deadline())
             .chain(conns)
             .min()
             .map(|d| d.saturating_duration_since(now))
@@ -381,7 +403,15 @@ impl Server {
                 }
             }
             if !busy {
-                return;
+                // The journal is synced before this turn's DEPLOY and CLOSE
+                // answers go out (a failed sync may undo a deploy: go on).
+                let outs = self.main.end_of_turn(Instant::now());
+                if outs.is_empty() {
+                    return;
+                }
+                for out in outs {
+                    self.carry_out(out);
+                }
             }
         }
     }
@@ -640,8 +670,10 @@ impl Server {
             CallEvent::Call(call) => {
                 match conn.role {
                     Role::NodeInbound(i) => {
-                        let reply = self.nodes.serve_call(i, call);
-                        conn.outbox.push(reply);
+                        // None: a NODE_WAIT answered when its replica ends.
+                        if let Some(reply) = self.nodes.serve_call(i, key, call) {
+                            conn.outbox.push(reply);
+                        }
                     }
                     _ => self.main.client_call(key, conn, call),
                 }
@@ -731,6 +763,7 @@ impl Server {
                 NodeCall::Fetch { ticket, replica, into } => self.nodes.fetch_local(node, ticket, replica, into),
                 NodeCall::Drop { ticket } => self.nodes.drop_local(node, ticket),
                 NodeCall::Stop { ticket } => self.nodes.stop_local(node, ticket),
+                NodeCall::Wait { ticket } => self.nodes.wait_local(node, ticket),
             },
         }
     }
@@ -895,13 +928,30 @@ impl Server {
     }
 
     /// Kill every replica (SIGKILL to each init ends its namespace), reap
-    /// them, remove the nodes' folders and the spool.
+    /// them; node folders and the spool's archives of queued jobs stay for
+    /// the next start (the journal says which tickets are live).
     fn stop(&mut self) {
         self.nodes.kill_all();
         self.reap();
         self.nodes.release();
         self.main.stop();
     }
+}
+
+/// What `Journal::open` found, for the log.
+fn journal_opened_lines(o: &Opened) -> Vec<(log::Level, String)> {
+    let mut lines = Vec::new();
+    if o.dropped > 0 {
+        let line = format!("journal: dropped a torn or damaged tail of {} bytes (a crash mid-write)", o.dropped);
+        lines.push((log::Level::Warn, line));
+    }
+    if o.ignored > 0 {
+        lines.push((log::Level::Warn, format!("journal: skipped {} records that contradict the others", o.ignored)));
+    }
+    if o.records > 0 {
+        lines.push((log::Level::Info, format!("journal: {} records replayed", o.records)));
+    }
+    lines
 }
 
 fn bind_error(e: io::Error, addr: SocketAddr, where_: &str) -> String {

@@ -415,6 +415,59 @@ impl Scheduler {
         Some(Closed { was_waiting, nodes })
     }
 
+    /// After a restart: put back a job from the journal, with its replicas
+    /// as they were (`Running` ones occupy a slot of their node), behind the
+    /// jobs restored before it in the wait queue if a replica waits. Call in
+    /// ticket order; ticket numbers continue above it. A fail-fast job with
+    /// a failed replica stops the others: their nodes are returned. `Err`:
+    /// it contradicts what is restored already (the job is left out).
+    pub fn restore_job(
+        &mut self,
+        ticket: Ticket,
+        replicas: Vec<Replica>,
+        fail_fast: bool,
+        lost_on: Vec<NodeId>,
+    ) -> Result<Vec<NodeId>, String> {
+        if ticket == 0 || self.jobs.contains_key(&ticket) || replicas.is_empty() {
+            return Err(format!("ticket {ticket} cannot be restored twice or empty"));
+        }
+        let mut nodes = Vec::new();
+        for (i, r) in replicas.iter().enumerate() {
+            let Some(n) = r.node else { continue };
+            if n >= self.node_count() || nodes.contains(&n) {
+                return Err(format!("ticket {ticket} replica {i}: node {n} is unknown or taken twice"));
+            }
+            if r.state == JobState::Running && self.running[n].contains_key(&ticket) {
+                return Err(format!("ticket {ticket} replica {i}: node {n} runs it already"));
+            }
+            nodes.push(n);
+        }
+        for (i, r) in replicas.iter().enumerate() {
+            if let (JobState::Running, Some(n)) = (r.state, r.node) {
+                // Slots may be fewer than before the restart: the replica
+                // still holds one (free_slots saturates).
+                self.running[n].insert(ticket, i as u32);
+            }
+        }
+        let job = Job { ticket, replicas, fail_fast, lost_on };
+        let waits = job.has_waiting();
+        let failed = job.replicas.iter().position(|r| r.state == JobState::Invalid);
+        self.jobs.insert(ticket, job);
+        if waits {
+            self.waiting.push_back(ticket);
+        }
+        self.next_ticket = self.next_ticket.max(ticket.wrapping_add(1).max(1));
+        Ok(match failed {
+            Some(i) if fail_fast => self.fail_fast(ticket, i as u32),
+            _ => Vec::new(),
+        })
+    }
+
+    /// Tickets whose replica node `node` runs (for NODE_WAIT after a restart).
+    pub fn running_on(&self, node: NodeId) -> Vec<Ticket> {
+        self.running.get(node).map_or_else(Vec::new, |r| r.keys().copied().collect())
+    }
+
     #[cfg(test)]
     fn check_invariants(&self) {
         for (n, running) in self.running.iter().enumerate() {
