@@ -9,7 +9,11 @@
 //! cache (`drc`) that answers a retried DEPLOY or CLOSE with its first
 //! reply, the job rules (fail-fast stops, what a node going down or coming
 //! back does to its replicas, `--requeue-lost`), and what each event means
-//! for them.
+//! for them; the journal records (`journal::Record`) of what happened
+//! (deployed, started, finished, closed), queued for the caller to append
+//! (`poll_record`), and the restore of a journal's live jobs after a
+//! restart (`restore`: what each replica becomes, `link_up`: NODE_WAIT for
+//! those a surviving node still runs).
 //! Must not touch: sockets, the reactor, processes. File *paths* are
 //! decided here; opening, writing and deleting them is the caller's job,
 //! done in the order the actions come out.

@@ -15,6 +15,10 @@
 //! replica is reaped (retried on later turns while busy, never waited for).
 //! Must not touch: sockets or the reactor (the server hands it bytes and
 //! events), the main server's job table (it only ever learns through RPC).
+//! Also here: `sweep_dir`, what a restart keeps of a node's folder (the
+//! tickets it is told are live, their outputs; the rest goes to a trash
+//! folder the caller removes in the background), and `rewait`, a running
+//! replica's end sent to a new link (NODE_WAIT).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};

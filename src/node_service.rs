@@ -11,7 +11,11 @@
 //! come back as [`NodeEvent`]s, the events a link's replies would make;
 //! draining each replica's output pipe; reaped children turned into
 //! finished replicas, then into NODE_RUN replies or events; time limits;
-//! killing and reaping everything at shutdown.
+//! killing and reaping everything at shutdown (node folders stay); the
+//! result of every replica started over a link, until NODE_DROP, for
+//! NODE_WAIT (a main server that restarted asks how it ended; deferred
+//! while it runs); at start, clearing node folders of all but the live
+//! tickets' (the journal's), the rest removed by a child.
 //! Must not touch: the poll or the slab (the reactor registers each
 //! replica's output pipe under the key it is given here and routes
 //! replies), the job table (`coordinator`), process setup (`spawn`).

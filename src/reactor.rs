@@ -6,7 +6,10 @@
 //! `WouldBlock` into the session readers (at most a fair share per turn),
 //! writing outboxes until `WouldBlock`, serving each client one call at a
 //! time (backpressure), reaping children, the poll timeout from every
-//! deadline (the nodes', the coordinator's, the client connections'),
+//! deadline (the nodes', the coordinator's, the journal's lazy sync, the
+//! client connections'), the end of each turn (`MainService::end_of_turn`:
+//! the journal synced before DEPLOY and CLOSE answers go out), opening the
+//! journal at start before the nodes (their folders keep its live tickets),
 //! accepting (`--max-connections`: the longest-idle client makes room; a
 //! reserve descriptor so that at EMFILE a new client is accepted and closed
 //! rather than left hanging in the backlog; at accept it asks `peer` who
