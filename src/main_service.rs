@@ -178,8 +178,11 @@ impl MainService {
 
     /// Move the coordinator's records into the journal's buffer, stamped.
     fn append_records(&mut self) {
-        let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut secs = None;
         while let Some(mut rec) = self.coord.poll_record() {
+            let secs = *secs.get_or_insert_with(|| {
+                SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+            });
             match &mut rec {
                 Record::Deployed { submitted: t, .. }
                 | Record::Started { at: t, .. }

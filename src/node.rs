@@ -73,31 +73,35 @@ pub fn sweep_dir(dir: &Path, trash: &Path, tag: &str, keep: impl Fn(u32) -> bool
         Err(e) => return Err(e),
     };
     let mut moved = 0;
-    let mut to_trash = |from: &Path, name: &str| -> io::Result<()> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(trash)?;
-        let mut to = trash.join(format!("{tag}-{name}"));
-        let mut n = 0;
-        while to.symlink_metadata().is_ok() {
-            n += 1;
-            to = trash.join(format!("{tag}-{name}.{n}"));
+    // One entry that cannot be moved is left (and logged), not fatal.
+    let mut to_trash = |from: &Path, name: &str| {
+        let moved_one = fs::DirBuilder::new().recursive(true).mode(0o700).create(trash).and_then(|()| {
+            let mut to = trash.join(format!("{tag}-{name}"));
+            let mut n = 0;
+            while to.symlink_metadata().is_ok() {
+                n += 1;
+                to = trash.join(format!("{tag}-{name}.{n}"));
+            }
+            fs::rename(from, &to)
+        });
+        match moved_one {
+            Ok(()) => moved += 1,
+            Err(e) => log::warn!("cannot move {} out of the way: {e}", from.display()),
         }
-        fs::rename(from, &to)?;
-        moved += 1;
-        Ok(())
     };
     for e in entries {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
         let live = name.parse::<u32>().ok().filter(|t| keep(*t) && t.to_string() == name);
-        if live.is_none() || !e.file_type()?.is_dir() {
-            to_trash(&e.path(), &name)?;
+        if live.is_none() || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            to_trash(&e.path(), &name);
             continue;
         }
         // A replica that was running: its archive and workspace are stale.
         let _ = fs::remove_file(e.path().join("job.tar.gz"));
         let work = spawn::workspace_path(&e.path());
         if work.symlink_metadata().is_ok() {
-            to_trash(&work, &format!("{name}-work"))?;
+            to_trash(&work, &format!("{name}-work"));
         }
     }
     Ok(moved)
