@@ -804,4 +804,47 @@ mod tests {
             s.check_invariants();
         }
     }
+
+    fn replica(node: Option<NodeId>, state: JobState) -> Replica {
+        Replica { node, state, exit_code: 0, message: String::new(), stopping: None }
+    }
+
+    #[test]
+    fn restored_jobs_keep_their_slots_and_queue_order_and_numbering_goes_on() {
+        let mut s = Scheduler::new(&[1, 1, 1], 10);
+        // 4: finished on node 0; 7: running on node 1 (a node that survived);
+        // 9 and 8 are queued, restored in ticket order 8 then 9.
+        assert_eq!(s.restore_job(4, vec![replica(Some(0), JobState::Completed)], false, vec![]), Ok(vec![]));
+        assert_eq!(s.restore_job(7, vec![replica(Some(1), JobState::Running)], false, vec![]), Ok(vec![]));
+        s.restore_job(8, vec![replica(None, JobState::Waiting); 2], false, vec![]).unwrap();
+        s.restore_job(9, vec![replica(None, JobState::Waiting)], false, vec![]).unwrap();
+        s.check_invariants();
+        assert!(s.restore_job(8, vec![replica(None, JobState::Waiting)], false, vec![]).is_err());
+        assert!(s.restore_job(10, vec![replica(Some(5), JobState::Completed)], false, vec![]).is_err());
+        assert_eq!(s.next_ticket(), 10);
+        assert_eq!(s.running_on(1), vec![7]);
+        assert_eq!((s.queue_position(8), s.queue_position(9)), (1, 2));
+        // Node 1 is busy with 7: job 8 (two replicas) takes nodes 0 and 2.
+        let started = s.start_ready();
+        assert_eq!(started.len(), 1);
+        assert_eq!(started[0].ticket, 8);
+        assert_eq!(s.queue_position(9), 1, "9 waits behind, never overtakes");
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_restored_fail_fast_job_with_a_failed_replica_stops_the_others() {
+        let mut s = Scheduler::new(&[1, 1, 1], 10);
+        let replicas = vec![
+            replica(Some(0), JobState::Invalid),
+            replica(Some(1), JobState::Running),
+            replica(None, JobState::Waiting),
+        ];
+        assert_eq!(s.restore_job(3, replicas, true, vec![]), Ok(vec![1]));
+        let job = s.job(3).unwrap();
+        assert_eq!(job.replicas[2].state, JobState::Invalid);
+        assert_eq!(job.replicas[1].stopping.as_deref(), Some("stopped: replica 0 failed"));
+        assert_eq!(s.queue_position(3), 0);
+        s.check_invariants();
+    }
 }
