@@ -283,6 +283,36 @@ impl Coordinator {
                 }
                 replicas.push(r);
             }
+            // Replicas that cannot start again: the nodes file now has too
+            // few nodes (the job would block the queue's head forever), or
+            // the journal names an archive outside the spool (never opened,
+            // never removed).
+            let too_few = job.replicas.len() > self.node_names.len();
+            let archive_ok = job.archive.parent() == Some(self.spool.as_path())
+                && job.archive.file_name().is_some_and(|f| f != "." && f != "..");
+            if too_few || !archive_ok {
+                let why = if too_few {
+                    format!(
+                        "cannot run again after the restart: {} replicas, and the cluster has {} nodes now",
+                        job.replicas.len(),
+                        self.node_names.len()
+                    )
+                } else {
+                    log::error!("journal: ticket {ticket}'s archive {} is not in the spool", job.archive.display());
+                    "cannot run again after the restart: its archive is not in the spool; deploy it again".into()
+                };
+                for (i, r) in replicas.iter_mut().enumerate() {
+                    if r.state == JobState::Waiting {
+                        out.queued -= usize::from(job.replicas[i].at_restart() == AtRestart::Queued);
+                        out.requeued -= usize::from(job.replicas[i].at_restart() == AtRestart::RunningAtCrash);
+                        r.state = JobState::Invalid;
+                        r.exit_code = -1;
+                        r.message = why.clone();
+                        newly_ended.push(i as u32);
+                        out.lost += 1;
+                    }
+                }
+            }
             let fail_fast = job.flags & proto::DEPLOY_FAIL_FAST != 0;
             let was_final: Vec<bool> = job.replicas.iter().map(|l| l.end.is_some()).collect();
             let stop = match self.sched.restore_job(ticket, replicas, fail_fast, lost_on) {
@@ -311,8 +341,8 @@ impl Coordinator {
             }
             let Some(restored) = self.sched.job(ticket) else { continue };
             let finished = restored.finished();
-            let needs_archive =
-                restored.replicas.iter().any(|r| r.state == JobState::Waiting) || (self.requeue_lost && !finished);
+            let needs_archive = archive_ok
+                && (restored.replicas.iter().any(|r| r.state == JobState::Waiting) || (self.requeue_lost && !finished));
             if needs_archive {
                 self.archives.insert(ticket, job.archive.clone());
             }
@@ -1452,6 +1482,36 @@ mod journal_and_restore {
         assert!(runs.iter().all(|r| r.1 == 3 && r.2 == Path::new("/spool/c")), "{runs:?}");
         c.deploy(A, Some(1000), 1, "/spool/e".into(), now);
         assert!(drain(&mut c).contains(&Action::Reply { to: A, reply: Reply::Deploy(Ok(5)) }));
+    }
+
+    #[test]
+    fn a_job_that_cannot_run_again_ends_at_the_restart_instead_of_blocking_the_queue() {
+        let now = Instant::now();
+        let (live, _) = crashed(2);
+        // The nodes file lost a node: ticket 3 (two replicas) cannot run.
+        let mut c = coord(1);
+        c.restore(&live, |_| false, now);
+        let st = c.job_status(3).unwrap();
+        assert_eq!(st.state, JobState::Invalid);
+        assert!(st.replicas[0].message.contains("the cluster has 1 nodes now"), "{}", st.replicas[0].message);
+        assert_eq!(c.job_status(4).unwrap().queue_position, 1, "the next one is not blocked");
+        // A journal naming an archive outside the spool: never used, never removed.
+        let mut live = Live::default();
+        let rec = Record::Deployed {
+            ticket: 1,
+            owner: None,
+            replicas: 1,
+            flags: 0,
+            submitted: 0,
+            archive: "/etc/passwd".into(),
+        };
+        journal::apply(&mut live, &rec).unwrap();
+        let mut c = coord(1);
+        c.restore(&live, |_| false, now);
+        assert_eq!(c.job_state(1), Some(JobState::Invalid));
+        assert_eq!(c.kept_archives().count(), 0);
+        c.start_restored();
+        assert!(drain(&mut c).is_empty(), "nothing runs, nothing is removed");
     }
 
     #[test]
