@@ -106,3 +106,27 @@ fn a_torn_journal_tail_is_dropped_and_the_earlier_jobs_come_back() {
     let st = state(&c, second);
     assert!(st == "COMPLETED" || st == "INVALID", "{st}");
 }
+
+#[test]
+fn with_requeue_lost_a_replica_running_at_the_crash_runs_again_after_the_restart() {
+    let mut c = Cluster::start_with(1, &["--allow-network", "--requeue-lost"]);
+    let gate = Gate::new();
+    let d = c.dir.path().to_path_buf();
+    let mut recipe = vec!["@echo run $$CLOUD_TICKET".to_string()];
+    recipe.extend(gate.wait_recipe("again"));
+    let t = c.deploy(1, &job(&d, "a.tar.gz", &recipe));
+    let (_, first) = gate.arrive();
+
+    c.restart(Signal::SIGKILL);
+    drop(first);
+
+    // It runs again from its kept archive, and says why.
+    let (who, second) = gate.arrive();
+    assert_eq!(who, "again");
+    assert_eq!(state(&c, t), "RUNNING");
+    assert!(message(&c, t).contains("requeued after the server restarted"), "{}", message(&c, t));
+    release(second);
+    c.wait_status(t, |s| s["status"] == "COMPLETED");
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok && outs[0].1.contains("released again"), "{outs:?}");
+}
