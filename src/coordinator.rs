@@ -9,7 +9,11 @@
 //! cache (`drc`) that answers a retried DEPLOY or CLOSE with its first
 //! reply, the job rules (fail-fast stops, what a node going down or coming
 //! back does to its replicas, `--requeue-lost`), and what each event means
-//! for them. Also: the
+//! for them; the journal records (`journal::Record`) of what happened
+//! (deployed, started, finished, closed), queued for the caller to append
+//! (`poll_record`), and the restore of a journal's live jobs after a
+//! restart (`restore`: what each replica becomes, `link_up`: NODE_WAIT for
+//! those a surviving node still runs). Also: the
 //! cluster view (CLUSTER, MINE), deferred JOB_INFO callers (wait), FOLLOW
 //! calls of replicas not started yet, CANCEL, and each replica's outcome
 //! kind and times (submitted, started, ended).
@@ -22,11 +26,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::drc::{self, Drc};
+use crate::journal::{AtRestart, Live, Record};
 use crate::proto::{
     self, CloudStat, ClusterView, JobInfo, JobState, JobStatus, NodeInfo, NodeState, Outcome, QueueEntry, ReplicaInfo,
     ReplicaStatus, RunArgs, RunResult, TicketInfo,
 };
-use crate::scheduler::{NodeId, Scheduler, SubmitError, Ticket};
+use crate::scheduler::{self, NodeId, Scheduler, SubmitError, Ticket};
 
 /// A connection, by its reactor token.
 pub type ConnId = usize;
@@ -74,6 +79,13 @@ pub enum NodeCall {
     Stop { ticket: Ticket },
     /// The replica's output from `offset`, for `caller` (FOLLOW).
     Follow { ticket: Ticket, offset: u64, caller: Caller },
+    /// After a restart: report how the ticket's replica ends (NODE_WAIT),
+    /// answered as a `Run` is.
+    Wait { ticket: Ticket },
+    /// When a link comes up: the node drops every ticket not in `tickets`
+    /// (NODE_KEEP): replicas of a main server that is gone, or that this
+    /// one gave up as lost while the node was away.
+    Keep { tickets: Vec<Ticket> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +149,26 @@ pub struct Coordinator {
     follow_waiting: HashMap<Ticket, Vec<(Caller, u32, u64)>>,
     /// The latest `now` an event brought (jobs start at the event that frees nodes).
     clock: Option<Instant>,
+    /// Journal records of what happened, for the caller to append
+    /// (`enable_journal`); their times are 0, the caller stamps them.
+    journaling: bool,
+    records: VecDeque<Record>,
+}
+
+/// What `restore` put back, for the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restored {
+    pub jobs: usize,
+    /// Replicas waiting to start (queued, or requeued at the restart).
+    pub queued: usize,
+    pub finished: usize,
+    /// Replicas that were running on a node of this process: INVALID.
+    pub lost: usize,
+    pub requeued: usize,
+    /// Replicas believed still running on a node that survives a restart.
+    pub running: usize,
+    /// Records that could not be restored (logged).
+    pub skipped: usize,
 }
 
 /// How many expired tickets are remembered for CLOUD_EXPIRED answers.
@@ -184,6 +216,239 @@ impl Coordinator {
             follow_waiting: HashMap::new(),
             following: HashMap::new(),
             clock: None,
+            journaling: false,
+            records: VecDeque::new(),
+        }
+    }
+
+    /// Make a journal record of every deploy, start, end and close
+    /// (`poll_record`).
+    pub fn enable_journal(&mut self) {
+        self.journaling = true;
+    }
+
+    /// The next journal record, in the order things happened.
+    pub fn poll_record(&mut self) -> Option<Record> {
+        self.records.pop_front()
+    }
+
+    fn journal(&mut self, rec: Record) {
+        if self.journaling {
+            self.records.push_back(rec);
+        }
+    }
+
+    /// Journal replica `i` of `ticket` if it has ended.
+    fn journal_end(&mut self, ticket: Ticket, i: u32) {
+        let Some(r) = self.sched.job(ticket).and_then(|j| j.replicas.get(i as usize)) else { return };
+        if r.state.is_final() {
+            let rec = Record::Finished {
+                ticket,
+                replica: i,
+                state: r.state,
+                exit_code: r.exit_code,
+                message: r.message.clone(),
+                ended: 0,
+            };
+            self.journal(rec);
+        }
+    }
+
+    /// Journal the replicas of `ticket` that ended without ever starting
+    /// (a fail-fast job's waiting ones).
+    fn journal_unstarted_ends(&mut self, ticket: Ticket) {
+        let Some(job) = self.sched.job(ticket) else { return };
+        let ended: Vec<u32> = (0..job.replicas.len() as u32)
+            .filter(|&i| job.replicas[i as usize].node.is_none() && job.replicas[i as usize].state.is_final())
+            .collect();
+        for i in ended {
+            self.journal_end(ticket, i);
+        }
+    }
+
+    /// After a restart, put back every job of the journal's live state, in
+    /// ticket order, with its owner, replicas and place in the wait queue;
+    /// ticket numbers continue above them. A replica that was running:
+    /// if `survives(node)` (a remote node, which keeps running it) it stays
+    /// RUNNING there until the node reports it (`link_up`); otherwise it
+    /// died with the server and ends INVALID "server restarted" (with
+    /// `--requeue-lost`: waits again, "requeued after the server
+    /// restarted"). Then `kept_archives` names the spooled archives they
+    /// still need, and `start_restored` starts what fits.
+    pub fn restore(&mut self, live: &Live, survives: impl Fn(NodeId) -> bool, now: Instant) -> Restored {
+        let mut out = Restored::default();
+        for job in live.jobs.values() {
+            let ticket = job.ticket;
+            let mut replicas = Vec::with_capacity(job.replicas.len());
+            let mut lost_on = Vec::new();
+            let mut newly_ended = Vec::new();
+            for (i, log) in job.replicas.iter().enumerate() {
+                let node = log.started.as_ref().and_then(|s| self.node_names.iter().position(|n| *n == s.node));
+                let where_ = log.started.as_ref().map_or("", |s| s.node.as_str());
+                let mut r = scheduler::Replica {
+                    node: None,
+                    state: JobState::Waiting,
+                    exit_code: 0,
+                    message: String::new(),
+                    stopping: None,
+                };
+                match log.at_restart() {
+                    AtRestart::Queued => out.queued += 1,
+                    AtRestart::Finished => {
+                        let end = log.end.as_ref().expect("finished has an end");
+                        r.node = node;
+                        r.state = end.state;
+                        r.exit_code = end.exit_code;
+                        r.message = end.message.clone();
+                        out.finished += 1;
+                    }
+                    AtRestart::RunningAtCrash => match node {
+                        Some(n) if survives(n) => {
+                            r.node = Some(n);
+                            r.state = JobState::Running;
+                            out.running += 1;
+                        }
+                        _ if self.requeue_lost => {
+                            r.message = "requeued after the server restarted".into();
+                            lost_on.extend(node);
+                            out.requeued += 1;
+                        }
+                        _ => {
+                            r.node = node;
+                            r.state = JobState::Invalid;
+                            r.exit_code = -1;
+                            r.message = format!("server restarted: the replica was running on node {where_}");
+                            newly_ended.push(i as u32);
+                            out.lost += 1;
+                        }
+                    },
+                }
+                replicas.push(r);
+            }
+            // Replicas that cannot start again: the nodes file now has too
+            // few nodes (the job would block the queue's head forever), or
+            // the journal names an archive outside the spool (never opened,
+            // never removed).
+            let too_few = job.replicas.len() > self.node_names.len();
+            let archive_ok = job.archive.parent() == Some(self.spool.as_path())
+                && job.archive.file_name().is_some_and(|f| f != "." && f != "..");
+            if too_few || !archive_ok {
+                let why = if too_few {
+                    format!(
+                        "cannot run again after the restart: {} replicas, and the cluster has {} nodes now",
+                        job.replicas.len(),
+                        self.node_names.len()
+                    )
+                } else {
+                    log::error!("journal: ticket {ticket}'s archive {} is not in the spool", job.archive.display());
+                    "cannot run again after the restart: its archive is not in the spool; deploy it again".into()
+                };
+                for (i, r) in replicas.iter_mut().enumerate() {
+                    if r.state == JobState::Waiting {
+                        out.queued -= usize::from(job.replicas[i].at_restart() == AtRestart::Queued);
+                        out.requeued -= usize::from(job.replicas[i].at_restart() == AtRestart::RunningAtCrash);
+                        r.state = JobState::Invalid;
+                        r.exit_code = -1;
+                        r.message = why.clone();
+                        newly_ended.push(i as u32);
+                        out.lost += 1;
+                    }
+                }
+            }
+            let fail_fast = job.flags & proto::DEPLOY_FAIL_FAST != 0;
+            let was_final: Vec<bool> = job.replicas.iter().map(|l| l.end.is_some()).collect();
+            let stop = match self.sched.restore_job(ticket, replicas, fail_fast, lost_on) {
+                Ok(stop) => stop,
+                Err(why) => {
+                    log::error!("journal: {why}; left out");
+                    out.skipped += 1;
+                    continue;
+                }
+            };
+            out.jobs += 1;
+            if let Some(uid) = job.owner {
+                self.owners.insert(ticket, uid);
+            }
+            *self.held.entry(job.owner).or_default() += 1;
+            for node in stop {
+                self.actions.push_back(Action::Node { node, call: NodeCall::Stop { ticket } });
+            }
+            // Ends decided now (lost at the restart, or fail-fast) are journaled.
+            let n = job.replicas.len() as u32;
+            for i in 0..n {
+                let ended_now = self.sched.job(ticket).is_some_and(|j| j.replicas[i as usize].state.is_final());
+                if ended_now && (!was_final[i as usize] || newly_ended.contains(&i)) {
+                    self.journal_end(ticket, i);
+                }
+            }
+            let Some(restored) = self.sched.job(ticket) else { continue };
+            let finished = restored.finished();
+            let needs_archive = archive_ok
+                && (restored.replicas.iter().any(|r| r.state == JobState::Waiting) || (self.requeue_lost && !finished));
+            if needs_archive {
+                self.archives.insert(ticket, job.archive.clone());
+            }
+            if finished {
+                // Its retrieval period starts again from the restart.
+                if let Some(ttl) = self.ttl {
+                    self.expiry.insert((now + ttl, ticket));
+                }
+            }
+        }
+        self.first_ticket = self.sched.next_ticket();
+        out
+    }
+
+    /// After `restore` (and keeping the `kept_archives`): start the queued
+    /// jobs that fit.
+    pub fn start_restored(&mut self) {
+        self.start_ready();
+    }
+
+    /// The spooled archives that restored jobs still need (every other
+    /// file of the spool is an orphan).
+    pub fn kept_archives(&self) -> impl Iterator<Item = &PathBuf> {
+        self.archives.values()
+    }
+
+    /// A link to `node` is up: after a restart, the replicas it is believed
+    /// to run are asked for with NODE_WAIT (each answered as a NODE_RUN
+    /// is, `run_finished`); then it takes work.
+    pub fn link_up(&mut self, node: NodeId, now: Instant) {
+        let tickets = self.tickets_on(node);
+        self.actions.push_back(Action::Node { node, call: NodeCall::Keep { tickets } });
+        for ticket in self.sched.running_on(node) {
+            log::info!("ticket {ticket}: asking node {} how its replica ends", self.node_names[node]);
+            self.actions.push_back(Action::Node { node, call: NodeCall::Wait { ticket } });
+        }
+        self.node_up(node, now);
+    }
+
+    /// The tickets whose replica on `node` this server still wants: one
+    /// running there, or ended there with an output to fetch (not lost
+    /// with the node).
+    fn tickets_on(&self, node: NodeId) -> Vec<Ticket> {
+        self.sched
+            .jobs()
+            .filter(|j| {
+                j.replicas.iter().enumerate().any(|(i, r)| {
+                    let lost = matches!(self.outcomes.get(&(j.ticket, i as u32)), Some((Outcome::Lost, _, _)));
+                    r.node == Some(node) && r.state != JobState::Waiting && !lost
+                })
+            })
+            .map(|j| j.ticket)
+            .collect()
+    }
+
+    /// A DEPLOY's ticket could not be journaled (the reply to `to` is then
+    /// an error): the job is forgotten as if closed, and a retry of the
+    /// call is not answered with its ticket.
+    pub fn abandon(&mut self, to: Caller, ticket: Ticket) {
+        let owner = self.owners.get(&ticket).copied();
+        self.drc.remove(&drc::Key { xid: to.xid, uid: owner, proc_num: proto::DEPLOY });
+        if self.forget(ticket) {
+            log::warn!("ticket {ticket}: dropped, its deploy could not be recorded");
+            self.start_ready();
         }
     }
 
@@ -332,6 +597,14 @@ impl Coordinator {
                     self.owners.insert(ticket, uid);
                 }
                 *self.held.entry(owner).or_default() += 1;
+                self.journal(Record::Deployed {
+                    ticket,
+                    owner,
+                    replicas,
+                    flags,
+                    submitted: 0,
+                    archive: archive.clone(),
+                });
                 self.archives.insert(ticket, archive);
                 self.clock = Some(now);
                 self.submitted.insert(ticket, now);
@@ -385,6 +658,8 @@ impl Coordinator {
             for &(i, node) in &start.placed {
                 log::info!("ticket {}: replica {i} -> node {}, RUNNING", start.ticket, self.node_names[node]);
                 let args = RunArgs { ticket: start.ticket, replica: i, replicas };
+                let node_name = self.node_names[node].clone();
+                self.journal(Record::Started { ticket: start.ticket, replica: i, node: node_name, at: 0 });
                 self.actions.push_back(Action::Node { node, call: NodeCall::Run { args, archive: archive.clone() } });
             }
             if self.requeue_lost && !self.sched.job(start.ticket).is_some_and(|j| j.finished()) {
@@ -418,7 +693,7 @@ impl Coordinator {
                 let why = if ticket == 0 || ticket >= self.next_ticket() {
                     "never issued"
                 } else if ticket < self.first_ticket {
-                    "from before the server's last restart, which forgets every job: deploy it again"
+                    "closed or expired before the server last started"
                 } else {
                     "already closed"
                 };
@@ -543,6 +818,8 @@ impl Coordinator {
                 result.state.name(),
                 result.message
             );
+            self.journal_end(ticket, ended.replica);
+            self.journal_unstarted_ends(ticket);
             self.stop_replicas(ticket, ended.replica, &ended.stop);
             self.after_replica_ended(ticket, now);
         }
@@ -644,6 +921,7 @@ impl Coordinator {
     /// outputs; parked retrievers are told. False if there was no such job.
     fn forget(&mut self, ticket: Ticket) -> bool {
         let Some(closed) = self.sched.close(ticket) else { return false };
+        self.journal(Record::Closed { ticket });
         let owner = self.owners.remove(&ticket);
         if let Some(n) = self.held.get_mut(&owner) {
             *n = n.saturating_sub(1);
@@ -744,7 +1022,9 @@ impl Coordinator {
         for (ticket, replica) in cut {
             self.fetch_failed(ticket, replica, &lost);
         }
-        for &(ticket, _) in &down.failed {
+        for &(ticket, replica) in &down.failed {
+            self.journal_end(ticket, replica);
+            self.journal_unstarted_ends(ticket);
             if self.sched.job(ticket).is_some_and(|j| j.finished()) {
                 self.finished_now(ticket, now);
                 for to in self.waiters.remove(&ticket).unwrap_or_default() {
@@ -1026,7 +1306,7 @@ mod tests {
     }
 
     #[test]
-    fn no_such_ticket_says_never_issued_closed_or_lost_in_a_restart() {
+    fn no_such_ticket_says_never_issued_or_closed_now_or_before_a_restart() {
         let mut c = coord(1);
         c.resume_tickets_from(1025);
         c.deploy(A, None, 1, "/spool/in".into(), t0());
@@ -1039,7 +1319,7 @@ mod tests {
             (0, "(never issued)"),
             (1026, "(never issued)"),
             (1025, "(already closed)"),
-            (7, "(from before the server's last restart, which forgets every job: deploy it again)"),
+            (7, "(closed or expired before the server last started)"),
         ] {
             c.status(B, ticket);
             let acts = drain(&mut c);
@@ -1535,5 +1815,273 @@ mod job_rules {
         c.run_finished(1, 2, RunResult::exited(1, "exit 1"), now);
         assert!(drain(&mut c).iter().all(|a| !matches!(a, Action::Node { call: NodeCall::Stop { .. }, .. })));
         assert_eq!(replica(&c, 2, 0).state, JobState::Running);
+    }
+}
+
+#[cfg(test)]
+mod journal_and_restore {
+    use super::*;
+    use crate::journal::{self, Live};
+    use std::path::Path;
+
+    const A: Caller = Caller { conn: 1, xid: 10 };
+    const B: Caller = Caller { conn: 2, xid: 20 };
+
+    fn coord(nodes: usize) -> Coordinator {
+        let names = (0..nodes).map(|i| format!("127.0.0.1:{}", 9001 + i)).collect();
+        let mut c = Coordinator::new(names, 10, PathBuf::from("/spool"), None);
+        c.enable_journal();
+        c
+    }
+
+    fn drain(c: &mut Coordinator) -> Vec<Action> {
+        std::iter::from_fn(|| c.poll_action()).collect()
+    }
+
+    fn records(c: &mut Coordinator) -> Vec<Record> {
+        std::iter::from_fn(|| c.poll_record()).collect()
+    }
+
+    fn ok() -> RunResult {
+        RunResult::exited(0, "make run exited with status 0")
+    }
+
+    /// The journal's live state after `c`'s records.
+    fn live_of(recs: &[Record]) -> Live {
+        let mut live = Live::default();
+        for r in recs {
+            journal::apply(&mut live, r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        }
+        live
+    }
+
+    #[test]
+    fn every_deploy_start_end_and_close_is_recorded_in_order() {
+        let now = Instant::now();
+        let mut c = coord(1);
+        c.deploy_opts(A, Some(1000), 1, proto::DEPLOY_FAIL_FAST, "/spool/a".into(), now);
+        c.deploy(B, None, 1, "/spool/b".into(), now);
+        c.run_finished(0, 1, ok(), now);
+        c.close(A, Some(1000), 1, now);
+        let recs = records(&mut c);
+        let node = "127.0.0.1:9001".to_string();
+        assert_eq!(
+            recs,
+            vec![
+                Record::Deployed {
+                    ticket: 1,
+                    owner: Some(1000),
+                    replicas: 1,
+                    flags: proto::DEPLOY_FAIL_FAST,
+                    submitted: 0,
+                    archive: "/spool/a".into()
+                },
+                Record::Started { ticket: 1, replica: 0, node: node.clone(), at: 0 },
+                Record::Deployed {
+                    ticket: 2,
+                    owner: None,
+                    replicas: 1,
+                    flags: 0,
+                    submitted: 0,
+                    archive: "/spool/b".into()
+                },
+                Record::Finished {
+                    ticket: 1,
+                    replica: 0,
+                    state: JobState::Completed,
+                    exit_code: 0,
+                    message: "make run exited with status 0".into(),
+                    ended: 0
+                },
+                Record::Started { ticket: 2, replica: 0, node, at: 0 },
+                Record::Closed { ticket: 1 },
+            ]
+        );
+        // Without a journal, nothing piles up.
+        let mut quiet = Coordinator::new(vec!["n".into()], 10, PathBuf::from("/spool"), None);
+        quiet.deploy(A, None, 1, "/spool/a".into(), now);
+        assert_eq!(quiet.poll_record(), None);
+    }
+
+    #[test]
+    fn a_lost_node_and_a_fail_fast_stop_record_every_end() {
+        let now = Instant::now();
+        let mut c = coord(2);
+        c.deploy_opts(A, None, 2, proto::DEPLOY_FAIL_FAST, "/spool/a".into(), now);
+        c.node_down(0, now);
+        c.run_finished(1, 1, RunResult::invalid("killed by signal 9"), now);
+        let ends: Vec<(u32, String)> = records(&mut c)
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Finished { replica, message, .. } => Some((replica, message)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ends.len(), 2, "{ends:?}");
+        assert!(ends[0].1.contains("node lost"), "{ends:?}");
+        assert_eq!(ends[1], (1, "stopped: replica 0 failed".to_string()));
+    }
+
+    /// Ticket 1 finished on node 0, 2 running on node 1, 3 and 4 queued;
+    /// then the server dies and a new one restores from the records.
+    fn crashed(nodes: usize) -> (Live, Vec<Record>) {
+        let now = Instant::now();
+        let mut c = coord(nodes);
+        c.deploy(A, Some(1000), 1, "/spool/a".into(), now);
+        c.deploy(A, Some(1000), 1, "/spool/b".into(), now);
+        c.run_finished(0, 1, ok(), now);
+        c.deploy(B, Some(1001), 2, "/spool/c".into(), now);
+        c.deploy(B, None, 1, "/spool/d".into(), now);
+        let recs = records(&mut c);
+        (live_of(&recs), recs)
+    }
+
+    #[test]
+    fn a_restart_restores_owners_queue_order_finished_outputs_and_ticket_numbers() {
+        let (live, _) = crashed(2);
+        let now = Instant::now();
+        let mut c = coord(2);
+        c.resume_tickets_from(3); // a counter behind the journal does no harm
+        let r = c.restore(&live, |_| false, now);
+        assert_eq!((r.jobs, r.finished, r.lost, r.queued, r.running), (4, 1, 1, 3, 0));
+        // The finished one is fetched from the node it ran on.
+        assert_eq!(c.job_state(1), Some(JobState::Completed));
+        c.retrieve(A, Some(1000), 1, true);
+        assert!(matches!(&drain(&mut c)[..], [Action::Node { node: 0, call: NodeCall::Fetch { ticket: 1, .. } }]));
+        // Owners are as before.
+        c.close(B, Some(1001), 1, now);
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Action::Reply { reply: Reply::Close(Err((CloudStat::NotOwner, _))), .. }]
+        ));
+        // The running one died with the server, and says so.
+        let st = c.job_status(2).unwrap();
+        assert_eq!(st.state, JobState::Invalid);
+        assert!(st.replicas[0].message.starts_with("server restarted"), "{}", st.replicas[0].message);
+        assert_eq!(st.replicas[0].node, "127.0.0.1:9002", "its output so far is on its node");
+        // Queued in ticket order; only their archives are kept.
+        assert_eq!((c.job_status(3).unwrap().queue_position, c.job_status(4).unwrap().queue_position), (1, 2));
+        let mut kept: Vec<_> = c.kept_archives().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, [PathBuf::from("/spool/c"), PathBuf::from("/spool/d")]);
+        assert_eq!(c.next_ticket(), 5);
+        // The restart's decision is journaled.
+        assert!(matches!(&records(&mut c)[..], [Record::Finished { ticket: 2, state: JobState::Invalid, .. }]));
+        // Then they start, in order.
+        c.start_restored();
+        let acts = drain(&mut c);
+        let runs: Vec<_> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Node { node, call: NodeCall::Run { args, archive } } => {
+                    Some((*node, args.ticket, archive.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(runs.len(), 2, "{acts:?}");
+        assert!(runs.iter().all(|r| r.1 == 3 && r.2 == Path::new("/spool/c")), "{runs:?}");
+        c.deploy(A, Some(1000), 1, "/spool/e".into(), now);
+        assert!(drain(&mut c).contains(&Action::Reply { to: A, reply: Reply::Deploy(Ok(5)) }));
+    }
+
+    #[test]
+    fn a_job_that_cannot_run_again_ends_at_the_restart_instead_of_blocking_the_queue() {
+        let now = Instant::now();
+        let (live, _) = crashed(2);
+        // The nodes file lost a node: ticket 3 (two replicas) cannot run.
+        let mut c = coord(1);
+        c.restore(&live, |_| false, now);
+        let st = c.job_status(3).unwrap();
+        assert_eq!(st.state, JobState::Invalid);
+        assert!(st.replicas[0].message.contains("the cluster has 1 nodes now"), "{}", st.replicas[0].message);
+        assert_eq!(c.job_status(4).unwrap().queue_position, 1, "the next one is not blocked");
+        // A journal naming an archive outside the spool: never used, never removed.
+        let mut live = Live::default();
+        let rec = Record::Deployed {
+            ticket: 1,
+            owner: None,
+            replicas: 1,
+            flags: 0,
+            submitted: 0,
+            archive: "/etc/passwd".into(),
+        };
+        journal::apply(&mut live, &rec).unwrap();
+        let mut c = coord(1);
+        c.restore(&live, |_| false, now);
+        assert_eq!(c.job_state(1), Some(JobState::Invalid));
+        assert_eq!(c.kept_archives().count(), 0);
+        c.start_restored();
+        assert!(drain(&mut c).is_empty(), "nothing runs, nothing is removed");
+    }
+
+    #[test]
+    fn held_ticket_counts_survive_a_restart() {
+        let (live, _) = crashed(2);
+        let mut c = coord(2);
+        c.max_tickets_per_user(2);
+        c.restore(&live, |_| false, Instant::now());
+        assert!(c.deploy_refusal(Some(1000), true, 1).is_some(), "uid 1000 holds 2");
+        assert!(c.deploy_refusal(Some(1001), true, 1).is_none(), "uid 1001 holds 1");
+    }
+
+    #[test]
+    fn with_requeue_lost_a_replica_running_at_the_crash_runs_again() {
+        let (live, _) = crashed(2);
+        let mut c = coord(2);
+        c.requeue_lost(true);
+        let r = c.restore(&live, |_| false, Instant::now());
+        assert_eq!((r.requeued, r.lost), (1, 0));
+        let st = c.job_status(2).unwrap();
+        assert_eq!(st.state, JobState::Waiting);
+        assert_eq!(st.replicas[0].message, "requeued after the server restarted");
+        assert!(c.kept_archives().any(|p| p == Path::new("/spool/b")));
+        c.start_restored();
+        let acts = drain(&mut c);
+        assert!(acts
+            .iter()
+            .any(|a| matches!(a, Action::Node { call: NodeCall::Run { args, .. }, .. } if args.ticket == 2)));
+    }
+
+    #[test]
+    fn a_replica_on_a_node_that_survives_is_waited_for_when_its_link_is_up() {
+        let (live, _) = crashed(2);
+        let now = Instant::now();
+        let mut c = coord(2);
+        let r = c.restore(&live, |n| n == 1, now);
+        assert_eq!((r.running, r.lost), (1, 0));
+        assert_eq!(c.job_state(2), Some(JobState::Running));
+        assert!(records(&mut c).is_empty(), "nothing decided yet");
+        c.start_restored();
+        drain(&mut c);
+        c.link_up(1, now);
+        let acts = drain(&mut c);
+        // First what it may keep (the rest it drops), then the wait.
+        assert_eq!(acts[0], Action::Node { node: 1, call: NodeCall::Keep { tickets: vec![2] } });
+        assert_eq!(acts[1], Action::Node { node: 1, call: NodeCall::Wait { ticket: 2 } });
+        c.run_finished(1, 2, ok(), now);
+        assert_eq!(c.job_state(2), Some(JobState::Completed));
+        assert!(matches!(&records(&mut c)[..], [Record::Finished { ticket: 2, state: JobState::Completed, .. }, ..]));
+        // A node that answers "lost" ends it INVALID.
+        let (live, _) = crashed(2);
+        let mut c = coord(2);
+        c.restore(&live, |n| n == 1, now);
+        c.link_up(1, now);
+        c.run_finished(1, 2, RunResult::invalid("node lost: node 9002 has no replica of ticket 2"), now);
+        assert_eq!(c.job_state(2), Some(JobState::Invalid));
+    }
+
+    #[test]
+    fn a_deploy_that_cannot_be_journaled_is_undone_and_its_retry_is_not_answered_from_the_cache() {
+        let now = Instant::now();
+        let mut c = coord(1);
+        c.deploy(A, Some(1000), 1, "/spool/a".into(), now);
+        drain(&mut c);
+        assert_eq!(c.retried_deploy(A.xid, Some(1000), now), Some(1));
+        c.abandon(A, 1);
+        assert_eq!(c.retried_deploy(A.xid, Some(1000), now), None);
+        assert_eq!(c.job_state(1), None);
+        assert!(drain(&mut c).contains(&Action::Node { node: 0, call: NodeCall::Drop { ticket: 1 } }));
+        assert_eq!(records(&mut c).last(), Some(&Record::Closed { ticket: 1 }));
     }
 }

@@ -64,6 +64,11 @@ impl<V: Clone> Drc<V> {
         }
     }
 
+    /// Forget a reply (its call's effect was undone).
+    pub fn remove(&mut self, key: &Key) {
+        self.entries.remove(key);
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

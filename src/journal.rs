@@ -6,8 +6,9 @@
 //! closed. Pure functions encode, decode and replay it ([`encode_record`],
 //! [`replay`], [`encode_live`], [`apply`]); [`Journal`] is the thin file
 //! layer. Must not touch: the job table, the scheduler, nodes, sockets.
-//! The reactor turns its decisions into [`Record`]s and replays [`Live`]
-//! into the coordinator at start.
+//! The coordinator turns its decisions into [`Record`]s, the main service
+//! appends and syncs them, and replays [`Live`] into the coordinator at
+//! start (`Coordinator::restore`).
 //!
 //! Format: 8 bytes of magic `CLDJRNL1`, then records, each
 //! `len: u32 BE | crc: u32 BE | payload` where `crc` is CRC-32 (IEEE) of

@@ -19,17 +19,25 @@
 //! so with AUTH_TOOWEAK); a refusal is one line in the log (warned once
 //! per reason) and the link closed; a link not up within
 //! `LINK_SETUP_WITHIN` is given up (the reactor closes it).
+//! The journal (`journal`): the coordinator's records appended and synced
+//! once per reactor turn before that turn's DEPLOY and CLOSE answers go
+//! out (they are held until then), a lazy sync within a second for the
+//! others, compaction, and at start the journal's jobs restored and the
+//! spool cleared of all but their archives (kept across a restart and a
+//! clean stop alike).
 //! Must not touch: the poll or the slab (the reactor carries out each
 //! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::archive_check::ArchiveCheck;
 use crate::conn::{Conn, Pending, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Action, Caller, Coordinator, Failure, NodeCall, OutputRef, Reply};
+use crate::journal::{Journal, Record};
 use crate::node_auth::{self, MainHandshake, Secret};
 use crate::node_service::{follow_reply, garbage, NodeEvent};
 use crate::peer::{self, PeerId};
@@ -136,7 +144,18 @@ pub(crate) struct MainService {
     /// The node links' shared secret: proved to each remote node, whose
     /// proof is checked, before it takes work.
     pub(crate) secret: Option<Secret>,
+    /// The job state on disk (`<work-dir>/journal`).
+    pub(crate) journal: Journal,
+    /// DEPLOY and CLOSE answers of this turn, sent once their journal
+    /// records are durable (`end_of_turn`).
+    pub(crate) held: Vec<(Caller, Reply)>,
+    /// When buffered records that no answer waits for are synced.
+    pub(crate) sync_at: Option<Instant>,
 }
+
+/// Records no answer waits for (a replica started or ended, an expiry)
+/// are synced within this.
+const LAZY_SYNC: Duration = Duration::from_secs(1);
 
 impl MainService {
     /// Carry out one coordinator action, or say what the reactor must do.
@@ -145,6 +164,9 @@ impl MainService {
             Action::Reply { to, reply } => {
                 if matches!(&reply, Reply::Deploy(Ok(_)) | Reply::Close(Ok(_))) {
                     log::debug!("connection {}: xid {:#x}: {reply:?}", to.conn, to.xid);
+                    // Not before its record is on disk (end of this turn).
+                    self.held.push((to, reply));
+                    return None;
                 }
                 Some(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) })
             }
@@ -201,6 +223,17 @@ impl MainService {
                 w.u32(ticket);
                 (proto::NODE_STOP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
             }
+            NodeCall::Keep { tickets } => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_KEEP);
+                proto::encode_tickets_list(&mut w, &tickets);
+                (proto::NODE_KEEP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
+            }
+            NodeCall::Wait { ticket } => {
+                // Answered as a NODE_RUN is: how the replica ended.
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_WAIT);
+                w.u32(ticket);
+                (proto::NODE_WAIT, Pending::Run(ticket), vec![Piece::Bytes(w.into_bytes())])
+            }
             NodeCall::Follow { ticket, offset, caller } => {
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_FOLLOW);
                 proto::encode_follow_args(&mut w, ticket, 0, offset);
@@ -221,6 +254,8 @@ impl MainService {
                 self.coord.run_finished(node, args.ticket, RunResult::lost(why), Instant::now())
             }
             NodeCall::Follow { caller, .. } => self.coord.followed(caller, Err(why)),
+            NodeCall::Wait { ticket } => self.coord.run_finished(node, ticket, RunResult::lost(why), Instant::now()),
+            NodeCall::Keep { .. } => {}
             NodeCall::Fetch { ticket, replica, .. } => {
                 self.coord.fetch_failed(ticket, replica, &format!("{why}; retry"))
             }
@@ -243,7 +278,7 @@ impl MainService {
             Link::Remote(r) if !matches!(r.state, LinkState::Ready(_)) => Some(r.setup_by),
             _ => None,
         });
-        retries.chain(self.coord.next_deadline()).min()
+        retries.chain(self.coord.next_deadline()).chain(self.sync_at).min()
     }
 
     fn remote(&mut self, node: NodeId) -> Option<&mut RemoteLink> {
@@ -373,7 +408,8 @@ impl MainService {
         r.state = LinkState::Ready(key);
         r.backoff = BACKOFF_FIRST;
         log::info!("link to node {} is up", self.node_names[node]);
-        self.coord.node_up(node, now);
+        // After a restart, its restored replicas are asked for (NODE_WAIT).
+        self.coord.link_up(node, now);
     }
 
     /// A link to node i is gone (or could not be made): its running
@@ -410,6 +446,140 @@ impl MainService {
                 Err((true, why)) => self.coord.fetched(ticket, replica, Err(why)),
                 Err((false, why)) => self.coord.fetch_failed(ticket, replica, &why),
             },
+        }
+    }
+
+    /// Journaling, at the end of a reactor turn: append what the
+    /// coordinator recorded, sync once if an answer waits for it (or the
+    /// lazy sync is due), then release the held DEPLOY and CLOSE answers.
+    /// If the sync fails, a held DEPLOY's job is dropped and answered
+    /// CLOUD_INTERNAL (its `Closed` record follows the `Deployed` one, so
+    /// a later sync cannot bring it back), a held CLOSE is answered
+    /// CLOUD_INTERNAL too. Compacts the journal when due.
+    pub(crate) fn end_of_turn(&mut self, now: Instant) -> Vec<Out> {
+        self.append_records();
+        if !self.journal.has_pending() {
+            self.sync_at = None;
+        } else if self.sync_at.is_none() {
+            self.sync_at = Some(now + LAZY_SYNC);
+        }
+        let due = !self.held.is_empty() || self.sync_at.is_some_and(|t| t <= now);
+        if !due {
+            return Vec::new();
+        }
+        let synced = self.journal.sync();
+        let held = std::mem::take(&mut self.held);
+        let mut outs = Vec::with_capacity(held.len());
+        match synced {
+            Ok(()) => {
+                self.sync_at = None;
+                for (to, reply) in held {
+                    outs.push(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) });
+                }
+                match self.journal.compact_if_due() {
+                    Ok(true) => log::info!("journal compacted to {} bytes", self.journal.len()),
+                    Ok(false) => {}
+                    Err(e) => log::warn!("cannot compact the journal: {e}"),
+                }
+            }
+            Err(e) => {
+                log::error!("cannot write the journal: {e}; deploys and closes of this moment are refused");
+                self.sync_at = Some(now + LAZY_SYNC);
+                let failure = |what: &str| {
+                    (CloudStat::Internal, format!("the server cannot record {what} on disk ({e}); retry later"))
+                };
+                for (to, reply) in held {
+                    let reply = match reply {
+                        Reply::Deploy(Ok(ticket)) => {
+                            self.coord.abandon(to, ticket);
+                            Reply::Deploy(Err(failure("the job")))
+                        }
+                        _ => Reply::Close(Err(failure("the close"))),
+                    };
+                    outs.push(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) });
+                }
+                self.append_records();
+            }
+        }
+        outs
+    }
+
+    /// Move the coordinator's records into the journal's buffer, stamped.
+    fn append_records(&mut self) {
+        let mut secs = None;
+        while let Some(mut rec) = self.coord.poll_record() {
+            let secs = *secs.get_or_insert_with(|| {
+                SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+            });
+            match &mut rec {
+                Record::Deployed { submitted: t, .. }
+                | Record::Started { at: t, .. }
+                | Record::Finished { ended: t, .. } => *t = secs,
+                Record::Closed { .. } => {}
+            }
+            if let Err(why) = self.journal.append(&rec) {
+                log::warn!("journal: record not written ({why}): {rec:?}");
+            }
+        }
+    }
+
+    /// At start: put back the journal's jobs into the coordinator, journal
+    /// what the restart decided, and clear the spool of everything the
+    /// restored jobs do not need (uploads cut short, fetched outputs).
+    /// Returns the line for the log, if there was anything to restore.
+    pub(crate) fn restore(&mut self, now: Instant) -> Result<Option<String>, String> {
+        let links = &self.links;
+        let r = self.coord.restore(self.journal.live(), |n| matches!(links.get(n), Some(Link::Remote(_))), now);
+        let mut line = None;
+        if r.jobs + r.skipped > 0 {
+            line = Some(format!(
+                "restored {} jobs from the journal: {} replicas queued, {} finished, {} running elsewhere, \
+                 {} lost with the restart, {} requeued{}",
+                r.jobs,
+                r.queued,
+                r.finished,
+                r.running,
+                r.lost,
+                r.requeued,
+                if r.skipped > 0 { format!(", {} left out", r.skipped) } else { String::new() }
+            ));
+        }
+        self.append_records();
+        self.journal.sync().map_err(|e| format!("cannot write the journal: {e}"))?;
+        let kept: HashSet<PathBuf> = self.coord.kept_archives().cloned().collect();
+        for path in &kept {
+            if !path.exists() {
+                log::warn!("{}: the archive of a queued job is missing; its replicas will fail", path.display());
+            }
+            // Spool names go on from the highest kept one.
+            let n = path.file_name().and_then(|f| f.to_str()).and_then(|f| f.rsplit('-').next()?.parse::<u64>().ok());
+            self.next_spool = self.next_spool.max(n.unwrap_or(0));
+        }
+        self.sweep_spool(&kept);
+        self.coord.start_restored();
+        Ok(line)
+    }
+
+    /// Remove every spool entry not in `kept`.
+    fn sweep_spool(&self, kept: &HashSet<PathBuf>) {
+        let Ok(entries) = fs::read_dir(&self.spool) else { return };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let path = e.path();
+            if kept.contains(&path) {
+                continue;
+            }
+            let gone = match e.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+                _ => fs::remove_file(&path),
+            };
+            match gone {
+                Ok(()) => removed += 1,
+                Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
+        if removed > 0 {
+            log::debug!("removed {removed} stale files from {}", self.spool.display());
         }
     }
 
@@ -641,9 +811,16 @@ impl MainService {
         }
     }
 
-    /// Shutdown: remove the spool, give back unused ticket numbers.
+    /// Shutdown: journal what is buffered, keep the archives of queued
+    /// jobs (they run after a restart) and remove the rest of the spool,
+    /// give back unused ticket numbers.
     pub(crate) fn stop(&mut self) {
-        let _ = fs::remove_dir_all(&self.spool);
+        self.append_records();
+        if let Err(e) = self.journal.sync() {
+            log::error!("cannot write the journal: {e}");
+        }
+        let kept: HashSet<PathBuf> = self.coord.kept_archives().cloned().collect();
+        self.sweep_spool(&kept);
         if let Err(e) = self.tickets.release(self.coord.next_ticket()) {
             log::warn!("cannot give back unused ticket numbers: {e}");
         }

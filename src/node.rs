@@ -19,6 +19,10 @@
 //! replica is reaped (retried on later turns while busy, never waited for).
 //! Must not touch: sockets or the reactor (the server hands it bytes and
 //! events), the main server's job table (it only ever learns through RPC).
+//! Also here: `sweep_dir`, what a restart keeps of a node's folder (the
+//! tickets it is told are live, their outputs; the rest goes to a trash
+//! folder the caller removes in the background), and `rewait`, a running
+//! replica's end sent to a new link (NODE_WAIT).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -58,6 +62,53 @@ pub struct NodeConfig {
     /// One identity per slot: how many replicas run at once, and who each
     /// runs as (`sandbox.identity` is ignored; `None`: the server's user).
     pub slot_identities: Vec<Option<(nix::unistd::Uid, nix::unistd::Gid)>>,
+}
+
+/// At start, a node's folder `dir` as an earlier run left it: each ticket
+/// folder that `keep` keeps stays, with its `output.txt` (its replica's
+/// archive and workspace go), every other entry is moved into `trash`
+/// (created on demand, same file system), named `<tag>-<entry>`, for the
+/// caller to remove in the background. Returns how many entries were
+/// moved. No folder yet: it is made later, nothing to do.
+pub fn sweep_dir(dir: &Path, trash: &Path, tag: &str, keep: impl Fn(u32) -> bool) -> io::Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut moved = 0;
+    // One entry that cannot be moved is left (and logged), not fatal.
+    let mut to_trash = |from: &Path, name: &str| {
+        let moved_one = fs::DirBuilder::new().recursive(true).mode(0o700).create(trash).and_then(|()| {
+            let mut to = trash.join(format!("{tag}-{name}"));
+            let mut n = 0;
+            while to.symlink_metadata().is_ok() {
+                n += 1;
+                to = trash.join(format!("{tag}-{name}.{n}"));
+            }
+            fs::rename(from, &to)
+        });
+        match moved_one {
+            Ok(()) => moved += 1,
+            Err(e) => log::warn!("cannot move {} out of the way: {e}", from.display()),
+        }
+    };
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let live = name.parse::<u32>().ok().filter(|t| keep(*t) && t.to_string() == name);
+        if live.is_none() || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            to_trash(&e.path(), &name);
+            continue;
+        }
+        // A replica that was running: its archive and workspace are stale.
+        let _ = fs::remove_file(e.path().join("job.tar.gz"));
+        let work = spawn::workspace_path(&e.path());
+        if work.symlink_metadata().is_ok() {
+            to_trash(&work, &format!("{name}-work"));
+        }
+    }
+    Ok(moved)
 }
 
 /// How long a busy cgroup waits before its removal is tried again.
@@ -171,6 +222,16 @@ impl Node {
     /// How many replicas it runs at once.
     pub fn slots(&self) -> usize {
         self.cfg.slot_identities.len().max(1)
+    }
+
+    /// Every ticket this node holds: running, or with a folder (an ended
+    /// replica's output, kept until NODE_DROP).
+    pub fn tickets(&self) -> std::collections::BTreeSet<u32> {
+        let mut tickets: std::collections::BTreeSet<u32> = self.running.keys().copied().collect();
+        if let Ok(entries) = fs::read_dir(&self.cfg.dir) {
+            tickets.extend(entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()));
+        }
+        tickets
     }
 
     /// The running replicas' tickets and where their NODE_RUN replies go.
@@ -459,6 +520,19 @@ impl Node {
                 self.kill_everything(ticket);
             }
             None => self.remove_ticket(ticket),
+        }
+    }
+
+    /// NODE_WAIT for a running replica: its end is now answered to
+    /// `reply_to` (the link it was started on may be gone). False if the
+    /// ticket runs no replica here.
+    pub fn rewait(&mut self, ticket: u32, reply_to: ReplyTo) -> bool {
+        match self.running.get_mut(&ticket) {
+            Some(r) => {
+                r.reply_to = reply_to;
+                true
+            }
+            None => false,
         }
     }
 

@@ -12,8 +12,14 @@
 //! come back as [`NodeEvent`]s, the events a link's replies would make;
 //! draining each replica's output pipe; reaped children turned into
 //! finished replicas, then into NODE_RUN replies or events; time limits;
-//! killing a replica whose link has gone (nobody awaits it); killing and
-//! reaping everything at shutdown.
+//! killing and reaping everything at shutdown (node folders stay); the
+//! result of every replica started over a link, until NODE_DROP, for
+//! NODE_WAIT (a main server that restarted asks how it ended; deferred
+//! while it runs); at start, clearing node folders of all but the live
+//! tickets' (the journal's), the rest removed by a child.
+//! A replica whose link goes away keeps running (a main server that comes
+//! back asks for it with NODE_WAIT; one that does not want it any more
+//! sends NODE_DROP); its reply is never sent on a newer connection.
 //! Slurm nodes (`slurm:PARTITION` lines of the main server, `add_slurm`)
 //! sit next to the forking ones as [`LocalNode::Slurm`]: the same direct
 //! calls and [`NodeEvent`]s; the pipes of their Slurm commands are handed
@@ -25,7 +31,7 @@
 //! given here and routes replies), the job table (`coordinator`), process
 //! setup (`spawn`), Slurm's commands and states (`slurm`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -139,10 +145,25 @@ impl LocalNode {
         }
     }
 
+    /// NODE_WAIT on a running replica: its reply goes to `reply_to` now.
+    fn rewait(&mut self, ticket: u32, reply_to: ReplyTo) -> bool {
+        match self {
+            LocalNode::Fork(n) => n.rewait(ticket, reply_to),
+            LocalNode::Slurm(_) => false,
+        }
+    }
+
     fn ready_followers(&mut self) -> Vec<(ReplyTo, Result<Chunk, String>)> {
         match self {
             LocalNode::Fork(n) => n.ready_followers(),
             LocalNode::Slurm(_) => Vec::new(),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            LocalNode::Fork(n) => n.name(),
+            LocalNode::Slurm(n) => n.name(),
         }
     }
 
@@ -179,9 +200,9 @@ pub(crate) struct NodeService {
     pub(crate) more_output: Vec<(NodeId, u32)>,
     /// Answers to direct calls, for the in-process main service.
     pub(crate) events: VecDeque<NodeEvent>,
-    /// Replicas (node, reply-to) whose link is gone: their NODE_RUN reply
+    /// Replicas (node, ticket, reply-to) whose link is gone: their NODE_RUN reply
     /// is dropped, never sent on a newer connection that reuses the key.
-    orphans: Vec<(usize, ReplyTo)>,
+    orphans: Vec<(usize, u32, ReplyTo)>,
     /// What containment the host gives replicas here, for the ready line.
     pub(crate) cgroup_summary: String,
     /// Slab key of each Slurm command's pipe, by its fd.
@@ -192,12 +213,24 @@ pub(crate) struct NodeService {
     slurm_names: Vec<String>,
     /// NODE_FOLLOW replies to send on links: (connection key, record).
     pub(crate) follow_replies: Vec<(usize, Vec<u8>)>,
+    /// How each replica started over a link ended, kept until NODE_DROP:
+    /// its NODE_RUN reply may not have reached a main server that died or
+    /// restarted, which asks again with NODE_WAIT.
+    pub(crate) ended: HashMap<(NodeId, u32), RunResult>,
 }
 
 impl NodeService {
     /// Prepare the host and create node `i` for each of `ports` under
-    /// `work_dir` (absolute). Errors are one line for the operator.
-    pub(crate) fn start(cfg: &ServerConfig, work_dir: &Path, ports: &[(u16, u32)]) -> Result<NodeService, String> {
+    /// `work_dir` (absolute). A node's folder keeps the tickets of `live`
+    /// (jobs restored from the journal: their outputs stay retrievable);
+    /// everything else in it is removed by a child. Errors are one line for
+    /// the operator.
+    pub(crate) fn start(
+        cfg: &ServerConfig,
+        work_dir: &Path,
+        ports: &[(u16, u32)],
+        live: &HashSet<u32>,
+    ) -> Result<NodeService, String> {
         let n = ports.len();
         if n == 0 {
             let cgroup_summary = "no local nodes".to_string();
@@ -208,6 +241,7 @@ impl NodeService {
                 more_output,
                 events,
                 orphans: Vec::new(),
+                ended: HashMap::new(),
                 cgroup_summary,
                 command_keys: HashMap::new(),
                 new_pipes: Vec::new(),
@@ -262,6 +296,10 @@ impl NodeService {
         crate::spawn::probe(sandbox, &limits, work_dir, probe_ns, cgroups.as_deref())?;
 
         let mut nodes = Vec::with_capacity(n);
+        // What an earlier run left and no live ticket needs goes here, then
+        // is removed by a child: it may be large (uncontained workspaces).
+        let trash = work_dir.join("trash");
+        let mut trashed = 0;
         // Node i's slots take the next `slots` identities, node by node.
         let mut first_slot = 0;
         for (i, &(port, slots)) in ports.iter().enumerate() {
@@ -269,7 +307,8 @@ impl NodeService {
                 (first_slot..first_slot + slots as usize).map(|s| cfg.identities.get(s).copied().flatten()).collect();
             first_slot += slots as usize;
             let dir = work_dir.join(format!("output_{port}"));
-            let _ = fs::remove_dir_all(&dir); // stale workspaces of an earlier run
+            trashed += crate::node::sweep_dir(&dir, &trash, &format!("{port}"), |t| live.contains(&t))
+                .map_err(|e| format!("cannot clear node directory {}: {e}", dir.display()))?;
             let node = Node::new(NodeConfig {
                 port,
                 dir: dir.clone(),
@@ -286,6 +325,12 @@ impl NodeService {
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
             nodes.push(LocalNode::Fork(node));
         }
+        if trashed > 0 || trash.exists() {
+            match crate::spawn::remove_tree_in_background(&trash) {
+                Ok(pid) => log::debug!("removing {trashed} stale entries of node folders in pid {pid}"),
+                Err(e) => log::warn!("cannot fork to remove {}: {e}", trash.display()),
+            }
+        }
         Ok(NodeService {
             nodes,
             child_keys: HashMap::new(),
@@ -297,6 +342,7 @@ impl NodeService {
             new_pipes: Vec::new(),
             slurm_names: Vec::new(),
             follow_replies: Vec::new(),
+            ended: HashMap::new(),
         })
     }
 
@@ -398,8 +444,40 @@ impl NodeService {
         pids
     }
 
-    /// A whole (non-streamed) call from the main server to node i: the reply.
-    pub(crate) fn serve_call(&mut self, i: NodeId, call: Call) -> Vec<Piece> {
+    /// A whole (non-streamed) call from the main server to node i, on
+    /// connection `key`: the reply, or `None` when it is deferred (a
+    /// NODE_WAIT for a replica still running is answered when it ends).
+    pub(crate) fn serve_call(&mut self, i: NodeId, key: usize, call: Call) -> Option<Vec<Piece>> {
+        let xid = call.xid;
+        if let (proto::NODE_WAIT, Ok(ticket)) = (call.proc_num, XdrReader::new(&call.args).u32()) {
+            return self.wait(i, (key, xid), ticket).map(|result| vec![Piece::Bytes(run_reply(xid, &result))]);
+        }
+        Some(self.serve_now(i, call))
+    }
+
+    /// NODE_WAIT: how the ticket's replica ended, now (`Some`) or, while it
+    /// runs, once it ends (sent to `reply_to`; `None`). A ticket the node
+    /// does not know ends INVALID "node lost".
+    fn wait(&mut self, i: NodeId, reply_to: ReplyTo, ticket: u32) -> Option<RunResult> {
+        // Its old reply-to (a link that is gone) is no longer an orphan: a
+        // new link may reuse that connection key and xid.
+        if let LocalNode::Fork(node) = &self.nodes[i] {
+            if let Some(&(_, old)) = node.running().iter().find(|(t, _)| *t == ticket) {
+                self.orphans.retain(|&o| o != (i, ticket, old));
+            }
+        }
+        if self.nodes[i].rewait(ticket, reply_to) {
+            return None;
+        }
+        Some(self.ended.get(&(i, ticket)).cloned().unwrap_or_else(|| {
+            RunResult::invalid(format!(
+                "node lost: {} has no replica of ticket {ticket} (it restarted, or dropped the ticket)",
+                self.nodes[i].name()
+            ))
+        }))
+    }
+
+    fn serve_now(&mut self, i: NodeId, call: Call) -> Vec<Piece> {
         let xid = call.xid;
         let mut w = rpc::accepted(xid, AcceptStat::Success);
         match (call.proc_num, XdrReader::new(&call.args).u32()) {
@@ -419,10 +497,21 @@ impl NodeService {
                     vec![Piece::Bytes(w.into_bytes())]
                 }
             },
+            (proto::NODE_KEEP, _) => match proto::decode_tickets_list(&mut XdrReader::new(&call.args)) {
+                Ok(keep) => {
+                    self.keep_only(i, &keep.into_iter().collect());
+                    w.u32(CloudStat::Ok as u32);
+                    vec![Piece::Bytes(w.into_bytes())]
+                }
+                Err(_) => vec![Piece::Bytes(garbage(xid))],
+            },
             (proto::NODE_DROP | proto::NODE_STOP, Ok(ticket)) => {
                 match call.proc_num {
                     proto::NODE_STOP => self.nodes[i].stop_ticket(ticket),
-                    _ => self.nodes[i].drop_ticket(ticket),
+                    _ => {
+                        self.ended.remove(&(i, ticket));
+                        self.nodes[i].drop_ticket(ticket)
+                    }
                 }
                 w.u32(CloudStat::Ok as u32);
                 vec![Piece::Bytes(w.into_bytes())]
@@ -499,19 +588,44 @@ impl NodeService {
         self.collect_pipes(i);
     }
 
-    /// The main server's link on connection `key` is gone: nobody awaits
-    /// the replicas it started, so they are killed (their folders go when
-    /// they have exited). Outputs of finished replicas stay until dropped.
+    /// The main server's link on connection `key` is gone: the replicas it
+    /// started keep running (a main server that comes back asks how they
+    /// end with NODE_WAIT, or drops them); their NODE_RUN replies are kept
+    /// (`ended`), never sent on a newer connection that reuses the key.
     pub(crate) fn link_closed(&mut self, key: usize) {
         for (i, node) in self.nodes.iter_mut().enumerate() {
             let LocalNode::Fork(node) = node else { continue }; // direct calls only
             for (ticket, reply_to) in node.running() {
                 if reply_to.0 == key {
-                    log::warn!("{}: the main server's link is gone; killing ticket {ticket}'s replica", node.name());
-                    node.drop_ticket(ticket);
-                    self.orphans.push((i, reply_to));
+                    log::warn!(
+                        "{}: the main server's link is gone; ticket {ticket}'s replica runs on until it asks again or drops it",
+                        node.name()
+                    );
+                    self.orphans.push((i, ticket, reply_to));
                 }
             }
+        }
+    }
+
+    /// NODE_KEEP: drop every ticket node i holds (running, or ended with
+    /// its folder) but those in `keep`.
+    fn keep_only(&mut self, i: NodeId, keep: &HashSet<u32>) {
+        let LocalNode::Fork(node) = &mut self.nodes[i] else { return };
+        for ticket in node.tickets() {
+            if !keep.contains(&ticket) {
+                log::info!("{}: ticket {ticket}: its main server does not want it (any more): dropped", node.name());
+                self.ended.remove(&(i, ticket));
+                node.drop_ticket(ticket);
+            }
+        }
+    }
+
+    /// The in-process main service's NODE_WAIT: a replica started by a
+    /// direct call reports its end by itself; any other ticket is answered
+    /// now with a `RunFinished` event.
+    pub(crate) fn wait_local(&mut self, i: NodeId, ticket: u32) {
+        if let Some(result) = self.wait(i, (LOCAL, 0), ticket) {
+            self.events.push_back(NodeEvent::RunFinished { node: i, ticket, result });
         }
     }
 
@@ -593,16 +707,19 @@ impl NodeService {
         // Its followers get the rest and the end.
         self.answer_followers(i);
         let (key, xid) = fin.reply_to;
-        if let Some(at) = self.orphans.iter().position(|&o| o == (i, fin.reply_to)) {
-            self.orphans.swap_remove(at);
-            log::debug!("node {i}: a replica of a link that is gone ended: {:?}", fin.result.state);
-            return None;
-        }
         if key == LOCAL {
             self.events.push_back(NodeEvent::RunFinished { node: i, ticket: fin.ticket, result: fin.result });
             return None;
         }
-        Some((key, run_reply(xid, &fin.result)))
+        // Kept until NODE_DROP: a main server that restarted asks again.
+        let reply = run_reply(xid, &fin.result);
+        self.ended.insert((i, fin.ticket), fin.result);
+        if let Some(at) = self.orphans.iter().position(|&o| o == (i, fin.ticket, fin.reply_to)) {
+            self.orphans.swap_remove(at);
+            log::debug!("node {i}: ticket {}: ended after its link went away; kept for NODE_WAIT", fin.ticket);
+            return None;
+        }
+        Some((key, reply))
     }
 
     /// The earliest time limit or cgroup retry.
@@ -650,17 +767,14 @@ impl NodeService {
         }
     }
 
-    /// After `kill_all` and reaping: remove the groups and the node folders.
+    /// After `kill_all` and reaping: remove the groups. The node folders
+    /// stay: live tickets' outputs are retrievable after a restart (which
+    /// clears the rest).
     pub(crate) fn release(&mut self) {
         for node in &mut self.nodes {
             match node {
-                LocalNode::Fork(node) => {
-                    node.release_groups();
-                    let _ = fs::remove_dir_all(&node.cfg.dir);
-                }
-                LocalNode::Slurm(node) => {
-                    let _ = fs::remove_dir_all(&node.cfg.dir);
-                }
+                LocalNode::Fork(node) => node.release_groups(),
+                LocalNode::Slurm(_) => {}
             }
         }
     }
@@ -691,4 +805,125 @@ fn run_reply(xid: u32, result: &RunResult) -> Vec<u8> {
     let mut w = rpc::accepted(xid, AcceptStat::Success);
     result.encode(&mut w);
     w.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extract::ExtractLimits;
+    use crate::proto::JobState;
+    use crate::spawn::JobLimits;
+    use std::fs;
+    use std::time::Duration;
+
+    fn service(dir: &Path) -> NodeService {
+        let limits = JobLimits {
+            extract: ExtractLimits { max_bytes: 1 << 20, max_entries: 100, max_path: 255 },
+            cpu_seconds: 10,
+            address_space: 1 << 30,
+            open_files: 64,
+            file_size: 1 << 20,
+            processes: None,
+            nproc_rlimit: false,
+            tmp_bytes: 1 << 20,
+            disk_bytes: 1 << 20,
+        };
+        let node = Node::new(NodeConfig {
+            port: 9001,
+            dir: dir.join("output_9001"),
+            limits,
+            sandbox: Sandbox { identity: None, isolate_network: false, containment: Containment::Uncontained },
+            time_limit: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(1),
+            max_output: 1 << 20,
+            work_dir: dir.to_path_buf(),
+            netns: None,
+            cgroups: None,
+            slot_identities: vec![None],
+        })
+        .unwrap();
+        NodeService {
+            nodes: vec![LocalNode::Fork(node)],
+            child_keys: HashMap::new(),
+            more_output: Vec::new(),
+            events: VecDeque::new(),
+            orphans: Vec::new(),
+            cgroup_summary: String::new(),
+            command_keys: HashMap::new(),
+            new_pipes: Vec::new(),
+            slurm_names: Vec::new(),
+            follow_replies: Vec::new(),
+            ended: HashMap::new(),
+        }
+    }
+
+    fn wait_call(ticket: u32) -> Call {
+        let mut w = crate::xdr::XdrWriter::new();
+        w.u32(ticket);
+        Call { xid: 77, proc_num: proto::NODE_WAIT, args: w.into_bytes(), sys_uid: None }
+    }
+
+    fn result_of(pieces: Vec<Piece>) -> RunResult {
+        let [Piece::Bytes(bytes)] = &pieces[..] else { panic!("{pieces:?}") };
+        let (xid, outcome) = rpc::decode_reply(bytes).unwrap();
+        assert_eq!(xid, 77);
+        let rpc::ReplyOutcome::Success { results_at } = outcome else { panic!("{outcome:?}") };
+        RunResult::decode(&mut XdrReader::new(&bytes[results_at..])).unwrap()
+    }
+
+    #[test]
+    fn node_wait_answers_a_kept_end_at_once_and_an_unknown_ticket_as_node_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = service(dir.path());
+        // A replica started over a link ended; its reply may have been lost.
+        let (pipe, _w) = nix::unistd::pipe().unwrap();
+        let result = RunResult::exited(0, "exit 0");
+        let fin = Finished { ticket: 5, reply_to: (3, 9), result: result.clone(), pipe };
+        assert!(s.finished(0, fin).is_some(), "the NODE_RUN reply goes to its link");
+        // A new main server asks: answered at once, as the replica ended.
+        assert_eq!(result_of(s.serve_call(0, 4, wait_call(5)).expect("not deferred")), result);
+        // Asked again (a second restart): still known.
+        assert_eq!(result_of(s.serve_call(0, 4, wait_call(5)).unwrap()), result);
+        // Unknown ticket: INVALID, node lost.
+        let lost = result_of(s.serve_call(0, 4, wait_call(6)).unwrap());
+        assert_eq!(lost.state, JobState::Invalid);
+        assert!(lost.message.starts_with("node lost:") && lost.message.contains("ticket 6"), "{}", lost.message);
+        // NODE_DROP forgets it.
+        let mut w = crate::xdr::XdrWriter::new();
+        w.u32(5);
+        let drop_call = Call { xid: 78, proc_num: proto::NODE_DROP, args: w.into_bytes(), sys_uid: None };
+        assert!(s.serve_call(0, 4, drop_call).is_some());
+        assert_eq!(result_of(s.serve_call(0, 4, wait_call(5)).unwrap()).state, JobState::Invalid);
+        // The in-process form answers with an event.
+        s.wait_local(0, 6);
+        assert!(
+            matches!(s.events.pop_front(), Some(NodeEvent::RunFinished { ticket: 6, result, .. }) if result.message.starts_with("node lost"))
+        );
+    }
+
+    #[test]
+    fn a_node_folder_keeps_live_tickets_outputs_and_trashes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let node_dir = dir.path().join("output_9001");
+        for t in ["1", "2", "3"] {
+            fs::create_dir_all(node_dir.join(t).join("work/deep")).unwrap();
+            fs::write(node_dir.join(t).join("output.txt"), t).unwrap();
+            fs::write(node_dir.join(t).join("job.tar.gz"), "x").unwrap();
+        }
+        fs::write(node_dir.join("stray"), "x").unwrap();
+        let trash = dir.path().join("trash");
+        let moved = crate::node::sweep_dir(&node_dir, &trash, "9001", |t| t == 2).unwrap();
+        assert_eq!(moved, 4, "tickets 1 and 3, the stray file, ticket 2's workspace");
+        let mut left: Vec<_> = fs::read_dir(&node_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, ["2"]);
+        assert_eq!(fs::read_to_string(node_dir.join("2/output.txt")).unwrap(), "2");
+        assert!(!node_dir.join("2/job.tar.gz").exists() && !node_dir.join("2/work").exists());
+        // Again, with the same names in the trash already: no clash.
+        fs::create_dir_all(node_dir.join("1")).unwrap();
+        assert_eq!(crate::node::sweep_dir(&node_dir, &trash, "9001", |t| t == 2).unwrap(), 1);
+        assert_eq!(fs::read_dir(&trash).unwrap().count(), 5);
+        // No folder yet: nothing to do.
+        assert_eq!(crate::node::sweep_dir(&dir.path().join("none"), &trash, "x", |_| true).unwrap(), 0);
+    }
 }

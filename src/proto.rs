@@ -47,13 +47,22 @@ pub const NODE_AUTH: u32 = 5;
 /// Kill the ticket's replica, keep its output (until NODE_DROP): fail-fast
 /// and CANCEL.
 pub const NODE_STOP: u32 = 6;
+/// After a main server restart: how the ticket's replica ended (run_res),
+/// deferred while it runs; a ticket the node does not know is INVALID
+/// "node lost".
+pub const NODE_WAIT: u32 = 7;
 /// A replica's output from an offset, deferred until there is some (FOLLOW).
 pub const NODE_FOLLOW: u32 = 8;
+/// When a main server's link comes up: the tickets it still wants on this
+/// node; the node drops every other one it holds (running or ended).
+pub const NODE_KEEP: u32 = 9;
+/// Most tickets one NODE_KEEP may list.
+pub const MAX_KEEP: usize = 1 << 16;
 
 /// Procedures 5 to 9 (other branches' CLUSTER, CANCEL, ...) are answered
 /// PROC_UNAVAIL by the server until they exist.
 pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: DEPLOY_OPTS };
-pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_FOLLOW };
+pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_KEEP };
 
 /// Longest string we accept in a message or node name.
 pub const MAX_STRING: usize = 4096;
@@ -355,6 +364,22 @@ pub const FOLLOW_CHUNK: usize = 64 * 1024;
 /// `struct follow_args` (FOLLOW): ticket, replica, offset (unsigned hyper).
 pub fn encode_follow_args(w: &mut XdrWriter, ticket: u32, replica: u32, offset: u64) {
     w.u32(ticket).u32(replica).u32((offset >> 32) as u32).u32(offset as u32);
+}
+
+/// NODE_KEEP's `ticket_list`.
+pub fn encode_tickets_list(w: &mut XdrWriter, tickets: &[u32]) {
+    w.u32(tickets.len() as u32);
+    for &t in tickets {
+        w.u32(t);
+    }
+}
+
+pub fn decode_tickets_list(r: &mut XdrReader) -> Result<Vec<u32>, XdrError> {
+    let n = r.u32()? as usize;
+    if n > MAX_KEEP {
+        return Err(XdrError::Short);
+    }
+    (0..n).map(|_| r.u32()).collect()
 }
 
 pub fn decode_follow_args(r: &mut XdrReader) -> Result<(u32, u32, u64), XdrError> {

@@ -6,7 +6,10 @@
 //! `WouldBlock` into the session readers (at most a fair share per turn),
 //! writing outboxes until `WouldBlock`, serving each client one call at a
 //! time (backpressure), reaping children, the poll timeout from every
-//! deadline (the nodes', the coordinator's, the client connections'),
+//! deadline (the nodes', the coordinator's, the journal's lazy sync, the
+//! client connections'), the end of each turn (`MainService::end_of_turn`:
+//! the journal synced before DEPLOY and CLOSE answers go out), opening the
+//! journal at start before the nodes (their folders keep its live tickets),
 //! accepting (`--max-connections`: the longest-idle client makes room; a
 //! reserve descriptor so that at EMFILE a new client is accepted and closed
 //! rather than left hanging in the backlog; at accept it asks `peer` who
@@ -35,6 +38,7 @@
 //! Must not touch: job rules (the `coordinator` decides), process setup
 //! (`spawn`), a node's replica bookkeeping (`node`), what calls mean.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -53,6 +57,7 @@ use slab::Slab;
 use crate::config::{NodeKind, NodeSpec, NodesFile};
 use crate::conn::{Conn, Linger, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Coordinator, NodeCall};
+use crate::journal::{Journal, Opened};
 use crate::main_service::{Link, MainService, Out, RemoteLink};
 use crate::node::Finished;
 use crate::node_auth::{self, NodeGate, Secret};
@@ -188,6 +193,8 @@ pub struct Server {
     secret: Option<Secret>,
     /// The earliest time a gated link must have passed its handshake by.
     gates_due: Option<Instant>,
+    /// What the journal held and what was restored, logged then too.
+    journal_lines: Vec<(log::Level, String)>,
 }
 
 impl Server {
@@ -254,7 +261,12 @@ impl Server {
             node_listeners.push(l);
         }
         let work_dir = work_dir(&cfg.work_dir)?;
-        let mut nodes = NodeService::start(&cfg, &work_dir, &local_ports)?;
+        // The jobs of an earlier run: their node folders and spooled
+        // archives are kept (the rest is cleared), they are restored below.
+        let (journal, opened) = Journal::open(&work_dir)?;
+        let mut journal_lines = journal_opened_lines(&opened);
+        let live: HashSet<u32> = journal.live().jobs.keys().copied().collect();
+        let mut nodes = NodeService::start(&cfg, &work_dir, &local_ports, &live)?;
         for (i, slurm) in slurm_lines {
             let local = nodes.add_slurm(&cfg, &work_dir, &node_names[i], slurm)?;
             links[i] = Link::Local(local);
@@ -262,7 +274,6 @@ impl Server {
         }
         nodes.note_slurm();
         let spool = work_dir.join("spool");
-        let _ = fs::remove_dir_all(&spool);
         fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
 
         let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
@@ -278,6 +289,7 @@ impl Server {
             cfg.ticket_ttl,
         );
         coord.requeue_lost(cfg.requeue_lost);
+        coord.enable_journal();
         coord.resume_tickets_from(next_ticket);
         coord.max_tickets_per_user(cfg.max_tickets_per_user);
         if let Some(uid) = cfg.only_deployer {
@@ -289,7 +301,7 @@ impl Server {
                 coord.node_not_up_yet(i);
             }
         }
-        let main = MainService {
+        let mut main = MainService {
             coord,
             spool,
             node_names,
@@ -301,8 +313,16 @@ impl Server {
             extract_limits: cfg.limits.extract,
             next_spool: 0,
             secret: cfg.secret.clone(),
+            journal,
+            held: Vec::new(),
+            sync_at: None,
         };
-        Server::assemble(&cfg, poll, clients, node_listeners, Some(main), nodes)
+        // After the remote nodes are marked not up yet: replicas restored as
+        // running on them stay so until their links come up (NODE_WAIT).
+        journal_lines.extend(main.restore(Instant::now())?.map(|l| (log::Level::Info, l)));
+        let mut server = Server::assemble(&cfg, poll, clients, node_listeners, Some(main), nodes)?;
+        server.journal_lines = journal_lines;
+        Ok(server)
     }
 
     /// `cloud-server node`: one node alone, serving NODE_PROG on
@@ -315,7 +335,9 @@ impl Server {
         let listener = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
         let slots = cfg.nodes.nodes.first().map_or(1, |s| s.slots);
-        let nodes = NodeService::start(&cfg, &work_dir, &[(port, slots)])?;
+        // A node alone keeps nothing across its own restart: its main
+        // server has marked its replicas lost by then.
+        let nodes = NodeService::start(&cfg, &work_dir, &[(port, slots)], &HashSet::new())?;
         Server::assemble(&cfg, poll, listener, Vec::new(), None, nodes)
     }
 
@@ -388,6 +410,7 @@ impl Server {
             limits_line,
             secret: cfg.secret.clone(),
             gates_due: None,
+            journal_lines: Vec::new(),
         })
     }
 
@@ -417,6 +440,13 @@ impl Server {
         if let Some(addr) = self.live.as_ref().and_then(|l| l.local_addr().ok()) {
             log::info!("live page at http://{addr}/");
         }
+        for (level, line) in std::mem::take(&mut self.journal_lines) {
+            log::log!(level, "{line}");
+        }
+        // Restored jobs start now; a folder removal forked at start may
+        // have ended before SIGCHLD was blocked.
+        self.reap();
+        self.settle();
         let mut events = Events::with_capacity(256);
         while !self.shutdown {
             let timeout = self.next_timeout();
@@ -539,7 +569,15 @@ impl Server {
                 }
             }
             if !busy {
-                return;
+                // The journal is synced before this turn's DEPLOY and CLOSE
+                // answers go out (a failed sync may undo a deploy: go on).
+                let outs = self.main.as_mut().map_or_else(Vec::new, |m| m.end_of_turn(Instant::now()));
+                if outs.is_empty() {
+                    return;
+                }
+                for out in outs {
+                    self.carry_out(out);
+                }
             }
         }
     }
@@ -923,8 +961,10 @@ impl Server {
                             }
                             return true;
                         }
-                        let reply = self.nodes.serve_call(i, call);
-                        conn.outbox.push(reply);
+                        // None: a NODE_WAIT answered when its replica ends.
+                        if let Some(reply) = self.nodes.serve_call(i, key, call) {
+                            conn.outbox.push(reply);
+                        }
                     }
                     _ => {
                         if let Some(main) = &mut self.main {
@@ -1046,6 +1086,9 @@ impl Server {
                 NodeCall::Drop { ticket } => self.nodes.drop_local(node, ticket),
                 NodeCall::Stop { ticket } => self.nodes.stop_local(node, ticket),
                 NodeCall::Follow { ticket, offset, caller } => self.nodes.follow_local(node, ticket, offset, caller),
+                NodeCall::Wait { ticket } => self.nodes.wait_local(node, ticket),
+                // Local nodes have no link to come up.
+                NodeCall::Keep { .. } => {}
             },
         }
     }
@@ -1253,7 +1296,8 @@ impl Server {
     }
 
     /// Kill every replica (SIGKILL to each init ends its namespace), reap
-    /// them, remove the nodes' folders and the spool.
+    /// them; node folders and the spool's archives of queued jobs stay for
+    /// the next start (the journal says which tickets are live).
     fn stop(&mut self) {
         self.nodes.kill_all();
         self.reap();
@@ -1386,6 +1430,22 @@ fn keepalive(stream: &TcpStream) {
     if let Err(e) = set {
         log::warn!("cannot set keepalive on a node link: {e}");
     }
+}
+
+/// What `Journal::open` found, for the log.
+fn journal_opened_lines(o: &Opened) -> Vec<(log::Level, String)> {
+    let mut lines = Vec::new();
+    if o.dropped > 0 {
+        let line = format!("journal: dropped a torn or damaged tail of {} bytes (a crash mid-write)", o.dropped);
+        lines.push((log::Level::Warn, line));
+    }
+    if o.ignored > 0 {
+        lines.push((log::Level::Warn, format!("journal: skipped {} records that contradict the others", o.ignored)));
+    }
+    if o.records > 0 {
+        lines.push((log::Level::Info, format!("journal: {} records replayed", o.records)));
+    }
+    lines
 }
 
 fn bind_error(e: io::Error, addr: SocketAddr, where_: &str) -> String {

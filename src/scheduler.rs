@@ -478,6 +478,59 @@ impl Scheduler {
         nodes
     }
 
+    /// After a restart: put back a job from the journal, with its replicas
+    /// as they were (`Running` ones occupy a slot of their node), behind the
+    /// jobs restored before it in the wait queue if a replica waits. Call in
+    /// ticket order; ticket numbers continue above it. A fail-fast job with
+    /// a failed replica stops the others: their nodes are returned. `Err`:
+    /// it contradicts what is restored already (the job is left out).
+    pub fn restore_job(
+        &mut self,
+        ticket: Ticket,
+        replicas: Vec<Replica>,
+        fail_fast: bool,
+        lost_on: Vec<NodeId>,
+    ) -> Result<Vec<NodeId>, String> {
+        if ticket == 0 || self.jobs.contains_key(&ticket) || replicas.is_empty() {
+            return Err(format!("ticket {ticket} cannot be restored twice or empty"));
+        }
+        let mut nodes = Vec::new();
+        for (i, r) in replicas.iter().enumerate() {
+            let Some(n) = r.node else { continue };
+            if n >= self.node_count() || nodes.contains(&n) {
+                return Err(format!("ticket {ticket} replica {i}: node {n} is unknown or taken twice"));
+            }
+            if r.state == JobState::Running && self.running[n].contains_key(&ticket) {
+                return Err(format!("ticket {ticket} replica {i}: node {n} runs it already"));
+            }
+            nodes.push(n);
+        }
+        for (i, r) in replicas.iter().enumerate() {
+            if let (JobState::Running, Some(n)) = (r.state, r.node) {
+                // Slots may be fewer than before the restart: the replica
+                // still holds one (free_slots saturates).
+                self.running[n].insert(ticket, i as u32);
+            }
+        }
+        let job = Job { ticket, replicas, fail_fast, lost_on };
+        let waits = job.has_waiting();
+        let failed = job.replicas.iter().position(|r| r.state == JobState::Invalid);
+        self.jobs.insert(ticket, job);
+        if waits {
+            self.waiting.push_back(ticket);
+        }
+        self.next_ticket = self.next_ticket.max(ticket.wrapping_add(1).max(1));
+        Ok(match failed {
+            Some(i) if fail_fast => self.fail_fast(ticket, i as u32),
+            _ => Vec::new(),
+        })
+    }
+
+    /// Tickets whose replica node `node` runs (for NODE_WAIT after a restart).
+    pub fn running_on(&self, node: NodeId) -> Vec<Ticket> {
+        self.running.get(node).map_or_else(Vec::new, |r| r.keys().copied().collect())
+    }
+
     #[cfg(test)]
     fn check_invariants(&self) {
         for (n, running) in self.running.iter().enumerate() {
@@ -830,5 +883,48 @@ mod tests {
             prop_assert_eq!(busy.iter().sum::<usize>(), jobs.min(capacity));
             s.check_invariants();
         }
+    }
+
+    fn replica(node: Option<NodeId>, state: JobState) -> Replica {
+        Replica { node, state, exit_code: 0, message: String::new(), stopping: None }
+    }
+
+    #[test]
+    fn restored_jobs_keep_their_slots_and_queue_order_and_numbering_goes_on() {
+        let mut s = Scheduler::new(&[1, 1, 1], 10);
+        // 4: finished on node 0; 7: running on node 1 (a node that survived);
+        // 9 and 8 are queued, restored in ticket order 8 then 9.
+        assert_eq!(s.restore_job(4, vec![replica(Some(0), JobState::Completed)], false, vec![]), Ok(vec![]));
+        assert_eq!(s.restore_job(7, vec![replica(Some(1), JobState::Running)], false, vec![]), Ok(vec![]));
+        s.restore_job(8, vec![replica(None, JobState::Waiting); 2], false, vec![]).unwrap();
+        s.restore_job(9, vec![replica(None, JobState::Waiting)], false, vec![]).unwrap();
+        s.check_invariants();
+        assert!(s.restore_job(8, vec![replica(None, JobState::Waiting)], false, vec![]).is_err());
+        assert!(s.restore_job(10, vec![replica(Some(5), JobState::Completed)], false, vec![]).is_err());
+        assert_eq!(s.next_ticket(), 10);
+        assert_eq!(s.running_on(1), vec![7]);
+        assert_eq!((s.queue_position(8), s.queue_position(9)), (1, 2));
+        // Node 1 is busy with 7: job 8 (two replicas) takes nodes 0 and 2.
+        let started = s.start_ready();
+        assert_eq!(started.len(), 1);
+        assert_eq!(started[0].ticket, 8);
+        assert_eq!(s.queue_position(9), 1, "9 waits behind, never overtakes");
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_restored_fail_fast_job_with_a_failed_replica_stops_the_others() {
+        let mut s = Scheduler::new(&[1, 1, 1], 10);
+        let replicas = vec![
+            replica(Some(0), JobState::Invalid),
+            replica(Some(1), JobState::Running),
+            replica(None, JobState::Waiting),
+        ];
+        assert_eq!(s.restore_job(3, replicas, true, vec![]), Ok(vec![1]));
+        let job = s.job(3).unwrap();
+        assert_eq!(job.replicas[2].state, JobState::Invalid);
+        assert_eq!(job.replicas[1].stopping.as_deref(), Some("stopped: replica 0 failed"));
+        assert_eq!(s.queue_position(3), 0);
+        s.check_invariants();
     }
 }

@@ -191,7 +191,7 @@ fn a_node_refuses_a_non_loopback_listen_without_a_secret() {
 }
 
 #[test]
-fn a_node_kills_the_replica_of_a_main_server_that_is_gone_and_serves_the_next_one() {
+fn a_replica_outlives_its_main_server_until_a_new_one_drops_it_and_the_node_serves_the_next_one() {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProc::start("127.0.0.5", None, &dir.path().join("n"));
     let mut first = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
@@ -200,19 +200,47 @@ fn a_node_kills_the_replica_of_a_main_server_that_is_gone_and_serves_the_next_on
     first.deploy(1, &job(first.dir.path(), "g.tar.gz", &gate.wait_recipe("g")));
     let (_, conn) = gate.arrive();
     first.stop_with(nix::sys::signal::Signal::SIGKILL);
-    // Nobody awaits that replica any more: the node kills it (the job's
-    // end of the gate connection closes).
+    // The replica runs on: a main server that comes back asks for it.
+    wait_until("the node logs it", || node.log.lock().unwrap().contains("link is gone; ticket 1's replica runs on"));
+    // Another main server (no journal of that job) links: the node drops
+    // the ticket it does not want (the job's end of the gate closes) ...
+    let second = Cluster::start_lines(std::slice::from_ref(&node.addr), &[]);
+    wait_until("the new link is up", || ups(&second, &node.addr) == 1);
     let mut r = BufReader::new(conn);
     let mut rest = String::new();
     assert_eq!(r.read_line(&mut rest).unwrap_or(0), 0, "the replica is gone: {rest}");
-    wait_until("the node logs it", || node.log.lock().unwrap().contains("link is gone; killing ticket"));
-    // A new main server links to the same node and runs a job there.
-    let second = Cluster::start_lines(std::slice::from_ref(&node.addr), &[]);
-    wait_until("the new link is up", || ups(&second, &node.addr) == 1);
+    assert!(node.log.lock().unwrap().contains("does not want it (any more): dropped"));
+    // ... and runs its job there.
     let t = second.deploy(1, &job(second.dir.path(), "q.tar.gz", &["@echo second"]));
     let (ok, outs) = second.retrieve(t);
     assert!(ok, "{outs:?}");
     assert!(outs[0].1.contains("second"), "{outs:?}");
+}
+
+#[test]
+fn a_remote_replica_survives_a_kill_9_of_the_main_server_and_is_reported_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start("127.0.0.14", None, &dir.path().join("n"));
+    let mut c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
+    wait_until("the link is up", || ups(&c, &node.addr) == 1);
+    let gate = Gate::new();
+    let t = c.deploy(1, &job(c.dir.path(), "g.tar.gz", &gate.wait_recipe("g")));
+    let (_, held) = gate.arrive();
+    // The start is in the journal (its record names the node; synced
+    // within a second).
+    let journal = c.work().join("journal");
+    let on_disk =
+        |what: &str| std::fs::read(&journal).is_ok_and(|b| b.windows(what.len()).any(|w| w == what.as_bytes()));
+    wait_until("the start is journaled", || on_disk(&node.addr));
+    c.restart(nix::sys::signal::Signal::SIGKILL);
+    wait_until("the restarted server links again", || ups(&c, &node.addr) >= 1);
+    let st = c.status_json(t);
+    assert_eq!(st["replicas"][0]["status"], "RUNNING", "still running over there: {st}");
+    release(held);
+    let st = c.wait_status(t, |st| st["status"] == "COMPLETED");
+    assert_eq!(st["replicas"][0]["node"], node.addr.as_str(), "{st}");
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok && outs[0].1.contains("released g"), "{outs:?}");
 }
 
 /// The log of a `NodeProc`, as far as it has been read.

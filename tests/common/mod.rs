@@ -22,6 +22,44 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub log: Arc<Mutex<String>>,
     log_reader: Option<std::thread::JoinHandle<()>>,
+    /// The server's flags, for `restart`.
+    args: Vec<std::ffi::OsString>,
+}
+
+type Started = (Child, SocketAddr, Arc<Mutex<String>>, std::thread::JoinHandle<()>);
+
+/// Start `cloud-server` with `args` and wait for its ready line; `Err`:
+/// the line it gave up with.
+fn spawn_server(args: &[std::ffi::OsString], tweak: &dyn Fn(&mut Command)) -> Result<Started, String> {
+    let mut cmd = Command::new(SERVER);
+    cmd.args(args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    tweak(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn cloud-server");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    let mut got = String::new();
+    // The ready line is the server's first line; an error line means it gave up.
+    while lines.read_line(&mut first).unwrap_or(0) > 0 {
+        if first.contains("listening on") || first.starts_with("cloud-server:") {
+            got = first.clone();
+            break;
+        }
+        first.clear();
+    }
+    if let Some(addr) = got.split("listening on ").nth(1).and_then(|r| r.split(' ').next()) {
+        let addr: SocketAddr = addr.parse().expect("address in ready line");
+        let log = Arc::new(Mutex::new(got.clone()));
+        let sink = log.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = lines.read(&mut buf) {
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        return Ok((child, addr, log, reader));
+    }
+    let _ = child.wait();
+    Err(got)
 }
 
 fn free_ports(n: usize) -> Vec<u16> {
@@ -70,7 +108,10 @@ impl Cluster {
             let slot_base = 1_000_000 + u32::from(ports[0]) * 64;
             match Self::launch(&lines, ports, slot_base, extra, &tweak) {
                 Ok(c) => return c,
-                Err(got) if got.contains("already in use") => continue,
+                // A port picked by two clusters at once (free_ports lets go
+                // before the server binds): the one that loses the race on
+                // the port or on the slot uids derived from it picks again.
+                Err(got) if got.contains("already in use") || got.contains("is in use by cloud-server") => continue,
                 Err(got) => panic!("cloud-server did not start: {got}"),
             }
         }
@@ -99,54 +140,30 @@ impl Cluster {
         extra: &[&str],
         tweak: &dyn Fn(&mut Command),
     ) -> Result<Cluster, String> {
-        {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let mut text = format!("{}\n", lines.len());
-            for l in lines {
-                text.push_str(&format!("{l}\n"));
-            }
-            let nodes_file = dir.path().join("nodes.txt");
-            std::fs::write(&nodes_file, text).expect("write nodes file");
-            let slot_base = slot_base.to_string();
-            let mut cmd = Command::new(SERVER);
-            cmd.args(["--slot-uids", &slot_base])
-                .arg("--nodes")
-                .arg(&nodes_file)
-                .args(["--listen", "127.0.0.1:0", "--work-dir"])
-                .arg(dir.path().join("work"))
-                .args(extra)
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            tweak(&mut cmd);
-            let mut child = cmd.spawn().expect("spawn cloud-server");
-            let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
-            let mut first = String::new();
-            let mut got = String::new();
-            // The ready line is the server's first line; an error line means it gave up.
-            while lines.read_line(&mut first).unwrap_or(0) > 0 {
-                if first.contains("listening on") || first.starts_with("cloud-server:") {
-                    got = first.clone();
-                    break;
-                }
-                first.clear();
-            }
-            if let Some(addr) = got.split("listening on ").nth(1).and_then(|r| r.split(' ').next()) {
-                let addr: SocketAddr = addr.parse().expect("address in ready line");
-                let log = Arc::new(Mutex::new(got.clone()));
-                let sink = log.clone();
-                let reader = std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n @ 1..) = lines.read(&mut buf) {
-                        sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-                    }
-                });
-                return Ok(Cluster { child, addr, ports, dir, log, log_reader: Some(reader) });
-            }
-            let _ = child.wait();
-            Err(got)
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut text = format!("{}\n", lines.len());
+        for l in lines {
+            text.push_str(&format!("{l}\n"));
         }
+        let nodes_file = dir.path().join("nodes.txt");
+        std::fs::write(&nodes_file, text).expect("write nodes file");
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["--slot-uids".into(), slot_base.to_string().into(), "--nodes".into()];
+        args.push(nodes_file.into_os_string());
+        args.extend(["--listen".into(), "127.0.0.1:0".into(), "--work-dir".into()]);
+        args.push(dir.path().join("work").into_os_string());
+        args.extend(extra.iter().map(|a| a.into()));
+        let (child, addr, log, reader) = spawn_server(&args, tweak)?;
+        Ok(Cluster { child, addr, ports, dir, log, log_reader: Some(reader), args })
+    }
+
+    /// Stop the server with `sig` (SIGKILL: a crash), then start it again
+    /// with the same flags, nodes and work dir.
+    pub fn restart(&mut self, sig: nix::sys::signal::Signal) {
+        self.stop_with(sig);
+        let (child, addr, log, reader) =
+            spawn_server(&self.args, &|_: &mut Command| {}).unwrap_or_else(|got| panic!("no restart: {got}"));
+        (self.child, self.addr, self.log, self.log_reader) = (child, addr, log, Some(reader));
     }
 
     pub fn pid(&self) -> u32 {
@@ -247,7 +264,10 @@ impl Cluster {
     /// Send `sig` and wait for the server to exit.
     pub fn stop_with(&mut self, sig: nix::sys::signal::Signal) -> Option<std::process::ExitStatus> {
         let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
-        let _ = nix::sys::signal::kill(pid, sig);
+        // Never signal a pid already reaped (it may be another process now).
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(pid, sig);
+        }
         let status = self.child.wait().ok();
         // The server's stderr is complete once the reader sees EOF.
         if let Some(r) = self.log_reader.take() {
