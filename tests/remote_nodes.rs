@@ -476,3 +476,43 @@ fn with_a_secret_a_node_serves_a_main_server_of_another_user() {
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let _ = main.wait();
 }
+
+#[test]
+fn requeue_lost_runs_a_lost_replica_again_on_another_node_and_status_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<NodeProc> = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| NodeProc::start(ip, None, &dir.path().join(format!("n{i}"))))
+        .collect();
+    let lines: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let c = Cluster::start_lines(&lines, &["--allow-network", "--requeue-lost"]);
+    wait_until("every link is up", || nodes.iter().all(|n| ups(&c, &n.addr) == 1));
+
+    // Two replicas held at a gate, on two of the three nodes.
+    let gate = Gate::new();
+    let held = job(c.dir.path(), "g.tar.gz", &gate.wait_recipe("g"));
+    let t = c.deploy(2, &held);
+    let (_, first) = gate.arrive();
+    let (_, second) = gate.arrive();
+    let st = c.status_json(t);
+    let lost_addr = st["replicas"][0]["node"].as_str().unwrap().to_string();
+    let victim = nodes.iter().position(|n| n.addr == lost_addr).unwrap();
+    let spare = nodes.iter().position(|n| !st["replicas"].as_array().unwrap().iter().any(|r| r["node"] == n.addr));
+    let spare = nodes[spare.expect("a node with no replica of the job")].addr.clone();
+    nodes[victim].kill9();
+
+    // Replica 0 runs again on the spare node, and says why.
+    let (_, again) = gate.arrive();
+    let st = c.wait_status(t, |st| st["replicas"][0]["node"] == spare.as_str());
+    let msg = st["replicas"][0]["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("requeued after node {lost_addr} was lost")), "{st}");
+    assert_eq!(st["replicas"][0]["status"], "RUNNING", "{st}");
+    for g in [first, second, again] {
+        release(g);
+    }
+    let st = c.wait_status(t, |st| st["status"] == "COMPLETED");
+    assert_eq!(st["replicas"][0]["node"], spare.as_str(), "{st}");
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok && outs.len() == 2, "{outs:?}");
+}

@@ -129,7 +129,7 @@ fn accept_stat(reply: &[u8]) -> u32 {
 }
 
 #[test]
-fn deploy_opts_refuses_unknown_flags_and_procedures_below_it_are_unavailable() {
+fn deploy_opts_refuses_unknown_flags_and_procedures_past_it_are_unavailable() {
     use cloudinfra::{proto, record, rpc};
     use std::io::Write;
     let c = Cluster::start(1);
@@ -141,8 +141,8 @@ fn deploy_opts_refuses_unknown_flags_and_procedures_below_it_are_unavailable() {
     s.write_all(&record::frame(&w.into_bytes())).expect("send");
     assert_eq!(accept_stat(&read_reply(&s, limit).expect("answered")), 4);
     // The refused upload (under 64 KiB) was let in and dropped: the connection goes on.
-    // 5 to 9 do not exist on this branch: PROC_UNAVAIL (3), as before.
-    for proc_num in 5..10 {
+    // Past DEPLOY_OPTS (10) nothing exists: PROC_UNAVAIL (3).
+    for proc_num in 11..14 {
         let mut w = rpc::call(10 + proc_num, proto::CLOUD_PROG, proto::CLOUD_VERS, proc_num);
         w.u32(1);
         s.write_all(&record::frame(&w.into_bytes())).expect("send");
