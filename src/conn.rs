@@ -47,6 +47,8 @@ pub(crate) enum Pending {
     Hello,
     Auth,
     Probe,
+    /// A NODE_NULL heartbeat on a Ready link (`main_service::heartbeats`).
+    Heartbeat,
     /// NODE_FOLLOW for a client's FOLLOW call.
     Follow {
         caller: crate::coordinator::Caller,

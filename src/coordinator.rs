@@ -792,7 +792,10 @@ impl Coordinator {
             match self.fetches.get(&(ticket, status.replica)) {
                 Some(Fetch::Done(Ok(path))) => outs.push(OutputRef { status, path: path.clone() }),
                 Some(Fetch::Done(Err(why))) => {
-                    status.message = format!("{} (output lost: {why})", status.message);
+                    // A replica lost with its node already says why.
+                    if !status.message.contains(why.as_str()) {
+                        status.message = format!("{} (output lost: {why})", status.message);
+                    }
                     outs.push(OutputRef { status, path: PathBuf::new() });
                 }
                 _ => unreachable!("all fetches are done"),

@@ -58,6 +58,14 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// node's port cannot hold it forever.
 pub(crate) const LINK_SETUP_WITHIN: Duration = Duration::from_secs(10);
 
+/// A Ready link the node has been silent on this long (and with nothing of
+/// ours in flight) gets a NODE_NULL heartbeat ...
+pub(crate) const HEARTBEAT_IDLE: Duration = Duration::from_secs(5);
+/// ... which must be answered within this, or the link is lost: a node
+/// that hangs (stopped, wedged) while its kernel still answers TCP is
+/// noticed within `HEARTBEAT_IDLE + HEARTBEAT_WAIT`.
+pub(crate) const HEARTBEAT_WAIT: Duration = Duration::from_secs(10);
+
 /// How the main server reaches node i.
 #[derive(Debug)]
 pub(crate) enum Link {
@@ -83,6 +91,10 @@ pub(crate) struct RemoteLink {
     /// Why the last attempt was refused: logged as a warning when it
     /// changes, so a node that keeps refusing is not a warning every 5 s.
     refused: Option<String>,
+    /// When the node last said anything on a Ready link.
+    heard: Instant,
+    /// When a heartbeat went out that is not answered yet.
+    probe: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +120,8 @@ impl RemoteLink {
             setup_by: now,
             handshake: None,
             refused: None,
+            heard: now,
+            probe: None,
         }
     }
 }
@@ -276,6 +290,7 @@ impl MainService {
         let retries = self.links.iter().filter_map(|l| match l {
             Link::Remote(r) if r.state == LinkState::Down => Some(r.retry_at),
             Link::Remote(r) if !matches!(r.state, LinkState::Ready(_)) => Some(r.setup_by),
+            Link::Remote(r) => Some(r.probe.map_or(r.heard + HEARTBEAT_IDLE, |p| p + HEARTBEAT_WAIT)),
             _ => None,
         });
         retries.chain(self.coord.next_deadline()).chain(self.sync_at).min()
@@ -298,6 +313,41 @@ impl MainService {
 
     /// Connections of links not up within `LINK_SETUP_WITHIN`: the reactor
     /// closes them (`link_lost` follows).
+    /// Heartbeats of Ready links: a NODE_NULL to each node silent for
+    /// `HEARTBEAT_IDLE` while `idle(key)` (nothing of ours in flight on its
+    /// connection); the connections whose heartbeat went unanswered for
+    /// `HEARTBEAT_WAIT`, to close (the node is then lost).
+    pub(crate) fn heartbeats(&mut self, now: Instant, idle: impl Fn(usize) -> bool) -> (Vec<Out>, Vec<usize>) {
+        let (mut outs, mut dead) = (Vec::new(), Vec::new());
+        for (link, name) in self.links.iter_mut().zip(&self.node_names) {
+            let Link::Remote(r) = link else { continue };
+            let LinkState::Ready(key) = r.state else { continue };
+            match r.probe {
+                Some(sent) if now >= sent + HEARTBEAT_WAIT => {
+                    log::warn!(
+                        "node {name} did not answer a heartbeat within {} s (hung, or its network is gone); link lost",
+                        HEARTBEAT_WAIT.as_secs()
+                    );
+                    dead.push(key);
+                }
+                None if now >= r.heard + HEARTBEAT_IDLE && idle(key) => {
+                    let xid = self.next_xid;
+                    self.next_xid = self.next_xid.wrapping_add(1);
+                    let w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_NULL);
+                    outs.push(Out::Send {
+                        key,
+                        xid,
+                        pending: Pending::Heartbeat,
+                        pieces: vec![Piece::Bytes(w.into_bytes())],
+                    });
+                    r.probe = Some(now);
+                }
+                _ => {}
+            }
+        }
+        (outs, dead)
+    }
+
     pub(crate) fn links_stalled(&mut self, now: Instant) -> Vec<usize> {
         let mut keys = Vec::new();
         for (link, name) in self.links.iter_mut().zip(&self.node_names) {
@@ -406,6 +456,7 @@ impl MainService {
         let Some(r) = self.remote(node) else { return };
         let LinkState::Authenticating(key) = r.state else { return };
         r.state = LinkState::Ready(key);
+        (r.heard, r.probe) = (now, None);
         r.backoff = BACKOFF_FIRST;
         log::info!("link to node {} is up", self.node_names[node]);
         // After a restart, its restored replicas are asked for (NODE_WAIT).
@@ -758,6 +809,10 @@ impl MainService {
     /// Handle what the main server's link to a node read.
     pub(crate) fn on_reply_event(&mut self, conn: &mut Conn, ev: ReplyEvent<Pending>) {
         let Role::NodeLink { node, .. } = conn.role else { return };
+        // Anything from the node shows it alive (`heartbeats`).
+        if let Some(r) = self.remote(node) {
+            (r.heard, r.probe) = (Instant::now(), None);
+        }
         let ev = match ev {
             ReplyEvent::Reply { call: call @ (Pending::Hello | Pending::Auth | Pending::Probe), results } => {
                 return self.setup_reply(node, conn, call, results)
@@ -776,7 +831,10 @@ impl MainService {
                 let why = results.err().unwrap_or_else(|| "the node sent no output".into());
                 self.coord.fetched(ticket, replica, Err(why));
             }
-            ReplyEvent::Reply { call: Pending::Drop | Pending::Hello | Pending::Auth | Pending::Probe, .. } => {}
+            ReplyEvent::Reply {
+                call: Pending::Drop | Pending::Hello | Pending::Auth | Pending::Probe | Pending::Heartbeat,
+                ..
+            } => {}
             ReplyEvent::Reply { call: Pending::Follow { caller }, results } => {
                 let result = results
                     .and_then(|b| proto::decode_follow(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))

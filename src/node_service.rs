@@ -229,7 +229,7 @@ impl NodeService {
         cfg: &ServerConfig,
         work_dir: &Path,
         ports: &[(u16, u32)],
-        live: &HashSet<u32>,
+        live: &dyn Fn(u32) -> bool,
     ) -> Result<NodeService, String> {
         let n = ports.len();
         if n == 0 {
@@ -307,7 +307,7 @@ impl NodeService {
                 (first_slot..first_slot + slots as usize).map(|s| cfg.identities.get(s).copied().flatten()).collect();
             first_slot += slots as usize;
             let dir = work_dir.join(format!("output_{port}"));
-            trashed += crate::node::sweep_dir(&dir, &trash, &format!("{port}"), |t| live.contains(&t))
+            trashed += crate::node::sweep_dir(&dir, &trash, &format!("{port}"), live)
                 .map_err(|e| format!("cannot clear node directory {}: {e}", dir.display()))?;
             let node = Node::new(NodeConfig {
                 port,

@@ -266,7 +266,7 @@ impl Server {
         let (journal, opened) = Journal::open(&work_dir)?;
         let mut journal_lines = journal_opened_lines(&opened);
         let live: HashSet<u32> = journal.live().jobs.keys().copied().collect();
-        let mut nodes = NodeService::start(&cfg, &work_dir, &local_ports, &live)?;
+        let mut nodes = NodeService::start(&cfg, &work_dir, &local_ports, &|t| live.contains(&t))?;
         for (i, slurm) in slurm_lines {
             let local = nodes.add_slurm(&cfg, &work_dir, &node_names[i], slurm)?;
             links[i] = Link::Local(local);
@@ -335,9 +335,10 @@ impl Server {
         let listener = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
         let slots = cfg.nodes.nodes.first().map_or(1, |s| s.slots);
-        // A node alone keeps nothing across its own restart: its main
-        // server has marked its replicas lost by then.
-        let nodes = NodeService::start(&cfg, &work_dir, &[(port, slots)], &HashSet::new())?;
+        // A node alone keeps every ticket folder across its own restart
+        // (finished outputs stay fetchable); its main server's NODE_KEEP
+        // drops what it does not want when the link comes up.
+        let nodes = NodeService::start(&cfg, &work_dir, &[(port, slots)], &|_| true)?;
         Server::assemble(&cfg, poll, listener, Vec::new(), None, nodes)
     }
 
@@ -476,6 +477,16 @@ impl Server {
             self.connect_links(now);
             // Node links not up in time (authwire): closed, tried again later.
             for key in self.main.as_mut().map(|m| m.links_stalled(now)).unwrap_or_default() {
+                self.close_conn(key);
+            }
+            // Heartbeats of Ready links; a node that does not answer is lost.
+            let slab = &self.slab;
+            let idle = |key: usize| matches!(slab.get(key), Some(Source::Conn(c)) if c.outbox.is_empty());
+            let (beats, dead) = self.main.as_mut().map(|m| m.heartbeats(now, idle)).unwrap_or_default();
+            for out in beats {
+                self.carry_out(out);
+            }
+            for key in dead {
                 self.close_conn(key);
             }
             if self.gates_due.is_some_and(|due| due <= now) {

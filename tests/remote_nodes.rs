@@ -544,3 +544,36 @@ fn requeue_lost_runs_a_lost_replica_again_on_another_node_and_status_says_so() {
     let (ok, outs) = c.retrieve(t);
     assert!(ok && outs.len() == 2, "{outs:?}");
 }
+
+#[test]
+fn a_hung_node_is_lost_within_the_heartbeat_bound_and_rejoins_when_it_resumes() {
+    use nix::sys::signal::{kill, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start("127.0.0.15", None, &dir.path().join("n"));
+    let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
+    wait_until("the link is up", || ups(&c, &node.addr) == 1);
+    let gate = Gate::new();
+    let t = c.deploy(1, &job(c.dir.path(), "g.tar.gz", &gate.wait_recipe("g")));
+    let (_, held) = gate.arrive();
+    // Its kernel still answers TCP (keepalive sees nothing wrong); only the
+    // heartbeat can tell.
+    let pid = nix::unistd::Pid::from_raw(node.child.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let stopped_at = Instant::now();
+    let st = c.wait_status(t, |st| st["replicas"][0]["status"] == "INVALID");
+    let bound = cloudinfra_heartbeat_bound();
+    assert!(stopped_at.elapsed() < bound + Duration::from_secs(2), "lost after {:?}", stopped_at.elapsed());
+    assert!(st["replicas"][0]["message"].as_str().unwrap().contains("node lost"), "{st}");
+    assert!(c.log().contains("did not answer a heartbeat"), "{}", c.log());
+    // Resumed, it rejoins, and drops the replica its main server gave up.
+    kill(pid, Signal::SIGCONT).unwrap();
+    wait_until("the node rejoins", || ups(&c, &node.addr) == 2);
+    let mut r = BufReader::new(held);
+    let mut rest = String::new();
+    assert_eq!(r.read_line(&mut rest).unwrap_or(0), 0, "the lost replica is dropped there: {rest}");
+}
+
+/// `HEARTBEAT_IDLE + HEARTBEAT_WAIT` of src/main_service.rs (5 s + 10 s).
+fn cloudinfra_heartbeat_bound() -> Duration {
+    Duration::from_secs(15)
+}

@@ -724,6 +724,19 @@ fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool) -> Result<Ex
     client.set_timeout(server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
     let info = client.info(ticket, false).map_err(|e| e.to_string())?;
     client.close(ticket).map_err(|e| e.to_string())?;
+    // An output the server could not get (its node restarted, or was
+    // lost) is an empty file here: say so, and do not exit 0.
+    let lost: Vec<u32> = outputs
+        .iter()
+        .filter(|(s, _)| s.message.contains("(output lost: ") || s.message.starts_with("node lost"))
+        .map(|(s, _)| s.replica)
+        .collect();
+    if !lost.is_empty() && outcome(&info) == ExitCode::SUCCESS {
+        eprintln!(
+            "retrieve: the output of replica(s) {lost:?} was lost (see the messages above); their files are empty"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(outcome(&info))
 }
 
