@@ -141,8 +141,9 @@ fn deploy_opts_refuses_unknown_flags_and_procedures_below_it_are_unavailable() {
     s.write_all(&record::frame(&w.into_bytes())).expect("send");
     assert_eq!(accept_stat(&read_reply(&s, limit).expect("answered")), 4);
     // The refused upload (under 64 KiB) was let in and dropped: the connection goes on.
-    // 5 to 9 do not exist on this branch: PROC_UNAVAIL (3), as before.
-    for proc_num in 5..10 {
+    // 5 to 9 (CLUSTER ... JOB_INFO) exist now; past DEPLOY_OPTS nothing
+    // does: PROC_UNAVAIL (3), and the connection still goes on.
+    for proc_num in proto::DEPLOY_OPTS + 1..proto::DEPLOY_OPTS + 4 {
         let mut w = rpc::call(10 + proc_num, proto::CLOUD_PROG, proto::CLOUD_VERS, proc_num);
         w.u32(1);
         s.write_all(&record::frame(&w.into_bytes())).expect("send");
