@@ -732,7 +732,11 @@ impl MainService {
             return conn.answer_before_upload(len, failure_reply(call.xid, &failure));
         }
         let what = Streamed::Deploy { replicas, flags, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) };
-        log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", call.xid);
+        log::debug!(
+            "connection {key}: call xid {:#x} {}: receiving a {len} byte archive",
+            call.xid,
+            proto::cloud_proc_name(call.proc_num)
+        );
         self.next_spool += 1;
         conn.sink = Sink::open(call.xid, what, self.spool.join(format!("incoming-{key}-{}", self.next_spool)));
     }

@@ -217,6 +217,7 @@ pub fn cloud_proc_name(proc_num: u32) -> &'static str {
         FOLLOW => "FOLLOW",
         CANCEL => "CANCEL",
         JOB_INFO => "JOB_INFO",
+        DEPLOY_OPTS => "DEPLOY_OPTS",
         _ => "unknown",
     }
 }
@@ -645,6 +646,15 @@ pub const FETCH_OUTPUT_AT: usize = 4;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_cloud_procedure_has_its_name_for_the_debug_log() {
+        for p in CLOUD_NULL..=DEPLOY_OPTS {
+            assert_ne!(cloud_proc_name(p), "unknown", "procedure {p}");
+        }
+        assert_eq!(cloud_proc_name(DEPLOY_OPTS), "DEPLOY_OPTS");
+        assert_eq!(cloud_proc_name(DEPLOY_OPTS + 1), "unknown");
+    }
 
     #[test]
     fn job_status_round_trips() {
