@@ -249,6 +249,18 @@ impl Server {
         }
         // Clients off loopback only with a secret (issue 9's binding rule).
         node_auth::check_bind(cfg.listen, cfg.secret.is_some())?;
+        // A node line on the client port would be reported as "in use" by
+        // whichever bind came second: name the clash instead.
+        if let Some(&i) = locals.iter().find(
+            |&&i| matches!(cfg.nodes.nodes[i].kind, NodeKind::Local { port } if port != 0 && port == cfg.listen.port()),
+        ) {
+            return Err(format!(
+                "{}: port {} is also the client port (--listen {}): give the nodes and the clients different ports",
+                line(&cfg.nodes.nodes[i]),
+                cfg.listen.port(),
+                cfg.listen
+            ));
+        }
         // Local nodes' ports, held: port 0 takes a free one, which then
         // names the node (`make demo`, tests).
         let mut node_listeners = Vec::with_capacity(locals.len());

@@ -324,3 +324,24 @@ fn every_rpc_version_but_2_is_rpc_mismatch_2_2_even_on_a_streamed_deploy() {
     s.write_all(&frame(&rpc::call(77, proto::CLOUD_PROG, 1, 0).into_bytes())).unwrap();
     assert_eq!(words(&read_reply_now(&mut s).expect("then a NULL call")), vec![77, 1, 0, 0, 0, 0]);
 }
+
+#[test]
+fn a_node_line_on_the_client_port_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    // A free port, used for both the client port and a node line.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let f = dir.path().join("nodes.txt");
+    std::fs::write(&f, format!("1\n{port}\n")).unwrap();
+    let slot_base = (1_000_000 + u32::from(port) * 64).to_string();
+    let out = std::process::Command::new(SERVER)
+        .args(["--slot-uids", &slot_base, "--nodes"])
+        .arg(&f)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--work-dir"])
+        .arg(dir.path().join("w"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("line 2: port {port} is also the client port")), "{err}");
+    assert!(!err.contains("already in use"), "{err}");
+}
