@@ -424,6 +424,11 @@ impl Coordinator {
         self.node_up(node, now);
     }
 
+    /// Whether `node` runs a replica now (its link then gets heartbeats).
+    pub fn runs_on(&self, node: NodeId) -> bool {
+        self.sched.busy(node) > 0
+    }
+
     /// The tickets whose replica on `node` this server still wants: one
     /// running there, or ended there with an output to fetch (not lost
     /// with the node).

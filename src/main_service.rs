@@ -58,8 +58,9 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// node's port cannot hold it forever.
 pub(crate) const LINK_SETUP_WITHIN: Duration = Duration::from_secs(10);
 
-/// A Ready link the node has been silent on this long (and with nothing of
-/// ours in flight) gets a NODE_NULL heartbeat ...
+/// A Ready link whose node runs replicas and has been silent on this long
+/// (with nothing of ours in flight) gets a NODE_NULL heartbeat (an idle
+/// cluster sends none: it makes no system calls) ...
 pub(crate) const HEARTBEAT_IDLE: Duration = Duration::from_secs(5);
 /// ... which must be answered within this, or the link is lost: a node
 /// that hangs (stopped, wedged) while its kernel still answers TCP is
@@ -287,10 +288,12 @@ impl MainService {
 
     /// When the next remote link is due to be connected again.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let retries = self.links.iter().filter_map(|l| match l {
+        let retries = self.links.iter().enumerate().filter_map(|(i, l)| match l {
             Link::Remote(r) if r.state == LinkState::Down => Some(r.retry_at),
             Link::Remote(r) if !matches!(r.state, LinkState::Ready(_)) => Some(r.setup_by),
-            Link::Remote(r) => Some(r.probe.map_or(r.heard + HEARTBEAT_IDLE, |p| p + HEARTBEAT_WAIT)),
+            Link::Remote(r) if self.coord.runs_on(i) || r.probe.is_some() => {
+                Some(r.probe.map_or(r.heard + HEARTBEAT_IDLE, |p| p + HEARTBEAT_WAIT))
+            }
             _ => None,
         });
         retries.chain(self.coord.next_deadline()).chain(self.sync_at).min()
@@ -319,9 +322,12 @@ impl MainService {
     /// `HEARTBEAT_WAIT`, to close (the node is then lost).
     pub(crate) fn heartbeats(&mut self, now: Instant, idle: impl Fn(usize) -> bool) -> (Vec<Out>, Vec<usize>) {
         let (mut outs, mut dead) = (Vec::new(), Vec::new());
-        for (link, name) in self.links.iter_mut().zip(&self.node_names) {
+        for (i, (link, name)) in self.links.iter_mut().zip(&self.node_names).enumerate() {
             let Link::Remote(r) = link else { continue };
             let LinkState::Ready(key) = r.state else { continue };
+            if r.probe.is_none() && !self.coord.runs_on(i) {
+                continue; // nothing to lose there: no heartbeat
+            }
             match r.probe {
                 Some(sent) if now >= sent + HEARTBEAT_WAIT => {
                     log::warn!(

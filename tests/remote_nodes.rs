@@ -361,7 +361,8 @@ fn a_stranger_without_the_handshake_gets_auth_error_and_nothing_runs() {
     let held = Instant::now();
     assert_eq!(s.read_to_end(&mut rest).map(|_| rest.len()).ok(), Some(0), "the node closes the link");
     assert!(held.elapsed() < Duration::from_secs(15), "closed after {:?}", held.elapsed());
-    assert!(node_log(&node).contains("no handshake within 10 s"), "{}", node_log(&node));
+    // Logged before the close; the log reader may lag behind the socket.
+    wait_until("the node logs the close", || node_log(&node).contains("no handshake within 10 s"));
     wait_until("the node logs the stranger", || node_log(&node).contains("before authentication"));
     let log = node_log(&node);
     assert!(log.contains("node link from 127.0.0.1:") && log.contains("procedure 1"), "{log}");
