@@ -209,7 +209,7 @@ fn a_replica_outlives_its_main_server_until_a_new_one_drops_it_and_the_node_serv
     let mut r = BufReader::new(conn);
     let mut rest = String::new();
     assert_eq!(r.read_line(&mut rest).unwrap_or(0), 0, "the replica is gone: {rest}");
-    assert!(node.log.lock().unwrap().contains("does not want it (any more): dropped"));
+    wait_until("the node logs the drop", || node.log.lock().unwrap().contains("does not want it (any more): dropped"));
     // ... and runs its job there.
     let t = second.deploy(1, &job(second.dir.path(), "q.tar.gz", &["@echo second"]));
     let (ok, outs) = second.retrieve(t);
@@ -275,7 +275,7 @@ fn a_main_server_and_a_node_with_the_same_secret_run_a_job() {
     let node = NodeProc::start_with("127.0.0.6", None, &dir.path().join("n"), &["--secret-file", secret]);
     let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--secret-file", secret]);
     wait_until("the authenticated link is up", || ups(&c, &node.addr) == 1);
-    assert!(node_log(&node).contains("awaiting its proof of the shared secret"), "{}", node_log(&node));
+    wait_until("the node logs the handshake", || node_log(&node).contains("awaiting its proof of the shared secret"));
     let t = c.deploy(1, &job(c.dir.path(), "q.tar.gz", &["@echo authenticated on $$CLOUD_NODE_PORT"]));
     let (ok, outs) = c.retrieve(t);
     assert!(ok, "{outs:?}");
@@ -295,7 +295,7 @@ fn a_node_with_another_secret_gets_no_job_until_restarted_with_the_right_one() {
     let refusal = format!("node {} did not prove the shared secret", node.addr);
     wait_until("the main server logs the refusal", || c.log().contains(&refusal));
     wait_until("the node logs the peer", || node_log(&node).contains("node link from 127.0.0.1:"));
-    assert!(node_log(&node).contains("did not accept this node's proof"), "{}", node_log(&node));
+    wait_until("the node logs the refusal", || node_log(&node).contains("did not accept this node's proof"));
     // Refused again and again (backoff), but warned about once.
     wait_until("a second attempt", || node_log(&node).matches("did not accept this node's proof").count() >= 2);
     assert_eq!(c.log().matches(&refusal).count(), 1, "{}", c.log());
@@ -565,7 +565,7 @@ fn a_hung_node_is_lost_within_the_heartbeat_bound_and_rejoins_when_it_resumes() 
     let bound = cloudinfra_heartbeat_bound();
     assert!(stopped_at.elapsed() < bound + Duration::from_secs(2), "lost after {:?}", stopped_at.elapsed());
     assert!(st["replicas"][0]["message"].as_str().unwrap().contains("node lost"), "{st}");
-    assert!(c.log().contains("did not answer a heartbeat"), "{}", c.log());
+    wait_until("the main server logs the heartbeat", || c.log().contains("did not answer a heartbeat"));
     // Resumed, it rejoins, and drops the replica its main server gave up.
     kill(pid, Signal::SIGCONT).unwrap();
     wait_until("the node rejoins", || ups(&c, &node.addr) == 2);
