@@ -94,8 +94,11 @@ pub(crate) struct RemoteLink {
     refused: Option<String>,
     /// When the node last said anything on a Ready link.
     heard: Instant,
-    /// When a heartbeat went out that is not answered yet.
+    /// When a heartbeat went out (or our data stopped moving) with no
+    /// answer (or progress) since.
     probe: Option<Instant>,
+    /// Bytes of ours written on the link when last looked at.
+    sent_mark: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +126,7 @@ impl RemoteLink {
             refused: None,
             heard: now,
             probe: None,
+            sent_mark: 0,
         }
     }
 }
@@ -316,11 +320,19 @@ impl MainService {
 
     /// Connections of links not up within `LINK_SETUP_WITHIN`: the reactor
     /// closes them (`link_lost` follows).
-    /// Heartbeats of Ready links: a NODE_NULL to each node silent for
-    /// `HEARTBEAT_IDLE` while `idle(key)` (nothing of ours in flight on its
-    /// connection); the connections whose heartbeat went unanswered for
-    /// `HEARTBEAT_WAIT`, to close (the node is then lost).
-    pub(crate) fn heartbeats(&mut self, now: Instant, idle: impl Fn(usize) -> bool) -> (Vec<Out>, Vec<usize>) {
+    /// Heartbeats of Ready links whose node runs replicas. `in_flight(key)`
+    /// is `None` when nothing of ours waits to be sent on the connection,
+    /// else the bytes written on it so far: our data moving counts as the
+    /// node alive, as anything it sends does. A node silent for
+    /// `HEARTBEAT_IDLE` gets a NODE_NULL (or, while our data is in flight,
+    /// is watched for progress); the connections of nodes that neither
+    /// answer nor take data for `HEARTBEAT_WAIT` more are returned, to
+    /// close (the node is then lost).
+    pub(crate) fn heartbeats(
+        &mut self,
+        now: Instant,
+        in_flight: impl Fn(usize) -> Option<u64>,
+    ) -> (Vec<Out>, Vec<usize>) {
         let (mut outs, mut dead) = (Vec::new(), Vec::new());
         for (i, (link, name)) in self.links.iter_mut().zip(&self.node_names).enumerate() {
             let Link::Remote(r) = link else { continue };
@@ -328,24 +340,26 @@ impl MainService {
             if r.probe.is_none() && !self.coord.runs_on(i) {
                 continue; // nothing to lose there: no heartbeat
             }
+            let sending = in_flight(key);
+            if let Some(written) = sending.filter(|&w| w != r.sent_mark) {
+                (r.sent_mark, r.heard, r.probe) = (written, now, None);
+            }
             match r.probe {
-                Some(sent) if now >= sent + HEARTBEAT_WAIT => {
+                Some(since) if now >= since + HEARTBEAT_WAIT => {
                     log::warn!(
-                        "node {name} did not answer a heartbeat within {} s (hung, or its network is gone); link lost",
+                        "node {name} did not answer a heartbeat (or take our data) within {} s (hung, or its network is gone); link lost",
                         HEARTBEAT_WAIT.as_secs()
                     );
                     dead.push(key);
                 }
-                None if now >= r.heard + HEARTBEAT_IDLE && idle(key) => {
-                    let xid = self.next_xid;
-                    self.next_xid = self.next_xid.wrapping_add(1);
-                    let w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_NULL);
-                    outs.push(Out::Send {
-                        key,
-                        xid,
-                        pending: Pending::Heartbeat,
-                        pieces: vec![Piece::Bytes(w.into_bytes())],
-                    });
+                None if now >= r.heard + HEARTBEAT_IDLE => {
+                    if sending.is_none() {
+                        let xid = self.next_xid;
+                        self.next_xid = self.next_xid.wrapping_add(1);
+                        let w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_NULL);
+                        let pieces = vec![Piece::Bytes(w.into_bytes())];
+                        outs.push(Out::Send { key, xid, pending: Pending::Heartbeat, pieces });
+                    }
                     r.probe = Some(now);
                 }
                 _ => {}

@@ -493,8 +493,11 @@ impl Server {
             }
             // Heartbeats of Ready links; a node that does not answer is lost.
             let slab = &self.slab;
-            let idle = |key: usize| matches!(slab.get(key), Some(Source::Conn(c)) if c.outbox.is_empty());
-            let (beats, dead) = self.main.as_mut().map(|m| m.heartbeats(now, idle)).unwrap_or_default();
+            let in_flight = |key: usize| match slab.get(key) {
+                Some(Source::Conn(c)) if !c.outbox.is_empty() => Some(c.outbox.written()),
+                _ => None,
+            };
+            let (beats, dead) = self.main.as_mut().map(|m| m.heartbeats(now, in_flight)).unwrap_or_default();
             for out in beats {
                 self.carry_out(out);
             }
