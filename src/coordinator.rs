@@ -366,6 +366,20 @@ impl Coordinator {
                 }
             };
             out.jobs += 1;
+            // Outcome kinds are not journaled: a replica lost with the
+            // restart is LOST; an earlier end is told by its state and code.
+            if let Some(restored) = self.sched.job(ticket) {
+                for (i, r) in restored.replicas.iter().enumerate() {
+                    let kind = match r.state {
+                        _ if newly_ended.contains(&(i as u32)) => Outcome::Lost,
+                        JobState::Completed => Outcome::Completed,
+                        JobState::Invalid if (1..128).contains(&r.exit_code) => Outcome::Failed,
+                        JobState::Invalid => Outcome::Killed,
+                        _ => continue,
+                    };
+                    self.outcomes.insert((ticket, i as u32), (kind, -1, now));
+                }
+            }
             if let Some(uid) = job.owner {
                 self.owners.insert(ticket, uid);
             }
@@ -771,12 +785,14 @@ impl Coordinator {
                 Some(Fetch::Done(_)) => {}
                 Some(Fetch::Pending) => all_done = false,
                 None => {
-                    all_done = false;
                     if let Some(node) = r.node {
+                        all_done = false;
                         let into = self.spool.join(format!("out-{ticket}-{i}"));
                         calls.push((key, node, NodeCall::Fetch { ticket, replica: i as u32, into }));
                     } else {
-                        self.fetches.insert(key, Fetch::Done(Err("never ran".into())));
+                        // Never ran, or its node is not in the nodes file
+                        // any more (after a restart): nothing to fetch.
+                        self.fetches.insert(key, Fetch::Done(Err("never ran on a node of this cluster".into())));
                     }
                 }
             }

@@ -287,9 +287,7 @@ impl MainService {
             NodeCall::Follow { caller, .. } => self.coord.followed(caller, Err(why)),
             NodeCall::Wait { ticket } => self.coord.run_finished(node, ticket, RunResult::lost(why), Instant::now()),
             NodeCall::Keep { .. } => {}
-            NodeCall::Fetch { ticket, replica, .. } => {
-                self.coord.fetch_failed(ticket, replica, &format!("{why}; retry"))
-            }
+            NodeCall::Fetch { ticket, replica, .. } => self.coord.fetch_failed(ticket, replica, &why),
             // Its outputs stay on that node's disk until it is restarted.
             NodeCall::Drop { ticket } => log::warn!("{why}: ticket {ticket} not dropped there"),
             NodeCall::Stop { ticket } => log::warn!("{why}: ticket {ticket} not stopped there"),
