@@ -220,6 +220,23 @@ pub(crate) struct NodeService {
 }
 
 impl NodeService {
+    /// A node service of `nodes`, nothing running yet.
+    fn with_nodes(nodes: Vec<LocalNode>, cgroup_summary: String) -> NodeService {
+        NodeService {
+            nodes,
+            child_keys: HashMap::new(),
+            more_output: Vec::new(),
+            events: VecDeque::new(),
+            orphans: Vec::new(),
+            cgroup_summary,
+            command_keys: HashMap::new(),
+            new_pipes: Vec::new(),
+            slurm_names: Vec::new(),
+            follow_replies: Vec::new(),
+            ended: HashMap::new(),
+        }
+    }
+
     /// Prepare the host and create node `i` for each of `ports` under
     /// `work_dir` (absolute). A node's folder keeps the tickets of `live`
     /// (jobs restored from the journal: their outputs stay retrievable);
@@ -233,21 +250,7 @@ impl NodeService {
     ) -> Result<NodeService, String> {
         let n = ports.len();
         if n == 0 {
-            let cgroup_summary = "no local nodes".to_string();
-            let (nodes, child_keys, more_output, events) = (Vec::new(), HashMap::new(), Vec::new(), VecDeque::new());
-            return Ok(NodeService {
-                nodes,
-                child_keys,
-                more_output,
-                events,
-                orphans: Vec::new(),
-                ended: HashMap::new(),
-                cgroup_summary,
-                command_keys: HashMap::new(),
-                new_pipes: Vec::new(),
-                slurm_names: Vec::new(),
-                follow_replies: Vec::new(),
-            });
+            return Ok(NodeService::with_nodes(Vec::new(), "no local nodes".to_string()));
         }
         // Processes an earlier run left under our slot uids (it was killed
         // before it could stop them) must not meet the next tenants.
@@ -331,19 +334,7 @@ impl NodeService {
                 Err(e) => log::warn!("cannot fork to remove {}: {e}", trash.display()),
             }
         }
-        Ok(NodeService {
-            nodes,
-            child_keys: HashMap::new(),
-            more_output: Vec::new(),
-            events: VecDeque::new(),
-            orphans: Vec::new(),
-            cgroup_summary,
-            command_keys: HashMap::new(),
-            new_pipes: Vec::new(),
-            slurm_names: Vec::new(),
-            follow_replies: Vec::new(),
-            ended: HashMap::new(),
-        })
+        Ok(NodeService::with_nodes(nodes, cgroup_summary))
     }
 
     /// Add a Slurm node (a main server's `slurm:PARTITION [slots=K]` line,
@@ -842,19 +833,7 @@ mod tests {
             slot_identities: vec![None],
         })
         .unwrap();
-        NodeService {
-            nodes: vec![LocalNode::Fork(node)],
-            child_keys: HashMap::new(),
-            more_output: Vec::new(),
-            events: VecDeque::new(),
-            orphans: Vec::new(),
-            cgroup_summary: String::new(),
-            command_keys: HashMap::new(),
-            new_pipes: Vec::new(),
-            slurm_names: Vec::new(),
-            follow_replies: Vec::new(),
-            ended: HashMap::new(),
-        }
+        NodeService::with_nodes(vec![LocalNode::Fork(node)], String::new())
     }
 
     fn wait_call(ticket: u32) -> Call {
