@@ -536,6 +536,7 @@ impl Coordinator {
 
     /// Close finished jobs nobody retrieved in time.
     pub fn on_timer(&mut self, now: Instant) {
+        self.clock = Some(now);
         while let Some(&(at, ticket)) = self.expiry.first() {
             if at > now {
                 return;
@@ -923,6 +924,7 @@ impl Coordinator {
     /// CLOSE by `who`: refused unless `who` owns the ticket or is root. A
     /// retried CLOSE gets its first reply.
     pub fn close(&mut self, to: Caller, who: Option<u32>, ticket: Ticket, now: Instant) {
+        self.clock = Some(now);
         let key = drc::Key { xid: to.xid, uid: who, proc_num: proto::CLOSE };
         if let Some(first) = self.drc.lookup(&key, now) {
             log::info!("connection {}: xid {:#x} is a retried CLOSE; answering as the first time", to.conn, to.xid);
@@ -1074,7 +1076,9 @@ impl Coordinator {
     }
 
     /// A node is reachable again: it takes work.
-    pub fn node_up(&mut self, node: NodeId, _now: Instant) {
+    pub fn node_up(&mut self, node: NodeId, now: Instant) {
+        // Jobs that start now start now (their `started` time).
+        self.clock = Some(now);
         if !self.sched.is_up(node) {
             log::info!("node {} is up: it takes work", self.node_names[node]);
         }

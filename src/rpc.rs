@@ -300,7 +300,10 @@ pub fn decode_reply(record: &[u8]) -> Result<(u32, ReplyOutcome), XdrError> {
             r.opaque(MAX_AUTH_BODY)?;
             let outcome = match r.u32()? {
                 0 => ReplyOutcome::Success { results_at: r.position() },
-                1 => ReplyOutcome::Failed("the server does not serve this program".into()),
+                1 => ReplyOutcome::Failed(
+                    "the server does not serve this program (a cloud-server node's port? clients talk to the main server's \"listening on\" address)"
+                        .into(),
+                ),
                 2 => {
                     let (lo, hi) = (r.u32()?, r.u32()?);
                     ReplyOutcome::Failed(format!("program version mismatch: server has {lo}..={hi}"))

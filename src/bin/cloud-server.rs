@@ -480,7 +480,11 @@ fn lock_slot_uids(base: u32, n: usize) -> Result<Vec<Flock<File>>, String> {
             let uid = base + i;
             lock_file(&dir.join(format!("slot-{uid}.lock"))).map_err(|e| match e {
                 Ok(pid) => {
-                    format!("slot uid {uid} is in use by cloud-server pid {pid}")
+                    match pid {
+                        // Locked, its pid not written yet (starting this instant).
+                        0 => format!("slot uid {uid} is in use by another cloud-server"),
+                        pid => format!("slot uid {uid} is in use by cloud-server pid {pid}"),
+                    }
                 }
                 Err(e) => format!("cannot lock slot uid {uid} in {}: {e}", dir.display()),
             })

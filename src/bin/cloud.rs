@@ -693,22 +693,37 @@ fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool) -> Result<Ex
             let _ = fs::remove_file(part);
         }
     };
-    let mut lines = Vec::new();
-    for (s, part) in &outputs {
+    let mut paths = Vec::new();
+    for (_, part) in &outputs {
         let path = part.with_extension("");
         commit(part, &path).map_err(|e| {
             remove_parts();
             format!("cannot write {}: {e}; the ticket stays open, retry", path.display())
         })?;
+        paths.push(path);
+    }
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    client.set_timeout(server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
+    let info = client.info(ticket, false).map_err(|e| e.to_string())?;
+    client.close(ticket).map_err(|e| e.to_string())?;
+    // Each replica's outcome kind (and the recipe's own code) with its output.
+    let mut lines = Vec::new();
+    for ((s, _), path) in outputs.iter().zip(&paths) {
+        let extra = info.replicas.get(s.replica as usize);
+        let kind = extra.and_then(|r| r.kind.name()).unwrap_or(s.state.name());
+        let recipe = extra.map_or(-1, |r| r.recipe_code);
         if json {
             lines.push(serde_json::json!({"replica": s.replica, "node": s.node, "status": s.state.name(),
-                "exit_code": s.exit_code, "message": s.message, "output": path}));
+                "outcome": kind, "exit_code": s.exit_code,
+                "recipe_exit_code": (recipe >= 0).then_some(recipe), "message": s.message, "output": path}));
         } else {
+            let recipe = if recipe >= 0 { format!(", recipe exit {recipe}") } else { String::new() };
             println!(
-                "replica {} ({}): {} (exit {}) {} -> {}",
+                "replica {} ({}): {kind} (exit {}{recipe}) {} -> {}",
                 s.replica,
                 s.node,
-                s.state.name(),
                 s.exit_code,
                 s.message,
                 path.display()
@@ -718,12 +733,6 @@ fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool) -> Result<Ex
     if json {
         println!("{}", serde_json::json!({"ticket": ticket, "replicas": lines}));
     }
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    client.set_timeout(server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
-    let info = client.info(ticket, false).map_err(|e| e.to_string())?;
-    client.close(ticket).map_err(|e| e.to_string())?;
     // An output the server could not get (its node restarted, or was
     // lost) is an empty file here: say so, and do not exit 0.
     let lost: Vec<u32> = outputs
