@@ -444,7 +444,18 @@ impl MainService {
             return;
         }
         let step = match (call, results, r.handshake.as_mut()) {
-            (Pending::Probe, Ok(_), _) => Ok(None),
+            // Without a secret the node is on loopback: it must be ours; the
+            // kernel says whose its socket is (it has accepted ours by the
+            // time it answers), as the node checks its main server's.
+            // Another local user who took the port of a node that is down
+            // would otherwise get our users' archives and answer for them.
+            (Pending::Probe, Ok(_), _) => node_owner_is_ours(conn).map(|()| None).map_err(|whose| {
+                let me = nix::unistd::Uid::effective().as_raw();
+                format!(
+                    "node {name}: its port is {whose}, not this server's user's (uid {me}): not using it; \
+                     run the node as uid {me}, or give both the same --secret-file"
+                )
+            }),
             (Pending::Probe, Err(why), _) if why == rpc::AUTH_TOOWEAK_TEXT => Err(format!(
                 "node {name} takes orders only from a main server that proves a shared secret (it has a --secret-file), and this one has none: start the main server with the node's --secret-file"
             )),
@@ -929,6 +940,21 @@ fn send_setup(conn: &mut Conn, xid: u32, pending: Pending, call: crate::xdr::Xdr
 
 /// Log why node `name`'s link was refused: a warning the first time (or
 /// when the reason changes), then quietly while it stays the same.
+/// Whether the socket at the other end of a link belongs to this
+/// process's user (the kernel's answer); `Err`: whose it is, for the log.
+fn node_owner_is_ours(conn: &Conn) -> Result<(), String> {
+    let me = nix::unistd::Uid::effective().as_raw();
+    let owner = match (conn.stream.peer_addr(), conn.stream.local_addr()) {
+        (Ok(peer), Ok(local)) => crate::peer::identify(peer, local),
+        _ => crate::peer::PeerId::Unverified,
+    };
+    match owner {
+        crate::peer::PeerId::Verified(uid) if uid == me => Ok(()),
+        crate::peer::PeerId::Verified(uid) => Err(format!("uid {uid}'s")),
+        _ => Err("a socket whose owner the kernel does not say".into()),
+    }
+}
+
 fn refused(r: &mut RemoteLink, why: String) {
     if r.refused.as_ref() == Some(&why) {
         log::debug!("{why} (again)");

@@ -578,3 +578,31 @@ fn a_hung_node_is_lost_within_the_heartbeat_bound_and_rejoins_when_it_resumes() 
 fn cloudinfra_heartbeat_bound() -> Duration {
     Duration::from_secs(15)
 }
+
+#[test]
+fn without_a_secret_a_node_port_held_by_another_user_is_not_used() {
+    if !need_root("without_a_secret_a_node_port_held_by_another_user_is_not_used") {
+        return;
+    }
+    // Another local user listens where a node that is down should be.
+    let port = TcpListener::bind("127.0.0.16:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.16:{port}");
+    let script = format!(
+        "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalAddr => '{addr}', Listen => 5, ReuseAddr => 1) \
+         or die $!; while (my $c = $s->accept) {{ while (sysread($c, my $m, 4) == 4) {{ \
+         my $n = unpack('N', $m) & 0x7fffffff; sysread($c, my $b, $n); my $x = substr($b, 0, 4); \
+         syswrite($c, pack('N', 0x80000018) . $x . pack('N5', 1, 0, 0, 0, 0)) }} }}"
+    );
+    let mut cmd = Command::new("perl");
+    cmd.args(["-e", &script]).stdin(Stdio::null());
+    as_user(&mut cmd, 65534);
+    let _squatter = Reaped(cmd.spawn().expect("perl"));
+    wait_until("the squatter listens", || std::net::TcpStream::connect(&addr).is_ok());
+    let c = Cluster::start_lines(std::slice::from_ref(&addr), &[]);
+    let refusal = format!("node {addr}: its port is uid 65534's, not this server's user's");
+    wait_until("the main server refuses the port's owner", || c.log().contains(&refusal));
+    // No job goes there: it waits for a node of ours.
+    let t = c.deploy(1, &job(c.dir.path(), "j.tar.gz", &["@echo secret work"]));
+    assert_eq!(c.status_json(t)["status"], "WAITING");
+    assert_eq!(ups(&c, &addr), 0, "{}", c.log());
+}
