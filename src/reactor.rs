@@ -794,7 +794,10 @@ impl Server {
                 self.max_connections
             );
         }
-        match self.timers.oldest_idle() {
+        // An idle connection first; else the one owed a deferred reply
+        // (a wait, a follow) the longest: parked calls cannot lock clients
+        // out (its client sees the connection close and may call again).
+        match self.timers.oldest_idle().or_else(|| self.timers.oldest_owed()) {
             Some(victim) => {
                 log::debug!("connection {victim}: closed to make room");
                 self.close_conn(victim);

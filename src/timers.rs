@@ -38,6 +38,8 @@ struct Entry {
     deadline: Option<Instant>,
     /// Bytes moved since the deadline was last set.
     moved: u64,
+    /// Since when it is owed a reply (phase `Owed`).
+    owed_since: Option<Instant>,
 }
 
 /// Deadlines of every client connection, by key.
@@ -50,11 +52,21 @@ pub struct ConnTimers {
     idle: BTreeSet<(Instant, usize)>,
     /// Deadlines of reading and writing connections.
     busy: BTreeSet<(Instant, usize)>,
+    /// Connections owed a deferred reply, oldest first (no deadline; when
+    /// no connection is idle, the oldest makes room for a new client).
+    owed: BTreeSet<(Instant, usize)>,
 }
 
 impl ConnTimers {
     pub fn new(idle_timeout: Duration, call_timeout: Duration) -> Self {
-        ConnTimers { idle_timeout, call_timeout, entries: HashMap::new(), idle: BTreeSet::new(), busy: BTreeSet::new() }
+        ConnTimers {
+            idle_timeout,
+            call_timeout,
+            entries: HashMap::new(),
+            idle: BTreeSet::new(),
+            busy: BTreeSet::new(),
+            owed: BTreeSet::new(),
+        }
     }
 
     /// Client connections tracked.
@@ -71,7 +83,7 @@ impl ConnTimers {
         self.remove(key);
         let deadline = now + self.idle_timeout;
         self.idle.insert((deadline, key));
-        self.entries.insert(key, Entry { phase: Phase::Idle, deadline: Some(deadline), moved: 0 });
+        self.entries.insert(key, Entry { phase: Phase::Idle, deadline: Some(deadline), moved: 0, owed_since: None });
     }
 
     /// The connection is gone.
@@ -82,6 +94,9 @@ impl ConnTimers {
     }
 
     fn unlist(&mut self, key: usize, e: &Entry) {
+        if let (Phase::Owed, Some(t)) = (e.phase, e.owed_since) {
+            self.owed.remove(&(t, key));
+        }
         if let Some(d) = e.deadline {
             match e.phase {
                 Phase::Idle => self.idle.remove(&(d, key)),
@@ -111,6 +126,7 @@ impl ConnTimers {
         };
         if restart {
             e.moved = 0;
+            e.owed_since = (phase == Phase::Owed).then_some(now);
             e.deadline = match phase {
                 Phase::Idle => Some(now + self.idle_timeout),
                 Phase::Reading | Phase::Writing => Some(now + self.call_timeout),
@@ -118,6 +134,9 @@ impl ConnTimers {
             };
         }
         e.phase = phase;
+        if let (Phase::Owed, Some(t)) = (phase, e.owed_since) {
+            self.owed.insert((t, key));
+        }
         if let Some(d) = e.deadline {
             match phase {
                 Phase::Idle => self.idle.insert((d, key)),
@@ -153,6 +172,11 @@ impl ConnTimers {
     /// The connection idle the longest, if any is idle.
     pub fn oldest_idle(&self) -> Option<usize> {
         self.idle.first().map(|&(_, k)| k)
+    }
+
+    /// The connection owed a deferred reply the longest, if any.
+    pub fn oldest_owed(&self) -> Option<usize> {
+        self.owed.first().map(|&(_, k)| k)
     }
 }
 

@@ -305,3 +305,34 @@ fn at_the_descriptor_limit_deploy_and_retrieve_answer_errors_and_a_retry_gets_th
     assert!(outs[0].1.lines().any(|l| l == "the-real-output"), "{outs:?}");
     assert!(c.log().contains("out of file descriptors"), "{}", c.log());
 }
+
+#[test]
+fn parked_waits_cannot_lock_other_clients_out() {
+    // Every connection the server may hold is owed a deferred reply (a
+    // JOB_INFO wait on a job that does not end); a new client still gets in:
+    // the connection owed a reply the longest makes room.
+    let c = Cluster::start_with(1, &["--max-connections", "8", "--allow-network"]);
+    let gate = Gate::new();
+    let t = c.deploy(1, &job(c.dir.path(), "hold.tar.gz", &gate.wait_recipe("held")));
+    let (_, held) = gate.arrive();
+    let mut parked = Vec::new();
+    for i in 0..8u32 {
+        let mut s = connect(c.addr);
+        let mut w = rpc::call(0x900 + i, proto::CLOUD_PROG, 1, proto::JOB_INFO);
+        w.u32(t).u32(1);
+        s.write_all(&frame(&w.into_bytes())).unwrap();
+        parked.push(s);
+    }
+    // Every call read by the server (its end of each connection has an
+    // empty receive queue): all eight are parked, none idle.
+    let sport = format!("sport = :{}", c.addr.port());
+    wait_until("all eight calls are parked", || {
+        let out = std::process::Command::new("ss").args(["-Htn", "state", "established", &sport]).output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        let queues: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().next()).collect();
+        queues.len() == 8 && queues.iter().all(|q| *q == "0")
+    });
+    let out = c.cloud(&["status", &t.to_string()]);
+    assert!(out.status.success(), "a new client is served: {}", String::from_utf8_lossy(&out.stderr));
+    release(held);
+}
