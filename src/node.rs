@@ -5,7 +5,7 @@
 //! Owns: the node's directory `<work-dir>/output_<port>/` (one subfolder
 //! per ticket: `job.tar.gz`, `output.txt`, and the workspace `work/`, which
 //! for a contained replica is only a mount point inside its own mount
-//! namespace, a tmpfs gone with it), the node's empty network namespace,
+//! namespace, a tmpfs gone with it), an empty network namespace per slot,
 //! the running replicas by ticket (each with its slot and the slot's uid,
 //! init's pid, output pipe, control pipe, time limit, why it was stopped),
 //! capping captured output, and what to answer when a replica ends (its
@@ -55,8 +55,9 @@ pub struct NodeConfig {
     pub max_output: u64,
     /// The server's work dir, absolute (hidden from contained replicas).
     pub work_dir: PathBuf,
-    /// The node's empty network namespace, made once at start (root mode).
-    pub netns: Option<Rc<OwnedFd>>,
+    /// An empty network namespace per slot, made once at start (root mode):
+    /// replicas of different jobs running at once never share loopback.
+    pub netns: Vec<Option<Rc<OwnedFd>>>,
     /// Where replicas get a cgroup each (`None`: the host has none for us).
     pub cgroups: Option<Rc<Cgroups>>,
     /// One identity per slot: how many replicas run at once, and who each
@@ -296,7 +297,7 @@ impl Node {
             env,
             limits: &self.cfg.limits,
             sandbox,
-            netns: self.cfg.netns.as_deref().map(|fd| fd.as_fd()),
+            netns: self.cfg.netns.get(slot).and_then(|ns| ns.as_deref()).map(|fd| fd.as_fd()),
             cgroup: &join,
         };
         let spawned = spawn::spawn(&spec)

@@ -2,7 +2,7 @@
 //!
 //! Owns: the side nodes of this process (`node::Node`, one per node line
 //! run here) and their start-up (reclaiming what an earlier run left under
-//! the slot uids, one empty network namespace per node, cgroups, the
+//! the slot uids, one empty network namespace per slot, cgroups, the
 //! containment probe); NODE_NULL, NODE_RUN (the archive streamed into the
 //! ticket's folder, then `Node::start`), NODE_FETCH and NODE_DROP served
 //! over a link (the reactor's `NodeGate` has let them through when there
@@ -263,14 +263,19 @@ impl NodeService {
                 }
             }
         }
-        // One empty network namespace per node, made once: each replica's
-        // init joins its node's with setns (cheaper than a new one each).
+        // One empty network namespace per slot, made once: each replica's
+        // init joins its slot's with setns (cheaper than a new one each),
+        // and replicas running at once on one node never share loopback.
         let mut netns = Vec::with_capacity(n);
-        for _ in 0..n {
-            let ns = (cfg.isolate_network && cfg.containment == Containment::Namespaces)
-                .then(crate::spawn::empty_network)
-                .transpose()?;
-            netns.push(ns.map(std::rc::Rc::new));
+        for &(_, slots) in ports {
+            let mut per_slot = Vec::with_capacity(slots as usize);
+            for _ in 0..slots {
+                let ns = (cfg.isolate_network && cfg.containment == Containment::Namespaces)
+                    .then(crate::spawn::empty_network)
+                    .transpose()?;
+                per_slot.push(ns.map(std::rc::Rc::new));
+            }
+            netns.push(per_slot);
         }
         // Per-replica cgroups where the host has them (and what an earlier
         // run left in ours); else limits stay per process.
@@ -295,7 +300,8 @@ impl NodeService {
         let (isolate_network, containment) = (cfg.isolate_network, cfg.containment);
         let sandbox_for = |identity| Sandbox { identity, isolate_network, containment };
         let sandbox = sandbox_for(cfg.identities.first().copied().flatten());
-        let probe_ns = netns.first().and_then(|ns| ns.as_deref()).map(|fd| std::os::fd::AsFd::as_fd(fd));
+        let probe_ns =
+            netns.first().and_then(|n| n.first()).and_then(|ns| ns.as_deref()).map(|fd| std::os::fd::AsFd::as_fd(fd));
         crate::spawn::probe(sandbox, &limits, work_dir, probe_ns, cgroups.as_deref())?;
 
         let mut nodes = Vec::with_capacity(n);
@@ -828,7 +834,7 @@ mod tests {
             kill_grace: Duration::from_secs(1),
             max_output: 1 << 20,
             work_dir: dir.to_path_buf(),
-            netns: None,
+            netns: Vec::new(),
             cgroups: None,
             slot_identities: vec![None],
         })

@@ -2,7 +2,7 @@
 //!
 //! Owns: replica containment. For each replica the server `clone`s our
 //! **init**: PID 1 of new PID, mount and IPC namespaces (and, without root,
-//! of a new user namespace), joined to the node's empty network namespace.
+//! of a new user namespace), joined to its slot's empty network namespace.
 //! Init stays privileged and installs no signal handlers, so by the
 //! kernel's rule for namespace inits nothing inside the namespace can
 //! signal it; it dies with the server (`PR_SET_PDEATHSIG`), makes every
@@ -108,7 +108,7 @@ pub struct SpawnSpec<'a> {
     pub env: Vec<(String, String)>,
     pub limits: &'a JobLimits,
     pub sandbox: Sandbox,
-    /// The node's empty network namespace, joined with setns (root mode).
+    /// The slot's empty network namespace, joined with setns (root mode).
     pub netns: Option<BorrowedFd<'a>>,
     /// The replica's cgroup (`cgroup::Cgroup::open_join`): init (or the
     /// uncontained job) joins it before anything else runs.

@@ -151,3 +151,25 @@ fn deploy_opts_refuses_unknown_flags_and_procedures_past_it_are_unavailable() {
     let st = c.cloud(&["status", "1"]);
     assert!(!st.status.success(), "no job was made");
 }
+
+#[test]
+fn replicas_in_two_slots_of_one_node_do_not_share_loopback() {
+    if !need_root("replicas_in_two_slots_of_one_node_do_not_share_loopback") {
+        return;
+    }
+    let c = Cluster::start_slots(&[2], &[]);
+    let listen = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1:5555', Listen => 5) \
+                  or die \"no listen: $!\"; print \"listening\\n\"; sleep 15;\n";
+    let reach = "use IO::Socket::INET; for (1..40) { if (IO::Socket::INET->new(PeerAddr => '127.0.0.1:5555')) \
+                 { print \"reached\\n\"; exit } select(undef, undef, undef, 0.25) } print \"isolated\\n\";\n";
+    let x = archive(c.dir.path(), "x.tar.gz", &[("Makefile", "run:\n\t@perl x.pl\n"), ("x.pl", listen)]);
+    let v = archive(c.dir.path(), "v.tar.gz", &[("Makefile", "run:\n\t@perl v.pl\n"), ("v.pl", reach)]);
+    let tx = c.deploy(1, &x);
+    let tv = c.deploy(1, &v);
+    // Both run at once, in the node's two slots.
+    let st = c.status_json(tv);
+    assert_eq!(st["status"], "RUNNING", "{st}");
+    let (_, outs) = c.retrieve(tv);
+    assert_eq!(outs[0].1, "isolated\n", "another slot's loopback was reachable: {outs:?}");
+    let _ = c.cloud(&["cancel", &tx.to_string()]);
+}
