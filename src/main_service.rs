@@ -59,6 +59,9 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// node's port cannot hold it forever.
 pub(crate) const LINK_SETUP_WITHIN: Duration = Duration::from_secs(10);
 
+/// Bytes past `--max-output` a node's output may hold (its marker line).
+const OUTPUT_MARKER_ROOM: u64 = 4096;
+
 /// Spooled files at least this large are removed by a child (`rm`).
 const LARGE_FILE: u64 = 64 << 20;
 
@@ -164,6 +167,8 @@ pub(crate) struct MainService {
     /// The rules a DEPLOY's archive is checked against as it arrives.
     pub(crate) extract_limits: crate::extract::ExtractLimits,
     pub(crate) next_spool: u64,
+    /// `--max-output`: the most output a node may send for a replica.
+    pub(crate) max_output: u64,
     /// The node links' shared secret: proved to each remote node, whose
     /// proof is checked, before it takes work.
     pub(crate) secret: Option<Secret>,
@@ -886,11 +891,19 @@ impl MainService {
                     .and_then(|r| r.map_err(|(_, msg)| msg));
                 self.coord.followed(caller, result);
             }
-            ReplyEvent::StreamStart { call: Pending::Fetch { ticket, replica, into }, head, .. } => {
+            ReplyEvent::StreamStart { call: Pending::Fetch { ticket, replica, into }, head, len } => {
                 let stat = XdrReader::new(&head).u32().unwrap_or(u32::MAX);
+                // A node caps outputs at --max-output (and a marker line):
+                // one sending more is not believed, nor spooled (for good).
+                let most = self.max_output.saturating_add(OUTPUT_MARKER_ROOM);
+                let oversize = stat == CloudStat::Ok as u32 && u64::from(len) > most;
                 let gone = stat == CloudStat::NoSuchTicket as u32;
-                let what = Streamed::Fetch { ticket, replica, gone };
-                conn.sink = if gone {
+                let what = Streamed::Fetch { ticket, replica, gone: gone || oversize };
+                conn.sink = if oversize {
+                    let why = format!("node {name} sent {len} bytes of output, more than --max-output allows");
+                    log::warn!("{why}; not kept");
+                    Sink::failed(0, what, why)
+                } else if gone {
                     // The opaque holds the node's error message.
                     Sink::failed(0, what, format!("node {name} has no output for ticket {ticket}"))
                 } else if stat != CloudStat::Ok as u32 {

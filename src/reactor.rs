@@ -324,6 +324,7 @@ impl Server {
             tickets,
             extract_limits: cfg.limits.extract,
             next_spool: 0,
+            max_output: cfg.max_output,
             secret: cfg.secret.clone(),
             journal,
             held: Vec::new(),
