@@ -57,4 +57,5 @@ bench:
 clean:
 	$(CARGO) clean
 	rm -f $(CLIENT_LINKS) client/client.tar.gz
-	rm -rf work client/outdir client/demo-out
+	rm -rf work client/outdir* client/ticket_* client/demo-out
+	rm -f client/cloud.x client/cloud.h client/cloud_*.c client/cloud_interop

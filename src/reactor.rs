@@ -313,6 +313,14 @@ impl Server {
                 coord.node_not_up_yet(i);
             }
         }
+        if links.iter().any(|l| matches!(l, Link::Remote(_))) {
+            journal_lines.push((
+                log::Level::Info,
+                "remote nodes apply their own job flags (--time-limit, --max-*, --allow-network, slot uids): \
+                 give them to each cloud-server node"
+                    .into(),
+            ));
+        }
         let mut main = MainService {
             coord,
             spool,
