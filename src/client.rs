@@ -474,7 +474,7 @@ fn open(server: &str, timeout: Option<Duration>) -> Result<TcpStream, ClientErro
 fn io_message(server: &str, timeout: Option<Duration>, e: &io::Error) -> String {
     match (e.kind(), timeout) {
         (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(t)) => format!(
-            "no answer from the cloud server at {server} within {}s; it may be overloaded or stuck: check it, or raise --timeout",
+            "no answer from the cloud server at {server} within {}s (--timeout): a job you wait for may still be running, or the server is overloaded or stuck; raise --timeout, or drop it to wait as long as it takes",
             t.as_secs()
         ),
         _ => format!("lost the connection to {server}: {e}"),

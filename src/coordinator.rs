@@ -413,6 +413,31 @@ impl Coordinator {
         out
     }
 
+    /// After `restore`: the jobs' times from the journal (Unix seconds; the
+    /// caller says what `now` is in them), so ages go on across a restart.
+    /// Ends decided at the restart keep `now`.
+    pub fn restore_times(&mut self, live: &Live, now: Instant, unix_now: u64) {
+        let at = |secs: u64| now.checked_sub(Duration::from_secs(unix_now.saturating_sub(secs))).unwrap_or(now);
+        for job in live.jobs.values() {
+            let ticket = job.ticket;
+            if self.sched.job(ticket).is_none() {
+                continue;
+            }
+            if job.submitted > 0 {
+                self.submitted.insert(ticket, at(job.submitted));
+            }
+            if let Some(first) = job.replicas.iter().filter_map(|r| r.started.as_ref().map(|s| s.at)).min() {
+                self.started.insert(ticket, at(first));
+            }
+            for (i, log) in job.replicas.iter().enumerate() {
+                let (Some(end), Some(o)) = (&log.end, self.outcomes.get_mut(&(ticket, i as u32))) else { continue };
+                if end.ended > 0 {
+                    o.2 = at(end.ended);
+                }
+            }
+        }
+    }
+
     /// After `restore` (and keeping the `kept_archives`): start the queued
     /// jobs that fit.
     pub fn start_restored(&mut self) {
@@ -1948,6 +1973,20 @@ mod journal_and_restore {
         assert_eq!(ends.len(), 2, "{ends:?}");
         assert!(ends[0].1.contains("node lost"), "{ends:?}");
         assert_eq!(ends[1], (1, "stopped: replica 0 failed".to_string()));
+    }
+
+    #[test]
+    fn restored_jobs_keep_their_times() {
+        let (mut live, _) = crashed(2);
+        let now = Instant::now();
+        if let Some(job) = live.jobs.get_mut(&1) {
+            job.submitted = 1_000;
+        }
+        let mut c = coord(2);
+        c.restore(&live, |_| false, now);
+        c.restore_times(&live, now, 1_100);
+        let info = c.job_info(1, now).unwrap();
+        assert_eq!(info.submitted_age, 100, "the age goes on from the journal's time");
     }
 
     /// Ticket 1 finished on node 0, 2 running on node 1, 3 and 4 queued;

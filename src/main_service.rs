@@ -627,6 +627,8 @@ impl MainService {
     pub(crate) fn restore(&mut self, now: Instant) -> Result<Option<String>, String> {
         let links = &self.links;
         let r = self.coord.restore(self.journal.live(), |n| matches!(links.get(n), Some(Link::Remote(_))), now);
+        let unix_now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.coord.restore_times(self.journal.live(), now, unix_now);
         let mut line = None;
         if r.jobs + r.skipped > 0 {
             line = Some(format!(
