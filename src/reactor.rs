@@ -193,8 +193,9 @@ pub struct Server {
     secret: Option<Secret>,
     /// The earliest time a gated link must have passed its handshake by.
     gates_due: Option<Instant>,
-    /// What the journal held and what was restored, logged then too.
-    journal_lines: Vec<(log::Level, String)>,
+    /// Lines for the log once serving starts (what the journal held and
+    /// restored, what remote nodes need told), after the ready line.
+    start_lines: Vec<(log::Level, String)>,
 }
 
 impl Server {
@@ -276,7 +277,7 @@ impl Server {
         // The jobs of an earlier run: their node folders and spooled
         // archives are kept (the rest is cleared), they are restored below.
         let (journal, opened) = Journal::open(&work_dir)?;
-        let mut journal_lines = journal_opened_lines(&opened);
+        let mut start_lines = journal_opened_lines(&opened);
         let live: HashSet<u32> = journal.live().jobs.keys().copied().collect();
         let mut nodes = NodeService::start(&cfg, &work_dir, &local_ports, &|t| live.contains(&t))?;
         for (i, slurm) in slurm_lines {
@@ -314,7 +315,7 @@ impl Server {
             }
         }
         if links.iter().any(|l| matches!(l, Link::Remote(_))) {
-            journal_lines.push((
+            start_lines.push((
                 log::Level::Info,
                 "remote nodes apply their own job flags (--time-limit, --max-*, --allow-network, slot uids): \
                  give them to each cloud-server node"
@@ -340,9 +341,9 @@ impl Server {
         };
         // After the remote nodes are marked not up yet: replicas restored as
         // running on them stay so until their links come up (NODE_WAIT).
-        journal_lines.extend(main.restore(Instant::now())?.map(|l| (log::Level::Info, l)));
+        start_lines.extend(main.restore(Instant::now())?.map(|l| (log::Level::Info, l)));
         let mut server = Server::assemble(&cfg, poll, clients, node_listeners, Some(main), nodes)?;
-        server.journal_lines = journal_lines;
+        server.start_lines = start_lines;
         Ok(server)
     }
 
@@ -432,7 +433,7 @@ impl Server {
             limits_line,
             secret: cfg.secret.clone(),
             gates_due: None,
-            journal_lines: Vec::new(),
+            start_lines: Vec::new(),
         })
     }
 
@@ -462,7 +463,7 @@ impl Server {
         if let Some(addr) = self.live.as_ref().and_then(|l| l.local_addr().ok()) {
             log::info!("live page at http://{addr}/");
         }
-        for (level, line) in std::mem::take(&mut self.journal_lines) {
+        for (level, line) in std::mem::take(&mut self.start_lines) {
             log::log!(level, "{line}");
         }
         // Restored jobs start now; a folder removal forked at start may

@@ -286,7 +286,6 @@ pub fn result_for(id: u64, info: &JobInfo, stop: Option<&StopReason>) -> RunResu
                 StopReason::Closed => "the ticket was closed".into(),
                 StopReason::Shutdown => "the server shut down".into(),
                 StopReason::Stopped => "stopped by the main server".into(),
-                StopReason::Cancelled => "cancelled (cloud cancel)".into(),
             };
             return ended(Outcome::Killed, format!("slurm job {id}: cancelled: {why}"));
         }

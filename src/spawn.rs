@@ -1128,10 +1128,9 @@ pub enum StopReason {
     },
     Closed,
     Shutdown,
-    /// The main server stopped it (fail-fast); its output is kept.
+    /// The main server stopped it (fail-fast, or `cloud cancel`: the
+    /// scheduler gives the replica its message); its output is kept.
     Stopped,
-    /// `cloud cancel`: killed, output kept.
-    Cancelled,
 }
 
 /// Turn how the job ended into the replica's result.
@@ -1147,7 +1146,6 @@ pub fn classify_exit(status: WaitStatus, setup_error: &str, stopped: Option<&Sto
             StopReason::Closed => "killed: the ticket was closed".into(),
             StopReason::Shutdown => "killed: the server shut down".into(),
             StopReason::Stopped => "killed: stopped by the main server".into(),
-            StopReason::Cancelled => "killed: cancelled (cloud cancel); output kept".into(),
         };
         return RunResult { exit_code: exit_code(status), ..RunResult::ended(Outcome::Killed, message) };
     }
