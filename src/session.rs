@@ -88,6 +88,13 @@ impl CallReader {
         self.decoder.at_boundary()
     }
 
+    /// True when the reader holds nothing a fresh one would not: between
+    /// records, no stream in progress or being refused, not failed. Such a
+    /// reader can be dropped and made again (`conn::Idle`).
+    pub fn at_rest(&self) -> bool {
+        self.decoder.at_boundary() && !self.decoder.failed() && self.refused.is_none() && self.streaming.is_none()
+    }
+
     /// The caller will not take the streamed call that just started: its
     /// data is swallowed and `reply` comes out when it ends.
     pub fn refuse_stream(&mut self, reply: Vec<u8>) {

@@ -13,7 +13,7 @@
 //! what phase a connection is in and how many bytes moved; it asks here
 //! for the next deadline and for what is due.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 /// Bytes a call (or our reply) must move to earn a fresh call timeout.
@@ -32,24 +32,42 @@ pub enum Phase {
     Owed,
 }
 
-#[derive(Debug)]
+/// No neighbour in the idle list.
+const NIL: u32 = u32::MAX;
+
+/// One client connection's timer: 32 bytes, kept in a vector by key (keys
+/// are the reactor's slab keys, dense), so that 10,000 idle connections
+/// cost 320 KB here, not a hash map and a tree of their deadlines.
+#[derive(Debug, Clone, Copy)]
 struct Entry {
+    /// The deadline (`Idle`, `Reading`, `Writing`), or since when a reply
+    /// is owed (`Owed`, which has no deadline).
+    at: Instant,
+    /// Neighbours in the idle list (keys), `NIL` at its ends.
+    prev: u32,
+    next: u32,
+    /// Bytes moved since the deadline was last set (saturating).
+    moved: u32,
     phase: Phase,
-    deadline: Option<Instant>,
-    /// Bytes moved since the deadline was last set.
-    moved: u64,
-    /// Since when it is owed a reply (phase `Owed`).
-    owed_since: Option<Instant>,
 }
 
 /// Deadlines of every client connection, by key.
+///
+/// Idle connections, nearly all of them when many are held, are a doubly
+/// linked list through the entries in deadline order (every idle deadline
+/// is `now + idle_timeout`, so a new one goes at the tail): the head is
+/// idle the longest and due first. Connections reading, writing or owed a
+/// reply are few and live in ordered sets.
 #[derive(Debug)]
 pub struct ConnTimers {
     idle_timeout: Duration,
     call_timeout: Duration,
-    entries: HashMap<usize, Entry>,
-    /// Deadlines of idle connections: the first is idle the longest.
-    idle: BTreeSet<(Instant, usize)>,
+    entries: Vec<Option<Entry>>,
+    /// Connections tracked.
+    count: usize,
+    /// The idle list: the connection idle the longest, and the freshest.
+    head: u32,
+    tail: u32,
     /// Deadlines of reading and writing connections.
     busy: BTreeSet<(Instant, usize)>,
     /// Connections owed a deferred reply, oldest first (no deadline; when
@@ -62,8 +80,10 @@ impl ConnTimers {
         ConnTimers {
             idle_timeout,
             call_timeout,
-            entries: HashMap::new(),
-            idle: BTreeSet::new(),
+            entries: Vec::new(),
+            count: 0,
+            head: NIL,
+            tail: NIL,
             busy: BTreeSet::new(),
             owed: BTreeSet::new(),
         }
@@ -71,37 +91,104 @@ impl ConnTimers {
 
     /// Client connections tracked.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.count == 0
+    }
+
+    fn get(&self, key: u32) -> Option<&Entry> {
+        self.entries.get(key as usize).and_then(Option::as_ref)
+    }
+
+    fn get_mut(&mut self, key: u32) -> Option<&mut Entry> {
+        self.entries.get_mut(key as usize).and_then(Option::as_mut)
     }
 
     /// A new client connection: idle from `now`.
     pub fn add(&mut self, key: usize, now: Instant) {
         self.remove(key);
+        // Slab keys are below the descriptor limit: one that is not is
+        // never timed (it cannot happen).
+        let Ok(k) = u32::try_from(key) else { return };
+        if k == NIL {
+            return;
+        }
+        if key >= self.entries.len() {
+            // Grow by an eighth rather than doubling (see `Entry`).
+            let more = (key + 1 - self.entries.len()).max(self.entries.len() / 8);
+            self.entries.reserve_exact(more);
+            self.entries.resize(key + 1, None);
+        }
         let deadline = now + self.idle_timeout;
-        self.idle.insert((deadline, key));
-        self.entries.insert(key, Entry { phase: Phase::Idle, deadline: Some(deadline), moved: 0, owed_since: None });
+        self.entries[key] = Some(Entry { at: deadline, prev: NIL, next: NIL, moved: 0, phase: Phase::Idle });
+        self.count += 1;
+        self.link_idle(k);
     }
 
     /// The connection is gone.
     pub fn remove(&mut self, key: usize) {
-        if let Some(e) = self.entries.remove(&key) {
-            self.unlist(key, &e);
+        let Ok(k) = u32::try_from(key) else { return };
+        let Some(e) = self.get(k).copied() else { return };
+        self.unlist(k, &e);
+        self.entries[key] = None;
+        self.count -= 1;
+    }
+
+    /// Put `k` (idle, its deadline set) in the idle list, in deadline
+    /// order: from the tail, where a fresh deadline belongs.
+    fn link_idle(&mut self, k: u32) {
+        let Some(at) = self.get(k).map(|e| e.at) else { return };
+        let mut after = self.tail;
+        while let Some(a) = self.get(after) {
+            if a.at <= at {
+                break;
+            }
+            after = a.prev;
+        }
+        let before = match self.get(after) {
+            Some(a) => a.next,
+            None => self.head,
+        };
+        if let Some(e) = self.get_mut(k) {
+            e.prev = after;
+            e.next = before;
+        }
+        match self.get_mut(after) {
+            Some(a) => a.next = k,
+            None => self.head = k,
+        }
+        match self.get_mut(before) {
+            Some(b) => b.prev = k,
+            None => self.tail = k,
         }
     }
 
-    fn unlist(&mut self, key: usize, e: &Entry) {
-        if let (Phase::Owed, Some(t)) = (e.phase, e.owed_since) {
-            self.owed.remove(&(t, key));
+    fn unlink_idle(&mut self, k: u32, e: &Entry) {
+        match self.get_mut(e.prev) {
+            Some(p) => p.next = e.next,
+            None => self.head = e.next,
         }
-        if let Some(d) = e.deadline {
-            match e.phase {
-                Phase::Idle => self.idle.remove(&(d, key)),
-                _ => self.busy.remove(&(d, key)),
-            };
+        match self.get_mut(e.next) {
+            Some(n) => n.prev = e.prev,
+            None => self.tail = e.prev,
+        }
+        if let Some(me) = self.get_mut(k) {
+            me.prev = NIL;
+            me.next = NIL;
+        }
+    }
+
+    fn unlist(&mut self, k: u32, e: &Entry) {
+        match e.phase {
+            Phase::Idle => self.unlink_idle(k, e),
+            Phase::Owed => {
+                self.owed.remove(&(e.at, k as usize));
+            }
+            Phase::Reading | Phase::Writing => {
+                self.busy.remove(&(e.at, k as usize));
+            }
         }
     }
 
@@ -111,44 +198,50 @@ impl ConnTimers {
     /// `PROGRESS_BYTES` more have moved; an `Idle` connection that moved
     /// bytes completed a call, so its idle time starts again.
     pub fn update(&mut self, key: usize, phase: Phase, moved: u64, now: Instant) {
-        let Some(mut e) = self.entries.remove(&key) else { return };
-        self.unlist(key, &e);
+        let Ok(k) = u32::try_from(key) else { return };
+        let Some(mut e) = self.get(k).copied() else { return };
         let restart = if e.phase != phase {
-            e.moved = 0;
             true
         } else {
-            e.moved += moved;
+            e.moved = e.moved.saturating_add(u32::try_from(moved).unwrap_or(u32::MAX));
             match phase {
                 Phase::Idle => moved > 0,
-                Phase::Reading | Phase::Writing => e.moved >= PROGRESS_BYTES,
+                Phase::Reading | Phase::Writing => u64::from(e.moved) >= PROGRESS_BYTES,
                 Phase::Owed => false,
             }
         };
-        if restart {
-            e.moved = 0;
-            e.owed_since = (phase == Phase::Owed).then_some(now);
-            e.deadline = match phase {
-                Phase::Idle => Some(now + self.idle_timeout),
-                Phase::Reading | Phase::Writing => Some(now + self.call_timeout),
-                Phase::Owed => None,
-            };
+        if !restart {
+            // Same phase, same deadline: it keeps its place.
+            if let Some(me) = self.get_mut(k) {
+                me.moved = e.moved;
+            }
+            return;
         }
+        self.unlist(k, &e);
+        e.moved = 0;
+        e.prev = NIL;
+        e.next = NIL;
         e.phase = phase;
-        if let (Phase::Owed, Some(t)) = (phase, e.owed_since) {
-            self.owed.insert((t, key));
+        e.at = match phase {
+            Phase::Idle => now + self.idle_timeout,
+            Phase::Reading | Phase::Writing => now + self.call_timeout,
+            Phase::Owed => now,
+        };
+        self.entries[key] = Some(e);
+        match phase {
+            Phase::Idle => self.link_idle(k),
+            Phase::Owed => {
+                self.owed.insert((e.at, key));
+            }
+            Phase::Reading | Phase::Writing => {
+                self.busy.insert((e.at, key));
+            }
         }
-        if let Some(d) = e.deadline {
-            match phase {
-                Phase::Idle => self.idle.insert((d, key)),
-                _ => self.busy.insert((d, key)),
-            };
-        }
-        self.entries.insert(key, e);
     }
 
     /// The earliest deadline, for the poll timeout.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let a = self.idle.first().map(|&(d, _)| d);
+        let a = self.get(self.head).map(|e| e.at);
         let b = self.busy.first().map(|&(d, _)| d);
         a.into_iter().chain(b).min()
     }
@@ -157,12 +250,18 @@ impl ConnTimers {
     /// in; they are forgotten here (the caller closes them).
     pub fn expired(&mut self, now: Instant) -> Vec<(usize, Phase)> {
         let mut due = Vec::new();
-        for set in [&self.idle, &self.busy] {
-            due.extend(set.iter().take_while(|&&(d, _)| d <= now).map(|&(_, k)| k));
+        let mut k = self.head;
+        while let Some(e) = self.get(k) {
+            if e.at > now {
+                break;
+            }
+            due.push(k as usize);
+            k = e.next;
         }
+        due.extend(self.busy.iter().take_while(|&&(d, _)| d <= now).map(|&(_, k)| k));
         due.into_iter()
             .filter_map(|k| {
-                let phase = self.entries.get(&k)?.phase;
+                let phase = self.get(u32::try_from(k).ok()?)?.phase;
                 self.remove(k);
                 Some((k, phase))
             })
@@ -171,7 +270,7 @@ impl ConnTimers {
 
     /// The connection idle the longest, if any is idle.
     pub fn oldest_idle(&self) -> Option<usize> {
-        self.idle.first().map(|&(_, k)| k)
+        self.get(self.head).map(|_| self.head as usize)
     }
 
     /// The connection owed a deferred reply the longest, if any.
