@@ -7,7 +7,9 @@
 //! call at a time), what phase it is in for `timers` (idle, reading,
 //! writing, owed a reply), when a closing connection owes its peer
 //! nothing more, and a node link's `node_auth::NodeGate` (with its
-//! handshake deadline), which lives and dies with the connection.
+//! handshake deadline), which lives and dies with the connection; when a
+//! client is at rest between calls and what it shrinks to then ([`Idle`]:
+//! its socket and peer, no heap), and waking it again.
 //! Must not touch: the poll or the slab (the reactor registers, times and
 //! closes connections), what calls mean (`coordinator`, `node`).
 
@@ -388,4 +390,79 @@ fn store_error(e: &io::Error) -> String {
 fn create_spool(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::CallEvent;
+
+    /// A connected client socket (the server's end) and its peer.
+    fn pair() -> (TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let peer = std::net::TcpStream::connect(l.local_addr().expect("address")).expect("connect");
+        let (ours, _) = l.accept().expect("accept");
+        ours.set_nonblocking(true).expect("non-blocking");
+        (TcpStream::from_std(ours), peer)
+    }
+
+    fn client() -> (Box<Conn>, std::net::TcpStream) {
+        let (stream, peer) = pair();
+        (Box::new(Conn::new(stream, Token(7), Role::Client, PeerId::Verified(1000), false, 1 << 20)), peer)
+    }
+
+    fn null_call() -> Vec<u8> {
+        crate::record::frame(&crate::rpc::call(9, proto::CLOUD_PROG, 1, 0).into_bytes())
+    }
+
+    /// Issue 11: between calls a client keeps no reader, outbox or buffer
+    /// (`Idle`); in the middle of one, or owing a reply, it keeps it all.
+    #[test]
+    fn a_client_rests_between_calls_and_not_in_the_middle_of_one() {
+        let (conn, _peer) = client();
+        let idle = conn.rest().expect("a new client is at rest");
+        assert_eq!(idle.peer, PeerId::Verified(1000));
+        let mut conn = Box::new(idle.wake(Token(7), 1 << 20));
+
+        // Half a call read: the reader holds it.
+        let call = null_call();
+        let Reader::Calls(r) = &mut conn.reader else { panic!("a client serves calls") };
+        assert_eq!(r.read(&call[..10]), (10, None));
+        let mut conn = conn.rest().expect_err("half a call is kept");
+        let Reader::Calls(r) = &mut conn.reader else { panic!("a client serves calls") };
+        let (_, ev) = r.read(&call[10..]);
+        assert!(matches!(ev, Some(CallEvent::Call(_))), "{ev:?}");
+        // Its reply owed, then queued: kept.
+        conn.awaiting = 1;
+        let mut conn = conn.rest().expect_err("a reply owed is kept");
+        conn.awaiting = 0;
+        conn.outbox.push_bytes(crate::rpc::accepted(9, crate::rpc::AcceptStat::Success).into_bytes());
+        let mut conn = conn.rest().expect_err("an unsent reply is kept");
+        let Conn { outbox, stream, .. } = &mut *conn;
+        assert!(outbox.write_to(stream).expect("written"));
+        assert!(conn.outbox.is_empty());
+        // Sent, but the timers have not heard of it yet.
+        let mut conn = conn.rest().expect_err("bytes the timers have not seen are kept");
+        assert_eq!(conn.timer_phase().map(|(p, _)| p), Some(Phase::Idle));
+        conn.rest().expect("answered and timed: at rest again");
+
+        // Bytes held while a reply was owed, a lingering close: kept.
+        let (mut conn, _peer) = client();
+        conn.held = vec![1];
+        let mut conn = conn.rest().expect_err("held bytes are kept");
+        conn.held.clear();
+        conn.close_after_answer();
+        conn.rest().expect_err("a closing connection is kept");
+    }
+
+    #[test]
+    fn node_links_never_rest() {
+        let (stream, _peer) = pair();
+        let inbound = Box::new(Conn::new(stream, Token(7), Role::NodeInbound(0), PeerId::Unverified, false, 1 << 20));
+        inbound.rest().expect_err("a node's link is not a client");
+        let (stream, _peer) = pair();
+        let link = Role::NodeLink { node: 0, connected: true };
+        let link = Box::new(Conn::new(stream, Token(7), link, PeerId::Unverified, false, 1 << 20));
+        link.rest().expect_err("a link to a node is not a client");
+    }
 }

@@ -1,6 +1,8 @@
 //! The reactor: one thread, one `mio::Poll`, every socket and pipe.
 //!
-//! Owns: the poll, the slab of connections (each a `conn::Conn`) and child
+//! Owns: the poll, the slab of connections (each a `conn::Conn`, or a
+//! `conn::Idle` while a client is at rest between calls: put back with
+//! `put_conn`, woken by `take_conn`) and child
 //! pipes (token = slab key + `first_key`), listeners, the signalfd
 //! (SIGCHLD; SIGINT, SIGTERM, SIGHUP unless ignored), reading until
 //! `WouldBlock` into the session readers (at most a fair share per turn),
@@ -1531,4 +1533,23 @@ fn ignored(sig: Signal) -> bool {
     let rc = unsafe { libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) };
     // SAFETY: zero-initialised, and filled in by sigaction on success.
     rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// Issue 11: 10,000 idle clients within 7 MiB. An idle client is its
+    /// slab entry and nothing else (`conn::Idle`: socket and peer inline),
+    /// so the entry's size is what each costs here: keep it at 16 bytes.
+    #[test]
+    fn an_idle_client_is_a_slab_entry_of_16_bytes() {
+        // mio's TcpStream carries a selector id in debug builds only.
+        let debug_extra = size_of::<TcpStream>() - size_of::<std::os::fd::RawFd>();
+        assert!(size_of::<Idle>() <= 12 + debug_extra, "Idle is {} bytes", size_of::<Idle>());
+        assert!(size_of::<Source>() <= 16 + debug_extra, "Source is {} bytes", size_of::<Source>());
+        // A spare niche: the slab's vacant entries cost no more.
+        assert_eq!(size_of::<Option<Source>>(), size_of::<Source>());
+    }
 }
