@@ -318,7 +318,7 @@ impl NodeService {
             let dir = work_dir.join(format!("output_{port}"));
             trashed += crate::node::sweep_dir(&dir, &trash, &format!("{port}"), live)
                 .map_err(|e| format!("cannot clear node directory {}: {e}", dir.display()))?;
-            let node = Node::new(NodeConfig {
+            let mut node = Node::new(NodeConfig {
                 port,
                 dir: dir.clone(),
                 limits: limits.clone(),
@@ -332,6 +332,7 @@ impl NodeService {
                 slot_identities,
             })
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
+            node.start_launchers()?;
             nodes.push(LocalNode::Fork(node));
         }
         if trashed > 0 || trash.exists() {
@@ -628,13 +629,17 @@ impl NodeService {
 
     /// Read a replica's output, a bounded amount per turn of the loop; its
     /// parked followers get what is new.
-    pub(crate) fn drain(&mut self, i: NodeId, ticket: u32) {
-        let LocalNode::Fork(node) = &mut self.nodes[i] else { return };
-        let more = node.drain_output(ticket, DRAIN_BUDGET) == Drained::More;
-        if more && !self.more_output.contains(&(i, ticket)) {
+    /// Read a replica's output pipe; a launched replica whose pipe has
+    /// reached its end has ended: returned, for the reactor to finish.
+    pub(crate) fn drain(&mut self, i: NodeId, ticket: u32) -> Option<Finished> {
+        let LocalNode::Fork(node) = &mut self.nodes[i] else { return None };
+        let drained = node.drain_output(ticket, DRAIN_BUDGET);
+        if drained == Drained::More && !self.more_output.contains(&(i, ticket)) {
             self.more_output.push((i, ticket));
         }
+        let ended = if drained == Drained::Closed { node.output_closed(ticket) } else { None };
         self.answer_followers(i);
+        ended
     }
 
     /// NODE_FOLLOW on a link (connection `key`): the reply now, or `None`

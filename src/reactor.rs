@@ -484,7 +484,9 @@ impl Server {
             // Pipes and sockets left with data (edge-triggered: no new event
             // will say so).
             for (node, ticket) in std::mem::take(&mut self.nodes.more_output) {
-                self.nodes.drain(node, ticket);
+                if let Some(fin) = self.nodes.drain(node, ticket) {
+                    self.finish_replica(node, fin);
+                }
             }
             for key in std::mem::take(&mut self.more_input) {
                 if matches!(self.slab.get(key), Some(Source::Conn(_))) {
@@ -567,7 +569,11 @@ impl Server {
                 let key = t - self.first_key;
                 match self.slab.get(key) {
                     Some(Source::Conn(_)) => self.conn_event(key),
-                    Some(&Source::ChildOutput(i, ticket)) => self.nodes.drain(i, ticket),
+                    Some(&Source::ChildOutput(i, ticket)) => {
+                        if let Some(fin) = self.nodes.drain(i, ticket) {
+                            self.finish_replica(i, fin);
+                        }
+                    }
                     Some(&Source::SlurmCommand(i, fd)) => self.nodes.command_readable(i, fd),
                     _ => {} // stale event for a closed source
                 }
@@ -1166,8 +1172,11 @@ impl Server {
             }
             Err(e) => log::error!("cannot watch a replica's output: {e}"),
         }
-        // Output written before registration is read now.
-        self.nodes.drain(node, ticket);
+        // Output written before registration is read now (a launched
+        // replica may even have ended).
+        if let Some(fin) = self.nodes.drain(node, ticket) {
+            self.finish_replica(node, fin);
+        }
     }
 
     /// Send the coordinator's answer to a client's call; that client's
