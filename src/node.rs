@@ -6,17 +6,25 @@
 //! per ticket: `job.tar.gz`, `output.txt`, and the workspace `work/`, which
 //! for a contained replica is only a mount point inside its own mount
 //! namespace, a tmpfs gone with it), an empty network namespace per slot,
+//! each slot's launcher and cgroup (contained: `start_launchers` at node
+//! start; a launcher found dead is replaced at the slot's next replica),
 //! the running replicas by ticket (each with its slot and the slot's uid,
-//! init's pid, output pipe, control pipe, time limit, why it was stopped),
+//! output pipe, status pipe, control pipe, time limit, why it was stopped;
+//! uncontained: the job's pid and its own cgroup),
 //! capping captured output, and what to answer when a replica ends (its
 //! outcome kind, and the recipe's code from make's `Error N` line, kept
 //! from the output's last KiB in memory), NODE_FOLLOW calls parked until
 //! the replica writes more, and NODE_STOP (kill, keep output: fail-fast
-//! and cancel). Nothing to sweep: the kernel ends a contained
-//! replica's every process when its init exits or is killed. Where the
-//! host has cgroups, each replica also gets a group of its own (memory and
-//! process totals, a second kill path, OOM detection), removed once the
-//! replica is reaped (retried on later turns while busy, never waited for).
+//! and cancel). A contained replica is started by its slot's launcher
+//! (no clone, no cgroup move here) and ends when its output pipe reaches
+//! its end (`output_closed`: init holds the pipe until it exits); it is
+//! stopped by closing its control pipe. Nothing to sweep: the kernel ends
+//! a contained replica's every process when its init exits. Where the host
+//! has cgroups, the slot's group gives memory and process totals, a second
+//! kill path (all but the launcher) and OOM detection (its OOM kill count
+//! at the replica's end against the last); an uncontained replica gets a
+//! group of its own, removed once it is reaped (retried on later turns
+//! while busy, never waited for).
 //! Must not touch: sockets or the reactor (the server hands it bytes and
 //! events), the main server's job table (it only ever learns through RPC).
 //! Also here: `sweep_dir`, what a restart keeps of a node's folder (the

@@ -3,14 +3,15 @@
 //! Owns: the side nodes of this process (`node::Node`, one per node line
 //! run here) and their start-up (reclaiming what an earlier run left under
 //! the slot uids, one empty network namespace per slot, cgroups, the
-//! containment probe); NODE_NULL, NODE_RUN (the archive streamed into the
+//! containment probe, each slot's launcher); NODE_NULL, NODE_RUN (the archive streamed into the
 //! ticket's folder, then `Node::start`), NODE_FETCH and NODE_DROP served
 //! over a link (the reactor's `NodeGate` has let them through when there
 //! is a secret; without one, NODE_HELLO is answered "no --secret-file"); the same three as direct calls from the in-process main
 //! service (`run_local`, `fetch_local`, `drop_local`: the spooled archive
 //! and the output are hard-linked, no loopback round trip), whose answers
 //! come back as [`NodeEvent`]s, the events a link's replies would make;
-//! draining each replica's output pipe; reaped children turned into
+//! draining each replica's output pipe (a launched replica ends at its
+//! end of file: `drain` returns it to the reactor); reaped children turned into
 //! finished replicas, then into NODE_RUN replies or events; time limits;
 //! killing and reaping everything at shutdown (node folders stay); the
 //! result of every replica started over a link, until NODE_DROP, for

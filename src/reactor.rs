@@ -5,7 +5,9 @@
 //! (SIGCHLD; SIGINT, SIGTERM, SIGHUP unless ignored), reading until
 //! `WouldBlock` into the session readers (at most a fair share per turn),
 //! writing outboxes until `WouldBlock`, serving each client one call at a
-//! time (backpressure), reaping children, the poll timeout from every
+//! time (backpressure), reaping children (uncontained jobs, slots'
+//! launchers, helpers; a contained replica ends at its output pipe's end
+//! of file, which `NodeService::drain` reports), the poll timeout from every
 //! deadline (the nodes', the coordinator's, the journal's lazy sync, the
 //! client connections'), the end of each turn (`MainService::end_of_turn`:
 //! the journal synced before DEPLOY and CLOSE answers go out), opening the

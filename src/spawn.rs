@@ -1,11 +1,14 @@
 //! Starting and stopping a replica's processes, close to the metal.
 //!
-//! Owns: replica containment. For each replica the server `clone`s our
-//! **init**: PID 1 of new PID, mount and IPC namespaces (and, without root,
+//! Owns: replica containment. For each replica its slot's launcher
+//! (`launcher`; the startup probe: the server) `clone`s our
+//! **init** (`clone_init`; named cloud-init): PID 1 of new PID, mount and IPC namespaces (and, without root,
 //! of a new user namespace), joined to its slot's empty network namespace.
 //! Init stays privileged and installs no signal handlers, so by the
 //! kernel's rule for namespace inits nothing inside the namespace can
-//! signal it; it dies with the server (`PR_SET_PDEATHSIG`), makes every
+//! signal it; it dies with its parent (`PR_SET_PDEATHSIG`; a launcher
+//! dies with the server), holds the output pipe until it exits (so the
+//! pipe's end of file is the replica's end), makes every
 //! mount inherited from the host read-only, mounts a fresh /proc, private
 //! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
 //! sockets live, unless the network is allowed), a devpts of its own, hides the work dir under an empty
@@ -15,7 +18,8 @@
 //! environment, resource limits, no capabilities, `PR_SET_NO_NEW_PRIVS`,
 //! a seccomp filter against the (not namespaced) kernel keyrings and
 //! nested user namespaces,
-//! the slot user's identity, safe extraction of the archive, and
+//! the slot user's identity, safe extraction of the archive (an open
+//! descriptor, read with pread: its shared offset never moves), and
 //! `exec make run`. Init reaps everything, reports the job's wait status on
 //! the close-on-exec status pipe (after any setup error the job wrote
 //! there) and exits; the kernel then kills whatever is left in the
