@@ -6,8 +6,8 @@
 //! Owns: starting a launcher (a fork of the server when its node starts:
 //! it joins the slot's cgroup once, the only attach, sets oom_score_adj
 //! -1000 so a job's OOM never picks it, is not dumpable, dies with the
-//! server by `PR_SET_PDEATHSIG` and on its socket's end of file, and lets
-//! the kernel reap its children), the request the server sends it on a
+//! server by `PR_SET_PDEATHSIG` and on its socket's end of file, and reaps
+//! its children, so their CPU time is counted), the request the server sends it on a
 //! SOCK_SEQPACKET socketpair (the replica's workspace path and environment
 //! as bytes; the archive and the child ends of the replica's output,
 //! status and control pipes as SCM_RIGHTS), and the launcher's loop: one
@@ -26,7 +26,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use nix::unistd::{ForkResult, Pid};
 
@@ -211,19 +212,49 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
         // SAFETY: our copies of the server's descriptors, not used again.
         unsafe { libc::close(fd.as_raw_fd()) };
     }
-    // A job's OOM never picks the launcher (best effort: needs root).
-    let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    // A job's OOM never picks the launcher (best effort: needs
+    // CAP_SYS_RESOURCE). The replicas' inits take the server's value back.
+    let own = std::fs::read_to_string("/proc/self/oom_score_adj").ok().and_then(|v| v.trim().parse().ok());
+    if let Some(own) = own {
+        if std::fs::write("/proc/self/oom_score_adj", "-1000").is_ok() {
+            spawn::set_init_oom_score_adj(own);
+        }
+    }
     // Not dumpable: no process of the server's user may ptrace it. Not in
     // a user namespace of the server's user: init inherits the flag and
     // could not write its uid map (init makes itself non-dumpable there).
     if setup.sandbox.containment != spawn::Containment::UserNamespace {
         let _ = nix::sys::prctl::set_dumpable(false);
     }
-    // The kernel reaps our children (the replicas' inits): SA_NOCLDWAIT.
-    // SAFETY: SIG_IGN installs no handler.
-    let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigIgn) };
+    // We reap our children (the replicas' inits) ourselves, rather than
+    // let the kernel do it (SA_NOCLDWAIT): so their CPU time counts in
+    // ours (RUSAGE_CHILDREN, /proc/PID/stat), and the server's when we end.
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&chld), None);
+    let sfd = SignalFd::with_flags(&chld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC);
+    let sfd_raw = sfd.as_ref().map_or(-1, |s| s.as_raw_fd());
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
+        reap();
+        let mut fds = [
+            libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: sfd_raw, events: libc::POLLIN, revents: 0 },
+        ];
+        // Without a signalfd, reap at least once a second.
+        let timeout = if sfd_raw < 0 { 1000 } else { -1 };
+        // SAFETY: polls two descriptors of ours (a negative one is skipped).
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) } <= 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            if let Ok(s) = &sfd {
+                while let Ok(Some(_)) = s.read_signal() {}
+            }
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
         let mut cmsg = nix::cmsg_space!([RawFd; 4]);
         let (n, fds) = {
             let mut iov = [IoSliceMut::new(&mut buf)];
@@ -248,6 +279,17 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
             exit(0); // the server is gone
         }
         serve(setup, &buf[..n], fds, broken.as_deref());
+    }
+}
+
+/// Reap every child that has ended.
+fn reap() {
+    loop {
+        let mut raw = 0;
+        // SAFETY: waitpid writes one int we own.
+        if unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) } <= 0 {
+            return;
+        }
     }
 }
 

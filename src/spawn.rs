@@ -147,6 +147,15 @@ const REPORT: &str = "\u{1}cloud-init wait status ";
 /// The private tmpfs directories of a contained replica.
 const PRIVATE_TMP: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
 
+/// The `oom_score_adj` a launcher that lowered its own (to -1000) gives
+/// back to each init it clones: the server's (`i32::MIN`: leave it).
+static INIT_OOM_SCORE_ADJ: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(i32::MIN);
+
+/// In a launcher: inits it clones set their `oom_score_adj` to `value`.
+pub(crate) fn set_init_oom_score_adj(value: i32) {
+    INIT_OOM_SCORE_ADJ.store(value, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Start a replica: contained, our init, which forks the job; else the job.
 /// (The server's contained replicas go through their slot's launcher,
 /// `launcher`, which calls [`clone_init`]; this direct path serves the
@@ -349,8 +358,14 @@ fn init_setup(
     let userns = spec.sandbox.containment == Containment::UserNamespace;
     // Its name in ps, on the host and as PID 1 of the replica.
     let _ = nix::sys::prctl::set_name(c"cloud-init");
-    // A launcher ignores SIGCHLD (its children are reaped by the kernel);
-    // init must see its own children's ends. SIG_DFL installs no handler.
+    // Not the launcher's -1000: the replica's processes are the OOM
+    // killer's to pick (raising it needs no privilege).
+    let adj = INIT_OOM_SCORE_ADJ.load(std::sync::atomic::Ordering::Relaxed);
+    if adj != i32::MIN {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(|e| setup("oom_score_adj", e))?;
+    }
+    // Init must see its own children's ends, whatever the process that
+    // cloned it did with SIGCHLD. SIG_DFL installs no handler.
     // SAFETY: restores the default disposition of one signal.
     let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) };
     // SIGCHLD is read from a signalfd; block it before any child exists.

@@ -82,7 +82,7 @@ fn a_job_cannot_reach_its_launcher() {
     let l = launchers[0];
     let recipe = [format!(
         "@kill -KILL {l} 2>&1 || echo kill refused; kill -STOP {l} 2>&1 || echo stop refused; \
-         test -e /proc/{l} && echo launcher visible; true"
+         test -e /proc/{l} && echo launcher visible; echo oom $$(cat /proc/self/oom_score_adj)"
     )];
     let t = c.deploy(1, &job(c.dir.path(), "kill.tar.gz", &recipe));
     let (ok, outs) = c.retrieve(t);
@@ -91,6 +91,9 @@ fn a_job_cannot_reach_its_launcher() {
     assert!(out.contains("kill refused") && out.contains("stop refused"), "{out}");
     // Not in its /proc: no pid to ptrace either.
     assert!(!out.contains("launcher visible"), "{out}");
+    // The launcher may be spared by the OOM killer; the job is not.
+    let server_adj = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", c.pid())).unwrap();
+    assert!(out.contains(&format!("oom {}", server_adj.trim())), "{out}");
     // Still there, not stopped, and the slot goes on.
     assert_eq!(c.launchers(), vec![l]);
     let state = processes().into_iter().find(|p| p.pid == l).map(|p| p.state);
