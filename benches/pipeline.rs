@@ -528,8 +528,20 @@ fn one_direct(archive: &Path, dir: &Path) -> f64 {
     t
 }
 
-/// CPU seconds (user + system) of the server and the descendants it reaped.
+/// CPU seconds (user + system) of the server and the descendants it
+/// reaped, and of its slot launchers (`cloud-launcher`) and the replicas'
+/// inits they reaped (theirs reach the server only when they end).
 fn proc_cpu(pid: u32) -> f64 {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let launchers = children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .filter(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "cloud-launcher"));
+    launchers.map(own_cpu).sum::<f64>() + own_cpu(pid)
+}
+
+/// CPU seconds of one process and the children it reaped.
+fn own_cpu(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<u64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();

@@ -1,11 +1,14 @@
-//! Per-replica control groups: memory and process limits that count a
-//! whole job (every process it forks), and a kill path that does not depend
-//! on finding the processes one by one.
+//! Control groups: memory and process limits that count a whole job
+//! (every process it forks), and a kill path that does not depend on
+//! finding the processes one by one. A contained replica runs in its
+//! slot's group (made once per node slot, joined once by the slot's
+//! launcher, inherited by every replica it starts: no attach per replica);
+//! an `--uncontained` one in a group of its own.
 //!
 //! Owns: detecting which cgroup hierarchy the host offers (v2 with the
 //! memory and pids controllers, or v1 with both mounted), the server's own
-//! parent group `cloudinfra-<tag>` in it, one child group per replica with
-//! its limits, joining a group (from a forked child, through descriptors
+//! parent group `cloudinfra-<tag>` in it, child groups (one per slot, or
+//! per uncontained replica) with their limits, joining a group (from a forked child, through descriptors
 //! opened before the fork), killing everything in a group, telling whether
 //! the kernel's OOM killer acted in it, removing groups, and reclaiming the
 //! groups an earlier run left behind.
@@ -310,6 +313,19 @@ impl Cgroup {
         n
     }
 
+    /// SIGKILL every process in the group but `spare` (a slot's group:
+    /// its launcher stays). Never `cgroup.kill`, which would take the
+    /// launcher too. Returns how many were signalled.
+    pub fn kill_all_but(&self, spare: Pid) -> usize {
+        let mut n = 0;
+        for pid in self.pids().into_iter().filter(|&p| p != spare.as_raw()) {
+            if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// The processes in the group now.
     pub fn pids(&self) -> Vec<i32> {
         let text = fs::read_to_string(self.dirs[0].join("cgroup.procs")).unwrap_or_default();
@@ -318,12 +334,18 @@ impl Cgroup {
 
     /// Did the kernel's OOM killer kill a process of this group?
     pub fn oom_killed(&self) -> bool {
+        self.oom_kill_count() > 0
+    }
+
+    /// How many processes of this group the kernel's OOM killer has killed
+    /// so far (a slot's group lives on: compare a replica's start and end).
+    pub fn oom_kill_count(&self) -> u64 {
         let file = match self.flavor {
             Flavor::V2 => "memory.events",
             Flavor::V1 => "memory.oom_control",
         };
         let text = fs::read_to_string(self.dirs[0].join(file)).unwrap_or_default();
-        oom_kills(&text) > 0
+        oom_kills(&text)
     }
 
     /// Remove the group; `Err(self)` while processes are still leaving it

@@ -28,7 +28,9 @@
 //! - [`node`] - a side node and its running replica.
 //! - [`slurm`] - a node whose replicas run in Slurm (`slurm:PARTITION`).
 //! - [`spawn`] - fork, sandbox, exec `make run`, kill, classify exits.
-//! - [`cgroup`] - per-replica memory and process totals, a second kill path.
+//! - [`launcher`] - one process per node slot that starts its contained
+//!   replicas (in the slot's cgroup), off the reactor thread.
+//! - [`cgroup`] - per-slot memory and process totals, a second kill path.
 //! - [`archive_check`] - a DEPLOY's archive checked as it streams in (sans-I/O).
 //! - [`extract`] - safe archive extraction.
 //!
@@ -58,6 +60,7 @@ pub mod drc;
 pub mod extract;
 pub mod http;
 pub mod journal;
+pub mod launcher;
 pub mod live;
 mod main_service;
 pub mod node;

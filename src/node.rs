@@ -6,17 +6,25 @@
 //! per ticket: `job.tar.gz`, `output.txt`, and the workspace `work/`, which
 //! for a contained replica is only a mount point inside its own mount
 //! namespace, a tmpfs gone with it), an empty network namespace per slot,
+//! each slot's launcher and cgroup (contained: `start_launchers` at node
+//! start; a launcher found dead is replaced at the slot's next replica),
 //! the running replicas by ticket (each with its slot and the slot's uid,
-//! init's pid, output pipe, control pipe, time limit, why it was stopped),
+//! output pipe, status pipe, control pipe, time limit, why it was stopped;
+//! uncontained: the job's pid and its own cgroup),
 //! capping captured output, and what to answer when a replica ends (its
 //! outcome kind, and the recipe's code from make's `Error N` line, kept
 //! from the output's last KiB in memory), NODE_FOLLOW calls parked until
 //! the replica writes more, and NODE_STOP (kill, keep output: fail-fast
-//! and cancel). Nothing to sweep: the kernel ends a contained
-//! replica's every process when its init exits or is killed. Where the
-//! host has cgroups, each replica also gets a group of its own (memory and
-//! process totals, a second kill path, OOM detection), removed once the
-//! replica is reaped (retried on later turns while busy, never waited for).
+//! and cancel). A contained replica is started by its slot's launcher
+//! (no clone, no cgroup move here) and ends when its output pipe reaches
+//! its end (`output_closed`: init holds the pipe until it exits); it is
+//! stopped by closing its control pipe. Nothing to sweep: the kernel ends
+//! a contained replica's every process when its init exits. Where the host
+//! has cgroups, the slot's group gives memory and process totals, a second
+//! kill path (all but the launcher) and OOM detection (its OOM kill count
+//! at the replica's end against the last); an uncontained replica gets a
+//! group of its own, removed once it is reaped (retried on later turns
+//! while busy, never waited for).
 //! Must not touch: sockets or the reactor (the server hands it bytes and
 //! events), the main server's job table (it only ever learns through RPC).
 //! Also here: `sweep_dir`, what a restart keeps of a node's folder (the
@@ -37,6 +45,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use crate::cgroup::{Cgroup, Cgroups};
+use crate::launcher::{self, Launcher};
 use crate::proto::{Chunk, Outcome, RunArgs, RunResult, FOLLOW_CHUNK};
 use crate::spawn::{self, Containment, JobLimits, Sandbox, SpawnSpec, StopReason};
 
@@ -123,11 +132,15 @@ struct Running {
     ticket: u32,
     /// Which of the node's slots (and so which slot uid) it holds.
     slot: usize,
-    pid: Pid,
+    /// Our child: the job (uncontained) or init (started directly, without
+    /// launchers). `None`: started by the slot's launcher; its end is the
+    /// output pipe's end of file.
+    pid: Option<Pid>,
     reply_to: ReplyTo,
     output: OwnedFd,
     status: OwnedFd,
     control: Option<OwnedFd>,
+    /// A group of its own (uncontained); a launched replica is in its slot's.
     group: Option<Cgroup>,
     file: File,
     written: u64,
@@ -162,11 +175,25 @@ pub struct Finished {
     pub pipe: OwnedFd,
 }
 
+/// A slot's launcher and group (contained replicas, `start_launchers`).
+#[derive(Debug)]
+struct Slot {
+    /// `None` once it died (reaped): started again at the slot's next replica.
+    launcher: Option<Launcher>,
+    /// The slot's cgroup, made once, joined by its launcher alone.
+    group: Option<Cgroup>,
+    /// The group's OOM kill count when its last replica ended.
+    ooms: u64,
+}
+
 #[derive(Debug)]
 pub struct Node {
     pub cfg: NodeConfig,
     /// Running replicas by ticket.
     running: BTreeMap<u32, Running>,
+    /// One per slot once `start_launchers` ran (contained); empty: replicas
+    /// are cloned by the server itself (uncontained, unit tests).
+    slot_state: Vec<Slot>,
     /// Groups of reaped replicas still busy (their processes leaving).
     stale_groups: Vec<Cgroup>,
     retry_groups: Option<Instant>,
@@ -181,6 +208,7 @@ impl Node {
         Ok(Node {
             cfg,
             running: BTreeMap::new(),
+            slot_state: Vec::new(),
             stale_groups: Vec::new(),
             retry_groups: None,
             buf: vec![0; 64 * 1024],
@@ -218,6 +246,92 @@ impl Node {
             fs::remove_dir_all(&dir)?;
         }
         fs::DirBuilder::new().mode(0o700).create(&dir)
+    }
+
+    /// Contained: make each slot's cgroup and start its launcher (at node
+    /// start). The error says what failed.
+    pub fn start_launchers(&mut self) -> Result<(), String> {
+        if self.cfg.sandbox.containment == Containment::Uncontained {
+            return Ok(());
+        }
+        for slot in 0..self.slots() {
+            let group = match &self.cfg.cgroups {
+                Some(groups) => {
+                    let mut limits = spawn::cgroup_limits(&self.cfg.limits);
+                    // The launcher is one of the group's processes.
+                    limits.pids = limits.pids.saturating_add(1);
+                    let name = format!("{}-slot{slot}", self.cfg.port);
+                    Some(
+                        groups
+                            .create(&name, limits)
+                            .map_err(|e| format!("{}: cannot create the cgroup of slot {slot}: {e}", self.name()))?,
+                    )
+                }
+                None => None,
+            };
+            let ooms = group.as_ref().map_or(0, |g| g.oom_kill_count());
+            self.slot_state.push(Slot { launcher: None, group, ooms });
+            self.launcher(slot)?;
+        }
+        Ok(())
+    }
+
+    /// Slot `slot`'s launcher, started if it is not running.
+    fn launcher(&mut self, slot: usize) -> Result<&Launcher, String> {
+        let name = self.name();
+        let mut sandbox = self.cfg.sandbox;
+        if let Some(&identity) = self.cfg.slot_identities.get(slot) {
+            sandbox.identity = identity;
+        }
+        let netns = self.cfg.netns.get(slot).and_then(|ns| ns.as_deref()).map(|fd| fd.as_fd());
+        let state = &mut self.slot_state[slot];
+        if state.launcher.is_none() {
+            let join = match &state.group {
+                Some(g) => g.open_join().map_err(|e| format!("{name}: cannot open the cgroup of slot {slot}: {e}"))?,
+                None => Vec::new(),
+            };
+            let setup = launcher::Setup {
+                work_dir: &self.cfg.work_dir,
+                limits: &self.cfg.limits,
+                sandbox,
+                netns,
+                cgroup: &join,
+            };
+            let started = Launcher::start(&setup).map_err(|e| format!("{name}: slot {slot}: {e}"))?;
+            log::debug!("{name}: slot {slot}: launcher pid {}", started.pid());
+            state.launcher = Some(started);
+        }
+        state.launcher.as_ref().ok_or_else(|| format!("{name}: slot {slot} has no launcher"))
+    }
+
+    /// Hand a replica to its slot's launcher; a launcher found gone is
+    /// replaced once.
+    fn launch(
+        &mut self,
+        slot: usize,
+        archive: std::os::fd::BorrowedFd,
+        workspace: &Path,
+        env: &[(String, String)],
+    ) -> Result<launcher::Launched, String> {
+        for attempt in 0..2 {
+            let l = self.launcher(slot)?;
+            match l.launch(Some(archive), workspace, env) {
+                Ok(launched) => return Ok(launched),
+                Err(e)
+                    if attempt == 0
+                        && matches!(e, nix::Error::EPIPE | nix::Error::ECONNRESET | nix::Error::ENOTCONN) =>
+                {
+                    log::warn!("{}: slot {slot}'s launcher is gone ({e}); starting another", self.name());
+                    if let Some(old) = self.slot_state[slot].launcher.take() {
+                        old.stop();
+                    }
+                }
+                Err(e) => {
+                    return Err(format!("{}: cannot hand the replica to slot {slot}'s launcher: {e}", self.name()))
+                }
+            }
+        }
+        Err(format!("{}: slot {slot}'s launcher is gone", self.name()))
     }
 
     /// How many replicas it runs at once.
@@ -274,6 +388,37 @@ impl Node {
         let workspace = spawn::workspace_path(&self.ticket_dir(args.ticket));
         let archive = self.archive_path(args.ticket);
         let env = spawn::replica_env(&workspace, args.ticket, args.replica, args.replicas, self.cfg.port);
+        let archive = File::open(&archive)
+            .map_err(|e| RunResult::invalid(format!("{}: cannot open the archive: {e}", self.name())))?;
+        if !self.slot_state.is_empty() {
+            // Contained: the slot's launcher clones init, in the slot's group.
+            let launched = self.launch(slot, archive.as_fd(), &workspace, &env).map_err(RunResult::invalid)?;
+            log::debug!(
+                "{}: ticket {} replica {}: handed to slot {slot}'s launcher",
+                self.name(),
+                args.ticket,
+                args.replica
+            );
+            let fd = launched.output.as_raw_fd();
+            let running = Running {
+                ticket: args.ticket,
+                slot,
+                pid: None,
+                reply_to,
+                output: launched.output,
+                status: launched.status,
+                control: Some(launched.control),
+                group: None,
+                file,
+                written: 0,
+                truncated: false,
+                deadline: now + self.cfg.time_limit,
+                stop: None,
+                tail: Vec::new(),
+            };
+            self.running.insert(args.ticket, running);
+            return Ok(fd);
+        }
         let group = match &self.cfg.cgroups {
             Some(groups) => Some(
                 groups
@@ -291,7 +436,7 @@ impl Node {
             None => Vec::new(),
         };
         let spec = SpawnSpec {
-            archive: Some(&archive),
+            archive: Some(archive.as_fd()),
             work_dir: &self.cfg.work_dir,
             workspace: &workspace,
             env,
@@ -314,7 +459,7 @@ impl Node {
         let running = Running {
             ticket: args.ticket,
             slot,
-            pid: spawned.pid,
+            pid: Some(spawned.pid),
             reply_to,
             output: spawned.output,
             status: spawned.status,
@@ -408,11 +553,19 @@ impl Node {
     /// namespace down (uncontained: SIGKILL to its process group). Its
     /// slot is free once init has been reaped (`on_exit`).
     fn kill_everything(&mut self, ticket: u32) {
-        let Some(r) = self.running.get(&ticket) else { return };
-        spawn::kill_replica(r.pid, self.cfg.sandbox.containment != Containment::Uncontained);
-        // The second path: every process in the replica's cgroup.
+        let Some(r) = self.running.get_mut(&ticket) else { return };
+        match r.pid {
+            Some(pid) => spawn::kill_replica(pid, self.cfg.sandbox.containment != Containment::Uncontained),
+            // Launched: closing the control pipe ends init, and the kernel
+            // then kills every process of its namespace.
+            None => r.control = None,
+        }
+        // The second path: every process in the replica's cgroup (the
+        // slot's: all but its launcher).
         if let Some(g) = &r.group {
             g.kill_all();
+        } else if let Some(Slot { group: Some(g), launcher: Some(l), .. }) = self.slot_state.get(r.slot) {
+            g.kill_all_but(l.pid());
         }
     }
 
@@ -428,46 +581,92 @@ impl Node {
         self.retry_groups = (!self.stale_groups.is_empty()).then_some(now + GROUP_RETRY);
     }
 
-    /// A child was reaped. If it was one of our replicas' inits, finish it.
+    /// A child was reaped. If it was one of our replicas' inits (or
+    /// uncontained jobs), finish it; if it was a slot's launcher, forget it
+    /// (the slot's next replica starts another).
     pub fn on_exit(&mut self, pid: Pid, status: WaitStatus) -> Option<Finished> {
-        let ticket = self.running.values().find(|r| r.pid == pid)?.ticket;
+        if let Some(slot) = self.slot_state.iter().position(|s| s.launcher.as_ref().is_some_and(|l| l.pid() == pid)) {
+            log::warn!(
+                "{}: slot {slot}'s launcher (pid {pid}) ended: {status:?}; the next replica starts another",
+                self.name()
+            );
+            self.slot_state[slot].launcher = None;
+            return None;
+        }
+        let ticket = self.running.values().find(|r| r.pid == Some(pid))?.ticket;
         // Uncontained, a daemon may still hold the pipe: read what is there
         // (bounded), not until EOF.
         self.drain_output(ticket, 1024);
         let r = self.running.remove(&ticket)?;
+        Some(self.finish(r, status))
+    }
+
+    /// A launched replica's output pipe reached its end: init is gone
+    /// (it holds the pipe until it exits), and what it and the job wrote on
+    /// the status pipe is there. Finish it. `None`: not a launched replica.
+    pub fn output_closed(&mut self, ticket: u32) -> Option<Finished> {
+        if self.running.get(&ticket)?.pid.is_some() {
+            return None; // its end is its reaping
+        }
+        let r = self.running.remove(&ticket)?;
+        // Without init's report: init was killed, or its setup failed.
+        let init = Pid::from_raw(1);
+        let status = WaitStatus::Signaled(init, nix::sys::signal::Signal::SIGKILL, false);
+        Some(self.finish(r, status))
+    }
+
+    /// A replica has ended (`status`: its init's or job's, used when init
+    /// made no report): its result, its group released.
+    fn finish(&mut self, r: Running, status: WaitStatus) -> Finished {
+        let pid = r.pid.unwrap_or(Pid::from_raw(1));
         let (setup_error, report) = spawn::read_report(r.status);
         // Init reports how the job's main process ended; without a report
-        // (init was killed, or uncontained) init's own status is the job's.
+        // (init was killed, or uncontained) init's own status is the job's;
+        // a launched init that failed its setup exits like this.
+        let status = match status {
+            _ if r.pid.is_none() && report.is_none() && !setup_error.is_empty() => {
+                WaitStatus::Exited(pid, spawn::SETUP_FAILED)
+            }
+            s => s,
+        };
         let job = report.and_then(|raw| WaitStatus::from_raw(pid, raw).ok()).unwrap_or(status);
         let mut result = spawn::classify_exit(job, &setup_error, r.stop.as_ref());
         if result.kind == Outcome::Failed {
             result.recipe_code = spawn::recipe_code(&r.tail).unwrap_or(-1);
         }
-        if let Some(g) = r.group {
-            if r.stop.is_none() && g.oom_killed() {
-                result = RunResult {
-                    exit_code: result.exit_code,
-                    ..RunResult::ended(
-                        Outcome::Killed,
-                        format!(
-                            "memory limit (--max-memory) exceeded: the job's processes together used more than {} MiB",
-                            self.cfg.limits.address_space >> 20
-                        ),
-                    )
-                };
+        let oom = match (&r.group, self.slot_state.get_mut(r.slot)) {
+            (Some(g), _) => g.oom_killed(),
+            (None, Some(Slot { group: Some(g), ooms, .. })) => {
+                let now = g.oom_kill_count();
+                std::mem::replace(ooms, now) < now
             }
+            _ => false,
+        };
+        if r.stop.is_none() && oom {
+            result = RunResult {
+                exit_code: result.exit_code,
+                ..RunResult::ended(
+                    Outcome::Killed,
+                    format!(
+                        "memory limit (--max-memory) exceeded: the job's processes together used more than {} MiB",
+                        self.cfg.limits.address_space >> 20
+                    ),
+                )
+            };
+        }
+        if let Some(g) = r.group {
             g.kill_all();
             if let Err(g) = g.remove() {
                 self.stale_groups.push(g);
                 self.retry_groups = Some(Instant::now() + GROUP_RETRY);
             }
         }
-        log::debug!("node {}: ticket {}: pid {pid} ended: {:?}, job {:?}", self.cfg.port, r.ticket, status, job);
+        log::debug!("node {}: ticket {}: {:?} ended: {:?}, job {:?}", self.cfg.port, r.ticket, r.pid, status, job);
         let _ = fs::remove_file(self.archive_path(r.ticket));
         if r.stop == Some(StopReason::Closed) {
             self.remove_ticket(r.ticket);
         }
-        Some(Finished { ticket: r.ticket, reply_to: r.reply_to, result, pipe: r.output })
+        Finished { ticket: r.ticket, reply_to: r.reply_to, result, pipe: r.output }
     }
 
     /// The ticket's output file and its length. The error says whether the
@@ -610,22 +809,56 @@ impl Node {
         }
     }
 
-    /// Server shutdown, after the replica was reaped: remove what groups
-    /// can be removed now (an earlier run's are reclaimed at start).
+    /// Server shutdown, after the replicas were reaped: stop the slots'
+    /// launchers, remove what groups can be removed now (an earlier run's
+    /// are reclaimed at start).
     pub fn release_groups(&mut self) {
+        for slot in std::mem::take(&mut self.slot_state) {
+            if let Some(l) = slot.launcher {
+                l.stop();
+            }
+            if let Some(g) = slot.group {
+                self.stale_groups.push(g);
+            }
+        }
         self.remove_stale_groups(Instant::now());
         self.retry_groups = None;
     }
 
-    /// Server shutdown: kill the running replicas; returns the children to reap.
+    /// Server shutdown: kill the running replicas, wait (bounded) for the
+    /// launched ones to end; returns the children to reap (the others).
     pub fn shutdown(&mut self) -> Vec<Pid> {
         let tickets: Vec<u32> = self.running.keys().copied().collect();
-        for ticket in tickets {
+        for &ticket in &tickets {
             if let Some(r) = self.running.get_mut(&ticket) {
                 r.stop = Some(StopReason::Shutdown);
             }
             self.kill_everything(ticket);
         }
-        self.running.values().map(|r| r.pid).collect()
+        // SIGKILL ends a namespace at once; the bound is for a stuck kernel.
+        let give_up = Instant::now() + Duration::from_secs(10);
+        for ticket in tickets {
+            let Some(fd) = self.running.get(&ticket).filter(|r| r.pid.is_none()).map(|r| r.output.as_raw_fd()) else {
+                continue;
+            };
+            loop {
+                match self.drain_output(ticket, 1024) {
+                    Drained::Closed => break,
+                    Drained::More => continue,
+                    Drained::Empty => {
+                        let left = give_up.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            log::warn!("{}: ticket {ticket}: the replica did not end; left behind", self.name());
+                            break;
+                        }
+                        let mut p = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+                        // SAFETY: polls one descriptor we own, bounded.
+                        unsafe { libc::poll(p.as_mut_ptr(), 1, left.as_millis().min(1000) as libc::c_int) };
+                    }
+                }
+            }
+            let _ = self.output_closed(ticket);
+        }
+        self.running.values().filter_map(|r| r.pid).collect()
     }
 }

@@ -3,14 +3,15 @@
 //! Owns: the side nodes of this process (`node::Node`, one per node line
 //! run here) and their start-up (reclaiming what an earlier run left under
 //! the slot uids, one empty network namespace per slot, cgroups, the
-//! containment probe); NODE_NULL, NODE_RUN (the archive streamed into the
+//! containment probe, each slot's launcher); NODE_NULL, NODE_RUN (the archive streamed into the
 //! ticket's folder, then `Node::start`), NODE_FETCH and NODE_DROP served
 //! over a link (the reactor's `NodeGate` has let them through when there
 //! is a secret; without one, NODE_HELLO is answered "no --secret-file"); the same three as direct calls from the in-process main
 //! service (`run_local`, `fetch_local`, `drop_local`: the spooled archive
 //! and the output are hard-linked, no loopback round trip), whose answers
 //! come back as [`NodeEvent`]s, the events a link's replies would make;
-//! draining each replica's output pipe; reaped children turned into
+//! draining each replica's output pipe (a launched replica ends at its
+//! end of file: `drain` returns it to the reactor); reaped children turned into
 //! finished replicas, then into NODE_RUN replies or events; time limits;
 //! killing and reaping everything at shutdown (node folders stay); the
 //! result of every replica started over a link, until NODE_DROP, for
@@ -318,7 +319,7 @@ impl NodeService {
             let dir = work_dir.join(format!("output_{port}"));
             trashed += crate::node::sweep_dir(&dir, &trash, &format!("{port}"), live)
                 .map_err(|e| format!("cannot clear node directory {}: {e}", dir.display()))?;
-            let node = Node::new(NodeConfig {
+            let mut node = Node::new(NodeConfig {
                 port,
                 dir: dir.clone(),
                 limits: limits.clone(),
@@ -332,6 +333,7 @@ impl NodeService {
                 slot_identities,
             })
             .map_err(|e| format!("cannot create node directory {}: {e}", dir.display()))?;
+            node.start_launchers()?;
             nodes.push(LocalNode::Fork(node));
         }
         if trashed > 0 || trash.exists() {
@@ -628,13 +630,17 @@ impl NodeService {
 
     /// Read a replica's output, a bounded amount per turn of the loop; its
     /// parked followers get what is new.
-    pub(crate) fn drain(&mut self, i: NodeId, ticket: u32) {
-        let LocalNode::Fork(node) = &mut self.nodes[i] else { return };
-        let more = node.drain_output(ticket, DRAIN_BUDGET) == Drained::More;
-        if more && !self.more_output.contains(&(i, ticket)) {
+    /// Read a replica's output pipe; a launched replica whose pipe has
+    /// reached its end has ended: returned, for the reactor to finish.
+    pub(crate) fn drain(&mut self, i: NodeId, ticket: u32) -> Option<Finished> {
+        let LocalNode::Fork(node) = &mut self.nodes[i] else { return None };
+        let drained = node.drain_output(ticket, DRAIN_BUDGET);
+        if drained == Drained::More && !self.more_output.contains(&(i, ticket)) {
             self.more_output.push((i, ticket));
         }
+        let ended = if drained == Drained::Closed { node.output_closed(ticket) } else { None };
         self.answer_followers(i);
+        ended
     }
 
     /// NODE_FOLLOW on a link (connection `key`): the reply now, or `None`

@@ -7,7 +7,9 @@
 //! (SIGCHLD; SIGINT, SIGTERM, SIGHUP unless ignored), reading until
 //! `WouldBlock` into the session readers (at most a fair share per turn),
 //! writing outboxes until `WouldBlock`, serving each client one call at a
-//! time (backpressure), reaping children, the poll timeout from every
+//! time (backpressure), reaping children (uncontained jobs, slots'
+//! launchers, helpers; a contained replica ends at its output pipe's end
+//! of file, which `NodeService::drain` reports), the poll timeout from every
 //! deadline (the nodes', the coordinator's, the journal's lazy sync, the
 //! client connections'), the end of each turn (`MainService::end_of_turn`:
 //! the journal synced before DEPLOY and CLOSE answers go out), opening the
@@ -489,7 +491,9 @@ impl Server {
             // Pipes and sockets left with data (edge-triggered: no new event
             // will say so).
             for (node, ticket) in std::mem::take(&mut self.nodes.more_output) {
-                self.nodes.drain(node, ticket);
+                if let Some(fin) = self.nodes.drain(node, ticket) {
+                    self.finish_replica(node, fin);
+                }
             }
             for key in std::mem::take(&mut self.more_input) {
                 if matches!(self.slab.get(key), Some(Source::Conn(_) | Source::Idle(_))) {
@@ -572,7 +576,11 @@ impl Server {
                 let key = t - self.first_key;
                 match self.slab.get(key) {
                     Some(Source::Conn(_) | Source::Idle(_)) => self.conn_event(key),
-                    Some(&Source::ChildOutput(i, ticket)) => self.nodes.drain(i, ticket),
+                    Some(&Source::ChildOutput(i, ticket)) => {
+                        if let Some(fin) = self.nodes.drain(i, ticket) {
+                            self.finish_replica(i, fin);
+                        }
+                    }
                     Some(&Source::SlurmCommand(i, fd)) => self.nodes.command_readable(i, fd),
                     _ => {} // stale event for a closed source
                 }
@@ -1194,8 +1202,11 @@ impl Server {
             }
             Err(e) => log::error!("cannot watch a replica's output: {e}"),
         }
-        // Output written before registration is read now.
-        self.nodes.drain(node, ticket);
+        // Output written before registration is read now (a launched
+        // replica may even have ended).
+        if let Some(fin) = self.nodes.drain(node, ticket) {
+            self.finish_replica(node, fin);
+        }
     }
 
     /// Send the coordinator's answer to a client's call; that client's

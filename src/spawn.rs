@@ -1,11 +1,14 @@
 //! Starting and stopping a replica's processes, close to the metal.
 //!
-//! Owns: replica containment. For each replica the server `clone`s our
-//! **init**: PID 1 of new PID, mount and IPC namespaces (and, without root,
+//! Owns: replica containment. For each replica its slot's launcher
+//! (`launcher`; the startup probe: the server) `clone`s our
+//! **init** (`clone_init`; named cloud-init): PID 1 of new PID, mount and IPC namespaces (and, without root,
 //! of a new user namespace), joined to its slot's empty network namespace.
 //! Init stays privileged and installs no signal handlers, so by the
 //! kernel's rule for namespace inits nothing inside the namespace can
-//! signal it; it dies with the server (`PR_SET_PDEATHSIG`), makes every
+//! signal it; it dies with its parent (`PR_SET_PDEATHSIG`; a launcher
+//! dies with the server), holds the output pipe until it exits (so the
+//! pipe's end of file is the replica's end), makes every
 //! mount inherited from the host read-only, mounts a fresh /proc, private
 //! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
 //! sockets live, unless the network is allowed), a devpts of its own, hides the work dir under an empty
@@ -15,7 +18,8 @@
 //! environment, resource limits, no capabilities, `PR_SET_NO_NEW_PRIVS`,
 //! a seccomp filter against the (not namespaced) kernel keyrings and
 //! nested user namespaces,
-//! the slot user's identity, safe extraction of the archive, and
+//! the slot user's identity, safe extraction of the archive (an open
+//! descriptor, read with pread: its shared offset never moves), and
 //! `exec make run`. Init reaps everything, reports the job's wait status on
 //! the close-on-exec status pipe (after any setup error the job wrote
 //! there) and exits; the kernel then kills whatever is left in the
@@ -98,8 +102,11 @@ pub struct Sandbox {
 /// Everything needed to start one replica.
 #[derive(Debug)]
 pub struct SpawnSpec<'a> {
-    /// `None`: the startup probe (write a file in the workspace, exit 0).
-    pub archive: Option<&'a Path>,
+    /// The job's archive, open for reading: `None` for the startup probe
+    /// (write a file in the workspace, exit 0). Read with pread from
+    /// offset 0, so one open file may serve several replicas: its shared
+    /// offset never moves.
+    pub archive: Option<BorrowedFd<'a>>,
     /// The server's work dir, absolute: hidden from a contained job.
     pub work_dir: &'a Path,
     /// Under `work_dir`: a tmpfs owned by the sandbox identity, mode 0700
@@ -140,46 +147,35 @@ const REPORT: &str = "\u{1}cloud-init wait status ";
 /// The private tmpfs directories of a contained replica.
 const PRIVATE_TMP: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
 
+/// The `oom_score_adj` a launcher that lowered its own (to -1000) gives
+/// back to each init it clones: the server's (`i32::MIN`: leave it).
+static INIT_OOM_SCORE_ADJ: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(i32::MIN);
+
+/// In a launcher: inits it clones set their `oom_score_adj` to `value`.
+pub(crate) fn set_init_oom_score_adj(value: i32) {
+    INIT_OOM_SCORE_ADJ.store(value, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Start a replica: contained, our init, which forks the job; else the job.
+/// (The server's contained replicas go through their slot's launcher,
+/// `launcher`, which calls [`clone_init`]; this direct path serves the
+/// startup probe and `--uncontained`.)
 pub fn spawn(spec: &SpawnSpec) -> nix::Result<Spawned> {
-    // Prepare everything that allocates from strings before forking.
-    // execvpe would search the *server's* PATH; search the replica's own.
-    let exec = Exec::new(spec);
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (st_r, st_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let contained = spec.sandbox.containment != Containment::Uncontained;
     let (ctl_r, ctl_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let pid = if contained {
-        // Read before clone: in a new user namespace they read as 65534
-        // until the maps are written.
-        let ids = (nix::unistd::getuid(), nix::unistd::getgid());
-        let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
-        if spec.sandbox.containment == Containment::UserNamespace {
-            flags |= libc::CLONE_NEWUSER;
-            if spec.sandbox.isolate_network {
-                // setns into a namespace of another user namespace is not allowed.
-                flags |= libc::CLONE_NEWNET;
-            }
-        }
-        // SAFETY: raw clone with a null stack behaves like fork (the child
-        // continues on a copy of this stack). The server is single-threaded,
-        // so the child may run ordinary Rust code; it never returns into
-        // the reactor (init_main ends in _exit).
-        let ret = unsafe {
-            libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
-        };
-        match ret {
-            -1 => return Err(nix::Error::last()),
-            0 => {
-                drop(out_r);
-                drop(st_r);
-                drop(ctl_w);
-                init_main(spec, &exec, ids, out_w, st_w, ctl_r)
-            }
-            child => Pid::from_raw(child as i32),
-        }
+        let pid = clone_init(spec, &out_w, &st_w, &ctl_r, &[out_r.as_raw_fd(), st_r.as_raw_fd(), ctl_w.as_raw_fd()]);
+        drop(out_w);
+        drop(st_w);
+        drop(ctl_r);
+        pid?
     } else {
-        // SAFETY: as above; every path in the child ends in exec or _exit.
+        // Prepare everything that allocates from strings before forking.
+        let exec = Exec::new(spec);
+        // SAFETY: the server is single-threaded; every path in the child
+        // ends in exec or _exit.
         match unsafe { nix::unistd::fork() }? {
             ForkResult::Child => {
                 drop(out_r);
@@ -189,16 +185,98 @@ pub fn spawn(spec: &SpawnSpec) -> nix::Result<Spawned> {
                 let err = uncontained_job(spec, &exec, out_w, st_w.as_raw_fd());
                 die(st_w.as_raw_fd(), err)
             }
-            ForkResult::Parent { child } => child,
+            ForkResult::Parent { child } => {
+                drop(out_w);
+                drop(st_w);
+                drop(ctl_r);
+                child
+            }
         }
     };
-    drop(out_w);
-    drop(st_w);
-    drop(ctl_r);
     fcntl(out_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
     fcntl(st_r.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
     fcntl(ctl_w.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
     Ok(Spawned { pid, output: out_r, status: st_r, control: contained.then_some(ctl_w) })
+}
+
+/// Clone a contained replica's init, which takes the child ends of its
+/// three pipes (`out_w`, `st_w`, `ctl_r`: the caller closes its copies
+/// once this returns); `drop_in_child` are descriptors init must close at once
+/// (the caller's ends). Init is the caller's child; it holds `out_w`
+/// until it exits, so the output pipe's end of file means init (and so,
+/// by the kernel's rule, its whole PID namespace) is gone, and the status
+/// pipe holds everything init and the job wrote. Init sets its own
+/// `PR_SET_PDEATHSIG`: it dies with the caller.
+pub fn clone_init(
+    spec: &SpawnSpec,
+    out_w: &OwnedFd,
+    st_w: &OwnedFd,
+    ctl_r: &OwnedFd,
+    drop_in_child: &[RawFd],
+) -> nix::Result<Pid> {
+    // Prepare everything that allocates from strings before cloning.
+    // execvpe would search the *server's* PATH; search the replica's own.
+    let exec = Exec::new(spec);
+    // Read before clone: in a new user namespace they read as 65534
+    // until the maps are written.
+    let ids = (nix::unistd::getuid(), nix::unistd::getgid());
+    let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
+    if spec.sandbox.containment == Containment::UserNamespace {
+        flags |= libc::CLONE_NEWUSER;
+        if spec.sandbox.isolate_network {
+            // setns into a namespace of another user namespace is not allowed.
+            flags |= libc::CLONE_NEWNET;
+        }
+    }
+    // SAFETY: raw clone with a null stack behaves like fork (the child
+    // continues on a copy of this stack). The caller (the server or a
+    // launcher) is single-threaded, so the child may run ordinary Rust
+    // code; it never returns into the caller (init_main ends in _exit).
+    let ret = unsafe {
+        libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
+    };
+    match ret {
+        -1 => Err(nix::Error::last()),
+        0 => {
+            for &fd in drop_in_child {
+                // SAFETY: the caller's ends of the pipes, which init must not hold.
+                unsafe { libc::close(fd) };
+            }
+            // SAFETY: init's own copies of the three descriptors (its
+            // table is a copy of the caller's); the caller's OwnedFds in
+            // this copy of its memory are never dropped: init never returns.
+            let own = |fd: &OwnedFd| unsafe { OwnedFd::from_raw_fd(fd.as_raw_fd()) };
+            init_main(spec, &exec, ids, own(out_w), own(st_w), own(ctl_r))
+        }
+        child => Ok(Pid::from_raw(child as i32)),
+    }
+}
+
+/// The archive, read with pread from offset 0: the open file's shared
+/// offset never moves (one open archive may serve several replicas).
+struct Pread {
+    file: File,
+    at: u64,
+}
+
+impl Read for Pread {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// This process's own descriptor for the spec's archive.
+fn own_archive(spec: &SpawnSpec) -> Result<Option<Pread>, ChildError> {
+    match spec.archive {
+        Some(fd) => {
+            let file = fd.try_clone_to_owned().map_err(|e| setup("archive", e))?;
+            Ok(Some(Pread { file: File::from(file), at: 0 }))
+        }
+        None => Ok(None),
+    }
 }
 
 /// `make run` and its environment, as C strings made before forking.
@@ -242,7 +320,7 @@ fn die(status_fd: RawFd, err: ChildError) -> ! {
 }
 
 /// Close every descriptor from 3 up except those in `keep`.
-fn close_all_but(keep: &[RawFd]) {
+pub(crate) fn close_all_but(keep: &[RawFd]) {
     let mut keep: Vec<u32> = keep.iter().filter(|&&fd| fd >= 3).map(|&fd| fd as u32).collect();
     keep.sort_unstable();
     let mut lo = 3u32;
@@ -262,12 +340,13 @@ fn close_all_but(keep: &[RawFd]) {
 fn init_main(spec: &SpawnSpec, exec: &Exec, ids: (Uid, Gid), out_w: OwnedFd, st_w: OwnedFd, ctl_r: OwnedFd) -> ! {
     let status_fd = st_w.as_raw_fd();
     match init_setup(spec, exec, ids, out_w, &st_w, &ctl_r) {
-        Ok(job) => init_loop(job, st_w, ctl_r),
+        Ok((job, out_w)) => init_loop(job, st_w, ctl_r, out_w),
         Err(err) => die(status_fd, err),
     }
 }
 
-/// Set up the namespaces and fork the job; returns the job's pid.
+/// Set up the namespaces and fork the job; returns the job's pid and
+/// init's copy of the output pipe (held until init exits).
 fn init_setup(
     spec: &SpawnSpec,
     exec: &Exec,
@@ -275,8 +354,20 @@ fn init_setup(
     out_w: OwnedFd,
     st_w: &OwnedFd,
     ctl_r: &OwnedFd,
-) -> Result<libc::pid_t, ChildError> {
+) -> Result<(libc::pid_t, OwnedFd), ChildError> {
     let userns = spec.sandbox.containment == Containment::UserNamespace;
+    // Its name in ps, on the host and as PID 1 of the replica.
+    let _ = nix::sys::prctl::set_name(c"cloud-init");
+    // Not the launcher's -1000: the replica's processes are the OOM
+    // killer's to pick (raising it needs no privilege).
+    let adj = INIT_OOM_SCORE_ADJ.load(std::sync::atomic::Ordering::Relaxed);
+    if adj != i32::MIN {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(|e| setup("oom_score_adj", e))?;
+    }
+    // Init must see its own children's ends, whatever the process that
+    // cloned it did with SIGCHLD. SIG_DFL installs no handler.
+    // SAFETY: restores the default disposition of one signal.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) };
     // SIGCHLD is read from a signalfd; block it before any child exists.
     // No handler is installed, ever: that is what keeps the job's signals
     // away from init.
@@ -284,10 +375,12 @@ fn init_setup(
     chld.add(Signal::SIGCHLD);
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&chld), None).map_err(|e| setup("sigprocmask", e))?;
     let netns = spec.netns.map(|fd| fd.as_raw_fd());
-    let mut keep = vec![out_w.as_raw_fd(), st_w.as_raw_fd(), ctl_r.as_raw_fd(), netns.unwrap_or(-1)];
+    let archive_fd = spec.archive.map_or(-1, |fd| fd.as_raw_fd());
+    let mut keep = vec![out_w.as_raw_fd(), st_w.as_raw_fd(), ctl_r.as_raw_fd(), netns.unwrap_or(-1), archive_fd];
     keep.extend(spec.cgroup.iter().map(|fd| fd.as_raw_fd()));
     close_all_but(&keep);
-    // Everything of the replica counts in its cgroup, init included.
+    // Everything of the replica counts in its cgroup, init included (from
+    // a launcher: already there, inherited from the launcher's slot group).
     crate::cgroup::join(spec.cgroup).map_err(|e| setup("joining the replica's cgroup", e))?;
     if userns {
         let maps = [
@@ -318,10 +411,11 @@ fn init_setup(
     } else if userns && spec.sandbox.isolate_network {
         loopback_up();
     }
-    let archive = match spec.archive {
-        Some(path) => Some(File::open(path).map_err(|e| setup("archive", e))?),
-        None => None,
-    };
+    let archive = own_archive(spec)?;
+    if archive_fd >= 0 {
+        // SAFETY: our copy of the caller's descriptor; `archive` has its own.
+        unsafe { libc::close(archive_fd) };
+    }
     contain_mounts(spec, if userns { None } else { spec.sandbox.identity })?;
     let workspace = File::open(spec.workspace).map_err(|e| setup("workspace", e))?;
     // SAFETY: init is single-threaded; the job never returns here (every
@@ -335,7 +429,7 @@ fn init_setup(
             let err = job_setup(spec, exec, out_w, status, archive, workspace, userns);
             die(status, err)
         }
-        Ok(ForkResult::Parent { child }) => Ok(child.as_raw()),
+        Ok(ForkResult::Parent { child }) => Ok((child.as_raw(), out_w)),
     }
 }
 
@@ -487,7 +581,10 @@ fn mkdir_all(path: &Path) -> std::io::Result<()> {
 }
 
 /// Init's life after the fork: reap, forward SIGTERM, report the job's end.
-fn init_loop(job: libc::pid_t, st_w: OwnedFd, ctl_r: OwnedFd) -> ! {
+fn init_loop(job: libc::pid_t, st_w: OwnedFd, ctl_r: OwnedFd, out_w: OwnedFd) -> ! {
+    // Held, never written: its end of file tells the server that init,
+    // and with it the namespace, is gone.
+    let _out_w = out_w;
     let mut chld = SigSet::empty();
     chld.add(Signal::SIGCHLD);
     let sfd = nix::sys::signalfd::SignalFd::with_flags(&chld, nix::sys::signalfd::SfdFlags::SFD_NONBLOCK);
@@ -551,19 +648,20 @@ fn unsafe_exit(code: i32) -> ! {
 /// The uncontained child: a plain session on the host. Returns only on failure.
 fn uncontained_job(spec: &SpawnSpec, exec: &Exec, out_w: OwnedFd, status_fd: RawFd) -> ChildError {
     // Nothing of the server's stays open here, not even during extraction.
-    let mut keep = vec![out_w.as_raw_fd(), status_fd];
+    let mut keep = vec![out_w.as_raw_fd(), status_fd, spec.archive.map_or(-1, |fd| fd.as_raw_fd())];
     keep.extend(spec.cgroup.iter().map(|fd| fd.as_raw_fd()));
     close_all_but(&keep);
     if let Err(e) = crate::cgroup::join(spec.cgroup) {
         return setup("joining the replica's cgroup", e);
     }
-    let archive = match spec.archive {
-        Some(path) => match File::open(path) {
-            Ok(f) => Some(f),
-            Err(e) => return setup("archive", e),
-        },
-        None => None,
+    let archive = match own_archive(spec) {
+        Ok(a) => a,
+        Err(e) => return e,
     };
+    if let Some(fd) = spec.archive {
+        // SAFETY: our copy of the server's descriptor; `archive` has its own.
+        unsafe { libc::close(fd.as_raw_fd()) };
+    }
     if let Err(e) = make_workspace(spec.workspace, spec.sandbox.identity) {
         return setup("workspace", e);
     }
@@ -587,7 +685,7 @@ fn job_setup(
     exec: &Exec,
     out_w: OwnedFd,
     status_fd: RawFd,
-    archive: Option<File>,
+    archive: Option<Pread>,
     workspace: File,
     userns: bool,
 ) -> ChildError {
@@ -614,7 +712,7 @@ fn job_setup(
         }
         Err(e) => return setup("/dev/null", e),
     }
-    let archive_fd = archive.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let archive_fd = archive.as_ref().map_or(-1, |f| f.file.as_raw_fd());
     close_all_but(&[status_fd, archive_fd, workspace.as_raw_fd()]);
     let l = spec.limits;
     let limits = [
@@ -915,14 +1013,15 @@ pub fn remove_tree_in_background(dir: &Path) -> nix::Result<Pid> {
 
 /// Ask a replica to stop: SIGTERM to every process of its namespace (init
 /// forwards it), or to its process group when uncontained.
-pub fn terminate(pid: Pid, control: Option<&OwnedFd>) {
-    match control {
-        Some(ctl) => {
+pub fn terminate(pid: Option<Pid>, control: Option<&OwnedFd>) {
+    match (control, pid) {
+        (Some(ctl), _) => {
             if let Err(e) = nix::unistd::write(ctl, b"T") {
-                log::warn!("cannot ask init {pid} to forward SIGTERM: {e}");
+                log::warn!("cannot ask a replica's init to forward SIGTERM: {e}");
             }
         }
-        None => signal_group(pid, Signal::SIGTERM),
+        (None, Some(pid)) => signal_group(pid, Signal::SIGTERM),
+        (None, None) => {}
     }
 }
 

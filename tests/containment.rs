@@ -310,7 +310,7 @@ fn a_job_sees_only_its_own_processes() {
     let count: usize = out.lines().find_map(|l| l.strip_prefix("count ")).unwrap().trim().parse().unwrap();
     assert!(count <= 6, "a job sees {count} processes: {out}");
     assert!(!out.contains("init make"), "make must not be PID 1: {out}");
-    assert!(out.contains("init cloud-server"), "our init is PID 1: {out}");
+    assert!(out.contains("init cloud-init"), "our init is PID 1: {out}");
     assert!(!out.contains("server visible"), "{out}");
 }
 

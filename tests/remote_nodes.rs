@@ -309,7 +309,7 @@ fn a_node_with_another_secret_gets_no_job_until_restarted_with_the_right_one() {
     });
     assert_eq!(c.status_json(t)["status"], "WAITING", "{}", c.status_json(t));
     assert!(gate.nobody_waiting(), "a replica started on a node that did not prove the secret");
-    let children = processes().into_iter().filter(|p| p.ppid == node.child.id()).count();
+    let children = replica_parents_children(node.child.id()).len();
     assert_eq!(children, 0, "the node runs something");
 
     // Restarted with the right secret, it joins and the job runs.
@@ -367,7 +367,7 @@ fn a_stranger_without_the_handshake_gets_auth_error_and_nothing_runs() {
     let log = node_log(&node);
     assert!(log.contains("node link from 127.0.0.1:") && log.contains("procedure 1"), "{log}");
     // Nothing ran, nothing was stored.
-    let children = processes().into_iter().filter(|p| p.ppid == node.child.id()).count();
+    let children = replica_parents_children(node.child.id()).len();
     assert_eq!(children, 0);
     let stored: Vec<_> = std::fs::read_dir(dir.path().join("n").join(format!("output_{}", node.port())))
         .map(|d| d.flatten().map(|e| e.path()).collect())

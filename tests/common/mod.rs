@@ -237,10 +237,16 @@ impl Cluster {
         (out.status.success(), files)
     }
 
-    /// Processes whose parent is the server: (pid, state).
+    /// The server's replicas' inits (children of its slots' launchers)
+    /// and its other children, launchers left out: (pid, state).
     pub fn children(&self) -> Vec<(u32, char)> {
+        replica_parents_children(self.pid())
+    }
+
+    /// The server's slot launchers (pids).
+    pub fn launchers(&self) -> Vec<u32> {
         let me = self.pid();
-        processes().into_iter().filter(|p| p.ppid == me).map(|p| (p.pid, p.state)).collect()
+        processes().into_iter().filter(|p| p.ppid == me && p.comm == LAUNCHER).map(|p| p.pid).collect()
     }
 
     /// Wait until the server has no children at all (every replica reaped).
@@ -293,6 +299,23 @@ pub struct Proc {
     pub ppid: u32,
     pub state: char,
     pub uid: u32,
+    /// The process's name (`/proc/PID/comm`).
+    pub comm: String,
+}
+
+/// The name of a server's slot launchers.
+pub const LAUNCHER: &str = "cloud-launcher";
+
+/// What a server (`server`, a pid) runs besides its launchers: its
+/// children but the launchers, and the launchers' children (replicas'
+/// inits): (pid, state).
+pub fn replica_parents_children(server: u32) -> Vec<(u32, char)> {
+    let all = processes();
+    let launchers: Vec<u32> = all.iter().filter(|p| p.ppid == server && p.comm == LAUNCHER).map(|p| p.pid).collect();
+    all.iter()
+        .filter(|p| (p.ppid == server && p.comm != LAUNCHER) || launchers.contains(&p.ppid))
+        .map(|p| (p.pid, p.state))
+        .collect()
 }
 
 /// Every process on the machine (those that vanish while read are skipped).
@@ -309,9 +332,10 @@ pub fn processes() -> Vec<Proc> {
             continue;
         };
         // After "pid (comm) ": state, ppid, ...; comm may hold spaces.
-        let Some((_, after)) = stat.rsplit_once(") ") else {
+        let Some((before, after)) = stat.rsplit_once(") ") else {
             continue;
         };
+        let comm = before.split_once(" (").map_or("", |(_, c)| c).to_string();
         let mut f = after.split(' ');
         let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
         let ppid = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -321,7 +345,7 @@ pub fn processes() -> Vec<Proc> {
             .and_then(|l| l.split_whitespace().next())
             .and_then(|u| u.parse().ok())
             .unwrap_or(u32::MAX);
-        out.push(Proc { pid, ppid, state, uid });
+        out.push(Proc { pid, ppid, state, uid, comm });
     }
     out
 }

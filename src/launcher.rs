@@ -1,0 +1,348 @@
+//! Slot launchers: one long-lived process per node slot that starts the
+//! slot's contained replicas, so that the reactor thread neither clones
+//! them (the page-table copy of a fork of the server) nor moves each into
+//! a cgroup (on cgroup v1 an attach can wait an RCU grace period).
+//!
+//! Owns: starting a launcher (a fork of the server when its node starts:
+//! it joins the slot's cgroup once, the only attach, sets oom_score_adj
+//! -1000 so a job's OOM never picks it, is not dumpable, dies with the
+//! server by `PR_SET_PDEATHSIG` and on its socket's end of file, and reaps
+//! its children, so their CPU time is counted), the request the server sends it on a
+//! SOCK_SEQPACKET socketpair (the replica's workspace path and environment
+//! as bytes; the archive and the child ends of the replica's output,
+//! status and control pipes as SCM_RIGHTS), and the launcher's loop: one
+//! `spawn::clone_init` per request, the containment of today's `spawn`
+//! unchanged. The server keeps the other ends of the pipes, so nothing is
+//! answered: the output pipe's end of file is the replica's end (init
+//! holds it until it exits, and the kernel then ends its namespace), the
+//! status pipe says how it ended; a request the launcher cannot serve is
+//! answered on that status pipe.
+//! Must not touch: containment itself (`spawn`), the reactor, a node's
+//! bookkeeping (`node`), cgroup files (`cgroup`).
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::unistd::{ForkResult, Pid};
+
+use crate::spawn::{self, JobLimits, Sandbox, SpawnSpec};
+
+/// What every replica of a slot shares: given once, when the launcher starts.
+#[derive(Debug)]
+pub struct Setup<'a> {
+    /// The server's work dir, absolute.
+    pub work_dir: &'a Path,
+    pub limits: &'a JobLimits,
+    /// With the slot's identity.
+    pub sandbox: Sandbox,
+    /// The slot's empty network namespace (root mode).
+    pub netns: Option<BorrowedFd<'a>>,
+    /// The slot's cgroup (`Cgroup::open_join`), joined by the launcher.
+    pub cgroup: &'a [OwnedFd],
+}
+
+/// A running launcher, from the server's side.
+#[derive(Debug)]
+pub struct Launcher {
+    pid: Pid,
+    sock: OwnedFd,
+}
+
+/// The server's ends of a launched replica's pipes, non-blocking.
+#[derive(Debug)]
+pub struct Launched {
+    /// stdout+stderr; its end of file: init, and so the replica, is gone.
+    pub output: OwnedFd,
+    /// Setup errors, then init's report.
+    pub status: OwnedFd,
+    /// "T": forward SIGTERM; closed: init exits and the kernel kills the
+    /// replica's namespace.
+    pub control: OwnedFd,
+}
+
+/// The largest request (a workspace path and a few environment strings).
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// The launcher's name in `ps` (and `/proc/PID/comm`).
+pub const NAME: &str = "cloud-launcher";
+
+impl Launcher {
+    /// Fork the launcher of one slot. The error says why not.
+    pub fn start(setup: &Setup) -> Result<Launcher, String> {
+        let (ours, theirs) = socket::socketpair(
+            socket::AddressFamily::Unix,
+            socket::SockType::SeqPacket,
+            None,
+            socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| format!("cannot make a launcher's socket: {e}"))?;
+        let server = nix::unistd::getpid();
+        // SAFETY: the server is single-threaded; the child never returns
+        // into it (launcher_main ends in _exit).
+        match unsafe { nix::unistd::fork() } {
+            Err(e) => Err(format!("cannot fork a launcher: {e}")),
+            Ok(ForkResult::Child) => {
+                drop(ours);
+                launcher_main(setup, theirs, server)
+            }
+            Ok(ForkResult::Parent { child }) => {
+                drop(theirs);
+                fcntl(ours.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                    .map_err(|e| format!("cannot set up a launcher's socket: {e}"))?;
+                Ok(Launcher { pid: child, sock: ours })
+            }
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Have the launcher start a replica: makes its pipes, sends the child
+    /// ends and the request, returns the server's ends at once.
+    pub fn launch(
+        &self,
+        archive: Option<BorrowedFd>,
+        workspace: &Path,
+        env: &[(String, String)],
+    ) -> nix::Result<Launched> {
+        let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (st_r, st_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (ctl_r, ctl_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        // Only the server's ends are non-blocking (each end is an open file
+        // of its own).
+        for fd in [&out_r, &st_r, &ctl_w] {
+            fcntl(fd.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+        }
+        let bytes = encode(archive.is_some(), workspace, env);
+        if bytes.len() > MAX_REQUEST {
+            return Err(nix::Error::E2BIG);
+        }
+        let mut fds = vec![out_w.as_raw_fd(), st_w.as_raw_fd(), ctl_r.as_raw_fd()];
+        fds.extend(archive.map(|a| a.as_raw_fd()));
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let iov = [IoSlice::new(&bytes)];
+        loop {
+            match socket::sendmsg::<()>(self.sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(e),
+                Ok(_) => break,
+            }
+        }
+        Ok(Launched { output: out_r, status: st_r, control: ctl_w })
+    }
+
+    /// Stop the launcher and wait for it (server shutdown). Replicas it
+    /// started die with it (their init's `PR_SET_PDEATHSIG`).
+    pub fn stop(self) {
+        drop(self.sock);
+        let _ = kill(self.pid, Signal::SIGKILL);
+        while let Err(nix::Error::EINTR) = nix::sys::wait::waitpid(self.pid, None) {}
+    }
+}
+
+/// A request: a flag byte (1: an archive descriptor comes last), then
+/// length-prefixed strings: the workspace, then each variable's name and value.
+fn encode(archive: bool, workspace: &Path, env: &[(String, String)]) -> Vec<u8> {
+    let mut out = vec![u8::from(archive)];
+    let mut put = |b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    };
+    put(workspace.as_os_str().as_bytes());
+    for (k, v) in env {
+        put(k.as_bytes());
+        put(v.as_bytes());
+    }
+    out
+}
+
+/// A request's (archive?, workspace, env); `None` if malformed.
+#[allow(clippy::type_complexity)]
+fn decode(bytes: &[u8]) -> Option<(bool, PathBuf, Vec<(String, String)>)> {
+    let (&flag, mut rest) = bytes.split_first()?;
+    let mut take = || -> Option<Option<&[u8]>> {
+        if rest.is_empty() {
+            return Some(None);
+        }
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let s = rest.get(4..4 + len)?;
+        rest = &rest[4 + len..];
+        Some(Some(s))
+    };
+    let workspace = PathBuf::from(std::ffi::OsStr::from_bytes(take()??));
+    let mut env = Vec::new();
+    while let Some(k) = take()? {
+        let v = take()??;
+        env.push((String::from_utf8(k.to_vec()).ok()?, String::from_utf8(v.to_vec()).ok()?));
+    }
+    Some((flag == 1, workspace, env))
+}
+
+fn exit(code: i32) -> ! {
+    // SAFETY: ends the launcher without the server's atexit handlers.
+    unsafe { libc::_exit(code) }
+}
+
+/// The launcher process. Never returns.
+fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
+    let netns = setup.netns.map_or(-1, |fd| fd.as_raw_fd());
+    let mut keep = vec![sock.as_raw_fd(), netns];
+    keep.extend(setup.cgroup.iter().map(|fd| fd.as_raw_fd()));
+    spawn::close_all_but(&keep);
+    let _ = nix::sys::prctl::set_name(c"cloud-launcher");
+    // Die with the server; and if it died before this line, now.
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || nix::unistd::getppid() != server {
+        exit(0);
+    }
+    // A terminal's Ctrl-C to the server's process group is the server's.
+    let _ = nix::unistd::setsid();
+    // The slot's cgroup, once: every replica started from here inherits it.
+    // Without it, no replica may run: each request is answered with why.
+    let broken = crate::cgroup::join(setup.cgroup)
+        .err()
+        .map(|e| format!("replica setup failed: the slot's launcher cannot join the slot's cgroup: {e}"));
+    for fd in setup.cgroup {
+        // SAFETY: our copies of the server's descriptors, not used again.
+        unsafe { libc::close(fd.as_raw_fd()) };
+    }
+    // A job's OOM never picks the launcher (best effort: needs
+    // CAP_SYS_RESOURCE). The replicas' inits take the server's value back.
+    let own = std::fs::read_to_string("/proc/self/oom_score_adj").ok().and_then(|v| v.trim().parse().ok());
+    if let Some(own) = own {
+        if std::fs::write("/proc/self/oom_score_adj", "-1000").is_ok() {
+            spawn::set_init_oom_score_adj(own);
+        }
+    }
+    // Not dumpable: no process of the server's user may ptrace it. Not in
+    // a user namespace of the server's user: init inherits the flag and
+    // could not write its uid map (init makes itself non-dumpable there).
+    if setup.sandbox.containment != spawn::Containment::UserNamespace {
+        let _ = nix::sys::prctl::set_dumpable(false);
+    }
+    // We reap our children (the replicas' inits) ourselves, rather than
+    // let the kernel do it (SA_NOCLDWAIT): so their CPU time counts in
+    // ours (RUSAGE_CHILDREN, /proc/PID/stat), and the server's when we end.
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&chld), None);
+    let sfd = SignalFd::with_flags(&chld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC);
+    let sfd_raw = sfd.as_ref().map_or(-1, |s| s.as_raw_fd());
+    let mut buf = vec![0u8; MAX_REQUEST];
+    loop {
+        reap();
+        let mut fds = [
+            libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: sfd_raw, events: libc::POLLIN, revents: 0 },
+        ];
+        // Without a signalfd, reap at least once a second.
+        let timeout = if sfd_raw < 0 { 1000 } else { -1 };
+        // SAFETY: polls two descriptors of ours (a negative one is skipped).
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) } <= 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            if let Ok(s) = &sfd {
+                while let Ok(Some(_)) = s.read_signal() {}
+            }
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let (n, fds) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            match socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Err(nix::Error::EINTR) => continue,
+                Err(_) => exit(0),
+                Ok(msg) => {
+                    let mut fds = Vec::new();
+                    if let Ok(cmsgs) = msg.cmsgs() {
+                        for c in cmsgs {
+                            if let ControlMessageOwned::ScmRights(r) = c {
+                                // SAFETY: descriptors the kernel just gave us.
+                                fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                            }
+                        }
+                    }
+                    (msg.bytes, fds)
+                }
+            }
+        };
+        if n == 0 {
+            exit(0); // the server is gone
+        }
+        serve(setup, &buf[..n], fds, broken.as_deref());
+    }
+}
+
+/// Reap every child that has ended.
+fn reap() {
+    loop {
+        let mut raw = 0;
+        // SAFETY: waitpid writes one int we own.
+        if unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) } <= 0 {
+            return;
+        }
+    }
+}
+
+/// One request: clone the replica's init, or say on its status pipe why not.
+fn serve(setup: &Setup, bytes: &[u8], fds: Vec<OwnedFd>, broken: Option<&str>) {
+    let request = decode(bytes);
+    let want = 3 + usize::from(request.as_ref().is_some_and(|r| r.0));
+    if fds.len() != want {
+        return; // dropped: the server sees the end of its pipes
+    }
+    let mut fds = fds.into_iter();
+    let (Some(out_w), Some(st_w), Some(ctl_r)) = (fds.next(), fds.next(), fds.next()) else { return };
+    let archive = fds.next();
+    let say = |st_w: &OwnedFd, msg: &str| {
+        let _ = nix::unistd::write(st_w, format!("{msg}\n").as_bytes());
+    };
+    let Some((_, workspace, env)) = request else {
+        return say(&st_w, "replica setup failed: the slot's launcher got a malformed request");
+    };
+    if let Some(why) = broken {
+        return say(&st_w, why);
+    }
+    let spec = SpawnSpec {
+        archive: archive.as_ref().map(|a| a.as_fd()),
+        work_dir: setup.work_dir,
+        workspace: &workspace,
+        env,
+        limits: setup.limits,
+        sandbox: setup.sandbox,
+        netns: setup.netns,
+        cgroup: &[],
+    };
+    // Init closes every descriptor it does not keep, this socket included.
+    if let Err(e) = spawn::clone_init(&spec, &out_w, &st_w, &ctl_r, &[]) {
+        say(&st_w, &format!("replica setup failed: clone: {e}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_round_trips_and_garbage_is_refused() {
+        let env = vec![("HOME".to_string(), "/w/1/work".to_string()), ("CLOUD_TICKET".to_string(), "7".to_string())];
+        let bytes = encode(true, Path::new("/w/1/work"), &env);
+        assert_eq!(decode(&bytes), Some((true, PathBuf::from("/w/1/work"), env)));
+        assert_eq!(decode(&encode(false, Path::new("/x"), &[])), Some((false, PathBuf::from("/x"), vec![])));
+        assert_eq!(decode(&[]), None);
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
+        let mut odd = encode(false, Path::new("/x"), &[]);
+        odd.extend_from_slice(&1u32.to_le_bytes());
+        odd.push(b'K');
+        assert_eq!(decode(&odd), None, "a name without a value");
+    }
+}

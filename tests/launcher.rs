@@ -1,0 +1,133 @@
+//! Slot launchers (issue 11): each node slot has one long-lived launcher
+//! process that starts its contained replicas, in the slot's cgroup, so
+//! that no replica is moved into a cgroup of its own (a cgroup v1 attach
+//! can wait an RCU grace period) and the reactor does not clone. Tried as
+//! a user and as a job would: where a replica runs, that a job cannot
+//! reach the launcher, and that a launcher that dies does not hang a node.
+//! Tests that need root say so when skipped; CI runs as root.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The server's parent cgroup (first hierarchy), from its ready line.
+fn parent_group(c: &Cluster) -> Option<PathBuf> {
+    let log = c.log();
+    let at = log.find("(memory, pids) under ")? + "(memory, pids) under ".len();
+    let path: String = log[at..].chars().take_while(|ch| !ch.is_whitespace() && *ch != ';').collect();
+    Some(PathBuf::from(path))
+}
+
+/// The group names under the server's parent group.
+fn groups(parent: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(parent)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A replica's processes are in its slot's group, made when the node
+/// started; no group is made for the replica (before: `<port>-<ticket>`,
+/// created, joined and removed per replica).
+#[test]
+fn a_replica_runs_in_its_slots_cgroup_and_no_group_is_made_per_replica() {
+    if !need_root("a_replica_runs_in_its_slots_cgroup_and_no_group_is_made_per_replica") {
+        return;
+    }
+    let c = Cluster::start_slots(&[2], &["--allow-network"]);
+    let Some(parent) = parent_group(&c) else {
+        assert!(std::env::var("CI").is_err(), "CI hosts have cgroups: {}", c.log());
+        eprintln!("SKIPPED a_replica_runs_in_its_slots_cgroup...: no cgroups: {}", c.log());
+        return;
+    };
+    let port = c.ports[0];
+    let slots = vec![format!("{port}-slot0"), format!("{port}-slot1")];
+    assert_eq!(groups(&parent), slots, "one group per slot, made at start");
+    let gate = Gate::new();
+    let mut recipe = vec!["@grep -E ':(memory|pids):' /proc/self/cgroup".to_string()];
+    recipe.extend(gate.wait_recipe("a"));
+    let t = c.deploy(1, &job(c.dir.path(), "cg.tar.gz", &recipe));
+    let (_, conn) = gate.arrive();
+    assert_eq!(groups(&parent), slots, "a group was made for the running replica");
+    release(conn);
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok, "{outs:?}");
+    let lines: Vec<&str> = outs[0].1.lines().filter(|l| l.contains(":memory:") || l.contains(":pids:")).collect();
+    assert_eq!(lines.len(), 2, "{}", outs[0].1);
+    for l in lines {
+        assert!(l.ends_with(&format!("/{port}-slot0")), "the job is not in its slot's group: {l}");
+    }
+    assert_eq!(groups(&parent), slots);
+    // A clean stop removes them.
+    let mut c = c;
+    c.terminate();
+    assert!(groups(&parent).is_empty(), "{:?} left after a clean stop", groups(&parent));
+}
+
+/// A job cannot signal, ptrace or even see its slot's launcher: it is
+/// outside the job's PID namespace (and root's, not the slot user's).
+#[test]
+fn a_job_cannot_reach_its_launcher() {
+    let c = Cluster::start(1);
+    let launchers = c.launchers();
+    assert_eq!(launchers.len(), 1, "one launcher per slot");
+    let l = launchers[0];
+    let recipe = [format!(
+        "@kill -KILL {l} 2>&1 || echo kill refused; kill -STOP {l} 2>&1 || echo stop refused; \
+         test -e /proc/{l} && echo launcher visible; echo oom $$(cat /proc/self/oom_score_adj)"
+    )];
+    let t = c.deploy(1, &job(c.dir.path(), "kill.tar.gz", &recipe));
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok, "{outs:?}");
+    let out = &outs[0].1;
+    assert!(out.contains("kill refused") && out.contains("stop refused"), "{out}");
+    // Not in its /proc: no pid to ptrace either.
+    assert!(!out.contains("launcher visible"), "{out}");
+    // The launcher may be spared by the OOM killer; the job is not.
+    let server_adj = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", c.pid())).unwrap();
+    assert!(out.contains(&format!("oom {}", server_adj.trim())), "{out}");
+    // Still there, not stopped, and the slot goes on.
+    assert_eq!(c.launchers(), vec![l]);
+    let state = processes().into_iter().find(|p| p.pid == l).map(|p| p.state);
+    assert!(matches!(state, Some('S' | 'R')), "launcher state {state:?}");
+    let t2 = c.deploy(1, &job(c.dir.path(), "after.tar.gz", &["@echo after"]));
+    let (ok, outs) = c.retrieve(t2);
+    assert!(ok && outs[0].1 == "after\n", "{outs:?}");
+}
+
+/// A launcher that dies (killed by an operator, say) takes its running
+/// replica with it, which ends as killed instead of hanging, and the slot
+/// gets a new launcher for its next replica.
+#[test]
+fn a_launcher_that_dies_kills_its_replica_and_is_replaced() {
+    if !need_root("a_launcher_that_dies_kills_its_replica_and_is_replaced") {
+        return;
+    }
+    let c = Cluster::start_with(1, &["--allow-network"]);
+    let old = c.launchers();
+    assert_eq!(old.len(), 1, "one launcher per slot");
+    let gate = Gate::new();
+    let t = c.deploy(1, &job(c.dir.path(), "held.tar.gz", &gate.wait_recipe("held")));
+    let (_, conn) = gate.arrive();
+    kill(Pid::from_raw(old[0] as i32), Signal::SIGKILL).unwrap();
+    let r = c.wait_status(t, |s| s["status"] != "RUNNING");
+    assert_eq!(r["status"], "INVALID", "{r}");
+    let message = r["replicas"][0]["message"].as_str().unwrap_or("");
+    assert!(message.contains("SIGKILL"), "{r}");
+    drop(conn);
+    wait_until("the server logs the launcher's end", || c.log().contains("launcher (pid"));
+    let t2 = c.deploy(1, &job(c.dir.path(), "next.tar.gz", &["@echo next"]));
+    let (ok, outs) = c.retrieve(t2);
+    assert!(ok && outs[0].1 == "next\n", "{outs:?}");
+    let new = c.launchers();
+    assert_eq!(new.len(), 1);
+    assert_ne!(new, old, "the slot has a new launcher");
+}
