@@ -422,12 +422,30 @@ pub fn wait_within(limit: Duration, what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-/// Entries left in every node's directory.
+/// Entries left in every node's directory, but for the empty files of
+/// its pool (`free-<n>`, reused by later tickets).
 pub fn node_leftovers(c: &Cluster) -> Vec<PathBuf> {
     c.ports
         .iter()
         .flat_map(|p| std::fs::read_dir(c.work().join(format!("output_{p}"))).into_iter().flatten().flatten())
+        .filter(|e| !(e.file_name().to_string_lossy().starts_with("free-") && empty_file(&e.path())))
         .map(|e| e.path())
+        .collect()
+}
+
+fn empty_file(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.len() == 0)
+}
+
+/// What the spool holds but for the empty files of its pool (reused by
+/// later uploads): data an upload or a retrieve left behind.
+pub fn spool_data(c: &Cluster) -> Vec<PathBuf> {
+    std::fs::read_dir(c.work().join("spool"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| !empty_file(p))
         .collect()
 }
 
