@@ -137,8 +137,10 @@ impl Sink {
 
     /// Drop the stream in progress and its file; returns what it was.
     pub(crate) fn discard(&mut self) -> Sink {
-        let old = std::mem::replace(self, Sink::None);
-        if let Sink::File { path, file: Some(_), pool, .. } = &old {
+        let mut old = std::mem::replace(self, Sink::None);
+        if let Sink::File { path, file: file @ Some(_), pool, .. } = &mut old {
+            // Closed first: a pool empties a file only when nobody has it open.
+            *file = None;
             give_back(path, pool.as_ref());
         }
         old

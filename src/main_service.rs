@@ -202,7 +202,13 @@ impl MainService {
                 // by a child, never on the reactor thread. A local node's
                 // output (fetched in place) is its node's: NODE_DROP.
                 if path.parent() == Some(self.spool.as_path()) {
-                    self.spool_pool.borrow_mut().give_after_sync(&path);
+                    let mut pool = self.spool_pool.borrow_mut();
+                    match path.file_name().and_then(|f| f.to_str()).is_some_and(|f| pool.is_pool_name(f)) {
+                        true => pool.give_after_sync(&path),
+                        // Not the pool's (a Slurm node's output linked in,
+                        // an earlier version's name): never reused.
+                        false => pool.discard(&path),
+                    }
                 }
                 None
             }
@@ -309,7 +315,8 @@ impl MainService {
             }
             _ => None,
         });
-        retries.chain(self.coord.next_deadline()).chain(self.sync_at).min()
+        let pool = self.spool_pool.borrow().retry_at();
+        retries.chain(self.coord.next_deadline()).chain(self.sync_at).chain(pool).min()
     }
 
     fn remote(&mut self, node: NodeId) -> Option<&mut RemoteLink> {
@@ -548,6 +555,7 @@ impl MainService {
     /// a later sync cannot bring it back), a held CLOSE is answered
     /// CLOUD_INTERNAL too. Compacts the journal when due.
     pub(crate) fn end_of_turn(&mut self, now: Instant) -> Vec<Out> {
+        self.spool_pool.borrow_mut().on_timer(now);
         self.append_records();
         if !self.journal.has_pending() {
             self.sync_at = None;
@@ -651,8 +659,9 @@ impl MainService {
         Ok(line)
     }
 
-    /// At start: every spool file not in `kept` joins the pool, emptied
-    /// (a large one is removed by a child); anything else is removed.
+    /// At start (and a clean stop): every pool file of the spool not in
+    /// `kept` is emptied for reuse (a large one is removed by a child);
+    /// anything else not kept is removed.
     fn sweep_spool(&self, kept: &HashSet<PathBuf>) {
         let Ok(entries) = fs::read_dir(&self.spool) else { return };
         let (mut pooled, mut removed) = (0, 0);
@@ -662,8 +671,9 @@ impl MainService {
             if kept.contains(&path) {
                 continue;
             }
+            let ours = path.file_name().and_then(|f| f.to_str()).is_some_and(|f| pool.is_pool_name(f));
             let gone = match e.file_type() {
-                Ok(t) if t.is_file() => {
+                Ok(t) if t.is_file() && ours => {
                     pool.adopt(&path);
                     pooled += 1;
                     continue;

@@ -449,7 +449,8 @@ impl Node {
 
     /// The next moment `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
-        self.running.values().map(|r| r.deadline).chain(self.retry_groups).min()
+        let pool = self.pool.borrow().retry_at();
+        self.running.values().map(|r| r.deadline).chain(self.retry_groups).chain(pool).min()
     }
 
     /// Enforce the time limit: SIGTERM, then SIGKILL after the grace period.
@@ -459,6 +460,7 @@ impl Node {
         if self.retry_groups.is_some_and(|t| t <= now) {
             self.remove_stale_groups(now);
         }
+        self.pool.borrow_mut().on_timer(now);
         let due: Vec<u32> = self.running.values().filter(|r| r.deadline <= now).map(|r| r.ticket).collect();
         for ticket in due {
             let Some(r) = self.running.get_mut(&ticket) else { continue };

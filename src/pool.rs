@@ -13,7 +13,9 @@
 //! write lease (`F_SETLEASE`, `F_WRLCK`) is asked for, which the kernel
 //! grants only if no other descriptor anywhere (a reply still streaming
 //! it, a replica's init still extracting it) is open on it; otherwise it
-//! waits in `dirty` and is tried again later. Where leases do not work
+//! waits in `dirty` and is tried again when a file is taken or on a timer
+//! (`retry_at`, `on_timer`: 200 ms doubling up to 10 s, none when no file
+//! waits). Where leases do not work
 //! (a file system without them) a given-back file is removed, as before.
 //! Files of `large` bytes or more are removed by a child (`rm`), never
 //! emptied on the reactor thread (freeing 1 GiB of blocks took 0.16 s).
@@ -32,6 +34,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 /// A pool shared by its owner and the connections' sinks.
 pub type Shared = Rc<RefCell<Pool>>;
@@ -39,6 +42,11 @@ pub type Shared = Rc<RefCell<Pool>>;
 /// Files at least this large are removed by a child (`rm`), not emptied
 /// for reuse on the reactor thread.
 pub const LARGE: u64 = 64 << 20;
+
+/// First wait before dirty files are tried again; it doubles up to
+/// `RETRY_MAX` while one stays open, and starts over once none is left.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Dirty files tried per `take` before a new file is made instead.
 const DIRTY_TRIES: usize = 4;
@@ -59,6 +67,8 @@ pub struct Pool {
     /// Given back, reusable after the next `settle`.
     settling: Vec<PathBuf>,
     next: u64,
+    /// When dirty files are tried again (`on_timer`), and the wait after.
+    retry: Option<(Instant, Duration)>,
     /// Files made because none could be reused (warm-up), for tests and logs.
     pub created: u64,
 }
@@ -83,6 +93,7 @@ impl Pool {
             dirty: VecDeque::new(),
             settling: Vec::new(),
             next: 1,
+            retry: None,
             created: 0,
         }
     }
@@ -123,7 +134,10 @@ impl Pool {
         for _ in 0..DIRTY_TRIES.min(self.dirty.len()) {
             let Some(path) = self.dirty.pop_front() else { break };
             match reset(&path) {
-                Ok(Reset::Emptied(f)) => return Ok((f, path)),
+                Ok(Reset::Emptied(f)) => {
+                    self.retry = self.retry.filter(|_| !self.dirty.is_empty());
+                    return Ok((f, path));
+                }
                 Ok(Reset::Busy) => self.dirty.push_back(path),
                 Err(e) => self.unusable(&path, &e),
             }
@@ -186,8 +200,53 @@ impl Pool {
         };
         match reset(&path) {
             Ok(Reset::Emptied(_)) => self.free.push(path),
-            Ok(Reset::Busy) => self.dirty.push_back(path),
+            Ok(Reset::Busy) => {
+                self.dirty.push_back(path);
+                if self.retry.is_none() {
+                    self.retry = Some((Instant::now() + RETRY_FIRST, RETRY_FIRST));
+                }
+            }
             Err(e) => self.unusable(&path, &e),
+        }
+    }
+
+    /// When `on_timer` has dirty files to try again: a file given back
+    /// while still open is emptied soon after its last reader closes it,
+    /// not left holding a closed ticket's bytes until it is taken.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry.map(|(at, _)| at)
+    }
+
+    /// Try the dirty files again if it is time.
+    pub fn on_timer(&mut self, now: Instant) {
+        let Some((at, wait)) = self.retry else { return };
+        if at > now {
+            return;
+        }
+        for _ in 0..self.dirty.len() {
+            let Some(path) = self.dirty.pop_front() else { break };
+            match reset(&path) {
+                Ok(Reset::Emptied(_)) => self.free.push(path),
+                Ok(Reset::Busy) => self.dirty.push_back(path),
+                Err(e) => self.unusable(&path, &e),
+            }
+        }
+        let wait = (wait * 2).min(RETRY_MAX);
+        self.retry = (!self.dirty.is_empty()).then_some((now + wait, wait));
+    }
+
+    /// A file that must not be reused (it may have other links): removed,
+    /// by a child if large.
+    pub fn discard(&mut self, path: &Path) {
+        let large = fs::symlink_metadata(path).is_ok_and(|m| m.len() >= self.large);
+        let removed = match large {
+            true => crate::spawn::remove_tree_in_background(path).map(drop).map_err(io::Error::from),
+            false => fs::remove_file(path),
+        };
+        if let Err(e) = removed {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {e}", path.display());
+            }
         }
     }
 
@@ -335,6 +394,24 @@ mod tests {
         fs::write(dir.path().join("9.out"), "kept").unwrap();
         assert!(pool.take_as(&dir.path().join("9.out")).is_err());
         assert_eq!(fs::read_to_string(dir.path().join("9.out")).unwrap(), "kept");
+    }
+
+    #[test]
+    fn a_busy_file_is_emptied_by_the_timer_once_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::new(dir.path(), "p-", false, 1 << 20);
+        let (mut f, a) = pool.take().unwrap();
+        f.write_all(b"bytes of a closed ticket").unwrap();
+        pool.give(&a);
+        let at = pool.retry_at().expect("a retry is due");
+        pool.on_timer(at);
+        assert!(fs::metadata(&a).unwrap().len() > 0, "still open: kept");
+        let later = pool.retry_at().expect("tried again later");
+        assert!(later > at);
+        drop(f);
+        pool.on_timer(later);
+        assert_eq!(fs::metadata(&a).unwrap().len(), 0);
+        assert_eq!(pool.retry_at(), None, "nothing left to do: no timer");
     }
 
     #[test]

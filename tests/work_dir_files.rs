@@ -6,62 +6,9 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use common::*;
-
-/// Creations and removals in watched folders (inotify: IN_CREATE covers
-/// open(O_CREAT), mkdir and link; IN_DELETE unlink and rmdir; a rename
-/// is IN_MOVED_*, which allocates and frees no inode).
-struct Watch {
-    fd: OwnedFd,
-    dirs: Vec<(i32, String)>,
-}
-
-impl Watch {
-    fn new(dirs: &[&Path]) -> Watch {
-        // SAFETY: plain syscall; the descriptor is owned below.
-        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        assert!(raw >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
-        // SAFETY: a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut watched = Vec::new();
-        for d in dirs {
-            let c = std::ffi::CString::new(d.to_str().unwrap()).unwrap();
-            // SAFETY: valid descriptor and NUL-terminated path.
-            let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), libc::IN_CREATE | libc::IN_DELETE) };
-            assert!(wd >= 0, "inotify_add_watch {}: {}", d.display(), std::io::Error::last_os_error());
-            watched.push((wd, d.display().to_string()));
-        }
-        Watch { fd, dirs: watched }
-    }
-
-    /// Every event so far, as "created DIR/NAME" or "removed DIR/NAME".
-    fn events(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: reads into a buffer of the length given.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                return out;
-            }
-            let mut at = 0;
-            let head = std::mem::size_of::<libc::inotify_event>();
-            while at + head <= n as usize {
-                // SAFETY: the kernel wrote whole events; read_unaligned copies one header.
-                let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
-                let name = &buf[at + head..at + head + ev.len as usize];
-                let name = String::from_utf8_lossy(name).trim_end_matches('\0').to_string();
-                let dir = self.dirs.iter().find(|(wd, _)| *wd == ev.wd).map_or("?", |(_, d)| d.as_str());
-                let what = if ev.mask & libc::IN_CREATE != 0 { "created" } else { "removed" };
-                out.push(format!("{what} {dir}/{name}"));
-                at += head + ev.len as usize;
-            }
-        }
-    }
-}
 
 fn one_job(c: &Cluster, archive: &Path, n: usize) {
     let t = c.deploy(1, archive);
@@ -85,7 +32,7 @@ fn a_warmed_up_server_creates_and_deletes_no_file_on_the_work_dir_per_job() {
     let mut dirs = vec![work.clone(), work.join("spool")];
     dirs.extend(c.ports.iter().map(|p| work.join(format!("output_{p}"))));
     let dirs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
-    let watch = Watch::new(&dirs);
+    let watch = DirWatch::new(&dirs);
     for n in 0..8 {
         one_job(&c, &archive, n);
     }
