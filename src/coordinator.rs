@@ -1,7 +1,8 @@
 //! The main server's brain, sans-I/O: client calls and node replies in,
 //! replies, node calls and file removals out (the style of quinn-proto).
 //!
-//! Owns: the scheduler, spooled archives of waiting jobs, fetched outputs,
+//! Owns: the scheduler, spooled archives of jobs not finished (kept until
+//! every replica has ended: local replicas read them in place), fetched outputs,
 //! deferred RETRIEVE callers, ticket expiry (time comes in as `now`; there
 //! is no clock inside), who owns each ticket (the uid that deployed it; only
 //! that uid or root may RETRIEVE or CLOSE it), how many tickets each

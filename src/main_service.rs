@@ -3,8 +3,9 @@
 //! Owns: turning each CLOUD_PROG call into a coordinator call (the
 //! caller's identity from `peer`, a retried DEPLOY or CLOSE answered from
 //! the coordinator's duplicate request cache); a DEPLOY's archive streamed
-//! to `<work-dir>/spool`, fed to `archive_check` as it arrives (refused
-//! with CLOUD_BAD_ARCHIVE, spool file removed, no ticket) and answered
+//! to a file of the spool's `pool` (`<work-dir>/spool/p-<n>`, reused from
+//! job to job), fed to `archive_check` as it arrives (refused with
+//! CLOUD_BAD_ARCHIVE, the file given back, no ticket) and answered
 //! only once its ticket number is persisted (`tickets`); the coordinator's
 //! actions turned into replies (encoded here) and node calls ([`Out`]):
 //! a NODE_RUN/FETCH/DROP on a link's connection, or a direct call into the
@@ -24,7 +25,9 @@
 //! out (they are held until then), a lazy sync within a second for the
 //! others, compaction, and at start the journal's jobs restored and the
 //! spool cleared of all but their archives (kept across a restart and a
-//! clean stop alike).
+//! clean stop alike). The spool pool: files the coordinator removes go
+//! back to it, reusable after the next journal sync (`Pool::settle`), so
+//! an archive the journal on disk still names is never overwritten.
 //! Must not touch: the poll or the slab (the reactor carries out each
 //! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
 

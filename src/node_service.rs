@@ -4,11 +4,12 @@
 //! run here) and their start-up (reclaiming what an earlier run left under
 //! the slot uids, one empty network namespace per slot, cgroups, the
 //! containment probe); NODE_NULL, NODE_RUN (the archive streamed into the
-//! ticket's folder, then `Node::start`), NODE_FETCH and NODE_DROP served
+//! node's `<ticket>.tar.gz`, a file of its pool, then `Node::start`), NODE_FETCH and NODE_DROP served
 //! over a link (the reactor's `NodeGate` has let them through when there
 //! is a secret; without one, NODE_HELLO is answered "no --secret-file"); the same three as direct calls from the in-process main
 //! service (`run_local`, `fetch_local`, `drop_local`: the spooled archive
-//! and the output are hard-linked, no loopback round trip), whose answers
+//! and the output are used in place, no link, no copy, no loopback round
+//! trip; a Slurm node's are linked or copied), whose answers
 //! come back as [`NodeEvent`]s, the events a link's replies would make;
 //! draining each replica's output pipe; reaped children turned into
 //! finished replicas, then into NODE_RUN replies or events; time limits;

@@ -15,7 +15,7 @@
 //! it, a replica's init still extracting it) is open on it; otherwise it
 //! waits in `dirty` and is tried again when a file is taken or on a timer
 //! (`retry_at`, `on_timer`: 200 ms doubling up to 10 s, none when no file
-//! waits). Where leases do not work
+//! waits). SIGIO (a lease break's signal) is blocked in the process. Where leases do not work
 //! (a file system without them) a given-back file is removed, as before.
 //! Files of `large` bytes or more are removed by a child (`rm`), never
 //! emptied on the reactor thread (freeing 1 GiB of blocks took 0.16 s).
@@ -84,6 +84,14 @@ impl Pool {
     /// The pool of `dir` (which must exist), its free files named
     /// `<prefix><n>`.
     pub fn new(dir: &Path, prefix: &'static str, renames: bool, large: u64) -> Pool {
+        // Someone opening a file in the two system calls we hold its lease
+        // would break it, and the kernel tells the holder with SIGIO, whose
+        // default ends the process: blocked here (a pending SIGIO is never
+        // read; children set their own mask), the opener waits for our
+        // F_UNLCK.
+        let mut sigio = nix::sys::signal::SigSet::empty();
+        sigio.add(nix::sys::signal::Signal::SIGIO);
+        let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&sigio), None);
         Pool {
             dir: dir.to_path_buf(),
             prefix,

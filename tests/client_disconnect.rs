@@ -1,5 +1,5 @@
 //! A client program killed mid-call (issue 9, "Faults"): killed during its
-//! upload, no job comes of the partial archive and its spool file goes;
+//! upload, no job comes of the partial archive and its spool file is emptied;
 //! killed during a retrieve, the ticket stays and a second retrieve gets
 //! every byte; a STATUS cut off mid-record hurts no one.
 
