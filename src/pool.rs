@@ -314,7 +314,13 @@ fn open_rw(path: &Path) -> io::Result<File> {
 /// Empty the file at `path` if no descriptor anywhere but ours is open on
 /// it (the kernel's write-lease rule), and return it open read-write.
 fn reset(path: &Path) -> io::Result<Reset> {
+    use std::os::unix::fs::MetadataExt;
     let f = open_rw(path)?;
+    if f.metadata()?.nlink() != 1 {
+        // Another name shares it (a link made elsewhere): reusing it would
+        // show the next job's bytes there. Never reused.
+        return Err(io::Error::other("it has other links"));
+    }
     // SAFETY: fcntl on a descriptor we own; F_SETLEASE takes an int.
     if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) } != 0 {
         let e = io::Error::last_os_error();
@@ -420,6 +426,24 @@ mod tests {
         pool.on_timer(later);
         assert_eq!(fs::metadata(&a).unwrap().len(), 0);
         assert_eq!(pool.retry_at(), None, "nothing left to do: no timer");
+    }
+
+    #[test]
+    fn a_file_with_another_link_is_removed_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::new(dir.path(), "p-", false, 1 << 20);
+        let (mut f, a) = pool.take().unwrap();
+        f.write_all(b"archive of job 1").unwrap();
+        drop(f);
+        let elsewhere = dir.path().join("linked");
+        fs::hard_link(&a, &elsewhere).unwrap();
+        pool.give(&a);
+        assert!(!a.exists(), "our name goes");
+        assert_eq!(fs::read_to_string(&elsewhere).unwrap(), "archive of job 1", "the other name keeps its bytes");
+        let (mut f, b) = pool.take().unwrap();
+        assert_ne!(b, a);
+        f.write_all(b"job 2").unwrap();
+        assert_eq!(fs::read_to_string(&elsewhere).unwrap(), "archive of job 1");
     }
 
     #[test]
