@@ -203,6 +203,7 @@ impl Node {
     pub fn new(cfg: NodeConfig) -> io::Result<Self> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&cfg.dir)?;
         let mut pool = crate::pool::Pool::new(&cfg.dir, FREE_PREFIX, true, crate::pool::LARGE);
+        // Free files an earlier run left: reused (up to `pool::KEEP`).
         for e in fs::read_dir(&cfg.dir)?.flatten() {
             if e.file_type().is_ok_and(|t| t.is_file()) && e.file_name().to_str().is_some_and(is_free_name) {
                 pool.adopt(&e.path());

@@ -15,7 +15,9 @@
 //! it, a replica's init still extracting it) is open on it; otherwise it
 //! waits in `dirty` and is tried again when a file is taken or on a timer
 //! (`retry_at`, `on_timer`: 200 ms doubling up to 10 s, none when no file
-//! waits). SIGIO (a lease break's signal) is blocked in the process. Where leases do not work
+//! waits). SIGIO (a lease break's signal) is blocked in the process.
+//! A pool grows to its peak of files in use at once (warm-up); at start
+//! it keeps at most `KEEP` free files and removes the rest. Where leases do not work
 //! (a file system without them) a given-back file is removed, as before.
 //! Files of `large` bytes or more are removed by a child (`rm`), never
 //! emptied on the reactor thread (freeing 1 GiB of blocks took 0.16 s).
@@ -47,6 +49,10 @@ pub const LARGE: u64 = 64 << 20;
 /// `RETRY_MAX` while one stays open, and starts over once none is left.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Free files a start keeps (`adopt`); more (left by a burst) are
+/// removed then, so a pool is as large as its recent peak at most.
+pub const KEEP: usize = 256;
 
 /// Dirty files tried per `take` before a new file is made instead.
 const DIRTY_TRIES: usize = 4;
@@ -118,7 +124,11 @@ impl Pool {
     /// At start: a file an earlier run left (a pool file, or one no job
     /// needs any more) joins the pool, emptied; names go on after the
     /// highest. A renaming pool's non-pool names are renamed first.
+    /// Beyond `KEEP` free files, it is removed instead.
     pub fn adopt(&mut self, path: &Path) {
+        if self.idle() >= KEEP {
+            return self.discard(path);
+        }
         if self.free.iter().chain(self.dirty.iter()).any(|p| p == path) {
             return; // already ours (a clean stop sweeps again)
         }
@@ -456,6 +466,20 @@ mod tests {
         assert_ne!(a, b);
         pool.settle();
         assert_eq!(pool.take().unwrap().1, a);
+    }
+
+    #[test]
+    fn a_start_keeps_at_most_keep_free_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in 0..KEEP + 3 {
+            fs::write(dir.path().join(format!("p-{n}")), "").unwrap();
+        }
+        let mut pool = Pool::new(dir.path(), "p-", false, 1 << 20);
+        for n in 0..KEEP + 3 {
+            pool.adopt(&dir.path().join(format!("p-{n}")));
+        }
+        assert_eq!(pool.idle(), KEEP);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), KEEP);
     }
 
     #[test]
