@@ -300,11 +300,9 @@ impl Node {
         started
     }
 
+    /// The node's own copy of the ticket's archive, if any, back to the pool.
     fn give_archive_back(&self, ticket: u32) {
-        let path = self.archive_path(ticket);
-        if path.symlink_metadata().is_ok() {
-            self.pool.borrow_mut().give(&path);
-        }
+        self.pool.borrow_mut().give(&self.archive_path(ticket));
     }
 
     fn start_from(
@@ -335,10 +333,13 @@ impl Node {
             sandbox.identity = identity;
         }
         let out_path = self.output_path(args.ticket);
-        // A ticket run here again (requeued) writes its output afresh.
-        let file = match out_path.symlink_metadata() {
-            Ok(_) => OpenOptions::new().write(true).truncate(true).custom_flags(libc::O_NOFOLLOW).open(&out_path),
-            Err(_) => self.pool.borrow_mut().take_as(&out_path),
+        let taken = self.pool.borrow_mut().take_as(&out_path);
+        let file = match taken {
+            // A ticket run here again (requeued) writes its output afresh.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                OpenOptions::new().write(true).truncate(true).custom_flags(libc::O_NOFOLLOW).open(&out_path)
+            }
+            taken => taken,
         }
         .map_err(|e| RunResult::invalid(format!("{}: cannot create output file: {e}", self.name())))?;
         if self.cfg.sandbox.containment == Containment::Uncontained {
@@ -662,10 +663,7 @@ impl Node {
 
     /// The ticket's output (and a stale archive) go back to the pool.
     fn remove_ticket(&self, ticket: u32) {
-        let out = self.output_path(ticket);
-        if out.symlink_metadata().is_ok() {
-            self.pool.borrow_mut().give(&out);
-        }
+        self.pool.borrow_mut().give(&self.output_path(ticket));
         self.give_archive_back(ticket);
         // An uncontained job's files are on disk, maybe 200,000 of them:
         // removed by a child, never on the reactor thread.

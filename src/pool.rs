@@ -84,6 +84,8 @@ enum Reset {
     Emptied(File),
     /// Open elsewhere: not now.
     Busy,
+    /// Too large to empty on the reactor thread: removed by a child.
+    Large,
 }
 
 impl Pool {
@@ -151,12 +153,13 @@ impl Pool {
         }
         for _ in 0..DIRTY_TRIES.min(self.dirty.len()) {
             let Some(path) = self.dirty.pop_front() else { break };
-            match reset(&path) {
+            match reset(&path, self.large) {
                 Ok(Reset::Emptied(f)) => {
                     self.retry = self.retry.filter(|_| !self.dirty.is_empty());
                     return Ok((f, path));
                 }
                 Ok(Reset::Busy) => self.dirty.push_back(path),
+                Ok(Reset::Large) => self.discard(&path),
                 Err(e) => self.unusable(&path, &e),
             }
         }
@@ -195,28 +198,20 @@ impl Pool {
     /// A file no longer needed: emptied and reused (a renaming pool
     /// renames it to a free name first); a large one is removed by a child.
     pub fn give(&mut self, path: &Path) {
-        let len = match fs::symlink_metadata(path) {
-            Ok(m) if m.is_file() => m.len(),
-            Ok(_) => return log::warn!("{} is not a regular file; left alone", path.display()),
-            Err(e) => return log::debug!("pool: {} is gone: {e}", path.display()),
-        };
-        if len >= self.large {
-            if let Err(e) = crate::spawn::remove_tree_in_background(path) {
-                log::warn!("cannot fork to remove {}: {e}", path.display());
-            }
-            return;
-        }
         let path = match self.renames && !self.is_own(path) {
-            true => {
-                let to = self.free_name();
-                if let Err(e) = rename_noreplace(path, &to) {
-                    return log::warn!("cannot move {} back into the pool: {e}", path.display());
-                }
-                to
-            }
+            true => match self.rename_to_free(path) {
+                Ok(to) => to,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Err(e) => return log::warn!("cannot move {} back into the pool: {e}", path.display()),
+            },
             false => path.to_path_buf(),
         };
-        match reset(&path) {
+        self.recycle(path);
+    }
+
+    /// A given-back file: emptied now if nobody holds it, else dirty.
+    fn recycle(&mut self, path: PathBuf) {
+        match reset(&path, self.large) {
             Ok(Reset::Emptied(_)) => self.free.push(path),
             Ok(Reset::Busy) => {
                 self.dirty.push_back(path);
@@ -224,6 +219,7 @@ impl Pool {
                     self.retry = Some((Instant::now() + RETRY_FIRST, RETRY_FIRST));
                 }
             }
+            Ok(Reset::Large) => self.discard(&path),
             Err(e) => self.unusable(&path, &e),
         }
     }
@@ -243,9 +239,10 @@ impl Pool {
         }
         for _ in 0..self.dirty.len() {
             let Some(path) = self.dirty.pop_front() else { break };
-            match reset(&path) {
+            match reset(&path, self.large) {
                 Ok(Reset::Emptied(_)) => self.free.push(path),
                 Ok(Reset::Busy) => self.dirty.push_back(path),
+                Ok(Reset::Large) => self.discard(&path),
                 Err(e) => self.unusable(&path, &e),
             }
         }
@@ -296,12 +293,14 @@ impl Pool {
         path
     }
 
-    /// A free name nothing has: a renaming pool's next name.
-    fn free_name(&mut self) -> PathBuf {
+    /// A renaming pool: `path` renamed to a free name nothing has.
+    fn rename_to_free(&mut self, path: &Path) -> io::Result<PathBuf> {
         loop {
-            let path = self.next_name();
-            if path.symlink_metadata().is_err() {
-                return path;
+            let to = self.next_name();
+            match rename_noreplace(path, &to) {
+                Ok(()) => return Ok(to),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -323,13 +322,17 @@ fn open_rw(path: &Path) -> io::Result<File> {
 
 /// Empty the file at `path` if no descriptor anywhere but ours is open on
 /// it (the kernel's write-lease rule), and return it open read-write.
-fn reset(path: &Path) -> io::Result<Reset> {
+fn reset(path: &Path, large: u64) -> io::Result<Reset> {
     use std::os::unix::fs::MetadataExt;
     let f = open_rw(path)?;
-    if f.metadata()?.nlink() != 1 {
+    let meta = f.metadata()?;
+    if meta.nlink() != 1 {
         // Another name shares it (a link made elsewhere): reusing it would
         // show the next job's bytes there. Never reused.
         return Err(io::Error::other("it has other links"));
+    }
+    if meta.len() >= large {
+        return Ok(Reset::Large);
     }
     // SAFETY: fcntl on a descriptor we own; F_SETLEASE takes an int.
     if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) } != 0 {
