@@ -2,8 +2,8 @@
 //! outbox, the sink a streamed opaque goes to, and its lingering close.
 //!
 //! Owns: the per-connection state `reactor` drives ([`Conn`]), what a
-//! streamed archive or output is spooled into ([`Sink`], a spool file
-//! created `0600`, never overwritten), when a client is busy (served one
+//! streamed archive or output is spooled into ([`Sink`], a file taken
+//! from a `pool`, given back to it if the stream fails), when a client is busy (served one
 //! call at a time), what phase it is in for `timers` (idle, reading,
 //! writing, owed a reply), when a closing connection owes its peer
 //! nothing more, and a node link's `node_auth::NodeGate` (with its
@@ -13,7 +13,7 @@
 //! Must not touch: the poll or the slab (the reactor registers, times and
 //! closes connections), what calls mean (`coordinator`, `node`).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,7 @@ use mio::Token;
 
 use crate::archive_check::ArchiveCheck;
 use crate::peer::PeerId;
+use crate::pool;
 use crate::proto::{self, RunArgs, CLOUD_PROGRAM, NODE_PROGRAM};
 use crate::record::Outbox;
 use crate::scheduler::NodeId;
@@ -92,16 +93,20 @@ pub(crate) enum Sink {
         file: Option<File>,
         path: PathBuf,
         error: Option<String>,
+        /// The pool the file came from (and goes back to if the stream
+        /// fails); `None`: a file of its own, removed if it fails.
+        pool: Option<pool::Shared>,
     },
 }
 
 impl Sink {
-    /// A spool file at `path` for the stream of call `xid`.
-    pub(crate) fn open(xid: u32, what: Streamed, path: PathBuf) -> Sink {
-        match create_spool(&path) {
-            Ok(file) => Sink::File { xid, what, file: Some(file), path, error: None },
+    /// A file taken from `pool` for the stream of call `xid`.
+    pub(crate) fn take(xid: u32, what: Streamed, pool: &pool::Shared) -> Sink {
+        let taken = pool.borrow_mut().take();
+        match taken {
+            Ok((file, path)) => Sink::File { xid, what, file: Some(file), path, error: None, pool: Some(pool.clone()) },
             Err(e) => {
-                log::error!("cannot create {}: {e}", path.display());
+                log::error!("cannot take a file for a stream: {e}");
                 Sink::failed(xid, what, store_error(&e))
             }
         }
@@ -109,18 +114,18 @@ impl Sink {
 
     /// A stream that will be swallowed and then reported as failed.
     pub(crate) fn failed(xid: u32, what: Streamed, error: String) -> Sink {
-        Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some(error) }
+        Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some(error), pool: None }
     }
 
     /// Append to the spool file; a failure turns the sink into a failed one.
     pub(crate) fn write(&mut self, data: &[u8]) {
-        let Sink::File { file, path, error, .. } = self else { return };
+        let Sink::File { file, path, error, pool, .. } = self else { return };
         let Some(f) = file else { return };
         if let Err(e) = f.write_all(data) {
             log::error!("cannot write {}: {e}", path.display());
             *error = Some(store_error(&e));
             *file = None;
-            let _ = fs::remove_file(&*path);
+            give_back(path, pool.as_ref());
         }
     }
 
@@ -134,11 +139,23 @@ impl Sink {
 
     /// Drop the stream in progress and its file; returns what it was.
     pub(crate) fn discard(&mut self) -> Sink {
-        let old = std::mem::replace(self, Sink::None);
-        if let Sink::File { path, file: Some(_), .. } = &old {
-            let _ = fs::remove_file(path);
+        let mut old = std::mem::replace(self, Sink::None);
+        if let Sink::File { path, file: file @ Some(_), pool, .. } = &mut old {
+            // Closed first: a pool empties a file only when nobody has it open.
+            *file = None;
+            give_back(path, pool.as_ref());
         }
         old
+    }
+}
+
+/// A stream's file that is not needed: back to its pool, or removed.
+pub(crate) fn give_back(path: &Path, pool: Option<&pool::Shared>) {
+    match pool {
+        Some(p) => p.borrow_mut().give(path),
+        None => {
+            let _ = fs::remove_file(path);
+        }
     }
 }
 
@@ -385,11 +402,6 @@ fn store_error(e: &io::Error) -> String {
         Some(libc::EMFILE | libc::ENFILE) => "the server is out of file descriptors; retry later".into(),
         _ => format!("the server cannot store the data: {e}"),
     }
-}
-
-fn create_spool(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
 }
 
 #[cfg(test)]

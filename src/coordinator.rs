@@ -1,7 +1,8 @@
 //! The main server's brain, sans-I/O: client calls and node replies in,
 //! replies, node calls and file removals out (the style of quinn-proto).
 //!
-//! Owns: the scheduler, spooled archives of waiting jobs, fetched outputs,
+//! Owns: the scheduler, spooled archives of jobs not finished (kept until
+//! every replica has ended: local replicas read them in place), fetched outputs,
 //! deferred RETRIEVE callers, ticket expiry (time comes in as `now`; there
 //! is no clock inside), who owns each ticket (the uid that deployed it; only
 //! that uid or root may RETRIEVE or CLOSE it), how many tickets each
@@ -707,8 +708,12 @@ impl Coordinator {
                 self.journal(Record::Started { ticket: start.ticket, replica: i, node: node_name, at: 0 });
                 self.actions.push_back(Action::Node { node, call: NodeCall::Run { args, archive: archive.clone() } });
             }
-            if self.requeue_lost && !self.sched.job(start.ticket).is_some_and(|j| j.finished()) {
-                // A replica may have to run again: keep the archive.
+            if !self.sched.job(start.ticket).is_some_and(|j| j.finished()) {
+                // Kept until the job has finished: a local node's replica
+                // reads it in place (no copy, no link), a remote node's is
+                // streamed from it, and a replica lost with its node may
+                // run again (`--requeue-lost`). Spool files are reused, so
+                // nothing may still read it when it goes.
                 self.archives.insert(start.ticket, archive);
             } else {
                 self.actions.push_back(Action::RemoveFile(archive));
@@ -1485,7 +1490,7 @@ mod tests {
     const B: Caller = Caller { conn: 2, xid: 20 };
 
     #[test]
-    fn deploy_runs_replicas_then_removes_the_spooled_archive() {
+    fn deploy_runs_replicas_then_removes_the_spooled_archive_once_finished() {
         let mut c = coord(2);
         c.deploy(A, None, 2, "/spool/in".into(), t0());
         let acts = drain(&mut c);
@@ -1494,7 +1499,11 @@ mod tests {
             matches!(&acts[1], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.replica == 0 && args.replicas == 2)
         );
         assert!(matches!(&acts[2], Action::Node { node: 1, call: NodeCall::Run { .. } }));
-        assert_eq!(acts[3], Action::RemoveFile("/spool/in".into()));
+        assert_eq!(acts.len(), 3, "the replicas read the archive while they run: {acts:?}");
+        c.run_finished(0, 1, ok(), t0());
+        assert!(!drain(&mut c).contains(&Action::RemoveFile("/spool/in".into())), "one replica still runs");
+        c.run_finished(1, 1, ok(), t0());
+        assert_eq!(drain(&mut c), vec![Action::RemoveFile("/spool/in".into())]);
     }
 
     #[test]
@@ -1506,7 +1515,8 @@ mod tests {
         assert!(drain(&mut c).is_empty(), "deferred while running");
         c.run_finished(0, 1, RunResult::exited(0, "exit 0"), t0());
         let acts = drain(&mut c);
-        let Action::Node { node: 0, call: NodeCall::Fetch { ticket: 1, replica: 0, into } } = &acts[0] else {
+        assert_eq!(acts[0], Action::RemoveFile("/spool/in".into()), "finished: the archive goes");
+        let Action::Node { node: 0, call: NodeCall::Fetch { ticket: 1, replica: 0, into } } = &acts[1] else {
             panic!("{acts:?}")
         };
         c.fetched(1, 0, Ok(into.clone()));
@@ -1564,9 +1574,10 @@ mod tests {
         c.retrieve(B, None, 1, true);
         c.close(A, None, 1, t0());
         let acts = drain(&mut c);
-        assert_eq!(acts[0], Action::Node { node: 0, call: NodeCall::Drop { ticket: 1 } });
-        assert!(matches!(&acts[1], Action::Reply { to: B, reply: Reply::Retrieve(Err((CloudStat::NoSuchTicket, _))) }));
-        assert_eq!(acts[2], Action::Reply { to: A, reply: Reply::Close(Ok(())) });
+        assert_eq!(acts[0], Action::RemoveFile("/spool/in".into()), "closed while running: the archive goes");
+        assert_eq!(acts[1], Action::Node { node: 0, call: NodeCall::Drop { ticket: 1 } });
+        assert!(matches!(&acts[2], Action::Reply { to: B, reply: Reply::Retrieve(Err((CloudStat::NoSuchTicket, _))) }));
+        assert_eq!(acts[3], Action::Reply { to: A, reply: Reply::Close(Ok(())) });
         c.status(A, 1);
         assert!(matches!(
             &drain(&mut c)[0],
@@ -1584,7 +1595,8 @@ mod tests {
         assert_eq!(c.job_status(2).unwrap().state, JobState::Waiting);
         c.run_finished(0, 1, RunResult::invalid("make run exited with status 2"), t0());
         let acts = drain(&mut c);
-        assert!(matches!(&acts[0], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.ticket == 2));
+        assert_eq!(acts[0], Action::RemoveFile("/spool/a".into()));
+        assert!(matches!(&acts[1], Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.ticket == 2));
         assert_eq!(c.job_state(1), Some(JobState::Invalid));
     }
 

@@ -33,6 +33,7 @@
 //! - [`cgroup`] - per-slot memory and process totals, a second kill path.
 //! - [`archive_check`] - a DEPLOY's archive checked as it streams in (sans-I/O).
 //! - [`extract`] - safe archive extraction.
+//! - [`pool`] - work-dir files reused from job to job (no create or delete per job).
 //!
 //! The reactor, the two roles, and the edges:
 //! - `reactor` - the single-threaded mio reactor that drives all of the
@@ -67,6 +68,7 @@ pub mod node;
 pub mod node_auth;
 mod node_service;
 pub mod peer;
+pub mod pool;
 pub mod portmap;
 pub mod proto;
 mod reactor;

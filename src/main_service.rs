@@ -3,8 +3,9 @@
 //! Owns: turning each CLOUD_PROG call into a coordinator call (the
 //! caller's identity from `peer`, a retried DEPLOY or CLOSE answered from
 //! the coordinator's duplicate request cache); a DEPLOY's archive streamed
-//! to `<work-dir>/spool`, fed to `archive_check` as it arrives (refused
-//! with CLOUD_BAD_ARCHIVE, spool file removed, no ticket) and answered
+//! to a file of the spool's `pool` (`<work-dir>/spool/p-<n>`, reused from
+//! job to job), fed to `archive_check` as it arrives (refused with
+//! CLOUD_BAD_ARCHIVE, the file given back, no ticket) and answered
 //! only once its ticket number is persisted (`tickets`); the coordinator's
 //! actions turned into replies (encoded here) and node calls ([`Out`]):
 //! a NODE_RUN/FETCH/DROP on a link's connection, or a direct call into the
@@ -24,19 +25,20 @@
 //! out (they are held until then), a lazy sync within a second for the
 //! others, compaction, and at start the journal's jobs restored and the
 //! spool cleared of all but their archives (kept across a restart and a
-//! clean stop alike).
+//! clean stop alike). The spool pool: files the coordinator removes go
+//! back to it, reusable after the next journal sync (`Pool::settle`), so
+//! an archive the journal on disk still names is never overwritten.
 //! Must not touch: the poll or the slab (the reactor carries out each
 //! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::archive_check::ArchiveCheck;
-use crate::conn::{Conn, Pending, Reader, Role, Sink, Streamed};
+use crate::conn::{give_back, Conn, Pending, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Action, Caller, Coordinator, Failure, NodeCall, OutputRef, Reply};
 use crate::journal::{Journal, Record};
 use crate::node_auth::{self, MainHandshake, Secret};
@@ -61,9 +63,6 @@ pub(crate) const LINK_SETUP_WITHIN: Duration = Duration::from_secs(10);
 
 /// Bytes past `--max-output` a node's output may hold (its marker line).
 const OUTPUT_MARKER_ROOM: u64 = 4096;
-
-/// Spooled files at least this large are removed by a child (`rm`).
-const LARGE_FILE: u64 = 64 << 20;
 
 /// A Ready link whose node runs replicas and has been silent on this long
 /// (with nothing of ours in flight) gets a NODE_NULL heartbeat (an idle
@@ -166,7 +165,9 @@ pub(crate) struct MainService {
     pub(crate) tickets: TicketStore,
     /// The rules a DEPLOY's archive is checked against as it arrives.
     pub(crate) extract_limits: crate::extract::ExtractLimits,
-    pub(crate) next_spool: u64,
+    /// The spool's files, reused from job to job (`pool`): uploads and
+    /// remote nodes' outputs.
+    pub(crate) spool_pool: crate::pool::Shared,
     /// `--max-output`: the most output a node may send for a replica.
     pub(crate) max_output: u64,
     /// The node links' shared secret: proved to each remote node, whose
@@ -199,16 +200,18 @@ impl MainService {
                 Some(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) })
             }
             Action::RemoveFile(path) => {
-                // Freeing a large file's blocks takes the file system a
-                // while (0.16 s for 1 GiB on ext4 here): a child does that,
-                // not the reactor thread.
-                let large = fs::symlink_metadata(&path).is_ok_and(|m| m.len() >= LARGE_FILE);
-                let removed = match large {
-                    true => crate::spawn::remove_tree_in_background(&path).map(drop).map_err(io::Error::from),
-                    false => fs::remove_file(&path),
-                };
-                if let Err(e) = removed {
-                    log::warn!("cannot remove {}: {e}", path.display());
+                // A spool file goes back to the pool once the journal no
+                // longer needs it (the turn's sync); a large one is removed
+                // by a child, never on the reactor thread. A local node's
+                // output (fetched in place) is its node's: NODE_DROP.
+                if path.parent() == Some(self.spool.as_path()) {
+                    let mut pool = self.spool_pool.borrow_mut();
+                    match path.file_name().and_then(|f| f.to_str()).is_some_and(|f| pool.is_pool_name(f)) {
+                        true => pool.give_after_sync(&path),
+                        // Not the pool's (a Slurm node's output linked in,
+                        // an earlier version's name): never reused.
+                        false => pool.discard(&path),
+                    }
                 }
                 None
             }
@@ -315,7 +318,8 @@ impl MainService {
             }
             _ => None,
         });
-        retries.chain(self.coord.next_deadline()).chain(self.sync_at).min()
+        let pool = self.spool_pool.borrow().retry_at();
+        retries.chain(self.coord.next_deadline()).chain(self.sync_at).chain(pool).min()
     }
 
     fn remote(&mut self, node: NodeId) -> Option<&mut RemoteLink> {
@@ -554,6 +558,7 @@ impl MainService {
     /// a later sync cannot bring it back), a held CLOSE is answered
     /// CLOUD_INTERNAL too. Compacts the journal when due.
     pub(crate) fn end_of_turn(&mut self, now: Instant) -> Vec<Out> {
+        self.spool_pool.borrow_mut().on_timer(now);
         self.append_records();
         if !self.journal.has_pending() {
             self.sync_at = None;
@@ -570,6 +575,7 @@ impl MainService {
         match synced {
             Ok(()) => {
                 self.sync_at = None;
+                self.spool_pool.borrow_mut().settle();
                 for (to, reply) in held {
                     outs.push(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) });
                 }
@@ -650,25 +656,31 @@ impl MainService {
             if !path.exists() {
                 log::warn!("{}: the archive of a queued job is missing; its replicas will fail", path.display());
             }
-            // Spool names go on from the highest kept one.
-            let n = path.file_name().and_then(|f| f.to_str()).and_then(|f| f.rsplit('-').next()?.parse::<u64>().ok());
-            self.next_spool = self.next_spool.max(n.unwrap_or(0));
         }
         self.sweep_spool(&kept);
         self.coord.start_restored();
         Ok(line)
     }
 
-    /// Remove every spool entry not in `kept`.
+    /// At start (and a clean stop): every pool file of the spool not in
+    /// `kept` is emptied for reuse (a large one is removed by a child);
+    /// anything else not kept is removed.
     fn sweep_spool(&self, kept: &HashSet<PathBuf>) {
         let Ok(entries) = fs::read_dir(&self.spool) else { return };
-        let mut removed = 0;
+        let (mut pooled, mut removed) = (0, 0);
+        let mut pool = self.spool_pool.borrow_mut();
         for e in entries.flatten() {
             let path = e.path();
             if kept.contains(&path) {
                 continue;
             }
+            let ours = path.file_name().and_then(|f| f.to_str()).is_some_and(|f| pool.is_pool_name(f));
             let gone = match e.file_type() {
+                Ok(t) if t.is_file() && ours => {
+                    pool.adopt(&path);
+                    pooled += 1;
+                    continue;
+                }
                 Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
                 _ => fs::remove_file(&path),
             };
@@ -677,8 +689,8 @@ impl MainService {
                 Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
             }
         }
-        if removed > 0 {
-            log::debug!("removed {removed} stale files from {}", self.spool.display());
+        if pooled + removed > 0 {
+            log::debug!("spool {}: {pooled} files reused, {removed} entries removed", self.spool.display());
         }
     }
 
@@ -785,8 +797,7 @@ impl MainService {
             call.xid,
             proto::cloud_proc_name(call.proc_num)
         );
-        self.next_spool += 1;
-        conn.sink = Sink::open(call.xid, what, self.spool.join(format!("incoming-{key}-{}", self.next_spool)));
+        conn.sink = Sink::take(call.xid, what, &self.spool_pool);
     }
 
     /// A chunk of a DEPLOY's archive, checked before it is spooled. Returns
@@ -810,14 +821,14 @@ impl MainService {
     /// The end of a streamed DEPLOY archive (a client) or NODE_FETCH output
     /// (a link).
     pub(crate) fn stream_end(&mut self, key: usize, conn: &mut Conn) {
-        let Sink::File { xid, what, file, path, error } = std::mem::replace(&mut conn.sink, Sink::None) else {
+        let Sink::File { xid, what, file, path, error, pool } = std::mem::replace(&mut conn.sink, Sink::None) else {
             return;
         };
         drop(file);
         match what {
             Streamed::Fetch { ticket, replica, gone } => match error {
                 Some(why) if !gone => {
-                    let _ = fs::remove_file(&path);
+                    give_back(&path, pool.as_ref());
                     self.coord.fetch_failed(ticket, replica, &why);
                 }
                 error => self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err)),
@@ -828,7 +839,7 @@ impl MainService {
                 // the one that ends second gets the first one's reply.
                 if let Some(ticket) = self.coord.retried_deploy(xid, who, Instant::now()) {
                     log::info!("connection {key}: xid {xid:#x} was uploaded twice; answering as the first time");
-                    let _ = fs::remove_file(&path);
+                    give_back(&path, pool.as_ref());
                     return conn.outbox.push(encode_reply(xid, Reply::Deploy(Ok(ticket))));
                 }
                 let refusal = match (error, check.finish()) {
@@ -845,7 +856,7 @@ impl MainService {
                 };
                 match refusal {
                     Some(failure) => {
-                        let _ = fs::remove_file(&path);
+                        give_back(&path, pool.as_ref());
                         conn.outbox.push(encode_reply(xid, Reply::Deploy(Err(failure))));
                     }
                     None => {
@@ -911,7 +922,10 @@ impl MainService {
                 } else if stat != CloudStat::Ok as u32 {
                     Sink::failed(0, what, format!("node {name} cannot open the output now"))
                 } else {
-                    Sink::open(0, what, into)
+                    // `into` (the coordinator's name) is for in-process
+                    // Slurm nodes' links; a link's output takes a spool file.
+                    let _ = into;
+                    Sink::take(0, what, &self.spool_pool)
                 };
             }
             ReplyEvent::StreamStart { .. } => conn.sink = Sink::None,
@@ -930,8 +944,8 @@ impl MainService {
     }
 
     /// Shutdown: journal what is buffered, keep the archives of queued
-    /// jobs (they run after a restart) and remove the rest of the spool,
-    /// give back unused ticket numbers.
+    /// jobs (they run after a restart) and empty the rest of the spool (its
+    /// files stay for the next start), give back unused ticket numbers.
     pub(crate) fn stop(&mut self) {
         self.append_records();
         if let Err(e) = self.journal.sync() {

@@ -2,10 +2,16 @@
 //! one job's replicas never share a node) and keeps finished outputs until
 //! the main server drops the ticket.
 //!
-//! Owns: the node's directory `<work-dir>/output_<port>/` (one subfolder
-//! per ticket: `job.tar.gz`, `output.txt`, and the workspace `work/`, which
-//! for a contained replica is only a mount point inside its own mount
-//! namespace, a tmpfs gone with it), an empty network namespace per slot,
+//! Owns: the node's directory `<work-dir>/output_<port>/`, flat: each
+//! ticket's output `<ticket>.out` and, on a node in its own process, the
+//! archive its main server sent, `<ticket>.tar.gz` (an in-process node's
+//! replica reads the main server's spooled archive in place); both are
+//! files of the folder's `pool`, renamed from and back to `free-<n>`, so a
+//! job creates and deletes no file here (issue 11). A contained replica's
+//! workspace `<ticket>/work` is a path inside its own mount namespace only
+//! (a tmpfs over the hidden work dir), never made on the host; an
+//! uncontained one is a real `<ticket>/work` folder, removed by a child.
+//! Also an empty network namespace per slot,
 //! each slot's launcher and cgroup (contained: `start_launchers` at node
 //! start; a launcher found dead is replaced at the slot's next replica),
 //! the running replicas by ticket (each with its slot and the slot's uid,
@@ -28,9 +34,9 @@
 //! Must not touch: sockets or the reactor (the server hands it bytes and
 //! events), the main server's job table (it only ever learns through RPC).
 //! Also here: `sweep_dir`, what a restart keeps of a node's folder (the
-//! tickets it is told are live, their outputs; the rest goes to a trash
-//! folder the caller removes in the background), and `rewait`, a running
-//! replica's end sent to a new link (NODE_WAIT).
+//! tickets it is told are live, their outputs, and the pool's free files;
+//! the rest goes to a trash folder the caller removes in the background),
+//! and `rewait`, a running replica's end sent to a new link (NODE_WAIT).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -74,12 +80,14 @@ pub struct NodeConfig {
     pub slot_identities: Vec<Option<(nix::unistd::Uid, nix::unistd::Gid)>>,
 }
 
-/// At start, a node's folder `dir` as an earlier run left it: each ticket
-/// folder that `keep` keeps stays, with its `output.txt` (its replica's
-/// archive and workspace go), every other entry is moved into `trash`
-/// (created on demand, same file system), named `<tag>-<entry>`, for the
-/// caller to remove in the background. Returns how many entries were
-/// moved. No folder yet: it is made later, nothing to do.
+/// At start, a node's folder `dir` as an earlier run left it: the output
+/// `<ticket>.out` of each ticket that `keep` keeps stays, and so do the
+/// pool's free files (`free-<n>`, taken up by `Node::new`); every other
+/// entry (archives, workspaces, outputs of tickets not kept) is moved into
+/// `trash` (created on demand, same file system), named `<tag>-<entry>`,
+/// for the caller to remove in the background. A folder of the earlier
+/// layout (`<ticket>/output.txt`) gives its output to `<ticket>.out`.
+/// Returns how many entries were moved. No folder yet: nothing to do.
 pub fn sweep_dir(dir: &Path, trash: &Path, tag: &str, keep: impl Fn(u32) -> bool) -> io::Result<usize> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -103,22 +111,33 @@ pub fn sweep_dir(dir: &Path, trash: &Path, tag: &str, keep: impl Fn(u32) -> bool
             Err(e) => log::warn!("cannot move {} out of the way: {e}", from.display()),
         }
     };
+    let live = |name: &str| name.parse::<u32>().ok().filter(|t| keep(*t) && t.to_string() == name);
     for e in entries {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let live = name.parse::<u32>().ok().filter(|t| keep(*t) && t.to_string() == name);
-        if live.is_none() || !e.file_type().is_ok_and(|t| t.is_dir()) {
-            to_trash(&e.path(), &name);
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_file() && (is_free_name(&name) || name.strip_suffix(".out").is_some_and(|t| live(t).is_some())) {
             continue;
         }
-        // A replica that was running: its archive and workspace are stale.
-        let _ = fs::remove_file(e.path().join("job.tar.gz"));
-        let work = spawn::workspace_path(&e.path());
-        if work.symlink_metadata().is_ok() {
-            to_trash(&work, &format!("{name}-work"));
+        if kind.is_dir() {
+            if let Some(t) = live(&name) {
+                // The earlier layout: the output moves out, the rest goes.
+                let out = dir.join(format!("{t}.out"));
+                if out.symlink_metadata().is_err() {
+                    let _ = fs::rename(e.path().join("output.txt"), &out);
+                }
+            }
         }
+        to_trash(&e.path(), &name);
     }
     Ok(moved)
+}
+
+/// The node folder pool's free files: `free-<n>`.
+const FREE_PREFIX: &str = "free-";
+
+fn is_free_name(name: &str) -> bool {
+    name.strip_prefix(FREE_PREFIX).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// How long a busy cgroup waits before its removal is tried again.
@@ -149,6 +168,9 @@ struct Running {
     stop: Option<StopReason>,
     /// The output's last bytes, for make's `Error N` line (the recipe's code).
     tail: Vec<u8>,
+    /// Its archive is the node's own `<ticket>.tar.gz` (given back to the
+    /// pool at the end), not the main server's spool file.
+    own_archive: bool,
 }
 
 /// How much of the output's end is kept for make's error line.
@@ -200,12 +222,22 @@ pub struct Node {
     buf: Vec<u8>,
     /// NODE_FOLLOW calls parked until the running replica writes past their offset.
     followers: Vec<(ReplyTo, u32, u64)>,
+    /// The folder's files, reused from ticket to ticket.
+    pub(crate) pool: crate::pool::Shared,
 }
 
 impl Node {
     pub fn new(cfg: NodeConfig) -> io::Result<Self> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&cfg.dir)?;
+        let mut pool = crate::pool::Pool::new(&cfg.dir, FREE_PREFIX, true, crate::pool::LARGE);
+        // Free files an earlier run left: reused (up to `pool::KEEP`).
+        for e in fs::read_dir(&cfg.dir)?.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_file()) && e.file_name().to_str().is_some_and(is_free_name) {
+                pool.adopt(&e.path());
+            }
+        }
         Ok(Node {
+            pool: pool.shared(),
             cfg,
             running: BTreeMap::new(),
             slot_state: Vec::new(),
@@ -225,21 +257,26 @@ impl Node {
     }
 
     fn archive_path(&self, ticket: u32) -> PathBuf {
-        self.ticket_dir(ticket).join("job.tar.gz")
+        self.cfg.dir.join(format!("{ticket}.tar.gz"))
     }
 
-    fn output_path(&self, ticket: u32) -> PathBuf {
-        self.ticket_dir(ticket).join("output.txt")
+    /// Where the ticket's output is kept until NODE_DROP.
+    pub fn output_path(&self, ticket: u32) -> PathBuf {
+        self.cfg.dir.join(format!("{ticket}.out"))
     }
 
-    /// Create the ticket's folder and the file its archive streams into.
+    /// The file a NODE_RUN's archive streams into, from the pool.
     pub fn prepare_archive(&self, ticket: u32) -> io::Result<(File, PathBuf)> {
-        self.fresh_ticket_dir(ticket)?;
         let path = self.archive_path(ticket);
-        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+        let mut pool = self.pool.borrow_mut();
+        if path.symlink_metadata().is_ok() {
+            pool.give(&path); // an earlier, stale one
+        }
+        let file = pool.take_as(&path)?;
         Ok((file, path))
     }
 
+    /// An uncontained replica's workspace folder on the host, made afresh.
     fn fresh_ticket_dir(&self, ticket: u32) -> io::Result<()> {
         let dir = self.ticket_dir(ticket);
         if dir.exists() {
@@ -339,12 +376,16 @@ impl Node {
         self.cfg.slot_identities.len().max(1)
     }
 
-    /// Every ticket this node holds: running, or with a folder (an ended
-    /// replica's output, kept until NODE_DROP).
+    /// Every ticket this node holds: running, or with an output or an
+    /// archive here (an ended replica's output is kept until NODE_DROP).
     pub fn tickets(&self) -> std::collections::BTreeSet<u32> {
         let mut tickets: std::collections::BTreeSet<u32> = self.running.keys().copied().collect();
         if let Ok(entries) = fs::read_dir(&self.cfg.dir) {
-            tickets.extend(entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()));
+            tickets.extend(entries.flatten().filter_map(|e| {
+                let name = e.file_name();
+                let name = name.to_str()?;
+                name.strip_suffix(".out").or_else(|| name.strip_suffix(".tar.gz"))?.parse::<u32>().ok()
+            }));
         }
         tickets
     }
@@ -354,9 +395,37 @@ impl Node {
         self.running.values().map(|r| (r.ticket, r.reply_to)).collect()
     }
 
-    /// Start the replica whose archive is in place. On success returns the
-    /// output pipe's fd to register; on failure, the result to reply at once.
-    pub fn start(&mut self, args: RunArgs, reply_to: ReplyTo, now: Instant) -> Result<RawFd, RunResult> {
+    /// Start a replica from `archive` (an in-process main server's spool
+    /// file, read in place), or from the node's own `<ticket>.tar.gz`
+    /// (`prepare_archive`) when `None`. On success returns the output
+    /// pipe's fd to register; on failure, the result to reply at once.
+    pub fn start(
+        &mut self,
+        args: RunArgs,
+        archive: Option<&Path>,
+        reply_to: ReplyTo,
+        now: Instant,
+    ) -> Result<RawFd, RunResult> {
+        let (ticket, own_archive) = (args.ticket, archive.is_none());
+        let started = self.start_from(args, archive, reply_to, now);
+        if let (Err(_), true) = (&started, own_archive) {
+            self.give_archive_back(ticket);
+        }
+        started
+    }
+
+    /// The node's own copy of the ticket's archive, if any, back to the pool.
+    fn give_archive_back(&self, ticket: u32) {
+        self.pool.borrow_mut().give(&self.archive_path(ticket));
+    }
+
+    fn start_from(
+        &mut self,
+        args: RunArgs,
+        archive: Option<&Path>,
+        reply_to: ReplyTo,
+        now: Instant,
+    ) -> Result<RawFd, RunResult> {
         if self.running.contains_key(&args.ticket) {
             return Err(RunResult::invalid(format!(
                 "{} already runs a replica of ticket {}",
@@ -378,15 +447,24 @@ impl Node {
             sandbox.identity = identity;
         }
         let out_path = self.output_path(args.ticket);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&out_path)
-            .map_err(|e| RunResult::invalid(format!("{}: cannot create output file: {e}", self.name())))?;
+        let taken = self.pool.borrow_mut().take_as(&out_path);
+        let file = match taken {
+            // A ticket run here again (requeued) writes its output afresh.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                OpenOptions::new().write(true).truncate(true).custom_flags(libc::O_NOFOLLOW).open(&out_path)
+            }
+            taken => taken,
+        }
+        .map_err(|e| RunResult::invalid(format!("{}: cannot create output file: {e}", self.name())))?;
+        if self.cfg.sandbox.containment == Containment::Uncontained {
+            // Its workspace is a folder on the host (contained: a path in
+            // the replica's own mount namespace only).
+            self.fresh_ticket_dir(args.ticket)
+                .map_err(|e| RunResult::invalid(format!("{}: cannot make the workspace: {e}", self.name())))?;
+        }
         let workspace = spawn::workspace_path(&self.ticket_dir(args.ticket));
-        let archive = self.archive_path(args.ticket);
+        let own_archive = archive.is_none();
+        let archive = archive.map_or_else(|| self.archive_path(args.ticket), Path::to_path_buf);
         let env = spawn::replica_env(&workspace, args.ticket, args.replica, args.replicas, self.cfg.port);
         let archive = File::open(&archive)
             .map_err(|e| RunResult::invalid(format!("{}: cannot open the archive: {e}", self.name())))?;
@@ -415,6 +493,7 @@ impl Node {
                 deadline: now + self.cfg.time_limit,
                 stop: None,
                 tail: Vec::new(),
+                own_archive,
             };
             self.running.insert(args.ticket, running);
             return Ok(fd);
@@ -471,6 +550,7 @@ impl Node {
             deadline: now + self.cfg.time_limit,
             stop: None,
             tail: Vec::new(),
+            own_archive,
         };
         self.running.insert(args.ticket, running);
         Ok(fd)
@@ -517,7 +597,8 @@ impl Node {
 
     /// The next moment `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
-        self.running.values().map(|r| r.deadline).chain(self.retry_groups).min()
+        let pool = self.pool.borrow().retry_at();
+        self.running.values().map(|r| r.deadline).chain(self.retry_groups).chain(pool).min()
     }
 
     /// Enforce the time limit: SIGTERM, then SIGKILL after the grace period.
@@ -527,6 +608,7 @@ impl Node {
         if self.retry_groups.is_some_and(|t| t <= now) {
             self.remove_stale_groups(now);
         }
+        self.pool.borrow_mut().on_timer(now);
         let due: Vec<u32> = self.running.values().filter(|r| r.deadline <= now).map(|r| r.ticket).collect();
         for ticket in due {
             let Some(r) = self.running.get_mut(&ticket) else { continue };
@@ -662,7 +744,9 @@ impl Node {
             }
         }
         log::debug!("node {}: ticket {}: {:?} ended: {:?}, job {:?}", self.cfg.port, r.ticket, r.pid, status, job);
-        let _ = fs::remove_file(self.archive_path(r.ticket));
+        if r.own_archive {
+            self.give_archive_back(r.ticket);
+        }
         if r.stop == Some(StopReason::Closed) {
             self.remove_ticket(r.ticket);
         }
@@ -682,31 +766,17 @@ impl Node {
         Ok((file, len))
     }
 
-    /// An in-process node's NODE_RUN archive: the main server's spool file
-    /// hard-linked into the ticket's folder (same file system: no copy;
-    /// copied where a link cannot be made).
-    pub fn adopt_archive(&self, ticket: u32, from: &Path) -> io::Result<()> {
-        self.fresh_ticket_dir(ticket)?;
-        let path = self.archive_path(ticket);
-        if let Err(e) = fs::hard_link(from, &path) {
-            log::debug!("node {}: cannot link {} ({e}); copying", self.cfg.port, from.display());
-            fs::copy(from, &path)?;
-        }
-        Ok(())
-    }
-
-    /// An in-process node's NODE_FETCH: the ticket's output hard-linked
-    /// (or copied) to `into`. Errors as `fetch`'s.
-    pub fn link_output(&self, ticket: u32, into: &Path) -> Result<(), (bool, String)> {
+    /// An in-process node's NODE_FETCH: the ticket's output where it is
+    /// (the main server streams it from there; NODE_DROP gives it back to
+    /// the pool). Errors as `fetch`'s.
+    pub fn output_in_place(&self, ticket: u32) -> Result<PathBuf, (bool, String)> {
         let path = self.output_path(ticket);
-        let failed = |e: io::Error| {
-            let gone = e.kind() == io::ErrorKind::NotFound;
-            (gone, format!("{}: cannot open the output of ticket {ticket}: {e}", self.name()))
-        };
-        match fs::hard_link(&path, into) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(failed(e)),
-            Err(_) => fs::copy(&path, into).map(drop).map_err(failed),
+        match path.symlink_metadata() {
+            Ok(_) => Ok(path),
+            Err(e) => Err((
+                e.kind() == io::ErrorKind::NotFound,
+                format!("{}: cannot open the output of ticket {ticket}: {e}", self.name()),
+            )),
         }
     }
 
@@ -791,20 +861,17 @@ impl Node {
         Ok((buf, ended && offset + n as u64 >= len))
     }
 
+    /// The ticket's output (and a stale archive) go back to the pool.
     fn remove_ticket(&self, ticket: u32) {
-        let dir = self.ticket_dir(ticket);
+        self.pool.borrow_mut().give(&self.output_path(ticket));
+        self.give_archive_back(ticket);
         // An uncontained job's files are on disk, maybe 200,000 of them:
-        // removed by a child, never on the reactor thread. (Contained, the
-        // folder holds the output and an empty mount point.)
-        if self.cfg.sandbox.containment == Containment::Uncontained && dir.exists() {
+        // removed by a child, never on the reactor thread.
+        let dir = self.ticket_dir(ticket);
+        if self.cfg.sandbox.containment == Containment::Uncontained && dir.symlink_metadata().is_ok() {
             match spawn::remove_tree_in_background(&dir) {
-                Ok(pid) => return log::debug!("node {}: removing {} in pid {pid}", self.cfg.port, dir.display()),
+                Ok(pid) => log::debug!("node {}: removing {} in pid {pid}", self.cfg.port, dir.display()),
                 Err(e) => log::warn!("node {}: cannot fork to remove {}: {e}", self.cfg.port, dir.display()),
-            }
-        }
-        if let Err(e) = fs::remove_dir_all(&dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                log::warn!("node {}: cannot remove {}: {e}", self.cfg.port, dir.display());
             }
         }
     }

@@ -4,11 +4,12 @@
 //! run here) and their start-up (reclaiming what an earlier run left under
 //! the slot uids, one empty network namespace per slot, cgroups, the
 //! containment probe, each slot's launcher); NODE_NULL, NODE_RUN (the archive streamed into the
-//! ticket's folder, then `Node::start`), NODE_FETCH and NODE_DROP served
+//! node's `<ticket>.tar.gz`, a file of its pool, then `Node::start`), NODE_FETCH and NODE_DROP served
 //! over a link (the reactor's `NodeGate` has let them through when there
 //! is a secret; without one, NODE_HELLO is answered "no --secret-file"); the same three as direct calls from the in-process main
 //! service (`run_local`, `fetch_local`, `drop_local`: the spooled archive
-//! and the output are hard-linked, no loopback round trip), whose answers
+//! and the output are used in place, no link, no copy, no loopback round
+//! trip; a Slurm node's are linked or copied), whose answers
 //! come back as [`NodeEvent`]s, the events a link's replies would make;
 //! draining each replica's output pipe (a launched replica ends at its
 //! end of file: `drain` returns it to the reactor); reaped children turned into
@@ -80,7 +81,7 @@ pub(crate) enum NodeEvent {
     /// What a Slurm node learnt about a running replica (its Slurm job id,
     /// its state there): the replica's status message until it ends.
     Note { node: usize, ticket: u32, message: String },
-    /// `fetch_local`'s answer: the output is at `into`, or why not
+    /// `fetch_local`'s answer: where the output is, or why not
     /// (`gone`: the node has none for good; else a retry may work).
     Fetched { ticket: u32, replica: u32, result: Result<PathBuf, (bool, String)> },
     /// `follow_local`'s answer: output from the offset and whether the
@@ -105,13 +106,6 @@ impl LocalNode {
         }
     }
 
-    fn adopt_archive(&self, ticket: u32, from: &Path) -> std::io::Result<()> {
-        match self {
-            LocalNode::Fork(n) => n.adopt_archive(ticket, from),
-            LocalNode::Slurm(n) => n.adopt_archive(ticket, from),
-        }
-    }
-
     fn fetch(&self, ticket: u32) -> Result<(fs::File, u64), (bool, String)> {
         match self {
             LocalNode::Fork(n) => n.fetch(ticket),
@@ -119,10 +113,12 @@ impl LocalNode {
         }
     }
 
-    fn link_output(&self, ticket: u32, into: &Path) -> Result<(), (bool, String)> {
+    /// The output for an in-process main service: a forking node's in
+    /// place, a Slurm node's linked (or copied) to `into`.
+    fn output_for_main(&self, ticket: u32, into: PathBuf) -> Result<PathBuf, (bool, String)> {
         match self {
-            LocalNode::Fork(n) => n.link_output(ticket, into),
-            LocalNode::Slurm(n) => n.link_output(ticket, into),
+            LocalNode::Fork(n) => n.output_in_place(ticket),
+            LocalNode::Slurm(n) => n.link_output(ticket, &into).map(|()| into),
         }
     }
 
@@ -524,8 +520,12 @@ impl NodeService {
         let args = RunArgs::decode(&mut XdrReader::new(&call.args)).map_err(|_| garbage(call.xid))?;
         let ticket = args.ticket;
         let what = Streamed::Run { args };
+        let pool = match &self.nodes[i] {
+            LocalNode::Fork(n) => Some(n.pool.clone()),
+            LocalNode::Slurm(_) => None,
+        };
         Ok(match self.nodes[i].prepare_archive(ticket) {
-            Ok((file, path)) => Sink::File { xid: call.xid, what, file: Some(file), path, error: None },
+            Ok((file, path)) => Sink::File { xid: call.xid, what, file: Some(file), path, error: None, pool },
             Err(e) => Sink::failed(call.xid, what, format!("the node cannot store the archive: {e}")),
         })
     }
@@ -541,7 +541,7 @@ impl NodeService {
     ) -> Result<RawFd, Vec<u8>> {
         let started = match (error, &mut self.nodes[i]) {
             (Some(msg), _) => Err(RunResult::invalid(msg)),
-            (None, LocalNode::Fork(node)) => node.start(args, reply_to, Instant::now()),
+            (None, LocalNode::Fork(node)) => node.start(args, None, reply_to, Instant::now()),
             (None, LocalNode::Slurm(node)) => {
                 Err(RunResult::invalid(format!("{} takes calls only from its own main server", node.name())))
             }
@@ -554,10 +554,15 @@ impl NodeService {
     pub(crate) fn run_local(&mut self, i: NodeId, args: RunArgs, archive: &Path) -> Option<RawFd> {
         let ticket = args.ticket;
         let now = Instant::now();
-        let started = match (self.nodes[i].adopt_archive(args.ticket, archive), &mut self.nodes[i]) {
-            (Ok(()), LocalNode::Fork(node)) => node.start(args, (LOCAL, 0), now).map(Some),
-            (Ok(()), LocalNode::Slurm(node)) => node.start(args, (LOCAL, 0), now).map(|()| None),
-            (Err(e), _) => Err(RunResult::invalid(format!("the node cannot store the archive: {e}"))),
+        // A forking node's replica reads the spooled archive in place (the
+        // main service keeps it until the job has finished); Slurm's
+        // folder is shared with its cluster: a copy goes there.
+        let started = match &mut self.nodes[i] {
+            LocalNode::Fork(node) => node.start(args, Some(archive), (LOCAL, 0), now).map(Some),
+            LocalNode::Slurm(node) => match node.adopt_archive(args.ticket, archive) {
+                Ok(()) => node.start(args, (LOCAL, 0), now).map(|()| None),
+                Err(e) => Err(RunResult::invalid(format!("the node cannot store the archive: {e}"))),
+            },
         };
         self.collect_pipes(i);
         match started {
@@ -569,9 +574,9 @@ impl NodeService {
         }
     }
 
-    /// The in-process main service's NODE_FETCH: the output linked to `into`.
+    /// The in-process main service's NODE_FETCH: where the output is.
     pub(crate) fn fetch_local(&mut self, i: NodeId, ticket: u32, replica: u32, into: PathBuf) {
-        let result = self.nodes[i].link_output(ticket, &into).map(|()| into);
+        let result = self.nodes[i].output_for_main(ticket, into);
         self.events.push_back(NodeEvent::Fetched { ticket, replica, result });
     }
 
@@ -896,24 +901,28 @@ mod tests {
     fn a_node_folder_keeps_live_tickets_outputs_and_trashes_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let node_dir = dir.path().join("output_9001");
+        fs::create_dir_all(node_dir.join("1/work/deep")).unwrap(); // a stale uncontained workspace
         for t in ["1", "2", "3"] {
-            fs::create_dir_all(node_dir.join(t).join("work/deep")).unwrap();
-            fs::write(node_dir.join(t).join("output.txt"), t).unwrap();
-            fs::write(node_dir.join(t).join("job.tar.gz"), "x").unwrap();
+            fs::write(node_dir.join(format!("{t}.out")), t).unwrap();
+            fs::write(node_dir.join(format!("{t}.tar.gz")), "x").unwrap();
         }
+        fs::write(node_dir.join("free-7"), "").unwrap();
         fs::write(node_dir.join("stray"), "x").unwrap();
+        // The earlier layout: a folder per ticket.
+        fs::create_dir_all(node_dir.join("4/work")).unwrap();
+        fs::write(node_dir.join("4/output.txt"), "4").unwrap();
         let trash = dir.path().join("trash");
-        let moved = crate::node::sweep_dir(&node_dir, &trash, "9001", |t| t == 2).unwrap();
-        assert_eq!(moved, 4, "tickets 1 and 3, the stray file, ticket 2's workspace");
+        let moved = crate::node::sweep_dir(&node_dir, &trash, "9001", |t| t == 2 || t == 4).unwrap();
+        assert_eq!(moved, 8, "1/, 1.out, 3.out, three archives, the stray file, 4/");
         let mut left: Vec<_> = fs::read_dir(&node_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         left.sort();
-        assert_eq!(left, ["2"]);
-        assert_eq!(fs::read_to_string(node_dir.join("2/output.txt")).unwrap(), "2");
-        assert!(!node_dir.join("2/job.tar.gz").exists() && !node_dir.join("2/work").exists());
+        assert_eq!(left, ["2.out", "4.out", "free-7"]);
+        assert_eq!(fs::read_to_string(node_dir.join("2.out")).unwrap(), "2");
+        assert_eq!(fs::read_to_string(node_dir.join("4.out")).unwrap(), "4", "moved out of the old folder");
         // Again, with the same names in the trash already: no clash.
-        fs::create_dir_all(node_dir.join("1")).unwrap();
-        assert_eq!(crate::node::sweep_dir(&node_dir, &trash, "9001", |t| t == 2).unwrap(), 1);
-        assert_eq!(fs::read_dir(&trash).unwrap().count(), 5);
+        fs::write(node_dir.join("1.out"), "1").unwrap();
+        assert_eq!(crate::node::sweep_dir(&node_dir, &trash, "9001", |t| t == 2).unwrap(), 2, "1.out and 4.out");
+        assert_eq!(fs::read_dir(&trash).unwrap().count(), 10);
         // No folder yet: nothing to do.
         assert_eq!(crate::node::sweep_dir(&dir.path().join("none"), &trash, "x", |_| true).unwrap(), 0);
     }

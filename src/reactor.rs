@@ -331,7 +331,7 @@ impl Server {
         }
         let mut main = MainService {
             coord,
-            spool,
+            spool: spool.clone(),
             node_names,
             links,
             locals,
@@ -339,7 +339,7 @@ impl Server {
             job_uids: cfg.identities.iter().flatten().map(|(u, _)| u.as_raw()).collect(),
             tickets,
             extract_limits: cfg.limits.extract,
-            next_spool: 0,
+            spool_pool: crate::pool::Pool::new(&spool, "p-", false, crate::pool::LARGE).shared(),
             max_output: cfg.max_output,
             secret: cfg.secret.clone(),
             journal,

@@ -480,17 +480,12 @@ impl SlurmNode {
         Ok((file, path))
     }
 
-    /// An in-process node's archive: the main server's spool file
-    /// hard-linked into the ticket's folder (copied where a link cannot be
-    /// made), as `node::Node::adopt_archive`.
+    /// An in-process node's archive: the main server's spool file copied
+    /// into the ticket's folder (never hard-linked: spool files are reused
+    /// for other jobs, and this folder is shared with the Slurm cluster).
     pub fn adopt_archive(&self, ticket: u32, from: &Path) -> io::Result<()> {
-        let (file, path) = self.prepare_archive(ticket)?;
-        drop(file);
-        fs::remove_file(&path)?;
-        if let Err(e) = fs::hard_link(from, &path) {
-            log::debug!("{}: cannot link {} ({e}); copying", self.name(), from.display());
-            fs::copy(from, &path)?;
-        }
+        let (mut file, _) = self.prepare_archive(ticket)?;
+        io::copy(&mut File::open(from)?, &mut file)?;
         Ok(())
     }
 

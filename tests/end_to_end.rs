@@ -202,8 +202,8 @@ fn retrieve_without_a_directory_closes_a_running_job_and_kills_it() {
     use std::io::Read;
     assert_eq!(conn.read(&mut buf).unwrap_or(0), 0, "job still alive after close");
     c.wait_no_children();
-    let ticket_dir = c.work().join(format!("output_{}/{t}", c.ports[0]));
-    wait_until("the closed ticket's workspace is gone", || !ticket_dir.exists());
+    let output = c.work().join(format!("output_{}/{t}.out", c.ports[0]));
+    wait_until("the closed ticket's output is gone", || !output.exists());
     // The node is free again.
     let t2 = c.deploy(1, &job(c.dir.path(), "after.tar.gz", &["echo after"]));
     assert!(c.retrieve(t2).0);
@@ -238,7 +238,7 @@ fn sigterm_sigint_and_sighup_stop_the_server_and_kill_running_jobs() {
         assert_eq!(conn.read(&mut buf).unwrap_or(0), 0, "the job died with the server ({sig})");
         assert!(c.log().contains("stopped"));
         // The ticket is not closed: a restart answers for it (tests/restart.rs).
-        assert!(c.work().join(format!("output_{}/{t}/output.txt", c.ports[0])).exists(), "output kept");
+        assert!(c.work().join(format!("output_{}/{t}.out", c.ports[0])).exists(), "output kept");
     }
 }
 

@@ -380,7 +380,7 @@ fn hundreds_of_mixed_jobs_leak_nothing() {
     wait_until("the server's fd count is back to its start", || c.fd_count() == fds_before);
     // Nodes drop a ticket's folder just after CLOSE is answered.
     wait_until("node workspaces are empty", || node_leftovers(&c).is_empty());
-    let spool: Vec<_> = std::fs::read_dir(c.work().join("spool")).unwrap().flatten().collect();
+    let spool = spool_data(&c);
     assert!(spool.is_empty(), "spool kept {spool:?}");
     if is_root() {
         let (lo, hi) = slot_range(&c);

@@ -606,3 +606,35 @@ fn without_a_secret_a_node_port_held_by_another_user_is_not_used() {
     assert_eq!(c.status_json(t)["status"], "WAITING");
     assert_eq!(ups(&c, &addr), 0, "{}", c.log());
 }
+
+#[test]
+fn a_warmed_up_remote_node_and_its_main_server_create_and_delete_no_file_per_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start("127.0.0.6", None, &dir.path().join("n"));
+    let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
+    wait_until("the link is up", || ups(&c, &node.addr) == 1);
+    let a = job(c.dir.path(), "r.tar.gz", &["@echo remote"]);
+    let one = |n: usize| {
+        let t = c.deploy(1, &a);
+        let (ok, outs) = c.retrieve(t);
+        assert!(ok && outs.len() == 1 && outs[0].1 == "remote\n", "job {n}: {outs:?}");
+    };
+    (0..3).for_each(one);
+    let node_dir = dir.path().join("n").join(format!("output_{}", node.port()));
+    let dirs = [c.work(), c.work().join("spool"), dir.path().join("n"), node_dir.clone()];
+    let watch = DirWatch::new(&dirs.iter().map(|d| d.as_path()).collect::<Vec<_>>());
+    (0..6).for_each(one);
+    // The node drops the ticket when its NODE_DROP arrives, after CLOSE's answer.
+    let leftovers = || {
+        std::fs::read_dir(&node_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with("free-"))
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
+    };
+    wait_until("the node's outputs went back to its pool", || leftovers().is_empty());
+    let events = watch.events();
+    assert!(events.is_empty(), "6 jobs created or removed files: {events:#?}");
+    assert!(spool_data(&c).is_empty(), "{:?}", spool_data(&c));
+}

@@ -446,12 +446,30 @@ pub fn wait_within(limit: Duration, what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-/// Entries left in every node's directory.
+/// Entries left in every node's directory, but for the empty files of
+/// its pool (`free-<n>`, reused by later tickets).
 pub fn node_leftovers(c: &Cluster) -> Vec<PathBuf> {
     c.ports
         .iter()
         .flat_map(|p| std::fs::read_dir(c.work().join(format!("output_{p}"))).into_iter().flatten().flatten())
+        .filter(|e| !(e.file_name().to_string_lossy().starts_with("free-") && empty_file(&e.path())))
         .map(|e| e.path())
+        .collect()
+}
+
+fn empty_file(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.len() == 0)
+}
+
+/// What the spool holds but for the empty files of its pool (reused by
+/// later uploads): data an upload or a retrieve left behind.
+pub fn spool_data(c: &Cluster) -> Vec<PathBuf> {
+    std::fs::read_dir(c.work().join("spool"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| !empty_file(p))
         .collect()
 }
 
@@ -555,4 +573,63 @@ pub fn secret_file(dir: &Path, name: &str, text: &str, owner: Option<u32>) -> Pa
         nix::unistd::chown(&path, id, Some(nix::unistd::Gid::from_raw(uid))).expect("chown the secret file");
     }
     path
+}
+
+/// Creations and removals in watched folders (inotify: IN_CREATE covers
+/// open(O_CREAT), mkdir and link; IN_DELETE unlink and rmdir; a rename
+/// is IN_MOVED_*, which allocates and frees no inode).
+pub struct DirWatch {
+    fd: std::os::fd::OwnedFd,
+    dirs: Vec<(i32, String)>,
+}
+
+impl DirWatch {
+    pub fn new(dirs: &[&Path]) -> DirWatch {
+        // SAFETY: plain syscall; the descriptor is owned below.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(raw >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let mut watched = Vec::new();
+        for d in dirs {
+            let c = std::ffi::CString::new(d.to_str().unwrap()).unwrap();
+            // SAFETY: valid descriptor and NUL-terminated path.
+            let wd = unsafe {
+                libc::inotify_add_watch(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    c.as_ptr(),
+                    libc::IN_CREATE | libc::IN_DELETE,
+                )
+            };
+            assert!(wd >= 0, "inotify_add_watch {}: {}", d.display(), std::io::Error::last_os_error());
+            watched.push((wd, d.display().to_string()));
+        }
+        DirWatch { fd, dirs: watched }
+    }
+
+    /// Every event so far, as "created DIR/NAME" or "removed DIR/NAME".
+    pub fn events(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: reads into a buffer of the length given.
+            let n =
+                unsafe { libc::read(std::os::fd::AsRawFd::as_raw_fd(&self.fd), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return out;
+            }
+            let mut at = 0;
+            let head = std::mem::size_of::<libc::inotify_event>();
+            while at + head <= n as usize {
+                // SAFETY: the kernel wrote whole events; read_unaligned copies one header.
+                let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+                let name = &buf[at + head..at + head + ev.len as usize];
+                let name = String::from_utf8_lossy(name).trim_end_matches('\0').to_string();
+                let dir = self.dirs.iter().find(|(wd, _)| *wd == ev.wd).map_or("?", |(_, d)| d.as_str());
+                let what = if ev.mask & libc::IN_CREATE != 0 { "created" } else { "removed" };
+                out.push(format!("{what} {dir}/{name}"));
+                at += head + ev.len as usize;
+            }
+        }
+    }
 }
