@@ -733,8 +733,9 @@ fn cancel(a: CancelArgs) -> Result<ExitCode, String> {
 fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool) -> Result<ExitCode, String> {
     // Waiting for a job has no time limit unless asked for.
     let mut client = connect_waiting(server)?;
-    // Outputs stream into .part files; each is fsynced and renamed into
-    // place, and only then is the ticket closed. The directory is made only
+    // Outputs stream into .part files; each is fsynced (by retrieve_into)
+    // and renamed into place, the directory is fsynced once, and only then
+    // is the ticket closed: after CLOSE these files are the only copy. The directory is made only
     // once the server has said OK: an unknown ticket leaves nothing behind.
     let part = |s: &ReplicaStatus| {
         let _ = fs::create_dir_all(dir);
@@ -807,8 +808,7 @@ fn port_of(node: &str) -> &str {
     node.rsplit(':').next().filter(|p| !p.is_empty()).unwrap_or("unknown")
 }
 
-/// fsync a finished .part file and rename it into place.
+/// Rename a finished .part file (fsynced as it was written) into place.
 fn commit(part: &Path, path: &Path) -> std::io::Result<()> {
-    File::open(part)?.sync_all()?;
     fs::rename(part, path)
 }
