@@ -21,9 +21,7 @@ fn program_header_types(path: &str) -> Vec<u32> {
     let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes")) as usize;
     let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
     assert!(phoff + phnum * phentsize <= b.len(), "{path}: program headers past the first 64 KiB");
-    (0..phnum)
-        .map(|i| u32::from_le_bytes(b[phoff + i * phentsize..][..4].try_into().expect("4 bytes")))
-        .collect()
+    (0..phnum).map(|i| u32::from_le_bytes(b[phoff + i * phentsize..][..4].try_into().expect("4 bytes"))).collect()
 }
 
 #[test]
