@@ -9,8 +9,10 @@
 //! was KILLED, LOST or had a SETUP_ERROR (4 wins over 3; `status` shows why).
 //!
 //! Start-up is kept lean (a user pays two of these processes per job): the
-//! binary is linked statically (build.rs) and enters at the C `main` below,
-//! skipping Rust's runtime set-up; docs/PERFORMANCE.md has the figures.
+//! binary is linked statically (build.rs), enters at the C `main` below
+//! (skipping Rust's runtime set-up), and parses the common forms without
+//! building clap's command tree (`quick_parse`); docs/PERFORMANCE.md has
+//! the figures.
 
 // Not under `cargo test`: the bin's (empty) test harness brings its own main.
 #![cfg_attr(not(test), no_main)]
