@@ -12,7 +12,8 @@
 //!   server's peak RSS (VmHWM, reset before the transfer);
 //! - 10,000 idle connections: the server's RSS and the STATUS round trip;
 //! - an idle server: no wake-ups (so no system calls) for 3 seconds;
-//! - the client program's start-up CPU against a small C program.
+//! - the client program's start-up CPU, and a call (`cloud status`:
+//!   connect, one round trip, exit), against a small C program's start-up.
 //!
 //! Rounds alternate (ours, reference, ours, ...) and each figure is the
 //! median of at least 3. Each is measured on the configured work dir
@@ -988,6 +989,20 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
             Target::None,
         );
         row(rows, "  its CPU", &fs, "ms", ours_cpu, c_cpu, false, false, Target::None);
+        // What a client process costs a user with its call: start-up,
+        // connect, one round trip (CLUSTER), print, exit; against the same
+        // small C program's start-up.
+        let (mut call_wall, mut call_cpu, mut c_wall, mut c_cpu) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            let (w, c) = start_cost(CLIENT, &["status", "--server", &addr], 20);
+            call_wall.push(median(&w).unwrap());
+            call_cpu.push(median(&c).unwrap());
+            let (w, c) = start_cost("true", &["--version"], 20);
+            c_wall.push(median(&w).unwrap());
+            c_cpu.push(median(&c).unwrap());
+        }
+        row(rows, "client call (cloud status vs true)", &fs, "ms", call_wall, c_wall, false, false, Target::None);
+        row(rows, "  its CPU", &fs, "ms", call_cpu, c_cpu, false, false, Target::None);
 
         if std::env::var("CLOUD_BENCH_PROFILE").is_ok_and(|v| v == "1") {
             for follow in [false, true] {

@@ -3,8 +3,10 @@
 //! Owns: one TCP connection (connect timeout, keepalive, a timeout on every
 //! wait), xids that do not repeat across runs, AUTH_SYS credentials of the
 //! process, sending calls (archives streamed from a file in fragments),
-//! reading one reply record per call (RETRIEVE's outputs streamed into files
-//! as they arrive, never held whole), and one retry with the same xid on a
+//! reading one reply record per call in few reads (RETRIEVE's outputs
+//! streamed into files as they arrive, never held whole, each fsynced), with
+//! few system calls per call (a client process per job is a cost users pay),
+//! and one retry with the same xid on a
 //! new connection when the old one breaks before the reply (the server's
 //! duplicate request cache makes a retried DEPLOY or CLOSE happen once).
 //! Must not touch: the server's internals; it only speaks the wire protocol
@@ -81,9 +83,9 @@ fn is_broken(e: &io::Error) -> bool {
 /// An xid that does not repeat across runs: the server's duplicate request
 /// cache must never mistake a new call for a retry of an old one.
 fn first_xid() -> u32 {
-    let mut b = [0u8; 4];
-    if File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_ok() {
-        return u32::from_ne_bytes(b);
+    // getrandom(2): one system call, where opening /dev/urandom takes three.
+    if let Ok(b) = crate::node_auth::random_nonce() {
+        return u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     (now.as_nanos() as u32) ^ std::process::id().wrapping_mul(2_654_435_761)
@@ -91,11 +93,26 @@ fn first_xid() -> u32 {
 
 /// The AUTH_SYS credential of this process: who the kernel says we are.
 fn own_credential() -> AuthSys {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    // gethostname(2) is one uname(2); reading /proc/sys/kernel/hostname took five calls.
+    let name = nix::unistd::gethostname().map(|h| h.to_string_lossy().trim().to_string()).unwrap_or_default();
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as u32);
     let gid = nix::unistd::getegid().as_raw();
-    let gids = nix::unistd::getgroups().unwrap_or_default().iter().map(|g| g.as_raw()).take(16).collect();
-    AuthSys { stamp, machinename: name, uid: nix::unistd::geteuid().as_raw(), gid, gids }
+    AuthSys { stamp, machinename: name, uid: nix::unistd::geteuid().as_raw(), gid, gids: own_groups() }
+}
+
+/// The first 16 supplementary groups (all AUTH_SYS carries), in one
+/// getgroups(2) for up to 16; nix's `getgroups` first reads
+/// /proc/sys/kernel/ngroups_max (three more calls) to size its buffer.
+fn own_groups() -> Vec<u32> {
+    let mut gids = [0 as libc::gid_t; 16];
+    // SAFETY: the pointer and count describe `gids`, a live, writable array;
+    // getgroups(2) writes at most that many entries, or fails with EINVAL
+    // (more groups than that) writing none.
+    let n = unsafe { libc::getgroups(gids.len() as libc::c_int, gids.as_mut_ptr()) };
+    match usize::try_from(n) {
+        Ok(n) => gids[..n.min(gids.len())].to_vec(),
+        Err(_) => nix::unistd::getgroups().unwrap_or_default().iter().map(|g| g.as_raw()).take(16).collect(),
+    }
 }
 
 impl Client {
@@ -197,9 +214,8 @@ impl Client {
             Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
             None => PollTimeout::NONE,
         };
-        self.stream.set_nonblocking(true)?;
-        let sent = loop {
-            let wrote = out.write_to(&mut self.stream);
+        loop {
+            let wrote = out.write_to(&mut DontWait(&self.stream));
             if let Some(progress) = self.progress.as_mut() {
                 progress(out.written());
             }
@@ -217,9 +233,7 @@ impl Client {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => break Err(e.into()),
             }
-        };
-        self.stream.set_nonblocking(false)?;
-        sent
+        }
     }
 
     /// The call header for `proc_num` with our credentials.
@@ -294,7 +308,8 @@ impl Client {
 
     /// RETRIEVE, streaming each replica's output into a file that
     /// `output_file(&status)` names, as it arrives. Returns every replica's
-    /// status with the file written (created whole or not at all).
+    /// status with the file written (created whole or not at all, and
+    /// fsynced: what the caller needs before it closes the ticket).
     /// `output_file` is called only once the server has said OK.
     pub fn retrieve_into(
         &mut self,
@@ -419,6 +434,23 @@ impl Client {
     }
 }
 
+/// The socket's writes without blocking (MSG_DONTWAIT), while its reads
+/// still block: no pair of system calls per call to switch the socket to
+/// non-blocking and back.
+struct DontWait<'a>(&'a TcpStream);
+
+impl Write for DontWait<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
+        Ok(send(self.0.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL)?)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Connect to `server` within CONNECT_TIMEOUT, with TCP keepalive and
 /// `timeout` on every read and write.
 fn open(server: &str, timeout: Option<Duration>) -> Result<TcpStream, ClientError> {
@@ -466,7 +498,10 @@ fn open(server: &str, timeout: Option<Duration>) -> Result<TcpStream, ClientErro
     let _ = setsockopt(&stream, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE);
     let _ = setsockopt(&stream, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL);
     let _ = setsockopt(&stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
-    stream.set_read_timeout(timeout).and_then(|_| stream.set_write_timeout(timeout)).map_err(|e| fail(&e))?;
+    // A new socket has no timeouts: set them only when there are some.
+    if timeout.is_some() {
+        stream.set_read_timeout(timeout).and_then(|_| stream.set_write_timeout(timeout)).map_err(|e| fail(&e))?;
+    }
     Ok(stream)
 }
 
@@ -522,7 +557,9 @@ fn read_outputs(
             if copied < len {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            f.flush()
+            // On disk before the caller closes the ticket (the server's copy
+            // goes then): fsync here, on the descriptor written.
+            f.sync_all()
         });
         if let Err(e) = written {
             let _ = std::fs::remove_file(&path);

@@ -1,0 +1,76 @@
+//! The client programs start lean (issue 11: a user pays two `cloud`
+//! processes per job): the binary loads no shared libraries (build.rs links
+//! it statically), and its own entry point (src/bin/cloud.rs) still does
+//! what Rust's start-up did for it: a client started with stdout closed
+//! does not print into its connection to the server.
+
+mod common;
+
+use std::io::Read;
+use std::process::Command;
+
+use common::{job, Cluster, CLIENT};
+
+/// The `p_type` of each program header of the ELF64 little-endian file at `path`.
+fn program_header_types(path: &str) -> Vec<u32> {
+    let mut head = vec![0u8; 64 << 10];
+    let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).expect("read the client binary");
+    let b = &head[..n];
+    assert!(b.len() >= 64 && b.starts_with(b"\x7fELF") && b[4] == 2 && b[5] == 1, "{path}: not an ELF64 LE file");
+    let u16_at = |o: usize| usize::from(u16::from_le_bytes([b[o], b[o + 1]]));
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes")) as usize;
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    assert!(phoff + phnum * phentsize <= b.len(), "{path}: program headers past the first 64 KiB");
+    (0..phnum).map(|i| u32::from_le_bytes(b[phoff + i * phentsize..][..4].try_into().expect("4 bytes"))).collect()
+}
+
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn client_program_loads_no_shared_libraries() {
+    if std::env::var("CLOUD_CLIENT_DYNAMIC").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED client_program_loads_no_shared_libraries: CLOUD_CLIENT_DYNAMIC=1 links cloud dynamically");
+        return;
+    }
+    const PT_LOAD: u32 = 1;
+    const PT_INTERP: u32 = 3;
+    let types = program_header_types(CLIENT);
+    assert!(types.contains(&PT_LOAD), "{CLIENT}: no loadable segment in {types:?}");
+    assert!(
+        !types.contains(&PT_INTERP),
+        "{CLIENT} names a dynamic loader (PT_INTERP): build.rs did not link it statically (its cargo warning says why)"
+    );
+}
+
+#[test]
+fn client_with_stdout_closed_does_not_print_into_its_connection() {
+    let c = Cluster::start_with(1, &[]);
+    let archive = job(c.dir.path(), "hi.tar.gz", &["echo hi from the job"]);
+    let ticket = c.deploy(1, &archive).to_string();
+    let done = c.cloud(&["status", &ticket, "--wait"]);
+    assert!(done.status.success(), "status --wait: {}", String::from_utf8_lossy(&done.stderr));
+    // `>&-`: the client starts without fd 1, and `--follow` opens its
+    // connection first, then prints the output and makes another call. Had
+    // the socket taken fd 1, the output would reach the server as the start
+    // of that call, which would never be answered (--timeout: the client
+    // gives up before the server's call timeout and a retry).
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec "$0" retrieve "$1" --follow --timeout 20 --server "$2" >&-"#)
+        .arg(CLIENT)
+        .arg(&ticket)
+        .arg(c.addr.to_string())
+        .output()
+        .expect("run sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.is_empty(), "retrieve --follow with stdout closed: {err}");
+    // The server still holds the output: nothing was lost or mixed up.
+    let run = c.dir.path().join("out");
+    let got = c.cloud(&["retrieve", &ticket, run.to_str().expect("utf-8 path")]);
+    assert!(got.status.success(), "retrieve: {}", String::from_utf8_lossy(&got.stderr));
+    let text: String = std::fs::read_dir(&run)
+        .expect("read out dir")
+        .flatten()
+        .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
+        .collect();
+    assert!(text.contains("hi from the job"), "output files hold {text:?}");
+}
