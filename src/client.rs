@@ -27,6 +27,10 @@ use crate::xdr::{padding, XdrReader, XdrWriter};
 
 /// Largest buffered reply (everything but RETRIEVE's outputs).
 const MAX_REPLY: u64 = 16 << 20;
+/// Largest fragment a call is sent in. The server's decoder takes
+/// fragments of any size (record marking allows 2^31 - 1 bytes); large ones
+/// mean few headers, and an archive's bytes in long `sendfile` runs.
+const SEND_FRAGMENT: usize = 8 << 20;
 
 /// What went wrong, as one line for people.
 #[derive(Debug)]
@@ -185,13 +189,14 @@ impl Client {
         }
     }
 
-    /// Send one call. While sending, watch for an early
+    /// Send one call (an archive straight from its file with `sendfile`,
+    /// in fragments of `SEND_FRAGMENT`). While sending, watch for an early
     /// reply: a server that refuses an upload (too large, too many
     /// replicas) answers at once, and there is no point sending the rest.
     fn send(&mut self, pieces: Vec<Piece>) -> io::Result<()> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
-        let mut out = Outbox::new();
+        let mut out = Outbox::with_max_fragment(SEND_FRAGMENT);
         out.push(pieces);
         let wait = match self.timeout {
             Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
@@ -199,7 +204,7 @@ impl Client {
         };
         self.stream.set_nonblocking(true)?;
         let sent = loop {
-            let wrote = out.write_to(&mut self.stream);
+            let wrote = out.write_to_socket(&mut self.stream);
             if let Some(progress) = self.progress.as_mut() {
                 progress(out.written());
             }

@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 
 use crate::archive_check::{checked_path, kind_name, shown, Refusal, TarScan};
 
@@ -50,7 +50,9 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
         Ok(()) => return Err("bad archive: not a gzip file (deploy expects a .tar.gz)".into()),
         Err(_) => return Err("bad archive: the file is empty or truncated".into()),
     }
-    let gz = GzDecoder::new(io::Cursor::new(magic).chain(archive));
+    // Large reads of the archive; inflate writes straight into the copy
+    // buffer below (the `tar` crate passes an entry's reads through).
+    let gz = GzDecoder::new(io::BufReader::with_capacity(COPY_BLOCK, io::Cursor::new(magic).chain(archive)));
     let mut tar = tar::Archive::new(Scanned { inner: gz, scan: TarScan::new(*limits) });
     let mut done = Extracted { files: 0, dirs: 0, bytes: 0 };
     let entries = tar.entries().map_err(|e| describe(&e))?;
@@ -166,8 +168,12 @@ enum CopyError {
     Write(io::Error),
 }
 
+/// Bytes read from the archive and written to a file at a time: large
+/// blocks make fewer system calls and let huge tmpfs pages fill in one go.
+const COPY_BLOCK: usize = 256 * 1024;
+
 fn copy_limited(from: &mut impl Read, to: &mut impl Write, budget: u64) -> Result<u64, CopyError> {
-    let mut buf = [0u8; 16 * 1024];
+    let mut buf = vec![0u8; COPY_BLOCK];
     let mut total = 0u64;
     loop {
         let n = match from.read(&mut buf) {

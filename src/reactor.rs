@@ -63,7 +63,7 @@ use crate::node::Finished;
 use crate::node_auth::{self, NodeGate, Secret};
 use crate::node_service::{NodeService, Reaped};
 use crate::peer::{self, PeerId};
-use crate::record::{Outbox, Piece};
+use crate::record::Piece;
 use crate::scheduler::NodeId;
 use crate::session::{Call, CallEvent};
 use crate::spawn::{Containment, JobLimits};
@@ -1212,11 +1212,11 @@ impl Server {
 
     /// Write until WouldBlock and keep WRITABLE interest only while needed.
     fn flush(&mut self, conn: &mut Conn) {
-        match conn.outbox.write_to(&mut conn.stream) {
+        match conn.outbox.write_to_socket(&mut conn.stream) {
             Ok(_) => {}
             Err(e) => {
                 log::debug!("write error: {e}");
-                conn.outbox = Outbox::new();
+                conn.outbox.discard();
                 conn.closing = true;
                 conn.linger = Linger::No;
             }
