@@ -11,6 +11,7 @@
 //! `Makefile` (or `makefile`, `GNUmakefile`) at its top level.
 //! Sans-I/O: bytes in ([`ArchiveCheck::feed`]), a verdict out
 //! ([`ArchiveCheck::finish`]); memory is bounded (a 32 KiB inflate buffer,
+//! or one the caller lends to all its checks,
 //! one header, and long-name / PAX data capped by `--max-path`), and nothing
 //! is read twice. [`TarScan`] is also run by `extract` over the inflated
 //! stream in the replica's child, so both apply one set of rules.
@@ -166,9 +167,20 @@ impl ArchiveCheck {
     /// Check the next bytes of the upload. After a refusal every call
     /// returns the same refusal and looks at nothing more.
     pub fn feed(&mut self, data: &[u8]) -> Result<(), Refusal> {
+        let mut out = std::mem::take(&mut self.out);
+        let r = self.feed_using(data, &mut out);
+        self.out = out;
+        r
+    }
+
+    /// `feed`, inflating into `scratch` (any size; larger means fewer
+    /// inflate calls, and zlib copies at most 32 KiB of each call's output
+    /// into its window): a server checking many uploads lends them one
+    /// large buffer instead of giving each its own.
+    pub fn feed_using(&mut self, data: &[u8], scratch: &mut [u8]) -> Result<(), Refusal> {
         self.refused.check()?;
         self.wire += data.len() as u64;
-        let r = self.step(data);
+        let r = if scratch.is_empty() { self.step(data, &mut [0; 512]) } else { self.step(data, scratch) };
         self.refused.keep(r)
     }
 
@@ -197,11 +209,11 @@ impl ArchiveCheck {
         now - std::mem::replace(&mut self.charged, now)
     }
 
-    fn step(&mut self, data: &[u8]) -> Result<(), Refusal> {
+    fn step(&mut self, data: &[u8], out: &mut [u8]) -> Result<(), Refusal> {
         let mut i = 0;
         while i < data.len() {
             match self.gz {
-                Gz::Deflate => i += self.deflate(&data[i..])?,
+                Gz::Deflate => i += self.deflate(&data[i..], out)?,
                 Gz::Trailer { have } => {
                     let n = (8 - have).min(data.len() - i);
                     self.trailer[have..have + n].copy_from_slice(&data[i..i + n]);
@@ -303,24 +315,24 @@ impl ArchiveCheck {
     }
 
     /// Inflate from `input`, scanning what comes out; returns bytes used.
-    fn deflate(&mut self, input: &[u8]) -> Result<usize, Refusal> {
+    fn deflate(&mut self, input: &[u8], out: &mut [u8]) -> Result<usize, Refusal> {
         let mut used = 0;
         loop {
             let (in0, out0) = (self.inflate.total_in(), self.inflate.total_out());
             let status = self
                 .inflate
-                .decompress(&input[used..], &mut self.out, FlushDecompress::None)
+                .decompress(&input[used..], out, FlushDecompress::None)
                 .map_err(|e| Refusal(format!("bad archive: corrupt gzip data ({e})")))?;
             let consumed = (self.inflate.total_in() - in0) as usize;
             let produced = (self.inflate.total_out() - out0) as usize;
             used += consumed;
-            self.crc.update(&self.out[..produced]);
-            self.tar.feed(&self.out[..produced])?;
+            self.crc.update(&out[..produced]);
+            self.tar.feed(&out[..produced])?;
             if status == Status::StreamEnd {
                 self.gz = Gz::Trailer { have: 0 };
                 return Ok(used);
             }
-            let full = produced == self.out.len();
+            let full = produced == out.len();
             if (used == input.len() && !full) || (consumed == 0 && produced == 0) {
                 return Ok(used);
             }
@@ -786,6 +798,13 @@ mod tests {
         let whole = check_in(bytes, bytes.len(), LIMITS);
         for chunk in [1, 7, 512, 4096] {
             assert_eq!(check_in(bytes, chunk, LIMITS), whole, "same verdict in chunks of {chunk}");
+        }
+        // The same verdict inflating into a lent buffer of any size.
+        for size in [0, 1, 100, 256 * 1024] {
+            let mut scratch = vec![0; size];
+            let mut c = ArchiveCheck::new(LIMITS);
+            let fed: Result<(), Refusal> = bytes.chunks(4096).try_for_each(|p| c.feed_using(p, &mut scratch));
+            assert_eq!(fed.and_then(|()| c.finish()), whole, "same verdict with a {size} byte scratch buffer");
         }
         whole
     }

@@ -332,6 +332,7 @@ impl Server {
             job_uids: cfg.identities.iter().flatten().map(|(u, _)| u.as_raw()).collect(),
             tickets,
             extract_limits: cfg.limits.extract,
+            inflate_scratch: Vec::new(),
             next_spool: 0,
             max_output: cfg.max_output,
             secret: cfg.secret.clone(),
