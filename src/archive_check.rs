@@ -2,7 +2,7 @@
 //!
 //! Owns: the decision whether an uploaded archive is one a replica can
 //! unpack and run: a single gzip member (header parsed here, raw deflate
-//! through `flate2::Decompress`, CRC32 and ISIZE checked) holding a tar
+//! through `flate2::Decompress`, CRC32 (crc32fast) and ISIZE checked) holding a tar
 //! archive (512-byte headers, checksums, octal or base-256 sizes, GNU 'L'/'K'
 //! long names and PAX 'x' records read to learn the real names, PAX 'g'
 //! skipped) that obeys the rules of [`crate::extract`] (only regular files
@@ -21,7 +21,8 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use flate2::{Crc, Decompress, FlushDecompress, Status};
+use crc32fast::Hasher as Crc;
+use flate2::{Decompress, FlushDecompress, Status};
 
 use crate::extract::ExtractLimits;
 
@@ -286,7 +287,7 @@ impl ArchiveCheck {
                 if have == 0 {
                     Gz::HeaderCrc { have: 1 }
                 } else {
-                    let want = (self.hcrc.sum() & 0xffff) as u16;
+                    let want = (self.hcrc.clone().finalize() & 0xffff) as u16;
                     if u16::from_le_bytes(self.hcrc_bytes) != want {
                         return refuse("bad archive: corrupt gzip header (header checksum mismatch)");
                     }
@@ -342,7 +343,7 @@ impl ArchiveCheck {
     fn check_trailer(&self) -> Result<(), Refusal> {
         let crc = u32::from_le_bytes([self.trailer[0], self.trailer[1], self.trailer[2], self.trailer[3]]);
         let size = u32::from_le_bytes([self.trailer[4], self.trailer[5], self.trailer[6], self.trailer[7]]);
-        if crc != self.crc.sum() || size != self.inflate.total_out() as u32 {
+        if crc != self.crc.clone().finalize() || size != self.inflate.total_out() as u32 {
             return refuse("bad archive: corrupt gzip data (checksum mismatch)");
         }
         Ok(())
@@ -921,7 +922,7 @@ mod tests {
         h.extend_from_slice(b"job.tar\0a comment\0");
         let mut crc = Crc::new();
         crc.update(&h);
-        h.extend_from_slice(&((crc.sum() & 0xffff) as u16).to_le_bytes());
+        h.extend_from_slice(&((crc.clone().finalize() & 0xffff) as u16).to_le_bytes());
         let with = [h.clone(), body[10..].to_vec()].concat();
         assert!(check(&with).unwrap().makefile);
         let n = h.len();
