@@ -9,7 +9,9 @@
 //! - a compile job (a one-file C program) alone, against the direct run;
 //! - a 1 GiB archive of incompressible data, client -> main -> node ->
 //!   replica, against a raw loopback TCP stream of the same bytes, with the
-//!   server's peak RSS (VmHWM, reset before the transfer);
+//!   server's peak RSS (VmHWM, reset before the transfer); and the same
+//!   through a `cloud-server node` process: until that node holds the
+//!   whole archive (client -> main -> node), and on to the retrieve;
 //! - 10,000 idle connections: the server's RSS and the STATUS round trip;
 //! - an idle server: no wake-ups (so no system calls) for 3 seconds;
 //! - the client program's start-up CPU, and a call (`cloud status`:
@@ -399,6 +401,110 @@ impl Server {
     fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// Room for the 1 GiB archive (it unpacks into the replica's tmpfs, which
+/// counts against its memory).
+const BIG_LIMITS: [&str; 8] = ["--max-archive", "2G", "--max-extract", "2G", "--max-disk", "2G", "--max-memory", "4G"];
+
+/// Start `cloud-server` with `args`; returns once its ready line names the
+/// address it listens on.
+fn spawn_server(args: &[std::ffi::OsString]) -> Server {
+    let mut child = Command::new(SERVER)
+        .args(args)
+        .args(BIG_LIMITS)
+        .args(std::env::var("CLOUD_BENCH_ARGS").unwrap_or_default().split_whitespace())
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    let mut seen = String::new();
+    let mut line = String::new();
+    while addr.is_none() {
+        line.clear();
+        if lines.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("cloud-server ended before its ready line:\n{seen}");
+        }
+        seen.push_str(&line);
+        addr = line.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).map(str::to_string);
+    }
+    eprintln!("{}", line.trim());
+    std::thread::spawn(move || {
+        for l in lines.lines().map_while(Result::ok) {
+            eprintln!("  server: {l}");
+        }
+    });
+    Server { child, addr: addr.unwrap().trim_end_matches([',', ';']).to_string() }
+}
+
+/// A `cloud-server node` process and a main server whose one node it is
+/// (NODE_PROG over loopback TCP): (node, main).
+fn start_remote_pair(base: &Path) -> (Server, Server) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let node_uids = (1_000_000 + u32::from(port) * 64 + 32).to_string();
+    let node = spawn_server(&[
+        os("node"),
+        os("--listen"),
+        os(&format!("127.0.0.1:{port}")),
+        os("--slot-uids"),
+        os(&node_uids),
+        os("--work-dir"),
+        base.join("node-work").into_os_string(),
+    ]);
+    std::fs::write(base.join("remote-nodes.txt"), format!("1\n127.0.0.1:{port}\n")).unwrap();
+    let main_uids = (1_000_000 + u32::from(port) * 64).to_string();
+    let main = spawn_server(&[
+        os("--slot-uids"),
+        os(&main_uids),
+        os("--nodes"),
+        base.join("remote-nodes.txt").into_os_string(),
+        os("--listen"),
+        os("127.0.0.1:0"),
+        os("--work-dir"),
+        base.join("remote-work").into_os_string(),
+    ]);
+    (node, main)
+}
+
+/// The first file under `dir` (recursively) of at least `len` bytes.
+fn holds_file_of(dir: &Path, len: u64) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|e| match e.file_type() {
+        Ok(t) if t.is_dir() => holds_file_of(&e.path(), len),
+        Ok(t) if t.is_file() => e.metadata().is_ok_and(|m| m.len() >= len),
+        _ => false,
+    })
+}
+
+/// Deploy `archive` through the remote pair, then retrieve it: (seconds
+/// until the node's work dir holds the whole archive, seconds until the
+/// retrieve is done).
+fn remote_round(main: &Server, node_work: &Path, archive: &Path, outdir: &Path) -> (f64, f64) {
+    let bytes = std::fs::metadata(archive).unwrap().len();
+    // The last round's copy is removed in the background: gone first.
+    let since = Instant::now();
+    while holds_file_of(node_work, bytes) {
+        assert!(since.elapsed() < Duration::from_secs(60), "the last archive is still on the node");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let start = Instant::now();
+    let watch = node_work.to_path_buf();
+    let landed = std::thread::spawn(move || loop {
+        if holds_file_of(&watch, bytes) {
+            return start.elapsed().as_secs_f64();
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            panic!("the node never held the whole archive");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    });
+    let ticket = deploy(&main.addr, archive);
+    retrieve(&main.addr, &ticket, outdir);
+    let total = start.elapsed().as_secs_f64();
+    (landed.join().unwrap(), total)
 }
 
 fn start_server(base: &Path) -> Server {
@@ -899,6 +1005,43 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
         );
         row(rows, "  of which deploy (client->main)", &fs, "MB/s", deploy_only, reference, true, false, Target::None);
         row(rows, "  server peak RSS during 1 GiB", &fs, "MiB", vec![hwm], vec![], false, false, Target::AtMost(32.0));
+
+        // The same through a node in its own process (NODE_PROG over
+        // loopback TCP): until the node's work dir holds the whole archive
+        // (client -> main -> node, the transfer issue 11 names), and on to
+        // the retrieve.
+        let (node, main) = start_remote_pair(base);
+        let node_work = base.join("node-work");
+        let t = remote_round(&main, &node_work, &a.echo, &base.join("remote-warm"));
+        eprintln!("  remote node warm-up: {:.3} s", t.1);
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", main.pid()), "5");
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", node.pid()), "5");
+        let (mut transfer, mut whole, mut reference) = (vec![], vec![], vec![]);
+        for r in 0..rounds {
+            let dir = base.join(format!("big-remote{r}"));
+            let (landed, total) = remote_round(&main, &node_work, big, &dir);
+            transfer.push(bytes / landed / 1e6);
+            whole.push(bytes / total / 1e6);
+            std::fs::remove_dir_all(&dir).unwrap();
+            reference.push(bytes / raw_tcp(big) / 1e6);
+        }
+        let hwm = (proc_status_kib(main.pid(), "VmHWM:").max(proc_status_kib(node.pid(), "VmHWM:"))) as f64 / 1024.0;
+        let figure = "1 GiB archive, client->main->node process";
+        row(rows, figure, &fs, "MB/s", transfer, reference.clone(), true, false, Target::AtLeast(0.5));
+        row(rows, "  the same, on to retrieve", &fs, "MB/s", whole, reference, true, false, Target::None);
+        row(
+            rows,
+            "  main and node peak RSS (the larger)",
+            &fs,
+            "MiB",
+            vec![hwm],
+            vec![],
+            false,
+            false,
+            Target::AtMost(32.0),
+        );
+        drop(main);
+        drop(node);
     }
 
     if first {

@@ -2,7 +2,7 @@
 //!
 //! Owns: the decision whether an uploaded archive is one a replica can
 //! unpack and run: a single gzip member (header parsed here, raw deflate
-//! through `flate2::Decompress`, CRC32 and ISIZE checked) holding a tar
+//! through `flate2::Decompress`, CRC32 (crc32fast) and ISIZE checked) holding a tar
 //! archive (512-byte headers, checksums, octal or base-256 sizes, GNU 'L'/'K'
 //! long names and PAX 'x' records read to learn the real names, PAX 'g'
 //! skipped) that obeys the rules of [`crate::extract`] (only regular files
@@ -11,6 +11,7 @@
 //! `Makefile` (or `makefile`, `GNUmakefile`) at its top level.
 //! Sans-I/O: bytes in ([`ArchiveCheck::feed`]), a verdict out
 //! ([`ArchiveCheck::finish`]); memory is bounded (a 32 KiB inflate buffer,
+//! or one the caller lends to all its checks,
 //! one header, and long-name / PAX data capped by `--max-path`), and nothing
 //! is read twice. [`TarScan`] is also run by `extract` over the inflated
 //! stream in the replica's child, so both apply one set of rules.
@@ -20,7 +21,8 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use flate2::{Crc, Decompress, FlushDecompress, Status};
+use crc32fast::Hasher as Crc;
+use flate2::{Decompress, FlushDecompress, Status};
 
 use crate::extract::ExtractLimits;
 
@@ -166,9 +168,20 @@ impl ArchiveCheck {
     /// Check the next bytes of the upload. After a refusal every call
     /// returns the same refusal and looks at nothing more.
     pub fn feed(&mut self, data: &[u8]) -> Result<(), Refusal> {
+        let mut out = std::mem::take(&mut self.out);
+        let r = self.feed_using(data, &mut out);
+        self.out = out;
+        r
+    }
+
+    /// `feed`, inflating into `scratch` (any size; larger means fewer
+    /// inflate calls, and zlib copies at most 32 KiB of each call's output
+    /// into its window): a server checking many uploads lends them one
+    /// large buffer instead of giving each its own.
+    pub fn feed_using(&mut self, data: &[u8], scratch: &mut [u8]) -> Result<(), Refusal> {
         self.refused.check()?;
         self.wire += data.len() as u64;
-        let r = self.step(data);
+        let r = if scratch.is_empty() { self.step(data, &mut [0; 512]) } else { self.step(data, scratch) };
         self.refused.keep(r)
     }
 
@@ -197,11 +210,11 @@ impl ArchiveCheck {
         now - std::mem::replace(&mut self.charged, now)
     }
 
-    fn step(&mut self, data: &[u8]) -> Result<(), Refusal> {
+    fn step(&mut self, data: &[u8], out: &mut [u8]) -> Result<(), Refusal> {
         let mut i = 0;
         while i < data.len() {
             match self.gz {
-                Gz::Deflate => i += self.deflate(&data[i..])?,
+                Gz::Deflate => i += self.deflate(&data[i..], out)?,
                 Gz::Trailer { have } => {
                     let n = (8 - have).min(data.len() - i);
                     self.trailer[have..have + n].copy_from_slice(&data[i..i + n]);
@@ -274,7 +287,7 @@ impl ArchiveCheck {
                 if have == 0 {
                     Gz::HeaderCrc { have: 1 }
                 } else {
-                    let want = (self.hcrc.sum() & 0xffff) as u16;
+                    let want = (self.hcrc.clone().finalize() & 0xffff) as u16;
                     if u16::from_le_bytes(self.hcrc_bytes) != want {
                         return refuse("bad archive: corrupt gzip header (header checksum mismatch)");
                     }
@@ -303,24 +316,24 @@ impl ArchiveCheck {
     }
 
     /// Inflate from `input`, scanning what comes out; returns bytes used.
-    fn deflate(&mut self, input: &[u8]) -> Result<usize, Refusal> {
+    fn deflate(&mut self, input: &[u8], out: &mut [u8]) -> Result<usize, Refusal> {
         let mut used = 0;
         loop {
             let (in0, out0) = (self.inflate.total_in(), self.inflate.total_out());
             let status = self
                 .inflate
-                .decompress(&input[used..], &mut self.out, FlushDecompress::None)
+                .decompress(&input[used..], out, FlushDecompress::None)
                 .map_err(|e| Refusal(format!("bad archive: corrupt gzip data ({e})")))?;
             let consumed = (self.inflate.total_in() - in0) as usize;
             let produced = (self.inflate.total_out() - out0) as usize;
             used += consumed;
-            self.crc.update(&self.out[..produced]);
-            self.tar.feed(&self.out[..produced])?;
+            self.crc.update(&out[..produced]);
+            self.tar.feed(&out[..produced])?;
             if status == Status::StreamEnd {
                 self.gz = Gz::Trailer { have: 0 };
                 return Ok(used);
             }
-            let full = produced == self.out.len();
+            let full = produced == out.len();
             if (used == input.len() && !full) || (consumed == 0 && produced == 0) {
                 return Ok(used);
             }
@@ -330,7 +343,7 @@ impl ArchiveCheck {
     fn check_trailer(&self) -> Result<(), Refusal> {
         let crc = u32::from_le_bytes([self.trailer[0], self.trailer[1], self.trailer[2], self.trailer[3]]);
         let size = u32::from_le_bytes([self.trailer[4], self.trailer[5], self.trailer[6], self.trailer[7]]);
-        if crc != self.crc.sum() || size != self.inflate.total_out() as u32 {
+        if crc != self.crc.clone().finalize() || size != self.inflate.total_out() as u32 {
             return refuse("bad archive: corrupt gzip data (checksum mismatch)");
         }
         Ok(())
@@ -787,6 +800,13 @@ mod tests {
         for chunk in [1, 7, 512, 4096] {
             assert_eq!(check_in(bytes, chunk, LIMITS), whole, "same verdict in chunks of {chunk}");
         }
+        // The same verdict inflating into a lent buffer of any size.
+        for size in [0, 1, 100, 256 * 1024] {
+            let mut scratch = vec![0; size];
+            let mut c = ArchiveCheck::new(LIMITS);
+            let fed: Result<(), Refusal> = bytes.chunks(4096).try_for_each(|p| c.feed_using(p, &mut scratch));
+            assert_eq!(fed.and_then(|()| c.finish()), whole, "same verdict with a {size} byte scratch buffer");
+        }
         whole
     }
 
@@ -902,7 +922,7 @@ mod tests {
         h.extend_from_slice(b"job.tar\0a comment\0");
         let mut crc = Crc::new();
         crc.update(&h);
-        h.extend_from_slice(&((crc.sum() & 0xffff) as u16).to_le_bytes());
+        h.extend_from_slice(&((crc.clone().finalize() & 0xffff) as u16).to_le_bytes());
         let with = [h.clone(), body[10..].to_vec()].concat();
         assert!(check(&with).unwrap().makefile);
         let n = h.len();

@@ -29,6 +29,14 @@ use crate::xdr::{padding, XdrReader, XdrWriter};
 
 /// Largest buffered reply (everything but RETRIEVE's outputs).
 const MAX_REPLY: u64 = 16 << 20;
+/// Largest fragment a call is sent in. The server's decoder takes
+/// fragments of any size (record marking allows 2^31 - 1 bytes); large ones
+/// mean few headers (the server writes a spooled archive in one piece per
+/// read, not split around them) and 1 MiB reads and writes here. The bytes
+/// are copied, not sent with `sendfile`: measured, the server (the
+/// bottleneck) then receives them warm from the cache, 0.1 to 0.2 s of its
+/// CPU less per GiB.
+const SEND_FRAGMENT: usize = 1 << 20;
 
 /// What went wrong, as one line for people.
 #[derive(Debug)]
@@ -202,13 +210,14 @@ impl Client {
         }
     }
 
-    /// Send one call. While sending, watch for an early
+    /// Send one call (an archive in fragments of `SEND_FRAGMENT`). While
+    /// sending, watch for an early
     /// reply: a server that refuses an upload (too large, too many
     /// replicas) answers at once, and there is no point sending the rest.
     fn send(&mut self, pieces: Vec<Piece>) -> io::Result<()> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
-        let mut out = Outbox::new();
+        let mut out = Outbox::with_max_fragment(SEND_FRAGMENT);
         out.push(pieces);
         let wait = match self.timeout {
             Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),

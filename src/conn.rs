@@ -32,6 +32,9 @@ use crate::timers::Phase;
 /// Largest buffered (non-streamed) record: calls and small replies.
 pub(crate) const MAX_RECORD: usize = 64 * 1024;
 
+/// Largest fragment sent on a node link (both ends are cloud-servers).
+const LINK_FRAGMENT: usize = 8 << 20;
+
 /// A call on a node link, remembered until its reply.
 #[derive(Debug)]
 pub(crate) enum Pending {
@@ -228,12 +231,19 @@ impl Conn {
                 Reader::Replies(ReplyReader::new(MAX_RECORD, u64::from(u32::MAX), pending_stream_at))
             }
         };
+        // Both ends of a node link are ours and take fragments of any size:
+        // an archive or output goes in long sendfile runs. Clients get
+        // libtirpc's size (rpcgen clients read our replies).
+        let outbox = match role {
+            Role::Client => Outbox::new(),
+            Role::NodeInbound(_) | Role::NodeLink { .. } => Outbox::with_max_fragment(LINK_FRAGMENT),
+        };
         Conn {
             stream,
             token,
             role,
             reader,
-            outbox: Outbox::new(),
+            outbox,
             sink: Sink::None,
             closing: false,
             linger: Linger::No,

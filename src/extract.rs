@@ -15,11 +15,11 @@
 //! exec, but is plain code so tests call it directly.
 
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
-use flate2::read::GzDecoder;
+use flate2::bufread::DeflateDecoder;
 
 use crate::archive_check::{checked_path, kind_name, shown, Refusal, TarScan};
 
@@ -50,7 +50,9 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
         Ok(()) => return Err("bad archive: not a gzip file (deploy expects a .tar.gz)".into()),
         Err(_) => return Err("bad archive: the file is empty or truncated".into()),
     }
-    let gz = GzDecoder::new(io::Cursor::new(magic).chain(archive));
+    // Large reads of the archive; inflate writes straight into the copy
+    // buffer below (the `tar` crate passes an entry's reads through).
+    let gz = Gunzip::new(io::BufReader::with_capacity(COPY_BLOCK, io::Cursor::new(magic).chain(archive)))?;
     let mut tar = tar::Archive::new(Scanned { inner: gz, scan: TarScan::new(*limits) });
     let mut done = Extracted { files: 0, dirs: 0, bytes: 0 };
     let entries = tar.entries().map_err(|e| describe(&e))?;
@@ -129,6 +131,100 @@ pub fn extract(mut archive: impl Read, dest: &Path, limits: &ExtractLimits) -> R
     Ok(done)
 }
 
+/// The inflated contents of a gzip member (RFC 1952) whose CRC32 and length
+/// are checked against its trailer at its end. Its header was checked at
+/// DEPLOY (`archive_check`) and is only skipped here. The CRC is crc32fast's
+/// (SIMD), whatever flate2's backend.
+struct Gunzip<R: BufRead> {
+    inflate: DeflateDecoder<R>,
+    crc: crc32fast::Hasher,
+    len: u64,
+    done: bool,
+}
+
+const GZ_FEXTRA: u8 = 4;
+const GZ_FNAME: u8 = 8;
+const GZ_FCOMMENT: u8 = 16;
+const GZ_FHCRC: u8 = 2;
+
+impl<R: BufRead> Gunzip<R> {
+    /// Skip the member's header; the error is one line for the replica.
+    fn new(mut r: R) -> Result<Self, String> {
+        skip_gzip_header(&mut r).map_err(|e| describe(&e))?;
+        Ok(Gunzip { inflate: DeflateDecoder::new(r), crc: crc32fast::Hasher::new(), len: 0, done: false })
+    }
+}
+
+fn skip_gzip_header(r: &mut impl BufRead) -> io::Result<()> {
+    let mut fixed = [0u8; 10];
+    r.read_exact(&mut fixed)?;
+    if fixed[..2] != [0x1f, 0x8b] || fixed[2] != 8 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a deflate gzip member"));
+    }
+    let flags = fixed[3];
+    if flags & GZ_FEXTRA != 0 {
+        let mut xlen = [0u8; 2];
+        r.read_exact(&mut xlen)?;
+        skip(r, u64::from(u16::from_le_bytes(xlen)))?;
+    }
+    for flag in [GZ_FNAME, GZ_FCOMMENT] {
+        if flags & flag != 0 {
+            // Up to and including a NUL, without keeping it.
+            loop {
+                let buf = r.fill_buf()?;
+                if buf.is_empty() {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                let (n, found) = buf.iter().position(|b| *b == 0).map_or((buf.len(), false), |i| (i + 1, true));
+                r.consume(n);
+                if found {
+                    break;
+                }
+            }
+        }
+    }
+    if flags & GZ_FHCRC != 0 {
+        skip(r, 2)?;
+    }
+    Ok(())
+}
+
+/// Skip `n` bytes; an early end is `UnexpectedEof`.
+fn skip(r: &mut impl BufRead, n: u64) -> io::Result<()> {
+    if io::copy(&mut r.by_ref().take(n), &mut io::sink())? < n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+impl<R: BufRead> Read for Gunzip<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.inflate.read(buf)?;
+        if n > 0 {
+            self.crc.update(&buf[..n]);
+            self.len += n as u64;
+            return Ok(n);
+        }
+        // The deflate stream ended (or its input did: then there is no
+        // trailer, and that is a truncation).
+        let mut trailer = [0u8; 8];
+        self.inflate.get_mut().read_exact(&mut trailer)?;
+        let crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+        let size = u32::from_le_bytes([trailer[4], trailer[5], trailer[6], trailer[7]]);
+        if crc != self.crc.clone().finalize() || size != self.len as u32 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "corrupt gzip stream does not have a matching checksum",
+            ));
+        }
+        self.done = true;
+        Ok(0)
+    }
+}
+
 /// The inflated stream, checked by the scanner as the `tar` crate reads it.
 struct Scanned<R> {
     inner: R,
@@ -166,8 +262,12 @@ enum CopyError {
     Write(io::Error),
 }
 
+/// Bytes read from the archive and written to a file at a time: large
+/// blocks make fewer system calls and let huge tmpfs pages fill in one go.
+const COPY_BLOCK: usize = 256 * 1024;
+
 fn copy_limited(from: &mut impl Read, to: &mut impl Write, budget: u64) -> Result<u64, CopyError> {
-    let mut buf = [0u8; 16 * 1024];
+    let mut buf = vec![0u8; COPY_BLOCK];
     let mut total = 0u64;
     loop {
         let n = match from.read(&mut buf) {

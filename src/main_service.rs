@@ -64,6 +64,10 @@ pub(crate) const LINK_SETUP_WITHIN: Duration = Duration::from_secs(10);
 /// Bytes past `--max-output` a node's output may hold (its marker line).
 const OUTPUT_MARKER_ROOM: u64 = 4096;
 
+/// The buffer DEPLOYs' checks inflate into: large, so that zlib's copy of
+/// each call's last 32 KiB into its window is a small part of the work.
+const INFLATE_SCRATCH: usize = 256 * 1024;
+
 /// A Ready link whose node runs replicas and has been silent on this long
 /// (with nothing of ours in flight) gets a NODE_NULL heartbeat (an idle
 /// cluster sends none: it makes no system calls) ...
@@ -168,6 +172,9 @@ pub(crate) struct MainService {
     /// The spool's files, reused from job to job (`pool`): uploads and
     /// remote nodes' outputs.
     pub(crate) spool_pool: crate::pool::Shared,
+    /// One buffer every DEPLOY's check inflates into (`ArchiveCheck::feed_using`),
+    /// made at the first upload.
+    pub(crate) inflate_scratch: Vec<u8>,
     /// `--max-output`: the most output a node may send for a replica.
     pub(crate) max_output: u64,
     /// The node links' shared secret: proved to each remote node, whose
@@ -804,7 +811,10 @@ impl MainService {
     /// true if it was refused (answered, the connection closing).
     pub(crate) fn deploy_data(&mut self, key: usize, conn: &mut Conn, data: &[u8]) -> bool {
         if let Sink::File { xid, what: Streamed::Deploy { check, .. }, error: None, .. } = &mut conn.sink {
-            if let Err(why) = check.feed(data) {
+            if self.inflate_scratch.is_empty() {
+                self.inflate_scratch = vec![0; INFLATE_SCRATCH];
+            }
+            if let Err(why) = check.feed_using(data, &mut self.inflate_scratch) {
                 // Refused mid-stream (a bomb, a traversal, not gzip):
                 // answer now and hang up rather than take the rest.
                 log::info!("connection {key}: deploy refused: {why}");

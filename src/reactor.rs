@@ -67,7 +67,7 @@ use crate::node::Finished;
 use crate::node_auth::{self, NodeGate, Secret};
 use crate::node_service::{NodeService, Reaped};
 use crate::peer::{self, PeerId};
-use crate::record::{Outbox, Piece};
+use crate::record::Piece;
 use crate::scheduler::NodeId;
 use crate::session::{Call, CallEvent};
 use crate::spawn::{Containment, JobLimits};
@@ -340,6 +340,7 @@ impl Server {
             tickets,
             extract_limits: cfg.limits.extract,
             spool_pool: crate::pool::Pool::new(&spool, "p-", false, crate::pool::LARGE).shared(),
+            inflate_scratch: Vec::new(),
             max_output: cfg.max_output,
             secret: cfg.secret.clone(),
             journal,
@@ -1251,11 +1252,11 @@ impl Server {
 
     /// Write until WouldBlock and keep WRITABLE interest only while needed.
     fn flush(&mut self, conn: &mut Conn) {
-        match conn.outbox.write_to(&mut conn.stream) {
+        match conn.outbox.write_to_socket(&mut conn.stream) {
             Ok(_) => {}
             Err(e) => {
                 log::debug!("write error: {e}");
-                conn.outbox = Outbox::new();
+                conn.outbox.discard();
                 conn.closing = true;
                 conn.linger = Linger::No;
             }

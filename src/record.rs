@@ -349,18 +349,48 @@ struct OutRecord {
 }
 
 /// Queue of outgoing records, written as fragments with bounded staging.
-#[derive(Debug, Default)]
+///
+/// Written to a socket (`write_to_socket`), a file piece's bytes go from
+/// the file to the socket with `sendfile(2)`, never through our memory:
+/// only fragment headers and byte pieces are staged.
+#[derive(Debug)]
 pub struct Outbox {
     records: VecDeque<OutRecord>,
     staged: Vec<u8>,
     sent: usize,
     /// Bytes written so far, in all (for progress timeouts).
     written: u64,
+    /// Largest fragment this outbox makes.
+    max_fragment: usize,
+    /// Bytes of the front record's front file piece still to go by
+    /// `sendfile` once `staged` is out (its fragment header is staged).
+    direct: u64,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self::with_max_fragment(MAX_OUT_FRAGMENT)
+    }
 }
 
 impl Outbox {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An outbox whose fragments hold up to `max_fragment` bytes (at least
+    /// 1): larger than libtirpc's default where the peer is our own
+    /// decoder, which takes fragments of any size (fewer headers, and a
+    /// file piece goes out in long `sendfile` runs).
+    pub fn with_max_fragment(max_fragment: usize) -> Self {
+        Outbox {
+            records: VecDeque::new(),
+            staged: Vec::new(),
+            sent: 0,
+            written: 0,
+            max_fragment: max_fragment.clamp(1, (LAST_FRAGMENT - 1) as usize),
+            direct: 0,
+        }
     }
 
     /// Queue one record made of these pieces.
@@ -375,7 +405,7 @@ impl Outbox {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.sent == self.staged.len()
+        self.records.is_empty() && self.sent == self.staged.len() && self.direct == 0
     }
 
     /// Bytes written so far.
@@ -383,19 +413,27 @@ impl Outbox {
         self.written
     }
 
+    /// Drop everything not yet sent (the peer is gone); the count of bytes
+    /// written stays.
+    pub fn discard(&mut self) {
+        *self = Outbox { written: self.written, ..Outbox::with_max_fragment(self.max_fragment) };
+    }
+
     /// Stage the next fragment. Returns false when nothing is left.
     /// Stage as many whole fragments as fit in about one fragment's worth of
     /// buffer, so small records and the pieces around a file go out in one
     /// write (no Nagle stalls, fewer system calls).
-    fn refill(&mut self) -> io::Result<bool> {
+    /// With `direct`, a file piece's bytes are left for `sendfile`: staging
+    /// stops after its fragment header (`self.direct` says how many follow).
+    fn refill(&mut self, direct: bool) -> io::Result<bool> {
         self.staged.clear();
         self.sent = 0;
-        while self.staged.len() < MAX_OUT_FRAGMENT && self.stage_fragment()? {}
-        Ok(!self.staged.is_empty())
+        while self.staged.len() < MAX_OUT_FRAGMENT && self.direct == 0 && self.stage_fragment(direct)? {}
+        Ok(!self.staged.is_empty() || self.direct > 0)
     }
 
     /// Append the next fragment to the staging buffer. False when none is left.
-    fn stage_fragment(&mut self) -> io::Result<bool> {
+    fn stage_fragment(&mut self, direct: bool) -> io::Result<bool> {
         let Some(rec) = self.records.front_mut() else {
             return Ok(false);
         };
@@ -410,7 +448,7 @@ impl Outbox {
             self.records.pop_front();
             return Ok(true);
         };
-        let n = piece.len().min(MAX_OUT_FRAGMENT as u64) as usize;
+        let n = piece.len().min(self.max_fragment as u64) as usize;
         rec.left -= n as u64;
         let mark = n as u32 | if rec.left == 0 { LAST_FRAGMENT } else { 0 };
         self.staged.extend_from_slice(&mark.to_be_bytes());
@@ -418,6 +456,12 @@ impl Outbox {
             Piece::Bytes(b) => {
                 self.staged.extend_from_slice(&b[..n]);
                 b.drain(..n);
+            }
+            Piece::File { .. } if direct => {
+                // The record stays queued (it holds the file) until these
+                // bytes are sent: `direct_done` takes them off.
+                self.direct = n as u64;
+                return Ok(true);
             }
             Piece::File { file, len } => {
                 fill(file, &mut self.staged, n)?;
@@ -430,11 +474,59 @@ impl Outbox {
         Ok(true)
     }
 
+    /// `n` bytes of the front file piece went out by `sendfile` (or are
+    /// owed as zeros, the file being shorter than promised).
+    fn direct_done(&mut self, n: u64) {
+        self.direct -= n;
+        self.written += n;
+        let Some(rec) = self.records.front_mut() else { return };
+        if let Some(Piece::File { len, .. }) = rec.pieces.front_mut() {
+            *len -= n;
+        }
+        if self.direct == 0 && rec.left == 0 {
+            self.records.pop_front();
+        }
+    }
+
+    /// Send the front file piece's next bytes straight from the file.
+    /// `Ok(None)`: the socket would block.
+    fn send_direct(&mut self, sock: std::os::fd::BorrowedFd) -> io::Result<Option<u64>> {
+        let Some(Piece::File { file, .. }) = self.records.front_mut().and_then(|r| r.pieces.front_mut()) else {
+            return Err(io::Error::other("outbox: a direct send without its file"));
+        };
+        let want = self.direct.min(1 << 30) as usize;
+        loop {
+            return match nix::sys::sendfile::sendfile(sock, &*file, None, want) {
+                Ok(0) => {
+                    // Shorter than promised: the rest goes as zeros, so
+                    // the framing stays right.
+                    let rest = self.direct;
+                    self.staged.resize(self.staged.len() + rest as usize, 0);
+                    self.direct_done(rest);
+                    self.written -= rest; // counted when the zeros are written
+                    Ok(Some(0))
+                }
+                Ok(k) => Ok(Some(k as u64)),
+                Err(nix::Error::EAGAIN) => Ok(None),
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EINVAL | nix::Error::ENOSYS) => {
+                    // Not a file sendfile reads (a pipe): staged the old way.
+                    let rest = self.direct;
+                    fill(file, &mut self.staged, rest as usize)?;
+                    self.direct_done(rest);
+                    self.written -= rest;
+                    Ok(Some(0))
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
+    }
+
     /// Write until everything is sent (`Ok(true)`) or the writer would block
     /// (`Ok(false)`).
     pub fn write_to(&mut self, w: &mut impl Write) -> io::Result<bool> {
         loop {
-            if self.sent == self.staged.len() && !self.refill()? {
+            if self.sent == self.staged.len() && !self.refill(false)? {
                 return Ok(true);
             }
             match w.write(&self.staged[self.sent..]) {
@@ -446,6 +538,43 @@ impl Outbox {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// `write_to` for a socket: file pieces go by `sendfile(2)` (one
+    /// kernel copy, no staging), the bytes before them with `MSG_MORE` so
+    /// that a fragment header shares a segment with its data.
+    pub fn write_to_socket<S: Write + std::os::fd::AsFd>(&mut self, s: &mut S) -> io::Result<bool> {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
+        loop {
+            if self.sent < self.staged.len() {
+                // MSG_MORE (not in nix): the header waits for the data that follows.
+                let more = MsgFlags::from_bits_retain(libc::MSG_MORE);
+                let flags = if self.direct > 0 { more } else { MsgFlags::empty() };
+                match send(s.as_fd().as_raw_fd(), &self.staged[self.sent..], flags | MsgFlags::MSG_NOSIGNAL) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        self.sent += n;
+                        self.written += n as u64;
+                    }
+                    Err(nix::Error::EAGAIN) => return Ok(false),
+                    Err(nix::Error::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
+            if self.direct > 0 {
+                match self.send_direct(s.as_fd())? {
+                    Some(0) => {} // staged instead (a short file's zeros, or a pipe)
+                    Some(k) => self.direct_done(k),
+                    None => return Ok(false),
+                }
+                continue;
+            }
+            if !self.refill(true)? {
+                return Ok(true);
             }
         }
     }
@@ -683,6 +812,92 @@ mod tests {
         assert!(out.write_to(&mut w).unwrap());
         assert_eq!(w.1, 1, "one write for two records of four fragments");
         assert_eq!(run(&[&w.0], 100).len(), 2);
+    }
+
+    /// Everything an outbox sends to a socket, read from the other end.
+    fn through_socket(out: &mut Outbox) -> Vec<u8> {
+        use std::os::unix::net::UnixStream;
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut wire = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        b.set_nonblocking(true).unwrap();
+        loop {
+            let done = out.write_to_socket(&mut a).unwrap();
+            loop {
+                match b.read(&mut buf) {
+                    Ok(n) => wire.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            if done {
+                return wire;
+            }
+        }
+    }
+
+    fn file_with(data: &[u8]) -> File {
+        use std::io::Seek;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(data).unwrap();
+        f.seek(io::SeekFrom::Start(0)).unwrap();
+        f
+    }
+
+    /// A streamed record's pieces: word 1, then `len` opaque bytes from
+    /// `file`, then the padding.
+    fn streamed(file: File, len: usize) -> Vec<Piece> {
+        let mut head = crate::xdr::XdrWriter::new();
+        head.u32(1);
+        with_opaque(head, Piece::File { file, len: len as u64 })
+    }
+
+    fn head_of(len: usize) -> Vec<u8> {
+        [1u32, len as u32].iter().flat_map(|w| w.to_be_bytes()).collect()
+    }
+
+    #[test]
+    fn a_socket_gets_file_pieces_by_sendfile_and_the_same_records() {
+        // Whatever the fragment size, the socket path (sendfile) puts the
+        // same records on the wire as the copying path.
+        let data: Vec<u8> = (0..(3 * MAX_OUT_FRAGMENT + 77)).map(|i| (i % 251) as u8).collect();
+        let expected =
+            vec![Seen::Stream { head: head_of(data.len()), data: data.clone() }, Seen::Record(vec![0, 0, 0, 2, 9])];
+        for max in [7, MAX_OUT_FRAGMENT, 1 << 20] {
+            let mut out = Outbox::with_max_fragment(max);
+            out.push(streamed(file_with(&data), data.len()));
+            out.push_bytes(vec![0, 0, 0, 2, 9]);
+            let wire = through_socket(&mut out);
+            assert!(out.is_empty());
+            assert_eq!(out.written(), wire.len() as u64);
+            let mut copied = Outbox::with_max_fragment(max);
+            copied.push(streamed(file_with(&data), data.len()));
+            copied.push_bytes(vec![0, 0, 0, 2, 9]);
+            let mut copy_wire = Vec::new();
+            assert!(copied.write_to(&mut copy_wire).unwrap());
+            assert!(wire == copy_wire, "fragment size {max}: the two paths differ");
+            assert!(run(&[&wire], 1 << 20) == expected, "fragment size {max}: wrong records");
+        }
+        // The default outbox makes libtirpc-sized fragments on a socket too.
+        let mut out = Outbox::new();
+        out.push(streamed(file_with(&data), data.len()));
+        let wire = through_socket(&mut out);
+        assert_eq!(BigEndian::read_u32(&wire[12..]), MAX_OUT_FRAGMENT as u32);
+    }
+
+    #[test]
+    fn a_file_shorter_than_promised_is_sent_with_zeros_by_sendfile_too() {
+        let mut out = Outbox::with_max_fragment(1 << 20);
+        out.push(streamed(file_with(b"abc"), 10));
+        out.push_bytes(vec![0, 0, 0, 2]);
+        let wire = through_socket(&mut out);
+        let mut want = b"abc".to_vec();
+        want.resize(10, 0);
+        assert_eq!(
+            run(&[&wire], 100),
+            vec![Seen::Stream { head: head_of(10), data: want }, Seen::Record(vec![0, 0, 0, 2])]
+        );
     }
 
     fn arb_records() -> impl Strategy<Value = Vec<Vec<u8>>> {

@@ -13,7 +13,8 @@
 //! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
 //! sockets live, unless the network is allowed), a devpts of its own, hides the work dir under an empty
 //! read-only tmpfs and gives the replica a tmpfs workspace
-//! of `--max-disk` bytes, then forks the **job** process: a new session,
+//! of `--max-disk` bytes (huge pages for its large files where the kernel
+//! has them), then forks the **job** process: a new session,
 //! stdin from /dev/null, stdout and stderr onto one pipe, a clean
 //! environment, resource limits, no capabilities, `PR_SET_NO_NEW_PRIVS`,
 //! a seccomp filter against the (not namespaced) kernel keyrings and
@@ -492,7 +493,15 @@ fn contain_mounts(spec: &SpawnSpec, owner: Option<(Uid, Gid)>) -> Result<(), Chi
     if let Some((uid, gid)) = owner {
         ws.push_str(&format!(",uid={uid},gid={gid}"));
     }
-    m("workspace tmpfs", Some("tmpfs"), spec.workspace, Some("tmpfs"), safe, Some(&ws))?;
+    // Huge pages for files of 2 MiB and more (`huge=within_size`): a large
+    // archive unpacks at about twice the speed (one 2 MiB page instead of
+    // 512 small ones to allocate and charge). Same size limit and memory
+    // charge; a kernel without transparent huge pages refuses the option,
+    // and then the workspace is mounted without it.
+    let huge = format!("{ws},huge=within_size");
+    if mount(Some("tmpfs"), spec.workspace, Some("tmpfs"), safe, Some(huge.as_str())).is_err() {
+        m("workspace tmpfs", Some("tmpfs"), spec.workspace, Some("tmpfs"), safe, Some(&ws))?;
+    }
     let ro = safe | MsFlags::MS_NOEXEC | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
     m("hiding the work dir", None, wd, None, ro, Some(hide))?;
     Ok(())
