@@ -143,7 +143,6 @@ fn is_free_name(name: &str) -> bool {
 /// How long a busy cgroup waits before its removal is tried again.
 const GROUP_RETRY: Duration = Duration::from_millis(200);
 
-
 /// Where to send the deferred NODE_RUN reply: connection key and xid.
 pub type ReplyTo = (usize, u32);
 
