@@ -176,6 +176,8 @@ pub struct Server {
     main: Option<MainService>,
     nodes: NodeService,
     local_addr: SocketAddr,
+    /// Who owns a client's socket: one netlink socket for the server's life.
+    diag: peer::Diag,
     max_archive: u64,
     rbuf: Vec<u8>,
     dead: Vec<usize>,
@@ -427,6 +429,7 @@ impl Server {
             main,
             nodes,
             local_addr,
+            diag: peer::Diag::default(),
             max_archive: cfg.max_archive,
             rbuf: vec![0; 64 * 1024],
             dead: Vec::new(),
@@ -656,8 +659,13 @@ impl Server {
                     log::debug!("accepted {peer} as {role:?}");
                     let _ = stream.set_nodelay(true);
                     // Who owns the client's socket: asked once, before its first call.
-                    let id = match stream.local_addr() {
-                        Ok(local) => peer::identify(peer, local),
+                    // Our end is the listener's address unless it listens on any.
+                    let local = match self.local_addr.ip().is_unspecified() {
+                        false => Ok(self.local_addr),
+                        true => stream.local_addr(),
+                    };
+                    let id = match local {
+                        Ok(local) => self.diag.identify(peer, local),
                         _ => PeerId::Unverified,
                     };
                     if let Err(e) = self.add_conn(stream, role, id, false) {
@@ -721,7 +729,7 @@ impl Server {
             }
             None => {
                 let me = nix::unistd::Uid::effective().as_raw();
-                let id = stream.local_addr().map_or(PeerId::Unverified, |local| peer::identify(peer, local));
+                let id = stream.local_addr().map_or(PeerId::Unverified, |local| self.diag.identify(peer, local));
                 if id != PeerId::Verified(me) {
                     log::warn!(
                         "refused a connection from {peer} ({id:?}): a node without --secret-file serves only its own user's main server"
