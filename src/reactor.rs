@@ -12,7 +12,8 @@
 //! of file, which `NodeService::drain` reports), the poll timeout from every
 //! deadline (the nodes', the coordinator's, the journal's lazy sync, the
 //! client connections'), the end of each turn (`MainService::end_of_turn`:
-//! the journal synced before DEPLOY and CLOSE answers go out), opening the
+//! the journal synced before DEPLOY answers go out, closed tickets' outputs
+//! given back to their pools once it is), opening the
 //! journal at start before the nodes (their folders keep its live tickets),
 //! accepting (`--max-connections`: the longest-idle client makes room; a
 //! reserve descriptor so that at EMFILE a new client is accepted and closed
@@ -344,6 +345,8 @@ impl Server {
             spool_pool: crate::pool::Pool::new(&spool, "p-", false, crate::pool::LARGE).shared(),
             max_output: cfg.max_output,
             secret: cfg.secret.clone(),
+            forking: cfg.nodes.nodes.iter().map(|n| matches!(n.kind, NodeKind::Local { .. })).collect(),
+            close_waits: false,
             journal,
             held: Vec::new(),
             sync_at: None,
@@ -621,9 +624,15 @@ impl Server {
                 }
             }
             if !busy {
-                // The journal is synced before this turn's DEPLOY and CLOSE
-                // answers go out (a failed sync may undo a deploy: go on).
+                // The journal is synced before this turn's DEPLOY (and held
+                // CLOSE) answers go out (a failed sync may undo a deploy: go on).
                 let outs = self.main.as_mut().map_or_else(Vec::new, |m| m.end_of_turn(Instant::now()));
+                // Outputs of closed tickets become reusable only once the
+                // CLOSE records are on disk (a close a crash undoes finds
+                // its outputs still there).
+                if self.main.as_ref().is_none_or(|m| !m.journal.has_pending()) {
+                    self.nodes.settle_outputs();
+                }
                 if outs.is_empty() {
                     return;
                 }
