@@ -205,7 +205,9 @@ impl MainService {
                 // (within a second), and until then the outputs stay where
                 // they are, so a crash that loses the record brings the
                 // ticket back whole (retrievable, closable again).
-                let close_waits = std::mem::take(&mut self.close_waits);
+                // (Other answers the close gives, to parked retrievers,
+                // leave the mark for the CLOSE's own.)
+                let close_waits = matches!(&reply, Reply::Close(_)) && std::mem::take(&mut self.close_waits);
                 if matches!(&reply, Reply::Deploy(Ok(_))) || (matches!(&reply, Reply::Close(Ok(_))) && close_waits) {
                     log::debug!("connection {}: xid {:#x}: {reply:?}", to.conn, to.xid);
                     // Not before its record is on disk (end of this turn).

@@ -5,7 +5,9 @@
 //! `put_conn`, woken by `take_conn`) and child
 //! pipes (token = slab key + `first_key`), listeners, the signalfd
 //! (SIGCHLD; SIGINT, SIGTERM, SIGHUP unless ignored), reading until
-//! `WouldBlock` into the session readers (at most a fair share per turn),
+//! `WouldBlock` into the session readers (at most a fair share per turn; a
+//! read short of the buffer counts as `WouldBlock` for a client waiting on
+//! its reply: what arrives later raises a new edge, so no extra turn),
 //! writing outboxes until `WouldBlock`, serving each client one call at a
 //! time (backpressure), reaping children (uncontained jobs, slots'
 //! launchers, helpers; a contained replica ends at its output pipe's end
@@ -492,7 +494,7 @@ impl Server {
                 Err(e) => return Err(e),
             }
             for ev in events.iter() {
-                self.dispatch(ev.token());
+                self.dispatch(ev.token(), ev.is_read_closed());
             }
             // Pipes and sockets left with data (edge-triggered: no new event
             // will say so).
@@ -503,7 +505,7 @@ impl Server {
             }
             for key in std::mem::take(&mut self.more_input) {
                 if matches!(self.slab.get(key), Some(Source::Conn(_) | Source::Idle(_))) {
-                    self.conn_event(key);
+                    self.conn_event(key, false);
                 }
             }
             let now = Instant::now();
@@ -568,7 +570,7 @@ impl Server {
             .map(|d| d.saturating_duration_since(now))
     }
 
-    fn dispatch(&mut self, token: Token) {
+    fn dispatch(&mut self, token: Token, read_closed: bool) {
         match token {
             SIGNALS => self.on_signals(),
             CLIENTS => self.accept(None),
@@ -581,7 +583,7 @@ impl Server {
             Token(t) => {
                 let key = t - self.first_key;
                 match self.slab.get(key) {
-                    Some(Source::Conn(_) | Source::Idle(_)) => self.conn_event(key),
+                    Some(Source::Conn(_) | Source::Idle(_)) => self.conn_event(key, read_closed),
                     Some(&Source::ChildOutput(i, ticket)) => {
                         if let Some(fin) = self.nodes.drain(i, ticket) {
                             self.finish_replica(i, fin);
@@ -900,10 +902,11 @@ impl Server {
         };
     }
 
-    fn conn_event(&mut self, key: usize) {
+    fn conn_event(&mut self, key: usize, read_closed: bool) {
         let Some(mut conn) = self.take_conn(key) else {
             return;
         };
+        conn.read_closed |= read_closed;
         if let Role::NodeLink { connected, node, .. } = &mut conn.role {
             if !*connected {
                 match conn.stream.take_error() {
@@ -981,13 +984,19 @@ impl Server {
                     break;
                 }
                 Ok(n) => {
+                    // A read short of the buffer took all the socket held:
+                    // what arrives later raises a new edge.
+                    conn.unread = n == buf.len() || conn.read_closed;
                     conn.moved += n as u64;
                     self.feed(key, conn, &buf[..n]);
                     if conn.sink.inflated_since() > INFLATE_PER_READ {
                         *budget = 0; // a highly compressed upload: its share of this turn is used
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.unread = conn.read_closed;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::debug!("connection {key}: read error: {e}");
@@ -1216,11 +1225,14 @@ impl Server {
             Ok(()) => {
                 self.nodes.child_keys.insert((node, ticket), entry.key());
                 entry.insert(Source::ChildOutput(node, ticket));
+                // Output written before registration (a launched replica
+                // may even have ended) is an event already: epoll_ctl's ADD
+                // reports what is ready, edge-triggered or not.
+                return;
             }
             Err(e) => log::error!("cannot watch a replica's output: {e}"),
         }
-        // Output written before registration is read now (a launched
-        // replica may even have ended).
+        // Unwatched: read what is there now.
         if let Some(fin) = self.nodes.drain(node, ticket) {
             self.finish_replica(node, fin);
         }
@@ -1238,7 +1250,8 @@ impl Server {
         self.flush(&mut conn);
         // Its next call (held, or in the socket) waits for the next turn of
         // the loop, so a client that pipelines cannot keep the others waiting.
-        if !conn.busy() && !conn.closing {
+        // A socket read to its end needs no look: new input brings an edge.
+        if !conn.busy() && !conn.closing && (conn.unread || !conn.held.is_empty()) {
             self.again(key);
         }
         self.retime(key, &mut conn);
