@@ -65,9 +65,9 @@ pub fn identify(peer: SocketAddr, local: SocketAddr) -> PeerId {
     Diag::default().identify(peer, local)
 }
 
-/// A NETLINK_SOCK_DIAG socket kept open across lookups (made at the first
-/// one, made again after an error), with the sequence number of its next
-/// request. The kernel answers each request before `sendto` returns; an
+/// A NETLINK_SOCK_DIAG socket kept open across lookups (made at start, or
+/// at the first lookup if that failed), with the sequence number of its
+/// last request. The kernel answers each request before `sendto` returns; an
 /// answer to an earlier request still queued (one whose `recv` failed) is
 /// read and dropped by its sequence number, never taken for this one's.
 #[derive(Debug, Default)]
@@ -80,36 +80,48 @@ pub struct Diag {
 const STALE_ANSWERS: usize = 8;
 
 impl Diag {
+    /// With its socket made now (a server opens it at start, so that its
+    /// descriptor count does not change when the first client comes);
+    /// a failure is tried again at the first lookup.
+    pub fn open() -> Diag {
+        let mut diag = Diag::default();
+        if let Err(e) = diag.socket() {
+            log::debug!("{e}; trying again at the first connection");
+        }
+        diag
+    }
+
+    /// The socket, made if there is none.
+    fn socket(&mut self) -> Result<std::os::fd::RawFd, String> {
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
+        use std::os::fd::AsRawFd;
+        if let Some(fd) = &self.sock {
+            return Ok(fd.as_raw_fd());
+        }
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkSockDiag,
+        )
+        .map_err(|e| format!("netlink socket: {e}"))?;
+        Ok(self.sock.insert(fd).as_raw_fd())
+    }
+
     /// As [`identify`], over this socket.
     pub fn identify(&mut self, peer: SocketAddr, local: SocketAddr) -> PeerId {
         let (peer, local) = (canonical(peer), canonical(local));
+        // On an error the socket is kept: an answer that comes late is
+        // skipped by its sequence number.
         let netlink = self.owner(peer, local);
-        if netlink.is_err() {
-            self.sock = None; // a fresh socket next time: nothing stale in it
-        }
         judge(peer, local, netlink)
     }
 
     /// Ask the kernel who owns the socket `peer` connected to our `local`.
     /// Does not block: the kernel answers before `sendto` returns.
     fn owner(&mut self, peer: SocketAddr, local: SocketAddr) -> Result<Option<u32>, String> {
-        use nix::sys::socket::{
-            recvfrom, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
-        };
-        use std::os::fd::AsRawFd;
-        let fd = match &self.sock {
-            Some(fd) => fd.as_raw_fd(),
-            None => {
-                let fd = socket(
-                    AddressFamily::Netlink,
-                    SockType::Datagram,
-                    SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-                    SockProtocol::NetlinkSockDiag,
-                )
-                .map_err(|e| format!("netlink socket: {e}"))?;
-                self.sock.insert(fd).as_raw_fd()
-            }
-        };
+        use nix::sys::socket::{recvfrom, sendto, MsgFlags, NetlinkAddr};
+        let fd = self.socket()?;
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let req = encode_request(seq, peer, local);

@@ -434,7 +434,7 @@ impl Server {
             main,
             nodes,
             local_addr,
-            diag: peer::Diag::default(),
+            diag: peer::Diag::open(),
             max_archive: cfg.max_archive,
             rbuf: vec![0; 64 * 1024],
             dead: Vec::new(),
