@@ -20,7 +20,7 @@
 //! to cgroupfs, which the kernel answers at once.
 
 use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
@@ -344,8 +344,23 @@ impl Cgroup {
             Flavor::V2 => "memory.events",
             Flavor::V1 => "memory.oom_control",
         };
-        let text = fs::read_to_string(self.dirs[0].join(file)).unwrap_or_default();
-        oom_kills(&text)
+        // One read of a small buffer: the file is a few lines (no stat for
+        // a size hint, no reads of 32 bytes at a time).
+        let mut buf = [0u8; 512];
+        let mut len = 0;
+        if let Ok(mut f) = fs::File::open(self.dirs[0].join(file)) {
+            while len < buf.len() {
+                match f.read(&mut buf[len..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) if len + n < buf.len() && buf[len + n - 1] == b'\n' => {
+                        len += n; // all of it: a kernfs file is read whole
+                        break;
+                    }
+                    Ok(n) => len += n,
+                }
+            }
+        }
+        oom_kills(&String::from_utf8_lossy(&buf[..len]))
     }
 
     /// Remove the group; `Err(self)` while processes are still leaving it

@@ -200,6 +200,12 @@ pub(crate) struct Conn {
     pub(crate) awaiting: usize,
     /// Bytes read but not yet decoded, held while a client waits for a reply.
     pub(crate) held: Vec<u8>,
+    /// The socket may hold input not read yet: the last read filled the
+    /// buffer, or the poller reported the peer's end. After a reply such a
+    /// connection is read again; otherwise new input brings a new edge.
+    pub(crate) unread: bool,
+    /// The poller reported the peer's end of the stream (EPOLLRDHUP).
+    pub(crate) read_closed: bool,
     /// Who a client connection belongs to, found once at accept.
     pub(crate) peer: PeerId,
     /// Bytes read since the timers last heard of this connection.
@@ -250,6 +256,8 @@ impl Conn {
             writable,
             awaiting: 0,
             held: Vec::new(),
+            unread: true,
+            read_closed: false,
             peer,
             moved: 0,
             written_seen: 0,

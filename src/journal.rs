@@ -20,14 +20,18 @@
 //! updates [`Journal::live`]); [`Journal::sync`] writes what is buffered at
 //! the end of the valid file and fdatasyncs it. At the end of a reactor
 //! turn, if [`Journal::sync_due`] (a `Deployed` or `Closed` is buffered),
-//! call `sync` once, then send that turn's DEPLOY and CLOSE replies: a
-//! client never holds a ticket the journal does not, nor sees a close that
-//! a crash undoes. `Started` and `Finished` do not wait: they ride along
-//! with the next sync, or a reactor timer (about 1 s, armed only while
-//! [`Journal::has_pending`]) syncs them; losing them in a crash means a
-//! replica is seen at an earlier state (below). So a job costs two
-//! fdatasyncs, shared by everything else in the same turns (measured on
-//! this project's CI-like VM: about 3.3 ms each). If `sync` fails, the
+//! call `sync` once, then send that turn's DEPLOY replies: a client never
+//! holds a ticket the journal does not. The main service waits for the
+//! sync before a CLOSE reply only when the close dropped a ticket on a
+//! remote or Slurm node; a close on the server's own nodes is answered at
+//! once, and its outputs go back to their pools only after the sync, so a
+//! crash that loses the `Closed` brings the ticket back whole (closable
+//! again), never without its output. `Started` and `Finished` do not wait
+//! either: they ride along with the next sync, or a reactor timer (about
+//! 1 s, armed only while [`Journal::has_pending`]) syncs them; losing them
+//! in a crash means a replica is seen at an earlier state (below). So a
+//! job costs one fdatasync, shared by everything else in the same turns
+//! (measured on this project's CI-like VM: about 3.3 ms each). If `sync` fails, the
 //! records stay buffered and are written again (at the same offset) by the
 //! next `sync`: answer the DEPLOYs of that turn CLOUD_INTERNAL, and append
 //! `Closed` for their tickets so a later sync does not bring back a job its

@@ -21,9 +21,11 @@
 //! per reason) and the link closed; a link not up within
 //! `LINK_SETUP_WITHIN` is given up (the reactor closes it).
 //! The journal (`journal`): the coordinator's records appended and synced
-//! once per reactor turn before that turn's DEPLOY and CLOSE answers go
-//! out (they are held until then), a lazy sync within a second for the
-//! others, compaction, and at start the journal's jobs restored and the
+//! once per reactor turn before that turn's DEPLOY answers go out (held
+//! until then; a CLOSE answer too if it dropped a ticket on a remote or
+//! Slurm node: a close on this process's forking nodes is answered at
+//! once, their outputs given back only after the sync), a lazy sync
+//! within a second for the others, compaction, and at start the journal's jobs restored and the
 //! spool cleared of all but their archives (kept across a restart and a
 //! clean stop alike). The spool pool: files the coordinator removes go
 //! back to it, reusable after the next journal sync (`Pool::settle`), so
@@ -182,8 +184,15 @@ pub(crate) struct MainService {
     pub(crate) secret: Option<Secret>,
     /// The job state on disk (`<work-dir>/journal`).
     pub(crate) journal: Journal,
-    /// DEPLOY and CLOSE answers of this turn, sent once their journal
-    /// records are durable (`end_of_turn`).
+    /// Per node: a node of this process that forks its replicas, whose
+    /// outputs go back to its pool only after the journal's sync (so a
+    /// CLOSE on it need not wait for the sync).
+    pub(crate) forking: Vec<bool>,
+    /// The CLOSE being carried out dropped a ticket on another kind of
+    /// node (remote, Slurm): its answer waits for the sync.
+    pub(crate) close_waits: bool,
+    /// DEPLOY answers (and CLOSE answers that must) of this turn, sent
+    /// once their journal records are durable (`end_of_turn`).
     pub(crate) held: Vec<(Caller, Reply)>,
     /// When buffered records that no answer waits for are synced.
     pub(crate) sync_at: Option<Instant>,
@@ -198,7 +207,15 @@ impl MainService {
     pub(crate) fn perform(&mut self, action: Action) -> Option<Out> {
         match action {
             Action::Reply { to, reply } => {
-                if matches!(&reply, Reply::Deploy(Ok(_)) | Reply::Close(Ok(_))) {
+                // A CLOSE whose tickets were only on this process's forking
+                // nodes is answered now: its record rides with the next sync
+                // (within a second), and until then the outputs stay where
+                // they are, so a crash that loses the record brings the
+                // ticket back whole (retrievable, closable again).
+                // (Other answers the close gives, to parked retrievers,
+                // leave the mark for the CLOSE's own.)
+                let close_waits = matches!(&reply, Reply::Close(_)) && std::mem::take(&mut self.close_waits);
+                if matches!(&reply, Reply::Deploy(Ok(_))) || (matches!(&reply, Reply::Close(Ok(_))) && close_waits) {
                     log::debug!("connection {}: xid {:#x}: {reply:?}", to.conn, to.xid);
                     // Not before its record is on disk (end of this turn).
                     self.held.push((to, reply));
@@ -222,14 +239,25 @@ impl MainService {
                 }
                 None
             }
-            Action::Node { node, call } => match &self.links[node] {
-                Link::Local(local) => Some(Out::Local { local: *local, call }),
-                Link::Remote(RemoteLink { state: LinkState::Ready(key), .. }) => self.call_remote(node, *key, call),
-                Link::Remote(_) => {
-                    self.unreachable(node, call);
-                    None
+            Action::Node { node, call } => {
+                if matches!(call, NodeCall::Drop { .. }) && !self.forking.get(node).copied().unwrap_or(false) {
+                    self.close_waits = true;
                 }
-            },
+                self.node_action(node, call)
+            }
+        }
+    }
+
+    /// A node call: into the node service for a node of this process, on
+    /// its link for a remote one.
+    fn node_action(&mut self, node: NodeId, call: NodeCall) -> Option<Out> {
+        match &self.links[node] {
+            Link::Local(local) => Some(Out::Local { local: *local, call }),
+            Link::Remote(RemoteLink { state: LinkState::Ready(key), .. }) => self.call_remote(node, *key, call),
+            Link::Remote(_) => {
+                self.unreachable(node, call);
+                None
+            }
         }
     }
 
@@ -559,7 +587,7 @@ impl MainService {
 
     /// Journaling, at the end of a reactor turn: append what the
     /// coordinator recorded, sync once if an answer waits for it (or the
-    /// lazy sync is due), then release the held DEPLOY and CLOSE answers.
+    /// lazy sync is due), then release the held DEPLOY (and CLOSE) answers.
     /// If the sync fails, a held DEPLOY's job is dropped and answered
     /// CLOUD_INTERNAL (its `Closed` record follows the `Deployed` one, so
     /// a later sync cannot bring it back), a held CLOSE is answered

@@ -863,7 +863,10 @@ impl Node {
 
     /// The ticket's output (and a stale archive) go back to the pool.
     fn remove_ticket(&self, ticket: u32) {
-        self.pool.borrow_mut().give(&self.output_path(ticket));
+        // Reusable once the main server's journal says the ticket is closed
+        // (`NodeService::settle_outputs`): until then a crash brings the
+        // ticket back with its output.
+        self.pool.borrow_mut().give_after_sync(&self.output_path(ticket));
         self.give_archive_back(ticket);
         // An uncontained job's files are on disk, maybe 200,000 of them:
         // removed by a child, never on the reactor thread.

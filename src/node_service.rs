@@ -586,6 +586,17 @@ impl NodeService {
         self.collect_pipes(i);
     }
 
+    /// Closed tickets' outputs back to their pools: the main server's
+    /// journal has their CLOSE records on disk (or this is a `cloud-server
+    /// node`, whose main server answered the CLOSE before it dropped).
+    pub(crate) fn settle_outputs(&mut self) {
+        for node in &self.nodes {
+            if let LocalNode::Fork(n) = node {
+                n.pool.borrow_mut().settle();
+            }
+        }
+    }
+
     /// The in-process main service's NODE_DROP.
     pub(crate) fn drop_local(&mut self, i: NodeId, ticket: u32) {
         self.nodes[i].drop_ticket(ticket);

@@ -6,7 +6,9 @@
 //! fallback parser of /proc/net/tcp and /proc/net/tcp6, one blocking-free
 //! lookup that uses them, and the rule for what a call's identity is.
 //! Must not touch: connections, the reactor, tickets. The server asks once
-//! per accepted client connection and keeps the answer with it.
+//! per accepted client connection and keeps the answer with it, over one
+//! netlink socket kept for the server's life ([`Diag`]: a request and its
+//! answer per connection, no socket made and closed each time).
 //!
 //! Only peers on this host can be verified (loopback, or a local user who
 //! connects to one of the host's own addresses: their sockets are in the
@@ -60,8 +62,90 @@ pub fn is_loopback(ip: IpAddr) -> bool {
 /// table like a loopback one, so every peer is looked up, and only one
 /// whose socket is not here is `Remote`.
 pub fn identify(peer: SocketAddr, local: SocketAddr) -> PeerId {
-    let (peer, local) = (canonical(peer), canonical(local));
-    let netlink = netlink_owner(peer, local);
+    Diag::default().identify(peer, local)
+}
+
+/// A NETLINK_SOCK_DIAG socket kept open across lookups (made at start, or
+/// at the first lookup if that failed), with the sequence number of its
+/// last request. The kernel answers each request before `sendto` returns; an
+/// answer to an earlier request still queued (one whose `recv` failed) is
+/// read and dropped by its sequence number, never taken for this one's.
+#[derive(Debug, Default)]
+pub struct Diag {
+    sock: Option<std::os::fd::OwnedFd>,
+    seq: u32,
+}
+
+/// Answers read and dropped before a lookup gives up on its own.
+const STALE_ANSWERS: usize = 8;
+
+impl Diag {
+    /// With its socket made now (a server opens it at start, so that its
+    /// descriptor count does not change when the first client comes);
+    /// a failure is tried again at the first lookup.
+    pub fn open() -> Diag {
+        let mut diag = Diag::default();
+        if let Err(e) = diag.socket() {
+            log::debug!("{e}; trying again at the first connection");
+        }
+        diag
+    }
+
+    /// The socket, made if there is none.
+    fn socket(&mut self) -> Result<std::os::fd::RawFd, String> {
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
+        use std::os::fd::AsRawFd;
+        if let Some(fd) = &self.sock {
+            return Ok(fd.as_raw_fd());
+        }
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkSockDiag,
+        )
+        .map_err(|e| format!("netlink socket: {e}"))?;
+        Ok(self.sock.insert(fd).as_raw_fd())
+    }
+
+    /// As [`identify`], over this socket.
+    pub fn identify(&mut self, peer: SocketAddr, local: SocketAddr) -> PeerId {
+        let (peer, local) = (canonical(peer), canonical(local));
+        // On an error the socket is kept: an answer that comes late is
+        // skipped by its sequence number.
+        let netlink = self.owner(peer, local);
+        judge(peer, local, netlink)
+    }
+
+    /// Ask the kernel who owns the socket `peer` connected to our `local`.
+    /// Does not block: the kernel answers before `sendto` returns.
+    fn owner(&mut self, peer: SocketAddr, local: SocketAddr) -> Result<Option<u32>, String> {
+        use nix::sys::socket::{recvfrom, sendto, MsgFlags, NetlinkAddr};
+        let fd = self.socket()?;
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let req = encode_request(seq, peer, local);
+        sendto(fd, &req, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(|e| format!("sendto: {e}"))?;
+        let mut buf = [0u8; 512];
+        for _ in 0..STALE_ANSWERS {
+            let (n, from) = recvfrom::<NetlinkAddr>(fd, &mut buf).map_err(|e| format!("recv: {e}"))?;
+            if from.is_some_and(|a| a.pid() != 0) || answer_seq(&buf[..n]).is_some_and(|s| s != seq) {
+                continue; // not the kernel's (only a privileged sender could), or an earlier request's answer
+            }
+            return decode_response(&buf[..n], seq, peer, local);
+        }
+        Err(format!("no answer to netlink request {seq} among {STALE_ANSWERS} queued"))
+    }
+}
+
+/// The sequence number of a netlink answer, if it has a header.
+fn answer_seq(buf: &[u8]) -> Option<u32> {
+    buf.get(8..12).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The identity from netlink's answer, or the /proc fallback's when
+/// netlink itself failed.
+fn judge(peer: SocketAddr, local: SocketAddr, netlink: Result<Option<u32>, String>) -> PeerId {
     let found = match &netlink {
         Ok(found) => *found,
         // Only when netlink itself fails: reading /proc/net/tcp costs time
@@ -192,24 +276,6 @@ pub fn decode_response(buf: &[u8], seq: u32, src: SocketAddr, dst: SocketAddr) -
         }
         other => Err(format!("unexpected netlink message type {other} of {len} bytes")),
     }
-}
-
-/// Ask the kernel over NETLINK_SOCK_DIAG who owns the socket `peer`
-/// connected to our `local`. Does not block: the kernel answers the
-/// request before `sendto` returns.
-fn netlink_owner(peer: SocketAddr, local: SocketAddr) -> Result<Option<u32>, String> {
-    use nix::sys::socket::{
-        recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
-    };
-    use std::os::fd::AsRawFd;
-    let fd = socket(AddressFamily::Netlink, SockType::Datagram, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkSockDiag)
-        .map_err(|e| format!("netlink socket: {e}"))?;
-    let seq = 1;
-    let req = encode_request(seq, peer, local);
-    sendto(fd.as_raw_fd(), &req, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(|e| format!("sendto: {e}"))?;
-    let mut buf = [0u8; 512];
-    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).map_err(|e| format!("recv: {e}"))?;
-    decode_response(&buf[..n], seq, peer, local)
 }
 
 /// The fallback: find the socket in /proc/net/tcp or /proc/net/tcp6.
@@ -400,9 +466,10 @@ mod tests {
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, peer) = l.accept().unwrap();
         let me = nix::unistd::Uid::effective().as_raw();
-        assert_eq!(netlink_owner(peer, s.local_addr().unwrap()), Ok(Some(me)));
+        let mut diag = Diag::default();
+        assert_eq!(diag.owner(peer, s.local_addr().unwrap()), Ok(Some(me)));
         let listening = l.local_addr().unwrap();
-        assert_eq!(netlink_owner(listening, a("127.0.0.1:1")), Ok(None), "the listener names nobody");
+        assert_eq!(diag.owner(listening, a("127.0.0.1:1")), Ok(None), "the listener names nobody");
         assert_eq!(identify(peer, s.local_addr().unwrap()), PeerId::Verified(me));
         assert_eq!(proc_owner(peer, s.local_addr().unwrap()), Some(me));
         drop(c);
@@ -414,6 +481,41 @@ mod tests {
             let (s6, peer6) = l6.accept().unwrap();
             assert_eq!(identify(peer6, s6.local_addr().unwrap()), PeerId::Verified(me), "{peer6}");
             drop(c6);
+        }
+    }
+
+    #[test]
+    fn one_netlink_socket_serves_every_lookup_and_skips_a_stale_answer() {
+        use std::os::fd::AsRawFd;
+        let me = nix::unistd::Uid::effective().as_raw();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = l.local_addr().unwrap();
+        let mut diag = Diag::default();
+        let mut fd = None;
+        for i in 0..4 {
+            let c = std::net::TcpStream::connect(local).unwrap();
+            let (_s, peer) = l.accept().unwrap();
+            if i == 2 {
+                // A request whose answer nobody read: left queued, it must
+                // not be taken for the next lookup's (it names the listener,
+                // i.e. nobody).
+                let sock = diag.sock.as_ref().expect("kept open").as_raw_fd();
+                let req = encode_request(diag.seq.wrapping_add(7), local, a("127.0.0.1:1"));
+                nix::sys::socket::sendto(
+                    sock,
+                    &req,
+                    &nix::sys::socket::NetlinkAddr::new(0, 0),
+                    nix::sys::socket::MsgFlags::empty(),
+                )
+                .unwrap();
+            }
+            // Netlink's own answer (not the /proc fallback's).
+            assert_eq!(diag.owner(peer, local), Ok(Some(me)), "lookup {i}");
+            assert_eq!(diag.identify(peer, local), PeerId::Verified(me), "lookup {i}");
+            let now = diag.sock.as_ref().map(|s| s.as_raw_fd());
+            assert!(now.is_some() && (fd.is_none() || fd == now), "the same socket every time");
+            fd = now;
+            drop(c);
         }
     }
 }

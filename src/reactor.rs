@@ -5,14 +5,17 @@
 //! `put_conn`, woken by `take_conn`) and child
 //! pipes (token = slab key + `first_key`), listeners, the signalfd
 //! (SIGCHLD; SIGINT, SIGTERM, SIGHUP unless ignored), reading until
-//! `WouldBlock` into the session readers (at most a fair share per turn),
+//! `WouldBlock` into the session readers (at most a fair share per turn; a
+//! read short of the buffer counts as `WouldBlock` for a client waiting on
+//! its reply: what arrives later raises a new edge, so no extra turn),
 //! writing outboxes until `WouldBlock`, serving each client one call at a
 //! time (backpressure), reaping children (uncontained jobs, slots'
 //! launchers, helpers; a contained replica ends at its output pipe's end
 //! of file, which `NodeService::drain` reports), the poll timeout from every
 //! deadline (the nodes', the coordinator's, the journal's lazy sync, the
 //! client connections'), the end of each turn (`MainService::end_of_turn`:
-//! the journal synced before DEPLOY and CLOSE answers go out), opening the
+//! the journal synced before DEPLOY answers go out, closed tickets' outputs
+//! given back to their pools once it is), opening the
 //! journal at start before the nodes (their folders keep its live tickets),
 //! accepting (`--max-connections`: the longest-idle client makes room; a
 //! reserve descriptor so that at EMFILE a new client is accepted and closed
@@ -176,6 +179,8 @@ pub struct Server {
     main: Option<MainService>,
     nodes: NodeService,
     local_addr: SocketAddr,
+    /// Who owns a client's socket: one netlink socket for the server's life.
+    diag: peer::Diag,
     max_archive: u64,
     rbuf: Vec<u8>,
     dead: Vec<usize>,
@@ -343,6 +348,8 @@ impl Server {
             inflate_scratch: Vec::new(),
             max_output: cfg.max_output,
             secret: cfg.secret.clone(),
+            forking: cfg.nodes.nodes.iter().map(|n| matches!(n.kind, NodeKind::Local { .. })).collect(),
+            close_waits: false,
             journal,
             held: Vec::new(),
             sync_at: None,
@@ -428,6 +435,7 @@ impl Server {
             main,
             nodes,
             local_addr,
+            diag: peer::Diag::open(),
             max_archive: cfg.max_archive,
             rbuf: vec![0; 64 * 1024],
             dead: Vec::new(),
@@ -487,7 +495,7 @@ impl Server {
                 Err(e) => return Err(e),
             }
             for ev in events.iter() {
-                self.dispatch(ev.token());
+                self.dispatch(ev.token(), ev.is_read_closed());
             }
             // Pipes and sockets left with data (edge-triggered: no new event
             // will say so).
@@ -498,7 +506,7 @@ impl Server {
             }
             for key in std::mem::take(&mut self.more_input) {
                 if matches!(self.slab.get(key), Some(Source::Conn(_) | Source::Idle(_))) {
-                    self.conn_event(key);
+                    self.conn_event(key, false);
                 }
             }
             let now = Instant::now();
@@ -563,7 +571,7 @@ impl Server {
             .map(|d| d.saturating_duration_since(now))
     }
 
-    fn dispatch(&mut self, token: Token) {
+    fn dispatch(&mut self, token: Token, read_closed: bool) {
         match token {
             SIGNALS => self.on_signals(),
             CLIENTS => self.accept(None),
@@ -576,7 +584,7 @@ impl Server {
             Token(t) => {
                 let key = t - self.first_key;
                 match self.slab.get(key) {
-                    Some(Source::Conn(_) | Source::Idle(_)) => self.conn_event(key),
+                    Some(Source::Conn(_) | Source::Idle(_)) => self.conn_event(key, read_closed),
                     Some(&Source::ChildOutput(i, ticket)) => {
                         if let Some(fin) = self.nodes.drain(i, ticket) {
                             self.finish_replica(i, fin);
@@ -619,9 +627,15 @@ impl Server {
                 }
             }
             if !busy {
-                // The journal is synced before this turn's DEPLOY and CLOSE
-                // answers go out (a failed sync may undo a deploy: go on).
+                // The journal is synced before this turn's DEPLOY (and held
+                // CLOSE) answers go out (a failed sync may undo a deploy: go on).
                 let outs = self.main.as_mut().map_or_else(Vec::new, |m| m.end_of_turn(Instant::now()));
+                // Outputs of closed tickets become reusable only once the
+                // CLOSE records are on disk (a close a crash undoes finds
+                // its outputs still there).
+                if self.main.as_ref().is_none_or(|m| !m.journal.has_pending()) {
+                    self.nodes.settle_outputs();
+                }
                 if outs.is_empty() {
                     return;
                 }
@@ -657,8 +671,13 @@ impl Server {
                     log::debug!("accepted {peer} as {role:?}");
                     let _ = stream.set_nodelay(true);
                     // Who owns the client's socket: asked once, before its first call.
-                    let id = match stream.local_addr() {
-                        Ok(local) => peer::identify(peer, local),
+                    // Our end is the listener's address unless it listens on any.
+                    let local = match self.local_addr.ip().is_unspecified() {
+                        false => Ok(self.local_addr),
+                        true => stream.local_addr(),
+                    };
+                    let id = match local {
+                        Ok(local) => self.diag.identify(peer, local),
                         _ => PeerId::Unverified,
                     };
                     if let Err(e) = self.add_conn(stream, role, id, false) {
@@ -722,7 +741,7 @@ impl Server {
             }
             None => {
                 let me = nix::unistd::Uid::effective().as_raw();
-                let id = stream.local_addr().map_or(PeerId::Unverified, |local| peer::identify(peer, local));
+                let id = stream.local_addr().map_or(PeerId::Unverified, |local| self.diag.identify(peer, local));
                 if id != PeerId::Verified(me) {
                     log::warn!(
                         "refused a connection from {peer} ({id:?}): a node without --secret-file serves only its own user's main server"
@@ -884,10 +903,11 @@ impl Server {
         };
     }
 
-    fn conn_event(&mut self, key: usize) {
+    fn conn_event(&mut self, key: usize, read_closed: bool) {
         let Some(mut conn) = self.take_conn(key) else {
             return;
         };
+        conn.read_closed |= read_closed;
         if let Role::NodeLink { connected, node, .. } = &mut conn.role {
             if !*connected {
                 match conn.stream.take_error() {
@@ -965,13 +985,19 @@ impl Server {
                     break;
                 }
                 Ok(n) => {
+                    // A read short of the buffer took all the socket held:
+                    // what arrives later raises a new edge.
+                    conn.unread = n == buf.len() || conn.read_closed;
                     conn.moved += n as u64;
                     self.feed(key, conn, &buf[..n]);
                     if conn.sink.inflated_since() > INFLATE_PER_READ {
                         *budget = 0; // a highly compressed upload: its share of this turn is used
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.unread = conn.read_closed;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::debug!("connection {key}: read error: {e}");
@@ -1200,11 +1226,14 @@ impl Server {
             Ok(()) => {
                 self.nodes.child_keys.insert((node, ticket), entry.key());
                 entry.insert(Source::ChildOutput(node, ticket));
+                // Output written before registration (a launched replica
+                // may even have ended) is an event already: epoll_ctl's ADD
+                // reports what is ready, edge-triggered or not.
+                return;
             }
             Err(e) => log::error!("cannot watch a replica's output: {e}"),
         }
-        // Output written before registration is read now (a launched
-        // replica may even have ended).
+        // Unwatched: read what is there now.
         if let Some(fin) = self.nodes.drain(node, ticket) {
             self.finish_replica(node, fin);
         }
@@ -1222,7 +1251,8 @@ impl Server {
         self.flush(&mut conn);
         // Its next call (held, or in the socket) waits for the next turn of
         // the loop, so a client that pipelines cannot keep the others waiting.
-        if !conn.busy() && !conn.closing {
+        // A socket read to its end needs no look: new input brings an edge.
+        if !conn.busy() && !conn.closing && (conn.unread || !conn.held.is_empty()) {
             self.again(key);
         }
         self.retime(key, &mut conn);

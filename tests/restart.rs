@@ -130,3 +130,31 @@ fn with_requeue_lost_a_replica_running_at_the_crash_runs_again_after_the_restart
     let (ok, outs) = c.retrieve(t);
     assert!(ok && outs[0].1.contains("released again"), "{outs:?}");
 }
+
+#[test]
+fn a_ticket_closed_just_before_kill_9_is_gone_or_back_with_its_output() {
+    let mut c = Cluster::start_with(2, &[]);
+    let d = c.dir.path().to_path_buf();
+    let closed = c.deploy(1, &job(&d, "a.tar.gz", &["@echo retrieved and closed before the crash"]));
+    c.wait_status(closed, |s| s["status"] == "COMPLETED");
+    // A DEPLOY's sync puts the first job's end on disk too.
+    let other = c.deploy(1, &job(&d, "b.tar.gz", &["@echo another job"]));
+    c.wait_status(other, |s| s["status"] == "COMPLETED");
+    let (ok, outs) = c.retrieve(closed); // retrieves, then closes
+    assert!(ok && outs[0].1.contains("retrieved and closed"), "{outs:?}\n{}", c.log());
+
+    // A CLOSE is answered before its record is synced: a crash at once
+    // may undo it, but then the ticket is back whole, never without its
+    // output (the output goes back to the pool only after the sync).
+    c.restart(Signal::SIGKILL);
+    let out = c.cloud(&["status", &closed.to_string()]);
+    if out.status.success() {
+        eprintln!("the close was undone by the crash");
+        assert_eq!(state(&c, closed), "COMPLETED");
+        let (ok, outs) = c.retrieve(closed);
+        assert!(ok && outs[0].1.contains("retrieved and closed"), "{outs:?}\n{}", c.log());
+    } else {
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no such ticket"), "{out:?}");
+    }
+    // (The other job's end rode on no sync: it may be "server restarted".)
+}
