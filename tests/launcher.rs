@@ -77,7 +77,7 @@ fn a_replica_runs_in_its_slots_cgroup_and_no_group_is_made_per_replica() {
 #[test]
 fn a_job_cannot_reach_its_launcher() {
     let c = Cluster::start(1);
-    let launchers = c.launchers();
+    let launchers = c.wait_launchers(1);
     assert_eq!(launchers.len(), 1, "one launcher per slot");
     let l = launchers[0];
     let recipe = [format!(
@@ -112,7 +112,7 @@ fn a_launcher_that_dies_kills_its_replica_and_is_replaced() {
         return;
     }
     let c = Cluster::start_with(1, &["--allow-network"]);
-    let old = c.launchers();
+    let old = c.wait_launchers(1);
     assert_eq!(old.len(), 1, "one launcher per slot");
     let gate = Gate::new();
     let t = c.deploy(1, &job(c.dir.path(), "held.tar.gz", &gate.wait_recipe("held")));

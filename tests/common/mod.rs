@@ -249,6 +249,20 @@ impl Cluster {
         processes().into_iter().filter(|p| p.ppid == me && p.comm == LAUNCHER).map(|p| p.pid).collect()
     }
 
+    /// The launchers once there are `n` of them: a launcher names itself
+    /// just after its fork, so right after the ready line one may still
+    /// carry the server's name.
+    pub fn wait_launchers(&self, n: usize) -> Vec<u32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let launchers = self.launchers();
+            if launchers.len() == n || Instant::now() > deadline {
+                return launchers;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Wait until the server has no children at all (every replica reaped).
     pub fn wait_no_children(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
