@@ -1407,6 +1407,26 @@ mod tests {
     }
 
     #[test]
+    fn paths_below_a_fresh_mount_are_made_top_down() {
+        let base = std::env::temp_dir().join(format!("cloud-mkdir-below-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        mkdir_all(&base).unwrap();
+        let deep = base.join("output_9001/7/work");
+        mkdir_below(&base, &deep).unwrap();
+        assert!(deep.is_dir());
+        // Again, and with a part already there: fine.
+        mkdir_below(&base, &deep).unwrap();
+        // Not below the base: made as a whole.
+        let other = base.join("x/y");
+        mkdir_below(&deep, &other).unwrap();
+        assert!(other.is_dir());
+        // A file in the way is an error, not skipped.
+        std::fs::write(base.join("file"), b"").unwrap();
+        assert!(mkdir_below(&base, &base.join("file/sub")).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
     fn the_report_is_told_apart_from_setup_errors() {
         let (r, w) = nix::unistd::pipe().unwrap();
         nix::unistd::write(&w, b"bad archive: not a gzip file\n\x01cloud-init wait status 32000\n").unwrap();
