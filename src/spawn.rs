@@ -540,18 +540,20 @@ fn contain_mounts(spec: &SpawnSpec, owner: Option<(Uid, Gid)>) -> Result<(), Chi
         fresh.extend(try_mount("private /run", "/run", "tmpfs", safe | MsFlags::MS_NOEXEC, "size=1m,mode=0755")?);
     }
     // The work dir (all tenants' outputs and the spool) is replaced by an
-    // empty tmpfs; it may have been under /tmp, so make its path again.
+    // empty read-only tmpfs. Under one of the private mounts just made (a
+    // work dir in /tmp, /dev/shm) it is gone already: the job sees the
+    // empty tmpfs of its own there, so only the workspace's path is made
+    // again (no tmpfs and remount more per job).
     let wd = spec.work_dir;
-    let made = match fresh.iter().find(|&&base| wd.starts_with(base)) {
-        Some(base) => mkdir_below(base, wd),
-        None => mkdir_all(wd),
-    };
-    made.map_err(|e| setup(&format!("work dir ({})", wd.display()), e))?;
+    let hidden = fresh.iter().find(|&&base| wd.starts_with(base)).copied();
     let hide = "size=64k,mode=0755";
-    m("hiding the work dir", Some("tmpfs"), wd, Some("tmpfs"), safe | MsFlags::MS_NOEXEC, Some(hide))?;
-    let made = match spec.workspace.starts_with(wd) {
-        true => mkdir_below(wd, spec.workspace),
-        false => mkdir_all(spec.workspace),
+    let made = match hidden {
+        Some(base) => mkdir_below(base, spec.workspace),
+        None => {
+            mkdir_all(wd).map_err(|e| setup(&format!("work dir ({})", wd.display()), e))?;
+            m("hiding the work dir", Some("tmpfs"), wd, Some("tmpfs"), safe | MsFlags::MS_NOEXEC, Some(hide))?;
+            mkdir_below(wd, spec.workspace)
+        }
     };
     made.map_err(|e| setup("workspace", e))?;
     let mut ws = format!("size={},mode=0700", spec.limits.disk_bytes);
@@ -559,8 +561,10 @@ fn contain_mounts(spec: &SpawnSpec, owner: Option<(Uid, Gid)>) -> Result<(), Chi
         ws.push_str(&format!(",uid={uid},gid={gid}"));
     }
     m("workspace tmpfs", Some("tmpfs"), spec.workspace, Some("tmpfs"), safe, Some(&ws))?;
-    let ro = safe | MsFlags::MS_NOEXEC | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-    m("hiding the work dir", None, wd, None, ro, Some(hide))?;
+    if hidden.is_none() {
+        let ro = safe | MsFlags::MS_NOEXEC | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        m("hiding the work dir", None, wd, None, ro, Some(hide))?;
+    }
     Ok(())
 }
 
