@@ -12,7 +12,7 @@
 //! mount inherited from the host read-only, mounts a fresh /proc, private
 //! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
 //! sockets live, unless the network is allowed), a devpts of its own, hides the work dir under an empty
-//! read-only tmpfs and gives the replica a tmpfs workspace
+//! read-only tmpfs (unless one of those private tmpfs hides it already) and gives the replica a tmpfs workspace
 //! of `--max-disk` bytes, then forks the **job** process: a new session,
 //! stdin from /dev/null, stdout and stderr onto one pipe, a clean
 //! environment, resource limits, no capabilities, `PR_SET_NO_NEW_PRIVS`,
