@@ -5,7 +5,9 @@
 //!
 //! Owns: starting a launcher (a fork of the server when its node starts:
 //! it joins the slot's cgroup once, the only attach, sets oom_score_adj
-//! -1000 so a job's OOM never picks it, is not dumpable, dies with the
+//! -1000 so a job's OOM never picks it, as root empties its capability
+//! bounding set and loads the job's seccomp filter once, for every replica
+//! to inherit (`spawn::restrict_launcher`), is not dumpable, dies with the
 //! server by `PR_SET_PDEATHSIG` and on its socket's end of file, and reaps
 //! its children, so their CPU time is counted), the request the server sends it on a
 //! SOCK_SEQPACKET socketpair (the replica's workspace path and environment
@@ -220,6 +222,10 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
             spawn::set_init_oom_score_adj(own);
         }
     }
+    // What every job gets and the launcher does not need, once here rather
+    // than once a job: an empty capability bounding set, the job's seccomp
+    // filter (root mode; `spawn::restrict_launcher` says why it is safe).
+    spawn::restrict_launcher(setup.sandbox.containment);
     // Not dumpable: no process of the server's user may ptrace it. Not in
     // a user namespace of the server's user: init inherits the flag and
     // could not write its uid map (init makes itself non-dumpable there).

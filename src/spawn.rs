@@ -12,13 +12,14 @@
 //! mount inherited from the host read-only, mounts a fresh /proc, private
 //! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
 //! sockets live, unless the network is allowed), a devpts of its own, hides the work dir under an empty
-//! read-only tmpfs and gives the replica a tmpfs workspace
+//! read-only tmpfs (unless one of those private tmpfs hides it already) and gives the replica a tmpfs workspace
 //! of `--max-disk` bytes (huge pages for its large files where the kernel
 //! has them), then forks the **job** process: a new session,
 //! stdin from /dev/null, stdout and stderr onto one pipe, a clean
 //! environment, resource limits, no capabilities, `PR_SET_NO_NEW_PRIVS`,
 //! a seccomp filter against the (not namespaced) kernel keyrings and
-//! nested user namespaces,
+//! nested user namespaces (as root, the empty bounding set and the filter
+//! are the slot launcher's own, set once and inherited: `restrict_launcher`),
 //! the slot user's identity, safe extraction of the archive (an open
 //! descriptor, read with pread: its shared offset never moves), and
 //! `exec make run`. Init reaps everything, reports the job's wait status on
@@ -157,6 +158,56 @@ pub(crate) fn set_init_oom_score_adj(value: i32) {
     INIT_OOM_SCORE_ADJ.store(value, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Set in a root launcher whose own capability bounding set (and ambient
+/// set) is already empty: every init and job it clones inherits that, so
+/// the job need not drop 41 capabilities one `prctl` at a time.
+static BOUNDING_SET_EMPTY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set in a root launcher that carries the job's seccomp filter itself:
+/// every init and job it clones inherits it (filters are inherited across
+/// fork and exec and cannot be removed), so the job does not compile and
+/// load one of its own.
+static SECCOMP_INHERITED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// In a root launcher (`Containment::Namespaces` only), once at start:
+/// what every job gets and neither the launcher nor init needs. An empty
+/// capability bounding set (a process keeps its effective capabilities;
+/// the bounding set only limits what an exec may gain, and neither the
+/// launcher nor init ever execs) and the job's seccomp filter (it refuses
+/// keyrings, CLONE_NEWUSER and clone3: nothing a launcher or init does).
+/// Each that fails is left to the job, as before. Not in a user namespace
+/// mode: a new user namespace starts with a full bounding set, and init
+/// is cloned with CLONE_NEWUSER, which the filter refuses.
+pub(crate) fn restrict_launcher(containment: Containment) {
+    if containment != Containment::Namespaces {
+        return;
+    }
+    if drop_bounding_set().is_ok() {
+        BOUNDING_SET_EMPTY.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if job_seccomp().is_ok() {
+        SECCOMP_INHERITED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The hard resource limits a job's limits are capped by: what the caller
+/// (server or launcher) inherited, read once per process (they do not
+/// change), before the first clone, so a job does not read them again.
+fn inherited_hard_limits() -> &'static [u64; 6] {
+    static HARD: std::sync::OnceLock<[u64; 6]> = std::sync::OnceLock::new();
+    HARD.get_or_init(|| RLIMITS.map(|res| nix::sys::resource::getrlimit(res).map_or(u64::MAX, |(_, hard)| hard)))
+}
+
+/// The resource limits a job gets, in the order of `inherited_hard_limits`.
+const RLIMITS: [Resource; 6] = [
+    Resource::RLIMIT_CPU,
+    Resource::RLIMIT_AS,
+    Resource::RLIMIT_NOFILE,
+    Resource::RLIMIT_FSIZE,
+    Resource::RLIMIT_CORE,
+    Resource::RLIMIT_NPROC,
+];
+
 /// Start a replica: contained, our init, which forks the job; else the job.
 /// (The server's contained replicas go through their slot's launcher,
 /// `launcher`, which calls [`clone_init`]; this direct path serves the
@@ -285,6 +336,8 @@ struct Exec {
     make: Vec<CString>,
     argv: [CString; 2],
     envp: Vec<CString>,
+    /// The caller's hard resource limits (`inherited_hard_limits`).
+    hard: [u64; 6],
 }
 
 impl Exec {
@@ -292,7 +345,7 @@ impl Exec {
         let make = REPLICA_PATH.split(':').filter_map(|dir| CString::new(format!("{dir}/make")).ok()).collect();
         let argv = [c"make".to_owned(), c"run".to_owned()];
         let envp = spec.env.iter().filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok()).collect();
-        Exec { make, argv, envp }
+        Exec { make, argv, envp, hard: *inherited_hard_limits() }
     }
 }
 
@@ -457,38 +510,53 @@ fn contain_mounts(spec: &SpawnSpec, owner: Option<(Uid, Gid)>) -> Result<(), Chi
     // directories, nor (without root) write the server user's files.
     host_read_only().map_err(|e| setup("making the host file system read-only", e))?;
     m("mounting /proc", Some("proc"), Path::new("/proc"), Some("proc"), safe | MsFlags::MS_NOEXEC, None)?;
+    // Each of these directories only where the host has it: a mount on a
+    // missing directory (ENOENT) or on a file (ENOTDIR) is skipped, so no
+    // stat is needed first. `fresh`: the private mounts made, under which
+    // nothing of the host's is left.
+    let optional = |r: Result<(), ChildError>, e: nix::Result<()>| match e {
+        Ok(()) => Ok(true),
+        Err(nix::Error::ENOENT | nix::Error::ENOTDIR) => Ok(false),
+        Err(_) => r.map(|()| false),
+    };
+    let try_mount = |what: &str, target: &'static str, fstype: &str, flags: MsFlags, data: &str| {
+        let e = mount(Some(fstype), target, Some(fstype), flags, Some(data));
+        let r = e.map_err(|e| setup(&format!("{what} ({target})"), e));
+        optional(r, e).map(|made| made.then_some(Path::new(target)))
+    };
+    let mut fresh: Vec<&Path> = Vec::new();
     let tmp = format!("size={},mode=1777", spec.limits.tmp_bytes);
     for dir in PRIVATE_TMP {
-        let dir = Path::new(dir);
-        if dir.is_dir() {
-            m("private tmpfs", Some("tmpfs"), dir, Some("tmpfs"), safe, Some(&tmp))?;
-        }
+        fresh.extend(try_mount("private tmpfs", dir, "tmpfs", safe, &tmp)?);
     }
     // Terminals of its own: a new devpts instance (/dev/ptmx opens the
     // instance at /dev/pts next to it), so a job cannot take the host's
     // ptys, and the kernel keeps `kernel.pty.reserve` for the host.
-    let pts = Path::new("/dev/pts");
-    if pts.is_dir() {
-        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-        m("private /dev/pts", Some("devpts"), pts, Some("devpts"), flags, Some("newinstance,ptmxmode=0666,mode=0620"))?;
-    }
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    try_mount("private /dev/pts", "/dev/pts", "devpts", flags, "newinstance,ptmxmode=0666,mode=0620")?;
     // The host's services listen on unix sockets under /run (D-Bus, the
     // journal, container runtimes): sockets a network namespace does not
     // stop. An isolated replica gets an empty /run of its own.
     if spec.sandbox.isolate_network {
-        let run = Path::new("/run");
-        if run.is_dir() {
-            let flags = safe | MsFlags::MS_NOEXEC;
-            m("private /run", Some("tmpfs"), run, Some("tmpfs"), flags, Some("size=1m,mode=0755"))?;
-        }
+        fresh.extend(try_mount("private /run", "/run", "tmpfs", safe | MsFlags::MS_NOEXEC, "size=1m,mode=0755")?);
     }
     // The work dir (all tenants' outputs and the spool) is replaced by an
-    // empty tmpfs; it may have been under /tmp, so make its path again.
+    // empty read-only tmpfs. Under one of the private mounts just made (a
+    // work dir in /tmp, /dev/shm) it is gone already: the job sees the
+    // empty tmpfs of its own there, so only the workspace's path is made
+    // again (no tmpfs and remount more per job).
     let wd = spec.work_dir;
-    mkdir_all(wd).map_err(|e| setup(&format!("work dir ({})", wd.display()), e))?;
+    let hidden = fresh.iter().find(|&&base| wd.starts_with(base)).copied();
     let hide = "size=64k,mode=0755";
-    m("hiding the work dir", Some("tmpfs"), wd, Some("tmpfs"), safe | MsFlags::MS_NOEXEC, Some(hide))?;
-    mkdir_all(spec.workspace).map_err(|e| setup("workspace", e))?;
+    let made = match hidden {
+        Some(base) => mkdir_below(base, spec.workspace),
+        None => {
+            mkdir_all(wd).map_err(|e| setup(&format!("work dir ({})", wd.display()), e))?;
+            m("hiding the work dir", Some("tmpfs"), wd, Some("tmpfs"), safe | MsFlags::MS_NOEXEC, Some(hide))?;
+            mkdir_below(wd, spec.workspace)
+        }
+    };
+    made.map_err(|e| setup("workspace", e))?;
     let mut ws = format!("size={},mode=0700", spec.limits.disk_bytes);
     if let Some((uid, gid)) = owner {
         ws.push_str(&format!(",uid={uid},gid={gid}"));
@@ -502,8 +570,10 @@ fn contain_mounts(spec: &SpawnSpec, owner: Option<(Uid, Gid)>) -> Result<(), Chi
     if mount(Some("tmpfs"), spec.workspace, Some("tmpfs"), safe, Some(huge.as_str())).is_err() {
         m("workspace tmpfs", Some("tmpfs"), spec.workspace, Some("tmpfs"), safe, Some(&ws))?;
     }
-    let ro = safe | MsFlags::MS_NOEXEC | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-    m("hiding the work dir", None, wd, None, ro, Some(hide))?;
+    if hidden.is_none() {
+        let ro = safe | MsFlags::MS_NOEXEC | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        m("hiding the work dir", None, wd, None, ro, Some(hide))?;
+    }
     Ok(())
 }
 
@@ -582,6 +652,23 @@ fn host_read_only() -> nix::Result<()> {
         }
         other => other,
     }
+}
+
+/// Make `path`'s directories below `base`, top down: `base` is a fresh,
+/// empty mount, so none of them exists (one mkdir each; an existing one,
+/// of the same name as another component, is fine).
+fn mkdir_below(base: &Path, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Ok(rest) = path.strip_prefix(base) else { return mkdir_all(path) };
+    let mut dir = base.to_path_buf();
+    for part in rest.components() {
+        dir.push(part);
+        match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
 fn mkdir_all(path: &Path) -> std::io::Result<()> {
@@ -724,17 +811,18 @@ fn job_setup(
     let archive_fd = archive.as_ref().map_or(-1, |f| f.file.as_raw_fd());
     close_all_but(&[status_fd, archive_fd, workspace.as_raw_fd()]);
     let l = spec.limits;
+    let nproc = l.processes.filter(|_| l.nproc_rlimit);
     let limits = [
-        (Resource::RLIMIT_CPU, l.cpu_seconds, "CPU time"),
-        (Resource::RLIMIT_AS, l.address_space, "address space"),
-        (Resource::RLIMIT_NOFILE, l.open_files, "open files"),
-        (Resource::RLIMIT_FSIZE, l.file_size, "file size"),
-        (Resource::RLIMIT_CORE, 0, "core size"),
+        Some((l.cpu_seconds, "CPU time")),
+        Some((l.address_space, "address space")),
+        Some((l.open_files, "open files")),
+        Some((l.file_size, "file size")),
+        Some((0, "core size")),
+        nproc.map(|v| (v, "processes")),
     ];
-    let nproc = l.processes.filter(|_| l.nproc_rlimit).map(|v| (Resource::RLIMIT_NPROC, v, "processes"));
-    for (res, v, what) in limits.into_iter().chain(nproc) {
+    for ((res, inherited), limit) in RLIMITS.into_iter().zip(exec.hard).zip(limits) {
+        let Some((v, what)) = limit else { continue };
         // Never above the hard limit we inherited (a non-root server cannot raise it).
-        let inherited = nix::sys::resource::getrlimit(res).map_or(u64::MAX, |(_, hard)| hard);
         let soft = v.min(inherited);
         // CPU: SIGXCPU at the soft limit, so the job learns why; SIGKILL a
         // second later if it ignores that.
@@ -744,7 +832,9 @@ fn job_setup(
         }
     }
     let contained = spec.sandbox.containment != Containment::Uncontained;
-    if contained {
+    // (A root launcher emptied its own bounding set: inherited.)
+    let inherited = !userns && BOUNDING_SET_EMPTY.load(std::sync::atomic::Ordering::Relaxed);
+    if contained && !inherited {
         // No capability can come back: not from the bounding set, not
         // through a setuid binary.
         if let Err(e) = drop_bounding_set() {
@@ -756,8 +846,10 @@ fn job_setup(
     }
     // Kernel keyrings are per uid and not namespaced: a key a job adds to
     // its user keyring would outlive it and be read by the next tenant
-    // that runs as the same slot uid. Nested user namespaces: no.
-    if let Err(e) = job_seccomp() {
+    // that runs as the same slot uid. Nested user namespaces: no. (A root
+    // launcher loaded this filter itself: inherited.)
+    let inherited = !userns && SECCOMP_INHERITED.load(std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = if inherited { Ok(()) } else { job_seccomp() } {
         return setup("seccomp filter", e);
     }
     if let Some((uid, gid)) = spec.sandbox.identity {
@@ -1325,6 +1417,26 @@ mod tests {
         assert_eq!(recipe_code(nested), Some(7));
         assert_eq!(recipe_code(b"make: *** No rule to make target 'run'.  Stop.\n"), None);
         assert_eq!(recipe_code(b"exit 3"), None);
+    }
+
+    #[test]
+    fn paths_below_a_fresh_mount_are_made_top_down() {
+        let base = std::env::temp_dir().join(format!("cloud-mkdir-below-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        mkdir_all(&base).unwrap();
+        let deep = base.join("output_9001/7/work");
+        mkdir_below(&base, &deep).unwrap();
+        assert!(deep.is_dir());
+        // Again, and with a part already there: fine.
+        mkdir_below(&base, &deep).unwrap();
+        // Not below the base: made as a whole.
+        let other = base.join("x/y");
+        mkdir_below(&deep, &other).unwrap();
+        assert!(other.is_dir());
+        // A file in the way is an error, not skipped.
+        std::fs::write(base.join("file"), b"").unwrap();
+        assert!(mkdir_below(&base, &base.join("file/sub")).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -131,3 +131,43 @@ fn a_launcher_that_dies_kills_its_replica_and_is_replaced() {
     assert_eq!(new.len(), 1);
     assert_ne!(new, old, "the slot has a new launcher");
 }
+
+/// The field `name` of /proc/PID/status text, trimmed.
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(str::trim)
+}
+
+/// Root: a slot's launcher empties its capability bounding set and loads
+/// the job's seccomp filter once, at start, so each replica inherits them
+/// instead of setting them up again (41 prctl calls and a filter compiled
+/// per job). The job ends up exactly as restricted as before: no
+/// capability in its bounding set, no new privileges, and one filter
+/// (not two) that still refuses the keyrings.
+#[test]
+fn a_launcher_gives_its_replicas_the_bounding_set_and_filter_once() {
+    if !need_root("a_launcher_gives_its_replicas_the_bounding_set_and_filter_once") {
+        return;
+    }
+    let c = Cluster::start(1);
+    let launchers = c.launchers();
+    assert_eq!(launchers.len(), 1, "one launcher per slot");
+    let own = std::fs::read_to_string(format!("/proc/{}/status", launchers[0])).unwrap();
+    assert_eq!(status_field(&own, "CapBnd"), Some("0000000000000000"), "{own}");
+    assert_eq!(status_field(&own, "Seccomp"), Some("2"), "{own}");
+    // The launcher keeps what it needs to contain replicas.
+    assert_ne!(status_field(&own, "CapEff"), Some("0000000000000000"), "{own}");
+    let t = c.deploy(
+        1,
+        &job(c.dir.path(), "caps.tar.gz", &["@grep -E '^(CapBnd|CapEff|NoNewPrivs|Seccomp)' /proc/self/status"]),
+    );
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok, "{outs:?}");
+    let out = &outs[0].1;
+    assert_eq!(status_field(out, "CapBnd"), Some("0000000000000000"), "{out}");
+    assert_eq!(status_field(out, "CapEff"), Some("0000000000000000"), "{out}");
+    assert_eq!(status_field(out, "NoNewPrivs"), Some("1"), "{out}");
+    assert_eq!(status_field(out, "Seccomp"), Some("2"), "{out}");
+    if let Some(n) = status_field(out, "Seccomp_filters") {
+        assert_eq!(n, "1", "the filter is loaded once, by the launcher: {out}");
+    }
+}
