@@ -639,12 +639,30 @@ fn one_direct(archive: &Path, dir: &Path) -> f64 {
 /// reaped, and of its slot launchers (`cloud-launcher`) and the replicas'
 /// inits they reaped (theirs reach the server only when they end).
 fn proc_cpu(pid: u32) -> f64 {
+    launchers(pid).into_iter().map(own_cpu).sum::<f64>() + own_cpu(pid)
+}
+
+/// The server's slot launchers: the processes its replicas descend from.
+fn launchers(pid: u32) -> Vec<u32> {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    let launchers = children
+    children
         .split_whitespace()
         .filter_map(|c| c.parse::<u32>().ok())
-        .filter(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "cloud-launcher"));
-    launchers.map(own_cpu).sum::<f64>() + own_cpu(pid)
+        .filter(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "cloud-launcher"))
+        .collect()
+}
+
+/// The server's pid, and with `follow` its launchers' too, as `-p`
+/// arguments for strace (repeated) or perf (one comma list): tracing the
+/// server alone would miss replicas, which the launchers (made at start,
+/// before the tracer attached) clone.
+fn traced_pids(server: &Server, follow: bool) -> Vec<String> {
+    let pid = server.pid();
+    let mut pids = vec![pid.to_string()];
+    if follow {
+        pids.extend(launchers(pid).iter().map(u32::to_string));
+    }
+    pids
 }
 
 /// CPU seconds of one process and the children it reaped.
@@ -812,13 +830,13 @@ fn start_cost(program: &str, args: &[&str], n: usize) -> (Vec<f64>, Vec<f64>) {
 // ---------------------------------------------------------------- profile
 
 /// System calls per job counted by strace: of the server process alone
-/// (`follow` false), or with everything it forks (`-f`: replica setup,
-/// extraction, make and the job itself). The full table goes to `out`.
+/// (`follow` false), or with its launchers and everything they and it fork
+/// (`-f`: replica setup, extraction, make and the job itself). The full table goes to `out`.
 fn syscalls_per_job(server: &Server, archive: &Path, base: &Path, follow: bool, out: &Path) -> Option<f64> {
     let mut strace = Command::new("strace")
         .args(if follow { &["-f", "-c", "-S", "calls", "-o"][..] } else { &["-c", "-S", "calls", "-o"][..] })
         .arg(out)
-        .args(["-p", &server.pid().to_string()])
+        .args(traced_pids(server, follow).iter().flat_map(|p| ["-p", p.as_str()]))
         .stderr(Stdio::piped())
         .spawn()
         .ok()?;
@@ -836,14 +854,14 @@ fn syscalls_per_job(server: &Server, archive: &Path, base: &Path, follow: bool, 
     Some(total / STRACED_JOBS as f64)
 }
 
-/// `perf record -g` of the server (and the replicas it forks) during a
+/// `perf record -g` of the server and its launchers (and the replicas they fork) during a
 /// burst of echo jobs; folded stacks and a flame graph if inferno is there.
 fn perf_profile(server: &Server, archive: &Path, base: &Path, outdir: &Path) {
     let data = outdir.join("perf.data");
     let mut perf = match Command::new("perf")
         .args(["record", "-g", "-F", "2000", "-o"])
         .arg(&data)
-        .args(["-p", &server.pid().to_string()])
+        .args(["-p", &traced_pids(server, true).join(",")])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
