@@ -743,7 +743,14 @@ impl Node {
                 self.retry_groups = Some(Instant::now() + GROUP_RETRY);
             }
         }
-        log::debug!("node {}: ticket {}: {:?} ended: {:?}, job {:?}", self.cfg.port, r.ticket, r.pid, status, job);
+        match r.pid {
+            Some(pid) => {
+                log::debug!("node {}: ticket {}: pid {pid} ended: {status:?}, job {job:?}", self.cfg.port, r.ticket)
+            }
+            // Launched: init's pid is the launcher's business; its report
+            // (or, without one, a kill) says how the job ended.
+            None => log::debug!("node {}: ticket {}: replica ended, job {job:?}", self.cfg.port, r.ticket),
+        }
         if r.own_archive {
             self.give_archive_back(r.ticket);
         }
