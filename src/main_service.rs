@@ -872,6 +872,11 @@ impl MainService {
                 error => self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err)),
             },
             Streamed::Deploy { replicas, flags, who, mut check } => {
+                if check.inflated() >= INFLATE_SCRATCH as u64 {
+                    // A large upload touched every page of the scratch:
+                    // give them back (a small one touches a few, kept).
+                    self.inflate_scratch = Vec::new();
+                }
                 // The same call may have been uploaded on two connections at
                 // once (a retry while the first upload was still arriving):
                 // the one that ends second gets the first one's reply.
