@@ -67,6 +67,17 @@ pub enum Reply {
     Follow(Result<(Vec<u8>, bool), Failure>),
 }
 
+/// What the duplicate request cache keeps of a call answered with success
+/// (the only replies it keeps): 8 bytes, not a whole `Reply`, since up to
+/// `drc::MAX_ENTRIES` of them live for `drc::MAX_AGE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Remembered {
+    /// DEPLOY: the ticket it was given.
+    Deployed(Ticket),
+    /// CLOSE: it succeeded (its reply has nothing else).
+    Closed,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeCall {
     /// Run one replica from this archive.
@@ -125,7 +136,7 @@ pub struct Coordinator {
     only_deployer: Option<u32>,
     /// First replies to DEPLOY and CLOSE calls that changed something, for
     /// their retries (a refused call changed nothing and may run again).
-    drc: Drc<Reply>,
+    drc: Drc<Remembered>,
     /// Tickets each owner holds (deployed, not yet closed or expired);
     /// `None`: the anonymous callers together.
     held: HashMap<Option<u32>, usize>,
@@ -610,7 +621,7 @@ impl Coordinator {
     pub fn retried_deploy(&mut self, xid: u32, who: Option<u32>, now: Instant) -> Option<Ticket> {
         let key = drc::Key { xid, uid: who, proc_num: proto::DEPLOY };
         match self.drc.lookup(&key, now) {
-            Some(Reply::Deploy(Ok(ticket))) => Some(ticket),
+            Some(Remembered::Deployed(ticket)) => Some(ticket),
             _ => None,
         }
     }
@@ -655,7 +666,7 @@ impl Coordinator {
                 self.clock = Some(now);
                 self.submitted.insert(ticket, now);
                 let key = drc::Key { xid: to.xid, uid: owner, proc_num: proto::DEPLOY };
-                self.drc.insert(key, Reply::Deploy(Ok(ticket)), now);
+                self.drc.insert(key, Remembered::Deployed(ticket), now);
                 self.reply(to, Reply::Deploy(Ok(ticket)));
                 self.start_ready();
             }
@@ -956,9 +967,9 @@ impl Coordinator {
     pub fn close(&mut self, to: Caller, who: Option<u32>, ticket: Ticket, now: Instant) {
         self.clock = Some(now);
         let key = drc::Key { xid: to.xid, uid: who, proc_num: proto::CLOSE };
-        if let Some(first) = self.drc.lookup(&key, now) {
+        if self.drc.lookup(&key, now).is_some() {
             log::info!("connection {}: xid {:#x} is a retried CLOSE; answering as the first time", to.conn, to.xid);
-            return self.reply(to, first);
+            return self.reply(to, Reply::Close(Ok(())));
         }
         if let Some(refusal) = self.not_owner(ticket, who) {
             return self.reply(to, Reply::Close(Err(refusal)));
@@ -968,7 +979,7 @@ impl Coordinator {
             return self.reply(to, Reply::Close(Err(failure)));
         }
         log::info!("ticket {ticket}: closed");
-        self.drc.insert(key, Reply::Close(Ok(())), now);
+        self.drc.insert(key, Remembered::Closed, now);
         self.reply(to, Reply::Close(Ok(())));
         self.start_ready();
     }
@@ -1337,6 +1348,14 @@ fn refusal(e: SubmitError) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 11: the cache's up to 4,096 remembered replies cost a few
+    /// hundred KiB of a server's RSS with whole `Reply`s in them.
+    #[test]
+    fn the_duplicate_request_cache_keeps_8_bytes_a_reply() {
+        assert!(std::mem::size_of::<Remembered>() <= 8);
+        assert!(std::mem::size_of::<Reply>() > 32, "a whole reply is what the cache no longer keeps");
+    }
 
     fn coord(nodes: usize) -> Coordinator {
         let names = (0..nodes).map(|i| format!("127.0.0.1:{}", 9001 + i)).collect();
