@@ -518,41 +518,12 @@ fn start_server(base: &Path) -> Server {
     let slot_base = (1_000_000 + u32::from(ls[0].local_addr().unwrap().port()) * 64).to_string();
     drop(ls);
     std::fs::write(base.join("nodes.txt"), text).unwrap();
-    let mut child = Command::new(SERVER)
-        .args(["--slot-uids", &slot_base])
-        .arg("--nodes")
-        .arg(base.join("nodes.txt"))
-        .args(["--listen", "127.0.0.1:0", "--work-dir"])
-        .arg(base.join("work"))
-        .args(["--max-connections", &(2 * IDLE_CONNECTIONS).to_string()])
-        // Room for the 1 GiB archive (it unpacks into the replica's tmpfs,
-        // which counts against its memory).
-        .args(["--max-archive", "2G", "--max-extract", "2G", "--max-disk", "2G", "--max-memory", "4G"])
-        .args(std::env::var("CLOUD_BENCH_ARGS").unwrap_or_default().split_whitespace())
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap());
-    let mut addr = None;
-    let mut seen = String::new();
-    let mut line = String::new();
-    while addr.is_none() {
-        line.clear();
-        if lines.read_line(&mut line).unwrap_or(0) == 0 {
-            panic!("cloud-server ended before its ready line:\n{seen}");
-        }
-        seen.push_str(&line);
-        addr = line.split("listening on ").nth(1).and_then(|r| r.split(' ').next()).map(str::to_string);
-    }
-    eprintln!("{}", line.trim());
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || {
-        for l in lines.lines().map_while(Result::ok) {
-            eprintln!("  server: {l}");
-        }
-    });
-    Server { child, addr: addr.unwrap() }
+    let mut args: Vec<std::ffi::OsString> = vec!["--slot-uids".into(), slot_base.into(), "--nodes".into()];
+    args.push(base.join("nodes.txt").into());
+    args.extend(["--listen", "127.0.0.1:0", "--work-dir"].map(Into::into));
+    args.push(base.join("work").into());
+    args.extend(["--max-connections".into(), (2 * IDLE_CONNECTIONS).to_string().into()]);
+    spawn_server(&args)
 }
 
 // ---------------------------------------------------------------- measures

@@ -468,7 +468,7 @@ impl Node {
         let env = spawn::replica_env(&workspace, args.ticket, args.replica, args.replicas, self.cfg.port);
         let archive = File::open(&archive)
             .map_err(|e| RunResult::invalid(format!("{}: cannot open the archive: {e}", self.name())))?;
-        if !self.slot_state.is_empty() {
+        let (pid, output, status, control, group) = if !self.slot_state.is_empty() {
             // Contained: the slot's launcher clones init, in the slot's group.
             let launched = self.launch(slot, archive.as_fd(), &workspace, &env).map_err(RunResult::invalid)?;
             log::debug!(
@@ -477,72 +477,55 @@ impl Node {
                 args.ticket,
                 args.replica
             );
-            let fd = launched.output.as_raw_fd();
-            let running = Running {
-                ticket: args.ticket,
-                slot,
-                pid: None,
-                reply_to,
-                output: launched.output,
-                status: launched.status,
-                control: Some(launched.control),
-                group: None,
-                file,
-                written: 0,
-                truncated: false,
-                deadline: now + self.cfg.time_limit,
-                stop: None,
-                tail: Vec::new(),
-                own_archive,
+            (None, launched.output, launched.status, Some(launched.control), None)
+        } else {
+            let group = match &self.cfg.cgroups {
+                Some(groups) => Some(
+                    groups
+                        .create(&format!("{}-{}", self.cfg.port, args.ticket), spawn::cgroup_limits(&self.cfg.limits))
+                        .map_err(|e| {
+                            RunResult::invalid(format!("{}: cannot create the replica's cgroup: {e}", self.name()))
+                        })?,
+                ),
+                None => None,
             };
-            self.running.insert(args.ticket, running);
-            return Ok(fd);
-        }
-        let group = match &self.cfg.cgroups {
-            Some(groups) => Some(
-                groups
-                    .create(&format!("{}-{}", self.cfg.port, args.ticket), spawn::cgroup_limits(&self.cfg.limits))
-                    .map_err(|e| {
-                        RunResult::invalid(format!("{}: cannot create the replica's cgroup: {e}", self.name()))
-                    })?,
-            ),
-            None => None,
+            let join = match &group {
+                Some(g) => g.open_join().map_err(|e| {
+                    RunResult::invalid(format!("{}: cannot open the replica's cgroup: {e}", self.name()))
+                })?,
+                None => Vec::new(),
+            };
+            let spec = SpawnSpec {
+                archive: Some(archive.as_fd()),
+                work_dir: &self.cfg.work_dir,
+                workspace: &workspace,
+                env,
+                limits: &self.cfg.limits,
+                sandbox,
+                netns: self.cfg.netns.get(slot).and_then(|ns| ns.as_deref()).map(|fd| fd.as_fd()),
+                cgroup: &join,
+            };
+            let spawned = spawn::spawn(&spec)
+                .map_err(|e| RunResult::invalid(format!("{}: cannot start replica: {e}", self.name())))?;
+            log::debug!(
+                "{}: ticket {} replica {}: spawned pid {} ({:?})",
+                self.name(),
+                args.ticket,
+                args.replica,
+                spawned.pid,
+                self.cfg.sandbox.containment
+            );
+            (Some(spawned.pid), spawned.output, spawned.status, spawned.control, group)
         };
-        let join = match &group {
-            Some(g) => g
-                .open_join()
-                .map_err(|e| RunResult::invalid(format!("{}: cannot open the replica's cgroup: {e}", self.name())))?,
-            None => Vec::new(),
-        };
-        let spec = SpawnSpec {
-            archive: Some(archive.as_fd()),
-            work_dir: &self.cfg.work_dir,
-            workspace: &workspace,
-            env,
-            limits: &self.cfg.limits,
-            sandbox,
-            netns: self.cfg.netns.get(slot).and_then(|ns| ns.as_deref()).map(|fd| fd.as_fd()),
-            cgroup: &join,
-        };
-        let spawned = spawn::spawn(&spec)
-            .map_err(|e| RunResult::invalid(format!("{}: cannot start replica: {e}", self.name())))?;
-        log::debug!(
-            "{}: ticket {} replica {}: spawned pid {} ({:?})",
-            self.name(),
-            args.ticket,
-            args.replica,
-            spawned.pid,
-            self.cfg.sandbox.containment
-        );
-        let fd = spawned.output.as_raw_fd();
+        let fd = output.as_raw_fd();
         let running = Running {
             ticket: args.ticket,
             slot,
-            pid: Some(spawned.pid),
+            pid,
             reply_to,
-            output: spawned.output,
-            status: spawned.status,
-            control: spawned.control,
+            output,
+            status,
+            control,
             group,
             file,
             written: 0,
