@@ -761,26 +761,40 @@ fn io_calls(pid: u32) -> u64 {
 }
 
 /// Wake-ups and read/write calls of an idle server over IDLE_WINDOW.
+/// Idle means no work left, deferred work included: after the last job
+/// the server still syncs the journal within a second (the last CLOSE's
+/// record) and empties the files its pools got back. So the window starts
+/// once the server is blocked in `epoll_wait` without a timeout (it has no
+/// timer pending), or after 5 s, whichever comes first.
 fn idle_calls(pid: u32) -> (f64, String) {
-    // Let the last connection's close and the last replica's reaping settle.
     let settle = Instant::now();
-    let mut last = (switches(pid), io_calls(pid));
+    let mut blocked_in = String::new();
     while settle.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = (switches(pid), io_calls(pid));
-        if now == last {
+        blocked_in = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        // "nr epfd events maxevents timeout ...": 232 epoll_wait, 281
+        // epoll_pwait, 441 epoll_pwait2 (a null timeout) on x86_64.
+        let f: Vec<&str> = blocked_in.split_whitespace().collect();
+        let forever = match f.first().copied() {
+            // The timeout is an int: -1, however the register shows it.
+            Some("232" | "281") => matches!(f.get(4).copied(), Some("0xffffffff" | "0xffffffffffffffff")),
+            Some("441") => f.get(4) == Some(&"0x0"),
+            _ => false,
+        };
+        if forever {
             break;
         }
-        last = now;
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let blocked_in = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
     let (s0, io0) = (switches(pid), io_calls(pid));
     std::thread::sleep(IDLE_WINDOW);
     let (s1, io1) = (switches(pid), io_calls(pid));
     let nr = blocked_in.split_whitespace().next().unwrap_or("?").to_string();
     (
         (s1 - s0 + io1 - io0) as f64,
-        format!("blocked in system call {nr} (232 = epoll_wait, 281 = epoll_pwait on x86_64)"),
+        format!(
+            "blocked in system call {nr} (232 = epoll_wait, 281 = epoll_pwait on x86_64), no timer pending, after {:.1} s",
+            settle.elapsed().as_secs_f64() - IDLE_WINDOW.as_secs_f64()
+        ),
     )
 }
 
