@@ -500,9 +500,7 @@ impl Server {
             // Pipes and sockets left with data (edge-triggered: no new event
             // will say so).
             for (node, ticket) in std::mem::take(&mut self.nodes.more_output) {
-                if let Some(fin) = self.nodes.drain(node, ticket) {
-                    self.finish_replica(node, fin);
-                }
+                self.drain_replica(node, ticket);
             }
             for key in std::mem::take(&mut self.more_input) {
                 if matches!(self.slab.get(key), Some(Source::Conn(_) | Source::Idle(_))) {
@@ -585,11 +583,7 @@ impl Server {
                 let key = t - self.first_key;
                 match self.slab.get(key) {
                     Some(Source::Conn(_) | Source::Idle(_)) => self.conn_event(key, read_closed),
-                    Some(&Source::ChildOutput(i, ticket)) => {
-                        if let Some(fin) = self.nodes.drain(i, ticket) {
-                            self.finish_replica(i, fin);
-                        }
-                    }
+                    Some(&Source::ChildOutput(i, ticket)) => self.drain_replica(i, ticket),
                     Some(&Source::SlurmCommand(i, fd)) => self.nodes.command_readable(i, fd),
                     _ => {} // stale event for a closed source
                 }
@@ -1234,9 +1228,7 @@ impl Server {
             Err(e) => log::error!("cannot watch a replica's output: {e}"),
         }
         // Unwatched: read what is there now.
-        if let Some(fin) = self.nodes.drain(node, ticket) {
-            self.finish_replica(node, fin);
-        }
+        self.drain_replica(node, ticket);
     }
 
     /// Send the coordinator's answer to a client's call; that client's
@@ -1393,6 +1385,14 @@ impl Server {
                 Err(nix::Error::EINTR) => {}
                 Err(_) => return, // ECHILD
             }
+        }
+    }
+
+    /// Read a replica's output pipe; a launched replica whose pipe reached
+    /// its end has ended: finish it.
+    fn drain_replica(&mut self, node: NodeId, ticket: u32) {
+        if let Some(fin) = self.nodes.drain(node, ticket) {
+            self.finish_replica(node, fin);
         }
     }
 
