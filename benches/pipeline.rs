@@ -31,6 +31,8 @@
 //!
 //! Environment:
 //! - `CLOUD_BENCH_QUICK=1`: skip the 1 GiB transfer;
+//! - `CLOUD_BENCH_ONLY=big,burst`: only those figures (burst, single,
+//!   compile, big, idle);
 //! - `CLOUD_BENCH_ROUNDS=N`: rounds per figure (default 3, at least 3);
 //! - `CLOUD_BENCH_ARGS`: more cloud-server options;
 //! - `CLOUD_BENCH_PROFILE=1`: also count system calls per job (`strace -c`
@@ -948,7 +950,7 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
 
     // 200 echo jobs, 4 at a time.
     let (mut ours, mut reference, mut ours_cpu, mut ref_cpu) = (vec![], vec![], vec![], vec![]);
-    for r in 0..rounds {
+    for r in 0..if only("burst") { rounds } else { 0 } {
         let (s0, c0) = (proc_cpu(pid), children_cpu());
         let t = run_cluster(&addr, &a.echo, &base.join(format!("burst{r}")), JOBS);
         let (s1, c1) = (proc_cpu(pid), children_cpu());
@@ -958,28 +960,44 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
         reference.push(JOBS as f64 / t);
         ref_cpu.push((children_cpu() - c1) * 1000.0 / JOBS as f64);
     }
-    let burst = format!("{JOBS} echo jobs, {CLIENTS} clients, {NODES} nodes");
-    row(rows, &burst, &fs, "jobs/s", ours, reference, true, false, Target::AtLeast(1.2));
-    row(rows, "  CPU per echo job (server+clients)", &fs, "ms", ours_cpu, ref_cpu, false, false, Target::None);
+    if only("burst") {
+        let burst = format!("{JOBS} echo jobs, {CLIENTS} clients, {NODES} nodes");
+        row(rows, &burst, &fs, "jobs/s", ours, reference, true, false, Target::AtLeast(1.2));
+        row(rows, "  CPU per echo job (server+clients)", &fs, "ms", ours_cpu, ref_cpu, false, false, Target::None);
+    }
 
     // One echo job alone.
     let (mut ours, mut reference) = (vec![], vec![]);
-    for r in 0..rounds * 3 {
+    for r in 0..if only("single") { rounds * 3 } else { 0 } {
         ours.push(one_cluster(&addr, &a.echo, &base.join(format!("alone{r}"))) * 1000.0);
         reference.push(one_direct(&a.echo, &base.join(format!("alone-direct{r}"))) * 1000.0);
     }
-    row(rows, "one echo job alone, deploy->retrieve", &fs, "ms", ours, reference, false, false, Target::AtMost(1.0));
+    if only("single") {
+        row(
+            rows,
+            "one echo job alone, deploy->retrieve",
+            &fs,
+            "ms",
+            ours,
+            reference,
+            false,
+            false,
+            Target::AtMost(1.0),
+        );
+    }
 
     // A compile job alone.
     let (mut ours, mut reference) = (vec![], vec![]);
-    for r in 0..rounds + 2 {
+    for r in 0..if only("compile") { rounds + 2 } else { 0 } {
         ours.push(one_cluster(&addr, &a.compile, &base.join(format!("cc{r}"))) * 1000.0);
         reference.push(one_direct(&a.compile, &base.join(format!("cc-direct{r}"))) * 1000.0);
     }
-    row(rows, "compile job (one-file C), speed", &fs, "ms", ours, reference, false, true, Target::AtLeast(0.95));
+    if only("compile") {
+        row(rows, "compile job (one-file C), speed", &fs, "ms", ours, reference, false, true, Target::AtLeast(0.95));
+    }
 
     // 1 GiB of incompressible data.
-    if let Some(big) = &a.big {
+    if let Some(big) = a.big.as_ref().filter(|_| only("big")) {
         let bytes = std::fs::metadata(big).unwrap().len() as f64;
         // Reset the server's VmHWM ("5" to clear_refs) so the peak is this transfer's.
         let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
@@ -1047,7 +1065,7 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
         drop(node);
     }
 
-    if first {
+    if first && only("idle") {
         let (calls, what) = idle_calls(pid);
         eprintln!("  idle server: {what}");
         row(
@@ -1172,6 +1190,12 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
     drop(server);
 }
 
+/// `CLOUD_BENCH_ONLY=big,burst` runs only those figures (burst, single,
+/// compile, big, idle); unset, all of them.
+fn only(section: &str) -> bool {
+    std::env::var("CLOUD_BENCH_ONLY").map_or(true, |v| v.is_empty() || v.split(',').any(|s| s.trim() == section))
+}
+
 fn main() {
     // Room for 10,000 idle connections, here and in the servers we start
     // (they inherit it; their --max-connections is lowered to fit it).
@@ -1212,7 +1236,7 @@ fn main() {
             ("hello.c", "#include <stdio.h>\nint main(void) { printf(\"hello from a compiled job\\n\"); return 0; }\n"),
         ],
     );
-    let big = if quick {
+    let big = if quick || !only("big") {
         None
     } else {
         let t = Instant::now();
