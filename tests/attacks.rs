@@ -728,6 +728,35 @@ fn slot_uids_that_belong_to_host_accounts_are_refused() {
     );
 }
 
+/// `--run-as` names a user looked up through the name service (in a
+/// child, so the server never carries nsswitch's modules): one that does
+/// not exist is refused at start in one line, and the server keeps no
+/// name-service library mapped.
+#[test]
+fn run_as_is_looked_up_in_a_child() {
+    if !need_root("run_as_is_looked_up_in_a_child") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nodes = dir.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("1\n{port}\n")).unwrap();
+    let refused = refused_start(
+        Command::new(SERVER)
+            .args(["--no-slot-uids", "--run-as", "no-such-user-here", "--listen", "127.0.0.1:0", "--nodes"])
+            .arg(&nodes)
+            .arg("--work-dir")
+            .arg(dir.path().join("work")),
+    );
+    assert!(refused.contains("--run-as user 'no-such-user-here' does not exist"), "{refused}");
+    let c = Cluster::start_with(1, &["--no-slot-uids", "--run-as", "nobody"]);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", c.pid())).unwrap();
+    assert!(!maps.contains("libnss_"), "the server mapped a name-service module:\n{maps}");
+    let t = c.deploy(1, &job(c.dir.path(), "id.tar.gz", &["@id -un"]));
+    let (_, outs) = c.retrieve(t);
+    assert_eq!(outs[0].1.trim(), "nobody");
+}
+
 /// A perl DEPLOY of `Makefile` to 127.0.0.1:`port`, as the uid it runs as;
 /// prints the reply's words.
 const SELF_DEPLOY: &str = r#"use IO::Socket::INET;

@@ -285,7 +285,8 @@ fn identities(job: &JobFlags, n: usize) -> Result<Identities, String> {
         return Ok(Identities { per_node: Vec::new(), slot_uids: false, summary, _locks: Vec::new() });
     }
     if !Uid::effective().is_root() {
-        let me = User::from_uid(Uid::effective()).ok().flatten().map_or("this user".into(), |u| u.name);
+        let me = in_child(|| User::from_uid(Uid::effective()).ok().flatten().map_or("this user".into(), |u| u.name))
+            .unwrap_or_else(|_| "this user".into());
         let summary = if job.uncontained {
             format!("not root: replicas run as {me}, without slot uids, RLIMIT_NPROC or network isolation")
         } else {
@@ -294,14 +295,25 @@ fn identities(job: &JobFlags, n: usize) -> Result<Identities, String> {
         return Ok(Identities { per_node: vec![None; n], slot_uids: false, summary, _locks: Vec::new() });
     }
     if job.no_slot_uids {
-        let user = User::from_name(&job.run_as)
-            .map_err(|e| format!("cannot look up --run-as user '{}': {e}", job.run_as))?
-            .ok_or_else(|| format!("--run-as user '{}' does not exist: create it or pick another", job.run_as))?;
-        if user.uid.is_root() {
+        let found = in_child(|| match User::from_name(&job.run_as) {
+            Ok(Some(u)) => format!("{} {} {}", u.uid, u.gid, u.name),
+            Ok(None) => format!("---run-as user '{}' does not exist: create it or pick another", job.run_as),
+            Err(e) => format!("-cannot look up --run-as user '{}': {e}", job.run_as),
+        })?;
+        if let Some(why) = found.strip_prefix('-') {
+            return Err(why.to_string());
+        }
+        let mut words = found.splitn(3, ' ');
+        let mut id = || words.next().and_then(|w| w.parse::<u32>().ok());
+        let (Some(uid), Some(gid)) = (id(), id()) else {
+            return Err(format!("cannot look up --run-as user '{}': a garbled answer", job.run_as));
+        };
+        let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+        if uid.is_root() {
             return Err("--run-as must not be root: replicas run code the server did not write".into());
         }
-        let summary = format!("replicas run as {} (uid {})", user.name, user.uid);
-        let per_node = vec![Some((user.uid, user.gid)); n];
+        let summary = format!("replicas run as {} (uid {uid})", job.run_as);
+        let per_node = vec![Some((uid, gid)); n];
         return Ok(Identities { per_node, slot_uids: false, summary, _locks: Vec::new() });
     }
     // The operator's base, or the first usable block from the default up
@@ -330,6 +342,38 @@ fn identities(job: &JobFlags, n: usize) -> Result<Identities, String> {
     ))
 }
 
+/// Run a user or group lookup in a short-lived child and return what it
+/// printed. The name service (nsswitch.conf's modules: libnss_systemd and
+/// what it pulls in, LDAP, ...) is loaded into that child only, never into
+/// the server, which would carry those libraries for its whole life (about
+/// 0.4 MiB of its resident memory) for a few lookups at start.
+fn in_child(lookup: impl FnOnce() -> String) -> Result<String, String> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{fork, pipe, ForkResult};
+    let (read_end, write_end) = pipe().map_err(|e| format!("cannot look up users: pipe: {e}"))?;
+    // SAFETY: the server is one thread at start, so the child may call
+    // anything (malloc, the name service) before it exits.
+    match unsafe { fork() }.map_err(|e| format!("cannot look up users: fork: {e}"))? {
+        ForkResult::Child => {
+            drop(read_end);
+            let answer = lookup();
+            let ok = File::from(write_end).write_all(answer.as_bytes()).is_ok();
+            // SAFETY: _exit ends the child without running the parent's
+            // exit handlers or flushing its buffers a second time.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        ForkResult::Parent { child } => {
+            drop(write_end);
+            let mut answer = String::new();
+            let read = File::from(read_end).read_to_string(&mut answer);
+            match (read, waitpid(child, None)) {
+                (Ok(_), Ok(WaitStatus::Exited(_, 0))) => Ok(answer),
+                (read, status) => Err(format!("cannot look up users: the lookup ended with {status:?} ({read:?})")),
+            }
+        }
+    }
+}
+
 /// Check and lock slot uids `base..base + n`: they must belong to no host
 /// account and to no other server here.
 fn slot_block(base: u32, n: usize) -> Result<Vec<Flock<File>>, String> {
@@ -339,17 +383,19 @@ fn slot_block(base: u32, n: usize) -> Result<Vec<Flock<File>>, String> {
     // Slot uids and gids must belong to nobody on this host: replicas run
     // as them (a user's files, a group such as shadow's, would be the
     // job's), and every start kills whatever runs as them.
-    for id in base..base + n as u32 {
-        let taken = match (User::from_uid(Uid::from_raw(id)), nix::unistd::Group::from_gid(Gid::from_raw(id))) {
-            (Ok(Some(u)), _) => Some(format!("uid {id} is user {}'s", u.name)),
-            (_, Ok(Some(g))) => Some(format!("gid {id} is group {}'s", g.name)),
-            _ => None,
-        };
-        if let Some(taken) = taken {
-            return Err(format!(
-                "--slot-uids {base}: {taken}; slot uids must be unused (replicas run as them, and each start kills their processes)"
-            ));
-        }
+    let taken = in_child(|| {
+        (base..base + n as u32)
+            .find_map(|id| match (User::from_uid(Uid::from_raw(id)), nix::unistd::Group::from_gid(Gid::from_raw(id))) {
+                (Ok(Some(u)), _) => Some(format!("uid {id} is user {}'s", u.name)),
+                (_, Ok(Some(g))) => Some(format!("gid {id} is group {}'s", g.name)),
+                _ => None,
+            })
+            .unwrap_or_default()
+    })?;
+    if !taken.is_empty() {
+        return Err(format!(
+            "--slot-uids {base}: {taken}; slot uids must be unused (replicas run as them, and each start kills their processes)"
+        ));
     }
     lock_slot_uids(base, n)
 }
