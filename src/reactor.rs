@@ -375,7 +375,8 @@ impl Server {
         // A node alone keeps every ticket folder across its own restart
         // (finished outputs stay fetchable); its main server's NODE_KEEP
         // drops what it does not want when the link comes up.
-        let nodes = NodeService::start(&cfg, &work_dir, &[(port, slots)], &|_| true)?;
+        let mut nodes = NodeService::start(&cfg, &work_dir, &[(port, slots)], &|_| true)?;
+        nodes.archives_in_memory(cfg.max_archive);
         Server::assemble(&cfg, poll, listener, Vec::new(), None, nodes)
     }
 

@@ -638,3 +638,45 @@ fn a_warmed_up_remote_node_and_its_main_server_create_and_delete_no_file_per_job
     assert!(events.is_empty(), "6 jobs created or removed files: {events:#?}");
     assert!(spool_data(&c).is_empty(), "{:?}", spool_data(&c));
 }
+
+/// Issue 11: a `cloud-server node` as root keeps the archive its main
+/// server sends in a tmpfs of its own mount namespace (huge pages, no ext4
+/// block allocation per byte), not in its folder on the work dir: the host
+/// sees an empty `archives_<port>` and no such mount; the node sees its
+/// archive there until the replica ends.
+#[test]
+fn a_node_as_root_keeps_archives_in_a_tmpfs_only_it_sees() {
+    if !need_root("a_node_as_root_keeps_archives_in_a_tmpfs_only_it_sees") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("n");
+    let node = NodeProc::start("127.0.0.7", None, &work);
+    let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
+    wait_until("the link is up", || ups(&c, &node.addr) == 1);
+    let gate = Gate::new();
+    let t = c.deploy(1, &job(c.dir.path(), "g.tar.gz", &gate.wait_recipe("g")));
+    let (_, held) = gate.arrive();
+
+    let pid = node.child.id();
+    let archives = work.join(format!("archives_{}", node.port()));
+    let seen_by_node = std::path::Path::new(&format!("/proc/{pid}/root")).join(archives.strip_prefix("/").unwrap());
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let line = mounts.lines().find(|l| l.contains(&format!(" {} ", archives.display())));
+    assert!(line.is_some_and(|l| l.contains(" - tmpfs ")), "the node's mounts: {mounts}");
+    let archive = seen_by_node.join(format!("{t}.tar.gz"));
+    assert!(archive.metadata().is_ok_and(|m| m.len() > 0), "{} while its replica runs", archive.display());
+    // The host: an empty folder, no mount, no archive in the node's folder.
+    assert_eq!(std::fs::read_dir(&archives).unwrap().count(), 0);
+    let ours = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!ours.contains(&archives.display().to_string()), "{ours}");
+    let folder = work.join(format!("output_{}", node.port()));
+    let on_disk: Vec<_> = std::fs::read_dir(&folder).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!on_disk.iter().any(|n| n.to_string_lossy().ends_with(".tar.gz")), "{on_disk:?}");
+
+    release(held);
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok && outs.len() == 1 && outs[0].1.contains("released g"), "{outs:?}");
+    // Given back to the tmpfs's pool once the replica ended.
+    wait_until("the archive went back to the pool", || !archive.exists());
+}
