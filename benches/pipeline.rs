@@ -1032,7 +1032,10 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
         // (client -> main -> node, the transfer issue 11 names), and on to
         // the retrieve.
         let (node, main) = start_remote_pair(base);
-        let node_work = base.join("node-work");
+        // Seen as the node sees it: a node as root keeps archives in a
+        // tmpfs of its own mount namespace (`node::archive_tmpfs`).
+        let own = std::fs::canonicalize(base.join("node-work")).unwrap();
+        let node_work = PathBuf::from(format!("/proc/{}/root", node.pid())).join(own.strip_prefix("/").unwrap());
         let t = remote_round(&main, &node_work, &a.echo, &base.join("remote-warm"));
         eprintln!("  remote node warm-up: {:.3} s", t.1);
         let _ = std::fs::write(format!("/proc/{}/clear_refs", main.pid()), "5");

@@ -3,7 +3,9 @@
 //!
 //! Owns: the per-connection state `reactor` drives ([`Conn`]), what a
 //! streamed archive or output is spooled into ([`Sink`], a file taken
-//! from a `pool`, given back to it if the stream fails), when a client is busy (served one
+//! from a `pool`, given back to it if the stream fails; a node's NODE_RUN
+//! archive is spliced from the socket into it through the reactor's one
+//! [`SplicePipe`]), when a client is busy (served one
 //! call at a time), what phase it is in for `timers` (idle, reading,
 //! writing, owed a reply), when a closing connection owes its peer
 //! nothing more, and a node link's `node_auth::NodeGate` (with its
@@ -132,6 +134,68 @@ impl Sink {
         }
     }
 
+    /// Move up to `want` bytes of the stream from `sock` straight into the
+    /// spool file through `pipe` (`splice(2)`: the socket's pages into the
+    /// pipe, then into the file, no copy through our memory): only for a
+    /// NODE_RUN archive, which nothing here needs to look at (a DEPLOY's
+    /// bytes go through its check). `Ok(0)`: the peer's end of the stream;
+    /// `WouldBlock`: nothing to read now. A file that cannot take the data
+    /// turns the sink into a failed one, like `write`.
+    pub(crate) fn splice_from(
+        &mut self,
+        sock: std::os::fd::BorrowedFd,
+        pipe: &SplicePipe,
+        want: u64,
+    ) -> io::Result<usize> {
+        use nix::fcntl::{splice, SpliceFFlags};
+        let Sink::File { file: Some(f), path, error, pool, what: Streamed::Run { .. }, .. } = self else {
+            return Err(io::Error::other("a spliced stream without its file"));
+        };
+        let want = want.min(pipe.size as u64) as usize;
+        let got = loop {
+            match splice(sock, None, &pipe.w, None, want, SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK)
+            {
+                Ok(n) => break n,
+                Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut left = got;
+        while left > 0 {
+            match splice(&pipe.r, None, &*f, None, left, SpliceFFlags::SPLICE_F_MOVE) {
+                Ok(0) => break,
+                Ok(n) => left -= n,
+                Err(nix::Error::EINTR) => {}
+                Err(e) => {
+                    let e = io::Error::from(e);
+                    log::error!("cannot write {}: {e}", path.display());
+                    *error = Some(store_error(&e));
+                    break;
+                }
+            }
+        }
+        if left > 0 {
+            // What the file did not take is dropped: the pipe is empty for
+            // the next stream, and this one is failed.
+            pipe.drain(left);
+            if error.is_none() {
+                *error = Some(store_error(&io::Error::from(io::ErrorKind::WriteZero)));
+            }
+            let path = path.clone();
+            let pool = pool.clone();
+            if let Sink::File { file, .. } = self {
+                *file = None;
+            }
+            give_back(&path, pool.as_ref());
+        }
+        Ok(got)
+    }
+
+    /// A stream whose data may go by `splice_from`.
+    pub(crate) fn spliceable(&self) -> bool {
+        matches!(self, Sink::File { file: Some(_), error: None, what: Streamed::Run { .. }, .. })
+    }
+
     /// Bytes a DEPLOY's archive check inflated since the last call.
     pub(crate) fn inflated_since(&mut self) -> u64 {
         match self {
@@ -149,6 +213,38 @@ impl Sink {
             give_back(path, pool.as_ref());
         }
         old
+    }
+}
+
+/// The pipe `Sink::splice_from` moves a stream's data through: one for
+/// the whole reactor, empty between calls.
+#[derive(Debug)]
+pub(crate) struct SplicePipe {
+    r: std::os::fd::OwnedFd,
+    w: std::os::fd::OwnedFd,
+    size: usize,
+}
+
+impl SplicePipe {
+    /// A pipe of about `size` bytes (the kernel may give less).
+    pub(crate) fn new(size: usize) -> io::Result<SplicePipe> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        let size = fcntl(&w, FcntlArg::F_SETPIPE_SZ(size as libc::c_int))
+            .or_else(|_| fcntl(&w, FcntlArg::F_GETPIPE_SZ))
+            .map_or(64 * 1024, |n| n.max(4096) as usize);
+        Ok(SplicePipe { r, w, size })
+    }
+
+    /// Read and drop `n` bytes left in the pipe.
+    fn drain(&self, mut n: usize) {
+        let mut buf = [0u8; 8192];
+        while n > 0 {
+            match nix::unistd::read(&self.r, &mut buf[..n.min(8192)]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n -= k,
+            }
+        }
     }
 }
 

@@ -7,7 +7,9 @@
 //! archive its main server sent, `<ticket>.tar.gz` (an in-process node's
 //! replica reads the main server's spooled archive in place); both are
 //! files of the folder's `pool`, renamed from and back to `free-<n>`, so a
-//! job creates and deletes no file here (issue 11). A contained replica's
+//! job creates and deletes no file here (issue 11). A node process as root
+//! keeps the archives instead in `<work-dir>/archives_<port>/`, a tmpfs in
+//! a mount namespace of its own (`archive_tmpfs`), with a pool of its own. A contained replica's
 //! workspace `<ticket>/work` is a path inside its own mount namespace only
 //! (a tmpfs over the hidden work dir), never made on the host; an
 //! uncontained one is a real `<ticket>/work` folder, removed by a child.
@@ -133,6 +135,38 @@ pub fn sweep_dir(dir: &Path, trash: &Path, tag: &str, keep: impl Fn(u32) -> bool
     Ok(moved)
 }
 
+/// A `cloud-server node` keeps the archives its main server sends in
+/// memory until their replicas have unpacked them: `at` (the node's
+/// `<work-dir>/archives_<port>`) becomes a tmpfs (`huge=within_size`: large
+/// writes land in large pages, about a third of the CPU per byte an ext4
+/// file costs) of `bytes` bytes at most, mounted in a mount namespace of
+/// this process's own: nobody else sees it (the host's `at` stays an empty
+/// folder), and it goes with the process, nothing to unmount after a crash.
+/// A node's copy of an archive never outlives its process anyway
+/// (`sweep_dir` moves an earlier run's out). Call once, after the node's
+/// launchers have started, so that replicas are not even in a namespace
+/// that has it. Err: why not (the archives stay in the node's folder).
+pub fn archive_tmpfs(at: &Path, bytes: u64) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    match fs::DirBuilder::new().mode(0o700).create(at) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(format!("cannot make {}: {e}", at.display())),
+        _ => {}
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("no mount namespace of our own: {e}"))?;
+    // Mounts of the host still reach us; ours reach nobody.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
+        .map_err(|e| format!("cannot make our mounts private: {e}"))?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let opts = format!("size={},mode=0700", bytes.max(1 << 20));
+    let huge = format!("{opts},huge=within_size");
+    // A kernel without transparent huge pages refuses the option.
+    mount(Some("cloudinfra-archives"), at, Some("tmpfs"), flags, Some(huge.as_str()))
+        .or_else(|_| mount(Some("cloudinfra-archives"), at, Some("tmpfs"), flags, Some(opts.as_str())))
+        .map_err(|e| format!("cannot mount a tmpfs on {}: {e}", at.display()))?;
+    Ok(())
+}
+
 /// The node folder pool's free files: `free-<n>`.
 const FREE_PREFIX: &str = "free-";
 
@@ -224,6 +258,10 @@ pub struct Node {
     followers: Vec<(ReplyTo, u32, u64)>,
     /// The folder's files, reused from ticket to ticket.
     pub(crate) pool: crate::pool::Shared,
+    /// Where the archives of NODE_RUN calls go, when not in the folder
+    /// itself: a tmpfs of this process's own (`archives_in_memory`) and
+    /// its pool.
+    archives: Option<(PathBuf, crate::pool::Shared)>,
 }
 
 impl Node {
@@ -245,6 +283,7 @@ impl Node {
             retry_groups: None,
             buf: vec![0; 64 * 1024],
             followers: Vec::new(),
+            archives: None,
         })
     }
 
@@ -257,7 +296,19 @@ impl Node {
     }
 
     fn archive_path(&self, ticket: u32) -> PathBuf {
-        self.cfg.dir.join(format!("{ticket}.tar.gz"))
+        self.archives.as_ref().map_or(&self.cfg.dir, |(dir, _)| dir).join(format!("{ticket}.tar.gz"))
+    }
+
+    /// The pool a NODE_RUN's archive is taken from (and goes back to).
+    pub(crate) fn archive_pool(&self) -> crate::pool::Shared {
+        self.archives.as_ref().map_or(&self.pool, |(_, pool)| pool).clone()
+    }
+
+    /// Keep the archives NODE_RUN brings in `dir` (`archive_tmpfs`), in a
+    /// pool of their own, rather than in the node's folder.
+    pub fn keep_archives_in(&mut self, dir: &Path) {
+        let pool = crate::pool::Pool::new(dir, FREE_PREFIX, true, crate::pool::LARGE);
+        self.archives = Some((dir.to_path_buf(), pool.shared()));
     }
 
     /// Where the ticket's output is kept until NODE_DROP.
@@ -268,7 +319,8 @@ impl Node {
     /// The file a NODE_RUN's archive streams into, from the pool.
     pub fn prepare_archive(&self, ticket: u32) -> io::Result<(File, PathBuf)> {
         let path = self.archive_path(ticket);
-        let mut pool = self.pool.borrow_mut();
+        let pool = self.archive_pool();
+        let mut pool = pool.borrow_mut();
         if path.symlink_metadata().is_ok() {
             pool.give(&path); // an earlier, stale one
         }
@@ -380,12 +432,15 @@ impl Node {
     /// archive here (an ended replica's output is kept until NODE_DROP).
     pub fn tickets(&self) -> std::collections::BTreeSet<u32> {
         let mut tickets: std::collections::BTreeSet<u32> = self.running.keys().copied().collect();
-        if let Ok(entries) = fs::read_dir(&self.cfg.dir) {
-            tickets.extend(entries.flatten().filter_map(|e| {
-                let name = e.file_name();
-                let name = name.to_str()?;
-                name.strip_suffix(".out").or_else(|| name.strip_suffix(".tar.gz"))?.parse::<u32>().ok()
-            }));
+        let archives = self.archives.as_ref().map(|(dir, _)| dir.as_path());
+        for dir in std::iter::once(self.cfg.dir.as_path()).chain(archives) {
+            if let Ok(entries) = fs::read_dir(dir) {
+                tickets.extend(entries.flatten().filter_map(|e| {
+                    let name = e.file_name();
+                    let name = name.to_str()?;
+                    name.strip_suffix(".out").or_else(|| name.strip_suffix(".tar.gz"))?.parse::<u32>().ok()
+                }));
+            }
         }
         tickets
     }
@@ -416,7 +471,7 @@ impl Node {
 
     /// The node's own copy of the ticket's archive, if any, back to the pool.
     fn give_archive_back(&self, ticket: u32) {
-        self.pool.borrow_mut().give(&self.archive_path(ticket));
+        self.archive_pool().borrow_mut().give(&self.archive_path(ticket));
     }
 
     fn start_from(
@@ -581,7 +636,8 @@ impl Node {
     /// The next moment `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
         let pool = self.pool.borrow().retry_at();
-        self.running.values().map(|r| r.deadline).chain(self.retry_groups).chain(pool).min()
+        let archives = self.archives.as_ref().and_then(|(_, p)| p.borrow().retry_at());
+        self.running.values().map(|r| r.deadline).chain(self.retry_groups).chain(pool).chain(archives).min()
     }
 
     /// Enforce the time limit: SIGTERM, then SIGKILL after the grace period.
@@ -592,6 +648,9 @@ impl Node {
             self.remove_stale_groups(now);
         }
         self.pool.borrow_mut().on_timer(now);
+        if let Some((_, archives)) = &self.archives {
+            archives.borrow_mut().on_timer(now);
+        }
         let due: Vec<u32> = self.running.values().filter(|r| r.deadline <= now).map(|r| r.ticket).collect();
         for ticket in due {
             let Some(r) = self.running.get_mut(&ticket) else { continue };

@@ -341,6 +341,25 @@ impl NodeService {
         Ok(NodeService::with_nodes(nodes, cgroup_summary))
     }
 
+    /// A `cloud-server node`: the archives its main server sends are kept
+    /// in a tmpfs of the process's own where it may mount one
+    /// (`node::archive_tmpfs`: room for two archives of `max_archive` per
+    /// slot), else in the node's folder as before.
+    pub(crate) fn archives_in_memory(&mut self, max_archive: u64) {
+        for node in &mut self.nodes {
+            let LocalNode::Fork(n) = node else { continue };
+            let bytes = max_archive.saturating_mul(2 * n.slots() as u64);
+            let dir = n.cfg.work_dir.join(format!("archives_{}", n.cfg.port));
+            match crate::node::archive_tmpfs(&dir, bytes) {
+                Ok(()) => {
+                    log::debug!("{}: archives kept in a tmpfs of its own at {}", n.name(), dir.display());
+                    n.keep_archives_in(&dir);
+                }
+                Err(why) => log::debug!("{}: archives kept in its folder: {why}", n.name()),
+            }
+        }
+    }
+
     /// Add a Slurm node (a main server's `slurm:PARTITION [slots=K]` line,
     /// shown as `name`), its folder `<work_dir>/slurm_<name after slurm:>`;
     /// returns its index here. Its replicas run as this server's user
@@ -521,7 +540,7 @@ impl NodeService {
         let ticket = args.ticket;
         let what = Streamed::Run { args };
         let pool = match &self.nodes[i] {
-            LocalNode::Fork(n) => Some(n.pool.clone()),
+            LocalNode::Fork(n) => Some(n.archive_pool()),
             LocalNode::Slurm(_) => None,
         };
         Ok(match self.nodes[i].prepare_archive(ticket) {

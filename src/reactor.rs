@@ -86,6 +86,10 @@ const READ_BUDGET: usize = 4;
 /// Bytes a DEPLOY's archive check may inflate per read before that read
 /// uses up the connection's budget for the turn (a highly compressed upload).
 const INFLATE_PER_READ: u64 = 4 << 20;
+/// A NODE_RUN archive arriving on a node's link is spliced from the socket
+/// into its file through a pipe of this size (`Sink::splice_from`): up to
+/// this much per read of the budget.
+const SPLICE_PIPE: usize = 1 << 20;
 
 /// What the operator chose on the command line.
 #[derive(Debug, Clone)]
@@ -183,6 +187,8 @@ pub struct Server {
     diag: peer::Diag,
     max_archive: u64,
     rbuf: Vec<u8>,
+    /// Made at the first spliced stream (`SPLICE_PIPE`).
+    splice_pipe: Option<crate::conn::SplicePipe>,
     dead: Vec<usize>,
     /// Connections that used their read budget with data possibly left.
     more_input: Vec<usize>,
@@ -375,7 +381,8 @@ impl Server {
         // A node alone keeps every ticket folder across its own restart
         // (finished outputs stay fetchable); its main server's NODE_KEEP
         // drops what it does not want when the link comes up.
-        let nodes = NodeService::start(&cfg, &work_dir, &[(port, slots)], &|_| true)?;
+        let mut nodes = NodeService::start(&cfg, &work_dir, &[(port, slots)], &|_| true)?;
+        nodes.archives_in_memory(cfg.max_archive);
         Server::assemble(&cfg, poll, listener, Vec::new(), None, nodes)
     }
 
@@ -438,6 +445,7 @@ impl Server {
             diag: peer::Diag::open(),
             max_archive: cfg.max_archive,
             rbuf: vec![0; 64 * 1024],
+            splice_pipe: None,
             dead: Vec::new(),
             more_input: Vec::new(),
             shutdown: false,
@@ -969,7 +977,37 @@ impl Server {
                 self.feed(key, conn, &held);
                 continue;
             }
-            match conn.stream.read(&mut buf) {
+            // A node's archive: straight from the socket into its file.
+            let direct = match (&conn.role, &conn.reader) {
+                (Role::NodeInbound(_), Reader::Calls(r)) if conn.sink.spliceable() => r.direct_len(),
+                _ => 0,
+            };
+            if direct > 0 && self.splice_pipe.is_none() {
+                self.splice_pipe = crate::conn::SplicePipe::new(SPLICE_PIPE)
+                    .map_err(|e| log::warn!("no pipe to splice archives through ({e}): read instead"))
+                    .ok();
+            }
+            let spliced = match &self.splice_pipe {
+                Some(pipe) if direct > 0 => {
+                    use std::os::fd::AsFd;
+                    Some(conn.sink.splice_from(conn.stream.as_fd(), pipe, direct))
+                }
+                _ => None,
+            };
+            let read = match spliced {
+                Some(Ok(n)) if n > 0 => {
+                    conn.unread = true;
+                    conn.moved += n as u64;
+                    if let Reader::Calls(r) = &mut conn.reader {
+                        r.direct_taken(n as u64);
+                    }
+                    self.feed(key, conn, &[]); // the stream's end, if that was its last byte
+                    continue;
+                }
+                Some(r) => r,
+                None => conn.stream.read(&mut buf),
+            };
+            match read {
                 Ok(0) => {
                     if matches!(&conn.reader, Reader::Calls(r) if !r.at_boundary()) {
                         log::debug!("connection {key}: peer closed in the middle of a record");

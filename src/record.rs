@@ -3,8 +3,10 @@
 //!
 //! Owns: splitting the incoming byte stream into records (fragments joined,
 //! fragment boundaries invisible), streaming one large opaque per record
-//! straight through instead of buffering it, and turning outgoing records
-//! (byte pieces and file pieces) into fragments written until `WouldBlock`.
+//! straight through instead of buffering it (or, `direct_len`, leaving
+//! its bytes to a caller that moves them itself, e.g. with `splice(2)`),
+//! and turning outgoing records (byte pieces and file pieces) into
+//! fragments written until `WouldBlock`.
 //! Every byte of a record's framing counts toward its limit: each fragment
 //! header after the first costs its 4 bytes (unless its fragment carries
 //! streamed data, which the stream's own limit bounds), so an endless run of
@@ -147,6 +149,28 @@ impl RecordDecoder {
     fn fail(&mut self) -> Event<'static> {
         self.phase = Phase::Failed;
         Event::TooLarge { head: std::mem::take(&mut self.head), what: "record" }
+    }
+
+    /// How many bytes coming next in the input are the streamed opaque's
+    /// own, with no fragment header or padding among them: a caller may
+    /// move them itself (`splice(2)` from a socket to a file) and report
+    /// them with `direct_taken` instead of passing them to `decode`. 0 when
+    /// anything else comes next.
+    pub fn direct_len(&self) -> u64 {
+        match self.phase {
+            Phase::Stream { left, .. } if self.mark_len == 0 => left.min(self.frag_left as u64),
+            _ => 0,
+        }
+    }
+
+    /// `n` bytes (at most `direct_len`) of the streamed opaque were moved
+    /// by the caller: as if `decode` had passed them on as `StreamData`.
+    pub fn direct_taken(&mut self, n: u64) {
+        let n = n.min(self.direct_len());
+        if let Phase::Stream { left, .. } = &mut self.phase {
+            *left -= n;
+            self.frag_left -= n as usize;
+        }
     }
 
     /// Consume bytes from `input` until an event is ready or the input is
@@ -677,6 +701,53 @@ mod tests {
         wire.extend_from_slice(&[0x80, 0, 0, 6]);
         wire.extend_from_slice(&payload[10..]);
         assert_eq!(run(&[&wire], 100), vec![Seen::Stream { head: payload[..8].to_vec(), data: b"abcde".to_vec() }]);
+    }
+
+    /// Bytes moved around the decoder (`direct_len`, `direct_taken`) are
+    /// the opaque's alone: never a fragment header or the padding, and
+    /// the events after them are the same as if they had been decoded.
+    #[test]
+    fn direct_bytes_are_the_opaques_own_and_the_record_ends_the_same() {
+        let mut payload = vec![0, 0, 0, 7, 0, 0, 0, 10];
+        payload.extend_from_slice(b"0123456789\0\0");
+        // Two fragments, the second starting inside the opaque.
+        let mut wire = Vec::new();
+        for (part, last) in [(&payload[..12], false), (&payload[12..], true)] {
+            let mark = part.len() as u32 | if last { LAST_FRAGMENT } else { 0 };
+            wire.extend_from_slice(&mark.to_be_bytes());
+            wire.extend_from_slice(part);
+        }
+        let mut d = RecordDecoder::new(1024, 1024);
+        let mut classify = |_: &[u8]| Shape::Stream { len_at: 4 };
+        let mut at = 0;
+        let mut moved = Vec::new();
+        let mut events = Vec::new();
+        while at < wire.len() || events.last() != Some(&"end".to_string()) {
+            let direct = d.direct_len() as usize;
+            if direct > 0 {
+                let n = direct.min(3);
+                moved.extend_from_slice(&wire[at..at + n]);
+                d.direct_taken(n as u64);
+                at += n;
+                continue;
+            }
+            // One byte at a time otherwise: the decoder gets every chance to
+            // hand data on itself, and must not.
+            let end = (at + 1).min(wire.len());
+            let (n, ev) = d.decode(&wire[at..end], &mut classify);
+            at += n;
+            match ev {
+                Some(Event::StreamStart { len, .. }) => events.push(format!("start {len}")),
+                Some(Event::StreamData(b)) => moved.extend_from_slice(b),
+                Some(Event::StreamEnd) => events.push("end".to_string()),
+                Some(other) => panic!("{other:?}"),
+                None => assert!(n > 0 || at == wire.len(), "stuck at {at}"),
+            }
+        }
+        assert_eq!(moved, b"0123456789");
+        assert_eq!(events, ["start 10", "end"]);
+        assert_eq!(d.direct_len(), 0);
+        assert!(d.at_boundary());
     }
 
     #[test]

@@ -101,6 +101,21 @@ impl CallReader {
         self.refused = Some(CallEvent::Reply(reply));
     }
 
+    /// Bytes of an admitted streamed call's opaque that come next on the
+    /// wire, for the caller to move itself (`RecordDecoder::direct_len`);
+    /// 0 while a refused call's data is swallowed, or between streams.
+    pub fn direct_len(&self) -> u64 {
+        match (self.streaming, &self.refused) {
+            (Some(_), None) => self.decoder.direct_len(),
+            _ => 0,
+        }
+    }
+
+    /// `n` of those bytes were moved (`RecordDecoder::direct_taken`).
+    pub fn direct_taken(&mut self, n: u64) {
+        self.decoder.direct_taken(n);
+    }
+
     /// Consume bytes until an event is ready or `input` is used up.
     /// Returns how many bytes were consumed; call again with the rest.
     pub fn read<'a>(&mut self, input: &'a [u8]) -> (usize, Option<CallEvent<'a>>) {

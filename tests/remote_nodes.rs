@@ -638,3 +638,87 @@ fn a_warmed_up_remote_node_and_its_main_server_create_and_delete_no_file_per_job
     assert!(events.is_empty(), "6 jobs created or removed files: {events:#?}");
     assert!(spool_data(&c).is_empty(), "{:?}", spool_data(&c));
 }
+
+/// Issue 11: a `cloud-server node` as root keeps the archive its main
+/// server sends in a tmpfs of its own mount namespace (huge pages, no ext4
+/// block allocation per byte), not in its folder on the work dir: the host
+/// sees an empty `archives_<port>` and no such mount; the node sees its
+/// archive there until the replica ends.
+#[test]
+fn a_node_as_root_keeps_archives_in_a_tmpfs_only_it_sees() {
+    if !need_root("a_node_as_root_keeps_archives_in_a_tmpfs_only_it_sees") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("n");
+    let node = NodeProc::start("127.0.0.7", None, &work);
+    let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
+    wait_until("the link is up", || ups(&c, &node.addr) == 1);
+    let gate = Gate::new();
+    let t = c.deploy(1, &job(c.dir.path(), "g.tar.gz", &gate.wait_recipe("g")));
+    let (_, held) = gate.arrive();
+
+    let pid = node.child.id();
+    let archives = work.join(format!("archives_{}", node.port()));
+    let seen_by_node = std::path::Path::new(&format!("/proc/{pid}/root")).join(archives.strip_prefix("/").unwrap());
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let line = mounts.lines().find(|l| l.contains(&format!(" {} ", archives.display())));
+    assert!(line.is_some_and(|l| l.contains(" - tmpfs ")), "the node's mounts: {mounts}");
+    let archive = seen_by_node.join(format!("{t}.tar.gz"));
+    assert!(archive.metadata().is_ok_and(|m| m.len() > 0), "{} while its replica runs", archive.display());
+    // The host: an empty folder, no mount, no archive in the node's folder.
+    assert_eq!(std::fs::read_dir(&archives).unwrap().count(), 0);
+    let ours = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!ours.contains(&archives.display().to_string()), "{ours}");
+    let folder = work.join(format!("output_{}", node.port()));
+    let on_disk: Vec<_> = std::fs::read_dir(&folder).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!on_disk.iter().any(|n| n.to_string_lossy().ends_with(".tar.gz")), "{on_disk:?}");
+
+    release(held);
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok && outs.len() == 1 && outs[0].1.contains("released g"), "{outs:?}");
+    // Given back to the tmpfs's pool once the replica ended.
+    wait_until("the archive went back to the pool", || !archive.exists());
+}
+
+/// Issue 11: a node process splices the archive from its main server's
+/// link into its file (no copy through its memory), fragment headers and
+/// all taken out by the record decoder: 20 MiB of incompressible data in
+/// 8 MiB link fragments reaches the replica byte for byte, and the next
+/// call on the link (the job's end, a second job) is read as before.
+#[test]
+fn a_large_archive_reaches_a_remote_replica_intact() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start("127.0.0.8", None, &dir.path().join("n"));
+    let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
+    wait_until("the link is up", || ups(&c, &node.addr) == 1);
+    // xorshift noise: deflate stores it, so the archive is about 20 MiB.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..20 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let path = c.dir.path().join("big.tar.gz");
+    let gz = flate2::write::GzEncoder::new(std::fs::File::create(&path).unwrap(), flate2::Compression::none());
+    let mut tar = tar::Builder::new(gz);
+    for (name, body) in [("Makefile", &b"run:\n\t@sha256sum data.bin\n"[..]), ("data.bin", &data[..])] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, body).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+    let hex: String = sha2::Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+    let want = format!("{hex}  data.bin\n");
+    for _ in 0..2 {
+        let t = c.deploy(1, &path);
+        let (ok, outs) = c.retrieve(t);
+        assert!(ok && outs.len() == 1 && outs[0].1 == want, "{outs:?}");
+    }
+}
