@@ -91,7 +91,11 @@ fn a_syncer_killed_mid_sync_and_mid_burst_leaves_no_client_stuck_and_no_answered
         let deadline = Instant::now() + Duration::from_secs(20);
         while c.syncer().is_none() {
             assert!(Instant::now() < deadline, "no syncer came back:\n{}", c.log());
-            kept.push(c.deploy(1, &archive));
+            let t = c.deploy(1, &archive);
+            match kept.len() < 4 {
+                true => kept.push(t),
+                false => assert!(c.retrieve(t).0, "ticket {t}"),
+            }
         }
     };
     wait_for_syncer(&mut kept);
@@ -109,8 +113,8 @@ fn a_syncer_killed_mid_sync_and_mid_burst_leaves_no_client_stuck_and_no_answered
                     let mut n = 0;
                     while n < 4 || (killed.load(Ordering::Relaxed) < 2 && Instant::now() < deadline) {
                         let t = c.deploy(1, archive);
-                        // Every other job is left for the restart below.
-                        if (k + n) % 2 == 0 {
+                        // A few jobs are left for the restart below.
+                        if (k + n) % 2 == 0 || tickets.len() >= 4 {
                             let (ok, outs) = c.retrieve(t);
                             assert!(ok && outs[0].1.contains("survived"), "ticket {t}: {outs:?}");
                         } else {
@@ -133,10 +137,13 @@ fn a_syncer_killed_mid_sync_and_mid_burst_leaves_no_client_stuck_and_no_answered
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        for client in clients {
-            kept.extend(client.join().expect("a client of the burst"));
-        }
+        // Every client joined before the killer is told to stop, even one
+        // that panicked (its panic follows).
+        let results: Vec<_> = clients.into_iter().map(|client| client.join()).collect();
         done.store(1, Ordering::Relaxed);
+        for r in results {
+            kept.extend(r.unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
     });
     assert!(killed.load(Ordering::Relaxed) >= 2, "syncers killed during the burst: {killed:?}");
     wait_for_syncer(&mut kept);
