@@ -116,11 +116,17 @@ impl Syncer {
         }
     }
 
-    /// Stop the syncer and wait for it (server shutdown).
+    /// Stop the syncer: it ends at its socket's end of file. Reaped here if
+    /// it is still ours to reap (killed first if it has not ended), never
+    /// signalled once the reactor's `waitpid(-1)` may have reaped it (its
+    /// pid could be another process's by then).
     pub fn stop(self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
         drop(self.sock);
-        let _ = kill(self.pid, Signal::SIGKILL);
-        while let Err(nix::Error::EINTR) = nix::sys::wait::waitpid(self.pid, None) {}
+        if let Ok(WaitStatus::StillAlive) = waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            while let Err(nix::Error::EINTR) = waitpid(self.pid, None) {}
+        }
     }
 }
 
