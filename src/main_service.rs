@@ -20,16 +20,23 @@
 //! so with AUTH_TOOWEAK); a refusal is one line in the log (warned once
 //! per reason) and the link closed; a link not up within
 //! `LINK_SETUP_WITHIN` is given up (the reactor closes it).
-//! The journal (`journal`): the coordinator's records appended and synced
-//! once per reactor turn before that turn's DEPLOY answers go out (held
-//! until then; a CLOSE answer too if it dropped a ticket on a remote or
-//! Slurm node: a close on this process's forking nodes is answered at
-//! once, their outputs given back only after the sync), a lazy sync
+//! The journal (`journal`): the coordinator's records appended each
+//! reactor turn, written and synced before the DEPLOY answers that wait
+//! for them go out (held until then; a CLOSE answer too if it dropped a
+//! ticket on a remote or Slurm node: a close on this process's forking
+//! nodes is answered at once, their outputs given back only after the
+//! sync), the sync made by the journal's `syncer` (a child process: the
+//! reactor serves everything else meanwhile, answers held until its
+//! report, DEPLOYs arriving during a sync share the next; a dead syncer's
+//! sync made here, another started a second later) or, without one, here
+//! once per turn; a lazy sync
 //! within a second for the others, compaction, and at start the journal's jobs restored and the
 //! spool cleared of all but their archives (kept across a restart and a
-//! clean stop alike). The spool pool: files the coordinator removes go
-//! back to it, reusable after the next journal sync (`Pool::settle`), so
-//! an archive the journal on disk still names is never overwritten.
+//! clean stop alike). The spool pool and the forking nodes' output pools:
+//! files given back are reusable only after the journal sync that covers
+//! their records (`Pool::seal`, `settle_sealed`, `settle`), so an archive
+//! the journal on disk still names is never overwritten, nor the output
+//! of a ticket whose CLOSE is not on disk.
 //! Must not touch: the poll or the slab (the reactor carries out each
 //! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
 

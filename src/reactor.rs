@@ -15,7 +15,9 @@
 //! deadline (the nodes', the coordinator's, the journal's lazy sync, the
 //! client connections'), the end of each turn (`MainService::end_of_turn`:
 //! the journal synced before DEPLOY answers go out, closed tickets' outputs
-//! given back to their pools once it is), opening the
+//! given back to their pools once it is; the journal syncer's socket,
+//! token `SYNCER`, registered when one starts, its reports and end handed
+//! to the main service), opening the
 //! journal at start before the nodes (their folders keep its live tickets),
 //! accepting (`--max-connections`: the longest-idle client makes room; a
 //! reserve descriptor so that at EMFILE a new client is accepted and closed
