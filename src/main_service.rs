@@ -1139,12 +1139,25 @@ impl MainService {
     /// Shutdown: journal what is buffered, keep the archives of queued
     /// jobs (they run after a restart) and empty the rest of the spool (its
     /// files stay for the next start), give back unused ticket numbers.
-    pub(crate) fn stop(&mut self) {
+    /// Returns the answers that waited for the journal (now synced here,
+    /// or refused if it cannot be), to send before the connections close.
+    pub(crate) fn stop(&mut self) -> Vec<Out> {
         self.append_records();
         // Everything buffered, what was in flight included, synced here.
         let _ = self.journal.synced(Err(std::io::Error::other("stopping")));
-        if let Err(e) = self.journal.sync() {
-            log::error!("cannot write the journal: {e}");
+        let mut held = std::mem::take(&mut self.held_in_flight);
+        held.append(&mut self.held);
+        let mut outs = Vec::new();
+        match self.journal.sync() {
+            Ok(()) => {
+                for (to, reply) in held {
+                    outs.push(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) });
+                }
+            }
+            Err(e) => {
+                self.sync_failed(&e, held, Instant::now(), &mut outs);
+                let _ = self.journal.sync();
+            }
         }
         if let Some(s) = self.syncer.take() {
             s.stop();
@@ -1154,6 +1167,7 @@ impl MainService {
         if let Err(e) = self.tickets.release(self.coord.next_ticket()) {
             log::warn!("cannot give back unused ticket numbers: {e}");
         }
+        outs
     }
 }
 

@@ -1454,8 +1454,10 @@ impl Server {
         self.reap();
         self.wait_slurm_commands();
         self.nodes.release();
-        if let Some(main) = &mut self.main {
-            main.stop();
+        // DEPLOY answers that waited for the journal's last sync go out.
+        let outs = self.main.as_mut().map(MainService::stop).unwrap_or_default();
+        for out in outs {
+            self.carry_out(out);
         }
     }
 }

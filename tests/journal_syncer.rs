@@ -157,3 +157,28 @@ fn a_syncer_killed_mid_sync_and_mid_burst_leaves_no_client_stuck_and_no_answered
         assert!(outs.len() == 1, "ticket {t}: {ok} {outs:?}");
     }
 }
+
+#[test]
+fn a_clean_stop_answers_the_deploy_whose_sync_was_in_flight_and_its_job_runs_after_the_restart() {
+    let mut c = Cluster::start_on_disk(1);
+    let d = c.dir.path().to_path_buf();
+    let archive = job(&d, "a.tar.gz", &["@echo answered at the stop"]);
+    let first = c.deploy(1, &archive);
+    assert!(c.retrieve(first).0);
+    wait_until("the syncer runs", || c.syncer().is_some());
+    let syncer = c.syncer().unwrap_or_default();
+    let deploy = deploy_against_a_stopped_syncer(&c, &archive, syncer);
+    // SIGTERM: the server syncs the journal itself and answers before it ends.
+    c.restart(Signal::SIGTERM);
+    let t = ticket_of(deploy);
+    assert!(t > first);
+    // Its job is in the journal: it ran before the stop (or was stopped
+    // with the server, which the restart reports).
+    let st = c.wait_status(t, |s| s["status"] == "COMPLETED" || s["status"] == "INVALID");
+    if st["status"] == "COMPLETED" {
+        let (ok, outs) = c.retrieve(t);
+        assert!(ok && outs[0].1.contains("answered at the stop"), "{outs:?}\n{}", c.log());
+    } else {
+        assert!(st.to_string().contains("server restarted"), "{st}");
+    }
+}
