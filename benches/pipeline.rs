@@ -610,18 +610,21 @@ fn one_direct(archive: &Path, dir: &Path) -> f64 {
 
 /// CPU seconds (user + system) of the server and the descendants it
 /// reaped, and of its slot launchers (`cloud-launcher`) and the replicas'
-/// inits they reaped (theirs reach the server only when they end).
+/// inits they reaped, and its journal syncer (`cloud-syncer`): theirs
+/// reach the server only when they end.
 fn proc_cpu(pid: u32) -> f64 {
     launchers(pid).into_iter().map(own_cpu).sum::<f64>() + own_cpu(pid)
 }
 
-/// The server's slot launchers: the processes its replicas descend from.
+/// The server's long-lived children: its slot launchers (the processes
+/// its replicas descend from) and its journal syncer.
 fn launchers(pid: u32) -> Vec<u32> {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let ours = |n: &str| matches!(n.trim(), "cloud-launcher" | "cloud-syncer");
     children
         .split_whitespace()
         .filter_map(|c| c.parse::<u32>().ok())
-        .filter(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "cloud-launcher"))
+        .filter(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| ours(&n)))
         .collect()
 }
 

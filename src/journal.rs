@@ -18,7 +18,11 @@
 //!
 //! Durability (for the wiring): [`Journal::append`] only buffers (and
 //! updates [`Journal::live`]); [`Journal::sync`] writes what is buffered at
-//! the end of the valid file and fdatasyncs it. At the end of a reactor
+//! the end of the valid file and fdatasyncs it. The same in two halves,
+//! for a sync made by another process (the main service's `syncer`, so
+//! the reactor never waits for the disk): [`Journal::write_pending`], then
+//! `fdatasync` of [`Journal::fd`] elsewhere, then [`Journal::synced`] with
+//! its outcome; records appended in between wait for the next sync. At the end of a reactor
 //! turn, if [`Journal::sync_due`] (a `Deployed` or `Closed` is buffered),
 //! call `sync` once, then send that turn's DEPLOY replies: a client never
 //! holds a ticket the journal does not. The main service waits for the
@@ -418,6 +422,9 @@ pub struct Journal {
     len: u64,
     /// Records appended since the last successful sync.
     pending: Vec<u8>,
+    /// Bytes at the start of `pending` written by [`Journal::write_pending`]
+    /// and waiting for a sync elsewhere (the syncer); 0 when none is asked.
+    in_flight: usize,
     /// A `Deployed` or `Closed` is among them.
     due: bool,
     live: Live,
@@ -480,6 +487,7 @@ impl Journal {
             file,
             len,
             pending: Vec::new(),
+            in_flight: 0,
             due: false,
             live: found.live,
             next_check: COMPACT_MIN.max(len + len / 4),
@@ -530,11 +538,47 @@ impl Journal {
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.write_pending()?;
+        let synced = self.file.sync_data();
+        self.synced(synced)
+    }
+
+    /// The first half of a sync made elsewhere (the syncer, `syncer.rs`):
+    /// write every buffered record at the end of the valid file. They are
+    /// durable once `fdatasync` of [`Journal::fd`] has succeeded after
+    /// this; say how it went with [`Journal::synced`]. Records appended
+    /// meanwhile wait for the next sync. `Err`: nothing is in flight, the
+    /// records stay buffered.
+    pub fn write_pending(&mut self) -> io::Result<()> {
+        self.in_flight = 0;
         self.file.write_all_at(&self.pending, self.len)?;
-        self.file.sync_data()?;
-        self.len += self.pending.len() as u64;
-        self.pending.clear();
-        self.due = false;
+        self.in_flight = self.pending.len();
+        Ok(())
+    }
+
+    /// Bytes written by [`Journal::write_pending`] that wait for their sync.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// The journal's descriptor, for the syncer (it changes when the file
+    /// is compacted).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
+    }
+
+    /// The sync of what [`Journal::write_pending`] wrote ended: on `Ok`
+    /// those records are durable; on `Err` they stay buffered and are
+    /// written again, at the same offset, before the next sync.
+    pub fn synced(&mut self, result: io::Result<()>) -> io::Result<()> {
+        let done = std::mem::take(&mut self.in_flight);
+        result?;
+        self.len += done as u64;
+        self.pending.drain(..done);
+        // A `Deployed` or `Closed` may be among the records appended
+        // since the write: the next sync is due if anything is left.
+        self.due &= !self.pending.is_empty();
         Ok(())
     }
 
@@ -543,7 +587,7 @@ impl Journal {
     /// state, so a compaction also makes them durable. `Ok(true)`: it did.
     pub fn compact_if_due(&mut self) -> io::Result<bool> {
         let file_len = self.len + self.pending.len() as u64;
-        if file_len < self.next_check {
+        if file_len < self.next_check || self.in_flight > 0 {
             return Ok(false);
         }
         let live = encode_live(&self.live).map_err(io::Error::other)?;
@@ -560,6 +604,7 @@ impl Journal {
         self.file = new;
         self.len = live.len() as u64;
         self.pending.clear();
+        self.in_flight = 0;
         self.due = false;
         self.next_check = COMPACT_MIN.max(self.len.saturating_mul(COMPACT_RATIO));
         sync_dir(&self.dir)?;
@@ -869,6 +914,35 @@ mod tests {
         assert_eq!(opened.dropped, 0);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_sync_made_elsewhere_covers_what_was_written_before_it_was_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let on_disk = |dir: &Path| replay(&fs::read(dir.join("journal")).unwrap()).unwrap().live;
+        j.append(&deployed(1, 1)).unwrap();
+        j.write_pending().unwrap();
+        assert!(j.in_flight() > 0);
+        // Appended while the sync is in flight: waits for the next one.
+        j.append(&deployed(2, 1)).unwrap();
+        j.synced(Ok(())).unwrap();
+        assert_eq!(j.in_flight(), 0);
+        assert!(j.has_pending() && j.sync_due(), "ticket 2 waits for the next sync");
+        assert_eq!(on_disk(dir.path()).jobs.keys().copied().collect::<Vec<_>>(), [1]);
+        // A failed sync: the records stay buffered and are written again at
+        // the same offset (here: after another append).
+        j.write_pending().unwrap();
+        assert!(j.synced(Err(io::Error::other("disk gone"))).is_err());
+        assert!(j.has_pending() && j.in_flight() == 0);
+        j.append(&Record::Closed { ticket: 1 }).unwrap();
+        j.write_pending().unwrap();
+        j.synced(Ok(())).unwrap();
+        assert!(!j.has_pending() && !j.sync_due());
+        drop(j);
+        let (j, opened) = Journal::open(dir.path()).unwrap();
+        assert_eq!(opened.dropped, 0);
+        assert_eq!(j.live().jobs.keys().copied().collect::<Vec<_>>(), [2]);
     }
 
     #[test]

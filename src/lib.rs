@@ -34,6 +34,8 @@
 //! - [`archive_check`] - a DEPLOY's archive checked as it streams in (sans-I/O).
 //! - [`extract`] - safe archive extraction.
 //! - [`pool`] - work-dir files reused from job to job (no create or delete per job).
+//! - [`syncer`] - a child process that fdatasyncs the journal, so the
+//!   reactor never waits for the disk.
 //!
 //! The reactor, the two roles, and the edges:
 //! - `reactor` - the single-threaded mio reactor that drives all of the
@@ -79,6 +81,7 @@ pub mod server;
 pub mod session;
 pub mod slurm;
 pub mod spawn;
+pub mod syncer;
 pub mod tickets;
 pub mod timers;
 pub mod xdr;

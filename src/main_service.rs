@@ -20,16 +20,23 @@
 //! so with AUTH_TOOWEAK); a refusal is one line in the log (warned once
 //! per reason) and the link closed; a link not up within
 //! `LINK_SETUP_WITHIN` is given up (the reactor closes it).
-//! The journal (`journal`): the coordinator's records appended and synced
-//! once per reactor turn before that turn's DEPLOY answers go out (held
-//! until then; a CLOSE answer too if it dropped a ticket on a remote or
-//! Slurm node: a close on this process's forking nodes is answered at
-//! once, their outputs given back only after the sync), a lazy sync
+//! The journal (`journal`): the coordinator's records appended each
+//! reactor turn, written and synced before the DEPLOY answers that wait
+//! for them go out (held until then; a CLOSE answer too if it dropped a
+//! ticket on a remote or Slurm node: a close on this process's forking
+//! nodes is answered at once, their outputs given back only after the
+//! sync), the sync made by the journal's `syncer` (a child process: the
+//! reactor serves everything else meanwhile, answers held until its
+//! report, DEPLOYs arriving during a sync share the next; a dead syncer's
+//! sync made here, another started a second later) or, without one, here
+//! once per turn; a lazy sync
 //! within a second for the others, compaction, and at start the journal's jobs restored and the
 //! spool cleared of all but their archives (kept across a restart and a
-//! clean stop alike). The spool pool: files the coordinator removes go
-//! back to it, reusable after the next journal sync (`Pool::settle`), so
-//! an archive the journal on disk still names is never overwritten.
+//! clean stop alike). The spool pool and the forking nodes' output pools:
+//! files given back are reusable only after the journal sync that covers
+//! their records (`Pool::seal`, `settle_sealed`, `settle`), so an archive
+//! the journal on disk still names is never overwritten, nor the output
+//! of a ticket whose CLOSE is not on disk.
 //! Must not touch: the poll or the slab (the reactor carries out each
 //! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
 
@@ -196,7 +203,32 @@ pub(crate) struct MainService {
     pub(crate) held: Vec<(Caller, Reply)>,
     /// When buffered records that no answer waits for are synced.
     pub(crate) sync_at: Option<Instant>,
+    /// The journal's syncer (`syncer`): it fdatasyncs, the reactor does
+    /// not wait. `None`: it could not be started, or died; the sync is then
+    /// made here, on the reactor thread, until `syncer_retry`.
+    pub(crate) syncer: Option<crate::syncer::Syncer>,
+    /// When to start a syncer again after one died or could not start.
+    pub(crate) syncer_retry: Instant,
+    /// False where a sync costs next to nothing (a tmpfs work dir): no
+    /// syncer, the sync is made here.
+    pub(crate) syncer_wanted: bool,
+    /// A syncer started since the reactor last looked: its socket to watch.
+    pub(crate) syncer_new: Option<std::os::fd::RawFd>,
+    /// A sync is asked of the syncer and not reported yet.
+    pub(crate) sync_in_flight: bool,
+    /// The answers that wait for the sync in flight (`held` then wait for
+    /// the one after).
+    pub(crate) held_in_flight: Vec<(Caller, Reply)>,
+    /// How the sync in flight ended, once reported (`syncer_readable`).
+    pub(crate) sync_report: Option<std::io::Result<()>>,
+    /// The output pools of this process's forking nodes: their closed
+    /// tickets' outputs are reused only once the CLOSE records are synced.
+    pub(crate) output_pools: Vec<crate::pool::Shared>,
 }
+
+/// After a syncer dies (or cannot be started), syncs are made on the
+/// reactor thread for this long before another is started.
+const SYNCER_RETRY: Duration = Duration::from_secs(1);
 
 /// Records no answer waits for (a replica started or ended, an expiry)
 /// are synced within this.
@@ -586,60 +618,178 @@ impl MainService {
     }
 
     /// Journaling, at the end of a reactor turn: append what the
-    /// coordinator recorded, sync once if an answer waits for it (or the
-    /// lazy sync is due), then release the held DEPLOY (and CLOSE) answers.
-    /// If the sync fails, a held DEPLOY's job is dropped and answered
+    /// coordinator recorded; take the syncer's report of the sync in
+    /// flight, if any, and release the answers that waited for it; then, if
+    /// an answer waits (or the lazy sync is due) and no sync is in flight,
+    /// write the buffered records and ask the syncer to sync them (one sync
+    /// covers every answer held until then: DEPLOYs arriving during a sync
+    /// share the next). Without a syncer the sync is made here, at once.
+    /// If a sync fails, a held DEPLOY's job is dropped and answered
     /// CLOUD_INTERNAL (its `Closed` record follows the `Deployed` one, so
     /// a later sync cannot bring it back), a held CLOSE is answered
     /// CLOUD_INTERNAL too. Compacts the journal when due.
     pub(crate) fn end_of_turn(&mut self, now: Instant) -> Vec<Out> {
         self.spool_pool.borrow_mut().on_timer(now);
         self.append_records();
+        let mut outs = Vec::new();
+        if let Some(result) = self.sync_report.take() {
+            self.sync_in_flight = false;
+            let held = std::mem::take(&mut self.held_in_flight);
+            match self.journal.synced(result) {
+                Ok(()) => {
+                    self.each_pool(crate::pool::Pool::settle_sealed);
+                    self.synced(held, &mut outs);
+                }
+                Err(e) => self.sync_failed(&e, held, now, &mut outs),
+            }
+        }
+        if self.sync_in_flight {
+            return outs; // what is held waits for the next sync
+        }
         if !self.journal.has_pending() {
             self.sync_at = None;
+            // Every record is on disk: what was given back is reusable.
+            self.each_pool(crate::pool::Pool::settle);
         } else if self.sync_at.is_none() {
             self.sync_at = Some(now + LAZY_SYNC);
         }
         let due = !self.held.is_empty() || self.sync_at.is_some_and(|t| t <= now);
         if !due {
-            return Vec::new();
+            return outs;
         }
-        let synced = self.journal.sync();
         let held = std::mem::take(&mut self.held);
-        let mut outs = Vec::with_capacity(held.len());
-        match synced {
+        if !self.journal.has_pending() {
+            // Nothing to write (a compaction made it durable): answer now.
+            self.synced(held, &mut outs);
+            return outs;
+        }
+        if self.ask_syncer(now) {
+            self.sync_in_flight = true;
+            self.held_in_flight = held;
+            self.sync_at = None;
+            self.each_pool(crate::pool::Pool::seal);
+            return outs;
+        }
+        match self.journal.sync() {
             Ok(()) => {
-                self.sync_at = None;
-                self.spool_pool.borrow_mut().settle();
-                for (to, reply) in held {
-                    outs.push(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) });
-                }
-                match self.journal.compact_if_due() {
-                    Ok(true) => log::info!("journal compacted to {} bytes", self.journal.len()),
-                    Ok(false) => {}
-                    Err(e) => log::warn!("cannot compact the journal: {e}"),
-                }
+                self.each_pool(crate::pool::Pool::settle);
+                self.synced(held, &mut outs);
             }
-            Err(e) => {
-                log::error!("cannot write the journal: {e}; deploys and closes of this moment are refused");
-                self.sync_at = Some(now + LAZY_SYNC);
-                let failure = |what: &str| {
-                    (CloudStat::Internal, format!("the server cannot record {what} on disk ({e}); retry later"))
-                };
-                for (to, reply) in held {
-                    let reply = match reply {
-                        Reply::Deploy(Ok(ticket)) => {
-                            self.coord.abandon(to, ticket);
-                            Reply::Deploy(Err(failure("the job")))
-                        }
-                        _ => Reply::Close(Err(failure("the close"))),
-                    };
-                    outs.push(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) });
-                }
-                self.append_records();
-            }
+            Err(e) => self.sync_failed(&e, held, now, &mut outs),
         }
         outs
+    }
+
+    /// Write the buffered records and ask the syncer to sync them (one is
+    /// started if none runs and it is time). False: sync here instead.
+    fn ask_syncer(&mut self, now: Instant) -> bool {
+        if self.syncer.is_none() && self.syncer_wanted && now >= self.syncer_retry {
+            match crate::syncer::Syncer::start() {
+                Ok(s) => {
+                    self.syncer_new = Some(s.fd());
+                    self.syncer = Some(s);
+                }
+                Err(e) => {
+                    log::warn!("{e}; the journal is synced on the server's thread for now");
+                    self.syncer_retry = now + SYNCER_RETRY;
+                }
+            }
+        }
+        let Some(syncer) = &self.syncer else { return false };
+        if let Err(e) = self.journal.write_pending() {
+            // The synchronous sync writes again, and reports the error.
+            log::debug!("journal write: {e}");
+            return false;
+        }
+        match syncer.request(self.journal.fd()) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("cannot ask the journal syncer to sync ({e}); syncing on the server's thread");
+                self.syncer_gone(now);
+                false
+            }
+        }
+    }
+
+    /// The syncer's socket is readable: its report, or its end. One report
+    /// per request, so one read: its end, should it die after, raises a
+    /// new event.
+    pub(crate) fn syncer_readable(&mut self, now: Instant) {
+        let Some(syncer) = &self.syncer else { return };
+        match syncer.read_report() {
+            crate::syncer::Report::Nothing => {}
+            crate::syncer::Report::Synced(r) => {
+                if self.sync_in_flight && self.sync_report.is_none() {
+                    self.sync_report = Some(r.map_err(std::io::Error::from_raw_os_error));
+                }
+            }
+            crate::syncer::Report::Gone => {
+                log::warn!(
+                    "the journal syncer (pid {}) ended; syncing on the server's thread, another starts in {} s",
+                    syncer.pid(),
+                    SYNCER_RETRY.as_secs()
+                );
+                self.syncer_gone(now);
+            }
+        }
+    }
+
+    /// The syncer is gone: what it was asked to sync is synced here (it may
+    /// or may not have been), and another is started after `SYNCER_RETRY`.
+    pub(crate) fn syncer_gone(&mut self, now: Instant) {
+        if let Some(s) = self.syncer.take() {
+            s.stop();
+        }
+        self.syncer_retry = now + SYNCER_RETRY;
+        if self.sync_in_flight && self.sync_report.is_none() {
+            // SAFETY: fdatasync on the journal's open descriptor.
+            let r = match unsafe { libc::fdatasync(self.journal.fd()) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            };
+            self.sync_report = Some(r);
+        }
+    }
+
+    /// Every pool whose given-back files wait for the journal's sync.
+    fn each_pool(&self, f: impl Fn(&mut crate::pool::Pool)) {
+        f(&mut self.spool_pool.borrow_mut());
+        for p in &self.output_pools {
+            f(&mut p.borrow_mut());
+        }
+    }
+
+    /// The journal holds the records `held` waited for: send them; compact
+    /// if due.
+    fn synced(&mut self, held: Vec<(Caller, Reply)>, outs: &mut Vec<Out>) {
+        for (to, reply) in held {
+            outs.push(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) });
+        }
+        match self.journal.compact_if_due() {
+            Ok(true) => log::info!("journal compacted to {} bytes", self.journal.len()),
+            Ok(false) => {}
+            Err(e) => log::warn!("cannot compact the journal: {e}"),
+        }
+    }
+
+    /// A sync failed: `held` are answered CLOUD_INTERNAL, their deploys
+    /// dropped (a `Closed` record each).
+    fn sync_failed(&mut self, e: &std::io::Error, held: Vec<(Caller, Reply)>, now: Instant, outs: &mut Vec<Out>) {
+        log::error!("cannot write the journal: {e}; deploys and closes of this moment are refused");
+        self.sync_at = Some(now + LAZY_SYNC);
+        let failure =
+            |what: &str| (CloudStat::Internal, format!("the server cannot record {what} on disk ({e}); retry later"));
+        for (to, reply) in held {
+            let reply = match reply {
+                Reply::Deploy(Ok(ticket)) => {
+                    self.coord.abandon(to, ticket);
+                    Reply::Deploy(Err(failure("the job")))
+                }
+                _ => Reply::Close(Err(failure("the close"))),
+            };
+            outs.push(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) });
+        }
+        self.append_records();
     }
 
     /// Move the coordinator's records into the journal's buffer, stamped.
@@ -989,16 +1139,35 @@ impl MainService {
     /// Shutdown: journal what is buffered, keep the archives of queued
     /// jobs (they run after a restart) and empty the rest of the spool (its
     /// files stay for the next start), give back unused ticket numbers.
-    pub(crate) fn stop(&mut self) {
+    /// Returns the answers that waited for the journal (now synced here,
+    /// or refused if it cannot be), to send before the connections close.
+    pub(crate) fn stop(&mut self) -> Vec<Out> {
         self.append_records();
-        if let Err(e) = self.journal.sync() {
-            log::error!("cannot write the journal: {e}");
+        // Everything buffered, what was in flight included, synced here.
+        let _ = self.journal.synced(Err(std::io::Error::other("stopping")));
+        let mut held = std::mem::take(&mut self.held_in_flight);
+        held.append(&mut self.held);
+        let mut outs = Vec::new();
+        match self.journal.sync() {
+            Ok(()) => {
+                for (to, reply) in held {
+                    outs.push(Out::Answer { key: to.conn, pieces: encode_reply(to.xid, reply) });
+                }
+            }
+            Err(e) => {
+                self.sync_failed(&e, held, Instant::now(), &mut outs);
+                let _ = self.journal.sync();
+            }
+        }
+        if let Some(s) = self.syncer.take() {
+            s.stop();
         }
         let kept: HashSet<PathBuf> = self.coord.kept_archives().cloned().collect();
         self.sweep_spool(&kept);
         if let Err(e) = self.tickets.release(self.coord.next_ticket()) {
             log::warn!("cannot give back unused ticket numbers: {e}");
         }
+        outs
     }
 }
 

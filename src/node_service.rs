@@ -616,6 +616,16 @@ impl NodeService {
         }
     }
 
+    /// The output pools of the forking nodes (the main service settles
+    /// them after its journal's syncs).
+    pub(crate) fn output_pools(&self) -> Vec<crate::pool::Shared> {
+        let pools = self.nodes.iter().filter_map(|n| match n {
+            LocalNode::Fork(n) => Some(n.pool.clone()),
+            _ => None,
+        });
+        pools.collect()
+    }
+
     /// The in-process main service's NODE_DROP.
     pub(crate) fn drop_local(&mut self, i: NodeId, ticket: u32) {
         self.nodes[i].drop_ticket(ticket);

@@ -25,6 +25,9 @@
 //! `settle` (the main service calls it once the journal is synced): a
 //! spooled archive is not overwritten while the journal on disk may still
 //! name it as the archive of a job that would run again after a crash.
+//! With the sync made by another process (`syncer`), `seal` marks the
+//! files given back before it was asked for and `settle_sealed` reuses
+//! only those once it is done.
 //! Must not touch: what the files hold or mean (callers), other
 //! directories, the journal.
 
@@ -72,6 +75,9 @@ pub struct Pool {
     dirty: VecDeque<PathBuf>,
     /// Given back, reusable after the next `settle`.
     settling: Vec<PathBuf>,
+    /// The first this many of `settling` are covered by the journal sync
+    /// in flight (`seal`, `settle_sealed`).
+    sealed: usize,
     next: u64,
     /// When dirty files are tried again (`on_timer`), and the wait after.
     retry: Option<(Instant, Duration)>,
@@ -108,6 +114,7 @@ impl Pool {
             free: Vec::new(),
             dirty: VecDeque::new(),
             settling: Vec::new(),
+            sealed: 0,
             next: 1,
             retry: None,
             created: 0,
@@ -272,7 +279,24 @@ impl Pool {
 
     /// The journal is synced: files given back before are reusable.
     pub fn settle(&mut self) {
+        self.sealed = 0;
         for path in std::mem::take(&mut self.settling) {
+            self.give(&path);
+        }
+    }
+
+    /// A journal sync was asked for (it runs elsewhere): the files given
+    /// back so far are reusable once it is done (`settle_sealed`); those
+    /// given back later wait for the sync after.
+    pub fn seal(&mut self) {
+        self.sealed = self.settling.len();
+    }
+
+    /// The sync asked for at `seal` is done: the files given back before
+    /// it are reusable.
+    pub fn settle_sealed(&mut self) {
+        let sealed: Vec<PathBuf> = self.settling.drain(..std::mem::take(&mut self.sealed)).collect();
+        for path in sealed {
             self.give(&path);
         }
     }
@@ -469,6 +493,26 @@ mod tests {
         assert_ne!(a, b);
         pool.settle();
         assert_eq!(pool.take().unwrap().1, a);
+    }
+
+    #[test]
+    fn files_given_after_a_sync_was_asked_for_wait_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::new(dir.path(), "p-", false, LARGE);
+        let (_, a) = pool.take().unwrap();
+        let (_, b) = pool.take().unwrap();
+        pool.give_after_sync(&a);
+        pool.seal();
+        pool.give_after_sync(&b);
+        assert_eq!(pool.idle(), 0);
+        pool.settle_sealed();
+        assert_eq!(pool.idle(), 1, "only the file given back before the sync was asked for");
+        assert_eq!(pool.take().unwrap().1, a);
+        pool.settle_sealed();
+        assert_eq!(pool.idle(), 0, "nothing sealed: nothing settled");
+        pool.seal();
+        pool.settle_sealed();
+        assert_eq!(pool.take().unwrap().1, b);
     }
 
     #[test]

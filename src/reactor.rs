@@ -15,7 +15,9 @@
 //! deadline (the nodes', the coordinator's, the journal's lazy sync, the
 //! client connections'), the end of each turn (`MainService::end_of_turn`:
 //! the journal synced before DEPLOY answers go out, closed tickets' outputs
-//! given back to their pools once it is), opening the
+//! given back to their pools once it is; the journal syncer's socket,
+//! token `SYNCER`, registered when one starts, its reports and end handed
+//! to the main service), opening the
 //! journal at start before the nodes (their folders keep its live tickets),
 //! accepting (`--max-connections`: the longest-idle client makes room; a
 //! reserve descriptor so that at EMFILE a new client is accepted and closed
@@ -79,6 +81,8 @@ use crate::timers::ConnTimers;
 
 const SIGNALS: Token = Token(0);
 const CLIENTS: Token = Token(1);
+/// The journal syncer's socket (`syncer`), below the live page's tokens.
+const SYNCER: Token = Token(crate::live::TOKEN_BASE - 1);
 /// Node listener i has token 2 + i; slab keys start after them.
 const NODE_LISTENER_BASE: usize = 2;
 /// Reads (up to 64 KiB each) from one connection per turn of the loop.
@@ -359,10 +363,29 @@ impl Server {
             journal,
             held: Vec::new(),
             sync_at: None,
+            syncer: None,
+            syncer_retry: now,
+            syncer_wanted: true,
+            syncer_new: None,
+            sync_in_flight: false,
+            held_in_flight: Vec::new(),
+            sync_report: None,
+            output_pools: nodes.output_pools(),
         };
         // After the remote nodes are marked not up yet: replicas restored as
         // running on them stay so until their links come up (NODE_WAIT).
         start_lines.extend(main.restore(Instant::now())?.map(|l| (log::Level::Info, l)));
+        // The journal's syncs from here on are made by the syncer, if it
+        // starts; on a tmpfs a sync does nothing worth a process.
+        main.syncer_wanted = !on_tmpfs(&work_dir);
+        if main.syncer_wanted {
+            match crate::syncer::Syncer::start() {
+                Ok(s) => (main.syncer_new, main.syncer) = (Some(s.fd()), Some(s)),
+                Err(e) => {
+                    start_lines.push((log::Level::Warn, format!("{e}; the journal is synced on the server's thread")))
+                }
+            }
+        }
         let mut server = Server::assemble(&cfg, poll, clients, node_listeners, Some(main), nodes)?;
         server.start_lines = start_lines;
         Ok(server)
@@ -581,6 +604,11 @@ impl Server {
         match token {
             SIGNALS => self.on_signals(),
             CLIENTS => self.accept(None),
+            SYNCER => {
+                if let Some(main) = &mut self.main {
+                    main.syncer_readable(Instant::now());
+                }
+            }
             t if crate::live::Live::owns(t) => {
                 if let (Some(live), Some(main)) = (&mut self.live, &self.main) {
                     live.on_event(t, self.poll.registry(), &|| main.coord.live_view());
@@ -634,11 +662,23 @@ impl Server {
                 let outs = self.main.as_mut().map_or_else(Vec::new, |m| m.end_of_turn(Instant::now()));
                 // Outputs of closed tickets become reusable only once the
                 // CLOSE records are on disk (a close a crash undoes finds
-                // its outputs still there).
-                if self.main.as_ref().is_none_or(|m| !m.journal.has_pending()) {
-                    self.nodes.settle_outputs();
+                // its outputs still there): the main service settles them.
+                let mut again = false;
+                match &mut self.main {
+                    None => self.nodes.settle_outputs(),
+                    Some(main) => {
+                        // A syncer started: its reports come as events.
+                        if let Some(fd) = main.syncer_new.take() {
+                            let r = self.poll.registry().register(&mut SourceFd(&fd), SYNCER, Interest::READABLE);
+                            if let Err(e) = r {
+                                log::warn!("cannot watch the journal syncer ({e}); syncing on the server's thread");
+                                main.syncer_gone(Instant::now());
+                                again = true;
+                            }
+                        }
+                    }
                 }
-                if outs.is_empty() {
+                if outs.is_empty() && !again {
                     return;
                 }
                 for out in outs {
@@ -1452,8 +1492,10 @@ impl Server {
         self.reap();
         self.wait_slurm_commands();
         self.nodes.release();
-        if let Some(main) = &mut self.main {
-            main.stop();
+        // DEPLOY answers that waited for the journal's last sync go out.
+        let outs = self.main.as_mut().map(MainService::stop).unwrap_or_default();
+        for out in outs {
+            self.carry_out(out);
         }
     }
 }
@@ -1582,6 +1624,11 @@ fn keepalive(stream: &TcpStream) {
 }
 
 /// What `Journal::open` found, for the log.
+/// Whether `dir` is on a tmpfs, where fdatasync has nothing to write.
+fn on_tmpfs(dir: &std::path::Path) -> bool {
+    nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
 fn journal_opened_lines(o: &Opened) -> Vec<(log::Level, String)> {
     let mut lines = Vec::new();
     if o.dropped > 0 {

@@ -90,6 +90,16 @@ impl Cluster {
         Self::start_full(slots, extra, |_| {})
     }
 
+    /// As `start`, with the work dir on the build's disk (under
+    /// `CARGO_TARGET_TMPDIR`) rather than in the temp dir, which may be a
+    /// tmpfs: for what only a disk does (the journal's syncer).
+    pub fn start_on_disk(nodes: usize) -> Cluster {
+        ON_DISK.with(|d| d.set(true));
+        let c = Self::start(nodes);
+        ON_DISK.with(|d| d.set(false));
+        c
+    }
+
     fn start_full(slots: &[u32], extra: &[&str], tweak: impl Fn(&mut Command)) -> Cluster {
         let nodes = slots.len();
         for _attempt in 0..5 {
@@ -140,7 +150,11 @@ impl Cluster {
         extra: &[&str],
         tweak: &dyn Fn(&mut Command),
     ) -> Result<Cluster, String> {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = match ON_DISK.with(|d| d.get()) {
+            true => tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")),
+            false => tempfile::tempdir(),
+        }
+        .expect("tempdir");
         let mut text = format!("{}\n", lines.len());
         for l in lines {
             text.push_str(&format!("{l}\n"));
@@ -263,6 +277,12 @@ impl Cluster {
         }
     }
 
+    /// The server's journal syncer, if one runs (and has named itself).
+    pub fn syncer(&self) -> Option<u32> {
+        let me = self.pid();
+        processes().into_iter().find(|p| p.ppid == me && p.comm == SYNCER).map(|p| p.pid)
+    }
+
     /// Wait until the server has no children at all (every replica reaped).
     pub fn wait_no_children(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -317,17 +337,24 @@ pub struct Proc {
     pub comm: String,
 }
 
+thread_local! {
+    /// `Cluster::start_on_disk` is starting a cluster on this thread.
+    static ON_DISK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// The name of a server's slot launchers.
 pub const LAUNCHER: &str = "cloud-launcher";
+/// The name of the main server's journal syncer.
+pub const SYNCER: &str = "cloud-syncer";
 
-/// What a server (`server`, a pid) runs besides its launchers: its
-/// children but the launchers, and the launchers' children (replicas'
-/// inits): (pid, state).
+/// What a server (`server`, a pid) runs besides its launchers and its
+/// journal syncer: its other children, and the launchers' children
+/// (replicas' inits): (pid, state).
 pub fn replica_parents_children(server: u32) -> Vec<(u32, char)> {
     let all = processes();
     let launchers: Vec<u32> = all.iter().filter(|p| p.ppid == server && p.comm == LAUNCHER).map(|p| p.pid).collect();
     all.iter()
-        .filter(|p| (p.ppid == server && p.comm != LAUNCHER) || launchers.contains(&p.ppid))
+        .filter(|p| (p.ppid == server && p.comm != LAUNCHER && p.comm != SYNCER) || launchers.contains(&p.ppid))
         .map(|p| (p.pid, p.state))
         .collect()
 }
