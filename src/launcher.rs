@@ -204,7 +204,10 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
         exit(0);
     }
     // A terminal's Ctrl-C to the server's process group is the server's.
-    let _ = nix::unistd::setsid();
+    // Our inits stay in this session (it has no terminal).
+    if nix::unistd::setsid().is_ok() {
+        spawn::set_caller_has_own_session();
+    }
     // The slot's cgroup, once: every replica started from here inherits it.
     // Without it, no replica may run: each request is answered with why.
     let broken = crate::cgroup::join(setup.cgroup)
@@ -241,6 +244,18 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
     let sfd = SignalFd::with_flags(&chld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC);
     let sfd_raw = sfd.as_ref().map_or(-1, |s| s.as_raw_fd());
     let mut buf = vec![0u8; MAX_REQUEST];
+    // What each init would redo after the clone, once here (inherited):
+    // CPU feature detection for inflate and CRC (`extract::warm_up`), and
+    // the heap the server left, consolidated (no init then walks and
+    // copies its fast bins' pages when it first asks for a large block).
+    crate::extract::warm_up();
+    // No fast bins from here on either: a large request in an init would
+    // first consolidate them, writing (and so copying) inherited heap pages.
+    // SAFETY: malloc_trim and mallopt only rearrange this process's own heap.
+    unsafe {
+        libc::malloc_trim(0);
+        libc::mallopt(libc::M_MXFAST, 0);
+    }
     loop {
         reap();
         let mut fds = [

@@ -48,7 +48,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
 use crate::archive_check::printable;
-use crate::extract::{extract, ExtractLimits};
+use crate::extract::{extract_sized, ExtractLimits};
 use crate::proto::{Outcome, RunResult};
 
 /// Limits applied to every replica; each is a server option (defaults live
@@ -156,6 +156,16 @@ static INIT_OOM_SCORE_ADJ: std::sync::atomic::AtomicI32 = std::sync::atomic::Ato
 /// In a launcher: inits it clones set their `oom_score_adj` to `value`.
 pub(crate) fn set_init_oom_score_adj(value: i32) {
     INIT_OOM_SCORE_ADJ.store(value, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Set in a launcher that made itself a session leader (no controlling
+/// terminal, no process group a terminal signals): the inits it clones
+/// stay in that session rather than make one each.
+static CALLER_HAS_OWN_SESSION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// In a launcher, once its `setsid` succeeded: see `CALLER_HAS_OWN_SESSION`.
+pub(crate) fn set_caller_has_own_session() {
+    CALLER_HAS_OWN_SESSION.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Set in a root launcher whose own capability bounding set (and ambient
@@ -454,8 +464,12 @@ fn init_setup(
         unsafe { libc::_exit(0) }
     }
     // A session of its own: a terminal's Ctrl-C to the server's process
-    // group is the server's to handle, not init's.
-    let _ = nix::unistd::setsid();
+    // group is the server's to handle, not init's. A launcher's init is
+    // in the launcher's session already, which has no terminal (and each
+    // setsid costs a scheduler autogroup, made and freed, where enabled).
+    if !CALLER_HAS_OWN_SESSION.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = nix::unistd::setsid();
+    }
     // Nobody of the namespace may ptrace init or read its memory.
     nix::sys::prctl::set_dumpable(false).map_err(|e| setup("PR_SET_DUMPABLE", e))?;
     if let Some(fd) = spec.netns {
@@ -885,7 +899,9 @@ fn job_setup(
             ),
         };
     };
-    if let Err(msg) = extract(archive, Path::new("."), &l.extract) {
+    // Its length sizes the read buffer (a small archive, a small buffer).
+    let len = archive.file.metadata().ok().map(|m| m.len());
+    if let Err(msg) = extract_sized(archive, len, Path::new("."), &l.extract) {
         return fail(SETUP_FAILED, msg);
     }
     let mut err = nix::Error::ENOENT;
