@@ -11,6 +11,10 @@
 //! [`TarScan`] (the rules the main server applied at DEPLOY), which refuses a
 //! long name or PAX header over its cap from its header, before the `tar`
 //! crate buffers it; the whole gzip stream is read, so its checksum is checked.
+//! Buffers are sized to the archive and its files (`extract_sized`): an
+//! archive of at most 64 KiB that unpacks to at most 1 MiB is read and
+//! inflated whole, in one call (no inflate window), and anything unusual
+//! about it goes the streaming way, so the outcome is the same.
 //! Must not touch: processes or sockets. It runs in the forked child before
 //! exec, but is plain code so tests call it directly.
 

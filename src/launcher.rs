@@ -3,13 +3,20 @@
 //! them (the page-table copy of a fork of the server) nor moves each into
 //! a cgroup (on cgroup v1 an attach can wait an RCU grace period).
 //!
-//! Owns: starting a launcher (a fork of the server when its node starts:
-//! it joins the slot's cgroup once, the only attach, sets oom_score_adj
+//! Owns: starting a launcher (a fork of the server when its node starts,
+//! which at once executes the server's binary again as `cloud-launcher
+//! --slot-launcher-v1 ...` with its setup in its arguments and its
+//! descriptors inherited (`reexec`, `main_if_launcher`): a fresh, small
+//! address space, so that each replica's init, a clone of the launcher,
+//! and the job init forks copy less; where that exec fails it carries on
+//! as the fork. It joins the slot's cgroup once, the only attach, sets oom_score_adj
 //! -1000 so a job's OOM never picks it, as root empties its capability
 //! bounding set and loads the job's seccomp filter once, for every replica
 //! to inherit (`spawn::restrict_launcher`), is not dumpable, dies with the
 //! server by `PR_SET_PDEATHSIG` and on its socket's end of file, and reaps
-//! its children, so their CPU time is counted), the request the server sends it on a
+//! its children, so their CPU time is counted; once, before its first
+//! clone, it warms what every init would redo: CPU feature detection for
+//! inflate and CRC, a consolidated heap without fast bins), the request the server sends it on a
 //! SOCK_SEQPACKET socketpair (the replica's workspace path and environment
 //! as bytes; the archive and the child ends of the replica's output,
 //! status and control pipes as SCM_RIGHTS), and the launcher's loop: one

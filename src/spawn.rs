@@ -7,7 +7,8 @@
 //! Init stays privileged and installs no signal handlers, so by the
 //! kernel's rule for namespace inits nothing inside the namespace can
 //! signal it; it dies with its parent (`PR_SET_PDEATHSIG`; a launcher
-//! dies with the server), holds the output pipe until it exits (so the
+//! dies with the server), stays in its launcher's session (which has no
+//! terminal; cloned by the server, for the probe, it makes its own), holds the output pipe until it exits (so the
 //! pipe's end of file is the replica's end), makes every
 //! mount inherited from the host read-only, mounts a fresh /proc, private
 //! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
@@ -21,7 +22,8 @@
 //! nested user namespaces (as root, the empty bounding set and the filter
 //! are the slot launcher's own, set once and inherited: `restrict_launcher`),
 //! the slot user's identity, safe extraction of the archive (an open
-//! descriptor, read with pread: its shared offset never moves), and
+//! descriptor, read with pread: its shared offset never moves; its length
+//! sizes the buffers, and a small one is inflated whole), and
 //! `exec make run`. Init reaps everything, reports the job's wait status on
 //! the close-on-exec status pipe (after any setup error the job wrote
 //! there) and exits; the kernel then kills whatever is left in the
