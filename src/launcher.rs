@@ -215,23 +215,21 @@ fn reexec(setup: &Setup, sock: &OwnedFd, server: Pid) {
     let mut fds = vec![sock.as_raw_fd()];
     fds.extend(setup.netns.map(|fd| fd.as_raw_fd()));
     fds.extend(setup.cgroup.iter().map(|fd| fd.as_raw_fd()));
-    for &fd in &fds {
-        if fcntl(unsafe_borrow(fd), FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).is_err() {
-            return;
-        }
+    let set_cloexec = |on: bool| {
+        let flags = if on { libc::FD_CLOEXEC } else { 0 };
+        // SAFETY: F_SETFD on descriptors this process holds open (its
+        // socket, its `Setup`'s); only their close-on-exec flag changes.
+        fds.iter().all(|&fd| unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } == 0)
+    };
+    if !set_cloexec(false) {
+        set_cloexec(true);
+        return;
     }
-    let Ok(argv) = encode_setup(setup, sock.as_raw_fd(), server) else { return };
-    let env: [&std::ffi::CStr; 0] = [];
-    let _ = nix::unistd::execve(c"/proc/self/exe", &argv, &env);
-    for &fd in &fds {
-        let _ = fcntl(unsafe_borrow(fd), FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    if let Ok(argv) = encode_setup(setup, sock.as_raw_fd(), server) {
+        let env: [&std::ffi::CStr; 0] = [];
+        let _ = nix::unistd::execve(c"/proc/self/exe", &argv, &env);
     }
-}
-
-fn unsafe_borrow<'a>(fd: RawFd) -> BorrowedFd<'a> {
-    // SAFETY: only for descriptors the caller holds open (its `Setup`'s and
-    // its socket) for the length of one fcntl.
-    unsafe { BorrowedFd::borrow_raw(fd) }
+    set_cloexec(true);
 }
 
 /// A launcher's arguments: everything of its `Setup` as text, and the
@@ -359,8 +357,14 @@ pub fn main_if_launcher() -> Option<std::process::ExitCode> {
     };
     // Ours only if they are open and the socket is one (not, say, a
     // terminal of whoever ran this by hand).
-    let is_seqpacket = socket::getsockopt(&unsafe_borrow(sock), socket::sockopt::SockType)
-        .is_ok_and(|t| t == socket::SockType::SeqPacket);
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int we own into `kind` (a descriptor
+    // number that is not a socket, or not open, only makes it fail).
+    let got = unsafe {
+        libc::getsockopt(sock, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len)
+    };
+    let is_seqpacket = got == 0 && kind == libc::SOCK_SEQPACKET;
     if !is_seqpacket || nix::unistd::getppid() != server {
         eprintln!("cloud-launcher: not started by cloud-server (no launcher socket)");
         return Some(std::process::ExitCode::FAILURE);
@@ -370,7 +374,8 @@ pub fn main_if_launcher() -> Option<std::process::ExitCode> {
     let (sock, cgroup) = unsafe {
         (OwnedFd::from_raw_fd(sock), cgroups.into_iter().map(|fd| OwnedFd::from_raw_fd(fd)).collect::<Vec<_>>())
     };
-    let netns = netns.map(|fd| unsafe_borrow(fd));
+    // SAFETY: as above; held open (never closed) for the launcher's life.
+    let netns = netns.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
     let setup = Setup { work_dir: &work_dir, limits: &limits, sandbox, netns, cgroup: &cgroup };
     launcher_main(&setup, sock, server)
 }
