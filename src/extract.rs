@@ -11,10 +11,8 @@
 //! [`TarScan`] (the rules the main server applied at DEPLOY), which refuses a
 //! long name or PAX header over its cap from its header, before the `tar`
 //! crate buffers it; the whole gzip stream is read, so its checksum is checked.
-//! Buffers are sized to the archive and its files (`extract_sized`): an
-//! archive of at most 64 KiB that unpacks to at most 1 MiB is read and
-//! inflated whole, in one call (no inflate window), and anything unusual
-//! about it goes the streaming way, so the outcome is the same.
+//! Buffers are sized to the archive and its files (`extract_sized`), at
+//! most 256 KiB each.
 //! Must not touch: processes or sockets. It runs in the forked child before
 //! exec, but is plain code so tests call it directly.
 
@@ -51,77 +49,14 @@ pub fn extract(archive: impl Read, dest: &Path, limits: &ExtractLimits) -> Resul
     extract_sized(archive, None, dest, limits)
 }
 
-/// Archives up to this size are read whole (`extract_sized`) ...
-const WHOLE_ARCHIVE: u64 = 64 * 1024;
-/// ... and inflated in one call when their gzip trailer says they unpack
-/// to at most this: no 32 KiB inflate window is allocated (and zeroed),
-/// nor anything copied through it. Anything unexpected (a trailer that
-/// lies, data after the member, a bad checksum) goes the streaming way,
-/// which says what is wrong.
-const WHOLE_INFLATED: u64 = 1024 * 1024;
-
 /// [`extract`], told the archive's length (`archive_len`, when known):
-/// a small archive is read and inflated whole, in memory; a larger one
-/// streams through a read buffer no larger than the archive. Buffers are
-/// sized to what they will hold, at most `COPY_BLOCK`: a 200-byte echo job
+/// its read buffer is then no larger than the archive. Buffers are sized
+/// to what they will hold, at most `COPY_BLOCK`: a 200-byte echo job
 /// neither allocates nor zeroes (and so faults in) 256 KiB blocks, while a
-/// large archive still moves in 256 KiB blocks. The result (files made,
-/// errors) is the streaming path's in every case.
+/// large archive still moves in 256 KiB blocks.
 pub fn extract_sized(
     mut archive: impl Read,
     archive_len: Option<u64>,
-    dest: &Path,
-    limits: &ExtractLimits,
-) -> Result<Extracted, String> {
-    if let Some(len) = archive_len.filter(|&len| len <= WHOLE_ARCHIVE) {
-        let mut bytes = Vec::with_capacity(len as usize + 1);
-        (&mut archive).take(len + 1).read_to_end(&mut bytes).map_err(|e| describe(&e))?;
-        if bytes.len() as u64 <= len {
-            if let Some(plain) = inflate_whole(&bytes) {
-                return unpack(io::Cursor::new(plain), dest, limits);
-            }
-            return extract_stream(&bytes[..], bytes.len(), dest, limits);
-        }
-        // The file grew since its length was taken: stream it all.
-        let capacity = COPY_BLOCK.min(bytes.len());
-        return extract_stream(io::Cursor::new(bytes).chain(archive), capacity, dest, limits);
-    }
-    let capacity = archive_len.map_or(COPY_BLOCK, |len| len.clamp(64, COPY_BLOCK as u64) as usize);
-    extract_stream(archive, capacity, dest, limits)
-}
-
-/// The contents of a whole gzip member in `gz`, inflated in one call into
-/// a buffer of the size its trailer gives, if that is small and right and
-/// the checksum matches; `None` for anything else.
-fn inflate_whole(gz: &[u8]) -> Option<Vec<u8>> {
-    let tail = gz.len().checked_sub(4)?;
-    let size = u32::from_le_bytes(gz[tail..].try_into().ok()?);
-    if u64::from(size) > WHOLE_INFLATED {
-        return None;
-    }
-    let mut body = gz;
-    skip_gzip_header(&mut body).ok()?;
-    // One byte more than announced: a trailer that understates the size
-    // does not end the stream.
-    let mut out = Vec::with_capacity(size as usize + 1);
-    let mut inflate = flate2::Decompress::new(false);
-    match inflate.decompress_vec(body, &mut out, flate2::FlushDecompress::Finish) {
-        Ok(flate2::Status::StreamEnd) => {}
-        _ => return None,
-    }
-    let used = usize::try_from(inflate.total_in()).ok()?;
-    let trailer = body.get(used..used.checked_add(8)?)?;
-    let crc = u32::from_le_bytes(trailer[..4].try_into().ok()?);
-    let len = u32::from_le_bytes(trailer[4..].try_into().ok()?);
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&out);
-    (len == size && out.len() == size as usize && hasher.finalize() == crc).then_some(out)
-}
-
-/// Inflate `archive` as it is read, through a read buffer of `capacity`.
-fn extract_stream(
-    mut archive: impl Read,
-    capacity: usize,
     dest: &Path,
     limits: &ExtractLimits,
 ) -> Result<Extracted, String> {
@@ -133,14 +68,9 @@ fn extract_stream(
     }
     // Large reads of the archive; inflate writes straight into the copy
     // buffer below (the `tar` crate passes an entry's reads through).
+    let capacity = archive_len.map_or(COPY_BLOCK, |len| len.clamp(64, COPY_BLOCK as u64) as usize);
     let gz = Gunzip::new(io::BufReader::with_capacity(capacity, io::Cursor::new(magic).chain(archive)))?;
-    unpack(gz, dest, limits)
-}
-
-/// Unpack the inflated tar stream `inflated`, checked by the scanner as it
-/// is read, into `dest`.
-fn unpack(inflated: impl Read, dest: &Path, limits: &ExtractLimits) -> Result<Extracted, String> {
-    let mut tar = tar::Archive::new(Scanned { inner: inflated, scan: TarScan::new(*limits) });
+    let mut tar = tar::Archive::new(Scanned { inner: gz, scan: TarScan::new(*limits) });
     let mut done = Extracted { files: 0, dirs: 0, bytes: 0 };
     let entries = tar.entries().map_err(|e| describe(&e))?;
     let mut count = 0usize;
@@ -419,9 +349,9 @@ mod tests {
 
     const LIMITS: ExtractLimits = ExtractLimits { max_bytes: 1 << 20, max_entries: 100, max_path: 200 };
 
-    /// Extract both ways, streamed (length unknown) and told the length (a
-    /// small archive: inflated whole); both must give the same result and
-    /// the same tree. The streamed one's directory is returned.
+    /// Extract both ways, length unknown (256 KiB buffers) and told the
+    /// length (buffers sized to it); both must give the same result and the
+    /// same tree. The first one's directory is returned.
     fn try_extract(archive: &[u8]) -> (tempfile::TempDir, Result<Extracted, String>) {
         let dir = tempfile::tempdir().unwrap();
         let ws = dir.path().join("ws");
@@ -455,46 +385,6 @@ mod tests {
         }
         out.sort();
         out
-    }
-
-    #[test]
-    fn a_small_archive_is_inflated_whole_and_a_lying_one_is_not() {
-        let good = tar_gz(&[entry("Makefile", tar::EntryType::Regular, 0o644, b"run:\n\techo hi\n", "")]);
-        let plain = inflate_whole(&good).expect("a small, honest archive is inflated in one call");
-        assert_eq!(&plain[..8], b"Makefile");
-        // A trailer that understates or overstates the size, junk after the
-        // member, a wrong checksum: not taken whole; the streamed path
-        // judges them (try_extract checks both agree).
-        let n = good.len();
-        for (what, bad) in [
-            ("size understated", {
-                let mut b = good.clone();
-                b[n - 4] = b[n - 4].wrapping_sub(1);
-                b
-            }),
-            ("size overstated", {
-                let mut b = good.clone();
-                b[n - 4] = b[n - 4].wrapping_add(1);
-                b
-            }),
-            ("checksum", {
-                let mut b = good.clone();
-                b[n - 8] ^= 1;
-                b
-            }),
-            ("junk after the member", {
-                let mut b = good.clone();
-                b.extend_from_slice(b"junk");
-                b
-            }),
-        ] {
-            assert!(inflate_whole(&bad).is_none(), "{what}");
-            let _ = try_extract(&bad);
-        }
-        // Too large to inflate whole: streamed.
-        let big = tar_gz(&[entry("zeros", tar::EntryType::Regular, 0o644, &vec![0u8; 2 << 20], "")]);
-        assert!(inflate_whole(&big).is_none());
-        assert!(try_extract(&big).1.unwrap_err().contains("extraction limit"));
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! are the slot launcher's own, set once and inherited: `restrict_launcher`),
 //! the slot user's identity, safe extraction of the archive (an open
 //! descriptor, read with pread: its shared offset never moves; its length
-//! sizes the buffers, and a small one is inflated whole), and
+//! sizes the read buffer), and
 //! `exec make run`. Init reaps everything, reports the job's wait status on
 //! the close-on-exec status pipe (after any setup error the job wrote
 //! there) and exits; the kernel then kills whatever is left in the
