@@ -431,9 +431,14 @@ fn init_setup(
         std::fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(|e| setup("oom_score_adj", e))?;
     }
     // Init must see its own children's ends, whatever the process that
-    // cloned it did with SIGCHLD. SIG_DFL installs no handler.
-    // SAFETY: restores the default disposition of one signal.
-    let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) };
+    // cloned it did with SIGCHLD. SIG_DFL installs no handler. Nor do the
+    // handlers the Rust runtime installs at start (stack overflow: SIGSEGV,
+    // SIGBUS) stay: with a handler, a signal a job sends init would be
+    // delivered to it; without one, the kernel drops it.
+    for sig in [Signal::SIGCHLD, Signal::SIGSEGV, Signal::SIGBUS] {
+        // SAFETY: restores the default disposition of one signal.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+    }
     // SIGCHLD is read from a signalfd; block it before any child exists.
     // No handler is installed, ever: that is what keeps the job's signals
     // away from init.
