@@ -3,13 +3,20 @@
 //! them (the page-table copy of a fork of the server) nor moves each into
 //! a cgroup (on cgroup v1 an attach can wait an RCU grace period).
 //!
-//! Owns: starting a launcher (a fork of the server when its node starts:
-//! it joins the slot's cgroup once, the only attach, sets oom_score_adj
+//! Owns: starting a launcher (a fork of the server when its node starts,
+//! which at once executes the server's binary again as `cloud-launcher
+//! --slot-launcher-v1 ...` with its setup in its arguments and its
+//! descriptors inherited (`reexec`, `main_if_launcher`): a fresh, small
+//! address space, so that each replica's init, a clone of the launcher,
+//! and the job init forks copy less; where that exec fails it carries on
+//! as the fork. It joins the slot's cgroup once, the only attach, sets oom_score_adj
 //! -1000 so a job's OOM never picks it, as root empties its capability
 //! bounding set and loads the job's seccomp filter once, for every replica
 //! to inherit (`spawn::restrict_launcher`), is not dumpable, dies with the
 //! server by `PR_SET_PDEATHSIG` and on its socket's end of file, and reaps
-//! its children, so their CPU time is counted), the request the server sends it on a
+//! its children, so their CPU time is counted; once, before its first
+//! clone, it warms what every init would redo: CPU feature detection for
+//! inflate and CRC, a consolidated heap without fast bins), the request the server sends it on a
 //! SOCK_SEQPACKET socketpair (the replica's workspace path and environment
 //! as bytes; the archive and the child ends of the replica's output,
 //! status and control pipes as SCM_RIGHTS), and the launcher's loop: one
@@ -91,6 +98,8 @@ impl Launcher {
             Err(e) => Err(format!("cannot fork a launcher: {e}")),
             Ok(ForkResult::Child) => {
                 drop(ours);
+                // Start again small; where that fails, carry on in the fork.
+                reexec(setup, &theirs, server);
                 launcher_main(setup, theirs, server)
             }
             Ok(ForkResult::Parent { child }) => {
@@ -187,6 +196,190 @@ fn decode(bytes: &[u8]) -> Option<(bool, PathBuf, Vec<(String, String)>)> {
     Some((flag == 1, workspace, env))
 }
 
+/// `argv[0]` and `argv[1]` of a launcher re-executed from the server's
+/// binary (`reexec`; `main_if_launcher` takes it from there).
+const ARGV0: &str = NAME;
+const ARGV1: &str = "--slot-launcher-v1";
+
+/// In the forked launcher: execute the server's binary again
+/// (`/proc/self/exe`) as a launcher, given its setup in its arguments and
+/// its descriptors (the socket, the slot's network namespace and cgroup)
+/// inherited. Each replica's init is a clone of the launcher, and init
+/// forks the job: a fresh address space (no copy of the server's heap, no
+/// libraries the server loaded for itself, e.g. for user lookups) makes
+/// each of those copies, the copy-on-write faults after them and the
+/// job's `exec` cheaper. The same binary, as root, before anything is
+/// dropped (an exec with an empty bounding set would lose every
+/// capability), with no environment. Returns only if the exec failed.
+fn reexec(setup: &Setup, sock: &OwnedFd, server: Pid) {
+    let mut fds = vec![sock.as_raw_fd()];
+    fds.extend(setup.netns.map(|fd| fd.as_raw_fd()));
+    fds.extend(setup.cgroup.iter().map(|fd| fd.as_raw_fd()));
+    let set_cloexec = |on: bool| {
+        let flags = if on { libc::FD_CLOEXEC } else { 0 };
+        // SAFETY: F_SETFD on descriptors this process holds open (its
+        // socket, its `Setup`'s); only their close-on-exec flag changes.
+        fds.iter().all(|&fd| unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } == 0)
+    };
+    if !set_cloexec(false) {
+        set_cloexec(true);
+        return;
+    }
+    if let Ok(argv) = encode_setup(setup, sock.as_raw_fd(), server) {
+        let env: [&std::ffi::CStr; 0] = [];
+        let _ = nix::unistd::execve(c"/proc/self/exe", &argv, &env);
+    }
+    set_cloexec(true);
+}
+
+/// A launcher's arguments: everything of its `Setup` as text, and the
+/// numbers of the descriptors it inherits.
+fn encode_setup(setup: &Setup, sock: RawFd, server: Pid) -> Result<Vec<std::ffi::CString>, std::ffi::NulError> {
+    let l = setup.limits;
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let cgroups: Vec<String> = setup.cgroup.iter().map(|fd| fd.as_raw_fd().to_string()).collect();
+    let mut args = vec![
+        ARGV0.to_string(),
+        ARGV1.to_string(),
+        server.to_string(),
+        sock.to_string(),
+        setup.netns.map_or("-".to_string(), |fd| fd.as_raw_fd().to_string()),
+        if cgroups.is_empty() { "-".to_string() } else { cgroups.join(",") },
+        l.extract.max_bytes.to_string(),
+        l.extract.max_entries.to_string(),
+        l.extract.max_path.to_string(),
+        l.cpu_seconds.to_string(),
+        l.address_space.to_string(),
+        l.open_files.to_string(),
+        l.file_size.to_string(),
+        opt(l.processes),
+        u8::from(l.nproc_rlimit).to_string(),
+        l.tmp_bytes.to_string(),
+        l.disk_bytes.to_string(),
+        setup.sandbox.identity.map_or("-".to_string(), |(u, g)| format!("{u}:{g}")),
+        u8::from(setup.sandbox.isolate_network).to_string(),
+        match setup.sandbox.containment {
+            spawn::Containment::Namespaces => "namespaces",
+            spawn::Containment::UserNamespace => "user-namespace",
+            spawn::Containment::Uncontained => "uncontained",
+        }
+        .to_string(),
+    ]
+    .into_iter()
+    .map(std::ffi::CString::new)
+    .collect::<Result<Vec<_>, _>>()?;
+    // Last: the work dir, as bytes.
+    args.push(std::ffi::CString::new(setup.work_dir.as_os_str().as_bytes())?);
+    Ok(args)
+}
+
+/// What `encode_setup` wrote, read back: (server, socket, netns, cgroup
+/// descriptors, work dir, limits, sandbox); `None` if it is not that.
+#[allow(clippy::type_complexity)]
+fn decode_setup(
+    args: &[std::ffi::OsString],
+) -> Option<(Pid, RawFd, Option<RawFd>, Vec<RawFd>, PathBuf, JobLimits, Sandbox)> {
+    let [a0, a1, server, sock, netns, cgroups, max_bytes, max_entries, max_path, cpu, space, files, fsize, procs, nproc, tmp, disk, identity, isolate, containment, work_dir] =
+        args
+    else {
+        return None;
+    };
+    if a0 != ARGV0 || a1 != ARGV1 {
+        return None;
+    }
+    fn s(a: &std::ffi::OsString) -> Option<&str> {
+        a.to_str()
+    }
+    let num = |a: &std::ffi::OsString| s(a)?.parse::<u64>().ok();
+    let fd = |a: &str| a.parse::<RawFd>().ok().filter(|&fd| fd >= 0);
+    let opt_fd = |a: &std::ffi::OsString| match s(a)? {
+        "-" => Some(None),
+        v => fd(v).map(Some),
+    };
+    let cgroups = match s(cgroups)? {
+        "-" => Vec::new(),
+        v => v.split(',').map(fd).collect::<Option<Vec<_>>>()?,
+    };
+    let identity = match s(identity)? {
+        "-" => None,
+        v => {
+            let (u, g) = v.split_once(':')?;
+            Some((nix::unistd::Uid::from_raw(u.parse().ok()?), nix::unistd::Gid::from_raw(g.parse().ok()?)))
+        }
+    };
+    let containment = match s(containment)? {
+        "namespaces" => spawn::Containment::Namespaces,
+        "user-namespace" => spawn::Containment::UserNamespace,
+        "uncontained" => spawn::Containment::Uncontained,
+        _ => return None,
+    };
+    let flag = |a: &std::ffi::OsString| match s(a)? {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
+    };
+    let limits = JobLimits {
+        extract: crate::extract::ExtractLimits {
+            max_bytes: num(max_bytes)?,
+            max_entries: usize::try_from(num(max_entries)?).ok()?,
+            max_path: usize::try_from(num(max_path)?).ok()?,
+        },
+        cpu_seconds: num(cpu)?,
+        address_space: num(space)?,
+        open_files: num(files)?,
+        file_size: num(fsize)?,
+        processes: if s(procs)? == "-" { None } else { Some(num(procs)?) },
+        nproc_rlimit: flag(nproc)?,
+        tmp_bytes: num(tmp)?,
+        disk_bytes: num(disk)?,
+    };
+    let sandbox = Sandbox { identity, isolate_network: flag(isolate)?, containment };
+    let server = Pid::from_raw(s(server)?.parse().ok()?);
+    Some((server, fd(s(sock)?)?, opt_fd(netns)?, cgroups, PathBuf::from(work_dir), limits, sandbox))
+}
+
+/// First thing in `cloud-server`'s `main`: if this process is a launcher
+/// re-executed by `reexec`, be it (never returns); `None` otherwise. A
+/// process started so by anyone else ends: its descriptors are not a
+/// launcher's.
+pub fn main_if_launcher() -> Option<std::process::ExitCode> {
+    let mut args = std::env::args_os();
+    if args.next().as_deref() != Some(std::ffi::OsStr::new(ARGV0)) {
+        return None;
+    }
+    let all: Vec<std::ffi::OsString> = std::iter::once(ARGV0.into()).chain(args).collect();
+    if all.get(1).map(|a| a.as_os_str()) != Some(std::ffi::OsStr::new(ARGV1)) {
+        return None;
+    }
+    let Some((server, sock, netns, cgroups, work_dir, limits, sandbox)) = decode_setup(&all) else {
+        eprintln!("cloud-launcher: not started by cloud-server (malformed arguments)");
+        return Some(std::process::ExitCode::FAILURE);
+    };
+    // Ours only if they are open and the socket is one (not, say, a
+    // terminal of whoever ran this by hand).
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int we own into `kind` (a descriptor
+    // number that is not a socket, or not open, only makes it fail).
+    let got = unsafe {
+        libc::getsockopt(sock, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len)
+    };
+    let is_seqpacket = got == 0 && kind == libc::SOCK_SEQPACKET;
+    if !is_seqpacket || nix::unistd::getppid() != server {
+        eprintln!("cloud-launcher: not started by cloud-server (no launcher socket)");
+        return Some(std::process::ExitCode::FAILURE);
+    }
+    // SAFETY: descriptors our parent (the server's fork) left open for us
+    // by number, each owned once from here.
+    let (sock, cgroup) = unsafe {
+        (OwnedFd::from_raw_fd(sock), cgroups.into_iter().map(|fd| OwnedFd::from_raw_fd(fd)).collect::<Vec<_>>())
+    };
+    // SAFETY: as above; held open (never closed) for the launcher's life.
+    let netns = netns.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
+    let setup = Setup { work_dir: &work_dir, limits: &limits, sandbox, netns, cgroup: &cgroup };
+    launcher_main(&setup, sock, server)
+}
+
 fn exit(code: i32) -> ! {
     // SAFETY: ends the launcher without the server's atexit handlers.
     unsafe { libc::_exit(code) }
@@ -204,7 +397,10 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
         exit(0);
     }
     // A terminal's Ctrl-C to the server's process group is the server's.
-    let _ = nix::unistd::setsid();
+    // Our inits stay in this session (it has no terminal).
+    if nix::unistd::setsid().is_ok() {
+        spawn::set_caller_has_own_session();
+    }
     // The slot's cgroup, once: every replica started from here inherits it.
     // Without it, no replica may run: each request is answered with why.
     let broken = crate::cgroup::join(setup.cgroup)
@@ -241,6 +437,18 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
     let sfd = SignalFd::with_flags(&chld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC);
     let sfd_raw = sfd.as_ref().map_or(-1, |s| s.as_raw_fd());
     let mut buf = vec![0u8; MAX_REQUEST];
+    // What each init would redo after the clone, once here (inherited):
+    // CPU feature detection for inflate and CRC (`extract::warm_up`), and
+    // the heap the server left, consolidated (no init then walks and
+    // copies its fast bins' pages when it first asks for a large block).
+    crate::extract::warm_up();
+    // No fast bins from here on either: a large request in an init would
+    // first consolidate them, writing (and so copying) inherited heap pages.
+    // SAFETY: malloc_trim and mallopt only rearrange this process's own heap.
+    unsafe {
+        libc::malloc_trim(0);
+        libc::mallopt(libc::M_MXFAST, 0);
+    }
     loop {
         reap();
         let mut fds = [
@@ -337,6 +545,60 @@ fn serve(setup: &Setup, bytes: &[u8], fds: Vec<OwnedFd>, broken: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_launchers_setup_round_trips_through_its_arguments() {
+        let limits = JobLimits {
+            extract: crate::extract::ExtractLimits { max_bytes: 1 << 30, max_entries: 10_000, max_path: 1024 },
+            cpu_seconds: 300,
+            address_space: 2 << 30,
+            open_files: 256,
+            file_size: 1 << 28,
+            processes: Some(128),
+            nproc_rlimit: true,
+            tmp_bytes: 64 << 20,
+            disk_bytes: 1 << 30,
+        };
+        let sandbox = Sandbox {
+            identity: Some((nix::unistd::Uid::from_raw(3_000_000), nix::unistd::Gid::from_raw(3_000_000))),
+            isolate_network: true,
+            containment: spawn::Containment::Namespaces,
+        };
+        let cgroup: Vec<OwnedFd> = (0..2).map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap())).collect();
+        let netns = std::fs::File::open("/dev/null").unwrap();
+        let work_dir = Path::new("/srv/cloud work/ünïcode");
+        let setup = Setup { work_dir, limits: &limits, sandbox, netns: Some(netns.as_fd()), cgroup: &cgroup };
+        let args: Vec<std::ffi::OsString> = encode_setup(&setup, 7, Pid::from_raw(42))
+            .unwrap()
+            .into_iter()
+            .map(|c| std::ffi::OsStr::from_bytes(c.as_bytes()).to_owned())
+            .collect();
+        let (server, sock, ns, cg, wd, l, sb) = decode_setup(&args).unwrap();
+        assert_eq!((server, sock, ns), (Pid::from_raw(42), 7, Some(netns.as_raw_fd())));
+        assert_eq!(cg, cgroup.iter().map(|fd| fd.as_raw_fd()).collect::<Vec<_>>());
+        assert_eq!(wd, work_dir);
+        assert_eq!(format!("{l:?}"), format!("{limits:?}"));
+        assert_eq!(sb, sandbox);
+        // Without the optional parts, too; and not from other arguments.
+        let bare = JobLimits { processes: None, nproc_rlimit: false, ..limits.clone() };
+        let sandbox =
+            Sandbox { identity: None, isolate_network: false, containment: spawn::Containment::UserNamespace };
+        let setup = Setup { work_dir, limits: &bare, sandbox, netns: None, cgroup: &[] };
+        let args: Vec<std::ffi::OsString> = encode_setup(&setup, 3, Pid::from_raw(1))
+            .unwrap()
+            .into_iter()
+            .map(|c| std::ffi::OsStr::from_bytes(c.as_bytes()).to_owned())
+            .collect();
+        let (_, _, ns, cg, _, l, sb) = decode_setup(&args).unwrap();
+        assert_eq!((ns, cg.len(), l.processes, l.nproc_rlimit, sb), (None, 0, None, false, sandbox));
+        assert!(decode_setup(&args[..args.len() - 1]).is_none());
+        let mut other = args.clone();
+        other[1] = "--listen".into();
+        assert!(decode_setup(&other).is_none());
+        let mut bad = args;
+        bad[3] = "-3".into();
+        assert!(decode_setup(&bad).is_none(), "a negative descriptor");
+    }
 
     #[test]
     fn a_request_round_trips_and_garbage_is_refused() {

@@ -7,7 +7,8 @@
 //! Init stays privileged and installs no signal handlers, so by the
 //! kernel's rule for namespace inits nothing inside the namespace can
 //! signal it; it dies with its parent (`PR_SET_PDEATHSIG`; a launcher
-//! dies with the server), holds the output pipe until it exits (so the
+//! dies with the server), stays in its launcher's session (which has no
+//! terminal; cloned by the server, for the probe, it makes its own), holds the output pipe until it exits (so the
 //! pipe's end of file is the replica's end), makes every
 //! mount inherited from the host read-only, mounts a fresh /proc, private
 //! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
@@ -21,7 +22,8 @@
 //! nested user namespaces (as root, the empty bounding set and the filter
 //! are the slot launcher's own, set once and inherited: `restrict_launcher`),
 //! the slot user's identity, safe extraction of the archive (an open
-//! descriptor, read with pread: its shared offset never moves), and
+//! descriptor, read with pread: its shared offset never moves; its length
+//! sizes the read buffer), and
 //! `exec make run`. Init reaps everything, reports the job's wait status on
 //! the close-on-exec status pipe (after any setup error the job wrote
 //! there) and exits; the kernel then kills whatever is left in the
@@ -48,7 +50,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
 use crate::archive_check::printable;
-use crate::extract::{extract, ExtractLimits};
+use crate::extract::{extract_sized, ExtractLimits};
 use crate::proto::{Outcome, RunResult};
 
 /// Limits applied to every replica; each is a server option (defaults live
@@ -156,6 +158,16 @@ static INIT_OOM_SCORE_ADJ: std::sync::atomic::AtomicI32 = std::sync::atomic::Ato
 /// In a launcher: inits it clones set their `oom_score_adj` to `value`.
 pub(crate) fn set_init_oom_score_adj(value: i32) {
     INIT_OOM_SCORE_ADJ.store(value, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Set in a launcher that made itself a session leader (no controlling
+/// terminal, no process group a terminal signals): the inits it clones
+/// stay in that session rather than make one each.
+static CALLER_HAS_OWN_SESSION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// In a launcher, once its `setsid` succeeded: see `CALLER_HAS_OWN_SESSION`.
+pub(crate) fn set_caller_has_own_session() {
+    CALLER_HAS_OWN_SESSION.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Set in a root launcher whose own capability bounding set (and ambient
@@ -419,9 +431,14 @@ fn init_setup(
         std::fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(|e| setup("oom_score_adj", e))?;
     }
     // Init must see its own children's ends, whatever the process that
-    // cloned it did with SIGCHLD. SIG_DFL installs no handler.
-    // SAFETY: restores the default disposition of one signal.
-    let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) };
+    // cloned it did with SIGCHLD. SIG_DFL installs no handler. Nor do the
+    // handlers the Rust runtime installs at start (stack overflow: SIGSEGV,
+    // SIGBUS) stay: with a handler, a signal a job sends init would be
+    // delivered to it; without one, the kernel drops it.
+    for sig in [Signal::SIGCHLD, Signal::SIGSEGV, Signal::SIGBUS] {
+        // SAFETY: restores the default disposition of one signal.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+    }
     // SIGCHLD is read from a signalfd; block it before any child exists.
     // No handler is installed, ever: that is what keeps the job's signals
     // away from init.
@@ -454,8 +471,12 @@ fn init_setup(
         unsafe { libc::_exit(0) }
     }
     // A session of its own: a terminal's Ctrl-C to the server's process
-    // group is the server's to handle, not init's.
-    let _ = nix::unistd::setsid();
+    // group is the server's to handle, not init's. A launcher's init is
+    // in the launcher's session already, which has no terminal (and each
+    // setsid costs a scheduler autogroup, made and freed, where enabled).
+    if !CALLER_HAS_OWN_SESSION.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = nix::unistd::setsid();
+    }
     // Nobody of the namespace may ptrace init or read its memory.
     nix::sys::prctl::set_dumpable(false).map_err(|e| setup("PR_SET_DUMPABLE", e))?;
     if let Some(fd) = spec.netns {
@@ -885,7 +906,9 @@ fn job_setup(
             ),
         };
     };
-    if let Err(msg) = extract(archive, Path::new("."), &l.extract) {
+    // Its length sizes the read buffer (a small archive, a small buffer).
+    let len = archive.file.metadata().ok().map(|m| m.len());
+    if let Err(msg) = extract_sized(archive, len, Path::new("."), &l.extract) {
         return fail(SETUP_FAILED, msg);
     }
     let mut err = nix::Error::ENOENT;

@@ -314,6 +314,22 @@ fn a_job_sees_only_its_own_processes() {
     assert!(!out.contains("server visible"), "{out}");
 }
 
+/// Our init catches no signal at all (the Rust runtime's SIGSEGV and
+/// SIGBUS handlers, inherited from the server, are reset), so the kernel
+/// drops every signal a job sends it: a job's `kill -SEGV 1` is not
+/// delivered, and the job goes on to its end.
+#[test]
+fn init_catches_no_signal_a_job_could_send() {
+    let c = Cluster::start(1);
+    let recipe = ["@grep SigCgt /proc/1/status; kill -SEGV 1; kill -BUS 1; echo still here".to_string()];
+    let t = c.deploy(1, &job(c.dir.path(), "sig.tar.gz", &recipe));
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok, "{outs:?}");
+    let out = &outs[0].1;
+    assert!(out.contains("SigCgt:\t0000000000000000"), "init catches signals: {out}");
+    assert!(out.contains("still here"), "{out}");
+}
+
 /// A 20,000-deep directory chain and 200,000 files: the server answers
 /// STATUS fast while they go, and they are gone within a minute.
 #[test]

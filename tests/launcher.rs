@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use common::*;
@@ -149,7 +150,7 @@ fn a_launcher_gives_its_replicas_the_bounding_set_and_filter_once() {
         return;
     }
     let c = Cluster::start(1);
-    let launchers = c.launchers();
+    let launchers = c.wait_launchers(1);
     assert_eq!(launchers.len(), 1, "one launcher per slot");
     let own = std::fs::read_to_string(format!("/proc/{}/status", launchers[0])).unwrap();
     assert_eq!(status_field(&own, "CapBnd"), Some("0000000000000000"), "{own}");
@@ -170,4 +171,45 @@ fn a_launcher_gives_its_replicas_the_bounding_set_and_filter_once() {
     if let Some(n) = status_field(out, "Seccomp_filters") {
         assert_eq!(n, "1", "the filter is loaded once, by the launcher: {out}");
     }
+}
+
+/// A slot's launcher starts afresh from the server's binary instead of
+/// staying a fork of the server (issue 11): every replica's init is a
+/// clone of its launcher and forks the job, so whatever the launcher
+/// carries (the server's heap, libraries the server loaded for itself) is
+/// copied twice per replica and torn down at the job's exec. It names
+/// itself in `ps`, maps less than the server, and still serves replicas.
+#[test]
+fn a_launcher_is_started_afresh_not_a_copy_of_the_server() {
+    let c = Cluster::start(1);
+    let launchers = c.wait_launchers(1);
+    assert_eq!(launchers.len(), 1, "one launcher per slot");
+    let l = launchers[0];
+    let cmdline = std::fs::read(format!("/proc/{l}/cmdline")).unwrap();
+    assert!(
+        cmdline.starts_with(b"cloud-launcher\0--slot-launcher-v1\0"),
+        "not re-executed: {}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    let maps = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap().lines().count();
+    let (own, server) = (maps(l), maps(c.pid()));
+    assert!(own < server, "the launcher maps {own} regions, the server {server}");
+    let t = c.deploy(1, &job(c.dir.path(), "fresh.tar.gz", &["@echo fresh"]));
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok && outs[0].1 == "fresh\n", "{outs:?}");
+}
+
+/// Started by hand with a launcher's arguments, `cloud-server` is no
+/// launcher: it has no launcher socket, says so and ends.
+#[test]
+fn a_launcher_started_by_hand_refuses() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-server"))
+        .arg0("cloud-launcher")
+        .args(["--slot-launcher-v1", "1", "0", "-", "-", "1", "1", "1", "1", "1", "1", "1", "-", "0", "1", "1"])
+        .args(["-", "0", "uncontained", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not started by cloud-server"), "{err}");
 }

@@ -230,6 +230,10 @@ fn hold_standard_fds() {
 }
 
 fn main() -> ExitCode {
+    // A slot launcher re-executed small (launcher.rs) never gets past this.
+    if let Some(code) = cloudinfra::launcher::main_if_launcher() {
+        return code;
+    }
     hold_standard_fds();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
