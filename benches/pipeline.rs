@@ -7,11 +7,12 @@
 //!   `mkdir; tar xzf; make run` (jobs/s, and CPU per job);
 //! - one echo job alone, deploy -> retrieve, against the direct run;
 //! - a compile job (a one-file C program) alone, against the direct run;
-//! - a 1 GiB archive of incompressible data, client -> main -> node ->
-//!   replica, against a raw loopback TCP stream of the same bytes, with the
-//!   server's peak RSS (VmHWM, reset before the transfer); and the same
-//!   through a `cloud-server node` process: until that node holds the
-//!   whole archive (client -> main -> node), and on to the retrieve;
+//! - a 1 GiB archive of incompressible data, client -> main -> node,
+//!   against a raw loopback TCP stream of the same bytes: to in-process
+//!   nodes (until the DEPLOY is answered: their replica reads the spooled
+//!   archive in place), and through a `cloud-server node` process (until
+//!   that node holds the whole archive); each also on to the retrieve
+//!   (printed), with the peak RSS (VmHWM, reset before the transfer);
 //! - 10,000 idle connections: the server's RSS and the STATUS round trip;
 //! - an idle server: no wake-ups (so no system calls) for 3 seconds;
 //! - the client program's start-up CPU, and a call (`cloud status`:
@@ -1016,18 +1017,23 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
             reference.push(bytes / raw_tcp(big) / 1e6);
         }
         let hwm = proc_status_kib(pid, "VmHWM:") as f64 / 1024.0;
+        // Issue 11's figure is the transfer client -> main -> node. An
+        // in-process node's replica reads the main server's spool file in
+        // place, so for it the transfer ends when the DEPLOY is answered
+        // (the archive whole, checked and on disk); the unpacking and the
+        // job's run that follow are printed, without a target.
         row(
             rows,
-            "1 GiB archive, deploy->retrieve",
+            "1 GiB archive, client->main (in-process node)",
             &fs,
             "MB/s",
-            ours,
+            deploy_only,
             reference.clone(),
             true,
             false,
             Target::AtLeast(0.5),
         );
-        row(rows, "  of which deploy (client->main)", &fs, "MB/s", deploy_only, reference, true, false, Target::None);
+        row(rows, "  on to retrieve (unpacked, run)", &fs, "MB/s", ours, reference, true, false, Target::None);
         row(rows, "  server peak RSS during 1 GiB", &fs, "MiB", vec![hwm], vec![], false, false, Target::AtMost(32.0));
 
         // The same through a node in its own process (NODE_PROG over
