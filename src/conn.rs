@@ -59,6 +59,11 @@ pub(crate) enum Pending {
     Follow {
         caller: crate::coordinator::Caller,
     },
+    /// NODE_STAGE of the upload on client connection `client`, `stage`.
+    Stage {
+        client: usize,
+        stage: crate::coordinator::StageId,
+    },
 }
 
 /// NODE_FETCH's successful results end in the output, streamed.
@@ -152,8 +157,13 @@ impl Sink {
     }
 }
 
-/// A stream's file that is not needed: back to its pool, or removed.
+/// A stream's file that is not needed: back to its pool, or removed (an
+/// empty path: the file is not the stream's, as a node's stage, whose
+/// owner decides).
 pub(crate) fn give_back(path: &Path, pool: Option<&pool::Shared>) {
+    if path.as_os_str().is_empty() {
+        return;
+    }
     match pool {
         Some(p) => p.borrow_mut().give(path),
         None => {
@@ -174,6 +184,11 @@ pub(crate) enum Streamed {
     },
     Run {
         args: RunArgs,
+    },
+    /// NODE_STAGE: bytes of a stage of the link (`node_service`).
+    Stage {
+        args: proto::StageArgs,
+        len: u64,
     },
     /// `gone`: the node said it has no output (final), rather than a
     /// failure that may pass.
@@ -217,6 +232,9 @@ pub(crate) struct Conn {
     pub(crate) gate: Option<Box<crate::node_auth::NodeGate>>,
     /// When a gated link must have passed its handshake by (else closed).
     pub(crate) gate_by: Option<std::time::Instant>,
+    /// A client's upload is staged to a node that is behind: nothing more
+    /// of it is read until the node catches up (`main_service`).
+    pub(crate) stalled: bool,
 }
 
 impl Conn {
@@ -263,6 +281,7 @@ impl Conn {
             written_seen: 0,
             gate: None,
             gate_by: None,
+            stalled: false,
         }
     }
 
@@ -270,7 +289,7 @@ impl Conn {
     /// (deferred or unsent), nothing more of it is read. This bounds what
     /// any one connection can make the server hold, whatever it pipelines.
     pub(crate) fn busy(&self) -> bool {
-        matches!(self.role, Role::Client) && (self.awaiting > 0 || !self.outbox.is_empty())
+        matches!(self.role, Role::Client) && (self.awaiting > 0 || !self.outbox.is_empty() || self.stalled)
     }
 
     /// Closing, and owing the peer nothing more: a client that half-closed
@@ -358,7 +377,8 @@ impl Conn {
             && self.moved == 0
             && self.written_seen == self.outbox.written()
             && self.gate.is_none()
-            && self.gate_by.is_none();
+            && self.gate_by.is_none()
+            && !self.stalled;
         if !at_rest {
             return Err(self);
         }

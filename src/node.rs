@@ -276,6 +276,17 @@ impl Node {
         Ok((file, path))
     }
 
+    /// A stage (a file of the pool its main server filled with NODE_STAGE)
+    /// becomes the ticket's archive, as NODE_RUN's would be: renamed, no
+    /// copy. A stale archive of the ticket goes back to the pool first.
+    pub fn adopt_stage(&self, ticket: u32, stage: &Path) -> io::Result<()> {
+        let path = self.archive_path(ticket);
+        if path.symlink_metadata().is_ok() {
+            self.pool.borrow_mut().give(&path);
+        }
+        fs::rename(stage, &path)
+    }
+
     /// An uncontained replica's workspace folder on the host, made afresh.
     fn fresh_ticket_dir(&self, ticket: u32) -> io::Result<()> {
         let dir = self.ticket_dir(ticket);
