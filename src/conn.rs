@@ -9,7 +9,8 @@
 //! nothing more, and a node link's `node_auth::NodeGate` (with its
 //! handshake deadline), which lives and dies with the connection; when a
 //! client is at rest between calls and what it shrinks to then ([`Idle`]:
-//! its socket and peer, no heap), and waking it again.
+//! its socket and peer, no heap), and waking it again; a client whose
+//! staged upload waits for its node (`stalled`: busy, not read).
 //! Must not touch: the poll or the slab (the reactor registers, times and
 //! closes connections), what calls mean (`coordinator`, `node`).
 

@@ -17,7 +17,11 @@
 //! those a surviving node still runs). Also: the
 //! cluster view (CLUSTER, MINE), deferred JOB_INFO callers (wait), FOLLOW
 //! calls of replicas not started yet, CANCEL, and each replica's outcome
-//! kind and times (submitted, started, ended).
+//! kind and times (submitted, started, ended). Staged transfers: whether
+//! an upload that starts now goes on to a node as it arrives (`stage_for`:
+//! its job would start at once with a replica on a remote node), the
+//! stages under way and the slots promised to them, and at the verdict
+//! NODE_RUN_STAGED for the replica placed there or NODE_UNSTAGE.
 //! Must not touch: sockets, the reactor, processes. File *paths* are
 //! decided here; opening, writing and deleting them is the caller's job,
 //! done in the order the actions come out.
@@ -286,6 +290,12 @@ impl Coordinator {
         if let Some(node) = self.stages.remove(&stage) {
             self.actions.push_back(Action::Node { node, call: NodeCall::Unstage { stage } });
         }
+    }
+
+    /// A stage its node never heard of (nothing was sent before the
+    /// upload ended: a small archive goes whole with NODE_RUN): forgotten.
+    pub fn stage_unused(&mut self, stage: StageId) {
+        self.stages.remove(&stage);
     }
 
     /// Whether a stage is still under way (not dropped with its node).

@@ -30,6 +30,13 @@
 //! clean stop alike). The spool pool: files the coordinator removes go
 //! back to it, reusable after the next journal sync (`Pool::settle`), so
 //! an archive the journal on disk still names is never overwritten.
+//! Staged uploads ([`Upload`], docs/PROTOCOL.md "Staged transfers"): a
+//! DEPLOY the coordinator stages to a remote node has each 4 MiB checked
+//! and spooled sent on to it in NODE_STAGE calls (by sendfile from the
+//! spool file, at most `STAGE_IN_FLIGHT` unanswered, the client's socket
+//! not read while more wait: `Conn::stalled`), the rest at the verdict
+//! ahead of the coordinator's NODE_RUN_STAGED; an upload that ends
+//! without a job has its stage dropped (`Coordinator::stage_abort`).
 //! Must not touch: the poll or the slab (the reactor carries out each
 //! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
 
@@ -396,7 +403,7 @@ impl MainService {
         let retries = self.links.iter().enumerate().filter_map(|(i, l)| match l {
             Link::Remote(r) if r.state == LinkState::Down => Some(r.retry_at),
             Link::Remote(r) if !matches!(r.state, LinkState::Ready(_)) => Some(r.setup_by),
-            Link::Remote(r) if self.coord.runs_on(i) || r.probe.is_some() => {
+            Link::Remote(r) if self.coord.runs_on(i) || self.staging_to(i) || r.probe.is_some() => {
                 Some(r.probe.map_or(r.heard + HEARTBEAT_IDLE, |p| p + HEARTBEAT_WAIT))
             }
             _ => None,
@@ -439,7 +446,10 @@ impl MainService {
         for (i, (link, name)) in self.links.iter_mut().zip(&self.node_names).enumerate() {
             let Link::Remote(r) = link else { continue };
             let LinkState::Ready(key) = r.state else { continue };
-            if r.probe.is_none() && !self.coord.runs_on(i) {
+            // A stage waiting on its node counts: a node that hangs is lost
+            // within the heartbeat's bound, and its uploads go on without.
+            let staging = self.uploads.values().any(|u| u.node == i && u.in_flight > 0);
+            if r.probe.is_none() && !self.coord.runs_on(i) && !staging {
                 continue; // nothing to lose there: no heartbeat
             }
             let sending = in_flight(key);
@@ -920,6 +930,11 @@ impl MainService {
         conn.stalled = self.uploads.get(&key).is_some_and(|u| !u.dead && u.stored - u.sent >= STAGE_CHUNK);
     }
 
+    /// Whether an upload waits for node i to take its NODE_STAGE calls.
+    fn staging_to(&self, node: NodeId) -> bool {
+        self.uploads.values().any(|u| u.node == node && u.in_flight > 0)
+    }
+
     /// The connection of node i's link if it is up.
     fn ready_link(&self, node: NodeId) -> Option<usize> {
         match self.links.get(node) {
@@ -1086,6 +1101,14 @@ impl MainService {
     /// are returned for the deploy; a void one is dropped (`None`).
     fn finish_stage(&mut self, key: usize) -> Option<(StageId, u64)> {
         let u = self.uploads.get(&key)?;
+        if u.sent == 0 {
+            // Nothing went yet (under a chunk): NODE_RUN takes it whole, as
+            // it would have, in one call rather than two.
+            let stage = u.stage;
+            self.uploads.remove(&key);
+            self.coord.stage_unused(stage);
+            return None;
+        }
         let link = self.ready_link(u.node).filter(|_| !u.dead && self.coord.stage_live(u.stage));
         let Some(link) = link else {
             self.upload_gone(key);

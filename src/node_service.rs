@@ -22,6 +22,11 @@
 //! A replica whose link goes away keeps running (a main server that comes
 //! back asks for it with NODE_WAIT; one that does not want it any more
 //! sends NODE_DROP); its reply is never sent on a newer connection.
+//! Stages ([`Stage`], docs/PROTOCOL.md "Staged transfers"): NODE_STAGE's
+//! bytes in a file of the node folder's pool, per link connection, until
+//! NODE_RUN_STAGED runs the replica from it (renamed to the ticket's
+//! archive) or NODE_UNSTAGE, the link's end, a newer link's NODE_KEEP or
+//! `STAGE_ABANDONED` drops it.
 //! Slurm nodes (`slurm:PARTITION` lines of the main server, `add_slurm`)
 //! sit next to the forking ones as [`LocalNode::Slurm`]: the same direct
 //! calls and [`NodeEvent`]s; the pipes of their Slurm commands are handed
@@ -75,6 +80,10 @@ const LOCAL_CALLERS: usize = usize::MAX / 4;
 /// server forgot it (it drops its stages itself when an upload ends, and
 /// they all go when its link does).
 const STAGE_ABANDONED: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Most stages one link may hold at once (its main server opens one per
+/// upload its node has a free slot for).
+const MAX_STAGES: usize = 64;
 
 /// Part of an archive its main server sends while the client still
 /// uploads it (NODE_STAGE), in a file of the node's pool (`stage-<n>` in
@@ -571,6 +580,9 @@ impl NodeService {
         };
         let now = Instant::now();
         if args.offset == 0 && !self.stages.contains_key(&id) {
+            if self.stages.keys().filter(|(k, _)| *k == key).count() >= MAX_STAGES {
+                return Ok(Sink::failed(call.xid, what, format!("more than {MAX_STAGES} stages on one link")));
+            }
             let path = node.cfg.dir.join(format!("stage-{}", self.next_stage_file));
             self.next_stage_file += 1;
             let taken = node.pool.borrow_mut().take_as(&path);

@@ -7,6 +7,9 @@
 //! order, each replica's state, fail-fast stops and requeues of replicas
 //! lost with their node, and ticket numbers (from a starting point the
 //! caller persists, see `tickets`). Plain data, no I/O, no clock.
+//! Also where a job would start if submitted now (`would_place`, for
+//! staged transfers), and a preferred node for one job's first replica
+//! (`start_ready_preferring`: the node that holds its archive already).
 //! Must not touch: sockets, files, processes. Callers turn its answers
 //! (`Start`s, replicas to stop) into messages.
 //!
