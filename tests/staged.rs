@@ -115,6 +115,8 @@ impl Drop for NodeProc {
         if let Ok(None) = self.child.try_wait() {
             let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            // A test that failed with it stopped must not wait on it forever.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
         }
         let _ = self.child.wait();
     }
@@ -158,6 +160,7 @@ struct Upload {
 impl Upload {
     fn start(c: &Cluster, archive: Vec<u8>, first: usize) -> Upload {
         let mut s = TcpStream::connect(c.addr).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
         let mut w = rpc::call(0x57a6e, proto::CLOUD_PROG, 1, proto::DEPLOY);
         w.u32(1).u32(archive.len() as u32);
         let head = w.into_bytes();
@@ -301,4 +304,34 @@ fn a_node_lost_mid_stage_gets_the_job_whole_once_it_is_back() {
     assert!(outs[0].1.ends_with(&format!(" {} data\n", 24 << 20)), "{outs:?}");
     // The earlier run's stage went at the node's start.
     assert!(node.held().iter().all(|(n, _)| !n.starts_with("stage-")), "{:?}", node.held());
+}
+
+#[test]
+fn a_node_that_hangs_mid_stage_is_lost_within_the_heartbeat_bound_and_the_upload_goes_on() {
+    use nix::sys::signal::{kill, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(&dir.path().join("n"), None);
+    let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
+    wait_until("the link is up", || link_up(&c, &node) == 1);
+
+    let archive = big_job(48 << 20, &[]);
+    let up = Upload::start(&c, archive, 8 << 20);
+    wait_until("the node holds part of the archive", || node.staged() >= 4 << 20);
+    // It stops taking the stage (its kernel still answers TCP): the main
+    // server stops reading the upload while the node is too far behind ...
+    let pid = nix::unistd::Pid::from_raw(node.child.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let stopped_at = std::time::Instant::now();
+    // ... until the heartbeat finds it hung (15 s), well before the
+    // client's call timeout (30 s): the upload goes on and is answered.
+    let ticket = up.finish().expect("deployed");
+    assert!(stopped_at.elapsed() < Duration::from_secs(25), "answered after {:?}", stopped_at.elapsed());
+    assert!(c.log().contains("did not answer a heartbeat"), "{}", c.log());
+    // Resumed, it rejoins and runs the job, sent whole.
+    kill(pid, Signal::SIGCONT).unwrap();
+    wait_until("the node rejoins", || link_up(&c, &node) == 2);
+    let st = c.wait_status(ticket, |s| s["status"] != "WAITING" && s["status"] != "RUNNING");
+    assert_eq!(st["status"], "COMPLETED", "{st}");
+    let (ok, outs) = c.retrieve(ticket);
+    assert!(ok && outs[0].1.ends_with(&format!(" {} data\n", 48 << 20)), "{outs:?}");
 }
