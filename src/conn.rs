@@ -11,7 +11,8 @@
 //! nothing more, and a node link's `node_auth::NodeGate` (with its
 //! handshake deadline), which lives and dies with the connection; when a
 //! client is at rest between calls and what it shrinks to then ([`Idle`]:
-//! its socket and peer, no heap), and waking it again.
+//! its socket and peer, no heap), and waking it again; a client whose
+//! staged upload waits for its node (`stalled`: busy, not read).
 //! Must not touch: the poll or the slab (the reactor registers, times and
 //! closes connections), what calls mean (`coordinator`, `node`).
 
@@ -60,6 +61,11 @@ pub(crate) enum Pending {
     /// NODE_FOLLOW for a client's FOLLOW call.
     Follow {
         caller: crate::coordinator::Caller,
+    },
+    /// NODE_STAGE of the upload on client connection `client`, `stage`.
+    Stage {
+        client: usize,
+        stage: crate::coordinator::StageId,
     },
 }
 
@@ -148,7 +154,10 @@ impl Sink {
         want: u64,
     ) -> io::Result<usize> {
         use nix::fcntl::{splice, SpliceFFlags};
-        let Sink::File { file: Some(f), path, error, pool, what: Streamed::Run { .. }, .. } = self else {
+        let Sink::File {
+            file: Some(f), path, error, pool, what: Streamed::Run { .. } | Streamed::Stage { .. }, ..
+        } = self
+        else {
             return Err(io::Error::other("a spliced stream without its file"));
         };
         let want = want.min(pipe.size as u64) as usize;
@@ -193,7 +202,10 @@ impl Sink {
 
     /// A stream whose data may go by `splice_from`.
     pub(crate) fn spliceable(&self) -> bool {
-        matches!(self, Sink::File { file: Some(_), error: None, what: Streamed::Run { .. }, .. })
+        matches!(
+            self,
+            Sink::File { file: Some(_), error: None, what: Streamed::Run { .. } | Streamed::Stage { .. }, .. }
+        )
     }
 
     /// Bytes a DEPLOY's archive check inflated since the last call.
@@ -248,8 +260,13 @@ impl SplicePipe {
     }
 }
 
-/// A stream's file that is not needed: back to its pool, or removed.
+/// A stream's file that is not needed: back to its pool, or removed (an
+/// empty path: the file is not the stream's, as a node's stage, whose
+/// owner decides).
 pub(crate) fn give_back(path: &Path, pool: Option<&pool::Shared>) {
+    if path.as_os_str().is_empty() {
+        return;
+    }
     match pool {
         Some(p) => p.borrow_mut().give(path),
         None => {
@@ -270,6 +287,11 @@ pub(crate) enum Streamed {
     },
     Run {
         args: RunArgs,
+    },
+    /// NODE_STAGE: bytes of a stage of the link (`node_service`).
+    Stage {
+        args: proto::StageArgs,
+        len: u64,
     },
     /// `gone`: the node said it has no output (final), rather than a
     /// failure that may pass.
@@ -313,6 +335,9 @@ pub(crate) struct Conn {
     pub(crate) gate: Option<Box<crate::node_auth::NodeGate>>,
     /// When a gated link must have passed its handshake by (else closed).
     pub(crate) gate_by: Option<std::time::Instant>,
+    /// A client's upload is staged to a node that is behind: nothing more
+    /// of it is read until the node catches up (`main_service`).
+    pub(crate) stalled: bool,
 }
 
 impl Conn {
@@ -359,6 +384,7 @@ impl Conn {
             written_seen: 0,
             gate: None,
             gate_by: None,
+            stalled: false,
         }
     }
 
@@ -366,7 +392,7 @@ impl Conn {
     /// (deferred or unsent), nothing more of it is read. This bounds what
     /// any one connection can make the server hold, whatever it pipelines.
     pub(crate) fn busy(&self) -> bool {
-        matches!(self.role, Role::Client) && (self.awaiting > 0 || !self.outbox.is_empty())
+        matches!(self.role, Role::Client) && (self.awaiting > 0 || !self.outbox.is_empty() || self.stalled)
     }
 
     /// Closing, and owing the peer nothing more: a client that half-closed
@@ -454,7 +480,8 @@ impl Conn {
             && self.moved == 0
             && self.written_seen == self.outbox.written()
             && self.gate.is_none()
-            && self.gate_by.is_none();
+            && self.gate_by.is_none()
+            && !self.stalled;
         if !at_rest {
             return Err(self);
         }

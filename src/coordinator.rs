@@ -17,7 +17,11 @@
 //! those a surviving node still runs). Also: the
 //! cluster view (CLUSTER, MINE), deferred JOB_INFO callers (wait), FOLLOW
 //! calls of replicas not started yet, CANCEL, and each replica's outcome
-//! kind and times (submitted, started, ended).
+//! kind and times (submitted, started, ended). Staged transfers: whether
+//! an upload that starts now goes on to a node as it arrives (`stage_for`:
+//! its job would start at once with a replica on a remote node), the
+//! stages under way and the slots promised to them, and at the verdict
+//! NODE_RUN_STAGED for the replica placed there or NODE_UNSTAGE.
 //! Must not touch: sockets, the reactor, processes. File *paths* are
 //! decided here; opening, writing and deleting them is the caller's job,
 //! done in the order the actions come out.
@@ -98,7 +102,18 @@ pub enum NodeCall {
     /// (NODE_KEEP): replicas of a main server that is gone, or that this
     /// one gave up as lost while the node was away.
     Keep { tickets: Vec<Ticket> },
+    /// `Run`, from the archive the node holds already as `stage` (a staged
+    /// transfer of `length` bytes, NODE_RUN_STAGED); `archive` is the
+    /// spooled copy, kept as for `Run`.
+    RunStaged { args: RunArgs, stage: StageId, length: u64, archive: PathBuf },
+    /// Drop a stage (NODE_UNSTAGE): its archive was refused, its upload
+    /// failed, or its job did not start on that node.
+    Unstage { stage: StageId },
 }
+
+/// A staged transfer: an archive sent to a node while it is uploaded
+/// (`Coordinator::stage_for`). Its bytes are the main service's to send.
+pub type StageId = u32;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -165,6 +180,13 @@ pub struct Coordinator {
     /// (`enable_journal`); their times are 0, the caller stamps them.
     journaling: bool,
     records: VecDeque<Record>,
+    /// Nodes an upload may be staged to (remote ones: a node of this
+    /// process reads the spooled archive in place, nothing to overlap).
+    stageable: Vec<bool>,
+    /// Stages under way: the node each one goes to (its slot promised to
+    /// that upload when `stage_for` chose it).
+    stages: HashMap<StageId, NodeId>,
+    next_stage: StageId,
 }
 
 /// What `restore` put back, for the log.
@@ -230,7 +252,55 @@ impl Coordinator {
             clock: None,
             journaling: false,
             records: VecDeque::new(),
+            stageable: Vec::new(),
+            stages: HashMap::new(),
+            next_stage: 1,
         }
+    }
+
+    /// Uploads to node i may be staged there (`stage_for`): a remote node.
+    pub fn set_stageable(&mut self, node: NodeId, on: bool) {
+        if self.stageable.len() <= node {
+            self.stageable.resize(node + 1, false);
+        }
+        self.stageable[node] = on;
+    }
+
+    /// A DEPLOY of `replicas` replicas starts uploading: if the job would
+    /// start at once (nobody waits, its replicas fit, counting the slots
+    /// of other stages under way as taken) with a replica on a stageable
+    /// node, a new stage to that node, where its archive goes as it
+    /// arrives. The job is placed at its verdict (`deploy_staged`), which
+    /// prefers that node.
+    pub fn stage_for(&mut self, replicas: u32) -> Option<(StageId, NodeId)> {
+        let stages = &self.stages;
+        let reserved = |i: NodeId| stages.values().filter(|&&n| n == i).count() as u32;
+        let nodes = self.sched.would_place(replicas, &reserved)?;
+        let node = nodes.into_iter().find(|&n| self.stageable.get(n).copied().unwrap_or(false))?;
+        let stage = self.next_stage;
+        self.next_stage = self.next_stage.wrapping_add(1).max(1);
+        self.stages.insert(stage, node);
+        log::debug!("stage {stage}: the upload goes on to node {} as it arrives", self.node_names[node]);
+        Some((stage, node))
+    }
+
+    /// A stage is not needed (its archive was refused, the upload broke):
+    /// the node drops it. Unknown stages (gone with their node) are ignored.
+    pub fn stage_abort(&mut self, stage: StageId) {
+        if let Some(node) = self.stages.remove(&stage) {
+            self.actions.push_back(Action::Node { node, call: NodeCall::Unstage { stage } });
+        }
+    }
+
+    /// A stage its node never heard of (nothing was sent before the
+    /// upload ended: a small archive goes whole with NODE_RUN): forgotten.
+    pub fn stage_unused(&mut self, stage: StageId) {
+        self.stages.remove(&stage);
+    }
+
+    /// Whether a stage is still under way (not dropped with its node).
+    pub fn stage_live(&self, stage: StageId) -> bool {
+        self.stages.contains_key(&stage)
     }
 
     /// Make a journal record of every deploy, start, end and close
@@ -641,8 +711,31 @@ impl Coordinator {
         archive: PathBuf,
         now: Instant,
     ) {
+        self.deploy_staged(to, owner, replicas, flags, archive, None, now)
+    }
+
+    /// `deploy_opts` of an archive also sent, whole, to a node as `stage`
+    /// (`stage_for`) of `length` bytes: if the job starts now with a
+    /// replica there, that replica runs from the stage (NODE_RUN_STAGED);
+    /// otherwise (refused, waiting, placed elsewhere) the stage is dropped
+    /// and every replica runs as usual.
+    #[allow(clippy::too_many_arguments)]
+    pub fn deploy_staged(
+        &mut self,
+        to: Caller,
+        owner: Option<u32>,
+        replicas: u32,
+        flags: u32,
+        archive: PathBuf,
+        stage: Option<(StageId, u64)>,
+        now: Instant,
+    ) {
+        let staged = stage.and_then(|(s, length)| self.stages.get(&s).map(|&node| (s, node, length)));
         if let Some(failure) = self.not_a_deployer(owner).or_else(|| self.holds_too_many(owner)) {
             self.actions.push_back(Action::RemoveFile(archive));
+            if let Some((s, _, _)) = staged {
+                self.stage_abort(s);
+            }
             return self.reply(to, Reply::Deploy(Err(failure)));
         }
         let fail_fast = flags & proto::DEPLOY_FAIL_FAST != 0;
@@ -668,12 +761,16 @@ impl Coordinator {
                 let key = drc::Key { xid: to.xid, uid: owner, proc_num: proto::DEPLOY };
                 self.drc.insert(key, Remembered::Deployed(ticket), now);
                 self.reply(to, Reply::Deploy(Ok(ticket)));
-                self.start_ready();
+                self.start_ready_staged(staged.map(|(stage, node, length)| (ticket, node, stage, length)));
             }
             Err(e) => {
                 self.actions.push_back(Action::RemoveFile(archive));
                 self.reply(to, Reply::Deploy(Err(refusal(e))));
             }
+        }
+        // Not used (refused, waiting, or placed elsewhere): dropped.
+        if let Some((s, _, _)) = staged {
+            self.stage_abort(s);
         }
     }
 
@@ -704,7 +801,15 @@ impl Coordinator {
     }
 
     fn start_ready(&mut self) {
-        for start in self.sched.start_ready() {
+        self.start_ready_staged(None)
+    }
+
+    /// `start_ready`, where `staged` = (ticket, node, stage, length): that
+    /// job's archive is on that node already, whose replica there runs
+    /// from it (the stage is then used up).
+    fn start_ready_staged(&mut self, staged: Option<(Ticket, NodeId, StageId, u64)>) {
+        let mut staged = staged;
+        for start in self.sched.start_ready_preferring(staged.map(|(t, node, _, _)| (t, node))) {
             let Some(archive) = self.archives.remove(&start.ticket) else {
                 continue;
             };
@@ -717,7 +822,15 @@ impl Coordinator {
                 let args = RunArgs { ticket: start.ticket, replica: i, replicas };
                 let node_name = self.node_names[node].clone();
                 self.journal(Record::Started { ticket: start.ticket, replica: i, node: node_name, at: 0 });
-                self.actions.push_back(Action::Node { node, call: NodeCall::Run { args, archive: archive.clone() } });
+                let call = match staged {
+                    Some((t, n, stage, length)) if t == start.ticket && n == node => {
+                        staged = None;
+                        self.stages.remove(&stage);
+                        NodeCall::RunStaged { args, stage, length, archive: archive.clone() }
+                    }
+                    _ => NodeCall::Run { args, archive: archive.clone() },
+                };
+                self.actions.push_back(Action::Node { node, call });
             }
             if !self.sched.job(start.ticket).is_some_and(|j| j.finished()) {
                 // Kept until the job has finished: a local node's replica
@@ -1051,6 +1164,8 @@ impl Coordinator {
         let requeued = format!("requeued after node {name} was lost");
         let down = self.sched.node_down(node, self.requeue_lost, &lost, &requeued);
         self.clock = Some(now);
+        // Its stages went with its link (the node drops a link's stages).
+        self.stages.retain(|_, n| *n != node);
         if was_up {
             self.lost_at.insert(node, now);
         }
@@ -2181,5 +2296,123 @@ mod journal_and_restore {
         assert_eq!(c.job_state(1), None);
         assert!(drain(&mut c).contains(&Action::Node { node: 0, call: NodeCall::Drop { ticket: 1 } }));
         assert_eq!(records(&mut c).last(), Some(&Record::Closed { ticket: 1 }));
+    }
+}
+
+#[cfg(test)]
+mod staging {
+    use super::*;
+
+    const A: Caller = Caller { conn: 1, xid: 10 };
+    const B: Caller = Caller { conn: 2, xid: 11 };
+
+    fn coord(nodes: usize) -> Coordinator {
+        let names = (0..nodes).map(|i| format!("127.0.0.1:{}", 9001 + i)).collect();
+        Coordinator::new(names, 10, PathBuf::from("/spool"), None)
+    }
+
+    fn drain(c: &mut Coordinator) -> Vec<Action> {
+        std::iter::from_fn(|| c.poll_action()).collect()
+    }
+
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    fn staged_runs(acts: &[Action]) -> Vec<(NodeId, StageId, u64)> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Node { node, call: NodeCall::RunStaged { stage, length, .. } } => {
+                    Some((*node, *stage, *length))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn unstaged(acts: &[Action]) -> Vec<(NodeId, StageId)> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Node { node, call: NodeCall::Unstage { stage } } => Some((*node, *stage)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_upload_is_staged_only_where_its_job_would_start_at_once_and_runs_from_there() {
+        let mut c = coord(2);
+        // Nothing is stageable by default (nodes of this process).
+        assert_eq!(c.stage_for(2), None);
+        c.set_stageable(1, true);
+        // One replica would go to node 0 (round robin): nothing to stage there.
+        assert_eq!(c.stage_for(1), None);
+        // Two: one of them goes to node 1, where the upload goes on.
+        let (s, node) = c.stage_for(2).expect("staged");
+        assert_eq!(node, 1);
+        // Its slot is promised: another job of two would not start at once.
+        assert_eq!(c.stage_for(2), None);
+        c.deploy_staged(A, None, 2, 0, PathBuf::from("/spool/p-1"), Some((s, 1234)), now());
+        let acts = drain(&mut c);
+        assert_eq!(staged_runs(&acts), vec![(1, s, 1234)], "{acts:?}");
+        let plain: Vec<_> = acts
+            .iter()
+            .filter(|a| matches!(a, Action::Node { node: 0, call: NodeCall::Run { args, .. } } if args.ticket == 1))
+            .collect();
+        assert_eq!(plain.len(), 1, "the other replica runs as usual: {acts:?}");
+        assert!(unstaged(&acts).is_empty());
+        assert!(!c.stage_live(s), "used up");
+        // Busy now: a new upload waits for the job, so it is not staged.
+        assert_eq!(c.stage_for(1), None);
+    }
+
+    #[test]
+    fn a_stage_its_job_does_not_start_on_is_dropped_and_the_job_runs_as_usual() {
+        let mut c = coord(1);
+        c.set_stageable(0, true);
+        let (s, node) = c.stage_for(1).expect("staged");
+        // Another upload, not staged, ends first and takes the node.
+        c.deploy(B, None, 1, PathBuf::from("/spool/p-2"), now());
+        drain(&mut c);
+        c.deploy_staged(A, None, 1, 0, PathBuf::from("/spool/p-1"), Some((s, 9)), now());
+        let acts = drain(&mut c);
+        assert!(staged_runs(&acts).is_empty(), "{acts:?}");
+        assert_eq!(unstaged(&acts), vec![(node, s)]);
+        assert!(acts.iter().any(|a| matches!(a, Action::Reply { reply: Reply::Deploy(Ok(2)), .. })));
+        // Its turn: a plain NODE_RUN from the spooled archive.
+        c.run_finished(0, 1, RunResult::exited(0, "ok"), now());
+        let acts = drain(&mut c);
+        assert!(acts.iter().any(|a| matches!(a, Action::Node { call: NodeCall::Run { args, archive }, .. }
+            if args.ticket == 2 && archive == &PathBuf::from("/spool/p-1"))));
+    }
+
+    #[test]
+    fn a_refused_or_abandoned_upload_drops_its_stage_once_and_a_lost_node_forgets_its_stages() {
+        let mut c = coord(1);
+        c.set_stageable(0, true);
+        c.only_deployer(1000);
+        let (s, _) = c.stage_for(1).expect("staged");
+        c.deploy_staged(A, Some(1001), 1, 0, PathBuf::from("/spool/p-1"), Some((s, 9)), now());
+        let acts = drain(&mut c);
+        assert_eq!(unstaged(&acts), vec![(0, s)]);
+        assert!(acts
+            .iter()
+            .any(|a| matches!(a, Action::Reply { reply: Reply::Deploy(Err((CloudStat::Denied, _))), .. })));
+        // Refused by the archive check: the main service aborts it; once.
+        let (s, _) = c.stage_for(1).expect("staged");
+        c.stage_abort(s);
+        c.stage_abort(s);
+        assert_eq!(unstaged(&drain(&mut c)), vec![(0, s)]);
+        // A node lost mid-stage: the stage went with its link; the upload
+        // ends in a plain deploy, which waits for the node.
+        let (s, _) = c.stage_for(1).expect("staged");
+        c.node_down(0, now());
+        assert!(!c.stage_live(s));
+        c.deploy_staged(A, Some(1000), 1, 0, PathBuf::from("/spool/p-1"), Some((s, 9)), now());
+        let acts = drain(&mut c);
+        assert!(unstaged(&acts).is_empty() && staged_runs(&acts).is_empty(), "{acts:?}");
+        assert_eq!(c.stage_for(1), None, "a job waits: nothing is staged");
+        c.node_up(0, now());
+        assert!(drain(&mut c).iter().any(|a| matches!(a, Action::Node { call: NodeCall::Run { .. }, .. })));
     }
 }

@@ -37,18 +37,26 @@
 //! their records (`Pool::seal`, `settle_sealed`, `settle`), so an archive
 //! the journal on disk still names is never overwritten, nor the output
 //! of a ticket whose CLOSE is not on disk.
+//! Staged uploads ([`Upload`], docs/PROTOCOL.md "Staged transfers"): a
+//! DEPLOY the coordinator stages to a remote node has each 4 MiB checked
+//! and spooled sent on to it in NODE_STAGE calls (by sendfile from the
+//! spool file, at most `STAGE_IN_FLIGHT` unanswered, the client's socket
+//! not read while more wait: `Conn::stalled`), the rest at the verdict
+//! ahead of the coordinator's NODE_RUN_STAGED; an upload that ends
+//! without a job has its stage dropped (`Coordinator::stage_abort`).
 //! Must not touch: the poll or the slab (the reactor carries out each
 //! `Out`), job rules (`coordinator`), a node's replicas (`node_service`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
+use std::io::{Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::archive_check::ArchiveCheck;
 use crate::conn::{give_back, Conn, Pending, Reader, Role, Sink, Streamed};
-use crate::coordinator::{Action, Caller, Coordinator, Failure, NodeCall, OutputRef, Reply};
+use crate::coordinator::{Action, Caller, Coordinator, Failure, NodeCall, OutputRef, Reply, StageId};
 use crate::journal::{Journal, Record};
 use crate::node_auth::{self, MainHandshake, Secret};
 use crate::node_service::{follow_reply, garbage, NodeEvent};
@@ -85,6 +93,34 @@ pub(crate) const HEARTBEAT_IDLE: Duration = Duration::from_secs(5);
 /// that hangs (stopped, wedged) while its kernel still answers TCP is
 /// noticed within `HEARTBEAT_IDLE + HEARTBEAT_WAIT`.
 pub(crate) const HEARTBEAT_WAIT: Duration = Duration::from_secs(10);
+
+/// A staged upload's bytes go to its node in NODE_STAGE calls of this
+/// many bytes (read again from the spool file, by sendfile) ...
+const STAGE_CHUNK: u64 = 4 << 20;
+/// ... at most this many unanswered at once: past that, the client's
+/// socket is not read (TCP pushes back on it) until the node catches up.
+const STAGE_IN_FLIGHT: usize = 4;
+
+/// A DEPLOY's upload staged to a node as it arrives (issue 11: the node
+/// receives while the client uploads). Its bytes are checked and spooled
+/// first, as every upload's; the node gets what is spooled.
+#[derive(Debug)]
+pub(crate) struct Upload {
+    stage: StageId,
+    node: NodeId,
+    /// The spool file the upload is written to.
+    path: PathBuf,
+    /// Bytes checked and written to `path`.
+    stored: u64,
+    /// Bytes handed to NODE_STAGE calls.
+    sent: u64,
+    /// NODE_STAGE calls not answered yet.
+    in_flight: usize,
+    /// The stage is void (a NODE_STAGE failed, the link went down, the
+    /// spool file could not be read): nothing more is sent, and at the
+    /// verdict it is dropped; the job runs as any other.
+    dead: bool,
+}
 
 /// How the main server reaches node i.
 #[derive(Debug)]
@@ -224,6 +260,13 @@ pub(crate) struct MainService {
     /// The output pools of this process's forking nodes: their closed
     /// tickets' outputs are reused only once the CLOSE records are synced.
     pub(crate) output_pools: Vec<crate::pool::Shared>,
+    /// Uploads staged to a node, by client connection.
+    pub(crate) uploads: HashMap<usize, Upload>,
+    /// Client connections whose staged upload may go on (the reactor reads
+    /// them again if they were stalled).
+    pub(crate) unstall: Vec<usize>,
+    /// Node calls to carry out now (NODE_STAGE).
+    pub(crate) outs: Vec<Out>,
 }
 
 /// After a syncer dies (or cannot be started), syncs are made on the
@@ -334,6 +377,16 @@ impl MainService {
                 proto::encode_tickets_list(&mut w, &tickets);
                 (proto::NODE_KEEP, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
             }
+            NodeCall::RunStaged { args, stage, length, archive: _ } => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_RUN_STAGED);
+                proto::RunStagedArgs { run: args, stage, length }.encode(&mut w);
+                (proto::NODE_RUN_STAGED, Pending::Run(args.ticket), vec![Piece::Bytes(w.into_bytes())])
+            }
+            NodeCall::Unstage { stage } => {
+                let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_UNSTAGE);
+                w.u32(stage);
+                (proto::NODE_UNSTAGE, Pending::Drop, vec![Piece::Bytes(w.into_bytes())])
+            }
             NodeCall::Wait { ticket } => {
                 // Answered as a NODE_RUN is: how the replica ended.
                 let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_WAIT);
@@ -356,9 +409,11 @@ impl MainService {
     fn unreachable(&mut self, node: NodeId, call: NodeCall) {
         let why = format!("node lost: node {} is unreachable", self.node_names[node]);
         match call {
-            NodeCall::Run { args, .. } => {
+            NodeCall::Run { args, .. } | NodeCall::RunStaged { args, .. } => {
                 self.coord.run_finished(node, args.ticket, RunResult::lost(why), Instant::now())
             }
+            // The node drops a link's stages when the link ends.
+            NodeCall::Unstage { .. } => {}
             NodeCall::Follow { caller, .. } => self.coord.followed(caller, Err(why)),
             NodeCall::Wait { ticket } => self.coord.run_finished(node, ticket, RunResult::lost(why), Instant::now()),
             NodeCall::Keep { .. } => {}
@@ -380,7 +435,7 @@ impl MainService {
         let retries = self.links.iter().enumerate().filter_map(|(i, l)| match l {
             Link::Remote(r) if r.state == LinkState::Down => Some(r.retry_at),
             Link::Remote(r) if !matches!(r.state, LinkState::Ready(_)) => Some(r.setup_by),
-            Link::Remote(r) if self.coord.runs_on(i) || r.probe.is_some() => {
+            Link::Remote(r) if self.coord.runs_on(i) || self.staging_to(i) || r.probe.is_some() => {
                 Some(r.probe.map_or(r.heard + HEARTBEAT_IDLE, |p| p + HEARTBEAT_WAIT))
             }
             _ => None,
@@ -423,7 +478,10 @@ impl MainService {
         for (i, (link, name)) in self.links.iter_mut().zip(&self.node_names).enumerate() {
             let Link::Remote(r) = link else { continue };
             let LinkState::Ready(key) = r.state else { continue };
-            if r.probe.is_none() && !self.coord.runs_on(i) {
+            // A stage waiting on its node counts: a node that hangs is lost
+            // within the heartbeat's bound, and its uploads go on without.
+            let staging = self.uploads.values().any(|u| u.node == i && u.in_flight > 0);
+            if r.probe.is_none() && !self.coord.runs_on(i) && !staging {
                 continue; // nothing to lose there: no heartbeat
             }
             let sending = in_flight(key);
@@ -591,6 +649,11 @@ impl MainService {
         r.retry_at = now + r.backoff;
         let wait = r.backoff;
         r.backoff = (r.backoff * 2).min(BACKOFF_MAX);
+        // Its stages went with the link: those uploads go on without.
+        for (&client, u) in self.uploads.iter_mut().filter(|(_, u)| u.node == node) {
+            u.dead = true;
+            self.unstall.push(client);
+        }
         match was {
             LinkState::Ready(_) => {
                 log::warn!("link to node {name} is down; connecting again in {} ms", wait.as_millis());
@@ -983,6 +1046,120 @@ impl MainService {
             proto::cloud_proc_name(call.proc_num)
         );
         conn.sink = Sink::take(call.xid, what, &self.spool_pool);
+        // Where the job would start now, if on a remote node: the archive
+        // goes on there as it arrives (a staged transfer).
+        if let Sink::File { path, error: None, .. } = &conn.sink {
+            if let Some((stage, node)) = self.coord.stage_for(replicas) {
+                let path = path.clone();
+                let up = Upload { stage, node, path, stored: 0, sent: 0, in_flight: 0, dead: false };
+                self.uploads.insert(key, up);
+            }
+        }
+    }
+
+    /// `n` more bytes of client `key`'s DEPLOY were checked and spooled:
+    /// a staged upload sends what makes a whole NODE_STAGE (into `outs`),
+    /// and stalls the client while its node is too far behind.
+    pub(crate) fn deploy_stored(&mut self, key: usize, conn: &mut Conn, n: usize) {
+        let Some(u) = self.uploads.get_mut(&key) else { return };
+        if matches!(&conn.sink, Sink::File { error: Some(_), .. } | Sink::None) {
+            u.dead = true; // the upload failed: refused at its end
+            return;
+        }
+        u.stored += n as u64;
+        let node = u.node;
+        let Some(link) = self.ready_link(node) else {
+            if let Some(u) = self.uploads.get_mut(&key) {
+                u.dead = true;
+            }
+            return;
+        };
+        for (xid, pending, pieces) in self.stage_calls(key, false) {
+            self.outs.push(Out::Send { key: link, xid, pending, pieces });
+        }
+        conn.stalled = self.uploads.get(&key).is_some_and(|u| !u.dead && u.stored - u.sent >= STAGE_CHUNK);
+    }
+
+    /// Whether an upload waits for node i to take its NODE_STAGE calls.
+    fn staging_to(&self, node: NodeId) -> bool {
+        self.uploads.values().any(|u| u.node == node && u.in_flight > 0)
+    }
+
+    /// The connection of node i's link if it is up.
+    fn ready_link(&self, node: NodeId) -> Option<usize> {
+        match self.links.get(node) {
+            Some(Link::Remote(RemoteLink { state: LinkState::Ready(key), .. })) => Some(*key),
+            _ => None,
+        }
+    }
+
+    /// The NODE_STAGE calls client `key`'s upload may send now: whole
+    /// chunks while fewer than `STAGE_IN_FLIGHT` are unanswered, or with
+    /// `last` (the upload is whole) everything not sent yet.
+    fn stage_calls(&mut self, key: usize, last: bool) -> Vec<(u32, Pending, Vec<Piece>)> {
+        let mut calls = Vec::new();
+        while let Some(u) = self.uploads.get_mut(&key) {
+            let left = u.stored - u.sent;
+            let room = last || u.in_flight < STAGE_IN_FLIGHT;
+            if u.dead || left == 0 || !room || (!last && left < STAGE_CHUNK) {
+                break;
+            }
+            let len = left.min(STAGE_CHUNK);
+            // A descriptor of its own, at the chunk's offset: the bytes go
+            // from the page cache to the link by sendfile.
+            let opened = File::open(&u.path).and_then(|mut f| f.seek(SeekFrom::Start(u.sent)).map(|_| f));
+            let file = match opened {
+                Ok(f) => f,
+                Err(e) => {
+                    log::warn!(
+                        "stage {}: cannot read {} again ({e}); the job is sent whole",
+                        u.stage,
+                        u.path.display()
+                    );
+                    u.dead = true;
+                    break;
+                }
+            };
+            let args = proto::StageArgs { stage: u.stage, offset: u.sent };
+            u.sent += len;
+            u.in_flight += 1;
+            let pending = Pending::Stage { client: key, stage: u.stage };
+            let xid = self.next_xid;
+            self.next_xid = self.next_xid.wrapping_add(1);
+            let mut w = rpc::call(xid, proto::NODE_PROG, proto::NODE_VERS, proto::NODE_STAGE);
+            args.encode(&mut w);
+            calls.push((xid, pending, record::with_opaque(w, Piece::File { file, len })));
+        }
+        calls
+    }
+
+    /// Client `key`'s upload ended without a job (refused, broken, the
+    /// client gone): its stage, if any, is dropped on its node.
+    pub(crate) fn upload_gone(&mut self, key: usize) {
+        if let Some(u) = self.uploads.remove(&key) {
+            log::debug!("stage {}: the upload ended without a job; dropped", u.stage);
+            self.coord.stage_abort(u.stage);
+        }
+    }
+
+    /// A NODE_STAGE reply on node `node`'s link `conn`: the upload's next
+    /// chunks go out on it, and its client may be read again.
+    fn stage_reply(&mut self, node: NodeId, conn: &mut Conn, client: usize, stage: StageId, ok: Result<(), String>) {
+        let Some(u) = self.uploads.get_mut(&client).filter(|u| u.stage == stage && u.node == node) else {
+            return; // its upload is over (or the key is another client's now)
+        };
+        u.in_flight = u.in_flight.saturating_sub(1);
+        if let Err(why) = ok {
+            log::warn!("node {}: stage {stage}: {why}; the job is sent whole", self.node_names[node]);
+            u.dead = true;
+        }
+        for (xid, pending, pieces) in self.stage_calls(client, false) {
+            if let Reader::Replies(r) = &mut conn.reader {
+                r.expect(xid, pending);
+            }
+            conn.outbox.push(pieces);
+        }
+        self.unstall.push(client);
     }
 
     /// A chunk of a DEPLOY's archive, checked before it is spooled. Returns
@@ -998,6 +1175,7 @@ impl MainService {
                 log::info!("connection {key}: deploy refused: {why}");
                 let reply = encode_reply(*xid, Reply::Deploy(Err((CloudStat::BadArchive, why.0))));
                 conn.sink.discard();
+                self.upload_gone(key);
                 conn.outbox.push(reply);
                 conn.close_after_answer();
                 return true;
@@ -1032,6 +1210,7 @@ impl MainService {
                 // the one that ends second gets the first one's reply.
                 if let Some(ticket) = self.coord.retried_deploy(xid, who, Instant::now()) {
                     log::info!("connection {key}: xid {xid:#x} was uploaded twice; answering as the first time");
+                    self.upload_gone(key);
                     give_back(&path, pool.as_ref());
                     return conn.outbox.push(encode_reply(xid, Reply::Deploy(Ok(ticket))));
                 }
@@ -1047,19 +1226,53 @@ impl MainService {
                         (CloudStat::Internal, format!("the server cannot record ticket numbers ({e}); retry later"))
                     }),
                 };
+                conn.stalled = false;
                 match refusal {
                     Some(failure) => {
+                        self.upload_gone(key);
                         give_back(&path, pool.as_ref());
                         conn.outbox.push(encode_reply(xid, Reply::Deploy(Err(failure))));
                     }
                     None => {
                         conn.awaiting += 1;
-                        self.coord.deploy_opts(Caller { conn: key, xid }, who, replicas, flags, path, Instant::now())
+                        let stage = self.finish_stage(key);
+                        let caller = Caller { conn: key, xid };
+                        self.coord.deploy_staged(caller, who, replicas, flags, path, stage, Instant::now())
                     }
                 }
             }
-            Streamed::Run { .. } => {} // a node's, never a main server's
+            Streamed::Run { .. } | Streamed::Stage { .. } => {} // a node's, never a main server's
         }
+    }
+
+    /// Client `key`'s staged upload is whole and checked: the rest of it
+    /// goes to the node (into `outs`, ahead of the coordinator's
+    /// NODE_RUN_STAGED on the same link), and the stage and its length
+    /// are returned for the deploy; a void one is dropped (`None`).
+    fn finish_stage(&mut self, key: usize) -> Option<(StageId, u64)> {
+        let u = self.uploads.get(&key)?;
+        if u.sent == 0 {
+            // Nothing went yet (under a chunk): NODE_RUN takes it whole, as
+            // it would have, in one call rather than two.
+            let stage = u.stage;
+            self.uploads.remove(&key);
+            self.coord.stage_unused(stage);
+            return None;
+        }
+        let link = self.ready_link(u.node).filter(|_| !u.dead && self.coord.stage_live(u.stage));
+        let Some(link) = link else {
+            self.upload_gone(key);
+            return None;
+        };
+        for (xid, pending, pieces) in self.stage_calls(key, true) {
+            self.outs.push(Out::Send { key: link, xid, pending, pieces });
+        }
+        let u = self.uploads.remove(&key)?;
+        if u.dead {
+            self.coord.stage_abort(u.stage);
+            return None;
+        }
+        Some((u.stage, u.stored))
     }
 
     /// Handle what the main server's link to a node read.
@@ -1091,6 +1304,14 @@ impl MainService {
                 call: Pending::Drop | Pending::Hello | Pending::Auth | Pending::Probe | Pending::Heartbeat,
                 ..
             } => {}
+            ReplyEvent::Reply { call: Pending::Stage { client, stage }, results } => {
+                let ok = results.and_then(|b| match XdrReader::new(&b).u32() {
+                    Ok(0) => Ok(()),
+                    Ok(stat) => Err(format!("the node could not take it (cloud_stat {stat})")),
+                    Err(e) => Err(e.to_string()),
+                });
+                self.stage_reply(node, conn, client, stage, ok);
+            }
             ReplyEvent::Reply { call: Pending::Follow { caller }, results } => {
                 let result = results
                     .and_then(|b| proto::decode_follow(&mut XdrReader::new(&b)).map_err(|e| e.to_string()))

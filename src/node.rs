@@ -296,7 +296,13 @@ impl Node {
     }
 
     fn archive_path(&self, ticket: u32) -> PathBuf {
-        self.archives.as_ref().map_or(&self.cfg.dir, |(dir, _)| dir).join(format!("{ticket}.tar.gz"))
+        self.archive_dir().join(format!("{ticket}.tar.gz"))
+    }
+
+    /// Where received archives (and stages) live: the node's own tmpfs if
+    /// it has one, else its folder.
+    pub(crate) fn archive_dir(&self) -> &Path {
+        self.archives.as_ref().map_or(&self.cfg.dir, |(dir, _)| dir)
     }
 
     /// The pool a NODE_RUN's archive is taken from (and goes back to).
@@ -326,6 +332,17 @@ impl Node {
         }
         let file = pool.take_as(&path)?;
         Ok((file, path))
+    }
+
+    /// A stage (a file of the pool its main server filled with NODE_STAGE)
+    /// becomes the ticket's archive, as NODE_RUN's would be: renamed, no
+    /// copy. A stale archive of the ticket goes back to the pool first.
+    pub fn adopt_stage(&self, ticket: u32, stage: &Path) -> io::Result<()> {
+        let path = self.archive_path(ticket);
+        if path.symlink_metadata().is_ok() {
+            self.archive_pool().borrow_mut().give(&path);
+        }
+        fs::rename(stage, &path)
     }
 
     /// An uncontained replica's workspace folder on the host, made afresh.

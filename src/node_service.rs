@@ -22,6 +22,11 @@
 //! A replica whose link goes away keeps running (a main server that comes
 //! back asks for it with NODE_WAIT; one that does not want it any more
 //! sends NODE_DROP); its reply is never sent on a newer connection.
+//! Stages ([`Stage`], docs/PROTOCOL.md "Staged transfers"): NODE_STAGE's
+//! bytes in a file of the node folder's pool, per link connection, until
+//! NODE_RUN_STAGED runs the replica from it (renamed to the ticket's
+//! archive) or NODE_UNSTAGE, the link's end, a newer link's NODE_KEEP or
+//! `STAGE_ABANDONED` drops it.
 //! Slurm nodes (`slurm:PARTITION` lines of the main server, `add_slurm`)
 //! sit next to the forking ones as [`LocalNode::Slurm`]: the same direct
 //! calls and [`NodeEvent`]s; the pipes of their Slurm commands are handed
@@ -70,6 +75,32 @@ const LOCAL: usize = usize::MAX;
 /// service's client on connection `c`: key `LOCAL_CALLERS + c` (no slab key
 /// is that large), the answer an event.
 const LOCAL_CALLERS: usize = usize::MAX / 4;
+
+/// A stage no NODE_STAGE has added to for this long is dropped: its main
+/// server forgot it (it drops its stages itself when an upload ends, and
+/// they all go when its link does).
+const STAGE_ABANDONED: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Most stages one link may hold at once (its main server opens one per
+/// upload its node has a free slot for).
+const MAX_STAGES: usize = 64;
+
+/// Part of an archive its main server sends while the client still
+/// uploads it (NODE_STAGE), in a file of the node's archive pool
+/// (`stage-<n>` where its archives live: its own tmpfs when it has one,
+/// else its folder), until NODE_RUN_STAGED takes it or NODE_UNSTAGE, the end
+/// of its link, NODE_KEEP on a newer link or `STAGE_ABANDONED` drops it.
+#[derive(Debug)]
+pub(crate) struct Stage {
+    node: NodeId,
+    path: PathBuf,
+    file: fs::File,
+    /// Bytes stored: the next NODE_STAGE continues here.
+    len: u64,
+    /// Why the stage cannot be run (a write failed, bytes out of order).
+    failed: Option<String>,
+    touched: Instant,
+}
 
 /// What an in-process node answers the main service: the events a link's
 /// NODE_RUN and NODE_FETCH replies would make.
@@ -214,6 +245,12 @@ pub(crate) struct NodeService {
     /// its NODE_RUN reply may not have reached a main server that died or
     /// restarted, which asks again with NODE_WAIT.
     pub(crate) ended: HashMap<(NodeId, u32), RunResult>,
+    /// Stages by (link connection, stage id): a stage is its link's alone.
+    stages: HashMap<(usize, u32), Stage>,
+    /// The number in the next stage file's name.
+    next_stage_file: u64,
+    /// Most bytes a stage may hold (`--max-archive`).
+    pub(crate) max_stage: u64,
 }
 
 impl NodeService {
@@ -231,6 +268,9 @@ impl NodeService {
             slurm_names: Vec::new(),
             follow_replies: Vec::new(),
             ended: HashMap::new(),
+            stages: HashMap::new(),
+            next_stage_file: 1,
+            max_stage: u64::from(u32::MAX),
         }
     }
 
@@ -338,7 +378,9 @@ impl NodeService {
                 Err(e) => log::warn!("cannot fork to remove {}: {e}", trash.display()),
             }
         }
-        Ok(NodeService::with_nodes(nodes, cgroup_summary))
+        let mut service = NodeService::with_nodes(nodes, cgroup_summary);
+        service.max_stage = cfg.max_archive;
+        Ok(service)
     }
 
     /// A `cloud-server node`: the archives its main server sends are kept
@@ -466,6 +508,17 @@ impl NodeService {
         if let (proto::NODE_WAIT, Ok(ticket)) = (call.proc_num, XdrReader::new(&call.args).u32()) {
             return self.wait(i, (key, xid), ticket).map(|result| vec![Piece::Bytes(run_reply(xid, &result))]);
         }
+        if call.proc_num == proto::NODE_UNSTAGE {
+            let mut w = rpc::accepted(xid, AcceptStat::Success);
+            let Ok(stage) = XdrReader::new(&call.args).u32() else { return Some(vec![Piece::Bytes(garbage(xid))]) };
+            self.drop_stages(|&(k, s), st| k == key && s == stage && st.node == i, "its main server dropped it");
+            w.u32(CloudStat::Ok as u32);
+            return Some(vec![Piece::Bytes(w.into_bytes())]);
+        }
+        if call.proc_num == proto::NODE_KEEP {
+            // A main server that comes up again wants no stage of an older link.
+            self.drop_stages(|&(k, _), st| k != key && st.node == i, "a newer link of its main server is up");
+        }
         Some(self.serve_now(i, call))
     }
 
@@ -531,6 +584,143 @@ impl NodeService {
                 vec![Piece::Bytes(w.into_bytes())]
             }
             _ => vec![Piece::Bytes(garbage(xid))],
+        }
+    }
+
+    /// Where a NODE_STAGE's bytes stream to (stage `stage` of the link on
+    /// connection `key`, made at offset 0), or the GARBAGE_ARGS reply. Bytes
+    /// the node cannot take (no such stage, out of order, over
+    /// `--max-archive`, a failed stage) are swallowed; the reply says so.
+    pub(crate) fn stage_sink(&mut self, i: NodeId, key: usize, call: &Call, len: u32) -> Result<Sink, Vec<u8>> {
+        let args = proto::StageArgs::decode(&mut XdrReader::new(&call.args)).map_err(|_| garbage(call.xid))?;
+        let what = Streamed::Stage { args, len: u64::from(len) };
+        let id = (key, args.stage);
+        let LocalNode::Fork(node) = &self.nodes[i] else {
+            return Ok(Sink::failed(call.xid, what, "a Slurm node takes no stages".into()));
+        };
+        let now = Instant::now();
+        if args.offset == 0 && !self.stages.contains_key(&id) {
+            if self.stages.keys().filter(|(k, _)| *k == key).count() >= MAX_STAGES {
+                return Ok(Sink::failed(call.xid, what, format!("more than {MAX_STAGES} stages on one link")));
+            }
+            // Where the ticket's archive will be (a node's own tmpfs, if
+            // it has one), so that NODE_RUN_STAGED renames it there.
+            let path = node.archive_dir().join(format!("stage-{}", self.next_stage_file));
+            self.next_stage_file += 1;
+            let taken = node.archive_pool().borrow_mut().take_as(&path);
+            match taken {
+                Ok(file) => {
+                    log::debug!("{}: stage {} of connection {key} begins", node.name(), args.stage);
+                    let stage = Stage { node: i, path, file, len: 0, failed: None, touched: now };
+                    self.stages.insert(id, stage);
+                }
+                Err(e) => {
+                    log::warn!("{}: cannot store a stage: {e}", node.name());
+                    return Ok(Sink::failed(call.xid, what, format!("the node cannot store the archive: {e}")));
+                }
+            }
+        }
+        let Some(st) = self.stages.get_mut(&id).filter(|st| st.node == i) else {
+            return Ok(Sink::failed(call.xid, what, format!("no stage {} on this link", args.stage)));
+        };
+        st.touched = now;
+        let end = args.offset.saturating_add(u64::from(len));
+        let why = if let Some(why) = &st.failed {
+            why.clone()
+        } else if args.offset != st.len {
+            format!("bytes at {} where the stage holds {}", args.offset, st.len)
+        } else if end > self.max_stage {
+            format!("the archive is over --max-archive ({} bytes)", self.max_stage)
+        } else {
+            match st.file.try_clone() {
+                // The stage's own file: an empty path, nothing the sink may remove.
+                Ok(file) => {
+                    return Ok(Sink::File {
+                        xid: call.xid,
+                        what,
+                        file: Some(file),
+                        path: PathBuf::new(),
+                        error: None,
+                        pool: None,
+                    })
+                }
+                Err(e) => format!("the node cannot store the archive: {e}"),
+            }
+        };
+        st.failed.get_or_insert_with(|| why.clone());
+        Ok(Sink::failed(call.xid, what, why))
+    }
+
+    /// A NODE_STAGE's bytes have arrived (or failed to, `error`): its reply.
+    pub(crate) fn stage_received(
+        &mut self,
+        key: usize,
+        xid: u32,
+        args: proto::StageArgs,
+        len: u64,
+        error: Option<String>,
+    ) -> Vec<u8> {
+        let mut w = rpc::accepted(xid, AcceptStat::Success);
+        let stat = match (self.stages.get_mut(&(key, args.stage)), error) {
+            (Some(st), None) => {
+                st.len += len;
+                CloudStat::Ok
+            }
+            (Some(st), Some(why)) => {
+                log::warn!("stage {} of connection {key}: {why}", args.stage);
+                st.failed.get_or_insert(why);
+                CloudStat::Internal
+            }
+            (None, _) => CloudStat::NoSuchTicket,
+        };
+        w.u32(stat as u32);
+        w.into_bytes()
+    }
+
+    /// NODE_RUN_STAGED on the link of connection `key`: node i runs the
+    /// replica from the stage, which becomes the ticket's archive. The
+    /// ticket and its output pipe to watch, or the reply to send now (a
+    /// stage missing, failed or not whole: INVALID, as NODE_RUN would be).
+    pub(crate) fn run_staged(&mut self, i: NodeId, key: usize, call: &Call) -> Result<(u32, RawFd), Vec<u8>> {
+        let xid = call.xid;
+        let a = proto::RunStagedArgs::decode(&mut XdrReader::new(&call.args)).map_err(|_| garbage(xid))?;
+        let name = self.nodes[i].name();
+        let stage = self.stages.remove(&(key, a.stage));
+        let invalid = |msg: String| Err(run_reply(xid, &RunResult::invalid(msg)));
+        let LocalNode::Fork(node) = &mut self.nodes[i] else {
+            return invalid(format!("{name} takes calls only from its own main server"));
+        };
+        let Some(st) = stage.filter(|st| st.node == i) else {
+            return invalid(format!("{name} has no staged archive {} on this link", a.stage));
+        };
+        let Stage { path, file, len, failed, .. } = st;
+        drop(file);
+        let why = match failed {
+            Some(why) => Some(why),
+            None if len != a.length => Some(format!("the staged archive holds {len} of its {} bytes", a.length)),
+            None => {
+                node.adopt_stage(a.run.ticket, &path).err().map(|e| format!("the node cannot store the archive: {e}"))
+            }
+        };
+        if let Some(why) = why {
+            node.archive_pool().borrow_mut().give(&path);
+            return invalid(why);
+        }
+        node.start(a.run, None, (key, xid), Instant::now()).map(|fd| (a.run.ticket, fd)).map_err(|r| run_reply(xid, &r))
+    }
+
+    /// Drop the stages `which` picks: their files go back to their pools
+    /// (a large one removed by a child).
+    fn drop_stages(&mut self, which: impl Fn(&(usize, u32), &Stage) -> bool, why: &str) {
+        let gone: Vec<(usize, u32)> = self.stages.iter().filter(|(id, st)| which(id, st)).map(|(id, _)| *id).collect();
+        for id in gone {
+            let Some(st) = self.stages.remove(&id) else { continue };
+            let Stage { node, path, file, len, .. } = st;
+            drop(file);
+            log::debug!("stage {} of connection {}: dropped ({why}), {len} bytes", id.1, id.0);
+            if let Some(LocalNode::Fork(n)) = self.nodes.get(node) {
+                n.archive_pool().borrow_mut().give(&path);
+            }
         }
     }
 
@@ -637,6 +827,8 @@ impl NodeService {
     /// end with NODE_WAIT, or drops them); their NODE_RUN replies are kept
     /// (`ended`), never sent on a newer connection that reuses the key.
     pub(crate) fn link_closed(&mut self, key: usize) {
+        // Its stages are its own: gone with it.
+        self.drop_stages(|&(k, _), _| k == key, "its link is gone");
         for (i, node) in self.nodes.iter_mut().enumerate() {
             let LocalNode::Fork(node) = node else { continue }; // direct calls only
             for (ticket, reply_to) in node.running() {
@@ -770,12 +962,14 @@ impl NodeService {
         Some((key, reply))
     }
 
-    /// The earliest time limit or cgroup retry.
+    /// The earliest time limit or cgroup retry (or abandoned stage).
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.nodes.iter().filter_map(|n| n.deadline()).min()
+        let stages = self.stages.values().map(|st| st.touched + STAGE_ABANDONED);
+        self.nodes.iter().filter_map(|n| n.deadline()).chain(stages).min()
     }
 
     pub(crate) fn on_timer(&mut self, now: Instant) {
+        self.drop_stages(|_, st| st.touched + STAGE_ABANDONED <= now, "abandoned");
         for i in 0..self.nodes.len() {
             if self.nodes[i].deadline().is_none_or(|d| d > now) {
                 continue;

@@ -58,11 +58,21 @@ pub const NODE_FOLLOW: u32 = 8;
 pub const NODE_KEEP: u32 = 9;
 /// Most tickets one NODE_KEEP may list.
 pub const MAX_KEEP: usize = 1 << 16;
+/// A staged transfer (issue 11): part of a DEPLOY's archive, checked so
+/// far, sent to the node the job would go to while the client is still
+/// uploading it: `stage_args` (stage, offset, bytes streamed), `cloud_stat`.
+pub const NODE_STAGE: u32 = 10;
+/// NODE_RUN whose archive is a whole stage of this link (`run_staged_args`),
+/// answered as NODE_RUN.
+pub const NODE_RUN_STAGED: u32 = 11;
+/// Drop a stage of this link (the archive was refused, or the job went
+/// elsewhere): `unsigned int` stage, `cloud_stat`.
+pub const NODE_UNSTAGE: u32 = 12;
 
 /// Procedures 5 to 9 (other branches' CLUSTER, CANCEL, ...) are answered
 /// PROC_UNAVAIL by the server until they exist.
 pub const CLOUD_PROGRAM: Program = Program { prog: CLOUD_PROG, vers: CLOUD_VERS, max_proc: DEPLOY_OPTS };
-pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_KEEP };
+pub const NODE_PROGRAM: Program = Program { prog: NODE_PROG, vers: NODE_VERS, max_proc: NODE_UNSTAGE };
 
 /// Longest string we accept in a message or node name.
 pub const MAX_STRING: usize = 4096;
@@ -73,6 +83,7 @@ pub fn call_stream_at(prog: u32, vers: u32, proc_num: u32) -> Option<usize> {
         (CLOUD_PROG, CLOUD_VERS, DEPLOY) => Some(4),      // replicas, archive
         (CLOUD_PROG, CLOUD_VERS, DEPLOY_OPTS) => Some(8), // replicas, flags, archive
         (NODE_PROG, NODE_VERS, NODE_RUN) => Some(12),     // ticket, replica, replicas, archive
+        (NODE_PROG, NODE_VERS, NODE_STAGE) => Some(12),   // stage, offset (hyper), data
         _ => None,
     }
 }
@@ -566,6 +577,52 @@ impl RunArgs {
 
     pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
         Ok(RunArgs { ticket: r.u32()?, replica: r.u32()?, replicas: r.u32()? })
+    }
+}
+
+/// The fixed arguments of NODE_STAGE that precede its bytes: which stage
+/// of the link, and where in the archive the bytes go (each call continues
+/// where the last one ended; offset 0 begins the stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageArgs {
+    pub stage: u32,
+    pub offset: u64,
+}
+
+impl StageArgs {
+    pub fn encode(&self, w: &mut XdrWriter) {
+        w.u32(self.stage).u32((self.offset >> 32) as u32).u32(self.offset as u32);
+    }
+
+    pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
+        let stage = r.u32()?;
+        let offset = (u64::from(r.u32()?) << 32) | u64::from(r.u32()?);
+        Ok(StageArgs { stage, offset })
+    }
+}
+
+/// `struct run_staged_args` of NODE_RUN_STAGED: NODE_RUN's arguments, the
+/// stage holding the archive and the archive's whole length (a stage of
+/// another length is not run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunStagedArgs {
+    pub run: RunArgs,
+    pub stage: u32,
+    pub length: u64,
+}
+
+impl RunStagedArgs {
+    pub fn encode(&self, w: &mut XdrWriter) {
+        self.run.encode(w);
+        w.u32(self.stage).u32((self.length >> 32) as u32).u32(self.length as u32);
+    }
+
+    pub fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
+        let run = RunArgs::decode(r)?;
+        let stage = r.u32()?;
+        let length = (u64::from(r.u32()?) << 32) | u64::from(r.u32()?);
+        r.finish()?;
+        Ok(RunStagedArgs { run, stage, length })
     }
 }
 

@@ -90,7 +90,7 @@ const READ_BUDGET: usize = 4;
 /// Bytes a DEPLOY's archive check may inflate per read before that read
 /// uses up the connection's budget for the turn (a highly compressed upload).
 const INFLATE_PER_READ: u64 = 4 << 20;
-/// A NODE_RUN archive arriving on a node's link is spliced from the socket
+/// A NODE_RUN or NODE_STAGE archive arriving on a node's link is spliced from the socket
 /// into its file through a pipe of this size (`Sink::splice_from`): up to
 /// this much per read of the budget.
 const SPLICE_PIPE: usize = 1 << 20;
@@ -334,6 +334,8 @@ impl Server {
         for (i, link) in links.iter().enumerate() {
             if matches!(link, Link::Remote(_)) {
                 coord.node_not_up_yet(i);
+                // Uploads go on to it as they arrive (staged transfers).
+                coord.set_stageable(i, true);
             }
         }
         if links.iter().any(|l| matches!(l, Link::Remote(_))) {
@@ -371,6 +373,9 @@ impl Server {
             held_in_flight: Vec::new(),
             sync_report: None,
             output_pools: nodes.output_pools(),
+            uploads: std::collections::HashMap::new(),
+            unstall: Vec::new(),
+            outs: Vec::new(),
         };
         // After the remote nodes are marked not up yet: replicas restored as
         // running on them stay so until their links come up (NODE_WAIT).
@@ -631,7 +636,7 @@ impl Server {
     /// close dead connections until quiet.
     fn settle(&mut self) {
         loop {
-            let mut busy = false;
+            let mut busy = self.main_outs();
             while let Some(action) = self.main.as_mut().and_then(|m| m.coord.poll_action()) {
                 busy = true;
                 if let Some(out) = self.main.as_mut().and_then(|m| m.perform(action)) {
@@ -1128,6 +1133,14 @@ impl Server {
                             }
                             return true;
                         }
+                        if call.proc_num == crate::proto::NODE_RUN_STAGED {
+                            // Deferred as NODE_RUN: answered when the replica ends.
+                            match self.nodes.run_staged(i, key, &call) {
+                                Ok((ticket, fd)) => self.watch_child(i, ticket, fd),
+                                Err(reply) => conn.outbox.push_bytes(reply),
+                            }
+                            return true;
+                        }
                         if call.proc_num == crate::proto::NODE_FOLLOW {
                             // Parked at the node until its replica writes more.
                             if let Some(reply) = self.nodes.serve_follow(i, key, &call) {
@@ -1154,9 +1167,15 @@ impl Server {
             }
             CallEvent::StreamData(data) => {
                 if self.main.as_mut().is_some_and(|m| m.deploy_data(key, conn, data)) {
+                    self.main_outs();
                     return true;
                 }
                 conn.sink.write(data);
+                if let Some(main) = &mut self.main {
+                    // A staged upload goes on to its node as it is spooled.
+                    main.deploy_stored(key, conn, data.len());
+                    self.main_outs();
+                }
                 false
             }
             CallEvent::StreamEnd => {
@@ -1202,6 +1221,12 @@ impl Server {
             return;
         }
         match conn.role {
+            Role::NodeInbound(i) if call.proc_num == crate::proto::NODE_STAGE => {
+                match self.nodes.stage_sink(i, key, &call, len) {
+                    Ok(sink) => conn.sink = sink,
+                    Err(reply) => conn.outbox.push_bytes(reply),
+                }
+            }
             Role::NodeInbound(i) => match self.nodes.run_sink(i, &call) {
                 Ok(sink) => {
                     log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", call.xid);
@@ -1221,15 +1246,19 @@ impl Server {
         let Role::NodeInbound(i) = conn.role else {
             if let Some(main) = &mut self.main {
                 main.stream_end(key, conn);
+                // The rest of a staged upload, before its NODE_RUN_STAGED.
+                self.main_outs();
             }
             return;
         };
-        let Sink::File { xid, what: Streamed::Run { args }, file, error, .. } =
-            std::mem::replace(&mut conn.sink, Sink::None)
-        else {
-            return;
+        let (xid, args, error) = match std::mem::replace(&mut conn.sink, Sink::None) {
+            Sink::File { xid, what: Streamed::Run { args }, error, .. } => (xid, args, error),
+            Sink::File { xid, what: Streamed::Stage { args, len }, error, .. } => {
+                let reply = self.nodes.stage_received(key, xid, args, len, error);
+                return conn.outbox.push_bytes(reply);
+            }
+            _ => return,
         };
-        drop(file);
         let ticket = args.ticket;
         match self.nodes.run_received(i, (key, xid), args, error) {
             Ok(fd) => self.watch_child(i, ticket, fd),
@@ -1250,7 +1279,9 @@ impl Server {
                 self.send(key, pieces);
             }
             Out::Local { local: node, call } => match call {
-                NodeCall::Run { args, archive } => {
+                // Nodes of this process are never staged to (they read the
+                // spooled archive in place).
+                NodeCall::Run { args, archive } | NodeCall::RunStaged { args, archive, .. } => {
                     let ticket = args.ticket;
                     if let Some(fd) = self.nodes.run_local(node, args, &archive) {
                         self.watch_child(node, ticket, fd);
@@ -1262,9 +1293,28 @@ impl Server {
                 NodeCall::Follow { ticket, offset, caller } => self.nodes.follow_local(node, ticket, offset, caller),
                 NodeCall::Wait { ticket } => self.nodes.wait_local(node, ticket),
                 // Local nodes have no link to come up.
-                NodeCall::Keep { .. } => {}
+                NodeCall::Keep { .. } | NodeCall::Unstage { .. } => {}
             },
         }
+    }
+
+    /// The main service's node calls to make now (NODE_STAGE), and its
+    /// stalled uploads that may go on. Returns whether there were any.
+    fn main_outs(&mut self) -> bool {
+        let Some(main) = &mut self.main else { return false };
+        let (outs, unstall) = (std::mem::take(&mut main.outs), std::mem::take(&mut main.unstall));
+        let any = !outs.is_empty() || !unstall.is_empty();
+        for out in outs {
+            self.carry_out(out);
+        }
+        for key in unstall {
+            if let Some(Source::Conn(c)) = self.slab.get_mut(key) {
+                if std::mem::take(&mut c.stalled) {
+                    self.again(key);
+                }
+            }
+        }
+        any
     }
 
     /// Register the pipes of Slurm commands started since the last call.
@@ -1401,6 +1451,8 @@ impl Server {
             Role::Client => {
                 if let Some(main) = &mut self.main {
                     main.coord.conn_closed(key);
+                    // An upload cut short: its stage is dropped on its node.
+                    main.upload_gone(key);
                 }
             }
             Role::NodeLink { node, .. } => {

@@ -7,6 +7,9 @@
 //! order, each replica's state, fail-fast stops and requeues of replicas
 //! lost with their node, and ticket numbers (from a starting point the
 //! caller persists, see `tickets`). Plain data, no I/O, no clock.
+//! Also where a job would start if submitted now (`would_place`, for
+//! staged transfers), and a preferred node for one job's first replica
+//! (`start_ready_preferring`: the node that holds its archive already).
 //! Must not touch: sockets, files, processes. Callers turn its answers
 //! (`Start`s, replicas to stop) into messages.
 //!
@@ -266,29 +269,63 @@ impl Scheduler {
     /// each on the up node with the most free slots, ties to the first at
     /// or after the cursor. `None` if they do not all fit now.
     fn elect(&mut self, count: usize, taken: &[NodeId]) -> Option<Vec<NodeId>> {
+        let (chosen, cursor) = self.choose(count, taken, self.cursor, &|i| self.free_slots(i))?;
+        self.cursor = cursor;
+        Some(chosen)
+    }
+
+    /// `elect` from `cursor` with `free` slots per node, changing nothing:
+    /// the nodes chosen and where the cursor would be after.
+    fn choose(
+        &self,
+        count: usize,
+        taken: &[NodeId],
+        mut cursor: usize,
+        free: &dyn Fn(NodeId) -> u32,
+    ) -> Option<(Vec<NodeId>, usize)> {
         let n = self.node_count();
-        let eligible = (0..n).filter(|&i| !taken.contains(&i) && self.free_slots(i) > 0).count();
+        let eligible = (0..n).filter(|&i| !taken.contains(&i) && free(i) > 0).count();
         if eligible < count || n == 0 {
             return None;
         }
         let mut chosen: Vec<NodeId> = Vec::with_capacity(count);
         for _ in 0..count {
             let best = (0..n)
-                .map(|k| (self.cursor + k) % n)
-                .filter(|i| !taken.contains(i) && !chosen.contains(i) && self.free_slots(*i) > 0)
+                .map(|k| (cursor + k) % n)
+                .filter(|i| !taken.contains(i) && !chosen.contains(i) && free(*i) > 0)
                 .fold(None, |best: Option<NodeId>, i| match best {
-                    Some(b) if self.free_slots(b) >= self.free_slots(i) => Some(b),
+                    Some(b) if free(b) >= free(i) => Some(b),
                     _ => Some(i),
                 })?;
             chosen.push(best);
-            self.cursor = (best + 1) % n;
+            cursor = (best + 1) % n;
         }
-        Some(chosen)
+        Some((chosen, cursor))
+    }
+
+    /// Where a job of `replicas` replicas submitted now would start at
+    /// once, with `reserved(i)` of node i's free slots counted as taken
+    /// (promised to other jobs still uploading); `None` if it would wait
+    /// (other jobs wait, or the replicas do not all fit). Changes nothing.
+    pub fn would_place(&self, replicas: u32, reserved: &dyn Fn(NodeId) -> u32) -> Option<Vec<NodeId>> {
+        if !self.waiting.is_empty() || replicas == 0 {
+            return None;
+        }
+        let free = |i: NodeId| self.free_slots(i).saturating_sub(reserved(i));
+        self.choose(replicas as usize, &[], self.cursor, &free).map(|(chosen, _)| chosen)
     }
 
     /// Start the waiting replicas of every job at the head of the queue
     /// that fits in the free slots.
     pub fn start_ready(&mut self) -> Vec<Start> {
+        self.start_ready_preferring(None)
+    }
+
+    /// `start_ready`, where job `prefer.0`'s first waiting replica goes to
+    /// node `prefer.1` if that node may take it (up, a free slot, none of
+    /// the job's replicas there): it holds that job's archive already (a
+    /// staged transfer). Its other replicas are elected as usual.
+    pub fn start_ready_preferring(&mut self, prefer: Option<(Ticket, NodeId)>) -> Vec<Start> {
         let mut started = Vec::new();
         while let Some(&ticket) = self.waiting.front() {
             let Some(job) = self.jobs.get(&ticket) else {
@@ -298,10 +335,16 @@ impl Scheduler {
             let want: Vec<u32> = (0..job.replicas.len() as u32)
                 .filter(|&i| job.replicas[i as usize].state == JobState::Waiting)
                 .collect();
-            let taken: Vec<NodeId> = job.replicas.iter().filter_map(|r| r.node).collect();
-            let Some(nodes) = self.elect(want.len(), &taken) else {
+            let mut taken: Vec<NodeId> = job.replicas.iter().filter_map(|r| r.node).collect();
+            let first = prefer
+                .filter(|&(t, node)| t == ticket && !want.is_empty() && !taken.contains(&node))
+                .map(|(_, node)| node)
+                .filter(|&node| self.free_slots(node) > 0);
+            taken.extend(first);
+            let Some(rest) = self.elect(want.len() - usize::from(first.is_some()), &taken) else {
                 break;
             };
+            let nodes: Vec<NodeId> = first.into_iter().chain(rest).collect();
             self.waiting.pop_front();
             let Some(job) = self.jobs.get_mut(&ticket) else { continue };
             let mut placed = Vec::with_capacity(want.len());
@@ -602,6 +645,33 @@ mod tests {
     /// A job's replicas and their nodes as `start_ready` placed them.
     fn full(ticket: Ticket, nodes: &[NodeId]) -> Start {
         Start { ticket, placed: nodes.iter().enumerate().map(|(i, &n)| (i as u32, n)).collect() }
+    }
+
+    #[test]
+    fn would_place_says_where_a_job_would_start_now_and_a_preferred_node_is_taken_if_it_may() {
+        let mut s = Scheduler::new(&[1, 1, 1], 10);
+        let none = |_: NodeId| 0;
+        // As `start_ready` would elect, and nothing changes.
+        assert_eq!(s.would_place(2, &none), Some(vec![0, 1]));
+        assert_eq!(s.would_place(2, &none), Some(vec![0, 1]));
+        // Slots promised elsewhere count as taken.
+        assert_eq!(s.would_place(2, &|i| u32::from(i == 0)), Some(vec![1, 2]));
+        assert_eq!(s.would_place(3, &|i| u32::from(i == 0)), None);
+        assert_eq!(s.would_place(4, &none), None);
+        // Placed preferring node 2 for its first replica; the rest as usual.
+        let a = s.submit(2).unwrap();
+        assert_eq!(s.start_ready_preferring(Some((a, 2))), vec![full(a, &[2, 0])]);
+        s.check_invariants();
+        // A preference for a node that cannot take it is ignored.
+        let b = s.submit(1).unwrap();
+        assert_eq!(s.start_ready_preferring(Some((b, 2))), vec![full(b, &[1])]);
+        // A job waits: nothing would start at once.
+        let c = s.submit(1).unwrap();
+        assert!(s.start_ready().is_empty());
+        assert_eq!(s.would_place(1, &none), None);
+        s.replica_finished(2, a, &ok());
+        assert_eq!(s.start_ready_preferring(Some((a, 2))), vec![full(c, &[2])]);
+        s.check_invariants();
     }
 
     #[test]
