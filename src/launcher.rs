@@ -78,37 +78,55 @@ pub struct Launched {
 /// The largest request (a workspace path and a few environment strings).
 const MAX_REQUEST: usize = 64 * 1024;
 
+/// Fork a helper process of the server (a slot's launcher, the journal's
+/// syncer) joined to it by a SOCK_SEQPACKET socketpair: the child runs
+/// `child` with its end and the server's pid, which never returns (its
+/// main ends in _exit; `Infallible` says so on stable Rust); the
+/// server gets the child's pid and its own end, non-blocking. `what`
+/// names the helper in errors ("a launcher").
+pub(crate) fn fork_helper(
+    what: &str,
+    child: impl FnOnce(OwnedFd, Pid) -> std::convert::Infallible,
+) -> Result<(Pid, OwnedFd), String> {
+    let (ours, theirs) = socket::socketpair(
+        socket::AddressFamily::Unix,
+        socket::SockType::SeqPacket,
+        None,
+        socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| format!("cannot make {what}'s socket: {e}"))?;
+    let server = nix::unistd::getpid();
+    // SAFETY: the server is single-threaded; the child never returns into
+    // it (`child` diverges: each helper's main ends in _exit).
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(format!("cannot fork {what}: {e}")),
+        Ok(ForkResult::Child) => {
+            drop(ours);
+            // `child` never returns: nothing after its call is reachable.
+            #[allow(unreachable_code)]
+            match child(theirs, server) {}
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(theirs);
+            fcntl(ours.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                .map_err(|e| format!("cannot set up {what}'s socket: {e}"))?;
+            Ok((child, ours))
+        }
+    }
+}
+
 /// The launcher's name in `ps` (and `/proc/PID/comm`).
 pub const NAME: &str = "cloud-launcher";
 
 impl Launcher {
     /// Fork the launcher of one slot. The error says why not.
     pub fn start(setup: &Setup) -> Result<Launcher, String> {
-        let (ours, theirs) = socket::socketpair(
-            socket::AddressFamily::Unix,
-            socket::SockType::SeqPacket,
-            None,
-            socket::SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| format!("cannot make a launcher's socket: {e}"))?;
-        let server = nix::unistd::getpid();
-        // SAFETY: the server is single-threaded; the child never returns
-        // into it (launcher_main ends in _exit).
-        match unsafe { nix::unistd::fork() } {
-            Err(e) => Err(format!("cannot fork a launcher: {e}")),
-            Ok(ForkResult::Child) => {
-                drop(ours);
-                // Start again small; where that fails, carry on in the fork.
-                reexec(setup, &theirs, server);
-                launcher_main(setup, theirs, server)
-            }
-            Ok(ForkResult::Parent { child }) => {
-                drop(theirs);
-                fcntl(ours.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
-                    .map_err(|e| format!("cannot set up a launcher's socket: {e}"))?;
-                Ok(Launcher { pid: child, sock: ours })
-            }
-        }
+        let (pid, sock) = fork_helper("a launcher", |theirs, server| {
+            // Start again small; where that fails, carry on in the fork.
+            reexec(setup, &theirs, server);
+            launcher_main(setup, theirs, server)
+        })?;
+        Ok(Launcher { pid, sock })
     }
 
     pub fn pid(&self) -> Pid {

@@ -18,12 +18,11 @@
 //! Must not touch: the journal's contents, the reactor, replies.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
-use nix::unistd::{ForkResult, Pid};
+use nix::unistd::Pid;
 
 /// The syncer's name in `ps` (and `/proc/PID/comm`).
 pub const NAME: &str = "cloud-syncer";
@@ -49,29 +48,8 @@ pub enum Report {
 impl Syncer {
     /// Fork the syncer. The error says why not.
     pub fn start() -> Result<Syncer, String> {
-        let (ours, theirs) = socket::socketpair(
-            socket::AddressFamily::Unix,
-            socket::SockType::SeqPacket,
-            None,
-            socket::SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| format!("cannot make the journal syncer's socket: {e}"))?;
-        let server = nix::unistd::getpid();
-        // SAFETY: the server is single-threaded; the child never returns
-        // into it (syncer_main ends in _exit).
-        match unsafe { nix::unistd::fork() } {
-            Err(e) => Err(format!("cannot fork the journal syncer: {e}")),
-            Ok(ForkResult::Child) => {
-                drop(ours);
-                syncer_main(theirs, server)
-            }
-            Ok(ForkResult::Parent { child }) => {
-                drop(theirs);
-                fcntl(ours.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
-                    .map_err(|e| format!("cannot set up the journal syncer's socket: {e}"))?;
-                Ok(Syncer { pid: child, sock: ours })
-            }
-        }
+        let (pid, sock) = crate::launcher::fork_helper("the journal syncer", |sock, server| syncer_main(sock, server))?;
+        Ok(Syncer { pid, sock })
     }
 
     pub fn pid(&self) -> Pid {
