@@ -5,92 +5,12 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::node_proc::NodeProc;
 use common::*;
-
-/// A `cloud-server node` process; stopped (SIGTERM) when dropped.
-struct NodeProc {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl NodeProc {
-    /// Start a node on `ip` (a free port, or `port`), work dir `work`;
-    /// returns once its ready line is out.
-    fn start(ip: &str, port: Option<u16>, work: &std::path::Path) -> NodeProc {
-        Self::start_with(ip, port, work, &[])
-    }
-
-    /// As `start`, with extra flags (e.g. `--secret-file F`).
-    fn start_with(ip: &str, port: Option<u16>, work: &std::path::Path, extra: &[&str]) -> NodeProc {
-        for _ in 0..5 {
-            let chosen =
-                port.unwrap_or_else(|| TcpListener::bind((ip, 0)).expect("bind").local_addr().expect("addr").port());
-            let addr = format!("{ip}:{chosen}");
-            // Slot uids of its own, derived from its port (unique while held).
-            let slot_base = (1_000_000 + u32::from(chosen) * 64 + 32).to_string();
-            let mut child = Command::new(SERVER)
-                .args(["node", "--listen", &addr, "--slot-uids", &slot_base, "--allow-network", "--work-dir"])
-                .arg(work)
-                .args(extra)
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn cloud-server node");
-            let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
-            let mut got = String::new();
-            let mut line = String::new();
-            while lines.read_line(&mut line).unwrap_or(0) > 0 {
-                if line.contains("listening on") || line.starts_with("cloud-server") {
-                    got = line.clone();
-                    break;
-                }
-                line.clear();
-            }
-            if got.contains("listening on") {
-                let log = Arc::new(Mutex::new(got));
-                let sink = log.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n @ 1..) = lines.read(&mut buf) {
-                        sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-                    }
-                });
-                return NodeProc { child, addr, log };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            assert!(got.contains("already in use") && port.is_none(), "node did not start: {got}");
-        }
-        panic!("no free port for a node");
-    }
-
-    fn port(&self) -> u16 {
-        self.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port")
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for NodeProc {
-    /// SIGTERM: a clean stop removes its workspaces and cgroups.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        }
-        let _ = self.child.wait();
-    }
-}
 
 /// Times the main server logged that the link to `addr` came up.
 fn ups(c: &Cluster, addr: &str) -> usize {
@@ -151,7 +71,7 @@ fn jobs_run_on_remote_nodes_a_killed_node_loses_only_its_replica_and_rejoins() {
     assert!(outs.iter().any(|(p, text)| *p == a2.port() && text.contains("hi from")), "{outs:?}");
     drop(a2);
     drop(b);
-    assert!(a.log.lock().unwrap().contains("listening on"));
+    assert!(a.log().contains("listening on"));
 }
 
 #[test]
@@ -201,7 +121,7 @@ fn a_replica_outlives_its_main_server_until_a_new_one_drops_it_and_the_node_serv
     let (_, conn) = gate.arrive();
     first.stop_with(nix::sys::signal::Signal::SIGKILL);
     // The replica runs on: a main server that comes back asks for it.
-    wait_until("the node logs it", || node.log.lock().unwrap().contains("link is gone; ticket 1's replica runs on"));
+    wait_until("the node logs it", || node.log().contains("link is gone; ticket 1's replica runs on"));
     // Another main server (no journal of that job) links: the node drops
     // the ticket it does not want (the job's end of the gate closes) ...
     let second = Cluster::start_lines(std::slice::from_ref(&node.addr), &[]);
@@ -209,7 +129,7 @@ fn a_replica_outlives_its_main_server_until_a_new_one_drops_it_and_the_node_serv
     let mut r = BufReader::new(conn);
     let mut rest = String::new();
     assert_eq!(r.read_line(&mut rest).unwrap_or(0), 0, "the replica is gone: {rest}");
-    wait_until("the node logs the drop", || node.log.lock().unwrap().contains("does not want it (any more): dropped"));
+    wait_until("the node logs the drop", || node.log().contains("does not want it (any more): dropped"));
     // ... and runs its job there.
     let t = second.deploy(1, &job(second.dir.path(), "q.tar.gz", &["@echo second"]));
     let (ok, outs) = second.retrieve(t);
@@ -243,11 +163,6 @@ fn a_remote_replica_survives_a_kill_9_of_the_main_server_and_is_reported_after_t
     assert!(ok && outs[0].1.contains("released g"), "{outs:?}");
 }
 
-/// The log of a `NodeProc`, as far as it has been read.
-fn node_log(n: &NodeProc) -> String {
-    n.log.lock().unwrap().clone()
-}
-
 /// `cloud-server` (or `cloud-server node`) as `args` say: up to and with
 /// its first `cloud-server...` line; it is killed once that line is read.
 fn first_line(args: &[&str]) -> String {
@@ -275,7 +190,7 @@ fn a_main_server_and_a_node_with_the_same_secret_run_a_job() {
     let node = NodeProc::start_with("127.0.0.6", None, &dir.path().join("n"), &["--secret-file", secret]);
     let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--secret-file", secret]);
     wait_until("the authenticated link is up", || ups(&c, &node.addr) == 1);
-    wait_until("the node logs the handshake", || node_log(&node).contains("awaiting its proof of the shared secret"));
+    wait_until("the node logs the handshake", || node.log().contains("awaiting its proof of the shared secret"));
     let t = c.deploy(1, &job(c.dir.path(), "q.tar.gz", &["@echo authenticated on $$CLOUD_NODE_PORT"]));
     let (ok, outs) = c.retrieve(t);
     assert!(ok, "{outs:?}");
@@ -294,10 +209,10 @@ fn a_node_with_another_secret_gets_no_job_until_restarted_with_the_right_one() {
     let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--secret-file", right]);
     let refusal = format!("node {} did not prove the shared secret", node.addr);
     wait_until("the main server logs the refusal", || c.log().contains(&refusal));
-    wait_until("the node logs the peer", || node_log(&node).contains("node link from 127.0.0.1:"));
-    wait_until("the node logs the refusal", || node_log(&node).contains("did not accept this node's proof"));
+    wait_until("the node logs the peer", || node.log().contains("node link from 127.0.0.1:"));
+    wait_until("the node logs the refusal", || node.log().contains("did not accept this node's proof"));
     // Refused again and again (backoff), but warned about once.
-    wait_until("a second attempt", || node_log(&node).matches("did not accept this node's proof").count() >= 2);
+    wait_until("a second attempt", || node.log().matches("did not accept this node's proof").count() >= 2);
     assert_eq!(c.log().matches(&refusal).count(), 1, "{}", c.log());
     assert_eq!(ups(&c, &node.addr), 0);
 
@@ -305,7 +220,7 @@ fn a_node_with_another_secret_gets_no_job_until_restarted_with_the_right_one() {
     let gate = Gate::new();
     let t = c.deploy(1, &job(c.dir.path(), "g.tar.gz", &gate.wait_recipe("g")));
     wait_until("another refused attempt after the deploy", || {
-        node_log(&node).matches("did not accept this node's proof").count() >= 3
+        node.log().matches("did not accept this node's proof").count() >= 3
     });
     assert_eq!(c.status_json(t)["status"], "WAITING", "{}", c.status_json(t));
     assert!(gate.nobody_waiting(), "a replica started on a node that did not prove the secret");
@@ -349,7 +264,7 @@ fn a_stranger_without_the_handshake_gets_auth_error_and_nothing_runs() {
     for (xid, call) in [(7u32, record(run)), (8, record(null))] {
         s.write_all(&call).unwrap();
         let reply =
-            read_reply(&s, Duration::from_secs(20)).unwrap_or_else(|| panic!("no reply to {xid}: {}", node_log(&node)));
+            read_reply(&s, Duration::from_secs(20)).unwrap_or_else(|| panic!("no reply to {xid}: {}", node.log()));
         // xid, REPLY, MSG_DENIED, AUTH_ERROR, AUTH_TOOWEAK.
         let words: Vec<u32> = reply.chunks(4).take(5).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
         assert_eq!(words, [xid, 1, 1, 1, 5], "{reply:?}");
@@ -362,9 +277,9 @@ fn a_stranger_without_the_handshake_gets_auth_error_and_nothing_runs() {
     assert_eq!(s.read_to_end(&mut rest).map(|_| rest.len()).ok(), Some(0), "the node closes the link");
     assert!(held.elapsed() < Duration::from_secs(15), "closed after {:?}", held.elapsed());
     // Logged before the close; the log reader may lag behind the socket.
-    wait_until("the node logs the close", || node_log(&node).contains("no handshake within 10 s"));
-    wait_until("the node logs the stranger", || node_log(&node).contains("before authentication"));
-    let log = node_log(&node);
+    wait_until("the node logs the close", || node.log().contains("no handshake within 10 s"));
+    wait_until("the node logs the stranger", || node.log().contains("before authentication"));
+    let log = node.log();
     assert!(log.contains("node link from 127.0.0.1:") && log.contains("procedure 1"), "{log}");
     // Nothing ran, nothing was stored.
     let children = replica_parents_children(node.child.id()).len();
@@ -487,7 +402,7 @@ fn with_a_secret_a_node_serves_a_main_server_of_another_user() {
     });
     let up = format!("link to node {} is up", node.addr);
     wait_until("the link of another user's main server is up", || log.lock().unwrap().contains(&up));
-    assert!(!node_log(&node).contains("refused a connection"), "{}", node_log(&node));
+    assert!(!node.log().contains("refused a connection"), "{}", node.log());
     // And a job runs there.
     let archive = job(dir.path(), "q.tar.gz", &["@echo across users"]);
     std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o644)).unwrap();

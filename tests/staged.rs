@@ -8,129 +8,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::Duration;
 
 use cloudinfra::proto::{self, CloudStat};
 use cloudinfra::record::LAST_FRAGMENT;
 use cloudinfra::rpc;
 use cloudinfra::xdr::XdrReader;
+use common::node_proc::NodeProc;
 use common::*;
-
-/// A `cloud-server node` process on loopback; stopped (SIGTERM) when dropped.
-struct NodeProc {
-    child: Child,
-    addr: String,
-    work: PathBuf,
-    log: Arc<Mutex<String>>,
-}
-
-impl NodeProc {
-    /// A node on a free port of 127.0.0.2 (or `port`), work dir `work`,
-    /// once its ready line is out.
-    fn start(work: &Path, port: Option<u16>) -> NodeProc {
-        for _ in 0..5 {
-            let chosen = port.unwrap_or_else(|| {
-                TcpListener::bind(("127.0.0.2", 0)).expect("bind").local_addr().expect("addr").port()
-            });
-            let addr = format!("127.0.0.2:{chosen}");
-            let slot_base = (1_000_000 + u32::from(chosen) * 64 + 32).to_string();
-            let mut child = Command::new(SERVER)
-                .args(["node", "--listen", &addr, "--slot-uids", &slot_base, "--allow-network", "--work-dir"])
-                .arg(work)
-                .env("RUST_LOG", "info,cloudinfra::node_service=debug")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn cloud-server node");
-            let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
-            let mut got = String::new();
-            let mut line = String::new();
-            while lines.read_line(&mut line).unwrap_or(0) > 0 {
-                if line.contains("listening on") || line.starts_with("cloud-server") {
-                    got = line.clone();
-                    break;
-                }
-                line.clear();
-            }
-            if got.contains("listening on") {
-                let log = Arc::new(Mutex::new(got));
-                let sink = log.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n @ 1..) = lines.read(&mut buf) {
-                        sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-                    }
-                });
-                return NodeProc { child, addr, work: work.to_path_buf(), log };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            assert!(got.contains("already in use") && port.is_none(), "node did not start: {got}");
-        }
-        panic!("no free port for a node");
-    }
-
-    fn port(&self) -> u16 {
-        self.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port")
-    }
-
-    fn folder(&self) -> PathBuf {
-        self.work.join(format!("output_{}", self.port()))
-    }
-
-    /// Where the node keeps received archives and stages, as the node sees
-    /// it: as root, a tmpfs of its own mount namespace (`archives_<port>`,
-    /// seen through /proc/PID/root); else its folder.
-    fn archives(&self) -> PathBuf {
-        let work = std::fs::canonicalize(&self.work).expect("work dir");
-        PathBuf::from(format!("/proc/{}/root{}/archives_{}", self.child.id(), work.display(), self.port()))
-    }
-
-    /// The bytes in the node's folder and its archives' (its own view),
-    /// but for its pools' empty files.
-    fn held(&self) -> Vec<(String, u64)> {
-        [self.folder(), self.archives()]
-            .iter()
-            .flat_map(std::fs::read_dir)
-            .flatten()
-            .flatten()
-            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map_or(0, |m| m.len())))
-            .filter(|(name, len)| !(name.starts_with("free-") && *len == 0))
-            .collect()
-    }
-
-    /// The largest stage file the node holds now.
-    fn staged(&self) -> u64 {
-        self.held().iter().filter(|(n, _)| n.starts_with("stage-")).map(|(_, l)| *l).max().unwrap_or(0)
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            // A test that failed with it stopped must not wait on it forever.
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
-        }
-        let _ = self.child.wait();
-    }
-}
 
 fn link_up(c: &Cluster, node: &NodeProc) -> usize {
     c.log().matches(&format!("link to node {} is up", node.addr)).count()
@@ -215,7 +103,7 @@ fn clean(node: &NodeProc) -> bool {
 #[test]
 fn a_staged_deploy_is_answered_after_the_whole_archive_and_its_output_is_the_same() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProc::start(&dir.path().join("n"), None);
+    let node = NodeProc::start("127.0.0.2", None, &dir.path().join("n"));
     let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
     wait_until("the link is up", || link_up(&c, &node) == 1);
 
@@ -252,7 +140,7 @@ fn a_staged_deploy_is_answered_after_the_whole_archive_and_its_output_is_the_sam
 #[test]
 fn a_refused_archive_staged_halfway_runs_nowhere_and_leaves_the_node_clean() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProc::start(&dir.path().join("n"), None);
+    let node = NodeProc::start("127.0.0.2", None, &dir.path().join("n"));
     let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
     wait_until("the link is up", || link_up(&c, &node) == 1);
 
@@ -275,7 +163,7 @@ fn a_refused_archive_staged_halfway_runs_nowhere_and_leaves_the_node_clean() {
 #[test]
 fn a_client_gone_mid_upload_leaves_nothing_on_the_node() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProc::start(&dir.path().join("n"), None);
+    let node = NodeProc::start("127.0.0.2", None, &dir.path().join("n"));
     let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
     wait_until("the link is up", || link_up(&c, &node) == 1);
 
@@ -293,7 +181,7 @@ fn a_client_gone_mid_upload_leaves_nothing_on_the_node() {
 fn a_node_lost_mid_stage_gets_the_job_whole_once_it_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("n");
-    let mut node = NodeProc::start(&work, None);
+    let mut node = NodeProc::start("127.0.0.2", None, &work);
     let port = node.port();
     let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
     wait_until("the link is up", || link_up(&c, &node) == 1);
@@ -305,7 +193,7 @@ fn a_node_lost_mid_stage_gets_the_job_whole_once_it_is_back() {
     wait_until("the main server saw the link go", || c.log().contains("is down"));
     // The upload goes on without its stage: answered, the job waits.
     let ticket = up.finish().expect("deployed");
-    let node = NodeProc::start(&work, Some(port));
+    let node = NodeProc::start("127.0.0.2", Some(port), &work);
     wait_until("the link is up again", || link_up(&c, &node) == 2);
     let st = c.wait_status(ticket, |s| s["status"] != "WAITING" && s["status"] != "RUNNING");
     assert_eq!(st["status"], "COMPLETED", "{st}");
@@ -320,7 +208,7 @@ fn a_node_lost_mid_stage_gets_the_job_whole_once_it_is_back() {
 fn a_node_that_hangs_mid_stage_is_lost_within_the_heartbeat_bound_and_the_upload_goes_on() {
     use nix::sys::signal::{kill, Signal};
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProc::start(&dir.path().join("n"), None);
+    let node = NodeProc::start("127.0.0.2", None, &dir.path().join("n"));
     let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &["--allow-network"]);
     wait_until("the link is up", || link_up(&c, &node) == 1);
 

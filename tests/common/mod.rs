@@ -3,6 +3,7 @@
 //! connect to so tests learn, by events, when a job really runs.
 #![allow(dead_code)]
 
+pub mod node_proc;
 pub mod tarkit;
 
 use std::io::{BufRead, BufReader, Read, Write};
