@@ -337,14 +337,6 @@ fn parked_waits_cannot_lock_other_clients_out() {
     release(held);
 }
 
-/// The server's anonymous memory (heap, stacks), in bytes.
-fn rss_anon(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib =
-        status.lines().find_map(|l| l.strip_prefix("RssAnon:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok());
-    kib.expect("RssAnon in /proc/PID/status") * 1024
-}
-
 #[test]
 fn idle_connections_cost_the_server_little_memory() {
     // Issue 11: 10,000 idle connections within 7 MiB. A connection between

@@ -193,8 +193,8 @@ fn a_launcher_is_started_afresh_not_a_copy_of_the_server() {
     );
     // A fork shares (and counts) every anonymous page the server had; a
     // fresh start has only its own.
-    let (own, server) = (proc_status_kib(l, "RssAnon:"), proc_status_kib(c.pid(), "RssAnon:"));
-    assert!(own < server, "the launcher holds {own} KiB of anonymous memory, the server {server}");
+    let (own, server) = (rss_anon(l), rss_anon(c.pid()));
+    assert!(own < server, "the launcher holds {own} bytes of anonymous memory, the server {server}");
     let t = c.deploy(1, &job(c.dir.path(), "fresh.tar.gz", &["@echo fresh"]));
     let (ok, outs) = c.retrieve(t);
     assert!(ok && outs[0].1 == "fresh\n", "{outs:?}");
@@ -213,15 +213,4 @@ fn a_launcher_started_by_hand_refuses() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not started by cloud-server"), "{err}");
-}
-
-/// A `/proc/PID/status` line's value in KiB (0 if absent).
-fn proc_status_kib(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }

@@ -675,3 +675,11 @@ impl DirWatch {
         }
     }
 }
+
+/// A process's anonymous memory (heap, stacks), in bytes.
+pub fn rss_anon(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib =
+        status.lines().find_map(|l| l.strip_prefix("RssAnon:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok());
+    kib.expect("RssAnon in /proc/PID/status") * 1024
+}
