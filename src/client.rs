@@ -4,7 +4,7 @@
 //! wait), xids that do not repeat across runs, AUTH_SYS credentials of the
 //! process, sending calls (archives streamed from a file in fragments),
 //! reading one reply record per call in few reads (RETRIEVE's outputs
-//! streamed into files as they arrive, never held whole, each fsynced), with
+//! streamed into files as they arrive, never held whole, fsynced when asked), with
 //! few system calls per call (a client process per job is a cost users pay),
 //! and one retry with the same xid on a
 //! new connection when the old one breaks before the reply (the server's
@@ -317,18 +317,21 @@ impl Client {
 
     /// RETRIEVE, streaming each replica's output into a file that
     /// `output_file(&status)` names, as it arrives. Returns every replica's
-    /// status with the file written (created whole or not at all, and
-    /// fsynced: what the caller needs before it closes the ticket).
+    /// status with the file written (created whole or not at all; with
+    /// `sync`, also fsynced, so that it survives a power loss once the
+    /// caller has fsynced the directory too: what a caller that closes the
+    /// ticket needs when the output is precious).
     /// `output_file` is called only once the server has said OK.
     pub fn retrieve_into(
         &mut self,
         ticket: u32,
         wait: bool,
+        sync: bool,
         output_file: impl Fn(&ReplicaStatus) -> PathBuf,
     ) -> Result<Vec<(ReplicaStatus, PathBuf)>, ClientError> {
         self.xid = self.xid.wrapping_add(1);
         let xid = self.xid;
-        self.retry_once(|c| c.retrieve_attempt(xid, ticket, wait, &output_file))
+        self.retry_once(|c| c.retrieve_attempt(xid, ticket, wait, sync, &output_file))
     }
 
     /// One RETRIEVE; on failure, the error and the I/O error behind it.
@@ -337,6 +340,7 @@ impl Client {
         xid: u32,
         ticket: u32,
         wait: bool,
+        sync: bool,
         output_file: &impl Fn(&ReplicaStatus) -> PathBuf,
     ) -> Result<Vec<(ReplicaStatus, PathBuf)>, Failed> {
         let mut args = self.header(xid, proto::RETRIEVE);
@@ -387,7 +391,7 @@ impl Client {
         }
         let count = word(&mut p).map_err(|e| with_cause(lost(e)))?;
         let mut done = Vec::new();
-        let outcome = read_outputs(&mut p, count, output_file, &mut done, &lost);
+        let outcome = read_outputs(&mut p, count, sync, output_file, &mut done, &lost);
         if outcome.is_err() {
             for (_, path) in &done {
                 let _ = std::fs::remove_file(path);
@@ -540,6 +544,7 @@ fn decode<T>(res: &[u8], ok: impl FnOnce(&mut XdrReader) -> Result<T, crate::xdr
 fn read_outputs(
     p: &mut Payload,
     count: u32,
+    sync: bool,
     output_file: &impl Fn(&ReplicaStatus) -> PathBuf,
     done: &mut Vec<(ReplicaStatus, PathBuf)>,
     lost: &impl Fn(io::Error) -> ClientError,
@@ -566,9 +571,14 @@ fn read_outputs(
             if copied < len {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            // On disk before the caller closes the ticket (the server's copy
-            // goes then): fsync here, on the descriptor written.
-            f.sync_all()
+            // Asked for: on disk before the caller closes the ticket (the
+            // server's copy goes then), fsynced here on the descriptor
+            // written. Otherwise the kernel writes it back in its own time,
+            // as after cp or tar.
+            if sync {
+                f.sync_all()?;
+            }
+            Ok(())
         });
         if let Err(e) = written {
             let _ = std::fs::remove_file(&path);

@@ -74,3 +74,49 @@ fn client_with_stdout_closed_does_not_print_into_its_connection() {
         .collect();
     assert!(text.contains("hi from the job"), "output files hold {text:?}");
 }
+
+/// `retrieve DIR --sync` fsyncs each output and DIR before it closes the
+/// ticket; plain `retrieve DIR` (like cp) fsyncs nothing. Seen with strace,
+/// which CI installs; elsewhere the test says it is skipped without it.
+#[test]
+fn retrieve_fsyncs_only_when_asked() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI installs strace");
+        eprintln!("SKIPPED retrieve_fsyncs_only_when_asked: no strace");
+        return;
+    }
+    let c = Cluster::start_with(2, &[]);
+    let archive = job(c.dir.path(), "hi.tar.gz", &["echo hi from the job"]);
+    for sync in [false, true] {
+        let ticket = c.deploy(2, &archive).to_string();
+        let out = c.dir.path().join(format!("out-{sync}"));
+        let trace = c.dir.path().join(format!("trace-{sync}"));
+        let mut args = vec!["retrieve", &ticket, out.to_str().expect("utf-8 path")];
+        if sync {
+            args.push("--sync");
+        }
+        let run = Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=fsync,fdatasync,sync,syncfs", "-o"])
+            .arg(&trace)
+            .arg(CLIENT)
+            .args(&args)
+            .arg("--server")
+            .arg(c.addr.to_string())
+            .output()
+            .expect("run strace");
+        assert!(run.status.success(), "retrieve: {}", String::from_utf8_lossy(&run.stderr));
+        let calls = std::fs::read_to_string(&trace).expect("read the trace");
+        let syncs = calls.lines().filter(|l| l.contains("sync")).count();
+        assert_eq!(syncs, if sync { 3 } else { 0 }, "sync={sync}: two outputs and their directory; trace:\n{calls}");
+        let text: Vec<String> = std::fs::read_dir(&out)
+            .expect("read out dir")
+            .flatten()
+            .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
+            .collect();
+        assert_eq!(text.len(), 2, "one file per replica: {text:?}");
+        assert!(text.iter().all(|t| t.contains("hi from the job")), "outputs: {text:?}");
+        // And the ticket is closed: the outputs are only here now.
+        let gone = c.cloud(&["status", &ticket]);
+        assert!(!gone.status.success(), "ticket {ticket} still open after retrieve");
+    }
+}

@@ -147,6 +147,13 @@ struct RetrieveArgs {
     /// Which replica --follow shows.
     #[arg(long, default_value_t = 0, requires = "follow")]
     replica: u32,
+    /// Make the outputs durable before closing the ticket: fsync each file
+    /// and DIR, so that they survive a power loss or a kernel crash as
+    /// soon as retrieve returns (after it, these files are the only copy).
+    /// Without it the kernel writes them back in its own time, as after cp
+    /// or tar: typically within 30 s.
+    #[arg(long, requires = "dir")]
+    sync: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -335,6 +342,7 @@ fn quick_parse(argv: &[String]) -> Option<Command> {
             dir: args.get(1).map(PathBuf::from),
             follow: false,
             replica: 0,
+            sync: false,
             json: false,
             server: server()?,
         }),
@@ -469,7 +477,7 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
         println!("Job ticket#: {ticket}");
     }
     let dir = PathBuf::from(format!("ticket_{ticket}"));
-    collect(ticket, &dir, &a.server, a.json)
+    collect(ticket, &dir, &a.server, a.json, false)
 }
 
 /// Archives at least this big show a progress bar (on a terminal).
@@ -750,7 +758,7 @@ fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
         }
         return Ok(ExitCode::SUCCESS);
     };
-    collect(a.ticket, &dir, &a.server, a.json)
+    collect(a.ticket, &dir, &a.server, a.json, a.sync)
 }
 
 /// Each reply is deferred by the server until there is output past the
@@ -804,18 +812,19 @@ fn cancel(a: CancelArgs) -> Result<ExitCode, String> {
 }
 
 /// Wait for `ticket`, write DIR/output_PORT.txt per replica, close it.
-fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool) -> Result<ExitCode, String> {
+fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool, sync: bool) -> Result<ExitCode, String> {
     // Waiting for a job has no time limit unless asked for.
     let mut client = connect_waiting(server)?;
-    // Outputs stream into .part files; each is fsynced (by retrieve_into)
-    // and renamed into place, the directory is fsynced once, and only then
-    // is the ticket closed: after CLOSE these files are the only copy. The directory is made only
-    // once the server has said OK: an unknown ticket leaves nothing behind.
+    // Outputs stream into .part files, renamed into place once whole, and
+    // only then is the ticket closed: after CLOSE these files are the only
+    // copy. With --sync each is fsynced (by retrieve_into) and the
+    // directory once, before the CLOSE. The directory is made only once
+    // the server has said OK: an unknown ticket leaves nothing behind.
     let part = |s: &ReplicaStatus| {
         let _ = fs::create_dir_all(dir);
         dir.join(format!("output_{}.txt.part", port_of(&s.node)))
     };
-    let outputs = client.retrieve_into(ticket, true, part).map_err(|e: ClientError| e.to_string())?;
+    let outputs = client.retrieve_into(ticket, true, sync, part).map_err(|e: ClientError| e.to_string())?;
     let remove_parts = || {
         for (_, part) in &outputs {
             let _ = fs::remove_file(part);
@@ -830,8 +839,10 @@ fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool) -> Result<Ex
         })?;
         paths.push(path);
     }
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+    if sync {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}; the ticket stays open, retry", dir.display()))?;
     }
     client.set_timeout(server.timeout_or(Some(DEFAULT_TIMEOUT))).map_err(|e| e.to_string())?;
     let info = client.info(ticket, false).map_err(|e| e.to_string())?;
@@ -882,7 +893,7 @@ fn port_of(node: &str) -> &str {
     node.rsplit(':').next().filter(|p| !p.is_empty()).unwrap_or("unknown")
 }
 
-/// Rename a finished .part file (fsynced as it was written) into place.
+/// Rename a finished .part file (fsynced as it was written with --sync) into place.
 fn commit(part: &Path, path: &Path) -> std::io::Result<()> {
     fs::rename(part, path)
 }
