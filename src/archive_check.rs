@@ -197,6 +197,11 @@ impl ArchiveCheck {
         self.refused.keep(r)
     }
 
+    /// Bytes of the upload fed so far (up to a refusal).
+    pub fn fed(&self) -> u64 {
+        self.wire
+    }
+
     /// Bytes of inflated data so far.
     pub fn inflated(&self) -> u64 {
         self.inflate.total_out()

@@ -130,21 +130,57 @@ impl Sink {
 
     /// Append to the spool file; a failure turns the sink into a failed one.
     pub(crate) fn write(&mut self, data: &[u8]) {
-        let Sink::File { file, path, error, pool, .. } = self else { return };
-        let Some(f) = file else { return };
+        let Sink::File { file: Some(f), .. } = self else { return };
         if let Err(e) = f.write_all(data) {
-            log::error!("cannot write {}: {e}", path.display());
-            *error = Some(store_error(&e));
-            *file = None;
-            give_back(path, pool.as_ref());
+            self.fail("write", &e);
         }
+    }
+
+    /// The spool file could not be written or read back: the sink is a
+    /// failed one from now on, its file given back.
+    fn fail(&mut self, doing: &str, e: &io::Error) {
+        let Sink::File { file, path, error, pool, .. } = self else { return };
+        log::error!("cannot {doing} {}: {e}", path.display());
+        *error = Some(store_error(e));
+        *file = None;
+        give_back(path, pool.as_ref());
+    }
+
+    /// Where a DEPLOY's unchecked bytes begin in its spool file: every byte
+    /// before was checked as it came (None: not a DEPLOY being taken).
+    pub(crate) fn checked(&self) -> Option<u64> {
+        match self {
+            Sink::File { file: Some(_), what: Streamed::Deploy { check, .. }, error: None, .. } => Some(check.fed()),
+            _ => None,
+        }
+    }
+
+    /// Read back into `buf` spool file bytes from `at` (a DEPLOY's bytes
+    /// that came by `splice_from`, so from the page cache while it is
+    /// warm: cheaper than the socket's copy the splice replaced). None: the
+    /// file could not be read, and the sink is a failed one now.
+    pub(crate) fn read_back(&mut self, buf: &mut [u8], at: u64) -> Option<usize> {
+        use std::os::unix::fs::FileExt;
+        let Sink::File { file: Some(f), .. } = self else { return None };
+        let e = loop {
+            match f.read_at(buf, at) {
+                Ok(0) => break io::Error::from(io::ErrorKind::UnexpectedEof),
+                Ok(k) => return Some(k),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break e,
+            }
+        };
+        self.fail("read back", &e);
+        None
     }
 
     /// Move up to `want` bytes of the stream from `sock` straight into the
     /// spool file through `pipe` (`splice(2)`: the socket's pages into the
-    /// pipe, then into the file, no copy through our memory): only for a
-    /// NODE_RUN archive, which nothing here needs to look at (a DEPLOY's
-    /// bytes go through its check). `Ok(0)`: the peer's end of the stream;
+    /// pipe, then into the file, no copy through our memory): a NODE_RUN or
+    /// NODE_STAGE archive, which nothing here needs to look at, and a
+    /// DEPLOY's, whose check then reads the bytes back from the file
+    /// (`check_spliced`: from the page cache, cheaper than the socket's
+    /// copy it replaces). `Ok(0)`: the peer's end of the stream;
     /// `WouldBlock`: nothing to read now. A file that cannot take the data
     /// turns the sink into a failed one, like `write`.
     pub(crate) fn splice_from(
@@ -155,7 +191,12 @@ impl Sink {
     ) -> io::Result<usize> {
         use nix::fcntl::{splice, SpliceFFlags};
         let Sink::File {
-            file: Some(f), path, error, pool, what: Streamed::Run { .. } | Streamed::Stage { .. }, ..
+            file: Some(f),
+            path,
+            error,
+            pool,
+            what: Streamed::Run { .. } | Streamed::Stage { .. } | Streamed::Deploy { .. },
+            ..
         } = self
         else {
             return Err(io::Error::other("a spliced stream without its file"));
@@ -204,8 +245,18 @@ impl Sink {
     pub(crate) fn spliceable(&self) -> bool {
         matches!(
             self,
-            Sink::File { file: Some(_), error: None, what: Streamed::Run { .. } | Streamed::Stage { .. }, .. }
+            Sink::File {
+                file: Some(_),
+                error: None,
+                what: Streamed::Run { .. } | Streamed::Stage { .. } | Streamed::Deploy { .. },
+                ..
+            }
         )
+    }
+
+    /// A DEPLOY's archive still being taken.
+    pub(crate) fn is_deploy(&self) -> bool {
+        matches!(self, Sink::File { file: Some(_), error: None, what: Streamed::Deploy { .. }, .. })
     }
 
     /// Bytes a DEPLOY's archive check inflated since the last call.

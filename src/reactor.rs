@@ -1022,9 +1022,10 @@ impl Server {
                 self.feed(key, conn, &held);
                 continue;
             }
-            // A node's archive: straight from the socket into its file.
-            let direct = match (&conn.role, &conn.reader) {
-                (Role::NodeInbound(_), Reader::Calls(r)) if conn.sink.spliceable() => r.direct_len(),
+            // An archive (a node's NODE_RUN or NODE_STAGE, a client's
+            // DEPLOY): straight from the socket into its file.
+            let direct = match &conn.reader {
+                Reader::Calls(r) if conn.sink.spliceable() => r.direct_len(),
                 _ => 0,
             };
             if direct > 0 && self.splice_pipe.is_none() {
@@ -1045,6 +1046,12 @@ impl Server {
                     conn.moved += n as u64;
                     if let Reader::Calls(r) = &mut conn.reader {
                         r.direct_taken(n as u64);
+                    }
+                    if conn.sink.is_deploy() && self.deploy_spliced(key, conn, n as u64, &mut buf) {
+                        continue; // refused: answered, the connection closing
+                    }
+                    if conn.sink.inflated_since() > INFLATE_PER_READ {
+                        *budget = 0; // as for a read below
                     }
                     self.feed(key, conn, &[]); // the stream's end, if that was its last byte
                     continue;
@@ -1086,6 +1093,29 @@ impl Server {
         }
         self.rbuf = buf;
         paused
+    }
+
+    /// `n` bytes of a DEPLOY's archive were spliced into its spool file:
+    /// checked now (read back from the file through `buf`), then handed on
+    /// as `StreamData` would be. True if the check refused the archive
+    /// (answered, the connection closing).
+    fn deploy_spliced(&mut self, key: usize, conn: &mut Conn, n: u64, buf: &mut [u8]) -> bool {
+        let Some(main) = &mut self.main else { return false };
+        let Some(mut at) = conn.sink.checked() else { return false };
+        let end = at + n;
+        while at < end {
+            let want = usize::try_from(end - at).unwrap_or(usize::MAX).min(buf.len());
+            let Some(k) = conn.sink.read_back(&mut buf[..want], at) else { break };
+            if main.deploy_data(key, conn, &buf[..k]) {
+                self.main_outs();
+                return true;
+            }
+            at += k as u64;
+        }
+        // A staged upload goes on to its node as it is spooled.
+        main.deploy_stored(key, conn, n as usize);
+        self.main_outs();
+        false
     }
 
     fn peer_closed(&mut self, conn: &mut Conn) {

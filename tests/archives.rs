@@ -222,3 +222,47 @@ fn good_archives_in_every_usual_shape_deploy_and_run() {
     assert!(st.success());
     assert!(!runs(&c, &sample).is_empty());
 }
+
+/// `n` bytes nothing compresses (xorshift).
+fn incompressible(n: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Past the first read, a DEPLOY's bytes are spliced into the spool file
+/// and checked as they are read back from it: what comes late in a large
+/// archive is still seen, to its last byte.
+#[test]
+fn large_archives_are_checked_to_their_last_byte() {
+    let c = Cluster::start_with(1, &["--max-extract", "16M", "--time-limit", "60"]);
+    let d = c.dir.path();
+    let big = incompressible(3 << 20);
+    let good = [makefile("@wc -c < big.bin"), entry("big.bin", Regular, 0o644, &big, "")];
+    let archive = tar_gz(&good);
+    assert!(archive.len() > 3 << 20, "incompressible: {} bytes", archive.len());
+    assert_eq!(runs(&c, &write(d, "good.tar.gz", &archive)), format!("{}\n", 3 << 20));
+    let late = |extra: Vec<u8>| tar_gz(&[good[0].clone(), good[1].clone(), extra]);
+    refused(&c, &write(d, "late-traversal.tar.gz", &late(entry("../escape", Regular, 0o644, b"x", ""))), "'..'");
+    refused(&c, &write(d, "late-link.tar.gz", &late(entry("l", Symlink, 0o777, b"", "/etc"))), "symbolic link");
+    refused(
+        &c,
+        &write(d, "late-bomb.tar.gz", &late(entry("zeros", Regular, 0o644, &vec![0; 14 << 20], ""))),
+        "extraction limit",
+    );
+    let mut cut = archive.clone();
+    cut.truncate(archive.len() - 1);
+    refused(&c, &write(d, "cut.tar.gz", &cut), "truncated");
+    let mut flipped = archive.clone();
+    let at = archive.len() - 100;
+    flipped[at] ^= 0x55;
+    refused(&c, &write(d, "flipped.tar.gz", &flipped), "");
+    wait_until("the spool is empty", || spool_is_empty(&c));
+    assert_eq!(runs(&c, &write(d, "again.tar.gz", &archive)), format!("{}\n", 3 << 20));
+}
