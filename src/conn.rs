@@ -3,9 +3,11 @@
 //!
 //! Owns: the per-connection state `reactor` drives ([`Conn`]), what a
 //! streamed archive or output is spooled into ([`Sink`], a file taken
-//! from a `pool`, given back to it if the stream fails; a node's NODE_RUN
-//! archive is spliced from the socket into it through the reactor's one
-//! [`SplicePipe`]), when a client is busy (served one
+//! from a `pool`, given back to it if the stream fails; an archive (a
+//! node's NODE_RUN or NODE_STAGE, a client's DEPLOY past its first read)
+//! is spliced from the socket into it through the reactor's one
+//! [`SplicePipe`], a DEPLOY's then read back for its check), when a
+//! client is busy (served one
 //! call at a time), what phase it is in for `timers` (idle, reading,
 //! writing, owed a reply), when a closing connection owes its peer
 //! nothing more, and a node link's `node_auth::NodeGate` (with its

@@ -90,7 +90,7 @@ const READ_BUDGET: usize = 4;
 /// Bytes a DEPLOY's archive check may inflate per read before that read
 /// uses up the connection's budget for the turn (a highly compressed upload).
 const INFLATE_PER_READ: u64 = 4 << 20;
-/// A NODE_RUN or NODE_STAGE archive arriving on a node's link is spliced from the socket
+/// An archive (NODE_RUN or NODE_STAGE on a node's link, a client's DEPLOY) is spliced from the socket
 /// into its file through a pipe of this size (`Sink::splice_from`): up to
 /// this much per read of the budget.
 const SPLICE_PIPE: usize = 1 << 20;
