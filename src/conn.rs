@@ -132,9 +132,10 @@ impl Sink {
 
     /// Append to the spool file; a failure turns the sink into a failed one.
     pub(crate) fn write(&mut self, data: &[u8]) {
-        let Sink::File { file: Some(f), .. } = self else { return };
-        if let Err(e) = f.write_all(data) {
-            self.fail("write", &e);
+        let Sink::File { file: Some(f), what, .. } = self else { return };
+        match f.write_all(data) {
+            Ok(()) => what.spooled(data.len()),
+            Err(e) => self.fail("write", &e),
         }
     }
 
@@ -148,11 +149,14 @@ impl Sink {
         give_back(path, pool.as_ref());
     }
 
-    /// Where a DEPLOY's unchecked bytes begin in its spool file: every byte
-    /// before was checked as it came (None: not a DEPLOY being taken).
-    pub(crate) fn checked(&self) -> Option<u64> {
+    /// A DEPLOY's bytes spliced into its spool file and not yet checked:
+    /// where they begin in the file (every byte before was checked) and
+    /// how many there are. None: not a DEPLOY being taken.
+    pub(crate) fn unchecked(&self) -> Option<(u64, u64)> {
         match self {
-            Sink::File { file: Some(_), what: Streamed::Deploy { check, .. }, error: None, .. } => Some(check.fed()),
+            Sink::File { file: Some(_), what: Streamed::Deploy { check, spooled, .. }, error: None, .. } => {
+                Some((check.fed(), spooled.saturating_sub(check.fed())))
+            }
             _ => None,
         }
     }
@@ -197,7 +201,7 @@ impl Sink {
             path,
             error,
             pool,
-            what: Streamed::Run { .. } | Streamed::Stage { .. } | Streamed::Deploy { .. },
+            what: what @ (Streamed::Run { .. } | Streamed::Stage { .. } | Streamed::Deploy { .. }),
             ..
         } = self
         else {
@@ -216,7 +220,10 @@ impl Sink {
         while left > 0 {
             match splice(&pipe.r, None, &*f, None, left, SpliceFFlags::SPLICE_F_MOVE) {
                 Ok(0) => break,
-                Ok(n) => left -= n,
+                Ok(n) => {
+                    left -= n;
+                    what.spooled(n);
+                }
                 Err(nix::Error::EINTR) => {}
                 Err(e) => {
                     let e = io::Error::from(e);
@@ -254,11 +261,6 @@ impl Sink {
                 ..
             }
         )
-    }
-
-    /// A DEPLOY's archive still being taken.
-    pub(crate) fn is_deploy(&self) -> bool {
-        matches!(self, Sink::File { file: Some(_), error: None, what: Streamed::Deploy { .. }, .. })
     }
 
     /// Bytes a DEPLOY's archive check inflated since the last call.
@@ -337,6 +339,9 @@ pub(crate) enum Streamed {
         flags: u32,
         who: Option<u32>,
         check: Box<ArchiveCheck>,
+        /// Bytes in the spool file so far; those past `check.fed()` came
+        /// by `splice_from` and wait to be read back and checked.
+        spooled: u64,
     },
     Run {
         args: RunArgs,
@@ -353,6 +358,15 @@ pub(crate) enum Streamed {
         replica: u32,
         gone: bool,
     },
+}
+
+impl Streamed {
+    /// `n` more bytes reached the stream's file.
+    fn spooled(&mut self, n: usize) {
+        if let Streamed::Deploy { spooled, .. } = self {
+            *spooled += n as u64;
+        }
+    }
 }
 
 #[derive(Debug)]

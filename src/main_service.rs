@@ -1039,7 +1039,8 @@ impl MainService {
         if let Some(failure) = self.coord.deploy_refusal(who, verified, replicas) {
             return conn.answer_before_upload(len, failure_reply(call.xid, &failure));
         }
-        let what = Streamed::Deploy { replicas, flags, who, check: Box::new(ArchiveCheck::new(self.extract_limits)) };
+        let check = Box::new(ArchiveCheck::new(self.extract_limits));
+        let what = Streamed::Deploy { replicas, flags, who, check, spooled: 0 };
         log::debug!(
             "connection {key}: call xid {:#x} {}: receiving a {len} byte archive",
             call.xid,
@@ -1199,7 +1200,7 @@ impl MainService {
                 }
                 error => self.coord.fetched(ticket, replica, error.map_or(Ok(path), Err)),
             },
-            Streamed::Deploy { replicas, flags, who, mut check } => {
+            Streamed::Deploy { replicas, flags, who, mut check, .. } => {
                 if check.inflated() >= INFLATE_SCRATCH as u64 {
                     // A large upload touched every page of the scratch:
                     // give them back (a small one touches a few, kept).

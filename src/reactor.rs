@@ -87,6 +87,16 @@ const SYNCER: Token = Token(crate::live::TOKEN_BASE - 1);
 const NODE_LISTENER_BASE: usize = 2;
 /// Reads (up to 64 KiB each) from one connection per turn of the loop.
 const READ_BUDGET: usize = 4;
+/// What `check_spliced` did with a DEPLOY's spliced bytes.
+enum Checked {
+    /// All checked.
+    Done,
+    /// Some wait for the connection's next turn.
+    More,
+    /// The archive was refused (answered, the connection closing).
+    Refused,
+}
+
 /// Bytes a DEPLOY's archive check may inflate per read before that read
 /// uses up the connection's budget for the turn (a highly compressed upload).
 const INFLATE_PER_READ: u64 = 4 << 20;
@@ -1017,6 +1027,20 @@ impl Server {
                 break;
             }
             *budget -= 1;
+            // A DEPLOY's spliced bytes left unchecked by the last turn
+            // (they inflated too much for one): first, then the stream's
+            // end if they were its last.
+            if conn.sink.unchecked().is_some_and(|(_, n)| n > 0) {
+                match self.check_spliced(key, conn, &mut buf) {
+                    Checked::Refused => {}
+                    Checked::More => {
+                        self.again(key);
+                        break;
+                    }
+                    Checked::Done => self.feed(key, conn, &[]),
+                }
+                continue;
+            }
             if !conn.held.is_empty() {
                 let held = std::mem::take(&mut conn.held);
                 self.feed(key, conn, &held);
@@ -1047,13 +1071,16 @@ impl Server {
                     if let Reader::Calls(r) = &mut conn.reader {
                         r.direct_taken(n as u64);
                     }
-                    if conn.sink.is_deploy() && self.deploy_spliced(key, conn, n as u64, &mut buf) {
-                        continue; // refused: answered, the connection closing
+                    // A DEPLOY's: checked now, as far as this turn allows.
+                    match self.check_spliced(key, conn, &mut buf) {
+                        Checked::Refused => {}
+                        Checked::More => {
+                            self.again(key);
+                            break;
+                        }
+                        // The stream's end, if that was its last byte.
+                        Checked::Done => self.feed(key, conn, &[]),
                     }
-                    if conn.sink.inflated_since() > INFLATE_PER_READ {
-                        *budget = 0; // as for a read below
-                    }
-                    self.feed(key, conn, &[]); // the stream's end, if that was its last byte
                     continue;
                 }
                 Some(r) => r,
@@ -1095,27 +1122,33 @@ impl Server {
         paused
     }
 
-    /// `n` bytes of a DEPLOY's archive were spliced into its spool file:
-    /// checked now (read back from the file through `buf`), then handed on
-    /// as `StreamData` would be. True if the check refused the archive
-    /// (answered, the connection closing).
-    fn deploy_spliced(&mut self, key: usize, conn: &mut Conn, n: u64, buf: &mut [u8]) -> bool {
-        let Some(main) = &mut self.main else { return false };
-        let Some(mut at) = conn.sink.checked() else { return false };
-        let end = at + n;
-        while at < end {
-            let want = usize::try_from(end - at).unwrap_or(usize::MAX).min(buf.len());
-            let Some(k) = conn.sink.read_back(&mut buf[..want], at) else { break };
+    /// Check a DEPLOY's bytes spliced into its spool file (read back from
+    /// the file through `buf`, 64 KiB at a time), then hand them on as
+    /// `StreamData` would be. Stops after a piece that inflated more than
+    /// INFLATE_PER_READ (`More`: the rest waits for the connection's next
+    /// turn, as a read's would), or at a refusal (answered, closing).
+    fn check_spliced(&mut self, key: usize, conn: &mut Conn, buf: &mut [u8]) -> Checked {
+        let Some(main) = &mut self.main else { return Checked::Done };
+        let mut checked = 0;
+        let verdict = loop {
+            let Some((at, left)) = conn.sink.unchecked().filter(|&(_, n)| n > 0) else { break Checked::Done };
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            let Some(k) = conn.sink.read_back(&mut buf[..want], at) else { break Checked::Done };
             if main.deploy_data(key, conn, &buf[..k]) {
                 self.main_outs();
-                return true;
+                return Checked::Refused;
             }
-            at += k as u64;
+            checked += k;
+            if conn.sink.inflated_since() > INFLATE_PER_READ {
+                break Checked::More; // a highly compressed upload: its share of this turn is used
+            }
+        };
+        if checked > 0 {
+            // A staged upload goes on to its node as it is checked.
+            main.deploy_stored(key, conn, checked);
+            self.main_outs();
         }
-        // A staged upload goes on to its node as it is spooled.
-        main.deploy_stored(key, conn, n as usize);
-        self.main_outs();
-        false
+        verdict
     }
 
     fn peer_closed(&mut self, conn: &mut Conn) {

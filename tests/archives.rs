@@ -265,4 +265,9 @@ fn large_archives_are_checked_to_their_last_byte() {
     refused(&c, &write(d, "flipped.tar.gz", &flipped), "");
     wait_until("the spool is empty", || spool_is_empty(&c));
     assert_eq!(runs(&c, &write(d, "again.tar.gz", &archive)), format!("{}\n", 3 << 20));
+    // Compressible data late in the stream: checked over several turns
+    // (each inflates at most a few MiB), then accepted whole.
+    let zeros =
+        tar_gz(&[makefile("@wc -c < zeros"), good[1].clone(), entry("zeros", Regular, 0o644, &vec![0; 12 << 20], "")]);
+    assert_eq!(runs(&c, &write(d, "zeros.tar.gz", &zeros)), format!("{}\n", 12 << 20));
 }
