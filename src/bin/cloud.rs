@@ -128,6 +128,7 @@ struct StatusArgs {
     about = "Collect outputs: cloud retrieve <ticket> [<dir>]",
     after_help = concat!(
         "Examples:\n  cloud retrieve 7 out     # wait, write out/output_PORT.txt per replica, close\n",
+        "  cloud retrieve 7 out --sync   # the same, the files fsynced before the close\n",
         "  cloud retrieve 7         # close ticket 7 now, discarding its outputs (says what)\n",
         "  cloud retrieve 7 --follow --replica 1   # print replica 1's output as it is produced\n\n",
         "Exit codes: 0 success (with DIR: every replica COMPLETED); 1 an error; 2 a usage error; ",
