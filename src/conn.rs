@@ -107,15 +107,22 @@ pub(crate) enum Sink {
         /// The pool the file came from (and goes back to if the stream
         /// fails); `None`: a file of its own, removed if it fails.
         pool: Option<pool::Shared>,
+        /// The file is its pool's spare, written over from offset 0 and
+        /// not emptied: cut to the bytes written when the stream ends
+        /// (`end`), before anything reads it.
+        cut: bool,
     },
 }
 
 impl Sink {
-    /// A file taken from `pool` for the stream of call `xid`.
-    pub(crate) fn take(xid: u32, what: Streamed, pool: &pool::Shared) -> Sink {
-        let taken = pool.borrow_mut().take();
+    /// A file taken from `pool` for the stream of call `xid`, whose
+    /// opaque is `len` bytes long (a large one may get the pool's spare).
+    pub(crate) fn take(xid: u32, what: Streamed, pool: &pool::Shared, len: u64) -> Sink {
+        let taken = pool.borrow_mut().take_for(Some(len));
         match taken {
-            Ok((file, path)) => Sink::File { xid, what, file: Some(file), path, error: None, pool: Some(pool.clone()) },
+            Ok(pool::Taken { file, path, spare }) => {
+                Sink::File { xid, what, file: Some(file), path, error: None, pool: Some(pool.clone()), cut: spare }
+            }
             Err(e) => {
                 log::error!("cannot take a file for a stream: {e}");
                 Sink::failed(xid, what, store_error(&e))
@@ -125,7 +132,26 @@ impl Sink {
 
     /// A stream that will be swallowed and then reported as failed.
     pub(crate) fn failed(xid: u32, what: Streamed, error: String) -> Sink {
-        Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some(error), pool: None }
+        Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some(error), pool: None, cut: false }
+    }
+
+    /// The stream is whole: the sink, taken out (`Sink::None` left). A
+    /// spare written over is cut to the bytes written first, so that no
+    /// byte of its previous user is past them; if it cannot be, the
+    /// stream fails and the file goes back to its pool.
+    pub(crate) fn end(&mut self) -> Sink {
+        let mut old = std::mem::replace(self, Sink::None);
+        if let Sink::File { file: file @ Some(_), path, error, pool, cut: true, .. } = &mut old {
+            if let Some(Err(e)) = file.as_mut().map(pool::cut) {
+                log::error!("cannot cut {} to its length: {e}", path.display());
+                error.get_or_insert_with(|| store_error(&e));
+                *file = None;
+                give_back(path, pool.as_ref());
+                // Given back once: nothing more for the caller to give.
+                *path = PathBuf::new();
+            }
+        }
+        old
     }
 
     /// Append to the spool file; a failure turns the sink into a failed one.

@@ -1227,7 +1227,7 @@ impl Server {
                     Err(reply) => conn.outbox.push_bytes(reply),
                 }
             }
-            Role::NodeInbound(i) => match self.nodes.run_sink(i, &call) {
+            Role::NodeInbound(i) => match self.nodes.run_sink(i, &call, len) {
                 Ok(sink) => {
                     log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", call.xid);
                     conn.sink = sink;
@@ -1251,7 +1251,7 @@ impl Server {
             }
             return;
         };
-        let (xid, args, error) = match std::mem::replace(&mut conn.sink, Sink::None) {
+        let (xid, args, error) = match conn.sink.end() {
             Sink::File { xid, what: Streamed::Run { args }, error, .. } => (xid, args, error),
             Sink::File { xid, what: Streamed::Stage { args, len }, error, .. } => {
                 let reply = self.nodes.stage_received(key, xid, args, len, error);
