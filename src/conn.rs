@@ -3,7 +3,9 @@
 //!
 //! Owns: the per-connection state `reactor` drives ([`Conn`]), what a
 //! streamed archive or output is spooled into ([`Sink`], a file taken
-//! from a `pool`, given back to it if the stream fails; a node's NODE_RUN
+//! from a `pool` for the opaque's length, given back to it if the stream
+//! fails, cut to the bytes written when it ends if it was the pool's
+//! spare written over (`Sink::end`); a node's NODE_RUN
 //! archive is spliced from the socket into it through the reactor's one
 //! [`SplicePipe`]), when a client is busy (served one
 //! call at a time), what phase it is in for `timers` (idle, reading,
