@@ -911,7 +911,8 @@ impl MainService {
     }
 
     /// At start (and a clean stop): every pool file of the spool not in
-    /// `kept` is emptied for reuse (a large one is removed by a child);
+    /// `kept` is emptied for reuse (a large one is kept whole as the
+    /// spool's spare, `pool::SPARES`, or removed by a child);
     /// anything else not kept is removed.
     fn sweep_spool(&self, kept: &HashSet<PathBuf>) {
         let Ok(entries) = fs::read_dir(&self.spool) else { return };

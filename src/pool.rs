@@ -20,13 +20,15 @@
 //! it keeps at most `KEEP` free files and removes the rest. Where leases do not work
 //! (a file system without them) a given-back file is removed, as before.
 //! Files of `large` bytes or more are never emptied on the reactor thread
-//! (freeing 1 GiB of blocks took 0.16 s): one (`SPARES`) is kept whole as
-//! the pool's *spare*, under the same lease, link and settle rules, and
-//! the next stream of a known large length (`take_for`) writes over it
-//! from offset 0 without truncation (blocks and pages already there: 1 GiB
-//! overwritten costs about half the system time of a fresh file); its
-//! taker cuts it to the bytes it wrote (`set_len`) before anything reads
-//! it. Larger ones beyond the bound are removed by a child (`rm`).
+//! (freeing 1 GiB of blocks took 0.16 s): a pool made `with_spares` (the
+//! main server's spool: `SPARES`) keeps one whole as its *spare*, under
+//! the same lease, link and settle rules, and the next stream of a known
+//! large length (`take_for`) writes over it from offset 0 without
+//! truncation (blocks and pages already there: 1 GiB overwritten costs
+//! about half the system time of a fresh file); its taker cuts it to the
+//! bytes it wrote (`cut`) before anything reads it. Others (beyond the
+//! bound, or all of them in a pool without spares) are removed by a child
+//! (`rm`).
 //! Files given back with `give_after_sync` are reused only after
 //! `settle` (the main service calls it once the journal is synced): a
 //! spooled archive is not overwritten while the journal on disk may still
@@ -66,11 +68,14 @@ pub const KEEP: usize = 256;
 /// Dirty files tried per `take` before a new file is made instead.
 const DIRTY_TRIES: usize = 4;
 
-/// Large files a pool keeps whole for reuse (its spares). One: large
-/// uploads come one after another (a single client's stream fills the
-/// link), and each spare holds up to `--max-archive` of disk, or of
-/// memory on a node's archive tmpfs, while idle; more large files given
-/// back at once are removed by a child as before.
+/// Large files the main server's spool keeps whole for reuse (its
+/// spares). One: large uploads come one after another (one client's
+/// stream fills the link), and a spare holds up to `--max-archive` of
+/// disk while idle; more large files given back at once are removed by a
+/// child as before. A node's pools keep none: its large archives come
+/// mostly as stages, whose whole length NODE_STAGE does not carry, so a
+/// spare would seldom be written over and would hold up to
+/// `--max-archive` of the node's archive tmpfs (memory) for nothing.
 pub const SPARES: usize = 1;
 
 /// A file taken by `take_for`.
@@ -115,8 +120,9 @@ pub struct Pool {
     /// nobody holds them by then.
     dirty: VecDeque<PathBuf>,
     /// Large files kept whole, open nowhere when they were given back (at
-    /// most `SPARES`), and their lengths then.
+    /// most `max_spares`), and their lengths then.
     spares: Vec<(PathBuf, u64)>,
+    max_spares: usize,
     /// Given back, reusable after the next `settle`.
     settling: Vec<PathBuf>,
     /// The first this many of `settling` are covered by the journal sync
@@ -162,12 +168,19 @@ impl Pool {
             free: Vec::new(),
             dirty: VecDeque::new(),
             spares: Vec::new(),
+            max_spares: 0,
             settling: Vec::new(),
             sealed: 0,
             next: 1,
             retry: None,
             created: 0,
         }
+    }
+
+    /// Keep up to `n` large files whole as spares rather than remove them.
+    pub fn with_spares(mut self, n: usize) -> Pool {
+        self.max_spares = n;
+        self
     }
 
     pub fn shared(self) -> Shared {
@@ -390,7 +403,7 @@ impl Pool {
         self.free.len() + self.dirty.len() + self.spares.len()
     }
 
-    /// Large files kept whole for reuse (at most `SPARES`).
+    /// Large files kept whole for reuse (at most `with_spares`).
     pub fn spares(&self) -> usize {
         self.spares.len()
     }
@@ -400,7 +413,7 @@ impl Pool {
     /// read-write; a large one is not emptied but kept whole as a spare
     /// if there is room, under the same rule.
     fn reset(&self, path: &Path) -> io::Result<Reset> {
-        reset(path, self.large, self.spares.len() < SPARES)
+        reset(path, self.large, self.spares.len() < self.max_spares)
     }
 
     fn is_own(&self, path: &Path) -> bool {
@@ -639,7 +652,7 @@ mod tests {
     const LARGE_T: u64 = 4096;
 
     fn large_pool(dir: &Path) -> Pool {
-        Pool::new(dir, "p-", false, LARGE_T)
+        Pool::new(dir, "p-", false, LARGE_T).with_spares(SPARES)
     }
 
     /// A large stream: `n` bytes of `b`, written into a file taken for it.
@@ -738,6 +751,16 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_without_spares_removes_its_large_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::new(dir.path(), "p-", false, LARGE_T);
+        let (a, _) = stream(&mut pool, 6000, b'a');
+        pool.give(&a);
+        assert_eq!(pool.spares(), 0);
+        assert!(gone_soon(&a), "removed by a child");
+    }
+
+    #[test]
     fn a_spare_given_after_a_sync_waits_for_it() {
         let dir = tempfile::tempdir().unwrap();
         let mut pool = large_pool(dir.path());
@@ -785,7 +808,7 @@ mod tests {
     #[test]
     fn a_renaming_pool_lends_its_spare_under_the_new_name() {
         let dir = tempfile::tempdir().unwrap();
-        let mut pool = Pool::new(dir.path(), "free-", true, LARGE_T);
+        let mut pool = Pool::new(dir.path(), "free-", true, LARGE_T).with_spares(1);
         let one = dir.path().join("1.tar.gz");
         let mut t = pool.take_as_for(&one, Some(6000)).unwrap();
         assert!(!t.spare);

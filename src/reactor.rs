@@ -356,7 +356,9 @@ impl Server {
             job_uids: cfg.identities.iter().flatten().map(|(u, _)| u.as_raw()).collect(),
             tickets,
             extract_limits: cfg.limits.extract,
-            spool_pool: crate::pool::Pool::new(&spool, "p-", false, crate::pool::LARGE).shared(),
+            spool_pool: crate::pool::Pool::new(&spool, "p-", false, crate::pool::LARGE)
+                .with_spares(crate::pool::SPARES)
+                .shared(),
             inflate_scratch: Vec::new(),
             max_output: cfg.max_output,
             secret: cfg.secret.clone(),
