@@ -636,6 +636,38 @@ mod tests {
         conn.rest().expect_err("a closing connection is kept");
     }
 
+    /// A stream of a known large length writes over the pool's spare, and
+    /// its end cuts the file to what it wrote: nothing of the previous
+    /// stream is left past it; a small one gets an empty file.
+    #[test]
+    fn a_stream_over_the_spare_is_cut_to_its_length_at_its_end() {
+        let dir = tempfile::tempdir().expect("a temporary dir");
+        let pool = pool::Pool::new(dir.path(), "p-", false, 4096).with_spares(1).shared();
+        let what = || Streamed::Run { args: RunArgs { ticket: 1, replica: 0, replicas: 1 } };
+        let path_of = |s: &Sink| match s {
+            Sink::File { path, .. } => path.clone(),
+            Sink::None => PathBuf::new(),
+        };
+        let mut first = Sink::take(1, what(), &pool, 9000);
+        first.write(&[b'1'; 9000]);
+        let first_path = path_of(&first);
+        drop(first.end());
+        pool.borrow_mut().give(&first_path);
+        assert_eq!(pool.borrow().spares(), 1);
+
+        let mut small = Sink::take(2, what(), &pool, 100);
+        assert_ne!(path_of(&small), first_path, "a small stream does not take the spare");
+        small.discard();
+
+        let mut second = Sink::take(3, what(), &pool, 5000);
+        assert_eq!(path_of(&second), first_path, "the spare, written over");
+        second.write(&[b'2'; 5000]);
+        assert_eq!(fs::metadata(&first_path).expect("the file").len(), 9000, "not cut while streaming");
+        let Sink::File { error: None, .. } = second.end() else { panic!("the stream ended well") };
+        assert!(matches!(second, Sink::None));
+        assert_eq!(fs::read(&first_path).expect("the file"), vec![b'2'; 5000]);
+    }
+
     #[test]
     fn node_links_never_rest() {
         let (stream, _peer) = pair();
