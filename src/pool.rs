@@ -200,7 +200,7 @@ impl Pool {
         if self.idle() >= KEEP {
             return self.discard(path);
         }
-        if self.free.iter().chain(self.dirty.iter()).chain(self.spares.iter().map(|(p, _)| p)).any(|p| p == path) {
+        if self.holds(path) {
             return; // already ours (a clean stop sweeps again)
         }
         if let Some(n) = path.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_prefix(self.prefix)) {
@@ -310,8 +310,12 @@ impl Pool {
     }
 
     /// A given-back file: emptied now if nobody holds it (or kept whole
-    /// as the spare), else dirty.
+    /// as the spare), else dirty. One given back twice (a stream that
+    /// failed, then ended) is listed once: two takers never share it.
     fn recycle(&mut self, path: PathBuf) {
+        if self.holds(&path) {
+            return;
+        }
         match self.reset(&path) {
             Ok(Reset::Emptied(_)) => self.free.push(path),
             Ok(Reset::Spare(len)) => self.spares.push((path, len)),
@@ -370,7 +374,14 @@ impl Pool {
 
     /// As `give`, but reusable only after the next `settle`.
     pub fn give_after_sync(&mut self, path: &Path) {
-        self.settling.push(path.to_path_buf());
+        if !self.holds(path) && !self.settling.iter().any(|p| p == path) {
+            self.settling.push(path.to_path_buf());
+        }
+    }
+
+    /// Whether `path` is one of the pool's free files already.
+    fn holds(&self, path: &Path) -> bool {
+        self.free.iter().chain(self.dirty.iter()).chain(self.spares.iter().map(|(p, _)| p)).any(|p| p == path)
     }
 
     /// The journal is synced: files given back before are reusable.
@@ -582,6 +593,23 @@ mod tests {
         pool.on_timer(later);
         assert_eq!(fs::metadata(&a).unwrap().len(), 0);
         assert_eq!(pool.retry_at(), None, "nothing left to do: no timer");
+    }
+
+    #[test]
+    fn a_file_given_back_twice_is_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::new(dir.path(), "p-", false, 1 << 20);
+        let (_, a) = pool.take().unwrap();
+        // A write failed (given back), then the stream ended (again).
+        pool.give(&a);
+        pool.give(&a);
+        pool.give_after_sync(&a);
+        pool.settle();
+        assert_eq!(pool.idle(), 1);
+        let (_, b) = pool.take().unwrap();
+        let (_, c) = pool.take().unwrap();
+        assert_eq!(b, a);
+        assert_ne!(c, a, "two uploads never share one file");
     }
 
     #[test]
