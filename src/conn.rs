@@ -3,11 +3,12 @@
 //!
 //! Owns: the per-connection state `reactor` drives ([`Conn`]), what a
 //! streamed archive or output is spooled into ([`Sink`], a file taken
-//! from a `pool`, given back to it if the stream fails; an archive (a
-//! node's NODE_RUN or NODE_STAGE, a client's DEPLOY past its first read)
-//! is spliced from the socket into it through the reactor's one
-//! [`SplicePipe`], a DEPLOY's then read back for its check), when a
-//! client is busy (served one
+//! from a `pool` for the opaque's length, given back to it if the stream
+//! fails, cut to the bytes written when it ends if it was the pool's
+//! spare written over (`Sink::end`); an archive (a node's NODE_RUN or
+//! NODE_STAGE, a client's DEPLOY past its first read) is spliced from the
+//! socket into it through the reactor's one [`SplicePipe`], a DEPLOY's
+//! then read back for its check), when a client is busy (served one
 //! call at a time), what phase it is in for `timers` (idle, reading,
 //! writing, owed a reply), when a closing connection owes its peer
 //! nothing more, and a node link's `node_auth::NodeGate` (with its
@@ -109,15 +110,22 @@ pub(crate) enum Sink {
         /// The pool the file came from (and goes back to if the stream
         /// fails); `None`: a file of its own, removed if it fails.
         pool: Option<pool::Shared>,
+        /// The file is its pool's spare, written over from offset 0 and
+        /// not emptied: cut to the bytes written when the stream ends
+        /// (`end`), before anything reads it.
+        cut: bool,
     },
 }
 
 impl Sink {
-    /// A file taken from `pool` for the stream of call `xid`.
-    pub(crate) fn take(xid: u32, what: Streamed, pool: &pool::Shared) -> Sink {
-        let taken = pool.borrow_mut().take();
+    /// A file taken from `pool` for the stream of call `xid`, whose
+    /// opaque is `len` bytes long (a large one may get the pool's spare).
+    pub(crate) fn take(xid: u32, what: Streamed, pool: &pool::Shared, len: u64) -> Sink {
+        let taken = pool.borrow_mut().take_for(Some(len));
         match taken {
-            Ok((file, path)) => Sink::File { xid, what, file: Some(file), path, error: None, pool: Some(pool.clone()) },
+            Ok(pool::Taken { file, path, spare }) => {
+                Sink::File { xid, what, file: Some(file), path, error: None, pool: Some(pool.clone()), cut: spare }
+            }
             Err(e) => {
                 log::error!("cannot take a file for a stream: {e}");
                 Sink::failed(xid, what, store_error(&e))
@@ -127,7 +135,26 @@ impl Sink {
 
     /// A stream that will be swallowed and then reported as failed.
     pub(crate) fn failed(xid: u32, what: Streamed, error: String) -> Sink {
-        Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some(error), pool: None }
+        Sink::File { xid, what, file: None, path: PathBuf::new(), error: Some(error), pool: None, cut: false }
+    }
+
+    /// The stream is whole: the sink, taken out (`Sink::None` left). A
+    /// spare written over is cut to the bytes written first, so that no
+    /// byte of its previous user is past them; if it cannot be, the
+    /// stream fails and the file goes back to its pool.
+    pub(crate) fn end(&mut self) -> Sink {
+        let mut old = std::mem::replace(self, Sink::None);
+        if let Sink::File { file: file @ Some(_), path, error, pool, cut: true, .. } = &mut old {
+            if let Some(Err(e)) = file.as_mut().map(pool::cut) {
+                log::error!("cannot cut {} to its length: {e}", path.display());
+                error.get_or_insert_with(|| store_error(&e));
+                *file = None;
+                give_back(path, pool.as_ref());
+                // Given back once: nothing more for the caller to give.
+                *path = PathBuf::new();
+            }
+        }
+        old
     }
 
     /// Append to the spool file; a failure turns the sink into a failed one.
@@ -147,6 +174,8 @@ impl Sink {
         *error = Some(store_error(e));
         *file = None;
         give_back(path, pool.as_ref());
+        // Given back once: nothing more for the stream's end to give.
+        *path = PathBuf::new();
     }
 
     /// A DEPLOY's bytes spliced into its spool file and not yet checked:
@@ -240,12 +269,12 @@ impl Sink {
             if error.is_none() {
                 *error = Some(store_error(&io::Error::from(io::ErrorKind::WriteZero)));
             }
-            let path = path.clone();
-            let pool = pool.clone();
+            let (taken, pool) = (std::mem::take(path), pool.clone());
             if let Sink::File { file, .. } = self {
                 *file = None;
             }
-            give_back(&path, pool.as_ref());
+            // Given back once here: the path is left empty for the end.
+            give_back(&taken, pool.as_ref());
         }
         Ok(got)
     }
@@ -673,6 +702,38 @@ mod tests {
         conn.held.clear();
         conn.close_after_answer();
         conn.rest().expect_err("a closing connection is kept");
+    }
+
+    /// A stream of a known large length writes over the pool's spare, and
+    /// its end cuts the file to what it wrote: nothing of the previous
+    /// stream is left past it; a small one gets an empty file.
+    #[test]
+    fn a_stream_over_the_spare_is_cut_to_its_length_at_its_end() {
+        let dir = tempfile::tempdir().expect("a temporary dir");
+        let pool = pool::Pool::new(dir.path(), "p-", false, 4096).with_spares(1).shared();
+        let what = || Streamed::Run { args: RunArgs { ticket: 1, replica: 0, replicas: 1 } };
+        let path_of = |s: &Sink| match s {
+            Sink::File { path, .. } => path.clone(),
+            Sink::None => PathBuf::new(),
+        };
+        let mut first = Sink::take(1, what(), &pool, 9000);
+        first.write(&[b'1'; 9000]);
+        let first_path = path_of(&first);
+        drop(first.end());
+        pool.borrow_mut().give(&first_path);
+        assert_eq!(pool.borrow().spares(), 1);
+
+        let mut small = Sink::take(2, what(), &pool, 100);
+        assert_ne!(path_of(&small), first_path, "a small stream does not take the spare");
+        small.discard();
+
+        let mut second = Sink::take(3, what(), &pool, 5000);
+        assert_eq!(path_of(&second), first_path, "the spare, written over");
+        second.write(&[b'2'; 5000]);
+        assert_eq!(fs::metadata(&first_path).expect("the file").len(), 9000, "not cut while streaming");
+        let Sink::File { error: None, .. } = second.end() else { panic!("the stream ended well") };
+        assert!(matches!(second, Sink::None));
+        assert_eq!(fs::read(&first_path).expect("the file"), vec![b'2'; 5000]);
     }
 
     #[test]

@@ -911,7 +911,8 @@ impl MainService {
     }
 
     /// At start (and a clean stop): every pool file of the spool not in
-    /// `kept` is emptied for reuse (a large one is removed by a child);
+    /// `kept` is emptied for reuse (a large one is kept whole as the
+    /// spool's spare, `pool::SPARES`, or removed by a child);
     /// anything else not kept is removed.
     fn sweep_spool(&self, kept: &HashSet<PathBuf>) {
         let Ok(entries) = fs::read_dir(&self.spool) else { return };
@@ -1046,7 +1047,7 @@ impl MainService {
             call.xid,
             proto::cloud_proc_name(call.proc_num)
         );
-        conn.sink = Sink::take(call.xid, what, &self.spool_pool);
+        conn.sink = Sink::take(call.xid, what, &self.spool_pool, u64::from(len));
         // Where the job would start now, if on a remote node: the archive
         // goes on there as it arrives (a staged transfer).
         if let Sink::File { path, error: None, .. } = &conn.sink {
@@ -1188,7 +1189,7 @@ impl MainService {
     /// The end of a streamed DEPLOY archive (a client) or NODE_FETCH output
     /// (a link).
     pub(crate) fn stream_end(&mut self, key: usize, conn: &mut Conn) {
-        let Sink::File { xid, what, file, path, error, pool } = std::mem::replace(&mut conn.sink, Sink::None) else {
+        let Sink::File { xid, what, file, path, error, pool, .. } = conn.sink.end() else {
             return;
         };
         drop(file);
@@ -1340,7 +1341,7 @@ impl MainService {
                     // `into` (the coordinator's name) is for in-process
                     // Slurm nodes' links; a link's output takes a spool file.
                     let _ = into;
-                    Sink::take(0, what, &self.spool_pool)
+                    Sink::take(0, what, &self.spool_pool, u64::from(len))
                 };
             }
             ReplyEvent::StreamStart { .. } => conn.sink = Sink::None,

@@ -322,16 +322,16 @@ impl Node {
         self.cfg.dir.join(format!("{ticket}.out"))
     }
 
-    /// The file a NODE_RUN's archive streams into, from the pool.
-    pub fn prepare_archive(&self, ticket: u32) -> io::Result<(File, PathBuf)> {
+    /// The file a NODE_RUN's archive (of `len` bytes) streams into, from
+    /// the pool: its spare if it fits (`Taken::spare`: cut it at the end).
+    pub fn prepare_archive(&self, ticket: u32, len: u64) -> io::Result<crate::pool::Taken> {
         let path = self.archive_path(ticket);
         let pool = self.archive_pool();
         let mut pool = pool.borrow_mut();
         if path.symlink_metadata().is_ok() {
             pool.give(&path); // an earlier, stale one
         }
-        let file = pool.take_as(&path)?;
-        Ok((file, path))
+        pool.take_as_for(&path, Some(len))
     }
 
     /// A stage (a file of the pool its main server filled with NODE_STAGE)

@@ -130,10 +130,12 @@ pub(crate) enum LocalNode {
 }
 
 impl LocalNode {
-    fn prepare_archive(&self, ticket: u32) -> std::io::Result<(fs::File, PathBuf)> {
+    fn prepare_archive(&self, ticket: u32, len: u64) -> std::io::Result<crate::pool::Taken> {
         match self {
-            LocalNode::Fork(n) => n.prepare_archive(ticket),
-            LocalNode::Slurm(n) => n.prepare_archive(ticket),
+            LocalNode::Fork(n) => n.prepare_archive(ticket, len),
+            LocalNode::Slurm(n) => {
+                n.prepare_archive(ticket).map(|(file, path)| crate::pool::Taken { file, path, spare: false })
+            }
         }
     }
 
@@ -642,6 +644,7 @@ impl NodeService {
                         path: PathBuf::new(),
                         error: None,
                         pool: None,
+                        cut: false,
                     })
                 }
                 Err(e) => format!("the node cannot store the archive: {e}"),
@@ -724,8 +727,9 @@ impl NodeService {
         }
     }
 
-    /// Where a NODE_RUN's archive streams to, or the GARBAGE_ARGS reply.
-    pub(crate) fn run_sink(&mut self, i: NodeId, call: &Call) -> Result<Sink, Vec<u8>> {
+    /// Where a NODE_RUN's archive (of `len` bytes) streams to, or the
+    /// GARBAGE_ARGS reply.
+    pub(crate) fn run_sink(&mut self, i: NodeId, call: &Call, len: u32) -> Result<Sink, Vec<u8>> {
         let args = RunArgs::decode(&mut XdrReader::new(&call.args)).map_err(|_| garbage(call.xid))?;
         let ticket = args.ticket;
         let what = Streamed::Run { args };
@@ -733,8 +737,10 @@ impl NodeService {
             LocalNode::Fork(n) => Some(n.archive_pool()),
             LocalNode::Slurm(_) => None,
         };
-        Ok(match self.nodes[i].prepare_archive(ticket) {
-            Ok((file, path)) => Sink::File { xid: call.xid, what, file: Some(file), path, error: None, pool },
+        Ok(match self.nodes[i].prepare_archive(ticket, u64::from(len)) {
+            Ok(crate::pool::Taken { file, path, spare }) => {
+                Sink::File { xid: call.xid, what, file: Some(file), path, error: None, pool, cut: spare }
+            }
             Err(e) => Sink::failed(call.xid, what, format!("the node cannot store the archive: {e}")),
         })
     }

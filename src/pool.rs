@@ -19,8 +19,16 @@
 //! A pool grows to its peak of files in use at once (warm-up); at start
 //! it keeps at most `KEEP` free files and removes the rest. Where leases do not work
 //! (a file system without them) a given-back file is removed, as before.
-//! Files of `large` bytes or more are removed by a child (`rm`), never
-//! emptied on the reactor thread (freeing 1 GiB of blocks took 0.16 s).
+//! Files of `large` bytes or more are never emptied on the reactor thread
+//! (freeing 1 GiB of blocks took 0.16 s): a pool made `with_spares` (the
+//! main server's spool: `SPARES`) keeps one whole as its *spare*, under
+//! the same lease, link and settle rules, and the next stream of a known
+//! large length (`take_for`) writes over it from offset 0 without
+//! truncation (blocks and pages already there: 1 GiB overwritten costs
+//! about half the system time of a fresh file); its taker cuts it to the
+//! bytes it wrote (`cut`) before anything reads it. Others (beyond the
+//! bound, or all of them in a pool without spares) are removed by a child
+//! (`rm`).
 //! Files given back with `give_after_sync` are reused only after
 //! `settle` (the main service calls it once the journal is synced): a
 //! spooled archive is not overwritten while the journal on disk may still
@@ -60,6 +68,44 @@ pub const KEEP: usize = 256;
 /// Dirty files tried per `take` before a new file is made instead.
 const DIRTY_TRIES: usize = 4;
 
+/// Large files the main server's spool keeps whole for reuse (its
+/// spares). One: large uploads come one after another (one client's
+/// stream fills the link), and a spare holds up to `--max-archive` of
+/// disk while idle; more large files given back at once are removed by a
+/// child as before. A node's pools keep none: its large archives come
+/// mostly as stages, whose whole length NODE_STAGE does not carry, so a
+/// spare would seldom be written over and would hold up to
+/// `--max-archive` of the node's archive tmpfs (memory) for nothing.
+pub const SPARES: usize = 1;
+
+/// A file taken by `take_for`.
+#[derive(Debug)]
+pub struct Taken {
+    pub file: File,
+    pub path: PathBuf,
+    /// A spare written over, not emptied: its old bytes past what the
+    /// taker writes are still there until it cuts the file (`cut`).
+    pub spare: bool,
+}
+
+/// A spare is written over by a stream of `len` bytes only if the stream
+/// is large and the spare at most twice as long: cutting its tail then
+/// frees no more blocks than the stream has just written (a 1 GiB spare
+/// cut to 4 MiB would cost 0.14 s on tmpfs, 0.35 s on ext4, on the
+/// reactor thread).
+pub fn spare_fits(spare_len: u64, len: u64, large: u64) -> bool {
+    len >= large && spare_len <= len.saturating_mul(2)
+}
+
+/// A spare's stream is whole: `file` cut to the bytes written into it
+/// (its position), so that none of its previous user's bytes stay past
+/// them.
+pub fn cut(file: &mut File) -> io::Result<()> {
+    use std::io::Seek;
+    let written = file.stream_position()?;
+    file.set_len(written)
+}
+
 #[derive(Debug)]
 pub struct Pool {
     dir: PathBuf,
@@ -73,6 +119,10 @@ pub struct Pool {
     /// Given back while still open somewhere: emptied when taken, if
     /// nobody holds them by then.
     dirty: VecDeque<PathBuf>,
+    /// Large files kept whole, open nowhere when they were given back (at
+    /// most `max_spares`), and their lengths then.
+    spares: Vec<(PathBuf, u64)>,
+    max_spares: usize,
     /// Given back, reusable after the next `settle`.
     settling: Vec<PathBuf>,
     /// The first this many of `settling` are covered by the journal sync
@@ -90,7 +140,11 @@ enum Reset {
     Emptied(File),
     /// Open elsewhere: not now.
     Busy,
-    /// Too large to empty on the reactor thread: removed by a child.
+    /// Too large to empty on the reactor thread, and open nowhere: kept
+    /// whole as a spare (of this length), if there is room.
+    Spare(u64),
+    /// Too large to empty, and no room for another spare: removed by a
+    /// child.
     Large,
 }
 
@@ -113,12 +167,20 @@ impl Pool {
             large,
             free: Vec::new(),
             dirty: VecDeque::new(),
+            spares: Vec::new(),
+            max_spares: 0,
             settling: Vec::new(),
             sealed: 0,
             next: 1,
             retry: None,
             created: 0,
         }
+    }
+
+    /// Keep up to `n` large files whole as spares rather than remove them.
+    pub fn with_spares(mut self, n: usize) -> Pool {
+        self.max_spares = n;
+        self
     }
 
     pub fn shared(self) -> Shared {
@@ -138,7 +200,7 @@ impl Pool {
         if self.idle() >= KEEP {
             return self.discard(path);
         }
-        if self.free.iter().chain(self.dirty.iter()).any(|p| p == path) {
+        if self.holds(path) {
             return; // already ours (a clean stop sweeps again)
         }
         if let Some(n) = path.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_prefix(self.prefix)) {
@@ -150,8 +212,30 @@ impl Pool {
     }
 
     /// A file to write from its start: reused if one is free, else made.
-    /// Returns it opened read-write, and its path.
+    /// Returns it opened read-write and empty, and its path.
     pub fn take(&mut self) -> io::Result<(File, PathBuf)> {
+        self.take_for(None).map(|t| (t.file, t.path))
+    }
+
+    /// As `take`, for a stream of `len` bytes if known: a large one gets
+    /// the spare if it fits (`spare_fits`), opened read-write at offset 0
+    /// and not emptied (`Taken::spare`: the taker must `cut` it once the
+    /// stream is whole, before anything reads it).
+    pub fn take_for(&mut self, len: Option<u64>) -> io::Result<Taken> {
+        if let Some(len) = len {
+            if let Some(i) = self.spares.iter().position(|&(_, n)| spare_fits(n, len, self.large)) {
+                let (path, _) = self.spares.swap_remove(i);
+                match open_rw(&path) {
+                    Ok(file) => return Ok(Taken { file, path, spare: true }),
+                    Err(e) => self.unusable(&path, &e),
+                }
+            }
+        }
+        let (file, path) = self.take_empty()?;
+        Ok(Taken { file, path, spare: false })
+    }
+
+    fn take_empty(&mut self) -> io::Result<(File, PathBuf)> {
         while let Some(path) = self.free.pop() {
             match open_rw(&path) {
                 Ok(f) => return Ok((f, path)),
@@ -160,12 +244,13 @@ impl Pool {
         }
         for _ in 0..DIRTY_TRIES.min(self.dirty.len()) {
             let Some(path) = self.dirty.pop_front() else { break };
-            match reset(&path, self.large) {
+            match self.reset(&path) {
                 Ok(Reset::Emptied(f)) => {
                     self.retry = self.retry.filter(|_| !self.dirty.is_empty());
                     return Ok((f, path));
                 }
                 Ok(Reset::Busy) => self.dirty.push_back(path),
+                Ok(Reset::Spare(len)) => self.spares.push((path, len)),
                 Ok(Reset::Large) => self.discard(&path),
                 Err(e) => self.unusable(&path, &e),
             }
@@ -193,13 +278,21 @@ impl Pool {
     /// A renaming pool: a file taken and renamed to `to` (which must not
     /// exist), opened read-write and empty.
     pub fn take_as(&mut self, to: &Path) -> io::Result<File> {
-        let (file, path) = self.take()?;
+        self.take_as_for(to, None).map(|t| t.file)
+    }
+
+    /// As `take_as`, for a stream of `len` bytes if known (`take_for`).
+    pub fn take_as_for(&mut self, to: &Path, len: Option<u64>) -> io::Result<Taken> {
+        let Taken { file, path, spare } = self.take_for(len)?;
         if let Err(e) = rename_noreplace(&path, to) {
-            // Back where it was (empty): nothing lost.
-            self.free.push(path);
+            // Back where it was (empty, or the spare still whole): nothing lost.
+            match spare {
+                true => self.spares.push((path, file.metadata().map_or(0, |m| m.len()))),
+                false => self.free.push(path),
+            }
             return Err(e);
         }
-        Ok(file)
+        Ok(Taken { file, path: to.to_path_buf(), spare })
     }
 
     /// A file no longer needed: emptied and reused (a renaming pool
@@ -216,10 +309,16 @@ impl Pool {
         self.recycle(path);
     }
 
-    /// A given-back file: emptied now if nobody holds it, else dirty.
+    /// A given-back file: emptied now if nobody holds it (or kept whole
+    /// as the spare), else dirty. One given back twice (a stream that
+    /// failed, then ended) is listed once: two takers never share it.
     fn recycle(&mut self, path: PathBuf) {
-        match reset(&path, self.large) {
+        if self.holds(&path) {
+            return;
+        }
+        match self.reset(&path) {
             Ok(Reset::Emptied(_)) => self.free.push(path),
+            Ok(Reset::Spare(len)) => self.spares.push((path, len)),
             Ok(Reset::Busy) => {
                 self.dirty.push_back(path);
                 if self.retry.is_none() {
@@ -246,8 +345,9 @@ impl Pool {
         }
         for _ in 0..self.dirty.len() {
             let Some(path) = self.dirty.pop_front() else { break };
-            match reset(&path, self.large) {
+            match self.reset(&path) {
                 Ok(Reset::Emptied(_)) => self.free.push(path),
+                Ok(Reset::Spare(len)) => self.spares.push((path, len)),
                 Ok(Reset::Busy) => self.dirty.push_back(path),
                 Ok(Reset::Large) => self.discard(&path),
                 Err(e) => self.unusable(&path, &e),
@@ -274,7 +374,14 @@ impl Pool {
 
     /// As `give`, but reusable only after the next `settle`.
     pub fn give_after_sync(&mut self, path: &Path) {
-        self.settling.push(path.to_path_buf());
+        if !self.holds(path) && !self.settling.iter().any(|p| p == path) {
+            self.settling.push(path.to_path_buf());
+        }
+    }
+
+    /// Whether `path` is one of the pool's free files already.
+    fn holds(&self, path: &Path) -> bool {
+        self.free.iter().chain(self.dirty.iter()).chain(self.spares.iter().map(|(p, _)| p)).any(|p| p == path)
     }
 
     /// The journal is synced: files given back before are reusable.
@@ -301,9 +408,23 @@ impl Pool {
         }
     }
 
-    /// Free files (emptied or waiting for their last reader).
+    /// Free files (emptied, kept as spares, or waiting for their last
+    /// reader).
     pub fn idle(&self) -> usize {
-        self.free.len() + self.dirty.len()
+        self.free.len() + self.dirty.len() + self.spares.len()
+    }
+
+    /// Large files kept whole for reuse (at most `with_spares`).
+    pub fn spares(&self) -> usize {
+        self.spares.len()
+    }
+
+    /// Empty the file at `path` if no descriptor anywhere but ours is open
+    /// on it (the kernel's write-lease rule), and return it open
+    /// read-write; a large one is not emptied but kept whole as a spare
+    /// if there is room, under the same rule.
+    fn reset(&self, path: &Path) -> io::Result<Reset> {
+        reset(path, self.large, self.spares.len() < self.max_spares)
     }
 
     fn is_own(&self, path: &Path) -> bool {
@@ -345,8 +466,10 @@ fn open_rw(path: &Path) -> io::Result<File> {
 }
 
 /// Empty the file at `path` if no descriptor anywhere but ours is open on
-/// it (the kernel's write-lease rule), and return it open read-write.
-fn reset(path: &Path, large: u64) -> io::Result<Reset> {
+/// it (the kernel's write-lease rule), and return it open read-write. A
+/// large one is not emptied: with `room` for a spare it is kept whole
+/// under the same rule, else removed by a child.
+fn reset(path: &Path, large: u64, room: bool) -> io::Result<Reset> {
     use std::os::unix::fs::MetadataExt;
     let f = open_rw(path)?;
     let meta = f.metadata()?;
@@ -355,7 +478,8 @@ fn reset(path: &Path, large: u64) -> io::Result<Reset> {
         // show the next job's bytes there. Never reused.
         return Err(io::Error::other("it has other links"));
     }
-    if meta.len() >= large {
+    let len = meta.len();
+    if len >= large && !room {
         return Ok(Reset::Large);
     }
     // SAFETY: fcntl on a descriptor we own; F_SETLEASE takes an int.
@@ -365,6 +489,12 @@ fn reset(path: &Path, large: u64) -> io::Result<Reset> {
             Some(libc::EAGAIN | libc::EBUSY) => Ok(Reset::Busy),
             _ => Err(e),
         };
+    }
+    if len >= large {
+        // Nobody holds it: kept whole, written over by its next taker.
+        // SAFETY: as above; drops the lease.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+        return Ok(Reset::Spare(len));
     }
     let emptied = f.set_len(0);
     // SAFETY: as above; drops the lease.
@@ -466,6 +596,23 @@ mod tests {
     }
 
     #[test]
+    fn a_file_given_back_twice_is_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::new(dir.path(), "p-", false, 1 << 20);
+        let (_, a) = pool.take().unwrap();
+        // A write failed (given back), then the stream ended (again).
+        pool.give(&a);
+        pool.give(&a);
+        pool.give_after_sync(&a);
+        pool.settle();
+        assert_eq!(pool.idle(), 1);
+        let (_, b) = pool.take().unwrap();
+        let (_, c) = pool.take().unwrap();
+        assert_eq!(b, a);
+        assert_ne!(c, a, "two uploads never share one file");
+    }
+
+    #[test]
     fn a_file_with_another_link_is_removed_not_reused() {
         let dir = tempfile::tempdir().unwrap();
         let mut pool = Pool::new(dir.path(), "p-", false, 1 << 20);
@@ -527,6 +674,183 @@ mod tests {
         }
         assert_eq!(pool.idle(), KEEP);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), KEEP);
+    }
+
+    /// A pool whose large files are those of `LARGE_T` bytes or more.
+    const LARGE_T: u64 = 4096;
+
+    fn large_pool(dir: &Path) -> Pool {
+        Pool::new(dir, "p-", false, LARGE_T).with_spares(SPARES)
+    }
+
+    /// A large stream: `n` bytes of `b`, written into a file taken for it.
+    fn stream(pool: &mut Pool, n: usize, b: u8) -> (PathBuf, bool) {
+        let Taken { mut file, path, spare } = pool.take_for(Some(n as u64)).unwrap();
+        file.write_all(&vec![b; n]).unwrap();
+        if spare {
+            cut(&mut file).unwrap();
+        }
+        (path, spare)
+    }
+
+    fn gone_soon(p: &Path) -> bool {
+        // The `rm` child's work: waited for with a deadline.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while p.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        !p.exists()
+    }
+
+    #[test]
+    fn a_large_file_is_kept_whole_and_written_over_by_a_large_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = large_pool(dir.path());
+        let (a, spare) = stream(&mut pool, 6000, b'1');
+        assert!(!spare, "nothing to write over yet");
+        let ino = inode(&a);
+        pool.give(&a);
+        assert_eq!(pool.spares(), 1);
+        assert_eq!(fs::metadata(&a).unwrap().len(), 6000, "kept whole, not emptied");
+        let Taken { mut file, path, spare } = pool.take_for(Some(5000)).unwrap();
+        assert!(spare);
+        assert_eq!((&path, inode(&path)), (&a, ino), "the same file, not a new one");
+        assert_eq!(file.stream_position().unwrap(), 0, "written from its start");
+        assert_eq!(file.metadata().unwrap().len(), 6000, "not truncated when taken");
+        file.write_all(&[b'2'; 5000]).unwrap();
+        cut(&mut file).unwrap();
+        drop(file);
+        assert_eq!(fs::read(&a).unwrap(), vec![b'2'; 5000], "no byte of the first stream past the second's");
+        assert_eq!(pool.created, 1);
+        assert_eq!(pool.spares(), 0, "lent out");
+    }
+
+    #[test]
+    fn the_spare_is_not_taken_by_a_small_stream_nor_one_under_half_its_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = large_pool(dir.path());
+        let (a, _) = stream(&mut pool, 10_000, b'1');
+        pool.give(&a);
+        let (small, spare) = stream(&mut pool, 100, b's');
+        assert!(!spare && small != a, "a small stream gets an empty file");
+        let (_, b) = pool.take().unwrap();
+        assert!(b != a, "so does an unknown length");
+        let (half, spare) = stream(&mut pool, 4999, b'h');
+        assert!(!spare && half != a, "cutting 10000 to 4999 would free more than it wrote");
+        assert_eq!(pool.spares(), 1);
+        assert_eq!(fs::metadata(&a).unwrap().len(), 10_000, "untouched");
+        let (c, spare) = stream(&mut pool, 5000, b'c');
+        assert!(spare && c == a);
+        assert_eq!(fs::read(&a).unwrap(), vec![b'c'; 5000]);
+    }
+
+    #[test]
+    fn the_spare_is_not_written_over_while_open_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = large_pool(dir.path());
+        let (a, _) = stream(&mut pool, 6000, b'1');
+        // A reply still sending it, a replica's init still extracting it.
+        let mut reader = File::open(&a).unwrap();
+        pool.give(&a);
+        assert_eq!(pool.spares(), 0);
+        let (b, spare) = stream(&mut pool, 6000, b'2');
+        assert!(!spare && b != a, "busy: a new file instead");
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        assert_eq!(got, vec![b'1'; 6000], "the reader's bytes are intact");
+        drop(reader);
+        let at = pool.retry_at().expect("tried again");
+        pool.on_timer(at);
+        assert_eq!(pool.spares(), 1, "closed: kept as the spare");
+        assert_eq!(stream(&mut pool, 6000, b'3'), (a, true));
+    }
+
+    #[test]
+    fn at_most_one_spare_is_kept_the_others_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = large_pool(dir.path());
+        let (a, _) = stream(&mut pool, 6000, b'a');
+        let (b, _) = stream(&mut pool, 6000, b'b');
+        pool.give(&a);
+        pool.give(&b);
+        assert_eq!(pool.spares(), SPARES);
+        assert!(gone_soon(&b), "beyond the bound: removed by a child");
+        assert_eq!(stream(&mut pool, 6000, b'c'), (a, true));
+    }
+
+    #[test]
+    fn a_pool_without_spares_removes_its_large_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::new(dir.path(), "p-", false, LARGE_T);
+        let (a, _) = stream(&mut pool, 6000, b'a');
+        pool.give(&a);
+        assert_eq!(pool.spares(), 0);
+        assert!(gone_soon(&a), "removed by a child");
+    }
+
+    #[test]
+    fn a_spare_given_after_a_sync_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = large_pool(dir.path());
+        let (a, _) = stream(&mut pool, 6000, b'a');
+        pool.give_after_sync(&a);
+        let (b, spare) = stream(&mut pool, 6000, b'b');
+        assert!(!spare && b != a, "the journal may still name it");
+        assert_eq!(fs::read(&a).unwrap(), vec![b'a'; 6000]);
+        pool.settle();
+        assert_eq!(stream(&mut pool, 6000, b'c'), (a, true));
+    }
+
+    #[test]
+    fn a_large_file_with_another_link_is_never_a_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = large_pool(dir.path());
+        let (a, _) = stream(&mut pool, 6000, b'a');
+        let elsewhere = dir.path().join("linked");
+        fs::hard_link(&a, &elsewhere).unwrap();
+        pool.give(&a);
+        assert_eq!(pool.spares(), 0);
+        let (b, spare) = stream(&mut pool, 6000, b'b');
+        assert!(!spare && b != a);
+        assert_eq!(fs::read(&elsewhere).unwrap(), vec![b'a'; 6000]);
+    }
+
+    #[test]
+    fn a_start_keeps_one_large_file_as_the_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in 1..=3 {
+            fs::write(dir.path().join(format!("p-{n}")), vec![b'0' + n as u8; 6000]).unwrap();
+        }
+        fs::write(dir.path().join("p-4"), "small").unwrap();
+        let mut pool = large_pool(dir.path());
+        for n in 1..=4 {
+            pool.adopt(&dir.path().join(format!("p-{n}")));
+        }
+        assert_eq!((pool.spares(), pool.idle()), (1, 2), "one spare, one emptied small file");
+        assert!(gone_soon(&dir.path().join("p-2")) && gone_soon(&dir.path().join("p-3")));
+        let (a, spare) = stream(&mut pool, 5000, b'n');
+        assert_eq!((a.clone(), spare), (dir.path().join("p-1"), true));
+        assert_eq!(fs::read(&a).unwrap(), vec![b'n'; 5000]);
+    }
+
+    #[test]
+    fn a_renaming_pool_lends_its_spare_under_the_new_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::new(dir.path(), "free-", true, LARGE_T).with_spares(1);
+        let one = dir.path().join("1.tar.gz");
+        let mut t = pool.take_as_for(&one, Some(6000)).unwrap();
+        assert!(!t.spare);
+        t.file.write_all(&[b'1'; 6000]).unwrap();
+        drop(t);
+        let ino = inode(&one);
+        pool.give(&one);
+        assert_eq!(pool.spares(), 1);
+        let two = dir.path().join("2.tar.gz");
+        let mut t = pool.take_as_for(&two, Some(4500)).unwrap();
+        assert!(t.spare && t.path == two && inode(&two) == ino);
+        t.file.write_all(&[b'2'; 4500]).unwrap();
+        cut(&mut t.file).unwrap();
+        assert_eq!(fs::read(&two).unwrap(), vec![b'2'; 4500]);
     }
 
     #[test]

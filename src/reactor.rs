@@ -366,7 +366,9 @@ impl Server {
             job_uids: cfg.identities.iter().flatten().map(|(u, _)| u.as_raw()).collect(),
             tickets,
             extract_limits: cfg.limits.extract,
-            spool_pool: crate::pool::Pool::new(&spool, "p-", false, crate::pool::LARGE).shared(),
+            spool_pool: crate::pool::Pool::new(&spool, "p-", false, crate::pool::LARGE)
+                .with_spares(crate::pool::SPARES)
+                .shared(),
             inflate_scratch: Vec::new(),
             max_output: cfg.max_output,
             secret: cfg.secret.clone(),
@@ -1290,7 +1292,7 @@ impl Server {
                     Err(reply) => conn.outbox.push_bytes(reply),
                 }
             }
-            Role::NodeInbound(i) => match self.nodes.run_sink(i, &call) {
+            Role::NodeInbound(i) => match self.nodes.run_sink(i, &call, len) {
                 Ok(sink) => {
                     log::debug!("connection {key}: xid {:#x}: receiving a {len} byte archive", call.xid);
                     conn.sink = sink;
@@ -1314,7 +1316,7 @@ impl Server {
             }
             return;
         };
-        let (xid, args, error) = match std::mem::replace(&mut conn.sink, Sink::None) {
+        let (xid, args, error) = match conn.sink.end() {
             Sink::File { xid, what: Streamed::Run { args }, error, .. } => (xid, args, error),
             Sink::File { xid, what: Streamed::Stage { args, len }, error, .. } => {
                 let reply = self.nodes.stage_received(key, xid, args, len, error);
