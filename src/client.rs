@@ -2,7 +2,7 @@
 //!
 //! Owns: one TCP connection (connect timeout, keepalive, a timeout on every
 //! wait), xids that do not repeat across runs, AUTH_SYS credentials of the
-//! process, sending calls (archives streamed from a file in fragments),
+//! process, sending calls (archives streamed from a file in fragments, by sendfile),
 //! reading one reply record per call in few reads (RETRIEVE's outputs
 //! streamed into files as they arrive, never held whole, fsynced when asked), with
 //! few system calls per call (a client process per job is a cost users pay),
@@ -218,13 +218,21 @@ impl Client {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
         let mut out = Outbox::with_max_fragment(SEND_FRAGMENT);
+        // An archive goes by sendfile (`write_to_socket`: no copy through
+        // our memory; in the main server's receive path it measured faster
+        // end to end), on the socket made non-blocking for the while.
+        let file = pieces.iter().any(|p| matches!(p, Piece::File { .. }));
         out.push(pieces);
         let wait = match self.timeout {
             Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
             None => PollTimeout::NONE,
         };
-        loop {
-            let wrote = out.write_to(&mut DontWait(&self.stream));
+        if file {
+            self.stream.set_nonblocking(true)?;
+        }
+        let sent = loop {
+            let wrote =
+                if file { out.write_to_socket(&mut &self.stream) } else { out.write_to(&mut DontWait(&self.stream)) };
             if let Some(progress) = self.progress.as_mut() {
                 progress(out.written());
             }
@@ -242,7 +250,11 @@ impl Client {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => break Err(e.into()),
             }
+        };
+        if file {
+            self.stream.set_nonblocking(false)?;
         }
+        sent
     }
 
     /// The call header for `proc_num` with our credentials.

@@ -6,6 +6,8 @@
 mod common;
 
 use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
@@ -43,7 +45,21 @@ fn a_deploy_killed_mid_upload_makes_no_job_and_leaves_nothing_in_the_spool() {
     let ok = Command::new("tar").arg("czf").arg(&archive).arg("-C").arg(&src).arg(".").status().unwrap();
     assert!(ok.success());
 
+    // However fast uploads are, this one is caught midway: the server is
+    // paused while the client fills the socket's buffers (a few MiB of the
+    // 48), then the client is paused and the server goes on, taking what
+    // was sent; only then is the client killed.
+    let server = Pid::from_raw(c.pid() as i32);
+    kill(server, Signal::SIGSTOP).unwrap();
     let mut deploy = Reaped(c.cloud_spawn(&["deploy", "1", archive.to_str().unwrap()]));
+    let sent = |pid: u32| {
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+        io.lines().find_map(|l| l.strip_prefix("wchar: ")).and_then(|n| n.trim().parse::<u64>().ok()).unwrap_or(0)
+    };
+    let client = Pid::from_raw(deploy.0.id() as i32);
+    wait_within(Duration::from_secs(30), "the upload to be under way", || sent(deploy.0.id()) >= 1 << 20);
+    kill(client, Signal::SIGSTOP).unwrap();
+    kill(server, Signal::SIGCONT).unwrap();
     // Mid-upload: the server has started spooling this archive.
     wait_within(Duration::from_secs(30), "the upload to start spooling", || !spool_data(&c).is_empty());
     deploy.0.kill().unwrap();
