@@ -1028,10 +1028,10 @@ impl Server {
                 self.again(key);
                 break;
             }
-            *budget -= 1;
-            // A DEPLOY's spliced bytes left unchecked by the last turn
-            // (they inflated too much for one): first, then the stream's
-            // end if they were its last.
+            // A DEPLOY's spliced bytes not yet checked (just spliced, or
+            // left by the last turn, whose share they used up): first, then
+            // the stream's end if they were its last. Part of the read that
+            // brought them, so no share of its own.
             if conn.sink.unchecked().is_some_and(|(_, n)| n > 0) {
                 match self.check_spliced(key, conn, &mut buf) {
                     Checked::Refused => {}
@@ -1043,6 +1043,7 @@ impl Server {
                 }
                 continue;
             }
+            *budget -= 1;
             if !conn.held.is_empty() {
                 let held = std::mem::take(&mut conn.held);
                 self.feed(key, conn, &held);
@@ -1073,17 +1074,10 @@ impl Server {
                     if let Reader::Calls(r) = &mut conn.reader {
                         r.direct_taken(n as u64);
                     }
-                    // A DEPLOY's: checked now, as far as this turn allows.
-                    match self.check_spliced(key, conn, &mut buf) {
-                        Checked::Refused => {}
-                        Checked::More => {
-                            self.again(key);
-                            break;
-                        }
-                        // The stream's end, if that was its last byte.
-                        Checked::Done => self.feed(key, conn, &[]),
+                    if conn.sink.unchecked().is_none() {
+                        self.feed(key, conn, &[]); // the stream's end, if that was its last byte
                     }
-                    continue;
+                    continue; // a DEPLOY's: checked at the top, then its end
                 }
                 Some(r) => r,
                 None => conn.stream.read(&mut buf),
