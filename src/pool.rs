@@ -197,11 +197,11 @@ impl Pool {
     /// highest. A renaming pool's non-pool names are renamed first.
     /// Beyond `KEEP` free files, it is removed instead.
     pub fn adopt(&mut self, path: &Path) {
+        if self.holds(path) {
+            return; // already ours (a clean stop sweeps again), even with KEEP free
+        }
         if self.idle() >= KEEP {
             return self.discard(path);
-        }
-        if self.holds(path) {
-            return; // already ours (a clean stop sweeps again)
         }
         if let Some(n) = path.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_prefix(self.prefix)) {
             if let Ok(n) = n.parse::<u64>() {
@@ -533,6 +533,31 @@ mod tests {
         f.read_to_string(&mut s).unwrap();
         assert_eq!(s, "", "emptied");
         assert_eq!(pool.created, 1);
+    }
+
+    /// A clean stop sweeps the directory again: a file the pool lists is
+    /// left alone even when the pool is full (it was removed while still
+    /// listed, and a later take found it gone).
+    #[test]
+    fn a_full_pool_sweeping_its_own_files_again_removes_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::new(dir.path(), "p-", false, 1 << 20);
+        for i in 0..KEEP {
+            let path = dir.path().join(format!("p-{i}"));
+            fs::write(&path, b"").unwrap();
+            pool.adopt(&path);
+        }
+        assert_eq!(pool.idle(), KEEP);
+        for i in 0..KEEP {
+            pool.adopt(&dir.path().join(format!("p-{i}")));
+        }
+        let left = fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, KEEP, "every listed file is still there");
+        // Beyond KEEP, a file of its own is still removed.
+        let extra = dir.path().join("p-9999");
+        fs::write(&extra, b"").unwrap();
+        pool.adopt(&extra);
+        assert!(!extra.exists(), "removed: the pool is full");
     }
 
     #[test]
