@@ -227,9 +227,6 @@ impl Sink {
         use nix::fcntl::{splice, SpliceFFlags};
         let Sink::File {
             file: Some(f),
-            path,
-            error,
-            pool,
             what: what @ (Streamed::Run { .. } | Streamed::Stage { .. } | Streamed::Deploy { .. }),
             ..
         } = self
@@ -246,6 +243,7 @@ impl Sink {
             }
         };
         let mut left = got;
+        let mut failed = None;
         while left > 0 {
             match splice(&pipe.r, None, &*f, None, left, SpliceFFlags::SPLICE_F_MOVE) {
                 Ok(0) => break,
@@ -255,9 +253,7 @@ impl Sink {
                 }
                 Err(nix::Error::EINTR) => {}
                 Err(e) => {
-                    let e = io::Error::from(e);
-                    log::error!("cannot write {}: {e}", path.display());
-                    *error = Some(store_error(&e));
+                    failed = Some(io::Error::from(e));
                     break;
                 }
             }
@@ -266,15 +262,7 @@ impl Sink {
             // What the file did not take is dropped: the pipe is empty for
             // the next stream, and this one is failed.
             pipe.drain(left);
-            if error.is_none() {
-                *error = Some(store_error(&io::Error::from(io::ErrorKind::WriteZero)));
-            }
-            let (taken, pool) = (std::mem::take(path), pool.clone());
-            if let Sink::File { file, .. } = self {
-                *file = None;
-            }
-            // Given back once here: the path is left empty for the end.
-            give_back(&taken, pool.as_ref());
+            self.fail("write", &failed.unwrap_or_else(|| io::ErrorKind::WriteZero.into()));
         }
         Ok(got)
     }
