@@ -31,11 +31,8 @@ use crate::xdr::{padding, XdrReader, XdrWriter};
 const MAX_REPLY: u64 = 16 << 20;
 /// Largest fragment a call is sent in. The server's decoder takes
 /// fragments of any size (record marking allows 2^31 - 1 bytes); large ones
-/// mean few headers (the server writes a spooled archive in one piece per
-/// read, not split around them) and 1 MiB reads and writes here. The bytes
-/// are copied, not sent with `sendfile`: measured, the server (the
-/// bottleneck) then receives them warm from the cache, 0.1 to 0.2 s of its
-/// CPU less per GiB.
+/// mean few headers (the server reads each header alone and splices the
+/// archive's bytes between them) and long `sendfile` runs here.
 const SEND_FRAGMENT: usize = 1 << 20;
 
 /// What went wrong, as one line for people.

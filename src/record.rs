@@ -163,6 +163,20 @@ impl RecordDecoder {
         }
     }
 
+    /// Inside a streamed opaque, at a fragment mark (or part of one): how
+    /// many bytes of the mark are still to come. A caller that moves the
+    /// opaque's bytes itself (`direct_len`) reads just these, so that the
+    /// bytes behind the mark are moved too, not read into a buffer and
+    /// copied. 0 anywhere else.
+    pub fn mark_left_in_stream(&self) -> usize {
+        match self.phase {
+            Phase::Stream { left: 1.., .. } if self.frag_left == 0 && !(self.in_record && self.last_fragment) => {
+                4 - self.mark_len
+            }
+            _ => 0,
+        }
+    }
+
     /// `n` bytes (at most `direct_len`) of the streamed opaque were moved
     /// by the caller: as if `decode` had passed them on as `StreamData`.
     pub fn direct_taken(&mut self, n: u64) {
@@ -747,6 +761,53 @@ mod tests {
         assert_eq!(moved, b"0123456789");
         assert_eq!(events, ["start 10", "end"]);
         assert_eq!(d.direct_len(), 0);
+        assert!(d.at_boundary());
+    }
+
+    /// A reader that takes just `mark_left_in_stream` bytes at each
+    /// fragment mark moves every byte of an opaque split into many
+    /// fragments itself: the decoder hands on none of them.
+    #[test]
+    fn reading_only_the_marks_leaves_every_opaque_byte_to_move() {
+        let mut payload = vec![0, 0, 0, 7, 0, 0, 0, 10];
+        payload.extend_from_slice(b"0123456789\0\0");
+        // The head whole, then the opaque in fragments of 3 bytes.
+        let mut wire = Vec::new();
+        let mut parts = vec![&payload[..8]];
+        parts.extend(payload[8..].chunks(3));
+        for (i, part) in parts.iter().enumerate() {
+            let mark = part.len() as u32 | if i + 1 == parts.len() { LAST_FRAGMENT } else { 0 };
+            wire.extend_from_slice(&mark.to_be_bytes());
+            wire.extend_from_slice(part);
+        }
+        let mut d = RecordDecoder::new(1024, 1024);
+        let mut classify = |_: &[u8]| Shape::Stream { len_at: 4 };
+        assert_eq!(d.mark_left_in_stream(), 0, "before the opaque: any read");
+        let (mut at, mut moved, mut ended) = (0, Vec::new(), false);
+        while !ended {
+            let direct = d.direct_len() as usize;
+            if direct > 0 {
+                assert_eq!(d.mark_left_in_stream(), 0);
+                moved.extend_from_slice(&wire[at..at + direct]);
+                d.direct_taken(direct as u64);
+                at += direct;
+                continue;
+            }
+            let want = match d.mark_left_in_stream() {
+                0 => wire.len() - at,
+                n => n,
+            };
+            let (n, ev) = d.decode(&wire[at..at + want], &mut classify);
+            at += n;
+            match ev {
+                Some(Event::StreamData(b)) => panic!("{b:?} read with a mark"),
+                Some(Event::StreamEnd) => ended = true,
+                _ => {}
+            }
+        }
+        assert_eq!(moved, b"0123456789");
+        assert_eq!(at, wire.len());
+        assert_eq!(d.mark_left_in_stream(), 0);
         assert!(d.at_boundary());
     }
 

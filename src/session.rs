@@ -111,6 +111,15 @@ impl CallReader {
         }
     }
 
+    /// At a fragment mark inside such an opaque: the mark's bytes still to
+    /// come, for the caller to read alone (`RecordDecoder::mark_left_in_stream`).
+    pub fn mark_left_in_stream(&self) -> usize {
+        match (self.streaming, &self.refused) {
+            (Some(_), None) => self.decoder.mark_left_in_stream(),
+            _ => 0,
+        }
+    }
+
     /// `n` of those bytes were moved (`RecordDecoder::direct_taken`).
     pub fn direct_taken(&mut self, n: u64) {
         self.decoder.direct_taken(n);
