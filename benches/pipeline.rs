@@ -1016,6 +1016,8 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
         let (s1, c1) = (proc_cpu(pid), children_cpu());
         ours.push(JOBS as f64 / t);
         ours_cpu.push((s1 - s0 + c1 - c0) * 1000.0 / JOBS as f64);
+        let per_job = |cpu: f64| cpu * 1000.0 / JOBS as f64;
+        eprintln!("  burst {r}: server {:.2} ms of CPU a job, clients {:.2}", per_job(s1 - s0), per_job(c1 - c0));
         let t = run_direct(&a.echo, &base.join(format!("direct{r}")), JOBS);
         reference.push(JOBS as f64 / t);
         ref_cpu.push((children_cpu() - c1) * 1000.0 / JOBS as f64);
