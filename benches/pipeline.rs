@@ -676,10 +676,10 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A raw loopback TCP stream of the file's bytes: a sender reading the file
-/// in 1 MiB blocks, a receiver discarding them. Seconds until the receiver
-/// has the last byte.
-fn raw_tcp(path: &Path) -> f64 {
+/// A thread that takes one loopback connection and reads it to its end in
+/// 1 MiB blocks, discarding them: (its address, and the thread, which
+/// returns when it had the last byte and how many bytes came).
+fn discarding_receiver() -> (std::net::SocketAddr, std::thread::JoinHandle<(Instant, u64)>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let receiver = std::thread::spawn(move || {
@@ -694,6 +694,14 @@ fn raw_tcp(path: &Path) -> f64 {
         }
         (Instant::now(), n)
     });
+    (addr, receiver)
+}
+
+/// A raw loopback TCP stream of the file's bytes: a sender reading the file
+/// in 1 MiB blocks, a receiver discarding them. Seconds until the receiver
+/// has the last byte.
+fn raw_tcp(path: &Path) -> f64 {
+    let (addr, receiver) = discarding_receiver();
     let start = Instant::now();
     let mut f = std::fs::File::open(path).unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
@@ -718,20 +726,7 @@ fn raw_tcp(path: &Path) -> f64 {
 /// Seconds until the receiver has the last byte.
 fn splice_relay(path: &Path) -> f64 {
     use nix::fcntl::{splice, SpliceFFlags};
-    let sink_l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let sink_addr = sink_l.local_addr().unwrap();
-    let sink = std::thread::spawn(move || {
-        let (mut s, _) = sink_l.accept().unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
-        loop {
-            match s.read(&mut buf).unwrap() {
-                0 => break,
-                k => n += k as u64,
-            }
-        }
-        (Instant::now(), n)
-    });
+    let (sink_addr, sink) = discarding_receiver();
     let relay_l = TcpListener::bind("127.0.0.1:0").unwrap();
     let relay_addr = relay_l.local_addr().unwrap();
     let relay = std::thread::spawn(move || {
