@@ -22,6 +22,12 @@ use byteorder::{BigEndian, ByteOrder};
 
 use crate::xdr::XdrWriter;
 
+/// A fragment mark inside a streamed opaque is read alone
+/// (`mark_left_in_stream`) only after a fragment at least this long. Behind
+/// small fragments (libtirpc sends 64 KiB ones) one read of the mark with
+/// the fragment's bytes costs fewer calls than a 4-byte read and splices.
+pub const MARK_ALONE_AFTER: usize = 256 * 1024;
+
 /// The last-fragment bit of a record mark.
 pub const LAST_FRAGMENT: u32 = 0x8000_0000;
 /// Largest fragment we send: what libtirpc uses by default.
@@ -90,6 +96,8 @@ pub struct RecordDecoder {
     mark_len: usize,
     frag_left: usize,
     last_fragment: bool,
+    /// The length of the fragment whose mark came last.
+    frag_len: usize,
     in_record: bool,
     head: Vec<u8>,
     phase: Phase,
@@ -110,6 +118,7 @@ impl RecordDecoder {
             mark_len: 0,
             frag_left: 0,
             last_fragment: false,
+            frag_len: 0,
             in_record: false,
             head: Vec::new(),
             phase: Phase::Head { shape: Shape::NeedMore(0) },
@@ -163,14 +172,19 @@ impl RecordDecoder {
         }
     }
 
-    /// Inside a streamed opaque, at a fragment mark (or part of one): how
-    /// many bytes of the mark are still to come. A caller that moves the
-    /// opaque's bytes itself (`direct_len`) reads just these, so that the
-    /// bytes behind the mark are moved too, not read into a buffer and
-    /// copied. 0 anywhere else.
+    /// Inside a streamed opaque, at a fragment mark (or part of one) after
+    /// a fragment of at least `MARK_ALONE_AFTER` bytes: how many bytes of
+    /// the mark are still to come. A caller that moves the opaque's bytes
+    /// itself (`direct_len`) reads just these, so that the bytes behind the
+    /// mark are moved too, not read into a buffer and copied. 0 anywhere
+    /// else (behind small fragments too: a read takes the next one whole).
     pub fn mark_left_in_stream(&self) -> usize {
         match self.phase {
-            Phase::Stream { left: 1.., .. } if self.frag_left == 0 && !(self.in_record && self.last_fragment) => {
+            Phase::Stream { left: 1.., .. }
+                if self.frag_left == 0
+                    && !(self.in_record && self.last_fragment)
+                    && self.frag_len >= MARK_ALONE_AFTER =>
+            {
                 4 - self.mark_len
             }
             _ => 0,
@@ -216,6 +230,7 @@ impl RecordDecoder {
                     let word = BigEndian::read_u32(&self.mark);
                     self.mark_len = 0;
                     self.frag_left = (word & !LAST_FRAGMENT) as usize;
+                    self.frag_len = self.frag_left;
                     self.last_fragment = word & LAST_FRAGMENT != 0;
                     // The first header is free; later ones cost 4 bytes,
                     // unless the fragment carries streamed data.
@@ -765,25 +780,36 @@ mod tests {
     }
 
     /// A reader that takes just `mark_left_in_stream` bytes at each
-    /// fragment mark moves every byte of an opaque split into many
+    /// fragment mark moves every byte of an opaque split into large
     /// fragments itself: the decoder hands on none of them.
     #[test]
     fn reading_only_the_marks_leaves_every_opaque_byte_to_move() {
-        let mut payload = vec![0, 0, 0, 7, 0, 0, 0, 10];
-        payload.extend_from_slice(b"0123456789\0\0");
-        // The head whole, then the opaque in fragments of 3 bytes.
+        let len = 3 * MARK_ALONE_AFTER + 10;
+        let opaque: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut payload = vec![0, 0, 0, 7];
+        payload.extend_from_slice(&(len as u32).to_be_bytes());
+        payload.extend_from_slice(&opaque);
+        payload.extend_from_slice(&[0, 0]); // padding
+                                            // A first fragment with the head and the opaque's start, then
+                                            // fragments of MARK_ALONE_AFTER bytes.
         let mut wire = Vec::new();
-        let mut parts = vec![&payload[..8]];
-        parts.extend(payload[8..].chunks(3));
+        let mut parts = vec![&payload[..MARK_ALONE_AFTER]];
+        parts.extend(payload[MARK_ALONE_AFTER..].chunks(MARK_ALONE_AFTER));
         for (i, part) in parts.iter().enumerate() {
             let mark = part.len() as u32 | if i + 1 == parts.len() { LAST_FRAGMENT } else { 0 };
             wire.extend_from_slice(&mark.to_be_bytes());
             wire.extend_from_slice(part);
         }
-        let mut d = RecordDecoder::new(1024, 1024);
+        let mut d = RecordDecoder::new(1024, 1 << 30);
         let mut classify = |_: &[u8]| Shape::Stream { len_at: 4 };
         assert_eq!(d.mark_left_in_stream(), 0, "before the opaque: any read");
+        // The head, and not a byte of the opaque.
         let (mut at, mut moved, mut ended) = (0, Vec::new(), false);
+        while !matches!(d.decode(&wire[at..at + 1], &mut classify), (1, Some(Event::StreamStart { .. }))) {
+            at += 1;
+        }
+        at += 1;
+        let mut marks = 0;
         while !ended {
             let direct = d.direct_len() as usize;
             if direct > 0 {
@@ -795,19 +821,46 @@ mod tests {
             }
             let want = match d.mark_left_in_stream() {
                 0 => wire.len() - at,
-                n => n,
+                n => {
+                    marks += 1;
+                    n
+                }
             };
             let (n, ev) = d.decode(&wire[at..at + want], &mut classify);
             at += n;
             match ev {
-                Some(Event::StreamData(b)) => panic!("{b:?} read with a mark"),
+                Some(Event::StreamData(b)) => panic!("{} bytes read with a mark", b.len()),
                 Some(Event::StreamEnd) => ended = true,
                 _ => {}
             }
         }
-        assert_eq!(moved, b"0123456789");
+        assert_eq!(moved, opaque);
+        assert_eq!(marks, parts.len() - 1);
         assert_eq!(at, wire.len());
         assert_eq!(d.mark_left_in_stream(), 0);
+        assert!(d.at_boundary());
+    }
+
+    /// Behind small fragments (libtirpc's) a mark is not read alone: one
+    /// read takes it with the fragment's bytes.
+    #[test]
+    fn marks_behind_small_fragments_are_read_with_their_bytes() {
+        let mut payload = vec![0, 0, 0, 7, 0, 0, 0, 10];
+        payload.extend_from_slice(b"0123456789\0\0");
+        let mut wire = Vec::new();
+        let parts: Vec<&[u8]> = payload.chunks(5).collect();
+        for (i, part) in parts.iter().enumerate() {
+            let mark = part.len() as u32 | if i + 1 == parts.len() { LAST_FRAGMENT } else { 0 };
+            wire.extend_from_slice(&mark.to_be_bytes());
+            wire.extend_from_slice(part);
+        }
+        let mut d = RecordDecoder::new(1024, 1024);
+        let mut classify = |_: &[u8]| Shape::Stream { len_at: 4 };
+        let mut at = 0;
+        while at < wire.len() {
+            assert_eq!(d.mark_left_in_stream(), 0, "at {at}");
+            at += d.decode(&wire[at..at + 1], &mut classify).0;
+        }
         assert!(d.at_boundary());
     }
 
