@@ -662,8 +662,27 @@ fn own_cpu(pid: u32) -> f64 {
 }
 
 /// CPU seconds of this process's reaped children (the clients, the shells).
+/// Seconds all CPUs were idle since boot (/proc/stat: idle + iowait).
+fn machine_idle() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<f64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    (cpu.get(3).unwrap_or(&0.0) + cpu.get(4).unwrap_or(&0.0)) / hz
+}
+
 fn children_cpu() -> f64 {
-    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    rusage_cpu(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+}
+
+/// This process's own CPU seconds (its threads starting and waiting for
+/// the client processes).
+fn own_process_cpu() -> f64 {
+    rusage_cpu(nix::sys::resource::UsageWho::RUSAGE_SELF)
+}
+
+fn rusage_cpu(who: nix::sys::resource::UsageWho) -> f64 {
+    let u = nix::sys::resource::getrusage(who).unwrap();
     let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
     t(u.user_time()) + t(u.system_time())
 }
@@ -1008,13 +1027,21 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
     // 200 echo jobs, 4 at a time.
     let (mut ours, mut reference, mut ours_cpu, mut ref_cpu) = (vec![], vec![], vec![], vec![]);
     for r in 0..if only("burst") { rounds } else { 0 } {
-        let (s0, c0) = (proc_cpu(pid), children_cpu());
+        let (s0, c0, b0, i0) = (proc_cpu(pid), children_cpu(), own_process_cpu(), machine_idle());
         let t = run_cluster(&addr, &a.echo, &base.join(format!("burst{r}")), JOBS);
-        let (s1, c1) = (proc_cpu(pid), children_cpu());
+        let (s1, c1, b1, i1) = (proc_cpu(pid), children_cpu(), own_process_cpu(), machine_idle());
         ours.push(JOBS as f64 / t);
-        ours_cpu.push((s1 - s0 + c1 - c0) * 1000.0 / JOBS as f64);
+        // The clients' starts by this process count too, as xargs's do in
+        // the reference's (a child of this process, so in RUSAGE_CHILDREN).
+        ours_cpu.push((s1 - s0 + c1 - c0 + b1 - b0) * 1000.0 / JOBS as f64);
         let per_job = |cpu: f64| cpu * 1000.0 / JOBS as f64;
-        eprintln!("  burst {r}: server {:.2} ms of CPU a job, clients {:.2}", per_job(s1 - s0), per_job(c1 - c0));
+        eprintln!(
+            "  burst {r}: server {:.2} ms of CPU a job, clients {:.2}, this bench starting them {:.2}; the machine idle {:.0}%",
+            per_job(s1 - s0),
+            per_job(c1 - c0),
+            per_job(b1 - b0),
+            (i1 - i0) / (t * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64) * 100.0
+        );
         let t = run_direct(&a.echo, &base.join(format!("direct{r}")), JOBS);
         reference.push(JOBS as f64 / t);
         ref_cpu.push((children_cpu() - c1) * 1000.0 / JOBS as f64);
