@@ -310,6 +310,9 @@ impl Server {
             node_names[i] = format!("127.0.0.1:{port}");
             node_listeners.push(l);
         }
+        // The client port too, before anything is started (the slots'
+        // launchers): a port in use is then refused in its one line.
+        let clients = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
         let work_dir = work_dir(&cfg.work_dir)?;
         // The jobs of an earlier run: their node folders and spooled
         // archives are kept (the rest is cleared), they are restored below.
@@ -327,7 +330,6 @@ impl Server {
         fs::create_dir_all(&spool).map_err(|e| format!("cannot create {}: {e}", spool.display()))?;
 
         let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
-        let clients = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
 
         let (tickets, next_ticket) = TicketStore::open(&cfg.work_dir)?;
         log::info!("tickets continue from {next_ticket}");
@@ -514,9 +516,10 @@ impl Server {
     pub fn ready_line(&self) -> String {
         match &self.main {
             Some(main) => format!(
-                "cloud-server: listening on {} with {} nodes: {}; {}",
+                "cloud-server: listening on {} with {} node{}: {}; {}",
                 self.local_addr,
                 main.node_names.len(),
+                if main.node_names.len() == 1 { "" } else { "s" },
                 main.node_names.join(" "),
                 self.summary
             ),
@@ -1772,11 +1775,57 @@ fn journal_opened_lines(o: &Opened) -> Vec<(log::Level, String)> {
 }
 
 fn bind_error(e: io::Error, addr: SocketAddr, where_: &str) -> String {
-    if e.kind() == io::ErrorKind::AddrInUse {
-        format!("port {} ({where_}) is already in use: stop what uses it or pick another port", addr.port())
-    } else {
-        format!("cannot listen on {addr} ({where_}): {e}")
+    if e.kind() != io::ErrorKind::AddrInUse {
+        return format!("cannot listen on {addr} ({where_}): {e}");
     }
+    let port = addr.port();
+    if !port_listened_on(port) && port_in_time_wait(port) {
+        // Nothing listens there (`ss -ltn` shows nothing): a connection
+        // that used the port as its own end waits out TIME-WAIT.
+        let below = ephemeral_low().map_or(String::new(), |low| {
+            format!(" (below {low}: the kernel gives higher ones to outgoing connections)")
+        });
+        return format!(
+            "port {port} ({where_}) is held by a connection that just closed (TIME-WAIT, about a minute): \
+             wait, or pick another port{below}"
+        );
+    }
+    format!("port {port} ({where_}) is already in use: stop what uses it or pick another port")
+}
+
+/// TCP sockets of this network namespace on local port `port`, by state
+/// (`/proc/net/tcp` and `tcp6`: "st" 0A is LISTEN, 06 TIME_WAIT).
+fn tcp_states_on(port: u16) -> Vec<u8> {
+    let mut states = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            let state = f.get(3).and_then(|s| u8::from_str_radix(s, 16).ok());
+            if let (Some(p), Some(st)) = (local_port, state) {
+                if p == port {
+                    states.push(st);
+                }
+            }
+        }
+    }
+    states
+}
+
+fn port_listened_on(port: u16) -> bool {
+    tcp_states_on(port).contains(&0x0A)
+}
+
+fn port_in_time_wait(port: u16) -> bool {
+    tcp_states_on(port).contains(&0x06)
+}
+
+/// The first port the kernel gives outgoing connections
+/// (`net.ipv4.ip_local_port_range`).
+fn ephemeral_low() -> Option<u16> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Whether `sig` is ignored (SIG_IGN), as `nohup` leaves SIGHUP.

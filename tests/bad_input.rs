@@ -182,6 +182,60 @@ fn bad_nodes_files_are_refused_naming_the_line() {
     drop(taken);
 }
 
+/// A --listen port in use is refused in one line, before any slot
+/// launcher starts (none adds a line of its own): held by a listener, the
+/// line says to stop it or pick another; held only by a connection that
+/// just closed (TIME-WAIT, which `ss -ltn` does not show), it says that.
+#[test]
+fn a_listen_port_in_use_is_refused_in_one_line_that_says_why() {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = dir.path().join("nodes.txt");
+    std::fs::write(&nodes, "1\n0\n").unwrap();
+    let refusal = |port: u16| {
+        let slot_base = (1_000_000 + u32::from(port) * 64).to_string();
+        let out = std::process::Command::new(SERVER)
+            .args(["--slot-uids", &slot_base, "--nodes"])
+            .arg(&nodes)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--work-dir"])
+            .arg(dir.path().join("w"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let err = refusal(taken.local_addr().unwrap().port());
+    assert!(err.contains("is already in use: stop what uses it or pick another port"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+
+    // A connection from a port of our choosing, closed by us first: the
+    // port stays in TIME-WAIT with no listener.
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+    let port = nix::sys::socket::getsockname::<SockaddrIn>(fd.as_raw_fd()).unwrap().port();
+    let to = peer.local_addr().unwrap().port();
+    connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, to)).unwrap();
+    let (mut accepted, _) = peer.accept().unwrap();
+    drop(fd);
+    assert_eq!(accepted.read(&mut [0u8; 1]).unwrap(), 0);
+    drop(accepted);
+    let time_wait = || {
+        std::fs::read_to_string("/proc/net/tcp").unwrap().lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[1].ends_with(&format!(":{port:04X}")) && f[3] == "06"
+        })
+    };
+    wait_until("the closed connection's port in TIME-WAIT", time_wait);
+    let err = refusal(port);
+    assert!(err.contains("held by a connection that just closed (TIME-WAIT"), "{err}");
+    assert!(err.contains("pick another port"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
 #[test]
 fn pipelined_calls_are_answered_in_order_one_at_a_time() {
     let c = Cluster::start(1);
