@@ -91,7 +91,13 @@ fn a_torn_journal_tail_is_dropped_and_the_earlier_jobs_come_back() {
     let second = c.deploy(2, &job(&d, "b.tar.gz", &["@echo second"]));
     c.wait_status(second, |s| s["status"] == "COMPLETED");
     // A clean stop writes everything; then the last record is torn.
+    // The lock file names the server while it runs, and nothing after a
+    // clean stop (its pid may be another process's by then).
+    let lock = c.work().join("server.lock");
+    let pid = c.pid().to_string();
+    assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), pid);
     c.stop_with(Signal::SIGTERM);
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "", "server.lock after a clean stop");
     let journal = c.work().join("journal");
     let len = std::fs::metadata(&journal).expect("journal").len();
     let f = std::fs::OpenOptions::new().write(true).open(&journal).expect("open journal");

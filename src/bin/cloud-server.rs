@@ -575,8 +575,8 @@ fn run(args: Args) -> Result<(), String> {
     let local_slots: usize =
         nodes.nodes.iter().filter(|s| matches!(s.kind, NodeKind::Local { .. })).map(|s| s.slots as usize).sum();
     let ids = identities(&job, local_slots)?;
-    // Held until the process ends.
-    let _work_lock = lock_work_dir(&work_dir)?;
+    // Held until the process ends; emptied at a clean stop (below).
+    let work_lock = lock_work_dir(&work_dir)?;
     // `ids._locks` (the slot uids') are held until the process ends, too.
     let root = Uid::effective().is_root();
     let containment = match (job.uncontained, root) {
@@ -680,6 +680,10 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
     served?;
+    // Its pid no longer names a server of this work dir: `kill $(cat
+    // server.lock)` must not reach whatever process gets the pid next.
+    // (Still locked: a server starting now waits for the exit, not for this.)
+    let _ = work_lock.set_len(0);
     eprintln!("cloud-server: stopped; every replica killed and reaped");
     Ok(())
 }
