@@ -256,6 +256,18 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// Server shutdown, once its groups are gone: remove its parent group
+    /// too. Each work dir has a parent of its own, so without this every
+    /// server ever started on a new work dir would leave one. A parent
+    /// still holding a busy group stays, for the next start on this work
+    /// dir to reclaim. True if every parent went.
+    pub fn remove_parents(&self) -> bool {
+        // Every one tried, whatever the others did.
+        self.parents.iter().filter(|p| fs::remove_dir(p).is_err()).count() == 0
+    }
+}
+
 impl Cgroup {
     fn set_limits(&self, limits: CgroupLimits) -> io::Result<()> {
         let memory = limits.memory.to_string();

@@ -1019,10 +1019,20 @@ impl NodeService {
     /// stay: live tickets' outputs are retrievable after a restart (which
     /// clears the rest).
     pub(crate) fn release(&mut self) {
+        let mut cgroups = None;
         for node in &mut self.nodes {
             match node {
-                LocalNode::Fork(node) => node.release_groups(),
+                LocalNode::Fork(node) => {
+                    node.release_groups();
+                    cgroups = cgroups.or_else(|| node.cfg.cgroups.clone());
+                }
                 LocalNode::Slurm(_) => {}
+            }
+        }
+        // Then the server's parent group (every node shares it).
+        if let Some(groups) = cgroups {
+            if !groups.remove_parents() {
+                log::debug!("the server's cgroup is still busy; the next start on this work dir reclaims it");
             }
         }
     }
