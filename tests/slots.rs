@@ -36,6 +36,10 @@ fn a_node_with_two_slots_runs_two_jobs_at_once_each_as_its_own_uid() {
     // A third job finds both slots taken and waits.
     let tc = c.deploy(1, &job(d, "c.tar.gz", &["@echo c ran"]));
     assert_eq!(c.status_json(tc)["status"], "WAITING");
+    // `status` counts the node once, and its slots in the states.
+    let out = c.cloud(&["status"]);
+    let summary = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
+    assert!(summary.starts_with("nodes: 1, 2 slots (0 free, 2 busy, 0 down); jobs: 1 waiting, 2 running"), "{summary}");
     for (_, conn) in arrived {
         release(conn);
     }

@@ -167,7 +167,7 @@ struct RetrieveArgs {
     about = "Stop a job, keep its outputs: cloud cancel <ticket>",
     after_help = concat!(
         "Examples:\n  cloud cancel 7 && cloud retrieve 7 out   # stop it, then collect what it printed\n\n",
-        "Running replicas end INVALID (killed: cancelled); waiting ones never start.\n",
+        "Running replicas end KILLED (killed: cancelled); waiting ones never start.\n",
         "Exit codes: 0 cancelled (or had already ended); 1 an error; 2 a usage error."
     )
 )]
@@ -631,9 +631,16 @@ fn cluster_text(v: &ClusterView) -> String {
         }
     }
     let count = |s: NodeState| v.nodes.iter().filter(|n| n.state == s).count();
+    // A node with `slots=K` has a line per slot: count it once, and its
+    // slots in the states.
+    let names: std::collections::HashSet<&str> = v.nodes.iter().map(|n| n.name.as_str()).collect();
+    let slots = match v.nodes.len() {
+        n if n == names.len() => String::new(),
+        n => format!(", {n} slots"),
+    };
     out.push_str(&format!(
-        "nodes: {} ({} free, {} busy, {} down); jobs: {} waiting, {} running, {} finished\n",
-        v.nodes.len(),
+        "nodes: {}{slots} ({} free, {} busy, {} down); jobs: {} waiting, {} running, {} finished\n",
+        names.len(),
         count(NodeState::Free),
         count(NodeState::Busy),
         count(NodeState::Down),
