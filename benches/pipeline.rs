@@ -1306,8 +1306,11 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
     drop(server);
 }
 
-/// `CLOUD_BENCH_ONLY=big,burst` runs only those figures (burst, single,
-/// compile, big, idle); unset, all of them.
+/// The figures `CLOUD_BENCH_ONLY` may name.
+const SECTIONS: [&str; 5] = ["burst", "single", "compile", "big", "idle"];
+
+/// `CLOUD_BENCH_ONLY=big,burst` runs only those figures (`SECTIONS`);
+/// unset, all of them.
 fn only(section: &str) -> bool {
     std::env::var("CLOUD_BENCH_ONLY").map_or(true, |v| v.is_empty() || v.split(',').any(|s| s.trim() == section))
 }
@@ -1319,6 +1322,12 @@ fn main() {
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
             eprintln!("could not raise the open files limit from {soft} to {hard}");
+        }
+    }
+    if let Ok(names) = std::env::var("CLOUD_BENCH_ONLY") {
+        if let Some(bad) = names.split(',').map(str::trim).find(|n| !n.is_empty() && !SECTIONS.contains(n)) {
+            eprintln!("CLOUD_BENCH_ONLY: no figure is called {bad:?}; name some of {}", SECTIONS.join(", "));
+            std::process::exit(2);
         }
     }
     let rounds = std::env::var("CLOUD_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3usize).max(3);
