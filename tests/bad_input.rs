@@ -151,6 +151,22 @@ fn queue_full_is_a_clear_error() {
     assert!(c.retrieve(t2).0);
 }
 
+/// Start a server that must refuse to start; its stderr. Slot uids of its
+/// own (from `port`, as `Cluster` does): the default base may belong to a
+/// server already running here.
+fn refused_start(nodes: &std::path::Path, listen: &str, port: u16, work: &std::path::Path) -> String {
+    let slot_base = (1_000_000 + u32::from(port) * 64).to_string();
+    let out = std::process::Command::new(SERVER)
+        .args(["--slot-uids", &slot_base, "--nodes"])
+        .arg(nodes)
+        .args(["--listen", listen, "--work-dir"])
+        .arg(work)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn bad_nodes_files_are_refused_naming_the_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,19 +179,7 @@ fn bad_nodes_files_are_refused_naming_the_line() {
     ] {
         let f = dir.path().join("nodes.txt");
         std::fs::write(&f, &text).unwrap();
-        // Slot uids of our own (from the held port, as `Cluster` does): the
-        // default base may belong to a server already running here.
-        let slot_base = (1_000_000 + u32::from(port) * 64).to_string();
-        let out = std::process::Command::new(SERVER)
-            .args(["--slot-uids", &slot_base])
-            .arg("--nodes")
-            .arg(&f)
-            .args(["--listen", "127.0.0.1:0", "--work-dir"])
-            .arg(dir.path().join("w"))
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused_start(&f, "127.0.0.1:0", port, &dir.path().join("w"));
         assert!(err.contains(want), "{err:?} should contain {want:?}");
         assert_eq!(err.lines().count(), 1, "one line: {err}");
     }
@@ -193,18 +197,7 @@ fn a_listen_port_in_use_is_refused_in_one_line_that_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = dir.path().join("nodes.txt");
     std::fs::write(&nodes, "1\n0\n").unwrap();
-    let refusal = |port: u16| {
-        let slot_base = (1_000_000 + u32::from(port) * 64).to_string();
-        let out = std::process::Command::new(SERVER)
-            .args(["--slot-uids", &slot_base, "--nodes"])
-            .arg(&nodes)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--work-dir"])
-            .arg(dir.path().join("w"))
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let refusal = |port: u16| refused_start(&nodes, &format!("127.0.0.1:{port}"), port, &dir.path().join("w"));
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let err = refusal(taken.local_addr().unwrap().port());
@@ -385,16 +378,7 @@ fn a_node_line_on_the_client_port_is_named_as_such() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let f = dir.path().join("nodes.txt");
     std::fs::write(&f, format!("1\n{port}\n")).unwrap();
-    let slot_base = (1_000_000 + u32::from(port) * 64).to_string();
-    let out = std::process::Command::new(SERVER)
-        .args(["--slot-uids", &slot_base, "--nodes"])
-        .arg(&f)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--work-dir"])
-        .arg(dir.path().join("w"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&f, &format!("127.0.0.1:{port}"), port, &dir.path().join("w"));
     assert!(err.contains(&format!("line 2: port {port} is also the client port")), "{err}");
     assert!(!err.contains("already in use"), "{err}");
 }
