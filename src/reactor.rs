@@ -1779,7 +1779,8 @@ fn bind_error(e: io::Error, addr: SocketAddr, where_: &str) -> String {
         return format!("cannot listen on {addr} ({where_}): {e}");
     }
     let port = addr.port();
-    if !port_listened_on(port) && port_in_time_wait(port) {
+    let states = tcp_states_on(port);
+    if !states.contains(&TCP_LISTEN) && states.contains(&TCP_TIME_WAIT) {
         // Nothing listens there (`ss -ltn` shows nothing): a connection
         // that used the port as its own end waits out TIME-WAIT.
         let below = ephemeral_low().map_or(String::new(), |low| {
@@ -1813,13 +1814,9 @@ fn tcp_states_on(port: u16) -> Vec<u8> {
     states
 }
 
-fn port_listened_on(port: u16) -> bool {
-    tcp_states_on(port).contains(&0x0A)
-}
-
-fn port_in_time_wait(port: u16) -> bool {
-    tcp_states_on(port).contains(&0x06)
-}
+/// `/proc/net/tcp`'s "st" of a listening socket, and of one in TIME-WAIT.
+const TCP_LISTEN: u8 = 0x0A;
+const TCP_TIME_WAIT: u8 = 0x06;
 
 /// The first port the kernel gives outgoing connections
 /// (`net.ipv4.ip_local_port_range`).

@@ -789,9 +789,9 @@ mod tests {
         let mut payload = vec![0, 0, 0, 7];
         payload.extend_from_slice(&(len as u32).to_be_bytes());
         payload.extend_from_slice(&opaque);
-        payload.extend_from_slice(&[0, 0]); // padding
-                                            // A first fragment with the head and the opaque's start, then
-                                            // fragments of MARK_ALONE_AFTER bytes.
+        // Its padding; then a first fragment with the head and the opaque's
+        // start, and fragments of MARK_ALONE_AFTER bytes.
+        payload.extend_from_slice(&[0, 0]);
         let mut wire = Vec::new();
         let mut parts = vec![&payload[..MARK_ALONE_AFTER]];
         parts.extend(payload[MARK_ALONE_AFTER..].chunks(MARK_ALONE_AFTER));
