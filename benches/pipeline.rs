@@ -718,14 +718,47 @@ fn discarding_receiver() -> (std::net::SocketAddr, std::thread::JoinHandle<(Inst
     (addr, receiver)
 }
 
+/// The congestion control our programs give a loopback connection, as the
+/// servers decide it from `--tcp-congestion` in `CLOUD_BENCH_ARGS` (default
+/// auto; the client follows auto): `None` where they keep the system's.
+fn loopback_congestion() -> Option<String> {
+    let args = std::env::var("CLOUD_BENCH_ARGS").unwrap_or_default();
+    let mut words = args.split_whitespace();
+    let mut policy = cloudinfra::congestion::Policy::Auto;
+    while let Some(w) = words.next() {
+        let value = match w.strip_prefix("--tcp-congestion") {
+            Some("") => words.next(),
+            Some(v) => v.strip_prefix('='),
+            None => None,
+        };
+        if let Some(v) = value {
+            policy = v.parse().unwrap();
+        }
+    }
+    let choice = cloudinfra::congestion::choose(&policy).unwrap();
+    if let Some(line) = &choice.line {
+        eprintln!("  {line}");
+    }
+    choice.for_peer(std::net::Ipv4Addr::LOCALHOST.into()).map(str::to_owned)
+}
+
 /// A raw loopback TCP stream of the file's bytes: a sender reading the file
 /// in 1 MiB blocks, a receiver discarding them. Seconds until the receiver
 /// has the last byte.
 fn raw_tcp(path: &Path) -> f64 {
+    raw_tcp_using(path, None)
+}
+
+/// `raw_tcp` with the sender's congestion control set to `cc` (what our
+/// programs give loopback connections), instead of the system's.
+fn raw_tcp_using(path: &Path, cc: Option<&str>) -> f64 {
     let (addr, receiver) = discarding_receiver();
     let start = Instant::now();
     let mut f = std::fs::File::open(path).unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
+    if let Some(cc) = cc {
+        cloudinfra::congestion::set(&s, cc).unwrap();
+    }
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let k = f.read(&mut buf).unwrap();
@@ -744,15 +777,21 @@ fn raw_tcp(path: &Path) -> f64 {
 /// `sendfile`s the file to a relay, which splices the bytes through a pipe
 /// on to a receiver that discards them, as `raw_tcp`'s does (nothing is
 /// checked, kept or written). Threads of this process, as `raw_tcp`'s.
+/// Both hops use `link_cc`, as our client and node links do on loopback
+/// (`congestion`).
 /// Seconds until the receiver has the last byte.
-fn splice_relay(path: &Path) -> f64 {
+fn splice_relay(path: &Path, link_cc: Option<&str>) -> f64 {
     use nix::fcntl::{splice, SpliceFFlags};
     let (sink_addr, sink) = discarding_receiver();
     let relay_l = TcpListener::bind("127.0.0.1:0").unwrap();
     let relay_addr = relay_l.local_addr().unwrap();
+    let hop_cc = link_cc.map(str::to_owned);
     let relay = std::thread::spawn(move || {
         let (from, _) = relay_l.accept().unwrap();
         let to = TcpStream::connect(sink_addr).unwrap();
+        if let Some(cc) = &hop_cc {
+            cloudinfra::congestion::set(&to, cc).unwrap();
+        }
         let (r, w) = nix::unistd::pipe().unwrap();
         let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
         loop {
@@ -770,6 +809,9 @@ fn splice_relay(path: &Path) -> f64 {
     let f = std::fs::File::open(path).unwrap();
     let len = f.metadata().unwrap().len() as usize;
     let s = TcpStream::connect(relay_addr).unwrap();
+    if let Some(cc) = link_cc {
+        cloudinfra::congestion::set(&s, cc).unwrap();
+    }
     let mut sent = 0;
     while sent < len {
         sent += nix::sys::sendfile::sendfile(&s, &f, None, len - sent).unwrap();
@@ -1145,8 +1187,12 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
         eprintln!("  remote node large warm-up: {:.3} s to the node", t.0);
         let _ = std::fs::write(format!("/proc/{}/clear_refs", main.pid()), "5");
         let _ = std::fs::write(format!("/proc/{}/clear_refs", node.pid()), "5");
-        splice_relay(big);
-        let (mut transfer, mut whole, mut reference, mut relay) = (vec![], vec![], vec![], vec![]);
+        // What our programs use on loopback, for the relay's hops and a
+        // second raw stream.
+        let link_cc = loopback_congestion();
+        let link_cc = link_cc.as_deref();
+        splice_relay(big, link_cc);
+        let (mut transfer, mut whole, mut reference, mut relay, mut same_cc) = (vec![], vec![], vec![], vec![], vec![]);
         for r in 0..rounds {
             let dir = base.join(format!("big-remote{r}"));
             let (landed, total) = remote_round(&main, &node_work, big, &dir);
@@ -1154,7 +1200,10 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
             whole.push(bytes / total / 1e6);
             std::fs::remove_dir_all(&dir).unwrap();
             reference.push(bytes / raw_tcp(big) / 1e6);
-            relay.push(bytes / splice_relay(big) / 1e6);
+            relay.push(bytes / splice_relay(big, link_cc) / 1e6);
+            if link_cc.is_some() {
+                same_cc.push(bytes / raw_tcp_using(big, link_cc) / 1e6);
+            }
         }
         let hwm = (proc_status_kib(main.pid(), "VmHWM:").max(proc_status_kib(node.pid(), "VmHWM:"))) as f64 / 1024.0;
         let figure = "1 GiB archive, client->main->node process";
@@ -1165,7 +1214,14 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
         // how close ours comes to it.
         let through = "  a bare splice relay (checks, keeps nothing)";
         row(rows, through, &fs, "MB/s", relay.clone(), reference, true, false, Target::None);
-        row(rows, "  ours against that relay", &fs, "MB/s", transfer_too, relay, true, false, Target::None);
+        row(rows, "  ours against that relay", &fs, "MB/s", transfer_too.clone(), relay, true, false, Target::None);
+        // Our connections replace the system's congestion control on
+        // loopback (BBR, paced by a timer per socket without fq): ours
+        // against a raw stream that replaces it too.
+        if let Some(cc) = link_cc {
+            let label = format!("  ours against a raw stream using {cc} too");
+            row(rows, &label, &fs, "MB/s", transfer_too, same_cc, true, false, Target::None);
+        }
         row(
             rows,
             "  main and node peak RSS (the larger)",

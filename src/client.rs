@@ -497,11 +497,11 @@ fn open(server: &str, timeout: Option<Duration>) -> Result<TcpStream, ClientErro
         })?
         .collect();
     let mut last: Option<io::Error> = None;
-    let mut stream = None;
+    let (mut stream, mut server_ip) = (None, None);
     for addr in addrs {
         match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
             Ok(s) => {
-                stream = Some(s);
+                (stream, server_ip) = (Some(s), Some(addr.ip()));
                 break;
             }
             Err(e) => last = Some(e),
@@ -520,6 +520,10 @@ fn open(server: &str, timeout: Option<Duration>) -> Result<TcpStream, ClientErro
     let _ = setsockopt(&stream, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE);
     let _ = setsockopt(&stream, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL);
     let _ = setsockopt(&stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
+    // A server on this host: no pacing timer per socket (`congestion`).
+    if let Some(ip) = server_ip {
+        crate::congestion::for_client(&stream, ip);
+    }
     // A new socket has no timeouts: set them only when there are some.
     if timeout.is_some() {
         stream.set_read_timeout(timeout).and_then(|_| stream.set_write_timeout(timeout)).map_err(|e| fail(&e))?;

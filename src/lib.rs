@@ -48,6 +48,8 @@
 //! - `conn` - one of the reactor's connections: socket, role, reader, outbox, the
 //!   spool file a streamed opaque goes to, lingering close.
 //! - [`config`] - `cloud_nodes.txt`.
+//! - [`congestion`] - which TCP congestion control our connections use
+//!   (`--tcp-congestion`: not a pacing one on loopback).
 //! - [`client`] - a blocking client for the command-line programs.
 //! - [`portmap`] - registration with the local rpcbind (`--register`).
 //! - [`http`] - the live page (`--http`): requests and SSE frames, sans-I/O.
@@ -57,6 +59,7 @@ pub mod archive_check;
 pub mod cgroup;
 pub mod client;
 pub mod config;
+pub mod congestion;
 mod conn;
 pub mod coordinator;
 pub mod drc;

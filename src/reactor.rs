@@ -64,6 +64,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use slab::Slab;
 
 use crate::config::{NodeKind, NodeSpec, NodesFile};
+use crate::congestion::{self, Choice};
 use crate::conn::{Conn, Idle, Linger, Reader, Role, Sink, Streamed};
 use crate::coordinator::{Coordinator, NodeCall};
 use crate::journal::{Journal, Opened};
@@ -155,6 +156,8 @@ pub struct ServerConfig {
     /// The node links' shared secret (`--secret-file`): the main server
     /// proves it to each remote node, a node demands it of every link.
     pub secret: Option<Secret>,
+    /// The TCP congestion control of our connections (`--tcp-congestion`).
+    pub congestion: Choice,
 }
 
 /// Descriptors kept back from `--max-connections`: listeners, signalfd,
@@ -228,6 +231,8 @@ pub struct Server {
     /// server passes a `NodeGate` (any address); without, only loopback
     /// peers of our own user are served.
     secret: Option<Secret>,
+    /// Set on the listener, or connection by connection (`congestion`).
+    congestion: Choice,
     /// The earliest time a gated link must have passed its handshake by.
     gates_due: Option<Instant>,
     /// Lines for the log once serving starts (what the journal held and
@@ -313,6 +318,7 @@ impl Server {
         // The client port too, before anything is started (the slots'
         // launchers): a port in use is then refused in its one line.
         let clients = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
+        congestion::apply(&clients, cfg.congestion.for_listener(cfg.listen.ip()));
         let work_dir = work_dir(&cfg.work_dir)?;
         // The jobs of an earlier run: their node folders and spooled
         // archives are kept (the rest is cleared), they are restored below.
@@ -411,7 +417,7 @@ impl Server {
             }
         }
         let mut server = Server::assemble(&cfg, poll, clients, node_listeners, Some(main), nodes)?;
-        server.start_lines = start_lines;
+        server.start_lines.extend(start_lines);
         Ok(server)
     }
 
@@ -423,6 +429,7 @@ impl Server {
         let work_dir = work_dir(&cfg.work_dir)?;
         let poll = Poll::new().map_err(|e| format!("cannot create epoll instance: {e}"))?;
         let listener = TcpListener::bind(cfg.listen).map_err(|e| bind_error(e, cfg.listen, "--listen"))?;
+        congestion::apply(&listener, cfg.congestion.for_listener(cfg.listen.ip()));
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
         let slots = cfg.nodes.nodes.first().map_or(1, |s| s.slots);
         // A node alone keeps every ticket folder across its own restart
@@ -503,8 +510,9 @@ impl Server {
             warned_full: false,
             limits_line,
             secret: cfg.secret.clone(),
+            congestion: cfg.congestion.clone(),
             gates_due: None,
-            start_lines: Vec::new(),
+            start_lines: cfg.congestion.line.iter().map(|l| (log::Level::Info, l.clone())).collect(),
         })
     }
 
@@ -737,6 +745,7 @@ impl Server {
                     let role = Role::Client;
                     log::debug!("accepted {peer} as {role:?}");
                     let _ = stream.set_nodelay(true);
+                    congestion::apply(&stream, self.congestion.after_accept(self.local_addr.ip(), peer.ip()));
                     // Who owns the client's socket: asked once, before its first call.
                     // Our end is the listener's address unless it listens on any.
                     let local = match self.local_addr.ip().is_unspecified() {
@@ -820,6 +829,7 @@ impl Server {
         };
         let _ = stream.set_nodelay(true);
         keepalive(&stream);
+        congestion::apply(&stream, self.congestion.after_accept(self.local_addr.ip(), peer.ip()));
         let gated = gate.is_some();
         match self.add_conn(stream, Role::NodeInbound(0), id, false) {
             Ok(key) => {
@@ -876,6 +886,7 @@ impl Server {
             let started = TcpStream::connect(addr).and_then(|stream| {
                 let _ = stream.set_nodelay(true);
                 keepalive(&stream);
+                congestion::apply(&stream, self.congestion.for_peer(addr.ip()));
                 self.add_conn(stream, Role::NodeLink { node: i, connected: false }, PeerId::Unverified, true)
             });
             let Some(main) = &mut self.main else { return };

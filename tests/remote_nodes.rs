@@ -637,3 +637,62 @@ fn a_large_archive_reaches_a_remote_replica_intact() {
         assert!(ok && outs.len() == 1 && outs[0].1 == want, "{outs:?}");
     }
 }
+
+/// The congestion control of both ends of every established TCP connection
+/// with port `port` at one end, as `ss -tin` reports them.
+fn congestion_on_port(port: u16) -> Vec<String> {
+    let filter = format!("( sport = :{port} or dport = :{port} )");
+    let out = Command::new("ss").args(["-tinH", "state", "established", &filter]).output().expect("ss (iproute2)");
+    assert!(out.status.success(), "ss failed: {}", String::from_utf8_lossy(&out.stderr));
+    // A line per socket ("0 0 LOCAL PEER"), then its tab-indented details,
+    // which begin with the congestion control's name.
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines().filter(|l| l.starts_with('\t')).map(|l| l.split_whitespace().next().unwrap_or("").to_owned()).collect()
+}
+
+/// What our connections on loopback should use, as the server decides it
+/// (`congestion::choose`), or else the system's default.
+fn loopback_congestion(policy: &str) -> String {
+    let choice = cloudinfra::congestion::choose(&policy.parse().unwrap()).unwrap();
+    let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+    choice.for_peer(std::net::Ipv4Addr::LOCALHOST.into()).unwrap_or(system.trim()).to_owned()
+}
+
+/// `--tcp-congestion`: both ends of a node link and the server's end of a
+/// client's connection use what it says: a name, or with `auto` (the
+/// default) on a host whose default is BBR (paced by a timer per socket
+/// without fq), CUBIC or Reno on loopback; elsewhere the system's own.
+/// The `cloud` program's end follows `auto`.
+#[test]
+fn both_ends_of_links_and_client_connections_use_the_chosen_congestion_control() {
+    let dir = tempfile::tempdir().unwrap();
+    for (policy, ip) in [("reno", "127.0.0.9"), ("auto", "127.0.0.10")] {
+        let want = loopback_congestion(policy);
+        let flag = ["--tcp-congestion", policy];
+        let node = NodeProc::start_with(ip, None, &dir.path().join(policy), &flag);
+        let c = Cluster::start_lines(std::slice::from_ref(&node.addr), &flag);
+        wait_until("the link is up", || ups(&c, &node.addr) == 1);
+        assert_eq!(congestion_on_port(node.port()), [want.as_str(), want.as_str()], "{policy}: the link's two ends");
+        // A client's connection, held open by `status --wait` on a job
+        // held at a gate: the `cloud` program's end and the server's.
+        let gate = Gate::new();
+        let t = c.deploy(1, &job(c.dir.path(), "g.tar.gz", &gate.wait_recipe("g")));
+        let (_, held) = gate.arrive();
+        let mut waiting = c.cloud_spawn(&["status", &t.to_string(), "--wait"]);
+        wait_until("the client is connected", || congestion_on_port(c.addr.port()).len() == 2);
+        // (The `cloud` program follows `auto` whatever the server says.)
+        let mut ends = congestion_on_port(c.addr.port());
+        ends.sort();
+        let mut expected = [want.clone(), loopback_congestion("auto")];
+        expected.sort();
+        assert_eq!(ends, expected, "{policy}: a client's connection");
+        release(held);
+        assert!(waiting.wait().unwrap().success());
+    }
+    // A name this kernel does not have is refused in one line.
+    let mut cmd = Command::new(SERVER);
+    cmd.args(["--tcp-congestion", "nosuchcc", "--nodes", "/nonexistent"]);
+    let err = refused_start(&mut cmd);
+    assert!(err.starts_with("cloud-server: --tcp-congestion nosuchcc: this kernel has no such"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
