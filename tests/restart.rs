@@ -98,10 +98,13 @@ fn a_torn_journal_tail_is_dropped_and_the_earlier_jobs_come_back() {
     assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), pid);
     c.stop_with(Signal::SIGTERM);
     assert_eq!(std::fs::read_to_string(&lock).unwrap(), "", "server.lock after a clean stop");
+    // Its records end before the zeros written ahead of them.
     let journal = c.work().join("journal");
-    let len = std::fs::metadata(&journal).expect("journal").len();
+    let bytes = std::fs::read(&journal).expect("journal");
+    let end = cloudinfra::journal::replay(&bytes).expect("a journal").valid_len as u64;
+    assert!(bytes.len() as u64 > end && bytes[end as usize..].iter().all(|&b| b == 0), "zeros written ahead");
     let f = std::fs::OpenOptions::new().write(true).open(&journal).expect("open journal");
-    f.set_len(len - 5).expect("truncate");
+    f.set_len(end - 5).expect("truncate");
     drop(f);
 
     c.restart(Signal::SIGKILL); // already stopped: starts again
