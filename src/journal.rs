@@ -14,7 +14,9 @@
 //! `len: u32 BE | crc: u32 BE | payload` where `crc` is CRC-32 (IEEE) of
 //! the length word and the payload, and the payload is XDR: a tag and the
 //! record's fields (u64 as two words, high first; `owner` as an XDR
-//! optional). A payload is at most [`MAX_RECORD`] bytes.
+//! optional). A payload is at most [`MAX_RECORD`] bytes. After the last
+//! record, zeros: room written ahead ([`PREALLOCATE`]), which replay
+//! takes for the end of the records, not for damage.
 //!
 //! Durability (for the wiring): [`Journal::append`] only buffers (and
 //! updates [`Journal::live`]); [`Journal::sync`] writes what is buffered at
