@@ -14,7 +14,9 @@
 //!   that node holds the whole archive); each also on to the retrieve
 //!   (printed), with the peak RSS (VmHWM, reset before the transfer); the
 //!   node process figure beside a bare splice relay in the same rounds
-//!   (printed: the cheapest any path through a middle process can be);
+//!   (printed: the cheapest any path through a middle process can be;
+//!   both its hops use what our programs give loopback connections,
+//!   `congestion.rs`) and beside a raw stream using that too (printed);
 //! - 10,000 idle connections: the server's RSS and the STATUS round trip;
 //! - an idle server: no wake-ups (so no system calls) for 3 seconds;
 //! - the client program's start-up CPU, and a call (`cloud status`:
