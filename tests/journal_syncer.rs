@@ -18,8 +18,11 @@ fn signal(pid: u32, sig: Signal) {
     kill(Pid::from_raw(pid as i32), sig).expect("signal the syncer");
 }
 
+/// Bytes of the journal's records (the file runs on in zeros written
+/// ahead, `journal::PREALLOCATE`).
 fn journal_len(c: &Cluster) -> u64 {
-    std::fs::metadata(c.work().join("journal")).map_or(0, |m| m.len())
+    let bytes = std::fs::read(c.work().join("journal")).unwrap_or_default();
+    cloudinfra::journal::replay(&bytes).map_or(0, |r| r.valid_len as u64)
 }
 
 fn ticket_of(child: Child) -> u32 {
