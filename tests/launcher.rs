@@ -154,17 +154,20 @@ fn a_launcher_gives_its_replicas_the_bounding_set_and_filter_once() {
     let c = Cluster::start(1);
     let launchers = c.wait_launchers(1);
     assert_eq!(launchers.len(), 1, "one launcher per slot");
-    let own = std::fs::read_to_string(format!("/proc/{}/status", launchers[0])).unwrap();
-    assert_eq!(status_field(&own, "CapBnd"), Some("0000000000000000"), "{own}");
-    assert_eq!(status_field(&own, "Seccomp"), Some("2"), "{own}");
-    // The launcher keeps what it needs to contain replicas.
-    assert_ne!(status_field(&own, "CapEff"), Some("0000000000000000"), "{own}");
     let t = c.deploy(
         1,
         &job(c.dir.path(), "caps.tar.gz", &["@grep -E '^(CapBnd|CapEff|NoNewPrivs|Seccomp)' /proc/self/status"]),
     );
     let (ok, outs) = c.retrieve(t);
     assert!(ok, "{outs:?}");
+    // Read once it has served a replica: its set-up is over by then (read
+    // at once, a launcher still starting was seen with its bounding set).
+    assert_eq!(c.launchers(), launchers, "the same launcher");
+    let own = std::fs::read_to_string(format!("/proc/{}/status", launchers[0])).unwrap();
+    assert_eq!(status_field(&own, "CapBnd"), Some("0000000000000000"), "{own}");
+    assert_eq!(status_field(&own, "Seccomp"), Some("2"), "{own}");
+    // The launcher keeps what it needs to contain replicas.
+    assert_ne!(status_field(&own, "CapEff"), Some("0000000000000000"), "{own}");
     let out = &outs[0].1;
     assert_eq!(status_field(out, "CapBnd"), Some("0000000000000000"), "{out}");
     assert_eq!(status_field(out, "CapEff"), Some("0000000000000000"), "{out}");
