@@ -689,10 +689,15 @@ fn both_ends_of_links_and_client_connections_use_the_chosen_congestion_control()
         release(held);
         assert!(waiting.wait().unwrap().success());
     }
-    // A name this kernel does not have is refused in one line.
-    let mut cmd = Command::new(SERVER);
-    cmd.args(["--tcp-congestion", "nosuchcc", "--nodes", "/nonexistent"]);
-    let err = refused_start(&mut cmd);
-    assert!(err.starts_with("cloud-server: --tcp-congestion nosuchcc: this kernel has no such"), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
+    // A name this kernel does not have is refused in one line, by a main
+    // server and by a node, whether the option comes before `node` or after.
+    for args in [
+        &["--tcp-congestion", "nosuchcc", "--nodes", "/nonexistent"][..],
+        &["--tcp-congestion", "nosuchcc", "node", "--listen", "127.0.0.1:1"],
+        &["node", "--listen", "127.0.0.1:1", "--tcp-congestion", "nosuchcc"],
+    ] {
+        let err = refused_start(Command::new(SERVER).args(args));
+        assert!(err.starts_with("cloud-server: --tcp-congestion nosuchcc: this kernel has no such"), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
 }

@@ -97,11 +97,14 @@ struct Args {
     /// for nodes and a `--listen` off loopback.
     #[arg(long, value_name = "FILE")]
     secret_file: Option<PathBuf>,
-    /// TCP congestion control of the server's connections (clients, node
-    /// links): auto (on loopback, CUBIC or else Reno where the system's
+    /// TCP congestion control of this server's ends of its connections
+    /// (clients, node links; also for `cloud-server node`): auto (toward a
+    /// peer on a loopback address, CUBIC or else Reno where the system's
     /// default is BBR, which without the fq qdisc paces every socket with a
-    /// timer; the system's default otherwise), system, or a name for all.
-    #[arg(long, value_name = "NAME", default_value = "auto")]
+    /// timer; the system's default otherwise, this host's other addresses
+    /// included), system, or a name, for all of them. The `cloud` program's
+    /// end always follows auto.
+    #[arg(long, value_name = "auto|system|NAME", default_value = "auto", global = true)]
     tcp_congestion: cloudinfra::congestion::Policy,
     #[command(flatten)]
     job: JobFlags,
@@ -131,10 +134,6 @@ struct NodeArgs {
     /// (chmod 600): orders are taken only from a main server that proves it.
     #[arg(long, value_name = "FILE")]
     secret_file: Option<PathBuf>,
-    /// TCP congestion control of its link to the main server, as the main
-    /// server's --tcp-congestion: auto, system, or a name.
-    #[arg(long, value_name = "NAME", default_value = "auto")]
-    tcp_congestion: cloudinfra::congestion::Policy,
     /// Replicas the node may run at once (as `slots=K` on its nodes file line).
     #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     slots: u32,
@@ -557,11 +556,7 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(addr) = args.http.filter(|a| !a.ip().is_loopback()) {
         return Err(format!("--http {addr}: the live page is served on loopback only; use 127.0.0.1:PORT"));
     }
-    let congestion = match &args.command {
-        Some(Command::Node(n)) => &n.tcp_congestion,
-        None => &args.tcp_congestion,
-    };
-    let congestion = cloudinfra::congestion::choose(congestion)?;
+    let congestion = cloudinfra::congestion::choose(&args.tcp_congestion)?;
     let (nodes, nodes_path, listen, work_dir, job, alone) = match &args.command {
         Some(Command::Node(n)) => {
             let spec = NodeSpec { kind: NodeKind::Local { port: n.listen.port() }, slots: n.slots, line: 1 };
