@@ -241,6 +241,24 @@ fn every_command_has_help_with_examples_and_exit_codes() {
     }
 }
 
+/// `cloud --help | head -1`, `cloud status | true`: a reader that stops
+/// early ends the client by SIGPIPE, as it would a C tool, not with a
+/// panic and a backtrace on stderr.
+#[test]
+fn a_closed_stdout_ends_the_client_by_sigpipe_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(common::CLIENT)
+        .args(["deploy", "--help"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+    assert!(out.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+}
 #[test]
 fn retrieve_follow_streams_a_running_replicas_output_and_ends_with_it() {
     use std::io::BufRead;

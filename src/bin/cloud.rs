@@ -29,6 +29,42 @@ use cloudinfra::proto::{ClusterView, JobInfo, JobState, NodeState, Outcome, Repl
 
 const DEFAULT_SERVER: &str = "127.0.0.1:9000";
 
+/// `print!` for everything this program writes to stdout. SIGPIPE is
+/// ignored here (a server that goes away mid-`sendfile` must be an error
+/// message, not a silent death), so a reader that stops early (`cloud
+/// --help | head -1`, `cloud status | true`) makes the write fail with
+/// EPIPE, where `print!` would panic. This ends the program the way a C
+/// tool ends there: by SIGPIPE, quietly, status 141 in the shell.
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!`, as `out!`.
+macro_rules! outln {
+    ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let written = std::io::stdout().lock().write_fmt(args);
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            die_of_sigpipe();
+        }
+        eprintln!("cloud: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The reader of stdout is gone: end as an unhandled SIGPIPE would.
+fn die_of_sigpipe() -> ! {
+    use nix::sys::signal::{raise, signal, SigHandler, SIGPIPE};
+    // SAFETY: SIG_DFL installs no handler of ours; nothing else runs now.
+    let _ = unsafe { signal(SIGPIPE, SigHandler::SigDfl) };
+    let _ = raise(SIGPIPE);
+    std::process::exit(141)
+}
+
 /// The job ended and some replica FAILED (make exited non-zero).
 const EXIT_JOB_FAILED: u8 = 3;
 /// The job ended and some replica was KILLED, LOST, or had a SETUP_ERROR.
@@ -220,7 +256,11 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
     // else in this process installs a handler for SIGPIPE.
     let _ = unsafe { signal(SIGPIPE, SigHandler::SigIgn) };
     let code = std::panic::catch_unwind(run).unwrap_or(ExitCode::from(101));
-    let _ = std::io::Write::flush(&mut std::io::stdout());
+    if let Err(e) = std::io::Write::flush(&mut std::io::stdout()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            die_of_sigpipe();
+        }
+    }
     (0..=u8::MAX).find(|&n| ExitCode::from(n) == code).map_or(1, libc::c_int::from)
 }
 
@@ -364,7 +404,7 @@ fn usage_error(e: clap::Error, applet: Option<&str>) -> ExitCode {
     }
     match e.kind() {
         DisplayHelp | DisplayVersion => {
-            print!("{text}");
+            out!("{text}");
             ExitCode::SUCCESS
         }
         DisplayHelpOnMissingArgumentOrSubcommand => {
@@ -468,14 +508,14 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
     let ticket = deployed.map_err(|e| e.to_string())?;
     if !a.wait {
         if a.json {
-            println!("{}", serde_json::json!({ "ticket": ticket }));
+            outln!("{}", serde_json::json!({ "ticket": ticket }));
         } else {
-            println!("Job ticket#: {ticket}");
+            outln!("Job ticket#: {ticket}");
         }
         return Ok(ExitCode::SUCCESS);
     }
     if !a.json {
-        println!("Job ticket#: {ticket}");
+        outln!("Job ticket#: {ticket}");
     }
     let dir = PathBuf::from(format!("ticket_{ticket}"));
     collect(ticket, &dir, &a.server, a.json, false)
@@ -545,16 +585,16 @@ fn status(a: StatusArgs) -> Result<ExitCode, String> {
         if a.mine {
             let mine = client.mine().map_err(|e| e.to_string())?;
             if a.json {
-                println!("{}", mine_json(&mine));
+                outln!("{}", mine_json(&mine));
             } else {
-                print!("{}", mine_text(&mine));
+                out!("{}", mine_text(&mine));
             }
         } else {
             let view = client.cluster().map_err(|e| e.to_string())?;
             if a.json {
-                println!("{}", cluster_json(&view));
+                outln!("{}", cluster_json(&view));
             } else {
-                print!("{}", cluster_text(&view));
+                out!("{}", cluster_text(&view));
             }
         }
         return Ok(ExitCode::SUCCESS);
@@ -567,9 +607,9 @@ fn status(a: StatusArgs) -> Result<ExitCode, String> {
         (connect(&a.server)?.info(ticket, false).map_err(|e| e.to_string())?, ExitCode::SUCCESS)
     };
     if a.json {
-        println!("{}", status_json(&st));
+        outln!("{}", status_json(&st));
     } else {
-        print!("{}", status_text(&st));
+        out!("{}", status_text(&st));
     }
     Ok(code)
 }
@@ -756,12 +796,13 @@ fn retrieve(a: RetrieveArgs) -> Result<ExitCode, String> {
         if a.json {
             let j = serde_json::json!({"ticket": a.ticket, "closed": true,
                 "discarded": {"ended": ended, "running": running, "waiting": waiting}});
-            println!("{j}");
+            outln!("{j}");
         } else {
-            println!(
+            outln!(
                 "ticket {} closed: discarded the outputs of {ended} ended replica(s), killed {running} running, \
                  dropped {waiting} waiting (to keep outputs: cloud retrieve {} DIR)",
-                a.ticket, a.ticket
+                a.ticket,
+                a.ticket
             );
         }
         return Ok(ExitCode::SUCCESS);
@@ -779,16 +820,21 @@ fn follow(a: &RetrieveArgs) -> Result<ExitCode, String> {
     loop {
         let (data, ended) = client.follow(a.ticket, a.replica, offset).map_err(|e| e.to_string())?;
         offset += data.len() as u64;
+        let mut written = Ok(());
         if a.json {
             if !data.is_empty() {
                 let j =
                     serde_json::json!({"offset": offset - data.len() as u64, "data": String::from_utf8_lossy(&data)});
-                let _ = writeln!(out, "{j}");
+                written = writeln!(out, "{j}");
             }
         } else {
-            let _ = out.write_all(&data);
+            written = out.write_all(&data);
         }
-        let _ = out.flush();
+        match written.and_then(|()| out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => die_of_sigpipe(),
+            Err(e) => return Err(format!("cannot write to stdout: {e}")),
+            Ok(()) => {}
+        }
         if ended {
             break;
         }
@@ -812,9 +858,9 @@ fn follow(a: &RetrieveArgs) -> Result<ExitCode, String> {
 fn cancel(a: CancelArgs) -> Result<ExitCode, String> {
     connect(&a.server)?.cancel(a.ticket).map_err(|e| e.to_string())?;
     if a.json {
-        println!("{}", serde_json::json!({"ticket": a.ticket, "cancelled": true}));
+        outln!("{}", serde_json::json!({"ticket": a.ticket, "cancelled": true}));
     } else {
-        println!("ticket {} cancelled; its outputs are kept: cloud retrieve {} DIR", a.ticket, a.ticket);
+        outln!("ticket {} cancelled; its outputs are kept: cloud retrieve {} DIR", a.ticket, a.ticket);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -874,7 +920,7 @@ fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool, sync: bool) 
                 "recipe_exit_code": (recipe >= 0).then_some(recipe), "message": s.message, "output": path}));
         } else {
             let recipe = if recipe >= 0 { format!(", recipe exit {recipe}") } else { String::new() };
-            println!(
+            outln!(
                 "replica {} ({}): {kind} (exit {}{recipe}) {} -> {}",
                 s.replica,
                 s.node,
@@ -885,7 +931,7 @@ fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool, sync: bool) 
         }
     }
     if json {
-        println!("{}", serde_json::json!({"ticket": ticket, "replicas": lines}));
+        outln!("{}", serde_json::json!({"ticket": ticket, "replicas": lines}));
     }
     // An output the server could not get (its node restarted, or was
     // lost) is an empty file here: say so, and do not exit 0.
