@@ -13,8 +13,9 @@
 //! -1000 so a job's OOM never picks it, as root empties its capability
 //! bounding set and loads the job's seccomp filter once, for every replica
 //! to inherit (`spawn::restrict_launcher`), is not dumpable, dies with the
-//! server by `PR_SET_PDEATHSIG` and on its socket's end of file, and reaps
-//! its children, so their CPU time is counted; once, before its first
+//! server by `PR_SET_PDEATHSIG` and on its socket's end of file (where it
+//! first SIGKILLs and reaps the inits left: none is orphaned to the host's
+//! init), and reaps its children, so their CPU time is counted; once, before its first
 //! clone, it warms what every init would redo: CPU feature detection for
 //! inflate and CRC, a consolidated heap without fast bins), the request the server sends it on a
 //! SOCK_SEQPACKET socketpair (the replica's workspace path and environment
@@ -170,9 +171,43 @@ impl Launcher {
     /// Stop the launcher and wait for it (server shutdown). Replicas it
     /// started die with it (their init's `PR_SET_PDEATHSIG`).
     pub fn stop(self) {
+        // At its socket's end of file the launcher kills and reaps its
+        // inits, then ends: none is left to the host's init (where that one
+        // does not reap, as in some containers, an init left would stay a
+        // zombie of the slot's user). SIGKILL if that takes too long.
         drop(self.sock);
-        let _ = kill(self.pid, Signal::SIGKILL);
+        if !ended_within(self.pid, STOP_WAIT) {
+            let _ = kill(self.pid, Signal::SIGKILL);
+        }
         while let Err(nix::Error::EINTR) = nix::sys::wait::waitpid(self.pid, None) {}
+    }
+}
+
+/// How long `stop` waits for a launcher to reap its inits and end.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether the child `pid` ends within `limit` (it is not reaped here).
+/// Waits on a pidfd (Linux 5.3); without one, says no at once.
+fn ended_within(pid: Pid, limit: std::time::Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags, returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: the descriptor pidfd_open just returned, ours alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = [libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        // SAFETY: polls one descriptor we own, bounded.
+        let n = unsafe { libc::poll(p.as_mut_ptr(), 1, left.as_millis().min(1000) as libc::c_int) };
+        if n > 0 {
+            return true;
+        }
+        if left.is_zero() {
+            return false;
+        }
     }
 }
 
@@ -467,8 +502,9 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
         libc::malloc_trim(0);
         libc::mallopt(libc::M_MXFAST, 0);
     }
+    let mut inits: Vec<Pid> = Vec::new();
     loop {
-        reap();
+        reap(&mut inits);
         let mut fds = [
             libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: sfd_raw, events: libc::POLLIN, revents: 0 },
@@ -492,7 +528,7 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
             let mut iov = [IoSliceMut::new(&mut buf)];
             match socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
                 Err(nix::Error::EINTR) => continue,
-                Err(_) => exit(0),
+                Err(_) => end(&inits),
                 Ok(msg) => {
                     let mut fds = Vec::new();
                     if let Ok(cmsgs) = msg.cmsgs() {
@@ -508,35 +544,53 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
             }
         };
         if n == 0 {
-            exit(0); // the server is gone
+            end(&inits); // the server is gone, or stops us
         }
-        serve(setup, &buf[..n], fds, broken.as_deref());
+        inits.extend(serve(setup, &buf[..n], fds, broken.as_deref()));
     }
 }
 
 /// Reap every child that has ended.
-fn reap() {
+fn reap(inits: &mut Vec<Pid>) {
     loop {
         let mut raw = 0;
         // SAFETY: waitpid writes one int we own.
-        if unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) } <= 0 {
+        let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
+        if pid <= 0 {
             return;
+        }
+        inits.retain(|p| p.as_raw() != pid);
+    }
+}
+
+/// The server is gone or stops us: SIGKILL each init left (which ends its
+/// replica's namespace), reap them all, and end.
+fn end(inits: &[Pid]) -> ! {
+    for &pid in inits {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+    loop {
+        match nix::sys::wait::waitpid(None::<Pid>, None) {
+            Err(nix::Error::EINTR) | Ok(_) => {}
+            Err(_) => exit(0), // ECHILD: none left
         }
     }
 }
 
-/// One request: clone the replica's init, or say on its status pipe why not.
-fn serve(setup: &Setup, bytes: &[u8], fds: Vec<OwnedFd>, broken: Option<&str>) {
+/// One request: clone the replica's init (its pid), or say on its status
+/// pipe why not.
+fn serve(setup: &Setup, bytes: &[u8], fds: Vec<OwnedFd>, broken: Option<&str>) -> Option<Pid> {
     let request = decode(bytes);
     let want = 3 + usize::from(request.as_ref().is_some_and(|r| r.0));
     if fds.len() != want {
-        return; // dropped: the server sees the end of its pipes
+        return None; // dropped: the server sees the end of its pipes
     }
     let mut fds = fds.into_iter();
-    let (Some(out_w), Some(st_w), Some(ctl_r)) = (fds.next(), fds.next(), fds.next()) else { return };
+    let (Some(out_w), Some(st_w), Some(ctl_r)) = (fds.next(), fds.next(), fds.next()) else { return None };
     let archive = fds.next();
     let say = |st_w: &OwnedFd, msg: &str| {
         let _ = nix::unistd::write(st_w, format!("{msg}\n").as_bytes());
+        None
     };
     let Some((_, workspace, env)) = request else {
         return say(&st_w, "replica setup failed: the slot's launcher got a malformed request");
@@ -555,8 +609,9 @@ fn serve(setup: &Setup, bytes: &[u8], fds: Vec<OwnedFd>, broken: Option<&str>) {
         cgroup: &[],
     };
     // Init closes every descriptor it does not keep, this socket included.
-    if let Err(e) = spawn::clone_init(&spec, &out_w, &st_w, &ctl_r, &[]) {
-        say(&st_w, &format!("replica setup failed: clone: {e}"));
+    match spawn::clone_init(&spec, &out_w, &st_w, &ctl_r, &[]) {
+        Ok(pid) => Some(pid),
+        Err(e) => say(&st_w, &format!("replica setup failed: clone: {e}")),
     }
 }
 

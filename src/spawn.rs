@@ -4,28 +4,32 @@
 //! (`launcher`; the startup probe: the server) `clone`s our
 //! **init** (`clone_init`; named cloud-init): PID 1 of new PID, mount and IPC namespaces (and, without root,
 //! of a new user namespace), joined to its slot's empty network namespace.
-//! Init stays privileged and installs no signal handlers, so by the
+//! Init installs no signal handlers and is not dumpable, so by the
 //! kernel's rule for namespace inits nothing inside the namespace can
-//! signal it; it dies with its parent (`PR_SET_PDEATHSIG`; a launcher
-//! dies with the server), stays in its launcher's session (which has no
+//! signal, trace or read it; it dies with its parent (`PR_SET_PDEATHSIG`; a launcher
+//! dies with the server, and kills and reaps its inits when the server
+//! stops it), stays in its launcher's session (which has no
 //! terminal; cloned by the server, for the probe, it makes its own), holds the output pipe until it exits (so the
-//! pipe's end of file is the replica's end), makes every
+//! pipe's end of file is the replica's end). While privileged it makes every
 //! mount inherited from the host read-only, mounts a fresh /proc, private
 //! tmpfs on /tmp, /var/tmp and /dev/shm (and /run, where the host's unix
 //! sockets live, unless the network is allowed), a devpts of its own, hides the work dir under an empty
 //! read-only tmpfs (unless one of those private tmpfs hides it already) and gives the replica a tmpfs workspace
 //! of `--max-disk` bytes (huge pages for its large files where the kernel
-//! has them), then forks the **job** process: a new session,
-//! stdin from /dev/null, stdout and stderr onto one pipe, a clean
-//! environment, resource limits, no capabilities, `PR_SET_NO_NEW_PRIVS`,
-//! a seccomp filter against the (not namespaced) kernel keyrings and
-//! nested user namespaces (as root, the empty bounding set and the filter
-//! are the slot launcher's own, set once and inherited: `restrict_launcher`),
-//! the slot user's identity, safe extraction of the archive (an open
-//! descriptor, read with pread: its shared offset never moves; its length
-//! sizes the read buffer), and
-//! `exec make run`. Init reaps everything, reports the job's wait status on
-//! the close-on-exec status pipe (after any setup error the job wrote
+//! has them). Then it gives up everything the job would not have
+//! (`job_restrict`: resource limits, no capabilities,
+//! `PR_SET_NO_NEW_PRIVS`, a seccomp filter against the (not namespaced)
+//! kernel keyrings and nested user namespaces (as root, the empty
+//! bounding set and the filter are the slot launcher's own, set once and
+//! inherited: `restrict_launcher`), the slot user's identity), unpacks the
+//! archive into the workspace itself (`job_unpack`: safe extraction from
+//! an open descriptor, read with pread: its shared offset never moves;
+//! its length sizes the read buffer) and starts the **job** with
+//! `CLONE_VM | CLONE_VFORK` (`start_job`, as posix_spawn does): a new
+//! session, stdin from /dev/null, stdout and stderr onto one pipe, a
+//! clean environment, RLIMIT_CPU, and `exec make run` (`job_exec`). Init
+//! reaps everything, reports the job's wait status on
+//! the close-on-exec status pipe (after any setup error written
 //! there) and exits; the kernel then kills whatever is left in the
 //! namespace, and the tmpfs mounts go with it. A control pipe from the
 //! server carries "forward SIGTERM" (a byte) and "the server is gone" (EOF).
@@ -493,19 +497,73 @@ fn init_setup(
     }
     contain_mounts(spec, if userns { None } else { spec.sandbox.identity })?;
     let workspace = File::open(spec.workspace).map_err(|e| setup("workspace", e))?;
-    // SAFETY: init is single-threaded; the job never returns here (every
-    // path ends in exec or _exit).
-    match unsafe { nix::unistd::fork() } {
-        Err(e) => Err(setup("fork", e)),
-        Ok(ForkResult::Child) => {
-            let status = st_w.as_raw_fd();
-            // SAFETY: init's end of the control pipe; the job must not hold it.
-            unsafe { libc::close(ctl_r.as_raw_fd()) };
-            let err = job_setup(spec, exec, out_w, status, archive, workspace, userns);
-            die(status, err)
-        }
-        Ok(ForkResult::Parent { child }) => Ok((child.as_raw(), out_w)),
+    // Init's privileges end here: from now on it is what the job will be
+    // (the slot's user, no capabilities, the job's limits and filter), so
+    // it unpacks the archive itself and then starts the job sharing its
+    // memory (`start_job`), instead of forking a copy of itself to do both.
+    // As root it counts as one of the slot user's processes: one more for
+    // RLIMIT_NPROC (in a user namespace of its own it always counted).
+    let init_counts = !userns && spec.sandbox.identity.is_some();
+    job_restrict(spec, exec, userns, init_counts)?;
+    // Changing identity cleared both: init dies with its parent, and no
+    // process of the replica (the same user now) may trace it or read its
+    // memory. And if the parent died in between, notice it now.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| setup("PR_SET_PDEATHSIG", e))?;
+    nix::sys::prctl::set_dumpable(false).map_err(|e| setup("PR_SET_DUMPABLE", e))?;
+    if server_gone(ctl_r) {
+        unsafe_exit(0)
     }
+    let probe = archive.is_none();
+    let envp = job_unpack(spec, exec, archive, workspace)?;
+    let job = start_job(spec, exec, &envp, out_w.as_raw_fd(), st_w.as_raw_fd(), probe)?;
+    Ok((job, out_w))
+}
+
+/// Start the job from init with `CLONE_VM | CLONE_VFORK`, as posix_spawn
+/// does: no copy of init's page tables, no copy-on-write faults, nothing
+/// for the job's `exec` to tear down; init waits until the job has called
+/// `exec` (or ended). Safe to share memory here: everything untrusted
+/// (the archive) was handled already, by init as the job's user, and the
+/// job runs only `job_exec` on a stack of its own before its `exec`.
+fn start_job(
+    spec: &SpawnSpec,
+    exec: &Exec,
+    envp: &[CString],
+    out_w: RawFd,
+    status_fd: RawFd,
+    probe: bool,
+) -> Result<libc::pid_t, ChildError> {
+    use nix::sys::mman::{mmap_anonymous, mprotect, munmap, MapFlags, ProtFlags};
+    const STACK: usize = 128 * 1024;
+    const GUARD: usize = 4096;
+    let len = std::num::NonZeroUsize::new(STACK + GUARD).unwrap_or(std::num::NonZeroUsize::MIN);
+    // SAFETY: a fresh private mapping of our own, not aliased by anything.
+    let base = unsafe {
+        mmap_anonymous(
+            None,
+            len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_PRIVATE | MapFlags::MAP_STACK,
+        )
+    }
+    .map_err(|e| setup("the job's stack", e))?;
+    // SAFETY: the lowest page of that mapping; an overflow of the job's
+    // stack faults there instead of writing over init's memory.
+    unsafe { mprotect(base, GUARD, ProtFlags::PROT_NONE) }.map_err(|e| setup("the job's stack", e))?;
+    // SAFETY: the rest of the mapping, used by the clone below only, and
+    // only until it returns (CLONE_VFORK: the job has exec'd or ended).
+    let stack = unsafe { std::slice::from_raw_parts_mut(base.as_ptr().cast::<u8>().add(GUARD), STACK) };
+    let job = Box::new(|| -> isize { die(status_fd, job_exec(spec, exec, envp, out_w, status_fd, probe)) });
+    let flags = CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK;
+    // SAFETY: the child runs `job_exec` on its own stack and ends in exec
+    // or _exit; init, single-threaded, is suspended meanwhile, so nothing
+    // else touches the memory they share. The job changes only its own
+    // descriptor table, signal dispositions and mask (no CLONE_FILES,
+    // CLONE_SIGHAND), and allocates only for an error message.
+    let started = unsafe { nix::sched::clone(job, stack, flags, Some(libc::SIGCHLD)) };
+    // SAFETY: the job no longer runs on this stack (CLONE_VFORK).
+    let _ = unsafe { munmap(base, len.get()) };
+    started.map(Pid::as_raw).map_err(|e| setup("starting the job", e))
 }
 
 /// The control pipe's writer (the server) is gone.
@@ -792,11 +850,11 @@ fn uncontained_job(spec: &SpawnSpec, exec: &Exec, out_w: OwnedFd, status_fd: Raw
         }
         loopback_up();
     }
-    job_setup(spec, exec, out_w, status_fd, archive, workspace, false)
+    job_setup(spec, exec, out_w, status_fd, archive, workspace)
 }
 
-/// The job process: everything between init (or fork) and `exec make run`.
-/// Returns only on failure.
+/// The uncontained job, forked from the server: what init does for a
+/// contained one, then `job_exec`. Returns only on failure.
 fn job_setup(
     spec: &SpawnSpec,
     exec: &Exec,
@@ -804,43 +862,68 @@ fn job_setup(
     status_fd: RawFd,
     archive: Option<Pread>,
     workspace: File,
-    userns: bool,
 ) -> ChildError {
-    // Signals: the server blocks some for its signalfd and Rust ignores
-    // SIGPIPE; the job must start with the defaults.
-    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    for sig in [Signal::SIGPIPE, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGCHLD] {
-        // SAFETY: restoring the default disposition installs no handler.
-        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
-    }
+    // Its own session and process group first: the server kills the
+    // group, unpacking included.
     if let Err(e) = nix::unistd::setsid() {
         return setup("setsid", e);
     }
-    // stdout and stderr share one pipe, so their lines stay in order.
-    if let Err(e) = nix::unistd::dup2_stdout(&out_w).and_then(|_| nix::unistd::dup2_stderr(&out_w)) {
-        return setup("dup2", e);
+    if let Err(e) = job_restrict(spec, exec, false, false) {
+        return e;
     }
-    drop(out_w);
-    match File::open("/dev/null") {
-        Ok(null) => {
-            if let Err(e) = nix::unistd::dup2_stdin(&null) {
-                return setup("stdin", e);
-            }
-        }
-        Err(e) => return setup("/dev/null", e),
+    let probe = archive.is_none();
+    match job_unpack(spec, exec, archive, workspace) {
+        Ok(envp) => job_exec(spec, exec, &envp, out_w.as_raw_fd(), status_fd, probe),
+        Err(e) => e,
     }
-    let archive_fd = archive.as_ref().map_or(-1, |f| f.file.as_raw_fd());
-    close_all_but(&[status_fd, archive_fd, workspace.as_raw_fd()]);
+}
+
+/// What the job runs under, taken by the process that unpacks its archive
+/// (init, or the uncontained job): resource limits (RLIMIT_CPU aside:
+/// `job_exec`), no capability that could come back, `PR_SET_NO_NEW_PRIVS`,
+/// the seccomp filter, the slot user's identity. `init_counts`: this
+/// process will be one of that user's processes beside the job's, so
+/// RLIMIT_NPROC gets one more.
+fn job_restrict(spec: &SpawnSpec, exec: &Exec, userns: bool, init_counts: bool) -> Result<(), ChildError> {
     let l = spec.limits;
-    let nproc = l.processes.filter(|_| l.nproc_rlimit);
+    let nproc = l.processes.filter(|_| l.nproc_rlimit).map(|n| n.saturating_add(u64::from(init_counts)));
     let limits = [
-        Some((l.cpu_seconds, "CPU time")),
+        None,
         Some((l.address_space, "address space")),
         Some((l.open_files, "open files")),
         Some((l.file_size, "file size")),
         Some((0, "core size")),
         nproc.map(|v| (v, "processes")),
     ];
+    set_limits(exec, limits)?;
+    let contained = spec.sandbox.containment != Containment::Uncontained;
+    // (A root launcher emptied its own bounding set: inherited.)
+    let inherited = !userns && BOUNDING_SET_EMPTY.load(std::sync::atomic::Ordering::Relaxed);
+    if contained && !inherited {
+        // No capability can come back: not from the bounding set, not
+        // through a setuid binary.
+        drop_bounding_set().map_err(|e| setup("dropping capabilities", e))?;
+    }
+    nix::sys::prctl::set_no_new_privs().map_err(|e| setup("PR_SET_NO_NEW_PRIVS", e))?;
+    // Kernel keyrings are per uid and not namespaced: a key a job adds to
+    // its user keyring would outlive it and be read by the next tenant
+    // that runs as the same slot uid. Nested user namespaces: no. (A root
+    // launcher loaded this filter itself: inherited.)
+    let inherited = !userns && SECCOMP_INHERITED.load(std::sync::atomic::Ordering::Relaxed);
+    if !inherited {
+        job_seccomp().map_err(|e| setup("seccomp filter", e))?;
+    }
+    if let Some((uid, gid)) = spec.sandbox.identity {
+        take_identity(uid, gid).map_err(|e| setup("dropping privileges", e))?;
+    }
+    if userns {
+        clear_capabilities().map_err(|e| setup("dropping capabilities", e))?;
+    }
+    Ok(())
+}
+
+/// Set the given limits (in the order of `RLIMITS`; `None`: leave it).
+fn set_limits(exec: &Exec, limits: [Option<(u64, &str)>; 6]) -> Result<(), ChildError> {
     for ((res, inherited), limit) in RLIMITS.into_iter().zip(exec.hard).zip(limits) {
         let Some((v, what)) = limit else { continue };
         // Never above the hard limit we inherited (a non-root server cannot raise it).
@@ -848,46 +931,23 @@ fn job_setup(
         // CPU: SIGXCPU at the soft limit, so the job learns why; SIGKILL a
         // second later if it ignores that.
         let hard = if res == Resource::RLIMIT_CPU { soft.saturating_add(1).min(inherited) } else { soft };
-        if let Err(e) = setrlimit(res, soft, hard) {
-            return setup(what, e);
-        }
+        setrlimit(res, soft, hard).map_err(|e| setup(what, e))?;
     }
-    let contained = spec.sandbox.containment != Containment::Uncontained;
-    // (A root launcher emptied its own bounding set: inherited.)
-    let inherited = !userns && BOUNDING_SET_EMPTY.load(std::sync::atomic::Ordering::Relaxed);
-    if contained && !inherited {
-        // No capability can come back: not from the bounding set, not
-        // through a setuid binary.
-        if let Err(e) = drop_bounding_set() {
-            return setup("dropping capabilities", e);
-        }
-    }
-    if let Err(e) = nix::sys::prctl::set_no_new_privs() {
-        return setup("PR_SET_NO_NEW_PRIVS", e);
-    }
-    // Kernel keyrings are per uid and not namespaced: a key a job adds to
-    // its user keyring would outlive it and be read by the next tenant
-    // that runs as the same slot uid. Nested user namespaces: no. (A root
-    // launcher loaded this filter itself: inherited.)
-    let inherited = !userns && SECCOMP_INHERITED.load(std::sync::atomic::Ordering::Relaxed);
-    if let Err(e) = if inherited { Ok(()) } else { job_seccomp() } {
-        return setup("seccomp filter", e);
-    }
-    if let Some((uid, gid)) = spec.sandbox.identity {
-        if let Err(e) = take_identity(uid, gid) {
-            return setup("dropping privileges", e);
-        }
-    }
-    if userns {
-        if let Err(e) = clear_capabilities() {
-            return setup("dropping capabilities", e);
-        }
-    }
+    Ok(())
+}
+
+/// Into the workspace, and the archive unpacked there (safe extraction),
+/// by the job's user; returns the job's environment. `archive` None: the
+/// startup probe, nothing to unpack.
+fn job_unpack(
+    spec: &SpawnSpec,
+    exec: &Exec,
+    archive: Option<Pread>,
+    workspace: File,
+) -> Result<Vec<CString>, ChildError> {
     // fchdir: the workspace was opened while privileged, so the job's user
     // does not need to be able to traverse the work dir's ancestors.
-    if let Err(e) = nix::unistd::fchdir(&workspace) {
-        return setup("chdir", e);
-    }
+    nix::unistd::fchdir(&workspace).map_err(|e| setup("chdir", e))?;
     drop(workspace);
     let mut envp = exec.envp.clone();
     // HOME is the workspace only where this user can reach it by path.
@@ -896,7 +956,59 @@ fn job_setup(
             *v = c"HOME=/tmp".to_owned();
         }
     }
-    let Some(archive) = archive else {
+    if let Some(archive) = archive {
+        // Its length sizes the read buffer (a small archive, a small buffer).
+        let len = archive.file.metadata().ok().map(|m| m.len());
+        extract_sized(archive, len, Path::new("."), &spec.limits.extract).map_err(|msg| fail(SETUP_FAILED, msg))?;
+    }
+    Ok(envp)
+}
+
+/// The job process, from its start to `exec make run` (in the workspace,
+/// its archive unpacked, under `job_restrict`): default signals, a new
+/// session, stdin from /dev/null, stdout and stderr onto the output pipe,
+/// nothing else open but the close-on-exec status pipe, RLIMIT_CPU (its
+/// own: not the unpacking's). Returns only on failure. `probe`: the
+/// startup probe's job, which writes a file instead.
+fn job_exec(
+    spec: &SpawnSpec,
+    exec: &Exec,
+    envp: &[CString],
+    out_w: RawFd,
+    status_fd: RawFd,
+    probe: bool,
+) -> ChildError {
+    // Signals: the server blocks some for its signalfd, init blocks
+    // SIGCHLD, and Rust ignores SIGPIPE; the job must start with the defaults.
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    for sig in [Signal::SIGPIPE, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGCHLD] {
+        // SAFETY: restoring the default disposition installs no handler.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+    }
+    // A session of its own. It fails only where the process leads a
+    // group already (EPERM): the uncontained job, which made its session
+    // before unpacking.
+    let _ = nix::unistd::setsid();
+    // SAFETY: the output pipe's write end, open in this process; borrowed
+    // for the two dup2 calls only.
+    let out = unsafe { BorrowedFd::borrow_raw(out_w) };
+    // stdout and stderr share one pipe, so their lines stay in order.
+    if let Err(e) = nix::unistd::dup2_stdout(out).and_then(|_| nix::unistd::dup2_stderr(out)) {
+        return setup("dup2", e);
+    }
+    match File::open("/dev/null") {
+        Ok(null) => {
+            if let Err(e) = nix::unistd::dup2_stdin(&null) {
+                return setup("stdin", e);
+            }
+        }
+        Err(e) => return setup("/dev/null", e),
+    }
+    close_all_but(&[status_fd]);
+    if let Err(e) = set_limits(exec, [Some((spec.limits.cpu_seconds, "CPU time")), None, None, None, None, None]) {
+        return e;
+    }
+    if probe {
         // The startup probe: can this user write its workspace?
         return match File::create("probe") {
             Ok(_) => unsafe_exit(0),
@@ -905,15 +1017,10 @@ fn job_setup(
                 format!("replicas (uid {}) cannot write their workspace ({e})", nix::unistd::getuid()),
             ),
         };
-    };
-    // Its length sizes the read buffer (a small archive, a small buffer).
-    let len = archive.file.metadata().ok().map(|m| m.len());
-    if let Err(msg) = extract_sized(archive, len, Path::new("."), &l.extract) {
-        return fail(SETUP_FAILED, msg);
     }
     let mut err = nix::Error::ENOENT;
     for path in &exec.make {
-        match nix::unistd::execve(path, &exec.argv, &envp) {
+        match nix::unistd::execve(path, &exec.argv, envp) {
             Err(nix::Error::ENOENT) => {}
             Err(e) => err = e,
             Ok(never) => match never {},

@@ -330,6 +330,36 @@ fn init_catches_no_signal_a_job_could_send() {
     assert!(out.contains("still here"), "{out}");
 }
 
+/// Init unpacks the archive as the slot's user (then starts the job
+/// sharing its memory): a job of that same user still cannot read init's
+/// environment, descriptors or memory (init is not dumpable), nor stop or
+/// kill it (PID 1 of the namespace, no handlers): its `kill -STOP 1;
+/// kill -KILL 1` change nothing, and its end is reported, which needs
+/// init running.
+#[test]
+fn a_job_of_inits_own_user_cannot_read_stop_or_kill_it() {
+    if !need_root("a_job_of_inits_own_user_cannot_read_stop_or_kill_it") {
+        return;
+    }
+    let c = Cluster::start(1);
+    let recipe = ["@grep '^Uid' /proc/1/status; echo job $$(id -u); \
+                   cat /proc/1/environ >/dev/null && echo read init environ; \
+                   ls /proc/1/fd >/dev/null && echo listed init fds; \
+                   head -c1 /proc/1/mem >/dev/null && echo read init memory; \
+                   kill -STOP 1; kill -KILL 1; echo done"
+        .to_string()];
+    let t = c.deploy(1, &job(c.dir.path(), "init.tar.gz", &recipe));
+    let (ok, outs) = c.retrieve(t);
+    assert!(ok, "{outs:?}");
+    let out = &outs[0].1;
+    let uid = slot_base(c.ports[0]);
+    assert!(out.contains(&format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}")) && out.contains(&format!("job {uid}")), "{out}");
+    for leak in ["read init environ", "listed init fds", "read init memory"] {
+        assert!(!out.contains(leak), "{leak}: {out}");
+    }
+    assert!(out.contains("done"), "{out}");
+}
+
 /// A 20,000-deep directory chain and 200,000 files: the server answers
 /// STATUS fast while they go, and they are gone within a minute.
 #[test]
