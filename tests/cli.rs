@@ -158,6 +158,36 @@ fn cancel_kills_running_replicas_keeps_their_output_and_never_starts_waiting_one
     assert!(kept.contains("printed-before-cancel"), "{kept:?}");
 }
 
+/// A job of 2 replicas cancelled while it waits never ran on a node: its
+/// replicas have no port to name their files by, and each still gets a
+/// file of its own (`output_replica<N>.txt`), so retrieve writes both and
+/// closes the ticket (it once named both `output_unknown.txt`, failed on
+/// the second, and failed the same way on every retry).
+#[test]
+fn retrieve_names_each_replica_of_a_job_cancelled_while_waiting_apart() {
+    let c = Cluster::start_with(2, NET);
+    let gate = Gate::new();
+    let running = c.deploy(2, &job(c.dir.path(), "a.tar.gz", &gate.wait_recipe("a")));
+    let (_, held_a) = gate.arrive();
+    let (_, held_b) = gate.arrive();
+    let waiting = c.deploy(2, &job(c.dir.path(), "b.tar.gz", &["echo never"]));
+    let out = c.cloud(&["cancel", &waiting.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = c.dir.path().join("cancelled");
+    let out = c.cloud(&["retrieve", &waiting.to_string(), dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["output_replica0.txt", "output_replica1.txt"], "{}", text(&out));
+    let st = c.cloud(&["status", &waiting.to_string()]);
+    assert!(!st.status.success(), "the ticket was closed: {}", text(&st));
+    release(held_a);
+    release(held_b);
+    c.wait_status(running, |s| s["status"] == "COMPLETED");
+}
+
 #[test]
 fn deploy_wait_writes_outputs_into_ticket_dir_and_exits_with_the_outcome() {
     let c = Cluster::start(2);

@@ -874,9 +874,10 @@ fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool, sync: bool) 
     // copy. With --sync each is fsynced (by retrieve_into) and the
     // directory once, before the CLOSE. The directory is made only once
     // the server has said OK: an unknown ticket leaves nothing behind.
+    let names = std::cell::RefCell::new(OutputNames::default());
     let part = |s: &ReplicaStatus| {
         let _ = fs::create_dir_all(dir);
-        dir.join(format!("output_{}.txt.part", port_of(&s.node)))
+        dir.join(format!("{}.txt.part", names.borrow_mut().name(s)))
     };
     let outputs = client.retrieve_into(ticket, true, sync, part).map_err(|e: ClientError| e.to_string())?;
     let remove_parts = || {
@@ -950,9 +951,31 @@ fn collect(ticket: u32, dir: &Path, server: &ServerArg, json: bool, sync: bool) 
     Ok(code)
 }
 
-/// The port of "127.0.0.1:9001", for the original output_PORT.txt naming.
-fn port_of(node: &str) -> &str {
-    node.rsplit(':').next().filter(|p| !p.is_empty()).unwrap_or("unknown")
+/// Each replica's output file name in a retrieve's directory (without
+/// `.txt`): `output_<port>`, the original naming, from its node's port
+/// (a Slurm node's partition: `output_gpu`);
+/// where that would name a second file (two nodes on different hosts with
+/// the same port, or a replica that never ran on a node) `_replica<N>`
+/// tells them apart: `output_9001_replica1`, `output_replica0`.
+#[derive(Default)]
+struct OutputNames {
+    used: std::collections::HashSet<String>,
+}
+
+impl OutputNames {
+    fn name(&mut self, s: &ReplicaStatus) -> String {
+        // The node's port, or a Slurm node's partition (`slurm:gpu`); only
+        // characters that cannot make a path of the name (the server says it).
+        let safe = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_#".contains(&b));
+        let port = s.node.rsplit_once(':').map(|(_, p)| p).filter(safe);
+        let name = match port {
+            Some(port) if !self.used.contains(&format!("output_{port}")) => format!("output_{port}"),
+            Some(port) => format!("output_{port}_replica{}", s.replica),
+            None => format!("output_replica{}", s.replica),
+        };
+        self.used.insert(name.clone());
+        name
+    }
 }
 
 /// Rename a finished .part file (fsynced as it was written with --sync) into place.
@@ -963,6 +986,44 @@ fn commit(part: &Path, path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One file per replica: by port where the port is the replica's
+    /// alone in this retrieval, else with the replica's number.
+    #[test]
+    fn output_names_tell_replicas_apart_when_ports_do_not() {
+        let st = |replica: u32, node: &str| ReplicaStatus {
+            replica,
+            node: node.into(),
+            state: JobState::Completed,
+            exit_code: 0,
+            message: String::new(),
+        };
+        let mut names = OutputNames::default();
+        let got: Vec<String> = [
+            st(0, "10.0.0.2:9001"),
+            st(1, "10.0.0.3:9001"),
+            st(2, "127.0.0.1:9002"),
+            st(3, ""),
+            st(4, "[::1]:9003"),
+            st(5, "slurm:gpu"),
+            st(6, "evil:../../x"),
+        ]
+        .iter()
+        .map(|s| names.name(s))
+        .collect();
+        assert_eq!(
+            got,
+            [
+                "output_9001",
+                "output_9001_replica1",
+                "output_9002",
+                "output_replica3",
+                "output_9003",
+                "output_gpu",
+                "output_replica6"
+            ]
+        );
+    }
 
     /// Whatever `quick_parse` answers, clap answers the same.
     #[test]
