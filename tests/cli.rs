@@ -158,6 +158,31 @@ fn cancel_kills_running_replicas_keeps_their_output_and_never_starts_waiting_one
     assert!(kept.contains("printed-before-cancel"), "{kept:?}");
 }
 
+/// `deploy ... > /dev/full`: the job is accepted and runs, so its number
+/// goes to stderr with the failure (exit 1), not nowhere.
+#[test]
+fn a_deploy_whose_stdout_fails_still_says_its_ticket() {
+    let c = Cluster::start(1);
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let archive = job(c.dir.path(), "a.tar.gz", &["echo ran"]);
+    let out = std::process::Command::new(common::CLIENT)
+        .args(["deploy", "1", archive.to_str().unwrap(), "--server", &c.addr.to_string()])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let ticket: u32 = err
+        .split("accepted as ticket ")
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no ticket in: {err}"));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let st = c.wait_status(ticket, |s| s["status"] == "COMPLETED");
+    assert_eq!(st["replicas"][0]["status"], "COMPLETED", "{st}");
+}
+
 /// A job of 2 replicas cancelled while it waits never ran on a node: its
 /// replicas have no port to name their files by, and each still gets a
 /// file of its own (`output_replica<N>.txt`), so retrieve writes both and

@@ -506,16 +506,28 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
         bar.finish_and_clear();
     }
     let ticket = deployed.map_err(|e| e.to_string())?;
-    if !a.wait {
-        if a.json {
-            outln!("{}", serde_json::json!({ "ticket": ticket }));
-        } else {
-            outln!("Job ticket#: {ticket}");
+    let line = match a.json {
+        true => serde_json::json!({ "ticket": ticket }).to_string(),
+        false => format!("Job ticket#: {ticket}"),
+    };
+    if !a.wait || !a.json {
+        // The job runs whatever happens to stdout: its number must not be
+        // lost with it (`> /dev/full`, a reader gone).
+        let written = {
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{line}").and_then(|()| stdout.flush())
+        };
+        if let Err(e) = written {
+            eprintln!("deploy: the job was accepted as ticket {ticket}, but stdout failed ({e}); `cloud status {ticket}` shows it");
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                die_of_sigpipe();
+            }
+            return Ok(ExitCode::FAILURE);
         }
-        return Ok(ExitCode::SUCCESS);
     }
-    if !a.json {
-        outln!("Job ticket#: {ticket}");
+    if !a.wait {
+        return Ok(ExitCode::SUCCESS);
     }
     let dir = PathBuf::from(format!("ticket_{ticket}"));
     collect(ticket, &dir, &a.server, a.json, false)
