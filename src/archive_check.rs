@@ -576,9 +576,19 @@ impl TarScan {
                 return refuse(format!("bad archive: not a valid tar file (two {what}s for one entry)"));
             }
             if size > cap {
-                return refuse(format!(
-                    "bad archive: a {what} of {size} bytes is longer than the limit of {cap} (--max-path)"
-                ));
+                // A long name's data ends in a NUL, which the limit (on the
+                // name) leaves out; a PAX header also holds other records.
+                let max_path = self.limits.max_path;
+                return refuse(match kind {
+                    b'x' => format!(
+                        "bad archive: a {what} of {size} bytes is longer than the limit of {cap} \
+                         (--max-path {max_path}, and room for its other records)"
+                    ),
+                    _ => format!(
+                        "bad archive: a {what} of {} bytes is longer than the limit of {max_path} (--max-path)",
+                        size - 1
+                    ),
+                });
             }
             self.count(size)?;
             let collect = match kind {
@@ -1019,7 +1029,10 @@ mod tests {
         h.set_size(1 << 30);
         h.set_cksum();
         let why = refused(&gz(h.as_bytes()));
-        assert!(why.contains("GNU long name of 1073741824 bytes"), "{why}");
+        assert!(
+            why.contains("GNU long name of 1073741823 bytes is longer than the limit of 200 (--max-path)"),
+            "{why}"
+        );
         // Two long names for one entry.
         let mut l = h.clone();
         l.set_size(2);

@@ -128,6 +128,8 @@ impl Client {
 
     /// Connect; `timeout` bounds every wait for the server to make progress.
     pub fn connect_with(server: &str, timeout: Option<Duration>) -> Result<Client, ClientError> {
+        // `CLOUD_SERVER="127.0.0.1:9000 "` (a space copied with the address).
+        let server = server.trim();
         let stream = open(server, timeout)?;
         Ok(Client {
             stream,
@@ -167,8 +169,8 @@ impl Client {
     fn broken_twice(&self, e: &io::Error) -> ClientError {
         let server = &self.server;
         ClientError::Transport(format!(
-            "lost the connection to {server} again on the retry ({e}): check that {server} is a cloud-server's \
-             client address (its ready line says \"listening on ...\"), not a node's port"
+            "lost the connection to {server} again on the retry ({e}): the server stopped, or {server} is not a \
+             cloud-server's client address (its ready line says \"listening on ...\"; a node's port is not)"
         ))
     }
 
@@ -535,7 +537,7 @@ fn open(server: &str, timeout: Option<Duration>) -> Result<TcpStream, ClientErro
 fn io_message(server: &str, timeout: Option<Duration>, e: &io::Error) -> String {
     match (e.kind(), timeout) {
         (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(t)) => format!(
-            "no answer from the cloud server at {server} within {}s (--timeout): a job you wait for may still be running, or the server is overloaded or stuck; raise --timeout, or drop it to wait as long as it takes",
+            "no answer from the cloud server at {server} within {}s (--timeout): a job you wait for may still be running, or the server is overloaded or stuck; raise --timeout, or give --timeout 0 to wait as long as it takes",
             t.as_secs()
         ),
         _ => format!("lost the connection to {server}: {e}"),

@@ -115,7 +115,7 @@ fn bad_archives_get_no_ticket_and_a_one_line_reason() {
     h.set_size(1 << 30);
     h.set_cksum();
     let long = [h.as_bytes().to_vec(), vec![b'a'; 64 * 1024]].concat();
-    cases.push((write(d, "longname.tar.gz", &gz(&long)), "GNU long name of 1073741824 bytes"));
+    cases.push((write(d, "longname.tar.gz", &gz(&long)), "GNU long name of 1073741823 bytes"));
     // A gzip bomb: 64 MiB of zeros in one entry, a few tens of KiB compressed.
     let mut t = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();

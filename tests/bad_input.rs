@@ -184,6 +184,13 @@ fn bad_nodes_files_are_refused_naming_the_line() {
         assert_eq!(err.lines().count(), 1, "one line: {err}");
     }
     drop(taken);
+    // A node process takes as many slots as a nodes file line may give.
+    let out = std::process::Command::new(common::SERVER)
+        .args(["node", "--listen", "127.0.0.1:0", "--slots", "257"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("257 is not in 1..=256"), "{err}");
 }
 
 /// A --listen port in use is refused in one line, before any slot

@@ -150,6 +150,10 @@ fn cancel_kills_running_replicas_keeps_their_output_and_never_starts_waiting_one
     assert!(gate.nobody_waiting(), "a cancelled waiting job started");
 
     assert_eq!(st["replicas"][0]["outcome"], "KILLED", "{st}");
+    // Cancelling it again says there was nothing left to cancel.
+    let again = json(&c.cloud(&["cancel", &running.to_string(), "--json"]));
+    assert_eq!((&again["cancelled"], &again["already_ended"]), (&false.into(), &true.into()), "{again}");
+    assert!(text(&c.cloud(&["cancel", &running.to_string()])).contains("had already ended"));
     // What it printed before is kept for retrieve, which exits 4 (killed).
     let dir = c.dir.path().join("out");
     let out = c.cloud(&["retrieve", &running.to_string(), dir.to_str().unwrap()]);

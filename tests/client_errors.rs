@@ -62,7 +62,7 @@ fn a_client_pointed_at_a_node_port_is_told_to_use_the_ready_lines_address() {
         assert!(!out.status.success());
         let err = text(&out.stderr);
         assert_eq!(err.lines().count(), 1, "one line, the retry's notice included: {err}");
-        assert!(err.contains("not a node's port") && err.contains("listening on"), "{args:?}: {err}");
+        assert!(err.contains("a node's port is not") && err.contains("listening on"), "{args:?}: {err}");
     }
 }
 
@@ -115,4 +115,17 @@ fn command_line_mistakes_get_one_line_with_the_usage_as_typed() {
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("cloud-server: invalid value '12X'") && err.contains("is not a size"), "{err}");
+}
+
+/// An address copied with a space around it (`CLOUD_SERVER="HOST:PORT "`)
+/// reaches the server as the bare address would.
+#[test]
+fn spaces_around_the_server_address_are_ignored() {
+    let c = Cluster::start(1);
+    for padded in [format!("{} ", c.addr), format!(" {}", c.addr)] {
+        let out = Command::new(CLIENT).args(["status"]).env("CLOUD_SERVER", &padded).output().unwrap();
+        assert!(out.status.success(), "{padded:?}: {}", text(&out.stderr));
+        let out = Command::new(CLIENT).args(["status", "--server", &padded]).output().unwrap();
+        assert!(out.status.success(), "{padded:?}: {}", text(&out.stderr));
+    }
 }

@@ -134,8 +134,10 @@ struct NodeArgs {
     /// (chmod 600): orders are taken only from a main server that proves it.
     #[arg(long, value_name = "FILE")]
     secret_file: Option<PathBuf>,
-    /// Replicas the node may run at once (as `slots=K` on its nodes file line).
-    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Replicas the node may run at once (as `slots=K` on its nodes file
+    /// line; 1 to 256).
+    #[arg(long, value_name = "K", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(cloudinfra::config::MAX_SLOTS)))]
     slots: u32,
     #[command(flatten)]
     job: JobFlags,

@@ -150,7 +150,7 @@ struct StatusArgs {
     #[arg(long, conflicts_with = "ticket")]
     mine: bool,
     /// Wait until the job has ended (no time limit unless --timeout).
-    #[arg(long, requires = "ticket")]
+    #[arg(long, requires = "ticket", conflicts_with = "mine")]
     wait: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -189,7 +189,7 @@ struct RetrieveArgs {
     /// soon as retrieve returns (after it, these files are the only copy).
     /// Without it the kernel writes them back in its own time, as after cp
     /// or tar: typically within 30 s.
-    #[arg(long, requires = "dir")]
+    #[arg(long, requires = "dir", conflicts_with = "follow")]
     sync: bool,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -868,9 +868,19 @@ fn follow(a: &RetrieveArgs) -> Result<ExitCode, String> {
 }
 
 fn cancel(a: CancelArgs) -> Result<ExitCode, String> {
-    connect(&a.server)?.cancel(a.ticket).map_err(|e| e.to_string())?;
+    let mut client = connect(&a.server)?;
+    // Say whether there was anything to cancel: ask first (STATUS is open
+    // to all; CANCEL answers the same either way).
+    let ended = client.status(a.ticket).ok().is_some_and(|st| st.replicas.iter().all(|r| r.state.is_final()));
+    client.cancel(a.ticket).map_err(|e| e.to_string())?;
     if a.json {
-        outln!("{}", serde_json::json!({"ticket": a.ticket, "cancelled": true}));
+        outln!("{}", serde_json::json!({"ticket": a.ticket, "cancelled": !ended, "already_ended": ended}));
+    } else if ended {
+        outln!(
+            "ticket {} had already ended: nothing to cancel; its outputs are kept: cloud retrieve {} DIR",
+            a.ticket,
+            a.ticket
+        );
     } else {
         outln!("ticket {} cancelled; its outputs are kept: cloud retrieve {} DIR", a.ticket, a.ticket);
     }
@@ -998,6 +1008,19 @@ fn commit(part: &Path, path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Options that could only be ignored together are refused together.
+    #[test]
+    fn options_that_cannot_apply_together_are_usage_errors() {
+        for argv in [
+            &["cloud", "status", "--mine", "--wait"][..],
+            &["cloud", "retrieve", "1", "d", "--follow", "--sync"],
+            &["cloud", "retrieve", "1", "--sync"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?} parsed");
+            assert!(quick_parse(&argv.iter().map(|s| s.to_string()).collect::<Vec<_>>()).is_none(), "{argv:?}");
+        }
+    }
 
     /// One file per replica: by port where the port is the replica's
     /// alone in this retrieval, else with the replica's number.
