@@ -110,7 +110,8 @@ pub fn extract_sized(
                     limits.max_bytes
                 ));
             }
-            if let Some(parent) = target.parent() {
+            // A top-level file's directory is `dest` itself: nothing to make.
+            if let Some(parent) = target.parent().filter(|_| rel.components().nth(1).is_some()) {
                 fs::DirBuilder::new()
                     .recursive(true)
                     .mode(0o755)
