@@ -325,11 +325,28 @@ pub fn clone_init(
 struct Pread {
     file: File,
     at: u64,
+    /// Init's control pipe, while init unpacks: anything on it (the
+    /// server's "stop" or "SIGTERM", or its end) ends the unpacking, at
+    /// least every `STOP_CHECK` bytes read, so a replica stopped then dies
+    /// as soon as it would have had a job to kill.
+    stop: Option<RawFd>,
+    checked: u64,
 }
+
+/// How many archive bytes init reads between looks at its control pipe.
+const STOP_CHECK: u64 = 4 << 20;
 
 impl Read for Pread {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use std::os::unix::fs::FileExt;
+        if let Some(fd) = self.stop.filter(|_| self.at >= self.checked) {
+            self.checked = self.at + STOP_CHECK;
+            let mut p = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+            // SAFETY: polls one descriptor of ours, without waiting.
+            if unsafe { libc::poll(p.as_mut_ptr(), 1, 0) } == 1 {
+                return Err(std::io::Error::other("the replica was stopped while its archive was unpacked"));
+            }
+        }
         let n = self.file.read_at(buf, self.at)?;
         self.at += n as u64;
         Ok(n)
@@ -341,7 +358,7 @@ fn own_archive(spec: &SpawnSpec) -> Result<Option<Pread>, ChildError> {
     match spec.archive {
         Some(fd) => {
             let file = fd.try_clone_to_owned().map_err(|e| setup("archive", e))?;
-            Ok(Some(Pread { file: File::from(file), at: 0 }))
+            Ok(Some(Pread { file: File::from(file), at: 0, stop: None, checked: 0 }))
         }
         None => Ok(None),
     }
@@ -514,6 +531,7 @@ fn init_setup(
         unsafe_exit(0)
     }
     let probe = archive.is_none();
+    let archive = archive.map(|a| Pread { stop: Some(ctl_r.as_raw_fd()), ..a });
     let envp = job_unpack(spec, exec, archive, workspace)?;
     let job = start_job(spec, exec, &envp, out_w.as_raw_fd(), st_w.as_raw_fd(), probe)?;
     Ok((job, out_w))
@@ -1538,6 +1556,33 @@ pub fn workspace_path(ticket_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Init unpacking an archive looks at its control pipe every
+    /// `STOP_CHECK` bytes: a stop (a byte, or the server's end) ends the
+    /// unpacking there, not at the archive's end.
+    #[test]
+    fn unpacking_stops_within_a_check_of_the_server_saying_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive");
+        std::fs::write(&path, vec![0u8; (3 * STOP_CHECK) as usize]).unwrap();
+        for say in [Some(b"T"), None] {
+            let (ctl_r, ctl_w) = nix::unistd::pipe().unwrap();
+            let file = File::open(&path).unwrap();
+            let mut a = Pread { file, at: 0, stop: Some(ctl_r.as_raw_fd()), checked: 0 };
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut read = 0u64;
+            while read < STOP_CHECK {
+                read += a.read(&mut buf).unwrap() as u64;
+            }
+            match say {
+                Some(b) => assert_eq!(nix::unistd::write(&ctl_w, b).unwrap(), 1),
+                None => drop(ctl_w),
+            }
+            let err = std::iter::repeat_with(|| a.read(&mut buf)).find_map(Result::err).unwrap();
+            assert!(err.to_string().contains("stopped"), "{err}");
+            assert!(a.at <= 2 * STOP_CHECK + buf.len() as u64, "read on to {}", a.at);
+        }
+    }
 
     #[test]
     fn the_recipe_code_is_taken_from_makes_error_line() {
