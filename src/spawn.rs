@@ -533,8 +533,25 @@ fn init_setup(
     let probe = archive.is_none();
     let archive = archive.map(|a| Pread { stop: Some(ctl_r.as_raw_fd()), ..a });
     let envp = job_unpack(spec, exec, archive, workspace)?;
-    let job = start_job(spec, exec, &envp, out_w.as_raw_fd(), st_w.as_raw_fd(), probe)?;
+    let job =
+        start_job(&JobStart { spec, exec, envp: &envp, out_w: out_w.as_raw_fd(), status_fd: st_w.as_raw_fd(), probe })?;
     Ok((job, out_w))
+}
+
+/// What the job's process needs from its start to its `exec`, made before
+/// it exists.
+#[derive(Clone, Copy)]
+struct JobStart<'a> {
+    spec: &'a SpawnSpec<'a>,
+    exec: &'a Exec,
+    /// Its environment (HOME as `job_unpack` found it).
+    envp: &'a [CString],
+    /// The output pipe's write end: its stdout and stderr.
+    out_w: RawFd,
+    /// The close-on-exec status pipe, for a setup error.
+    status_fd: RawFd,
+    /// The startup probe: write a file instead of running make.
+    probe: bool,
 }
 
 /// Start the job from init with `CLONE_VM | CLONE_VFORK`, as posix_spawn
@@ -543,14 +560,7 @@ fn init_setup(
 /// `exec` (or ended). Safe to share memory here: everything untrusted
 /// (the archive) was handled already, by init as the job's user, and the
 /// job runs only `job_exec` on a stack of its own before its `exec`.
-fn start_job(
-    spec: &SpawnSpec,
-    exec: &Exec,
-    envp: &[CString],
-    out_w: RawFd,
-    status_fd: RawFd,
-    probe: bool,
-) -> Result<libc::pid_t, ChildError> {
+fn start_job(job: &JobStart) -> Result<libc::pid_t, ChildError> {
     use nix::sys::mman::{mmap_anonymous, mprotect, munmap, MapFlags, ProtFlags};
     const STACK: usize = 128 * 1024;
     const GUARD: usize = 4096;
@@ -571,14 +581,14 @@ fn start_job(
     // SAFETY: the rest of the mapping, used by the clone below only, and
     // only until it returns (CLONE_VFORK: the job has exec'd or ended).
     let stack = unsafe { std::slice::from_raw_parts_mut(base.as_ptr().cast::<u8>().add(GUARD), STACK) };
-    let job = Box::new(|| -> isize { die(status_fd, job_exec(spec, exec, envp, out_w, status_fd, probe)) });
+    let run = Box::new(|| -> isize { die(job.status_fd, job_exec(job)) });
     let flags = CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK;
     // SAFETY: the child runs `job_exec` on its own stack and ends in exec
     // or _exit; init, single-threaded, is suspended meanwhile, so nothing
     // else touches the memory they share. The job changes only its own
     // descriptor table, signal dispositions and mask (no CLONE_FILES,
     // CLONE_SIGHAND), and allocates only for an error message.
-    let started = unsafe { nix::sched::clone(job, stack, flags, Some(libc::SIGCHLD)) };
+    let started = unsafe { nix::sched::clone(run, stack, flags, Some(libc::SIGCHLD)) };
     // SAFETY: the job no longer runs on this stack (CLONE_VFORK).
     let _ = unsafe { munmap(base, len.get()) };
     started.map(Pid::as_raw).map_err(|e| setup("starting the job", e))
@@ -891,7 +901,7 @@ fn job_setup(
     }
     let probe = archive.is_none();
     match job_unpack(spec, exec, archive, workspace) {
-        Ok(envp) => job_exec(spec, exec, &envp, out_w.as_raw_fd(), status_fd, probe),
+        Ok(envp) => job_exec(&JobStart { spec, exec, envp: &envp, out_w: out_w.as_raw_fd(), status_fd, probe }),
         Err(e) => e,
     }
 }
@@ -988,14 +998,8 @@ fn job_unpack(
 /// nothing else open but the close-on-exec status pipe, RLIMIT_CPU (its
 /// own: not the unpacking's). Returns only on failure. `probe`: the
 /// startup probe's job, which writes a file instead.
-fn job_exec(
-    spec: &SpawnSpec,
-    exec: &Exec,
-    envp: &[CString],
-    out_w: RawFd,
-    status_fd: RawFd,
-    probe: bool,
-) -> ChildError {
+fn job_exec(job: &JobStart) -> ChildError {
+    let JobStart { spec, exec, envp, out_w, status_fd, probe } = *job;
     // Signals: the server blocks some for its signalfd, init blocks
     // SIGCHLD, and Rust ignores SIGPIPE; the job must start with the defaults.
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
