@@ -364,8 +364,9 @@ impl Node {
             let group = match &self.cfg.cgroups {
                 Some(groups) => {
                     let mut limits = spawn::cgroup_limits(&self.cfg.limits);
-                    // The launcher is one of the group's processes.
-                    limits.pids = limits.pids.saturating_add(1);
+                    // The launcher and the replica's init are two of the
+                    // group's processes: the job's own may number --max-procs.
+                    limits.pids = limits.pids.saturating_add(2);
                     let name = format!("{}-slot{slot}", self.cfg.port);
                     Some(
                         groups

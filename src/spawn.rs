@@ -341,9 +341,7 @@ impl Read for Pread {
         use std::os::unix::fs::FileExt;
         if let Some(fd) = self.stop.filter(|_| self.at >= self.checked) {
             self.checked = self.at + STOP_CHECK;
-            let mut p = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
-            // SAFETY: polls one descriptor of ours, without waiting.
-            if unsafe { libc::poll(p.as_mut_ptr(), 1, 0) } == 1 {
+            if readable(fd) {
                 return Err(std::io::Error::other("the replica was stopped while its archive was unpacked"));
             }
         }
@@ -533,6 +531,11 @@ fn init_setup(
     let probe = archive.is_none();
     let archive = archive.map(|a| Pread { stop: Some(ctl_r.as_raw_fd()), ..a });
     let envp = job_unpack(spec, exec, archive, workspace)?;
+    // Stopped while it unpacked (a small archive is never looked at mid-way):
+    // no job to start. Its end (init's) is the replica's.
+    if readable(ctl_r.as_raw_fd()) {
+        unsafe_exit(0)
+    }
     let job =
         start_job(&JobStart { spec, exec, envp: &envp, out_w: out_w.as_raw_fd(), status_fd: st_w.as_raw_fd(), probe })?;
     Ok((job, out_w))
@@ -592,6 +595,13 @@ fn start_job(job: &JobStart) -> Result<libc::pid_t, ChildError> {
     // SAFETY: the job no longer runs on this stack (CLONE_VFORK).
     let _ = unsafe { munmap(base, len.get()) };
     started.map(Pid::as_raw).map_err(|e| setup("starting the job", e))
+}
+
+/// Something (data or its end) waits on `fd`, without waiting for it.
+fn readable(fd: RawFd) -> bool {
+    let mut p = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+    // SAFETY: polls one descriptor of ours, without waiting.
+    unsafe { libc::poll(p.as_mut_ptr(), 1, 0) == 1 }
 }
 
 /// The control pipe's writer (the server) is gone.
@@ -907,22 +917,17 @@ fn job_setup(
 }
 
 /// What the job runs under, taken by the process that unpacks its archive
-/// (init, or the uncontained job): resource limits (RLIMIT_CPU aside:
-/// `job_exec`), no capability that could come back, `PR_SET_NO_NEW_PRIVS`,
-/// the seccomp filter, the slot user's identity. `init_counts`: this
-/// process will be one of that user's processes beside the job's, so
-/// RLIMIT_NPROC gets one more.
+/// (init, or the uncontained job): the resource limits that bound the
+/// unpacking too (file size, no core, processes; the job's CPU, address
+/// space and open files are its own: `job_exec`), no capability that could
+/// come back, `PR_SET_NO_NEW_PRIVS`, the seccomp filter, the slot user's
+/// identity. `init_counts`: this process will be one of that user's
+/// processes beside the job's, so RLIMIT_NPROC gets one more.
 fn job_restrict(spec: &SpawnSpec, exec: &Exec, userns: bool, init_counts: bool) -> Result<(), ChildError> {
     let l = spec.limits;
     let nproc = l.processes.filter(|_| l.nproc_rlimit).map(|n| n.saturating_add(u64::from(init_counts)));
-    let limits = [
-        None,
-        Some((l.address_space, "address space")),
-        Some((l.open_files, "open files")),
-        Some((l.file_size, "file size")),
-        Some((0, "core size")),
-        nproc.map(|v| (v, "processes")),
-    ];
+    let limits =
+        [None, None, None, Some((l.file_size, "file size")), Some((0, "core size")), nproc.map(|v| (v, "processes"))];
     set_limits(exec, limits)?;
     let contained = spec.sandbox.containment != Containment::Uncontained;
     // (A root launcher emptied its own bounding set: inherited.)
@@ -987,7 +992,28 @@ fn job_unpack(
     if let Some(archive) = archive {
         // Its length sizes the read buffer (a small archive, a small buffer).
         let len = archive.file.metadata().ok().map(|m| m.len());
-        extract_sized(archive, len, Path::new("."), &spec.limits.extract).map_err(|msg| fail(SETUP_FAILED, msg))?;
+        // A panic here (an allocation the inflater could not get) is a
+        // setup error like any other, and says nothing on the stderr this
+        // process shares with the server.
+        std::panic::set_hook(Box::new(|_| {}));
+        let unpacked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            extract_sized(archive, len, Path::new("."), &spec.limits.extract)
+        }));
+        let _ = std::panic::take_hook();
+        match unpacked {
+            Ok(done) => done.map_err(|msg| fail(SETUP_FAILED, msg))?,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic");
+                return Err(fail(
+                    SETUP_FAILED,
+                    format!("replica setup failed: unpacking the archive: {}", printable(why)),
+                ));
+            }
+        };
     }
     Ok(envp)
 }
@@ -995,9 +1021,10 @@ fn job_unpack(
 /// The job process, from its start to `exec make run` (in the workspace,
 /// its archive unpacked, under `job_restrict`): default signals, a new
 /// session, stdin from /dev/null, stdout and stderr onto the output pipe,
-/// nothing else open but the close-on-exec status pipe, RLIMIT_CPU (its
-/// own: not the unpacking's). Returns only on failure. `probe`: the
-/// startup probe's job, which writes a file instead.
+/// nothing else open but the close-on-exec status pipe, its own limits on
+/// CPU time, address space and open files (not the unpacking's). Returns
+/// only on failure. `probe`: the startup probe's job, which writes a file
+/// instead.
 fn job_exec(job: &JobStart) -> ChildError {
     let JobStart { spec, exec, envp, out_w, status_fd, probe } = *job;
     // Signals: the server blocks some for its signalfd, init blocks
@@ -1027,9 +1054,6 @@ fn job_exec(job: &JobStart) -> ChildError {
         Err(e) => return setup("/dev/null", e),
     }
     close_all_but(&[status_fd]);
-    if let Err(e) = set_limits(exec, [Some((spec.limits.cpu_seconds, "CPU time")), None, None, None, None, None]) {
-        return e;
-    }
     if probe {
         // The startup probe: can this user write its workspace?
         return match File::create("probe") {
@@ -1039,6 +1063,20 @@ fn job_exec(job: &JobStart) -> ChildError {
                 format!("replicas (uid {}) cannot write their workspace ({e})", nix::unistd::getuid()),
             ),
         };
+    }
+    // Last: an address-space limit below what init maps already would
+    // fail the allocations above.
+    let l = spec.limits;
+    let own = [
+        Some((l.cpu_seconds, "CPU time")),
+        Some((l.address_space, "address space")),
+        Some((l.open_files, "open files")),
+        None,
+        None,
+        None,
+    ];
+    if let Err(e) = set_limits(exec, own) {
+        return e;
     }
     let mut err = nix::Error::ENOENT;
     for path in &exec.make {

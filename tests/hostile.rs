@@ -422,6 +422,58 @@ fn run_as_user_and_slot_uids_decide_who_a_replica_is() {
     assert_eq!(uids, vec![lo, lo + 1]);
 }
 
+/// `--max-procs N` is N processes of the job's own: make, perl and what
+/// perl forks, not counting the replica's init or the slot's launcher
+/// (which share its cgroup, and init its uid).
+#[test]
+fn max_procs_counts_the_jobs_own_processes() {
+    let c = Cluster::start_with(1, &["--max-procs", "10"]);
+    let script = "my $n = 0;\nfor (1..100) { my $p = fork(); last unless defined $p; if ($p == 0) { sleep 60; exit 0 } $n++ }\nprint \"held $n\\n\";\nkill 'KILL', -$$;\n";
+    let archive =
+        common::archive(c.dir.path(), "procs.tar.gz", &[("Makefile", "run:\n\t@perl many.pl\n"), ("many.pl", script)]);
+    let t = c.deploy(1, &archive);
+    finished(&c, t);
+    let (_, outs) = c.retrieve(t);
+    let held: usize = outs[0]
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("held "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}", outs[0].1));
+    assert_eq!(held, 8, "make + perl + 8 = 10: {}", outs[0].1);
+}
+
+/// The job's own limits are the job's: a small `--max-open-files` or
+/// `--max-memory` still leaves its archive (a 2 MB file too) unpacked
+/// and `make run` run, whatever init had open or mapped while it unpacked.
+#[test]
+fn tight_open_file_and_memory_limits_still_unpack_and_run_the_job() {
+    for args in [&["--max-open-files", "6"][..], &["--max-memory", "8M"]] {
+        let c = Cluster::start_with(1, args);
+        let d = c.dir.path();
+        let data = d.join("data");
+        std::fs::create_dir(&data).unwrap();
+        let noise: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        std::fs::write(data.join("big"), noise).unwrap();
+        // (No shell redirection: dash saves descriptors at 10 and up.)
+        std::fs::write(data.join("Makefile"), "run:\n\t@wc -c big\n").unwrap();
+        let archive = d.join("big.tar.gz");
+        let packed = std::process::Command::new("tar")
+            .arg("czf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&data)
+            .args(["Makefile", "big"])
+            .status();
+        assert!(packed.unwrap().success());
+        let t = c.deploy(1, &archive);
+        let r = finished(&c, t);
+        assert_eq!(r["status"], "COMPLETED", "{args:?}: {r}");
+        let (_, outs) = c.retrieve(t);
+        assert_eq!(outs[0].1.trim(), "2000000 big", "{args:?}");
+    }
+}
+
 #[test]
 fn cpu_time_is_limited() {
     let c = Cluster::start_with(1, &["--max-cpu", "1", "--time-limit", "60"]);
