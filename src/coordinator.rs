@@ -990,11 +990,13 @@ impl Coordinator {
                 let kind = if result.kind == Outcome::None { Outcome::SetupError } else { result.kind };
                 self.outcomes.insert((ticket, ended.replica), (kind, result.recipe_code, now));
             }
+            // The outcome kind, as the client shows it (KILLED, FAILED, ...);
+            // the state (COMPLETED or INVALID) only where there is none.
             log::info!(
                 "ticket {ticket}: replica {} on {} {}: {}",
                 ended.replica,
                 self.node_names[node],
-                result.state.name(),
+                result.kind.name().unwrap_or(result.state.name()),
                 result.message
             );
             self.journal_end(ticket, ended.replica);

@@ -482,6 +482,9 @@ fn cpu_time_is_limited() {
     assert_eq!(r["status"], "INVALID", "{r}");
     let (_, outs) = c.retrieve(t);
     assert!(outs[0].1.contains("CPU time limit exceeded"), "{}", outs[0].1);
+    // The server's log names the outcome as the client does.
+    let line = format!("ticket {t}: replica 0 on 127.0.0.1:{} FAILED: make run exited", c.ports[0]);
+    assert!(c.log().contains(&line), "no {line:?} in:\n{}", c.log());
 }
 
 /// Processes whose environment carries this node port (replicas and
