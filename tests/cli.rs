@@ -246,6 +246,22 @@ fn deploy_wait_writes_outputs_into_ticket_dir_and_exits_with_the_outcome() {
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["replicas"][0]["status"], "INVALID");
+
+    // A ./ticket_N left from an earlier server (its work dir wiped, the
+    // numbers start again) is not written into: ./ticket_N-2 is.
+    let next = ticket + 2;
+    let stale = cwd.path().join(format!("ticket_{next}"));
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("output_1.txt"), "an earlier job's").unwrap();
+    let out = std::process::Command::new(common::CLIENT)
+        .args(["deploy", "1", archive.to_str().unwrap(), "--wait", "--server", &c.addr.to_string()])
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert!(text(&out).starts_with(&format!("Job ticket#: {next}\n")), "{}", text(&out));
+    assert_eq!(std::fs::read_dir(&stale).unwrap().count(), 1, "the stale dir was written into");
+    let fresh = cwd.path().join(format!("ticket_{next}-2"));
+    assert_eq!(std::fs::read_dir(&fresh).unwrap().count(), 1, "{}", text(&out));
 }
 
 #[test]

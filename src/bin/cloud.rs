@@ -120,7 +120,8 @@ struct DeployArgs {
     /// others; they are reported "stopped: replica i failed".
     #[arg(long)]
     fail_fast: bool,
-    /// Wait for the job, write its outputs into ./ticket_N/, close it.
+    /// Wait for the job, write its outputs into ./ticket_N/ (./ticket_N-2/
+    /// if that one is there already), close it.
     #[arg(long)]
     wait: bool,
     /// Print JSON instead of text.
@@ -529,8 +530,18 @@ fn deploy(a: DeployArgs) -> Result<ExitCode, String> {
     if !a.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    let dir = PathBuf::from(format!("ticket_{ticket}"));
-    collect(ticket, &dir, &a.server, a.json, false)
+    collect(ticket, &fresh_ticket_dir(ticket), &a.server, a.json, false)
+}
+
+/// `./ticket_N`, or `./ticket_N-2`, `-3`, ... where one is there already
+/// (ticket numbers start again on a new work dir): a job's outputs never
+/// mix with an earlier job's files.
+fn fresh_ticket_dir(ticket: u32) -> PathBuf {
+    let base = format!("ticket_{ticket}");
+    std::iter::once(PathBuf::from(&base))
+        .chain((2..1000).map(|i| PathBuf::from(format!("{base}-{i}"))))
+        .find(|p| p.symlink_metadata().is_err())
+        .unwrap_or_else(|| PathBuf::from(&base))
 }
 
 /// Archives at least this big show a progress bar (on a terminal).
