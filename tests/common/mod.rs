@@ -308,6 +308,9 @@ impl Cluster {
         // Never signal a pid already reaped (it may be another process now).
         if let Ok(None) = self.child.try_wait() {
             let _ = nix::sys::signal::kill(pid, sig);
+            // A test that failed while it had the server stopped: it must
+            // still end (a stopped process acts on SIGTERM only once woken).
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
         }
         let status = self.child.wait().ok();
         // The server's stderr is complete once the reader sees EOF.
