@@ -15,6 +15,10 @@
 //! libraries rustc itself links for crt-static. With glibc 2.36 or later,
 //! also `-z pack-relative-relocs` (fewer pages touched at start).
 //!
+//! (The Makefile builds the client for musl instead where Rust's musl
+//! target is installed: static already, without glibc's start-up; README,
+//! "The client program and musl". This script does nothing for that build.)
+//!
 //! Must not touch: any target but the `cloud` binary. When a static archive
 //! cannot be found (no libc6-dev), or `CLOUD_CLIENT_DYNAMIC=1` is set, it
 //! says so in a cargo warning and `cloud` is linked dynamically as before.

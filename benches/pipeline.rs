@@ -57,7 +57,17 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_cloud-server");
-const CLIENT: &str = env!("CARGO_BIN_EXE_cloud");
+
+/// The client program measured: the one `make` links into client/ (the
+/// Makefile names it in CLOUD_BENCH_CLIENT: its musl build where Rust's
+/// musl target is installed), else this build's.
+fn client() -> &'static str {
+    static CLIENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| match std::env::var("CLOUD_BENCH_CLIENT") {
+        Ok(path) if !path.is_empty() => path,
+        _ => env!("CARGO_BIN_EXE_cloud").to_string(),
+    })
+}
 const NODES: usize = 4;
 const JOBS: usize = 200;
 const CLIENTS: usize = 4;
@@ -539,14 +549,14 @@ fn start_server(base: &Path) -> Server {
 // ---------------------------------------------------------------- measures
 
 fn deploy(addr: &str, archive: &Path) -> String {
-    let out = Command::new(CLIENT).args(["deploy", "1"]).arg(archive).args(["--server", addr]).output().unwrap();
+    let out = Command::new(client()).args(["deploy", "1"]).arg(archive).args(["--server", addr]).output().unwrap();
     assert!(out.status.success(), "deploy: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     stdout.trim().trim_start_matches("Job ticket#: ").to_string()
 }
 
 fn retrieve(addr: &str, ticket: &str, outdir: &Path) {
-    let out = Command::new(CLIENT)
+    let out = Command::new(client())
         .args(["retrieve", ticket])
         .arg(outdir)
         .args(["--server", addr])
@@ -1314,7 +1324,7 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
         // The client program against a small C program, both printing a version.
         let (mut ours_wall, mut ours_cpu, mut c_wall, mut c_cpu) = (vec![], vec![], vec![], vec![]);
         for _ in 0..rounds {
-            let (w, c) = start_cost(CLIENT, &["--version"], 20);
+            let (w, c) = start_cost(client(), &["--version"], 20);
             ours_wall.push(median(&w).unwrap());
             ours_cpu.push(median(&c).unwrap());
             let (w, c) = start_cost("true", &["--version"], 20);
@@ -1338,7 +1348,7 @@ fn bench_work_dir(rows: &mut Vec<Row>, base: &Path, a: &Archives, rounds: usize,
         // small C program's start-up.
         let (mut call_wall, mut call_cpu, mut c_wall, mut c_cpu) = (vec![], vec![], vec![], vec![]);
         for _ in 0..rounds {
-            let (w, c) = start_cost(CLIENT, &["status", "--server", &addr], 20);
+            let (w, c) = start_cost(client(), &["status", "--server", &addr], 20);
             call_wall.push(median(&w).unwrap());
             call_cpu.push(median(&c).unwrap());
             let (w, c) = start_cost("true", &["--version"], 20);
@@ -1460,6 +1470,7 @@ fn main() {
         rounds * 3,
         started.elapsed().as_secs_f64()
     );
+    println!("client: {}", client());
     println!("ratio: ours/reference, except 'speed' rows (reference time / ours); rows without a reference are judged on ours");
     print_table(&rows);
 
@@ -1467,7 +1478,7 @@ fn main() {
         "machine": { "cpus": cpus, "kernel": kernel, "loadavg_before": load_before.trim(), "loadavg_after": load_after.trim() },
         "config": { "rounds": rounds, "quick": quick, "jobs": JOBS, "clients": CLIENTS, "nodes": NODES,
                     "work_dirs": bases.iter().map(|(b, _)| json!({"path": b.path(), "fs": fs_name(b.path())})).collect::<Vec<_>>(),
-                    "server_args": std::env::var("CLOUD_BENCH_ARGS").unwrap_or_default() },
+                    "server_args": std::env::var("CLOUD_BENCH_ARGS").unwrap_or_default(), "client": client() },
         "seconds": started.elapsed().as_secs_f64(),
         "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
     });

@@ -497,7 +497,9 @@ fn launcher_main(setup: &Setup, sock: OwnedFd, server: Pid) -> ! {
     crate::extract::warm_up();
     // No fast bins from here on either: a large request in an init would
     // first consolidate them, writing (and so copying) inherited heap pages.
+    // (glibc's heap: the server, launcher included, is built for glibc.)
     // SAFETY: malloc_trim and mallopt only rearrange this process's own heap.
+    #[cfg(target_env = "gnu")]
     unsafe {
         libc::malloc_trim(0);
         libc::mallopt(libc::M_MXFAST, 0);

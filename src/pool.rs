@@ -502,10 +502,29 @@ fn reset(path: &Path, large: u64, room: bool) -> io::Result<Reset> {
     emptied.map(|()| Reset::Emptied(f))
 }
 
-/// rename(2) that never replaces an existing `to`.
+/// rename(2) that never replaces an existing `to`. The system call itself:
+/// nix wraps renameat2 only for glibc, and the `cloud` client program is
+/// also built for musl (README, "Building").
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let cwd = nix::fcntl::AT_FDCWD;
-    nix::fcntl::renameat2(cwd, from, cwd, to, nix::fcntl::RenameFlags::RENAME_NOREPLACE).map_err(io::Error::from)
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput);
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both paths are NUL-terminated and outlive the call, which
+    // only reads them; the flags are renameat2's own.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

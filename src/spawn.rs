@@ -1250,9 +1250,9 @@ fn loopback_up() {
         for (i, b) in b"lo\0".iter().enumerate() {
             req.ifr_name[i] = *b as libc::c_char;
         }
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req) == 0 {
             req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req);
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &mut req);
         }
         libc::close(fd);
     }

@@ -185,7 +185,7 @@ fn without_root_a_job_cannot_write_the_server_users_files() {
 /// Deploy `archive` to `s` as `nobody`, retrieve it, and return the output.
 fn run_as_nobody(s: &UserServer, top: &Path, archive: &Path) -> String {
     let cloud = |args: &[&str]| {
-        let mut cmd = Command::new(CLIENT);
+        let mut cmd = Command::new(client());
         cmd.args(args).arg("--server").arg(s.addr.to_string());
         use std::os::unix::process::CommandExt;
         cmd.uid(65534).gid(65534);
@@ -553,7 +553,7 @@ impl RemoteNet {
 
     /// `cloud ARGS` run in the remote namespace.
     fn cloud(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip").args(["netns", "exec", &self.ns, CLIENT]).args(args).output().expect("run cloud remotely")
+        Command::new("ip").args(["netns", "exec", &self.ns, client()]).args(args).output().expect("run cloud remotely")
     }
 }
 
@@ -626,7 +626,8 @@ fn a_network_peer_is_never_root() {
     let s = start_server(dir.path(), "0.0.0.0:0", false, &[]).expect("cloud-server starts as root");
     let local = s.addr.to_string();
     let mine = job(dir.path(), "mine.tar.gz", &["@echo a local user's output"]);
-    let out = Command::new(CLIENT).args(["deploy", "1", mine.to_str().unwrap(), "--server", &local]).output().unwrap();
+    let out =
+        Command::new(client()).args(["deploy", "1", mine.to_str().unwrap(), "--server", &local]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let t = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("Job ticket#: ").to_string();
     let remote = format!("{}:{}", net.host_ip, s.addr.port());
@@ -642,7 +643,7 @@ fn a_network_peer_is_never_root() {
             assert!(!out.status.success(), "remote root is refused for every call: {err}");
         }
     }
-    let out = Command::new(CLIENT).args(["status", &t, "--server", &local]).output().unwrap();
+    let out = Command::new(client()).args(["status", &t, "--server", &local]).output().unwrap();
     assert!(out.status.success(), "the ticket is still there: {}", String::from_utf8_lossy(&out.stderr));
 }
 

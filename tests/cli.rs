@@ -169,7 +169,7 @@ fn a_deploy_whose_stdout_fails_still_says_its_ticket() {
     let c = Cluster::start(1);
     let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
     let archive = job(c.dir.path(), "a.tar.gz", &["echo ran"]);
-    let out = std::process::Command::new(common::CLIENT)
+    let out = std::process::Command::new(common::client())
         .args(["deploy", "1", archive.to_str().unwrap(), "--server", &c.addr.to_string()])
         .stdout(full)
         .output()
@@ -222,7 +222,7 @@ fn deploy_wait_writes_outputs_into_ticket_dir_and_exits_with_the_outcome() {
     let c = Cluster::start(2);
     let cwd = tempfile::tempdir().unwrap();
     let archive = job(c.dir.path(), "a.tar.gz", &["echo hello from $CLOUD_REPLICA"]);
-    let out = std::process::Command::new(common::CLIENT)
+    let out = std::process::Command::new(common::client())
         .args(["deploy", "2", archive.to_str().unwrap(), "--wait", "--server", &c.addr.to_string()])
         .current_dir(cwd.path())
         .output()
@@ -238,7 +238,7 @@ fn deploy_wait_writes_outputs_into_ticket_dir_and_exits_with_the_outcome() {
     assert!(!c.cloud(&["status", &ticket.to_string()]).status.success());
 
     let bad = job(c.dir.path(), "bad.tar.gz", &["exit 4"]);
-    let out = std::process::Command::new(common::CLIENT)
+    let out = std::process::Command::new(common::client())
         .args(["deploy", "1", bad.to_str().unwrap(), "--wait", "--json", "--server", &c.addr.to_string()])
         .current_dir(cwd.path())
         .output()
@@ -253,7 +253,7 @@ fn deploy_wait_writes_outputs_into_ticket_dir_and_exits_with_the_outcome() {
     let stale = cwd.path().join(format!("ticket_{next}"));
     std::fs::create_dir(&stale).unwrap();
     std::fs::write(stale.join("output_1.txt"), "an earlier job's").unwrap();
-    let out = std::process::Command::new(common::CLIENT)
+    let out = std::process::Command::new(common::client())
         .args(["deploy", "1", archive.to_str().unwrap(), "--wait", "--server", &c.addr.to_string()])
         .current_dir(cwd.path())
         .output()
@@ -309,7 +309,7 @@ fn retrieve_without_a_directory_says_what_it_discarded() {
 #[test]
 fn every_command_has_help_with_examples_and_exit_codes() {
     for cmd in ["deploy", "status", "retrieve", "cancel"] {
-        let out = std::process::Command::new(common::CLIENT).args([cmd, "--help"]).output().unwrap();
+        let out = std::process::Command::new(common::client()).args([cmd, "--help"]).output().unwrap();
         assert!(out.status.success());
         let t = text(&out);
         assert!(t.contains("Examples:") && t.contains("Exit codes:") && t.contains("--json"), "{cmd}: {t}");
@@ -324,7 +324,7 @@ fn a_closed_stdout_ends_the_client_by_sigpipe_without_a_panic() {
     use std::os::unix::process::ExitStatusExt;
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = std::process::Command::new(common::CLIENT)
+    let out = std::process::Command::new(common::client())
         .args(["deploy", "--help"])
         .stdout(writer)
         .stderr(std::process::Stdio::piped())

@@ -88,7 +88,7 @@ impl Server {
     }
 
     fn cloud(&self, args: &[&str]) -> std::process::Output {
-        Command::new(CLIENT).args(args).arg("--server").arg(self.addr.to_string()).output().expect("client")
+        Command::new(client()).args(args).arg("--server").arg(self.addr.to_string()).output().expect("client")
     }
 
     fn deploy(&self, archive: &Path) -> u32 {
@@ -397,7 +397,7 @@ fn trees_go_without_blocking_the_server(extra: &[&str], files: u32) {
         std::thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let t0 = Instant::now();
-                let out = Command::new(CLIENT).args(["status", &probe.to_string(), "--server", &addr]).output();
+                let out = Command::new(client()).args(["status", &probe.to_string(), "--server", &addr]).output();
                 let took = t0.elapsed();
                 assert!(out.is_ok());
                 let mut w = worst.lock().unwrap();
@@ -474,7 +474,7 @@ fn without_root_a_job_cannot_touch_the_server() {
     // Its jobs have its user's file permissions, so it takes jobs from that
     // user (and root) alone: another local user is refused before uploading.
     let client_bin = bin.join("cloud");
-    std::fs::copy(CLIENT, &client_bin).unwrap();
+    std::fs::copy(client(), &client_bin).unwrap();
     let archive = job(top, "mine.tar.gz", &["@echo owner job ran"]);
     std::fs::set_permissions(&archive, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let deploy_as = |uid: u32| {

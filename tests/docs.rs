@@ -68,7 +68,7 @@ fn client_dir(root: &Path) -> PathBuf {
     let dir = root.join("client");
     std::fs::create_dir_all(&dir).expect("mkdir client");
     for name in ["cloud", "deploy", "status", "retrieve", "cancel"] {
-        std::os::unix::fs::symlink(CLIENT, dir.join(name)).expect("link client");
+        std::os::unix::fs::symlink(client(), dir.join(name)).expect("link client");
     }
     let sample = repo().join("client/sample");
     let copied = Command::new("cp").arg("-r").arg(&sample).arg(dir.join("sample")).status().expect("cp");

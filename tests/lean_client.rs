@@ -9,7 +9,7 @@ mod common;
 use std::io::Read;
 use std::process::Command;
 
-use common::{job, Cluster, CLIENT};
+use common::{client, job, Cluster};
 
 /// The `p_type` of each program header of the ELF64 little-endian file at `path`.
 fn program_header_types(path: &str) -> Vec<u32> {
@@ -33,11 +33,12 @@ fn client_program_loads_no_shared_libraries() {
     }
     const PT_LOAD: u32 = 1;
     const PT_INTERP: u32 = 3;
-    let types = program_header_types(CLIENT);
-    assert!(types.contains(&PT_LOAD), "{CLIENT}: no loadable segment in {types:?}");
+    let types = program_header_types(client());
+    assert!(types.contains(&PT_LOAD), "{}: no loadable segment in {types:?}", client());
     assert!(
         !types.contains(&PT_INTERP),
-        "{CLIENT} names a dynamic loader (PT_INTERP): build.rs did not link it statically (its cargo warning says why)"
+        "{} names a dynamic loader (PT_INTERP): build.rs did not link it statically (its cargo warning says why)",
+        client()
     );
 }
 
@@ -56,7 +57,7 @@ fn client_with_stdout_closed_does_not_print_into_its_connection() {
     let out = Command::new("sh")
         .arg("-c")
         .arg(r#"exec "$0" retrieve "$1" --follow --timeout 20 --server "$2" >&-"#)
-        .arg(CLIENT)
+        .arg(client())
         .arg(&ticket)
         .arg(c.addr.to_string())
         .output()
@@ -98,7 +99,7 @@ fn retrieve_fsyncs_only_when_asked() {
         let run = Command::new("strace")
             .args(["-f", "-qq", "-e", "trace=fsync,fdatasync,sync,syncfs", "-o"])
             .arg(&trace)
-            .arg(CLIENT)
+            .arg(client())
             .args(&args)
             .arg("--server")
             .arg(c.addr.to_string())

@@ -22,7 +22,7 @@ const OTHER: u32 = 65533;
 
 /// Run the real client as `uid` against `c`.
 fn cloud_as(c: &Cluster, uid: u32, args: &[&str]) -> Output {
-    Command::new(CLIENT)
+    Command::new(client())
         .args(args)
         .arg("--server")
         .arg(c.addr.to_string())
@@ -252,7 +252,7 @@ fn a_client_whose_connection_breaks_retries_once_and_the_job_runs_once() {
     let c = Cluster::start(1);
     let proxy = reply_eating_proxy(c.addr);
     let job = job(c.dir.path(), "retry.tar.gz", &["@echo retried"]);
-    let out = Command::new(CLIENT)
+    let out = Command::new(client())
         .args(["deploy", "1", job.to_str().unwrap(), "--server", &proxy.to_string()])
         .output()
         .unwrap();
@@ -321,7 +321,7 @@ fn addr_of(ready: &str) -> String {
 }
 
 fn deploy_to(addr: &str, job: &Path) -> u32 {
-    let out = Command::new(CLIENT).args(["deploy", "1", job.to_str().unwrap(), "--server", addr]).output().unwrap();
+    let out = Command::new(client()).args(["deploy", "1", job.to_str().unwrap(), "--server", addr]).output().unwrap();
     ticket_of(&out)
 }
 
@@ -458,7 +458,7 @@ fn the_client_gives_up_on_a_silent_server() {
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap().to_string();
     let started = std::time::Instant::now();
-    let out = Command::new(CLIENT).args(["status", "1", "--timeout", "1", "--server", &addr]).output().unwrap();
+    let out = Command::new(client()).args(["status", "1", "--timeout", "1", "--server", &addr]).output().unwrap();
     assert!(!out.status.success());
     let why = text(&out.stderr);
     assert!(why.contains(&format!("no answer from the cloud server at {addr} within 1s")), "{why}");
@@ -473,7 +473,8 @@ fn a_failed_write_leaves_no_part_file_and_the_ticket_open() {
     c.wait_status(t, |s| s["status"] == "COMPLETED");
     let dir = c.dir.path().join("full");
     // Files over 1 KiB cannot be written (EFBIG; SIGXFSZ ignored).
-    let script = format!("trap '' XFSZ; ulimit -f 1; exec {CLIENT} retrieve {t} {} --server {}", dir.display(), c.addr);
+    let script =
+        format!("trap '' XFSZ; ulimit -f 1; exec {} retrieve {t} {} --server {}", client(), dir.display(), c.addr);
     let out = Command::new("bash").args(["-c", &script]).output().unwrap();
     assert!(!out.status.success(), "the write should have failed");
     assert!(text(&out.stderr).contains("cannot write"), "{}", text(&out.stderr));

@@ -407,11 +407,12 @@ fn with_a_secret_a_node_serves_a_main_server_of_another_user() {
     let archive = job(dir.path(), "q.tar.gz", &["@echo across users"]);
     std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out =
-        Command::new(CLIENT).args(["deploy", "1", archive.to_str().unwrap(), "--server", &addr]).output().unwrap();
+        Command::new(client()).args(["deploy", "1", archive.to_str().unwrap(), "--server", &addr]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let t = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("Job ticket#: ").to_string();
     let into = dir.path().join("out");
-    let out = Command::new(CLIENT).args(["retrieve", &t, into.to_str().unwrap(), "--server", &addr]).output().unwrap();
+    let out =
+        Command::new(client()).args(["retrieve", &t, into.to_str().unwrap(), "--server", &addr]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got: String =
         std::fs::read_dir(&into).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();

@@ -248,15 +248,33 @@ impl ServerArg {
 /// start-up CPU. Of what it does, we keep what the client needs: stdin,
 /// stdout and stderr open, SIGPIPE ignored, stdout flushed at the end, and
 /// a panic reported (by the panic hook) and turned into exit status 101.
+/// The arguments are read from `argv` here: only glibc also hands them to
+/// `std::env::args` without `lang_start`, and this program is built for
+/// musl as well (README, "Building").
+///
+/// # Safety
+/// Called by the C start-up code alone, with the `argc` and `argv` it was
+/// given by `execve`.
 #[cfg(not(test))]
 #[no_mangle]
-pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+pub unsafe extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc::c_int {
     use nix::sys::signal::{signal, SigHandler, SIGPIPE};
     stdio_open();
     // SAFETY: SIG_IGN runs no code of ours in a signal handler, and nothing
     // else in this process installs a handler for SIGPIPE.
     let _ = unsafe { signal(SIGPIPE, SigHandler::SigIgn) };
-    let code = std::panic::catch_unwind(run).unwrap_or(ExitCode::from(101));
+    let args = (0..usize::try_from(argc).unwrap_or(0)).map(|i| {
+        // SAFETY: the C start-up passes `argc` valid pointers to
+        // NUL-terminated strings in `argv`, alive for the whole process.
+        unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) }.to_str().map(str::to_owned)
+    });
+    let code = match args.collect::<Result<Vec<String>, _>>() {
+        Ok(args) => std::panic::catch_unwind(|| run(args)).unwrap_or(ExitCode::from(101)),
+        Err(_) => {
+            eprintln!("cloud: an argument is not valid UTF-8; give names and paths in UTF-8");
+            ExitCode::from(2)
+        }
+    };
     if let Err(e) = std::io::Write::flush(&mut std::io::stdout()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             die_of_sigpipe();
@@ -268,7 +286,7 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
 /// Under `cargo test` an ordinary main (the harness replaces it).
 #[cfg(test)]
 fn main() -> ExitCode {
-    run()
+    run(std::env::args().collect())
 }
 
 /// As Rust's start-up does: a closed stdin, stdout or stderr is opened on
@@ -292,8 +310,7 @@ fn stdio_open() {
     }
 }
 
-fn run() -> ExitCode {
-    let mut argv: Vec<String> = std::env::args().collect();
+fn run(mut argv: Vec<String>) -> ExitCode {
     let invoked = argv.first().map(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()));
     // Called as `deploy`, `status`, `retrieve` or `cancel`: treat the name as the subcommand.
     let applet = invoked.flatten().filter(|n| matches!(n.as_str(), "deploy" | "status" | "retrieve" | "cancel"));

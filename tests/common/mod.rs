@@ -14,7 +14,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const SERVER: &str = env!("CARGO_BIN_EXE_cloud-server");
-pub const CLIENT: &str = env!("CARGO_BIN_EXE_cloud");
+
+/// The `cloud` client program under test: this build's, or the one
+/// `CLOUD_TEST_CLIENT` names (`make test` runs the client's tests a second
+/// time with the musl build of it: Makefile, README "Building").
+pub fn client() -> &'static str {
+    static CLIENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| match std::env::var("CLOUD_TEST_CLIENT") {
+        Ok(path) if !path.is_empty() => path,
+        _ => env!("CARGO_BIN_EXE_cloud").to_string(),
+    })
+}
 
 pub struct Cluster {
     pub child: Child,
@@ -191,11 +201,11 @@ impl Cluster {
 
     /// Run a client program (`deploy`, `status`, `retrieve`) against this server.
     pub fn cloud(&self, args: &[&str]) -> Output {
-        Command::new(CLIENT).args(args).arg("--server").arg(self.addr.to_string()).output().expect("run cloud client")
+        Command::new(client()).args(args).arg("--server").arg(self.addr.to_string()).output().expect("run cloud client")
     }
 
     pub fn cloud_spawn(&self, args: &[&str]) -> Child {
-        Command::new(CLIENT)
+        Command::new(client())
             .args(args)
             .arg("--server")
             .arg(self.addr.to_string())
