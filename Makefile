@@ -20,13 +20,21 @@ CLOUD_SERVER ?= $(LISTEN)
 # or with CLIENT_LIBC=gnu, the glibc build (static-pie: build.rs).
 MUSL_TARGET := $(shell uname -m)-unknown-linux-musl
 MUSL_LIBDIR := $(shell rustc --print target-libdir --target $(MUSL_TARGET) 2>/dev/null)
-CLIENT_LIBC ?= $(if $(wildcard $(MUSL_LIBDIR)/libstd-*.rlib),musl,gnu)
+HAVE_MUSL := $(if $(wildcard $(MUSL_LIBDIR)/libstd-*.rlib),yes)
+CLIENT_LIBC ?= $(if $(HAVE_MUSL),musl,gnu)
 ifeq ($(CLIENT_LIBC),musl)
+ifneq ($(HAVE_MUSL),yes)
+$(error CLIENT_LIBC=musl, but Rust's $(MUSL_TARGET) target is not installed: rustup target add $(MUSL_TARGET))
+endif
+CLIENT_NOTE := @echo "client: the musl build (CLIENT_LIBC=gnu for the glibc one)"
 CLIENT_BUILD := $(CARGO) build --release --target $(MUSL_TARGET) --bin cloud
 CLIENT_BIN := target/$(MUSL_TARGET)/release/cloud
-else
-CLIENT_BUILD := @echo "client: the glibc build (no Rust musl target; rustup target add $(MUSL_TARGET) for a leaner one)"
+else ifeq ($(CLIENT_LIBC),gnu)
+CLIENT_NOTE := @echo "client: the glibc build ($(if $(HAVE_MUSL),CLIENT_LIBC=gnu,no Rust musl target: rustup target add $(MUSL_TARGET) for a leaner one))"
+CLIENT_BUILD := @:
 CLIENT_BIN := $(RELEASE)/cloud
+else
+$(error CLIENT_LIBC is musl or gnu, not "$(CLIENT_LIBC)")
 endif
 
 .PHONY: all cloudapps runserver rundeploy test demo bench clean
@@ -36,6 +44,7 @@ all: cloudapps
 # Release binaries, the client programs in client/, and client/client.tar.gz.
 cloudapps:
 	$(CARGO) build --release --bins
+	$(CLIENT_NOTE)
 	$(CLIENT_BUILD)
 	ln -sf ../$(CLIENT_BIN) client/cloud
 	ln -sf cloud client/deploy
@@ -77,6 +86,7 @@ demo: cloudapps
 # CLOUD_BENCH_QUICK=1 skips the 1 GiB transfer, CLOUD_BENCH_PROFILE=1 adds
 # strace counts and a perf flame graph. See docs/PERFORMANCE.md.
 bench:
+	$(CLIENT_NOTE)
 	$(CLIENT_BUILD)
 	CLOUD_BENCH_CLIENT=$(CURDIR)/$(CLIENT_BIN) $(CARGO) bench --bench pipeline
 

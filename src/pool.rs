@@ -504,7 +504,7 @@ fn reset(path: &Path, large: u64, room: bool) -> io::Result<Reset> {
 
 /// rename(2) that never replaces an existing `to`. The system call itself:
 /// nix wraps renameat2 only for glibc, and the `cloud` client program is
-/// also built for musl (README, "Building").
+/// also built for musl (README, "The client program and musl").
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput);

@@ -115,7 +115,7 @@ fn command_line_mistakes_get_one_line_with_the_usage_as_typed() {
     let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9.tar.gz");
     let out = Command::new(&deploy).arg("1").arg(latin1).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(text(&out.stderr), "cloud: an argument is not valid UTF-8; give names and paths in UTF-8\n");
+    assert_eq!(text(&out.stderr), "deploy: an argument is not valid UTF-8; give names and paths in UTF-8\n");
     // The server's options too.
     let out = Command::new(SERVER).args(["--max-memory", "12X"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -250,7 +250,7 @@ impl ServerArg {
 /// a panic reported (by the panic hook) and turned into exit status 101.
 /// The arguments are read from `argv` here: only glibc also hands them to
 /// `std::env::args` without `lang_start`, and this program is built for
-/// musl as well (README, "Building").
+/// musl as well (README, "The client program and musl").
 ///
 /// # Safety
 /// Called by the C start-up code alone, with the `argc` and `argv` it was
@@ -263,15 +263,17 @@ pub unsafe extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_cha
     // SAFETY: SIG_IGN runs no code of ours in a signal handler, and nothing
     // else in this process installs a handler for SIGPIPE.
     let _ = unsafe { signal(SIGPIPE, SigHandler::SigIgn) };
-    let args = (0..usize::try_from(argc).unwrap_or(0)).map(|i| {
+    let args: Vec<&std::ffi::CStr> = (0..usize::try_from(argc).unwrap_or(0))
         // SAFETY: the C start-up passes `argc` valid pointers to
         // NUL-terminated strings in `argv`, alive for the whole process.
-        unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) }.to_str().map(str::to_owned)
-    });
-    let code = match args.collect::<Result<Vec<String>, _>>() {
+        .map(|i| unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) })
+        .collect();
+    let code = match args.iter().map(|a| a.to_str().map(str::to_owned)).collect::<Result<Vec<String>, _>>() {
         Ok(args) => std::panic::catch_unwind(|| run(args)).unwrap_or(ExitCode::from(101)),
         Err(_) => {
-            eprintln!("cloud: an argument is not valid UTF-8; give names and paths in UTF-8");
+            let name = args.first().map(|a| a.to_string_lossy()).unwrap_or_default();
+            let name = applet(&name).unwrap_or("cloud");
+            eprintln!("{name}: an argument is not valid UTF-8; give names and paths in UTF-8");
             ExitCode::from(2)
         }
     };
@@ -311,9 +313,8 @@ fn stdio_open() {
 }
 
 fn run(mut argv: Vec<String>) -> ExitCode {
-    let invoked = argv.first().map(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()));
     // Called as `deploy`, `status`, `retrieve` or `cancel`: treat the name as the subcommand.
-    let applet = invoked.flatten().filter(|n| matches!(n.as_str(), "deploy" | "status" | "retrieve" | "cancel"));
+    let applet = argv.first().and_then(|a| applet(a)).map(str::to_owned);
     if let Some(name) = &applet {
         argv[0] = name.clone();
         argv.insert(0, "cloud".into());
@@ -338,6 +339,13 @@ fn run(mut argv: Vec<String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The subcommand this program was called as (`argv[0]` a link named
+/// `deploy`, `status`, `retrieve` or `cancel`), if any.
+fn applet(argv0: &str) -> Option<&'static str> {
+    let name = Path::new(argv0).file_name()?;
+    ["deploy", "status", "retrieve", "cancel"].into_iter().find(|&a| name == a)
 }
 
 /// The common forms (`deploy N ARCHIVE`, `status [T]`, `retrieve T [DIR]`,

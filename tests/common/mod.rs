@@ -17,7 +17,7 @@ pub const SERVER: &str = env!("CARGO_BIN_EXE_cloud-server");
 
 /// The `cloud` client program under test: this build's, or the one
 /// `CLOUD_TEST_CLIENT` names (`make test` runs the client's tests a second
-/// time with the musl build of it: Makefile, README "Building").
+/// time with the musl build of it: Makefile, README "The client program and musl").
 pub fn client() -> &'static str {
     static CLIENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     CLIENT.get_or_init(|| match std::env::var("CLOUD_TEST_CLIENT") {
