@@ -68,6 +68,7 @@ fn client() -> &'static str {
         _ => env!("CARGO_BIN_EXE_cloud").to_string(),
     })
 }
+
 const NODES: usize = 4;
 const JOBS: usize = 200;
 const CLIENTS: usize = 4;

@@ -314,16 +314,16 @@ fn stdio_open() {
 
 fn run(mut argv: Vec<String>) -> ExitCode {
     // Called as `deploy`, `status`, `retrieve` or `cancel`: treat the name as the subcommand.
-    let applet = argv.first().and_then(|a| applet(a)).map(str::to_owned);
-    if let Some(name) = &applet {
-        argv[0] = name.clone();
+    let called_as = argv.first().and_then(|a| applet(a));
+    if let Some(name) = called_as {
+        argv[0] = name.into();
         argv.insert(0, "cloud".into());
     }
     let command = match quick_parse(&argv) {
         Some(command) => command,
         None => match Cli::try_parse_from(&argv) {
             Ok(cli) => cli.command,
-            Err(e) => return usage_error(e, applet.as_deref()),
+            Err(e) => return usage_error(e, called_as),
         },
     };
     let (name, result) = match command {
