@@ -187,6 +187,22 @@ fn a_deploy_whose_stdout_fails_still_says_its_ticket() {
     assert_eq!(st["replicas"][0]["status"], "COMPLETED", "{st}");
 }
 
+/// `status > /dev/full`: one line under the command's name, exit 1.
+#[test]
+fn a_status_whose_stdout_fails_says_so_under_its_name() {
+    let c = Cluster::start(1);
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = std::process::Command::new(common::client())
+        .args(["status", "--server", &c.addr.to_string()])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("status: cannot write to stdout: "), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 /// A job of 2 replicas cancelled while it waits never ran on a node: its
 /// replicas have no port to name their files by, and each still gets a
 /// file of its own (`output_replica<N>.txt`), so retrieve writes both and

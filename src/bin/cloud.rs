@@ -51,10 +51,15 @@ fn write_stdout(args: std::fmt::Arguments) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             die_of_sigpipe();
         }
-        eprintln!("cloud: cannot write to stdout: {e}");
+        let name = COMMAND_NAME.get().copied().unwrap_or("cloud");
+        eprintln!("{name}: cannot write to stdout: {e}; check where its output goes (a full disk, a closed file)");
         std::process::exit(1);
     }
 }
+
+/// The command being run (`deploy`, `status`, ...), for the one message
+/// that is not returned to `run`: a failed write to stdout.
+static COMMAND_NAME: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
 
 /// The reader of stdout is gone: end as an unhandled SIGPIPE would.
 fn die_of_sigpipe() -> ! {
@@ -326,11 +331,18 @@ fn run(mut argv: Vec<String>) -> ExitCode {
             Err(e) => return usage_error(e, called_as),
         },
     };
-    let (name, result) = match command {
-        Command::Deploy(a) => ("deploy", deploy(a)),
-        Command::Status(a) => ("status", status(a)),
-        Command::Retrieve(a) => ("retrieve", retrieve(a)),
-        Command::Cancel(a) => ("cancel", cancel(a)),
+    let name = match &command {
+        Command::Deploy(_) => "deploy",
+        Command::Status(_) => "status",
+        Command::Retrieve(_) => "retrieve",
+        Command::Cancel(_) => "cancel",
+    };
+    let _ = COMMAND_NAME.set(name);
+    let result = match command {
+        Command::Deploy(a) => deploy(a),
+        Command::Status(a) => status(a),
+        Command::Retrieve(a) => retrieve(a),
+        Command::Cancel(a) => cancel(a),
     };
     match result {
         Ok(code) => code,
